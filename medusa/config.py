@@ -1,0 +1,171 @@
+"""Typed configuration: the base model's shape and a request's sampling parameters.
+
+Every default is written once, here. Objects are frozen and validated on construction, so a
+bad value fails where it is made, with a message that names it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class ConfigError(ValueError):
+    """A model or request configuration that this server cannot use; the message says why."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: 'default' (none), 'linear' or 'llama3' (Llama 3.1 style)."""
+
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("default", "linear", "llama3"):
+            raise ConfigError(
+                f"rope_scaling type {self.kind!r} is not supported (supported: default, linear, llama3)"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder (Llama, Mistral, Qwen2, SmolLM)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 (and Llama with attention_bias) add a bias to q, k, v
+    o_bias: bool = False  # Llama with attention_bias also biases the output projection
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral; attention is exact only within this window
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {self.architecture!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face `config.json` dictionary."""
+        architectures = hf.get("architectures") or [_ARCH_BY_MODEL_TYPE.get(hf.get("model_type", ""), "")]
+        architecture = architectures[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {architecture or hf.get('model_type')!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        num_heads = hf["num_attention_heads"]
+        rope = hf.get("rope_scaling") or {}
+        rope_kind = rope.get("rope_type", rope.get("type", "default"))
+        scaling = RopeScaling(
+            kind=rope_kind,
+            factor=float(rope.get("factor", 1.0)),
+            low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+        )
+        attention_bias = bool(hf.get("attention_bias", False))
+        is_qwen2 = architecture == "Qwen2ForCausalLM"
+        use_window = hf.get("use_sliding_window", architecture == "MistralForCausalLM")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or attention_bias,
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            sliding_window=hf.get("sliding_window") if use_window else None,
+            architecture=architecture,
+        )
+
+
+_ARCH_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request turns logits into tokens, and when it stops.
+
+    temperature == 0 (or do_sample False with no sampling knob set) means greedy decoding.
+    Acceptance of speculated tokens: 'greedy' when not sampling; when sampling, 'lossless'
+    (tree speculative sampling, keeps the model's distribution) unless 'typical' is asked for.
+    """
+
+    max_new_tokens: int = 20
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    typical_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    acceptance: str = "auto"  # 'auto' | 'lossless' | 'typical'
+    typical_epsilon: float = 0.09
+    typical_delta: float = 0.3
+    speculate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be at least 1")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ConfigError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ConfigError("top_k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p must be in (0, 1]")
+        if not 0 < self.typical_p <= 1:
+            raise ConfigError("typical_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError("repetition_penalty must be > 0")
+        if self.acceptance not in ("auto", "lossless", "typical"):
+            raise ConfigError("acceptance must be 'auto', 'lossless' or 'typical'")
+        if not 0 <= self.typical_epsilon <= 1 or self.typical_delta < 0:
+            raise ConfigError("typical_epsilon must be in [0, 1] and typical_delta >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def acceptance_mode(self) -> str:
+        """'greedy', 'lossless' or 'typical': the rule that accepts speculated tokens."""
+        if self.greedy:
+            return "greedy"
+        return "typical" if self.acceptance == "typical" else "lossless"

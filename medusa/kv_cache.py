@@ -1,0 +1,69 @@
+"""A KV cache with a fixed number of slots: one sequence per slot, each with its own length.
+
+A forward writes its T new tokens' K/V at `lens[slot] .. lens[slot] + T` (scratch positions) and
+does not move `lens`. The engine then calls `advance` (prefill, plain decoding: every new token
+is kept) or `commit` (speculation: only the accepted tree nodes are kept, moved to contiguous
+positions). Rejected scratch entries are overwritten by the next step.
+
+Legend: L layers, N slots, Hkv KV heads, S_max positions per slot, D head dim, B batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        shape = (num_layers, num_slots, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, N, Hkv, S_max, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, N, Hkv, S_max, D]
+        self.lens = torch.zeros(num_slots, dtype=torch.long, device=device)  # [N]
+        self.max_len = max_len
+        self.num_slots = num_slots
+
+    def write(self, layer: int, slots: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Store new K/V of one layer at the scratch positions after each slot's length.
+
+        slots: [B]; k_new, v_new: [B, Hkv, T, D].
+        """
+        B, _, T, _ = k_new.shape
+        lens = self.lens[slots]  # [B]
+        if B == 1 and lens.device.type == "cpu":
+            slot, start = int(slots[0]), int(lens[0])
+            self.k[layer, slot, :, start:start + T] = k_new[0]
+            self.v[layer, slot, :, start:start + T] = v_new[0]
+            return
+        pos = lens[:, None] + torch.arange(T, device=lens.device)  # [B, T]
+        rows = slots[:, None]  # [B, 1]
+        # advanced indices around a slice put their broadcast dims first: [B, T, Hkv, D]
+        self.k[layer, rows, :, pos] = k_new.transpose(1, 2)
+        self.v[layer, rows, :, pos] = v_new.transpose(1, 2)
+
+    def advance(self, slots: torch.Tensor, num_new: torch.Tensor | int) -> None:
+        """Keep the first `num_new` scratch entries of each slot as they are (no move)."""
+        self.lens[slots] += num_new
+
+    def commit(self, slots: torch.Tensor, path: torch.Tensor, accepted_len: torch.Tensor) -> None:
+        """Keep each sequence's accepted tree nodes, moved to contiguous positions.
+
+        slots: [B]; path: [B, P] indices of accepted nodes among the T new tokens, in order
+        (entries at and after accepted_len[b] are ignored); accepted_len: [B].
+        """
+        B, P = path.shape
+        lens = self.lens[slots]  # [B]
+        step = torch.arange(P, device=path.device)  # [P]
+        keep = step[None, :] < accepted_len[:, None]  # [B, P]
+        src = torch.where(keep, lens[:, None] + path, lens[:, None] + step)  # [B, P]
+        dst = lens[:, None] + step  # [B, P]
+        rows = slots[:, None]  # [B, 1]
+        # gather all sources before writing: a node may move onto another accepted node's place
+        k_moved = self.k[:, rows, :, src]  # [B, P, L, Hkv, D]
+        v_moved = self.v[:, rows, :, src]
+        self.k[:, rows, :, dst] = k_moved
+        self.v[:, rows, :, dst] = v_moved
+        self.lens[slots] = lens + accepted_len
+
+    def free(self, slot: int) -> None:
+        self.lens[slot] = 0

@@ -1,0 +1,162 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) over a slot-based KV cache.
+
+No I/O and no sampling here: `forward` maps new tokens of B sequences to hidden states, reading
+and writing each sequence's own cache slot; `logits` applies the vocabulary projection. All
+attention goes through `attention.attend`.
+
+Legend: B batch, T new tokens per sequence, C hidden size, H query heads, Hkv KV heads,
+D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attention
+from medusa.config import ModelConfig, RopeScaling
+from medusa.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """[D/2] inverse frequencies, with Llama-3 or linear scaling applied."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    scaling: RopeScaling = config.rope_scaling
+    if scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        ramp = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        between = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(between, ramp, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2). x: [B, T, H, D]; cos, sin: [B, T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: grouped-query attention then a SwiGLU MLP, both residual."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, H, Hkv, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
+        self.attn_norm = RMSNorm(C, config.rms_norm_eps)
+        self.qkv = nn.Linear(C, (H + 2 * Hkv) * D, bias=config.qkv_bias)  # q, k, v fused
+        self.o = nn.Linear(H * D, C, bias=config.o_bias)
+        self.mlp_norm = RMSNorm(C, config.rms_norm_eps)
+        self.gate_up = nn.Linear(C, 2 * config.intermediate_size, bias=config.mlp_bias)  # fused
+        self.down = nn.Linear(config.intermediate_size, C, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache, batch: attention.AttentionBatch) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(self.attn_norm(x)).view(B, T, H + 2 * Hkv, D)
+        q = apply_rope(qkv[:, :, :H], cos, sin)  # [B, T, H, D]
+        k = apply_rope(qkv[:, :, H:H + Hkv], cos, sin)  # [B, T, Hkv, D]
+        v = qkv[:, :, H + Hkv:]  # [B, T, Hkv, D]
+        cache.write(layer, batch.slots, k.transpose(1, 2), v.transpose(1, 2))
+        out = attention.attend(q.transpose(1, 2), cache.k[layer], cache.v[layer], batch)  # [B, H, T, D]
+        x = x + self.o(out.transpose(1, 2).reshape(B, T, H * D))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # [D/2]
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        c = self.config
+        w = self.embed.weight
+        return KVCache(c.num_layers, num_slots, c.num_kv_heads, max_len, c.head_dim, w.dtype, w.device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+                new_mask: torch.Tensor | None = None, max_len: int | None = None) -> torch.Tensor:
+        """Hidden states (after the final norm) of T new tokens for each of B sequences.
+
+        tokens, positions: [B, T] (positions drive RoPE: prefix length + depth for a tree);
+        slots: [B] cache slots; new_mask: [T, T] bool over the new tokens (None = causal);
+        max_len: max(cache lens) + T when the caller knows it. Returns [B, T, C].
+        K/V of the new tokens land in the cache's scratch positions; the caller keeps them
+        with `cache.advance` or `cache.commit`.
+        """
+        B, T = tokens.shape
+        assert positions.shape == (B, T) and slots.shape == (B,)
+        batch = attention.plan(slots, cache.lens[slots], T, new_mask, max_len)
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        freqs = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, T, 1, D]
+        dtype = self.embed.weight.dtype
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        x = self.embed(tokens)  # [B, T, C]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, i, cache, batch)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., C] -> [..., V] in float32."""
+        return self.lm_head(hidden).float()
+
+
+def from_hf_state_dict(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and fuse) a Hugging Face Llama-family state dict into this module's layout."""
+    out: dict[str, torch.Tensor] = {"embed.weight": hf["model.embed_tokens.weight"],
+                                    "norm.weight": hf["model.norm.weight"]}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        q = f"layers.{i}."
+        out[q + "attn_norm.weight"] = hf[p + "input_layernorm.weight"]
+        out[q + "mlp_norm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        attn = [p + f"self_attn.{n}_proj." for n in "qkv"]
+        out[q + "qkv.weight"] = torch.cat([hf[a + "weight"] for a in attn])
+        if config.qkv_bias:
+            out[q + "qkv.bias"] = torch.cat([hf[a + "bias"] for a in attn])
+        out[q + "o.weight"] = hf[p + "self_attn.o_proj.weight"]
+        if config.o_bias:
+            out[q + "o.bias"] = hf[p + "self_attn.o_proj.bias"]
+        mlp = [p + "mlp.gate_proj.", p + "mlp.up_proj."]
+        out[q + "gate_up.weight"] = torch.cat([hf[m + "weight"] for m in mlp])
+        out[q + "down.weight"] = hf[p + "mlp.down_proj.weight"]
+        if config.mlp_bias:
+            out[q + "gate_up.bias"] = torch.cat([hf[m + "bias"] for m in mlp])
+            out[q + "down.bias"] = hf[p + "mlp.down_proj.bias"]
+    return out

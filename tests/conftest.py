@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random models of each supported family, built in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from medusa.config import ModelConfig
+from medusa.llama import Llama, from_hf_state_dict
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**TINY, tie_word_embeddings=False),
+    "llama3-rope": lambda: transformers.LlamaConfig(
+        **TINY, rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 64}),
+    "smollm": lambda: transformers.LlamaConfig(**TINY, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=True),
+}
+
+
+def tiny_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    torch.manual_seed(seed)
+    hf_config = FAMILIES[family]()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    with torch.no_grad():  # random biases, so that Qwen2's QKV bias is really exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def ours_from_hf(hf_model: transformers.PreTrainedModel) -> Llama:
+    config = ModelConfig.from_hf(hf_model.config.to_dict())
+    model = Llama(config)
+    model.load_state_dict(from_hf_state_dict(config, hf_model.state_dict()), strict=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Llama:
+    return ours_from_hf(tiny_hf_model("smollm"))
