@@ -31,7 +31,7 @@ def test_batched_decode_logits_match_transformers(family):
     cache = ours.new_cache(num_slots=3, max_len=64)
     slots = torch.tensor([2, 0])
     with torch.no_grad():
-        for slot, p in zip(slots.tolist(), prompts):
+        for slot, p in zip(slots.tolist(), prompts, strict=True):
             s = torch.tensor([slot])
             ours(p[None], torch.arange(len(p))[None], cache, s)
             cache.advance(s, len(p))
