@@ -1,0 +1,178 @@
+"""Medusa candidate trees: a list of top-k rank paths ("choices") -> the buffers one step needs.
+
+A tree is given by its choices, e.g. [[0], [1], [0, 0], [0, 1], [0, 0, 0]]. Node 0 is the root:
+the token already sampled from the base model. A node at depth d (1-based) with path
+(r1, ..., rd) holds the token ranked rd in head (d-1)'s top-k, and is the child of the node with
+path (r1, ..., r(d-1)). All the sequences of a batch share one tree; only the tokens differ.
+
+`build_tree` is a pure function from choices to `TreeBuffers` (CPU tensors, built once); the
+engine moves them to its device with `TreeBuffers.to`.
+
+Legend: B batch, T tree nodes (root included), K Medusa heads, k top-k per head,
+P root-to-leaf paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class TreeError(ValueError):
+    """A tree that cannot be used: malformed choices, an unknown name, or too big for the heads."""
+
+
+@dataclass(frozen=True)
+class TreeBuffers:
+    """Everything about a tree that does not depend on the tokens. Node i + 1 is choices[i]."""
+
+    choices: tuple[tuple[int, ...], ...]  # sorted by (depth, path)
+    mask: torch.Tensor  # [T, T] bool: node i sees node j (j is i or an ancestor of i, root included)
+    depths: torch.Tensor  # [T] long: 0 for the root; position id = prefix length + depth
+    parents: torch.Tensor  # [T] long: -1 for the root
+    head_index: torch.Tensor  # [T] long: the head whose top-k gives the node's token (depth - 1); -1 root
+    rank_index: torch.Tensor  # [T] long: the rank in that head's top-k (last element of path); -1 root
+    retrieve: torch.Tensor  # [P, depth + 1] long: node indices root..leaf per leaf, padded with -1
+    children: tuple[tuple[int, ...], ...]  # children of each node in rank order
+    num_nodes: int  # T
+    depth: int  # longest path (0 for a root-only tree)
+    num_heads_needed: int  # = depth
+    topk_needed: int  # max rank + 1 (0 for a root-only tree)
+    name: str = "custom"  # for messages
+
+    def to(self, device: torch.device | str) -> TreeBuffers:
+        """The same tree with its tensors on `device`."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **moved)
+
+
+def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBuffers:
+    """Validate choices and build the tree's buffers. Raises TreeError on a malformed tree."""
+    paths = [_as_path(c, name) for c in choices]
+    if len(set(paths)) != len(paths):
+        dup = next(p for p in paths if paths.count(p) > 1)
+        raise TreeError(f"tree {name!r} lists the path {list(dup)} more than once")
+    known = set(paths)
+    for p in paths:
+        if len(p) > 1 and p[:-1] not in known:
+            raise TreeError(f"tree {name!r} has the path {list(p)} but not its parent {list(p[:-1])}; "
+                            "every prefix of a path must be in the tree")
+    ordered = sorted(paths, key=lambda p: (len(p), p))
+    T = len(ordered) + 1
+    index = {(): 0} | {p: i + 1 for i, p in enumerate(ordered)}
+
+    parents = [-1] + [index[p[:-1]] for p in ordered]
+    depths = [0] + [len(p) for p in ordered]
+    children: list[list[int]] = [[] for _ in range(T)]
+    for i in range(1, T):
+        children[parents[i]].append(i)  # nodes are sorted by path, so siblings come in rank order
+
+    mask = torch.zeros(T, T, dtype=torch.bool)  # [T, T]
+    for i in range(T):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = parents[j]
+
+    depth = max(depths)
+    leaves = [i for i in range(T) if not children[i]]
+    retrieve = torch.full((len(leaves), depth + 1), -1, dtype=torch.long)  # [P, depth + 1]
+    for row, leaf in enumerate(leaves):
+        chain = mask[leaf].nonzero().flatten()  # ancestors have smaller indices: root..leaf in order
+        retrieve[row, :len(chain)] = chain
+
+    return TreeBuffers(
+        choices=tuple(ordered),
+        mask=mask,
+        depths=torch.tensor(depths, dtype=torch.long),
+        parents=torch.tensor(parents, dtype=torch.long),
+        head_index=torch.tensor([-1] + [len(p) - 1 for p in ordered], dtype=torch.long),
+        rank_index=torch.tensor([-1] + [p[-1] for p in ordered], dtype=torch.long),
+        retrieve=retrieve,
+        children=tuple(tuple(c) for c in children),
+        num_nodes=T,
+        depth=depth,
+        num_heads_needed=depth,
+        topk_needed=max((p[-1] + 1 for p in ordered), default=0),
+        name=name,
+    )
+
+
+def _as_path(choice: Sequence[int], name: str) -> tuple[int, ...]:
+    if isinstance(choice, str | bytes) or not isinstance(choice, Sequence) or not choice:
+        raise TreeError(f"tree {name!r}: each choice must be a non-empty list of ranks, got {choice!r}")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in choice):
+        raise TreeError(f"tree {name!r}: ranks must be integers >= 0, got {list(choice)!r}")
+    return tuple(choice)
+
+
+def candidates_from_topk(root: torch.Tensor, topk_tokens: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
+    """The token of every tree node for every sequence.
+
+    root: [B] the already-sampled next token; topk_tokens: [B, K, k] each head's top-k tokens,
+    best first. Returns [B, T] long.
+    """
+    B, K, k = topk_tokens.shape
+    assert root.shape == (B,), f"root must be [B={B}], got {tuple(root.shape)}"
+    assert K >= tree.num_heads_needed and k >= tree.topk_needed, "call check_tree_fits first"
+    device = topk_tokens.device
+    heads = tree.head_index[1:].to(device)  # [T-1]
+    ranks = tree.rank_index[1:].to(device)  # [T-1]
+    nodes = topk_tokens[:, heads, ranks]  # [B, T-1]
+    return torch.cat([root[:, None].to(nodes.dtype), nodes], dim=1)  # [B, T]
+
+
+def check_tree_fits(tree: TreeBuffers, num_heads: int, topk: int) -> None:
+    """Raise TreeError unless `num_heads` heads with top-`topk` candidates can fill the tree."""
+    if tree.num_heads_needed > num_heads:
+        raise TreeError(f"tree {tree.name!r} is {tree.depth} deep but only {num_heads} Medusa heads are "
+                        f"loaded; use a tree at most {num_heads} deep (e.g. 'chain' or 'cpu') or heads "
+                        "with more heads")
+    if tree.topk_needed > topk:
+        raise TreeError(f"tree {tree.name!r} uses rank {tree.topk_needed - 1} (needs top-{tree.topk_needed} "
+                        f"candidates per head) but only top-{topk} are available")
+
+
+# Medusa's default sparse tree for Vicuna-7B (63 nodes below the root, depth 4, ranks < 10), as
+# published in FasterDecoding/Medusa, medusa/model/medusa_choices.py (`mc_sim_7b_63`).
+MC_SIM_7B_63 = (
+    (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4), (2, 0),
+    (0, 5), (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8), (0, 0, 2), (3, 0),
+    (0, 9), (8,), (9,), (1, 0, 0), (0, 2, 0), (1, 2), (0, 0, 3), (4, 0), (2, 1), (0, 0, 4), (0, 0, 5),
+    (0, 0, 0, 0), (0, 1, 1), (0, 0, 6), (0, 3, 0), (5, 0), (1, 3), (0, 0, 7), (0, 0, 8), (0, 0, 9),
+    (6, 0), (0, 4, 0), (1, 4), (7, 0), (0, 1, 2), (2, 0, 0), (3, 1), (2, 2), (8, 0), (0, 5, 0), (1, 5),
+    (1, 0, 1), (0, 2, 1), (9, 0), (0, 6, 0), (0, 0, 0, 1), (1, 6), (0, 7, 0),
+)
+
+BUILTIN_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
+    "mc_sim_7b_63": MC_SIM_7B_63,
+    # one guess per head: the cheapest verification, for heads that are rarely wrong at rank 0
+    "chain": ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)),
+    # 11 nodes with the root: on a CPU verifying 64 tokens costs ~4x one token, verifying 8-16 ~2x
+    "cpu": ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0), (0, 0, 0, 1)),
+    "gpu": MC_SIM_7B_63,
+}
+
+
+def get_tree(name_or_path: str) -> TreeBuffers:
+    """A built-in tree by name, or a JSON file holding a list of choices (lists of ranks)."""
+    if name_or_path in BUILTIN_TREES:
+        return build_tree(BUILTIN_TREES[name_or_path], name=name_or_path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise TreeError(f"unknown tree {name_or_path!r}: give one of {', '.join(BUILTIN_TREES)} "
+                        "or the path of a JSON file with a list of choices such as [[0], [1], [0, 0]]")
+    try:
+        choices = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TreeError(f"tree file {str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(choices, list):
+        raise TreeError(f"tree file {str(path)!r} must hold a JSON list of choices "
+                        "such as [[0], [1], [0, 0]]")
+    return build_tree(choices, name=str(path))

@@ -1,0 +1,171 @@
+"""Acceptance rules: greedy against hand-made logits, typical against a hand-computed threshold,
+lossless against the target distribution (chi-square)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from medusa.acceptance import accept_greedy, accept_lossless, accept_typical
+from medusa.tree import build_tree, candidates_from_topk
+
+# nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0]   (see test_tree.py)
+SMALL = build_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+
+
+def one_hot_logits(best: list[list[int]], V: int) -> torch.Tensor:
+    """[B, T, V] logits whose argmax at node t of sequence b is best[b][t]."""
+    logits = torch.randn(len(best), len(best[0]), V, generator=torch.Generator().manual_seed(0))
+    logits.scatter_(2, torch.tensor(best)[:, :, None], 10.0)
+    return logits
+
+
+def test_greedy_three_sequences() -> None:
+    V = 10
+    #                 node: 0  1  2  3  4  5  6
+    candidates = torch.tensor([
+        [5, 1, 2, 3, 4, 5, 6],  # seq 0: target says 9 after the root; neither 1 nor 2 -> nothing
+        [5, 1, 2, 3, 4, 5, 6],  # seq 1: 2 right (node 2), then 7 expected, node 5 has 5 -> stop
+        [5, 1, 2, 3, 4, 5, 6],  # seq 2: 1 (node 1), 3 (node 3), 6 (node 6): the full depth-3 path
+    ])
+    best = [  # target argmax after each node
+        [9, 0, 0, 0, 0, 0, 0],
+        [2, 3, 7, 6, 0, 0, 0],  # node 3 and 6 are "right" below node 1, but node 1 is wrong
+        [1, 3, 0, 6, 0, 0, 8],
+    ]
+    accepted_len, path, next_token = accept_greedy(candidates, one_hot_logits(best, V), SMALL)
+    assert accepted_len.tolist() == [1, 2, 4]
+    assert path.tolist() == [[0, 0, 0, 0], [0, 2, 0, 0], [0, 1, 3, 6]]
+    assert next_token.tolist() == [9, 7, 8]
+
+
+def test_greedy_matches_a_per_node_reference() -> None:
+    """Random small-vocabulary cases against a plain walk down the tree (first matching child)."""
+    gen = torch.Generator().manual_seed(1)
+    B, V, T = 64, 3, SMALL.num_nodes
+    # siblings hold distinct tokens (ranks of one head's top-k), as in a real step
+    topk = torch.stack([torch.randperm(V, generator=gen)[:2] for _ in range(B * 3)]).view(B, 3, 2)
+    candidates = candidates_from_topk(torch.randint(V, (B,), generator=gen), topk, SMALL)
+    logits = torch.randn(B, T, V, generator=gen)
+    accepted_len, path, next_token = accept_greedy(candidates, logits, SMALL)
+    for b in range(B):
+        node, walk = 0, [0]
+        while True:
+            want = int(logits[b, node].argmax())
+            node = next((c for c in SMALL.children[node] if int(candidates[b, c]) == want), None)
+            if node is None:
+                break
+            walk.append(node)
+        assert int(accepted_len[b]) == len(walk)
+        assert path[b, :len(walk)].tolist() == walk
+        assert int(next_token[b]) == int(logits[b, walk[-1]].argmax())
+
+
+# Typical acceptance, tree: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [1,0]; V = 5.
+#   p0 = [.1, .5, .3, .05, .05]: H = -(.1 ln .1 + .5 ln .5 + .3 ln .3 + 2 * .05 ln .05)
+#        = .23026 + .34657 + .36119 + .29957 = 1.23759; exp(-H) = .29010
+#   p1 = [.08, .08, .28, .28, .28]: H = 2 * .20206 + 3 * .35643 = 1.47341; exp(-H) = .22915
+#   p2 = [.6, .1, .1, .1, .1]: H = .30650 + 4 * .23026 = 1.22753; exp(-H) = .29303
+# eps = .09, delta = .3: thresholds min(.09, .3 exp(-H)) = root .08703, node1 .06875, node2 .08791
+#   node 1 = token 1: p0 = .5 > .08703 yes;  node 2 = token 2: p0 = .3 > .08703 yes
+#   node 3 = token 0: p1 = .08 > .06875 yes (the entropy term lowers the bar below eps)
+#   node 4 = token 0: p2 = .6 yes, path score ln .3 + ln .6 = -1.715 > ln .5 + ln .08 = -3.219
+#       -> both paths have length 3, [0, 2, 4] wins on log-probability
+#   node 4 = token 1 instead: p2 = .1 > .08791 yes, score ln .3 + ln .1 = -3.507 < -3.219 -> [0, 1, 3]
+# eps = .09, delta = .5: thresholds min(.09, .5 exp(-H)) = .09 everywhere (.145, .115, .147 are larger)
+#   node 3 = token 0: .08 < .09 rejected; node 4 = token 1: .1 > .09 -> [0, 2, 4]
+TYPICAL_TREE = build_tree([[0], [1], [0, 0], [1, 0]])
+TYPICAL_PROBS = torch.tensor([
+    [.1, .5, .3, .05, .05],
+    [.08, .08, .28, .28, .28],
+    [.6, .1, .1, .1, .1],
+    [0, 0, 0, 0, 1.0],  # node 3: next token would be 4
+    [0, 0, 0, 1.0, 0],  # node 4: next token would be 3
+])
+
+
+@pytest.mark.parametrize("node4_token, delta, path, next_token", [
+    (0, 0.3, [0, 2, 4], 3),
+    (1, 0.3, [0, 1, 3], 4),
+    (1, 0.5, [0, 2, 4], 3),
+])
+def test_typical_hand_computed(node4_token: int, delta: float, path: list[int], next_token: int) -> None:
+    candidates = torch.tensor([4, 1, 2, 0, node4_token])
+    out = accept_typical(candidates, TYPICAL_PROBS, TYPICAL_TREE, epsilon=0.09, delta=delta,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.path == path
+    assert out.next_token == next_token
+
+
+def test_typical_rejects_everything_below_threshold() -> None:
+    candidates = torch.tensor([4, 3, 4, 0, 0])  # p0 = .05 for both children: below .08703
+    out = accept_typical(candidates, TYPICAL_PROBS, TYPICAL_TREE, epsilon=0.09, delta=0.3,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.path == [0]
+
+
+# Lossless: V = 5; nodes 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0]
+LOSSLESS_TREE = build_tree([[0], [1], [0, 0], [0, 1], [1, 0]])
+LOSSLESS_CANDIDATES = torch.tensor([0, 2, 0, 1, 3, 4])
+LOSSLESS_PROBS = torch.tensor([
+    [.30, .10, .35, .15, .10],  # root: tries token 2 (node 1), then token 0 (node 2)
+    [.20, .40, .10, .25, .05],  # node 1: tries token 1 (node 3), then token 3 (node 4)
+    [.10, .20, .30, .10, .30],  # node 2: tries token 4 (node 5)
+    [.20, .20, .20, .20, .20],
+    [.50, .10, .10, .10, .20],
+    [.05, .05, .40, .40, .10],
+])
+
+
+def test_lossless_keeps_the_target_distribution() -> None:
+    gen = torch.Generator().manual_seed(1234)
+    N = 20000
+    first: Counter[int] = Counter()
+    second: dict[int, Counter[int]] = {2: Counter(), 0: Counter()}  # first token -> second token counts
+    for _ in range(N):
+        out = accept_lossless(LOSSLESS_CANDIDATES, LOSSLESS_PROBS, LOSSLESS_TREE, gen)
+        emitted = [int(LOSSLESS_CANDIDATES[n]) for n in out.path[1:]] + [out.next_token]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            second[emitted[0]][emitted[1]] += 1
+
+    def p_value(counts: Counter[int], probs: torch.Tensor) -> float:
+        observed = [counts[v] for v in range(5)]
+        expected = (probs.double() / probs.double().sum() * sum(observed)).tolist()
+        return float(chisquare(observed, expected).pvalue)
+
+    # (a) the first emitted token is distributed as the target at the root
+    assert p_value(first, LOSSLESS_PROBS[0]) > 1e-3
+    # (b) given the first token is a node's candidate (2 -> node 1, 0 -> node 2), the second
+    # emitted token is distributed as the target at that node
+    assert sum(second[2].values()) == first[2] and sum(second[0].values()) == first[0]
+    assert p_value(second[2], LOSSLESS_PROBS[1]) > 1e-3
+    assert p_value(second[0], LOSSLESS_PROBS[2]) > 1e-3
+
+
+def test_the_check_notices_a_lossy_rule() -> None:
+    """The same chi-square check fails typical acceptance, which does not keep the distribution."""
+    gen = torch.Generator().manual_seed(1234)
+    observed = [0] * 5
+    for _ in range(2000):
+        out = accept_typical(LOSSLESS_CANDIDATES, LOSSLESS_PROBS, LOSSLESS_TREE, 0.09, 0.3, gen)
+        emitted = [int(LOSSLESS_CANDIDATES[n]) for n in out.path[1:]] + [out.next_token]
+        observed[emitted[0]] += 1
+    probs = LOSSLESS_PROBS[0].double()
+    expected = (probs / probs.sum() * 2000).tolist()
+    assert chisquare(observed, expected).pvalue < 1e-3
+
+
+def test_lossless_accepts_certain_tokens_and_leaves_probs_alone() -> None:
+    V, T = 5, LOSSLESS_TREE.num_nodes
+    probs = torch.zeros(T, V, dtype=torch.float64)
+    # the target is certain of each candidate along 0 -> 1 -> 4, then of token 2
+    probs[0, 2] = probs[1, 3] = probs[4, 2] = 1.0
+    probs[2] = probs[3] = probs[5] = 0.2
+    before = probs.clone()
+    out = accept_lossless(LOSSLESS_CANDIDATES, probs, LOSSLESS_TREE, torch.Generator().manual_seed(0))
+    assert out.path == [0, 1, 4] and out.next_token == 2
+    assert torch.equal(probs, before)
