@@ -1,0 +1,289 @@
+"""The engine: prefill new requests into cache slots, then advance all of them one batched step at a time.
+
+Each running sequence holds a *pending* token: sampled from the base model but not yet in the
+cache. A step feeds every sequence's pending token -- alone (plain decoding) or as the root of a
+tree of Medusa candidates (speculation) -- through ONE forward of the base model, accepts a path
+of that tree per sequence, keeps the accepted nodes' K/V, and samples the next pending token at
+the last accepted node. Plain decoding is the one-node tree, so both share this code.
+
+Legend: B running sequences, T tree nodes, K Medusa heads, C hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from medusa import acceptance, sampling
+from medusa.config import SamplingParams
+from medusa.heads import MedusaHeads
+from medusa.llama import Llama
+from medusa.tree import TreeBuffers, build_tree, candidates_from_topk, check_tree_fits
+
+ROOT_ONLY = build_tree([])
+
+
+class EngineError(Exception):
+    """A request the engine cannot take (no free slot, prompt too long for the cache)."""
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0  # speculative steps this request took part in
+    accepted_tokens: int = 0  # draft tokens accepted over those steps
+
+    @property
+    def mean_accepted_len(self) -> float:
+        """Tokens gained per step: 1 + accepted drafts per step."""
+        return 1.0 + self.accepted_tokens / self.steps if self.steps else 1.0
+
+
+@dataclass
+class Emitted:
+    """What one `add` or `step` produced for one request."""
+
+    request_id: Hashable
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None  # None while running; 'length' | 'eos_token' | 'stop_sequence'
+    prefill_logprobs: list[float | None] | None = None
+    speculation: SpecStats | None = None
+
+
+@dataclass
+class _Sequence:
+    request_id: Hashable
+    slot: int
+    params: SamplingParams
+    prompt: list[int]
+    generator: torch.Generator
+    hidden_last: torch.Tensor  # [C]: hidden state of the last cached token, the heads' input
+    generated: list[int] = field(default_factory=list)  # includes the pending token (last)
+    stats: SpecStats = field(default_factory=SpecStats)
+
+    @property
+    def pending(self) -> int:
+        return self.generated[-1]
+
+
+class Engine:
+    def __init__(self, model: Llama, tokenizer, eos_token_ids: Iterable[int], *, max_batch_size: int = 8,
+                 max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
+                 tree: TreeBuffers | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.heads = heads
+        self.tree = tree if heads is not None and tree is not None else ROOT_ONLY
+        if heads is not None:
+            check_tree_fits(self.tree, heads.config.num_heads, model.config.vocab_size)
+        self.max_total_tokens = max_total_tokens
+        self.device = model.embed.weight.device
+        # room for a whole tree of scratch entries after the longest allowed sequence
+        self.cache = model.new_cache(max_batch_size, max_total_tokens + self.tree.num_nodes)
+        self._tree_mask = self.tree.mask.to(self.device)
+        self._tree_depths = self.tree.depths.to(self.device)
+        self._free = list(range(max_batch_size - 1, -1, -1))
+        self._running: dict[Hashable, _Sequence] = {}
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # ---------------------------------------------------------------- admission
+
+    @torch.inference_mode()
+    def add(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams,
+            prompt_logprobs: bool = False) -> Emitted:
+        """Prefill a prompt into a free slot and sample its first token."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty")
+        if n + params.max_new_tokens > self.max_total_tokens:
+            raise EngineError(f"prompt ({n} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                              f"max_total_tokens ({self.max_total_tokens})")
+        if request_id in self._running:
+            raise EngineError(f"request {request_id!r} is already running")
+        if not self._free:
+            raise EngineError("no free cache slot")
+        slot = self._free.pop()
+        self.cache.free(slot)
+        try:
+            tokens = torch.tensor([prompt_ids], device=self.device)  # [1, n]
+            slots = torch.tensor([slot], device=self.device)
+            hidden = self.model(tokens, torch.arange(n, device=self.device)[None], self.cache, slots,
+                                max_len=n)  # [1, n, C]
+            self.cache.advance(slots, n)
+        except BaseException:
+            self._free.append(slot)
+            raise
+        generator = torch.Generator(self.device)
+        generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
+        seq = _Sequence(request_id, slot, params, list(prompt_ids), generator, hidden[0, -1])
+        prefill = None
+        if prompt_logprobs:
+            logp = self.model.logits(hidden[0, :-1]).log_softmax(-1)  # [n-1, V]
+            prefill = [None] + logp.gather(-1, tokens[0, 1:, None])[:, 0].tolist()
+        logits = self.model.logits(hidden[:, -1])  # [1, V]
+        logits = sampling.target_logits(logits, params, self._seen([seq], [[]]))
+        token = sampling.sample(logits, params, generator)
+        logprob = logits.log_softmax(-1)[0, token].item()
+        self._running[request_id] = seq
+        emitted = self._emit(seq, [int(token)], [logprob])
+        emitted.prefill_logprobs = prefill
+        return emitted
+
+    def cancel(self, request_id: Hashable) -> None:
+        seq = self._running.pop(request_id, None)
+        if seq is not None:
+            self._free.append(seq.slot)
+
+    # ---------------------------------------------------------------- one step
+
+    @torch.inference_mode()
+    def step(self) -> list[Emitted]:
+        """One batched forward for every running sequence; returns what each one produced."""
+        seqs = list(self._running.values())
+        if not seqs:
+            return []
+        speculate = [s.params.speculate and self.heads is not None for s in seqs]
+        tree = self.tree if any(speculate) else ROOT_ONLY
+        B, T = len(seqs), tree.num_nodes
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)  # [B]
+        roots = torch.tensor([s.pending for s in seqs], device=self.device)  # [B]
+        cache_lens = self.cache.lens[slots]  # [B]
+        if T > 1:
+            hidden_last = torch.stack([s.hidden_last for s in seqs])  # [B, C]
+            head_logits = self.heads(hidden_last, self.model.lm_head)  # [B, K, V]
+            topk = head_logits.topk(tree.topk_needed, dim=-1).indices  # [B, K, k]
+            candidates = candidates_from_topk(roots, topk, tree)  # [B, T]
+            positions = cache_lens[:, None] + self._tree_depths  # [B, T]
+            max_len = max(len(s.prompt) + len(s.generated) - 1 for s in seqs) + T
+            hidden = self.model(candidates, positions, self.cache, slots, self._tree_mask, max_len)
+        else:
+            candidates = roots[:, None]  # [B, 1]
+            max_len = max(len(s.prompt) + len(s.generated) for s in seqs)
+            hidden = self.model(candidates, cache_lens[:, None], self.cache, slots, None, max_len)
+        logits = self.model.logits(hidden)  # [B, T, V]
+
+        paths, next_tokens, logprobs = self._accept(seqs, speculate, tree, candidates, logits)
+        accepted_len = torch.tensor([len(p) for p in paths], device=self.device)  # [B]
+        path_tensor = torch.zeros(B, tree.depth + 1, dtype=torch.long, device=self.device)
+        for b, p in enumerate(paths):
+            path_tensor[b, :len(p)] = torch.tensor(p)
+        self.cache.commit(slots, path_tensor, accepted_len)
+
+        out = []
+        cand = candidates.tolist()
+        for b, seq in enumerate(seqs):
+            p = paths[b]
+            seq.hidden_last = hidden[b, p[-1]]
+            if speculate[b]:
+                seq.stats.steps += 1
+                seq.stats.accepted_tokens += len(p) - 1
+            out.append(self._emit(seq, [cand[b][i] for i in p[1:]] + [next_tokens[b]], logprobs[b]))
+        return out
+
+    def _accept(self, seqs: list[_Sequence], speculate: list[bool], tree: TreeBuffers,
+                candidates: torch.Tensor, logits: torch.Tensor
+                ) -> tuple[list[list[int]], list[int], list[list[float]]]:
+        """Per sequence: accepted node path, the next pending token, and the emitted tokens' logprobs."""
+        B, T, V = logits.shape
+        paths, next_tokens, logprobs = [], [], []
+        cand = candidates.tolist()
+        tokens = [[cand[b][j] for j in range(T)] for b in range(B)]
+        for b, seq in enumerate(seqs):
+            params = seq.params
+            row_tree = tree if speculate[b] else ROOT_ONLY
+            rows = logits[b, :row_tree.num_nodes]  # [T_b, V]
+            seen = None
+            if params.repetition_penalty != 1.0:
+                ancestors = [[tokens[b][j] for j in range(1, row_tree.num_nodes) if row_tree.mask[i, j]]
+                             for i in range(row_tree.num_nodes)]
+                seen = self._seen([seq] * row_tree.num_nodes, ancestors)
+            target = sampling.target_logits(rows, params, seen)  # [T_b, V]
+            mode = params.acceptance_mode
+            if row_tree.num_nodes == 1:
+                path, token = [0], int(sampling.sample(target, params, seq.generator)[0])
+            elif mode == "greedy":
+                lens, path_t, nxt = acceptance.accept_greedy(candidates[b:b + 1, :row_tree.num_nodes],
+                                                             target[None], row_tree)
+                path, token = path_t[0, :int(lens[0])].tolist(), int(nxt[0])
+            else:
+                probs = target.softmax(-1)
+                if mode == "typical":
+                    result = acceptance.accept_typical(candidates[b, :row_tree.num_nodes], probs, row_tree,
+                                                       params.typical_epsilon, params.typical_delta,
+                                                       seq.generator)
+                else:
+                    result = acceptance.accept_lossless(candidates[b, :row_tree.num_nodes], probs, row_tree,
+                                                        seq.generator)
+                path, token = result.path, result.next_token
+            logp = target.log_softmax(-1)  # [T_b, V]
+            emitted = [cand[b][i] for i in path[1:]] + [token]
+            logprobs.append([logp[node, tok].item() for node, tok in zip(path, emitted, strict=True)])
+            paths.append(path)
+            next_tokens.append(token)
+        return paths, next_tokens, logprobs
+
+    def _seen(self, seqs: list[_Sequence], extra: list[list[int]]) -> torch.Tensor | None:
+        """[N, V] bool: tokens of each row's prompt, generated text and `extra` tokens."""
+        if all(s.params.repetition_penalty == 1.0 for s in seqs):
+            return None
+        seen = torch.zeros(len(seqs), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+        for i, (s, more) in enumerate(zip(seqs, extra, strict=True)):
+            seen[i, torch.tensor(s.prompt + s.generated + more, device=self.device)] = True
+        return seen
+
+    # ---------------------------------------------------------------- finishing
+
+    def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float]) -> Emitted:
+        """Append tokens one by one; stop exactly at EOS, a stop sequence or max_new_tokens."""
+        reason = None
+        kept = 0
+        for token in tokens:
+            seq.generated.append(token)
+            kept += 1
+            reason = self._finish_reason(seq, token)
+            if reason:
+                break
+        spec = seq.stats if self.heads is not None else None
+        emitted = Emitted(seq.request_id, tokens[:kept], logprobs[:kept], reason, speculation=spec)
+        if reason:
+            self.cancel(seq.request_id)
+        return emitted
+
+    def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return "eos_token"
+        if params.stop:
+            text = self.tokenizer.decode(seq.generated)
+            if any(stop in text for stop in params.stop):
+                return "stop_sequence"
+        if len(seq.generated) >= params.max_new_tokens:
+            return "length"
+        return None
+
+    # ---------------------------------------------------------------- convenience
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[list[int]]:
+        """Run prompts to completion, batched as slots allow; returns each prompt's generated tokens."""
+        all_params = params if isinstance(params, list) else [params] * len(prompts)
+        results: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        waiting = list(range(len(prompts)))
+        while waiting or self._running:
+            while waiting and self._free:
+                i = waiting.pop(0)
+                results[i] += self.add(i, prompts[i], all_params[i]).token_ids
+            for e in self.step():
+                results[e.request_id] += e.token_ids
+        return [results[i] for i in range(len(prompts))]

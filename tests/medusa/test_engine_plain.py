@@ -1,0 +1,98 @@
+"""Plain decoding (no heads): equals transformers' generate, batch-invariant, seeded, stops exactly."""
+
+import pytest
+import torch
+
+from medusa.config import SamplingParams
+from medusa.engine import Engine, EngineError
+from tests.conftest import ours_from_hf, tiny_hf_model
+
+PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1]]
+
+
+class Vocab:
+    """Decodes token id i as the letter chr(97 + i % 26): enough to test stop strings."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours():
+    hf = tiny_hf_model("llama")
+    return hf, ours_from_hf(hf)
+
+
+def engine(model, **kw):
+    kw.setdefault("max_batch_size", 4)
+    kw.setdefault("max_total_tokens", 64)
+    return Engine(model, Vocab(), kw.pop("eos", ()), **kw)
+
+
+def test_greedy_equals_transformers_generate(hf_and_ours):
+    hf, ours = hf_and_ours
+    got = engine(ours).generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    for prompt, tokens in zip(PROMPTS, got, strict=True):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                               min_new_tokens=12, pad_token_id=0)[0, len(prompt):]
+        assert tokens == expected.tolist()
+
+
+def test_batch_equals_alone(hf_and_ours):
+    _, ours = hf_and_ours
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, seed=3)
+    together = engine(ours).generate(PROMPTS, params)
+    alone = [engine(ours).generate([p], params)[0] for p in PROMPTS]
+    assert together == alone
+
+
+def test_seed_reproducible_and_seed_matters(hf_and_ours):
+    _, ours = hf_and_ours
+    e = engine(ours)
+    runs = [e.generate([PROMPTS[1]], SamplingParams(max_new_tokens=16, temperature=1.5, seed=s))[0]
+            for s in (1, 1, 2)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_stop_eos_and_length_are_exact(hf_and_ours):
+    _, ours = hf_and_ours
+    free = engine(ours).generate([PROMPTS[0]], SamplingParams(max_new_tokens=12))[0]
+    text = Vocab().decode(free)
+    # stop on the text of tokens 4..5: generation must end right after token 5
+    stop = text[4:6]
+    first = text.find(stop) + len(stop)
+    e = engine(ours)
+    out = e.add("a", PROMPTS[0], SamplingParams(max_new_tokens=12, stop=(stop,)))
+    tokens, reason = list(out.token_ids), out.finish_reason
+    while reason is None:
+        (out,) = e.step()
+        tokens += out.token_ids
+        reason = out.finish_reason
+    assert reason == "stop_sequence" and tokens == free[:first]
+    eos = free[7]
+    with_eos = engine(ours, eos=[eos]).generate([PROMPTS[0]], SamplingParams(max_new_tokens=12))[0]
+    assert with_eos == free[:free.index(eos) + 1]
+    assert engine(ours).generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0] == free[:3]
+    assert e.free_slots == 4 and e.running == 0
+
+
+def test_repetition_penalty_changes_greedy_output(hf_and_ours):
+    hf, ours = hf_and_ours
+    params = SamplingParams(max_new_tokens=12, repetition_penalty=1.8)
+    got = engine(ours).generate([PROMPTS[3]], params)[0]
+    expected = hf.generate(torch.tensor([PROMPTS[3]]), max_new_tokens=12, do_sample=False,
+                           repetition_penalty=1.8, min_new_tokens=12, pad_token_id=0)[0, 6:]
+    assert got == expected.tolist()
+
+
+def test_too_long_and_full_are_clear_errors(hf_and_ours):
+    _, ours = hf_and_ours
+    e = engine(ours, max_batch_size=1)
+    with pytest.raises(EngineError, match="max_total_tokens"):
+        e.add("x", list(range(60)), SamplingParams(max_new_tokens=10))
+    e.add("y", [1, 2], SamplingParams(max_new_tokens=10))
+    with pytest.raises(EngineError, match="slot"):
+        e.add("z", [1, 2], SamplingParams(max_new_tokens=10))
+    e.cancel("y")
+    assert e.free_slots == 1

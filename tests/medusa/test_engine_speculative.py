@@ -1,0 +1,148 @@
+"""Medusa speculation through the engine: greedy output equals plain greedy output token for
+token, and lossless sampling keeps the base model's distribution."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from medusa.config import ModelConfig, SamplingParams
+from medusa.engine import Engine
+from medusa.heads import MedusaConfig, random_heads
+from medusa.llama import Llama
+from medusa.tree import TreeError, build_tree, get_tree
+from tests.conftest import ours_from_hf, tiny_hf_model
+
+PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1]]
+
+
+class Vocab:
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ours_from_hf(tiny_hf_model("llama"))
+
+
+def heads_for(model, seed=0, num_heads=4):
+    c = model.config
+    return random_heads(MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                                     num_heads=num_heads), seed=seed)
+
+
+@pytest.mark.parametrize("tree_name", ["chain", "cpu", "mc_sim_7b_63"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch):
+    params = SamplingParams(max_new_tokens=24)
+    prompts = PROMPTS[:batch]
+    plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(prompts, params)
+    spec = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64, heads=heads_for(model),
+                  tree=get_tree(tree_name))
+    assert spec.generate(prompts, params) == plain
+
+
+class OracleHeads(torch.nn.Module):
+    """Test double: heads whose top-1 guesses are the known greedy continuation. The position is
+    found by matching the engine's hidden state against the hidden states of the full sequence."""
+
+    def __init__(self, model, prompt, continuation, num_heads=4):
+        super().__init__()
+        self.seq = prompt + continuation
+        cache = model.new_cache(1, len(self.seq))
+        with torch.no_grad():
+            self.hidden = model(torch.tensor([self.seq]), torch.arange(len(self.seq))[None], cache,
+                                torch.tensor([0]))[0]  # [S, C]
+        c = model.config
+        self.config = MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_heads=num_heads)
+
+    def forward(self, hidden_last, lm_head):
+        B, K, V = hidden_last.shape[0], self.config.num_heads, self.config.vocab_size
+        last = torch.cdist(hidden_last, self.hidden).argmin(-1).tolist()  # [B] last cached position
+        logits = torch.zeros(B, K, V)
+        for b, j in enumerate(last):
+            for k in range(K):
+                if j + 2 + k < len(self.seq):
+                    logits[b, k, self.seq[j + 2 + k]] = 1.0
+        return logits
+
+
+def test_accepted_runs_keep_the_cache_right_and_stop_exactly(model):
+    """With always-right drafts every step accepts a whole chain: the output must still equal
+    plain decoding (so the accepted KV entries were kept in place), and stops land exactly."""
+    greedy = SamplingParams(max_new_tokens=24)
+    plain = Engine(model, Vocab(), (), max_total_tokens=64).generate([PROMPTS[1]], greedy)[0]
+    oracle = OracleHeads(model, PROMPTS[1], plain)
+    engine = Engine(model, Vocab(), (), max_total_tokens=64, heads=oracle, tree=get_tree("chain"))
+    first = engine.add("r", PROMPTS[1], SamplingParams(max_new_tokens=24))
+    second = engine.step()[0]
+    assert first.token_ids == plain[:1]
+    assert second.token_ids == plain[1:6]  # 4 accepted drafts + the next token, in one step
+    assert second.speculation.accepted_tokens == 4
+    engine.cancel("r")
+    for max_new in (24, 7):
+        assert engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=max_new))[0] == plain[:max_new]
+    stop = Vocab().decode(plain[5:7])
+    stop_at = Vocab().decode(plain).find(stop) + len(stop)
+    out = engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=24, stop=(stop,)))[0]
+    assert out == plain[:stop_at]
+    eos = plain[9]
+    eos_engine = Engine(model, Vocab(), [eos], max_total_tokens=64, heads=oracle, tree=get_tree("chain"))
+    assert eos_engine.generate([PROMPTS[1]], greedy)[0] == plain[:plain.index(eos) + 1]
+
+
+def test_tree_deeper_than_heads_is_refused(model):
+    with pytest.raises(TreeError, match="head"):
+        Engine(model, Vocab(), (), heads=heads_for(model, num_heads=2), tree=get_tree("chain"))
+
+
+def exact_pair_distribution(model, prompt, temperature):
+    """p(t2, t3 | prompt) for the 2nd and 3rd generated tokens, summing over the 1st."""
+    V = model.config.vocab_size
+    seqs = torch.tensor([prompt + [a, b, c] for a, b, c in itertools.product(range(V), repeat=3)])
+    cache = model.new_cache(len(seqs), len(prompt) + 3)
+    with torch.no_grad():
+        logits = model.logits(model(seqs, torch.arange(seqs.shape[1]).expand_as(seqs), cache,
+                                    torch.arange(len(seqs))))
+    logp = (logits / temperature).log_softmax(-1)  # [N, S, V]
+    n = len(prompt)
+    a, b, c = seqs[:, n], seqs[:, n + 1], seqs[:, n + 2]
+    idx = torch.arange(len(seqs))
+    joint = logp[idx, n - 1, a] + logp[idx, n, b] + logp[idx, n + 1, c]
+    return joint.exp().view(V, V, V).sum(0)  # [V, V] over (t2, t3)
+
+
+def test_lossless_sampling_keeps_the_distribution():
+    torch.manual_seed(0)
+    V = 6
+    model = Llama(ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
+                              num_kv_heads=1, head_dim=16)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked enough that drafts are often accepted
+    prompt, temperature = [1, 2, 3], 0.9
+    expected = exact_pair_distribution(model, prompt, temperature).flatten()
+    heads = random_heads(MedusaConfig(hidden_size=32, vocab_size=V, num_heads=2), seed=1)
+    tree = build_tree([[0], [1], [0, 0], [0, 1], [1, 0]])
+    engine = Engine(model, Vocab(), (), max_batch_size=64, max_total_tokens=16, heads=heads, tree=tree)
+    counts = torch.zeros(V * V)
+    accepted = 0
+    seeds = iter(range(10**6))
+    for _ in range(60):  # 60 batches of 64 sequences, each with its own seed
+        rows = {}
+        for slot in range(64):
+            first = engine.add(slot, prompt, SamplingParams(max_new_tokens=3, temperature=temperature,
+                                                            seed=next(seeds)))
+            rows[slot] = list(first.token_ids)
+        while engine.running:
+            for e in engine.step():
+                rows[e.request_id] += e.token_ids
+                accepted += len(e.token_ids) - 1
+        for tokens in rows.values():
+            counts[tokens[1] * V + tokens[2]] += 1
+    assert accepted > 500  # the tree path really was exercised
+    keep = expected * counts.sum() >= 5
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]]) * counts.sum()
+    assert chisquare(observed.numpy(), exp.numpy()).pvalue > 1e-3
