@@ -1,0 +1,40 @@
+"""The server's one settings object. Every default is written here, once; `server.cli` reads them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(default=None, description="Hugging Face folder or GGUF file; "
+                                                         "default: the embedded SmolLM2-135M-Instruct")
+    device: str = Field(default="cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="weights: float32, bfloat16 or float16")
+    host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the server")
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_batch_size: int = Field(default=8, ge=1, description="sequences decoded together (KV-cache slots)")
+    max_input_tokens: int = Field(default=1024, ge=1, description="longest prompt, in tokens")
+    max_total_tokens: int = Field(default=2048, ge=2, description="prompt + generated tokens per request")
+    max_queue: int = Field(default=128, ge=1, description="requests waiting for a slot before 429")
+    medusa_heads: str | None = Field(default=None, description="folder of Medusa heads; none: no speculation")
+    tree: str | None = Field(default=None, description="candidate tree: a built-in name or a JSON file; "
+                                                       "default: 'gpu' on CUDA, 'cpu' otherwise")
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be less than "
+                             f"max_total_tokens ({self.max_total_tokens})")
+        return self
+
+    @property
+    def tree_name(self) -> str:
+        """The candidate tree to use with heads: the one asked for, or the device's built-in one."""
+        if self.tree is not None:
+            return self.tree
+        return "gpu" if self.device.startswith("cuda") else "cpu"

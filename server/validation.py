@@ -1,0 +1,79 @@
+"""Validation that needs the tokenized prompt and the server's limits, and TGI's parameter semantics.
+
+The body's types and ranges are checked by `server.protocol`; what is left is checked here, each
+failure an `InputError` (422) whose message names the field, worded as TGI words it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from medusa.config import ConfigError, SamplingParams
+from server.protocol import GenerateRequest
+from server.settings import Settings
+
+
+class InputError(Exception):
+    """A request the server's limits refuse (422); the message names the field."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated request, ready for the scheduler."""
+
+    inputs: str
+    prompt_ids: list[int]  # after truncation
+    params: SamplingParams
+    details: bool  # details or decoder_input_details was asked
+    prefill_details: bool  # decoder_input_details
+    return_full_text: bool
+
+    @property
+    def seed(self) -> int | None:
+        """The seed to report: the sampling seed, or None when decoding greedily."""
+        return None if self.params.greedy else self.params.seed
+
+
+def validate(request: GenerateRequest, prompt_ids: list[int], limits: Settings, *, stream: bool) -> Job:
+    p = request.parameters
+    if stream and p.decoder_input_details:
+        raise InputError("`decoder_input_details` == true is not supported when streaming tokens")
+    if p.truncate is not None:
+        if p.truncate > limits.max_input_tokens:
+            raise InputError(f"`truncate` must be at most max_input_tokens ({limits.max_input_tokens}). "
+                             f"Given: {p.truncate}")
+        prompt_ids = prompt_ids[-p.truncate:]
+    n = len(prompt_ids)
+    if n == 0:
+        raise InputError("`inputs` encodes to no tokens")
+    if n > limits.max_input_tokens:
+        raise InputError(f"`inputs` must have at most {limits.max_input_tokens} tokens. Given: {n}")
+    if n + p.max_new_tokens > limits.max_total_tokens:
+        raise InputError(f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
+                         f"Given: {n} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`")
+    return Job(request.inputs, prompt_ids, sampling_params(request),
+               details=p.details or p.decoder_input_details, prefill_details=p.decoder_input_details,
+               return_full_text=p.return_full_text)
+
+
+def sampling_params(request: GenerateRequest) -> SamplingParams:
+    """TGI's semantics: greedy unless do_sample or a sampling knob is set; do_sample alone samples at
+    temperature 1. A sampled request without a seed gets a random one, reported in details.seed."""
+    p = request.parameters
+    sampling = p.do_sample or any(k is not None for k in (p.temperature, p.top_k, p.top_p, p.typical_p))
+    try:
+        return SamplingParams(
+            max_new_tokens=p.max_new_tokens,
+            temperature=(p.temperature or 1.0) if sampling else 0.0,
+            top_k=p.top_k or 0,
+            top_p=p.top_p or 1.0,
+            typical_p=p.typical_p or 1.0,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            seed=(p.seed if p.seed is not None else random.randrange(2**63)) if sampling else None,
+            stop=tuple(p.stop),
+            acceptance=p.acceptance or "auto",
+            speculate=p.speculate,
+        )
+    except ConfigError as e:
+        raise InputError(str(e)) from e

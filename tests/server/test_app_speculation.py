@@ -1,0 +1,57 @@
+"""A server started with Medusa heads: speculation is reported, and greedy text does not change."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from medusa.heads import MedusaConfig, MedusaHeads, save_heads
+from server.app import create_app
+from tests.server.support import tiny_loaded, tiny_settings
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def medusa_client(tmp_path_factory):
+    loaded = tiny_loaded()
+    config = loaded.model.config
+    folder = tmp_path_factory.mktemp("heads")
+    # zero-initialised blocks: every head guesses what the base model would say next
+    heads_config = MedusaConfig(hidden_size=config.hidden_size, vocab_size=config.vocab_size)
+    save_heads(MedusaHeads(heads_config), folder)
+    settings = tiny_settings(medusa_heads=str(folder), tree="cpu")
+    with TestClient(create_app(settings, loaded)) as client:
+        yield client
+
+
+def details(client, **parameters):
+    body = {"inputs": PROMPT, "parameters": {"details": True, **parameters}}
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["details"]
+
+
+def test_info_describes_the_heads_and_tree(medusa_client):
+    speculation = medusa_client.get("/info").json()["speculation"]
+    assert speculation["enabled"] and speculation["num_heads"] == 4
+    assert speculation["tree"] == "cpu" and speculation["tree_nodes"] > 1
+
+
+def test_greedy_speculation_changes_nothing_but_the_step_count(medusa_client, client):
+    plain = details(client, max_new_tokens=16)
+    speculated = details(medusa_client, max_new_tokens=16)
+    switched_off = details(medusa_client, max_new_tokens=16, speculate=False)
+    def column(d, key):
+        return [t[key] for t in d["tokens"]]
+
+    assert column(speculated, "id") == column(plain, "id") == column(switched_off, "id")
+    # verifying a tree changes the arithmetic a little, not the probabilities
+    assert column(speculated, "logprob") == pytest.approx(column(plain, "logprob"), abs=1e-4)
+    stats = speculated["speculation"]
+    assert stats["steps"] >= 1 and stats["mean_accepted_len"] >= 1.0
+    assert stats["mean_accepted_len"] == pytest.approx(1 + stats["accepted_tokens"] / stats["steps"])
+
+
+def test_sampling_with_typical_acceptance_is_seeded(medusa_client):
+    runs = [details(medusa_client, max_new_tokens=12, do_sample=True, seed=5, acceptance="typical")
+            for _ in range(2)]
+    assert runs[0]["tokens"] == runs[1]["tokens"]

@@ -1,0 +1,37 @@
+"""The HTTP service over the real embedded SmolLM2-135M-Instruct."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real_client(real_model):
+    with TestClient(create_app(Settings(), real_model)) as client:
+        yield client
+
+
+def test_capital_of_france_in_english(real_client, real_model):
+    # TGI's /generate takes raw text and applies no template: the client formats the chat itself
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = real_model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 32}}
+    response = real_client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    assert "Paris" in response.json()["generated_text"]
+
+
+def test_stream_has_one_event_per_generated_token(real_client):
+    body = {"inputs": "The sea is", "parameters": {"max_new_tokens": 16, "details": True}}
+    with real_client.stream("POST", "/generate_stream", json=body) as response:
+        events = [json.loads(line.removeprefix("data:")) for line in response.iter_lines() if line]
+    assert len(events) == events[-1]["details"]["generated_tokens"]
+    text = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
+    assert text == events[-1]["generated_text"]
+    assert len(text.split()) >= 3
