@@ -51,6 +51,9 @@ class Emitted:
     finish_reason: str | None  # None while running; 'length' | 'eos_token' | 'stop_sequence'
     prefill_logprobs: list[float | None] | None = None
     speculation: SpecStats | None = None
+    # [n, C] with keep_hidden: final hidden states of the tokens this call put in the cache (the
+    # last prompt token for `add`, the accepted path for `step`): self-distillation data for heads
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,8 +75,9 @@ class _Sequence:
 class Engine:
     def __init__(self, model: Llama, tokenizer, eos_token_ids: Iterable[int], *, max_batch_size: int = 8,
                  max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
-                 tree: TreeBuffers | None = None) -> None:
+                 tree: TreeBuffers | None = None, keep_hidden: bool = False) -> None:
         self.model = model
+        self.keep_hidden = keep_hidden
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.heads = heads
@@ -138,6 +142,8 @@ class Engine:
         self._running[request_id] = seq
         emitted = self._emit(seq, [int(token)], [logprob])
         emitted.prefill_logprobs = prefill
+        if self.keep_hidden:
+            emitted.hidden = hidden[0, -1:]
         return emitted
 
     def cancel(self, request_id: Hashable) -> None:
@@ -189,6 +195,8 @@ class Engine:
                 seq.stats.steps += 1
                 seq.stats.accepted_tokens += len(p) - 1
             out.append(self._emit(seq, [cand[b][i] for i in p[1:]] + [next_tokens[b]], logprobs[b]))
+            if self.keep_hidden:
+                out[-1].hidden = hidden[b, p]
         return out
 
     def _accept(self, seqs: list[_Sequence], speculate: list[bool], tree: TreeBuffers,

@@ -11,7 +11,8 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "What is the capital of France? Paris is the capital of France.",
     "Hello world! Speculative decoding verifies a tree of guesses in one forward pass.",
-    "Numbers 0 1 2 3 4 5 6 7 8 9 and symbols: , . ; : ! ? ( ) [ ] { } caf\u00e9 \u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9 \u2603",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and symbols: , . ; : ! ? ( ) [ ] { }",
+    "caf\u00e9 \u00fc\u00f1\u00ee\u00e7\u00f8d\u00e9 \u2603",
 ]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

@@ -1,0 +1,190 @@
+"""Speculative decoding benchmark: transformers generate() vs our plain decoding vs Medusa, greedy.
+
+    python -m benchmarks.speculative --prompts ../shared/data/spec_bench_dev.jsonl --limit 10 --json
+
+Prompts are in Spec-Bench format ({"question_id", "category", "turns"}); the first turn is used,
+with the model's chat template applied. Every mode runs on the same prompts in this one process,
+one prompt at a time (batch 1), so the ratios printed are measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medusa.config import SamplingParams
+from medusa.engine import Engine
+from medusa.heads import MedusaConfig, MedusaHeads, load_heads, random_heads
+from medusa.loading import LoadedModel, load_model
+from medusa.tree import get_tree
+
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "medusa" / "heads" / "smollm2-135m-instruct"
+
+
+@dataclass
+class ModeResult:
+    outputs: list[list[int]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+
+
+def read_prompts(path: Path, limit: int | None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def encode(loaded: LoadedModel, question: str) -> list[int]:
+    tok = loaded.tokenizer
+    if tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+    else:
+        text = question
+    return tok(text, add_special_tokens=False).input_ids
+
+
+def run_hf(loaded: LoadedModel, prompts: list[list[int]], max_new: int) -> ModeResult:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(loaded.path, torch_dtype=loaded.model.embed.weight.dtype)
+    hf = hf.to(loaded.model.embed.weight.device).eval()
+    result = ModeResult()
+    eos = list(loaded.eos_token_ids)
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device=hf.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
+                              pad_token_id=eos[0])
+        result.seconds.append(time.perf_counter() - start)
+        result.outputs.append(out[0, len(prompt):].tolist())
+        result.steps.append(len(result.outputs[-1]))
+    return result
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeResult:
+    result = ModeResult()
+    params = SamplingParams(max_new_tokens=max_new)
+    for i, prompt in enumerate(prompts):
+        start = time.perf_counter()
+        first = engine.add(i, prompt, params)
+        tokens, done, steps = list(first.token_ids), first.finish_reason, 0
+        while not done:
+            (out,) = engine.step()
+            tokens += out.token_ids
+            done = out.finish_reason
+            steps += 1
+        result.seconds.append(time.perf_counter() - start)
+        result.outputs.append(tokens)
+        result.steps.append(steps)
+    return result
+
+
+def get_heads(loaded: LoadedModel, path: str | None) -> tuple[MedusaHeads, str]:
+    config = loaded.model.config
+    device, dtype = loaded.model.embed.weight.device, loaded.model.embed.weight.dtype
+    if path is None and SHIPPED_HEADS.exists():
+        path = str(SHIPPED_HEADS)
+    if path is not None:
+        return load_heads(Path(path), config, loaded.model.lm_head).to(device, dtype), path
+    heads = random_heads(MedusaConfig(hidden_size=config.hidden_size, vocab_size=config.vocab_size), seed=0)
+    return heads.to(device, dtype), "random-initialised heads (seed 0): no trained heads shipped yet"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=Path, required=True)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--modes", default="hf,plain,medusa")
+    ap.add_argument("--model")
+    ap.add_argument("--medusa-heads")
+    ap.add_argument("--tree", help="built-in tree name or JSON file (default: by device)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    modes = args.modes.split(",")
+
+    torch.set_grad_enabled(False)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    rows = read_prompts(args.prompts, args.limit)
+    prompts = [encode(loaded, r["turns"][0]) for r in rows]
+    max_total = max(len(p) for p in prompts) + args.max_new_tokens
+    results: dict[str, ModeResult] = {}
+    heads_note = None
+    tree_name = args.tree or ("gpu" if args.device.startswith("cuda") else "cpu")
+    for mode in modes:
+        if mode == "hf":
+            results[mode] = run_hf(loaded, prompts, args.max_new_tokens)
+        elif mode == "plain":
+            engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
+                            max_total_tokens=max_total)
+            results[mode] = run_engine(engine, prompts, args.max_new_tokens)
+        elif mode == "medusa":
+            heads, heads_note = get_heads(loaded, args.medusa_heads)
+            engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
+                            max_total_tokens=max_total, heads=heads, tree=get_tree(tree_name))
+            results[mode] = run_engine(engine, prompts, args.max_new_tokens)
+        else:
+            raise SystemExit(f"unknown mode {mode!r} (choose from hf, plain, medusa)")
+
+    summary = report(rows, results, heads_note, tree_name)
+    summary["prompts"] = len(rows)
+    if args.json:
+        print(json.dumps(summary))
+    return summary
+
+
+def report(rows: list[dict], results: dict[str, ModeResult], heads_note: str | None, tree: str) -> dict:
+    if heads_note:
+        print(f"medusa heads: {heads_note}; tree: {tree}")
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_cat[r.get("category", "all")].append(i)
+
+    def tok_s(mode: str, idx: list[int]) -> float:
+        res = results[mode]
+        return sum(len(res.outputs[i]) for i in idx) / sum(res.seconds[i] for i in idx)
+
+    def accepted(idx: list[int]) -> float:
+        res = results["medusa"]
+        return sum(len(res.outputs[i]) - 1 for i in idx) / max(1, sum(res.steps[i] for i in idx))
+
+    header = "category".ljust(16) + "".join(f"{m + ' tok/s':>14}" for m in results)
+    if "medusa" in results:
+        header += f"{'accepted/step':>15}"
+    print(header)
+    for name, idx in [*sorted(by_cat.items()), ("overall", list(range(len(rows))))]:
+        line = name.ljust(16) + "".join(f"{tok_s(m, idx):14.1f}" for m in results)
+        if "medusa" in results:
+            line += f"{accepted(idx):15.2f}"
+        print(line)
+
+    all_idx = list(range(len(rows)))
+    summary: dict = {f"{m}_tok_s": round(tok_s(m, all_idx), 2) for m in results}
+    if "medusa" in results:
+        summary["mean_accepted_tokens"] = round(accepted(all_idx), 3)
+        summary["new_tokens"] = sum(len(o) for o in results["medusa"].outputs)
+        for base in ("plain", "hf"):
+            if base in results:
+                summary[f"speedup_vs_{base}"] = round(summary["medusa_tok_s"] / summary[f"{base}_tok_s"], 3)
+        if "plain" in results:
+            same = [results["medusa"].outputs[i] == results["plain"].outputs[i] for i in all_idx]
+            summary["exact_match"] = sum(same) / len(same)
+    if "plain" in results and "hf" in results:
+        summary["plain_vs_hf"] = round(summary["plain_tok_s"] / summary["hf_tok_s"], 3)
+        same = [results["plain"].outputs[i] == results["hf"].outputs[i] for i in all_idx]
+        summary["plain_matches_hf"] = sum(same) / len(same)
+    summary.setdefault("new_tokens", sum(len(o) for o in next(iter(results.values())).outputs))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
