@@ -128,8 +128,15 @@ class Service:
 
     async def prepare(self, request: GenerateRequest, *, stream: bool) -> Job:
         """Tokenize off the event loop, then validate against the server's limits (InputError: 422)."""
-        prompt_ids = await asyncio.to_thread(self.tokenizer.encode, request.inputs)
+        prompt_ids = await asyncio.to_thread(self.encode, request.inputs)
         return validate(request, prompt_ids, self.settings, stream=stream)
+
+    def encode(self, inputs: str) -> list[int]:
+        if self.settings.use_chat_template and self.tokenizer.chat_template:
+            inputs = self.tokenizer.apply_chat_template([{"role": "user", "content": inputs}], tokenize=False,
+                                                        add_generation_prompt=True)
+            return self.tokenizer.encode(inputs, add_special_tokens=False)
+        return self.tokenizer.encode(inputs)
 
     def submit(self, job: Job) -> RequestStream:
         return self.scheduler.submit(job.prompt_ids, job.params, prompt_logprobs=job.prefill_details)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from server.settings import Settings
 
 FLAGS = ("model", "host", "port", "device", "dtype", "max_batch_size", "max_input_tokens", "max_total_tokens",
-         "max_queue", "medusa_heads", "tree")
+         "max_queue", "medusa_heads", "tree", "chat_template")
 ENVIRONMENT = {"host": "HOST", "port": "PORT"}
 
 

@@ -22,6 +22,9 @@ class Settings(BaseModel):
     max_total_tokens: int = Field(default=2048, ge=2, description="prompt + generated tokens per request")
     max_queue: int = Field(default=128, ge=1, description="requests waiting for a slot before 429")
     medusa_heads: str | None = Field(default=None, description="folder of Medusa heads; none: no speculation")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        default="auto", description="wrap /generate inputs in the model's chat template as one user "
+        "message; auto: on for the embedded instruct model, whose raw-text answers are often empty")
     tree: str | None = Field(default=None, description="candidate tree: a built-in name or a JSON file; "
                                                        "default: 'gpu' on CUDA, 'cpu' otherwise")
 
@@ -31,6 +34,11 @@ class Settings(BaseModel):
             raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be less than "
                              f"max_total_tokens ({self.max_total_tokens})")
         return self
+
+    @property
+    def use_chat_template(self) -> bool:
+        embedded = self.model in (None, "smollm2")
+        return self.chat_template == "on" or (self.chat_template == "auto" and embedded)
 
     @property
     def tree_name(self) -> str:

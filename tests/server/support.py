@@ -19,7 +19,8 @@ from medusa.loading import LoadedModel
 from server.settings import Settings
 from tests.tiny_tokenizer import tiny_tokenizer
 
-TINY_LIMITS = dict(max_batch_size=4, max_input_tokens=64, max_total_tokens=128, max_queue=16)
+TINY_LIMITS = dict(max_batch_size=4, max_input_tokens=64, max_total_tokens=128, max_queue=16,
+                   chat_template="off")
 
 
 def tiny_loaded(eos_token_ids: tuple[int, ...] | None = None) -> LoadedModel:
