@@ -160,8 +160,15 @@ BUILTIN_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 
 
+# Trees calibrated for the shipped heads (`python -m medusa.tree calibrate`) replace the built-ins
+SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
+
+
 def get_tree(name_or_path: str) -> TreeBuffers:
     """A built-in tree by name, or a JSON file holding a list of choices (lists of ranks)."""
+    shipped = SHIPPED_TREES / f"{name_or_path}.json"
+    if "/" not in name_or_path and shipped.is_file():
+        return build_tree(json.loads(shipped.read_text()), name=name_or_path)
     if name_or_path in BUILTIN_TREES:
         return build_tree(BUILTIN_TREES[name_or_path], name=name_or_path)
     path = Path(name_or_path)
@@ -176,3 +183,13 @@ def get_tree(name_or_path: str) -> TreeBuffers:
         raise TreeError(f"tree file {str(path)!r} must hold a JSON list of choices "
                         "such as [[0], [1], [0, 0]]")
     return build_tree(choices, name=str(path))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["calibrate"]:
+        sys.exit("usage: python -m medusa.tree calibrate --heads FOLDER [--out FILE] (see --help)")
+    from medusa.calibrate import main
+
+    main(sys.argv[2:])

@@ -1,0 +1,120 @@
+"""Fit the candidate tree to the heads' measured accuracy and to this machine's verification cost.
+
+    python -m medusa.tree calibrate --heads medusa/heads/smollm2-135m-instruct --out medusa/trees/cpu.json
+
+1. From each head's held-out rank distribution (`training.json` written by `medusa.train fit`),
+   the probability that a node's whole path is accepted is the product of its ranks' accuracies
+   (heads treated as independent). Nodes are added greedily, best path probability first, each
+   with its parent already in the tree; the expected tokens per step of a tree is
+   1 + the sum of its nodes' path probabilities.
+2. The cost of one step that verifies T tokens is measured on this device (base forward of T
+   tokens against a cache of typical length, the lm_head on them, and the heads).
+3. The budget that maximises expected tokens per second of step time wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from medusa.heads import load_heads
+from medusa.loading import load_model
+
+
+def greedy_tree(rank_probs: list[list[float]], budget: int) -> tuple[list[tuple[int, ...]], list[float]]:
+    """The `budget` choices with the highest path-acceptance probability, parents first.
+
+    rank_probs[k][r]: probability that head k's rank-r guess is the right token. Returns the
+    choices in the order they were added and each one's path probability.
+    """
+    K, R = len(rank_probs), len(rank_probs[0])
+    frontier = {(r,): rank_probs[0][r] for r in range(R)}
+    chosen: list[tuple[int, ...]] = []
+    probs: list[float] = []
+    while frontier and len(chosen) < budget:
+        path = max(frontier, key=lambda p: (frontier[p], -len(p)))
+        prob = frontier.pop(path)
+        chosen.append(path)
+        probs.append(prob)
+        if len(path) < K:
+            frontier.update({path + (r,): prob * rank_probs[len(path)][r] for r in range(R)})
+    return chosen, probs
+
+
+@torch.inference_mode()
+def step_cost(loaded, heads, sizes: list[int], context: int, repeats: int) -> dict[int, float]:
+    """Seconds for one verification step of T tokens (median of `repeats`), for T in `sizes`."""
+    model = loaded.model
+    device = model.embed.weight.device
+    cache = model.new_cache(1, context + max(sizes))
+    slots = torch.tensor([0], device=device)
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    model(prompt, torch.arange(context, device=device)[None], cache, slots)
+    cache.advance(slots, context)
+    hidden_last = torch.randn(1, model.config.hidden_size, device=device, dtype=model.embed.weight.dtype)
+    costs = {}
+    for T in sizes:
+        tokens = torch.randint(0, model.config.vocab_size, (1, T), device=device)
+        positions = context + torch.arange(T, device=device)[None]
+        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            start = time.perf_counter()
+            heads(hidden_last, model.lm_head).topk(10, dim=-1)
+            model.logits(model(tokens, positions, cache, slots, mask, context + T))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        costs[T] = sorted(times[1:])[len(times[1:]) // 2]
+    return costs
+
+
+def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repeats: int,
+              budget: int | None = None) -> dict:
+    report = json.loads((heads_path / "training.json").read_text())
+    rank_probs = report["held_out"]["rank_probs"]
+    choices, probs = greedy_tree(rank_probs, max_nodes - 1)
+    if budget is not None:  # cost known to be flat up to the budget (e.g. a GPU): no measurement
+        expected = 1 + sum(probs[:budget - 1])
+        print(f"{budget} nodes  E[tokens/step] {expected:.2f} (budget given, cost not measured)")
+        return {"choices": [list(c) for c in choices[:budget - 1]], "device": device,
+                "expected_tokens": round(expected, 3)}
+    loaded = load_model(None, device=device)
+    heads = load_heads(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
+                       dtype=loaded.model.embed.weight.dtype)
+    sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(1, max_nodes + 1)) | {max_nodes})
+    costs = step_cost(loaded, heads, sizes, context, repeats)
+    rows = []
+    for T in sizes:
+        expected = 1 + sum(probs[:T - 1])
+        rows.append({"nodes": T, "expected_tokens": round(expected, 3), "step_ms": round(1e3 * costs[T], 2),
+                     "tokens_per_s": round(expected / costs[T], 1)})
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    for r in rows:
+        print(f"{r['nodes']:4d} nodes  E[tokens/step] {r['expected_tokens']:.2f}  step {r['step_ms']:7.2f} ms"
+              f"  {r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
+    return {"choices": [list(c) for c in choices[:best["nodes"] - 1]], "device": device, "measurements": rows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m medusa.tree calibrate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", type=Path, required=True, help="heads folder with training.json")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-nodes", type=int, default=64)
+    ap.add_argument("--context", type=int, default=256, help="cached tokens during the measured steps")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--budget", type=int, help="use this many nodes without measuring (e.g. 64 on a GPU, "
+                    "where verifying 64 tokens costs about what one does)")
+    ap.add_argument("--out", type=Path, help="write the chosen tree's choices here (JSON)")
+    args = ap.parse_args(argv)
+    result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result["choices"]) + "\n")
+        args.out.with_suffix(".calibration.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {len(result['choices']) + 1}-node tree to {args.out}")

@@ -1,0 +1,19 @@
+"""Tree calibration: nodes are added by the probability that their whole path is accepted."""
+
+from medusa.calibrate import greedy_tree
+from medusa.tree import build_tree
+
+RANK_PROBS = [[0.6, 0.1, 0.05], [0.4, 0.1, 0.05], [0.3, 0.1, 0.05]]
+
+
+def test_greedy_tree_by_path_probability():
+    choices, probs = greedy_tree(RANK_PROBS, 6)
+    # (0,)=.6, (0,0)=.6*.4=.24, (1,)=.1, (0,0,0)=.24*.3=.072, (0,1)=.6*.1=.06, (2,)=.05 (ties: shorter first)
+    assert choices == [(0,), (0, 0), (1,), (0, 0, 0), (0, 1), (2,)]
+    assert [round(p, 4) for p in probs] == [0.6, 0.24, 0.1, 0.072, 0.06, 0.05]
+    build_tree(choices)  # every parent came before its children
+
+
+def test_budget_larger_than_the_space_stops_at_the_full_tree():
+    choices, _ = greedy_tree([[0.5, 0.5]], 10)
+    assert choices == [(0,), (1,)]
