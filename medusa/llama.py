@@ -109,18 +109,20 @@ class Llama(nn.Module):
         return KVCache(c.num_layers, num_slots, c.num_kv_heads, max_len, c.head_dim, w.dtype, w.device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
-                new_mask: torch.Tensor | None = None, max_len: int | None = None) -> torch.Tensor:
+                new_mask: torch.Tensor | None = None, max_len: int | None = None,
+                attention_backend: attention.Backend | None = None) -> torch.Tensor:
         """Hidden states (after the final norm) of T new tokens for each of B sequences.
 
         tokens, positions: [B, T] (positions drive RoPE: prefix length + depth for a tree);
         slots: [B] cache slots; new_mask: [T, T] bool over the new tokens (None = causal);
-        max_len: max(cache lens) + T when the caller knows it. Returns [B, T, C].
+        max_len: max(cache lens) + T when the caller knows it; attention_backend: None = the
+        default for the device (see `attention.plan`). Returns [B, T, C].
         K/V of the new tokens land in the cache's scratch positions; the caller keeps them
         with `cache.advance` or `cache.commit`.
         """
         B, T = tokens.shape
         assert positions.shape == (B, T) and slots.shape == (B,)
-        batch = attention.plan(slots, cache.lens[slots], T, new_mask, max_len)
+        batch = attention.plan(slots, cache.lens[slots], T, new_mask, max_len, attention_backend)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         freqs = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, T, 1, D]
         dtype = self.embed.weight.dtype
