@@ -6,6 +6,9 @@ tree of Medusa candidates (speculation) -- through ONE forward of the base model
 of that tree per sequence, keeps the accepted nodes' K/V, and samples the next pending token at
 the last accepted node. Plain decoding is the one-node tree, so both share this code.
 
+A prompt goes into the cache with `add` (whole), or with `start` and then `prefill` one chunk at a
+time, so that a server can run steps for the other sequences between the chunks of a long prompt.
+
 Legend: B running sequences, T tree nodes, K Medusa heads, C hidden size, V vocabulary.
 """
 
@@ -72,6 +75,19 @@ class _Sequence:
         return self.generated[-1]
 
 
+@dataclass
+class _Prefill:
+    """A started request whose prompt is going into the cache chunk by chunk (not yet in `step`)."""
+
+    request_id: Hashable
+    slot: int
+    params: SamplingParams
+    prompt: list[int]
+    prompt_logprobs: bool
+    done: int = 0  # prompt tokens already in the cache
+    logprobs: list[float | None] = field(default_factory=lambda: [None])  # per prompt token scored so far
+
+
 class Engine:
     def __init__(self, model: Llama, tokenizer, eos_token_ids: Iterable[int], *, max_batch_size: int = 8,
                  max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
@@ -92,6 +108,7 @@ class Engine:
         self._tree_depths = self.tree.depths.to(self.device)
         self._free = list(range(max_batch_size - 1, -1, -1))
         self._running: dict[Hashable, _Sequence] = {}
+        self._prefilling: dict[Hashable, _Prefill] = {}
 
     @property
     def free_slots(self) -> int:
@@ -107,47 +124,78 @@ class Engine:
     def add(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams,
             prompt_logprobs: bool = False) -> Emitted:
         """Prefill a prompt into a free slot and sample its first token."""
+        self.start(request_id, prompt_ids, params, prompt_logprobs)
+        try:
+            emitted = self.prefill(request_id, len(prompt_ids))
+        except BaseException:
+            self.cancel(request_id)
+            raise
+        assert emitted is not None
+        return emitted
+
+    def start(self, request_id: Hashable, prompt_ids: list[int], params: SamplingParams,
+              prompt_logprobs: bool = False) -> None:
+        """Take a free slot for a prompt that `prefill` then puts in the cache, one chunk per call.
+
+        The request joins `step`'s batch once its whole prompt is in; `cancel` frees the slot before.
+        """
         n = len(prompt_ids)
         if n == 0:
             raise EngineError("the prompt is empty")
         if n + params.max_new_tokens > self.max_total_tokens:
             raise EngineError(f"prompt ({n} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                               f"max_total_tokens ({self.max_total_tokens})")
-        if request_id in self._running:
+        if request_id in self._running or request_id in self._prefilling:
             raise EngineError(f"request {request_id!r} is already running")
         if not self._free:
             raise EngineError("no free cache slot")
         slot = self._free.pop()
         self.cache.free(slot)
-        try:
-            tokens = torch.tensor([prompt_ids], device=self.device)  # [1, n]
-            slots = torch.tensor([slot], device=self.device)
-            hidden = self.model(tokens, torch.arange(n, device=self.device)[None], self.cache, slots,
-                                max_len=n)  # [1, n, C]
-            self.cache.advance(slots, n)
-        except BaseException:
-            self._free.append(slot)
-            raise
+        self._prefilling[request_id] = _Prefill(request_id, slot, params, list(prompt_ids), prompt_logprobs)
+
+    @torch.inference_mode()
+    def prefill(self, request_id: Hashable, max_tokens: int) -> Emitted | None:
+        """Put up to `max_tokens` more prompt tokens of a started request in the cache.
+
+        Returns None while some of the prompt is left. With the last chunk, samples the first token
+        and returns it; the request then runs in `step`. A chunk attends to the chunks cached before
+        it, so chunking gives the same result as one whole-prompt prefill.
+        """
+        assert max_tokens > 0
+        pre = self._prefilling[request_id]
+        begin, end = pre.done, min(pre.done + max_tokens, len(pre.prompt))
+        tokens = torch.tensor([pre.prompt[begin:end]], device=self.device)  # [1, n]
+        slots = torch.tensor([pre.slot], device=self.device)  # [1]
+        positions = torch.arange(begin, end, device=self.device)[None]  # [1, n]
+        hidden = self.model(tokens, positions, self.cache, slots, max_len=end)  # [1, n, C]
+        self.cache.advance(slots, end - begin)
+        pre.done = end
+        if pre.prompt_logprobs:  # the hidden state of prompt token i scores prompt token i + 1
+            targets = torch.tensor(pre.prompt[begin + 1:end + 1], device=self.device)  # [n] or [n-1]
+            logp = self.model.logits(hidden[0, :len(targets)]).log_softmax(-1)  # [n or n-1, V]
+            pre.logprobs += logp.gather(-1, targets[:, None])[:, 0].tolist()
+        if end < len(pre.prompt):
+            return None
+
+        del self._prefilling[request_id]
+        params = pre.params
         generator = torch.Generator(self.device)
         generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
-        seq = _Sequence(request_id, slot, params, list(prompt_ids), generator, hidden[0, -1])
-        prefill = None
-        if prompt_logprobs:
-            logp = self.model.logits(hidden[0, :-1]).log_softmax(-1)  # [n-1, V]
-            prefill = [None] + logp.gather(-1, tokens[0, 1:, None])[:, 0].tolist()
+        seq = _Sequence(request_id, pre.slot, params, pre.prompt, generator, hidden[0, -1])
         logits = self.model.logits(hidden[:, -1])  # [1, V]
         logits = sampling.target_logits(logits, params, self._seen([seq], [[]]))
         token = sampling.sample(logits, params, generator)
         logprob = logits.log_softmax(-1)[0, token].item()
         self._running[request_id] = seq
         emitted = self._emit(seq, [int(token)], [logprob])
-        emitted.prefill_logprobs = prefill
+        emitted.prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
         if self.keep_hidden:
             emitted.hidden = hidden[0, -1:]
         return emitted
 
     def cancel(self, request_id: Hashable) -> None:
-        seq = self._running.pop(request_id, None)
+        """Drop a running or prefilling request and free its slot (no-op for an unknown id)."""
+        seq = self._running.pop(request_id, None) or self._prefilling.pop(request_id, None)
         if seq is not None:
             self._free.append(seq.slot)
 
