@@ -16,7 +16,8 @@ def test_torch_backend_matches_naive(name, slots):
     case = make_case(lens, T, H, Hkv, D, new_mask, slots=order)
     batch = plan(case.slots, case.cache_lens, T, new_mask)
     assert batch.backend == "torch"
-    assert (batch.first_slot is not None) == (slots == "consecutive" or len(lens) == 1)
+    one_call = slots == "consecutive" or len(lens) == 1  # else one SDPA call per sequence
+    assert (batch.first_slot is not None) == one_call and (batch.seq_views is None) == one_call
     # SDPA reads every key up to max_len and hides some with -inf scores (NaN * 0 would be NaN):
     # poison what no sequence may see with large finite values instead
     k, v = (c.nan_to_num(1e4) for c in case.poisoned_caches())
@@ -30,6 +31,14 @@ def test_torch_backend_half_precision(dtype):
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(attend(case.q, case.k_cache, case.v_cache, batch), case.expected(),
                                atol=tol, rtol=tol)
+
+
+def test_scattered_slots_decode_needs_no_mask():
+    case = make_case([0, 33, 9], 1, 9, 3, 64)
+    batch = plan(case.slots, case.cache_lens, 1)
+    assert batch.seq_views is not None and batch.bias is None
+    k, v = case.poisoned_caches()  # each sequence reads exactly its own keys
+    torch.testing.assert_close(attend(case.q, k, v, batch), case.expected(), atol=2e-5, rtol=2e-5)
 
 
 def test_single_sequence_decode_needs_no_mask():
