@@ -1,7 +1,8 @@
 """The HTTP face: TGI routes over the scheduler.
 
 POST /generate, POST /generate_stream (Server-Sent Events), POST / (TGI's client: `stream` in the
-body; a JSON list without streaming), GET /health, GET /info, and FastAPI's /docs.
+body; a JSON list without streaming), GET /health, GET /info, GET /metrics (Prometheus text, see
+`server.metrics`), and FastAPI's /docs.
 
 A request's path: pydantic validates the body (422 naming the field) -> `prepare` tokenizes it
 off the event loop and `server.validation` checks the server's limits (422) -> the scheduler
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from medusa.engine import Emitted, Engine
@@ -54,7 +57,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not pip-installed
     VERSION = "0.0.0+source"
 
-ERROR_STATUS = {"validation": 422, "overloaded": 429, "generation": 424, "unhealthy": 503}
+ERROR_STATUS = {"validation": 422, "overloaded": 429, "generation": 424, "timeout": 504, "unhealthy": 503}
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in ERROR_STATUS.values()}
 
 
@@ -125,9 +128,11 @@ class Service:
         self.tokenizer = loaded.tokenizer
         self.special_ids = frozenset(loaded.tokenizer.all_special_ids)
         self.scheduler = scheduler
+        self.metrics = scheduler.metrics
 
     async def prepare(self, request: GenerateRequest, *, stream: bool) -> Job:
         """Tokenize off the event loop, then validate against the server's limits (InputError: 422)."""
+        self.metrics.requests.inc()
         prompt_ids = await asyncio.to_thread(self.encode, request.inputs)
         return validate(request, prompt_ids, self.settings, stream=stream)
 
@@ -139,7 +144,8 @@ class Service:
         return self.tokenizer.encode(inputs)
 
     def submit(self, job: Job) -> RequestStream:
-        return self.scheduler.submit(job.prompt_ids, job.params, prompt_logprobs=job.prefill_details)
+        return self.scheduler.submit(job.prompt_ids, job.params, prompt_logprobs=job.prefill_details,
+                                     timeout=job.timeout)
 
     def info(self) -> Info:
         s, engine = self.settings, self.scheduler.engine
@@ -226,12 +232,16 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
     """The FastAPI app. Without `loaded`, the model named by settings is loaded at startup.
 
     `engine` replaces the one built from settings (tests inject engines that fail or stall).
+    `app.state.draining`, an Event, is what a SIGTERM handler sets: new requests get 503 and
+    /health 503, while the requests already taken run to their end.
     """
+    draining = threading.Event()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = loaded or await asyncio.to_thread(load_model, settings.model, settings.device, settings.dtype)
-        scheduler = Scheduler(engine or build_engine(settings, model), max_queue=settings.max_queue)
+        scheduler = Scheduler(engine or build_engine(settings, model), max_queue=settings.max_queue,
+                              max_prefill_tokens=settings.max_prefill_tokens, draining=draining)
         scheduler.start()
         app.state.service = Service(settings, model, scheduler)
         try:
@@ -241,6 +251,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
 
     app = FastAPI(title="medusa-serve", version=VERSION, lifespan=lifespan,
                   description="Medusa speculative decoding behind the Text Generation Inference protocol")
+    app.state.draining = draining
     add_error_handlers(app)
 
     def service_of(request: Request) -> Service:
@@ -275,12 +286,19 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
         scheduler = service_of(request).scheduler
         if not scheduler.healthy:
             return error_response(503, scheduler.broken or "the scheduler is not running", "unhealthy")
+        if draining.is_set():
+            return error_response(503, "the server is shutting down", "unhealthy")
         return Response(status_code=200)
 
     @app.get("/info", response_model=Info)
     async def info(request: Request) -> Info:
         """The served model, the server's limits and its speculation set-up."""
         return service_of(request).info()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: requests, latencies, batch and KV-slot use, speculation acceptance."""
+        return Response(service_of(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -308,17 +326,27 @@ def describe_validation_error(error: dict) -> str:
 
 
 def add_error_handlers(app: FastAPI) -> None:
+    """Errors as JSON; refusals before the scheduler took a request are counted here (the scheduler
+    counts the failures of the requests it took)."""
+
+    def refused(request: Request, reason: str) -> None:
+        request.app.state.service.metrics.failed(reason)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.app.state.service.metrics.requests.inc()
+        refused(request, "validation")
         details = "; ".join(describe_validation_error(e) for e in exc.errors())
         return error_response(422, f"Input validation error: {details}", "validation")
 
     @app.exception_handler(InputError)
     async def invalid_input(request: Request, exc: InputError) -> JSONResponse:
+        refused(request, "validation")
         return error_response(422, f"Input validation error: {exc}", "validation")
 
     @app.exception_handler(QueueFull)
     async def overloaded(request: Request, exc: QueueFull) -> JSONResponse:
+        refused(request, "overloaded")
         return error_response(429, str(exc), "overloaded", headers={"retry-after": "1"})
 
     @app.exception_handler(RequestFailed)
@@ -328,6 +356,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SchedulerUnavailable)
     async def unavailable(request: Request, exc: SchedulerUnavailable) -> JSONResponse:
+        refused(request, "unhealthy")
         return error_response(503, str(exc), "unhealthy")
 
     @app.exception_handler(HTTPException)

@@ -2,6 +2,10 @@
 
 Precedence: command-line flags, then the HOST and PORT environment variables, then the defaults
 written in `server.settings.Settings`.
+
+SIGTERM (or Ctrl-C) drains: the app refuses new requests (503) at once, uvicorn stops accepting
+connections and waits up to `drain_timeout` seconds for the open ones (the requests already taken,
+streams included) to finish, then the scheduler stops. A second Ctrl-C quits at once.
 """
 
 from __future__ import annotations
@@ -10,14 +14,21 @@ import argparse
 import logging
 import os
 import sys
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
 
 from server.settings import Settings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 FLAGS = ("model", "host", "port", "device", "dtype", "max_batch_size", "max_input_tokens", "max_total_tokens",
-         "max_queue", "medusa_heads", "tree", "chat_template")
+         "max_queue", "max_prefill_tokens", "request_timeout", "drain_timeout", "medusa_heads", "tree",
+         "chat_template")
 ENVIRONMENT = {"host": "HOST", "port": "PORT"}
 
 
@@ -26,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
                                 "protocol, with Medusa speculative decoding when heads are given.")
     for name in FLAGS:
         field = Settings.model_fields[name]
-        kind = int if field.annotation is int else str
+        kind = field.annotation if field.annotation in (int, float) else str
         notes = [f"environment: {ENVIRONMENT[name]}"] if name in ENVIRONMENT else []
         if field.default is not None:
             notes.append(f"default: {field.default}")
@@ -48,6 +59,26 @@ def settings_from(argv: list[str] | None, environ: dict[str, str]) -> Settings:
                                  for err in e.errors()))
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose exit signal first sets the app's `draining` event."""
+
+    def __init__(self, config: uvicorn.Config, draining: threading.Event) -> None:
+        super().__init__(config)
+        self.draining = draining
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.draining.set()
+        super().handle_exit(sig, frame)
+
+
+def make_server(app: FastAPI, host: str, port: int, drain_timeout: float, log_level: str = "info"
+                ) -> DrainingServer:
+    """The uvicorn server for an app made by `server.app.create_app`."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=drain_timeout)
+    return DrainingServer(config, app.state.draining)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = settings_from(argv, dict(os.environ))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -64,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         engine = build_engine(settings, loaded)
     except (ModelLoadError, HeadsLoadError, TreeError) as e:
         sys.exit(f"medusa-serve: {e}")
-    uvicorn.run(create_app(settings, loaded, engine=engine), host=settings.host, port=settings.port,
-                log_level="info")
+    app = create_app(settings, loaded, engine=engine)
+    make_server(app, settings.host, settings.port, settings.drain_timeout).run()
 
 
 if __name__ == "__main__":

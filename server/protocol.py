@@ -2,8 +2,9 @@
 
 Field names, defaults, ranges and JSON shapes follow TGI's router, so that TGI's own clients
 (`text-generation`, `huggingface_hub.InferenceClient`) work unchanged. Two extensions, both
-optional: `parameters.speculate` (turn Medusa speculation off for one request) and
-`parameters.acceptance` (the rule that accepts speculated tokens when sampling), and a
+optional: `parameters.speculate` (turn Medusa speculation off for one request),
+`parameters.acceptance` (the rule that accepts speculated tokens when sampling) and
+`parameters.timeout` (seconds before the request fails with error_type 'timeout'), and a
 `speculation` entry in `details`.
 
 Validation that needs only the body lives here (types and ranges: a 422 naming the field);
@@ -49,6 +50,7 @@ class Parameters(_Body):
     # extensions
     speculate: bool = True
     acceptance: Literal["lossless", "typical"] | None = None
+    timeout: float | None = Field(default=None, gt=0)  # seconds; at most the server's request_timeout
 
     @field_validator("stop")
     @classmethod
@@ -163,7 +165,7 @@ class StreamResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: str
-    error_type: str  # 'validation' | 'overloaded' | 'generation' | 'unhealthy' | ...
+    error_type: str  # 'validation' | 'overloaded' | 'generation' | 'timeout' | 'unhealthy' | ...
 
 
 class SpeculationInfo(BaseModel):

@@ -4,16 +4,21 @@ HTTP handlers run on the asyncio event loop and never touch the engine. They `su
 and read its `RequestStream`; the scheduler thread does all model work:
 
     loop:  wait until there is work
-           drop cancelled requests (waiting ones leave the queue, running ones leave the engine)
-           admit waiting requests into free slots   (engine.add: prefill + first token)
+           drop cancelled requests and those past their deadline (waiting ones leave the queue,
+                                                    the others leave the engine)
+           admit waiting requests into free slots   (engine.start)
+           prefill up to max_prefill_tokens prompt tokens, oldest prompt first (engine.prefill);
+               a prompt's last chunk gives its first token and the request joins the batch
            one engine.step() for all running ones  (one batched forward; several tokens each
                                                     under speculation)
            hand every Emitted to its request's stream (loop.call_soon_threadsafe)
 
-Continuous batching: requests join and leave the batch at every step. A failure while adding a
-request fails that request only; a failure inside a step fails the requests that were in it, and
-the next request starts afresh. The thread dying, or the engine refusing to free a failed
-request's slot, marks the scheduler unhealthy (/health answers 503).
+Continuous batching: requests join and leave the batch at every step, and a long prompt goes in
+chunk by chunk between steps, so the running streams keep flowing while it is prefilled. A failure
+while prefilling a request fails that request only; a failure inside a step fails the requests that
+were in it, and the next request starts afresh. The thread dying, or the engine refusing to free a
+failed request's slot, marks the scheduler unhealthy (/health answers 503). Once `draining` is set
+(SIGTERM), new requests are refused (503) while those already taken run to their end.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import dataclass, field
 
 from medusa.config import SamplingParams
 from medusa.engine import Emitted, Engine, EngineError
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,11 @@ class SchedulerUnavailable(Exception):
 
 
 class RequestFailed(Exception):
-    """The engine could not serve a request. error_type: 'validation' (input refused) or 'generation'."""
+    """The engine could not serve a request.
+
+    error_type: 'validation' (input refused), 'generation' (the engine failed) or 'timeout' (the
+    request's deadline passed).
+    """
 
     def __init__(self, message: str, error_type: str) -> None:
         super().__init__(message)
@@ -98,17 +108,30 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     prompt_logprobs: bool
+    timeout: float | None  # seconds after arrival at which the request fails with 'timeout'
     stream: RequestStream = field(repr=False)
+    prefilled: int = 0  # prompt tokens in the cache
+    last_token_at: float | None = None
+    spec_steps: int = 0  # the engine's speculation counts at the last step, to measure each step's
+    spec_accepted: int = 0
 
     @property
     def id(self) -> int:
         return self.stream.request_id
 
+    def expired(self, now: float) -> bool:
+        return self.timeout is not None and now > self.stream.queued_at + self.timeout
+
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int, max_prefill_tokens: int,
+                 draining: threading.Event | None = None) -> None:
+        """draining: once set (by the SIGTERM handler), new requests are refused with 503 while those
+        already queued or running go on to their end."""
         self.engine = engine
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.metrics = Metrics()
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # notified on submit, cancel and stop
@@ -116,10 +139,15 @@ class Scheduler:
         self._waiting: deque[_Request] = deque()
         self._cancelled: set[int] = set()
         self._stopping = False
-        # the scheduler thread's own
-        self._running: dict[int, _Request] = {}
+        # the scheduler thread's own: requests holding a slot, in admission order
+        self._prefilling: dict[int, _Request] = {}  # prompt partly in the cache
+        self._running: dict[int, _Request] = {}  # in engine.step's batch
         self._thread = threading.Thread(target=self._run, name="medusa-scheduler", daemon=True)
         self.broken: str | None = None  # why the scheduler cannot serve any more, once it cannot
+        self.draining = draining or threading.Event()
+        self.metrics.watch(running=lambda: self.running, waiting=lambda: self.waiting,
+                           kv_slots_used=lambda: engine.cache.num_slots - engine.free_slots,
+                           kv_slots=engine.cache.num_slots, head_positions=engine.tree.depth)
 
     # ---------------------------------------------------------------- event-loop side
 
@@ -144,18 +172,23 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests holding a slot: prefilling or in the batch."""
+        return len(self._prefilling) + len(self._running)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False
-               ) -> RequestStream:
-        """Queue a request; call from the event loop. Raises QueueFull or SchedulerUnavailable."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False,
+               timeout: float | None = None) -> RequestStream:
+        """Queue a request; call from the event loop. Raises QueueFull or SchedulerUnavailable.
+
+        timeout: seconds from now after which the request fails with error_type 'timeout', checked
+        at every step boundary; None: no deadline.
+        """
         stream = RequestStream(next(self._ids), asyncio.get_running_loop(), self._cancel)
         with self._lock:
-            if self._stopping or not self.healthy:
+            if self._stopping or self.draining.is_set() or not self.healthy:
                 raise SchedulerUnavailable(self.broken or "the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"Model is overloaded: {len(self._waiting)} requests are already waiting")
-            self._waiting.append(_Request(prompt_ids, params, prompt_logprobs, stream))
+            self._waiting.append(_Request(prompt_ids, params, prompt_logprobs, timeout, stream))
             self._work.notify()
         return stream
 
@@ -174,48 +207,86 @@ class Scheduler:
             log.exception("the scheduler stopped")
             self.broken = f"the scheduler stopped: {e}"
         with self._lock:
-            leftover = [*self._waiting, *self._running.values()]
+            leftover = [*self._waiting, *self._prefilling.values(), *self._running.values()]
             self._waiting.clear()
+        self._prefilling.clear()
         self._running.clear()
-        reason = self.broken or "the server is shutting down"
         for request in leftover:
-            request.stream.put(RequestFailed(reason, "generation"))
+            self._fail(request, RequestFailed(self.broken or "the server is shutting down", "generation"))
 
     def _iterate(self) -> bool:
         """One scheduling round; False once stopping."""
         with self._lock:
-            while not (self._waiting or self._running or self._cancelled or self._stopping):
+            while not (self._waiting or self._prefilling or self._running or self._cancelled
+                       or self._stopping):
                 self._work.wait()
             if self._stopping:
                 return False
             cancelled, self._cancelled = self._cancelled, set()
-            if cancelled:
-                self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
+            now = time.perf_counter()
+            leaving = [r for r in self._waiting if r.id in cancelled or r.expired(now)]
+            if leaving:
+                self._waiting = deque(r for r in self._waiting if not (r.id in cancelled or r.expired(now)))
             admitted = [self._waiting.popleft()
                         for _ in range(min(self.engine.free_slots, len(self._waiting)))]
-        for request_id in cancelled & self._running.keys():
-            del self._running[request_id]
-            self.engine.cancel(request_id)
+        for request in leaving:
+            self._end_early(request, cancelled, now)
+        for request in [*self._prefilling.values(), *self._running.values()]:
+            if request.id in cancelled or request.expired(now):
+                self._release(request)
+                self._end_early(request, cancelled, now)
         for request in admitted:
-            self._admit(request)
+            self._admit(request, now)
+        self._prefill()
         if self._running:
             self._step()
         return True
 
-    def _admit(self, request: _Request) -> None:
-        request.stream.admitted_at = time.perf_counter()
+    def _end_early(self, request: _Request, cancelled: set[int], now: float) -> None:
+        """A request that leaves before its end: its client went away, or its deadline passed."""
+        if request.id in cancelled:
+            self.metrics.failed("cancelled")
+            return
+        where = "in the queue" if request.stream.admitted_at is None else "while generating"
+        self._fail(request, RequestFailed(f"Request timed out {where}: not finished within its deadline "
+                                          f"of {request.timeout:g} s", "timeout"))
+
+    def _admit(self, request: _Request, now: float) -> None:
+        request.stream.admitted_at = now
+        self.metrics.admitted(now - request.stream.queued_at, len(request.prompt_ids))
         try:
-            emitted = self.engine.add(request.id, request.prompt_ids, request.params, request.prompt_logprobs)
+            self.engine.start(request.id, request.prompt_ids, request.params, request.prompt_logprobs)
         except EngineError as e:
-            request.stream.put(RequestFailed(str(e), "validation"))
+            self._fail(request, RequestFailed(str(e), "validation"))
             return
         except Exception as e:
             log.exception("adding request %s failed", request.id)
-            request.stream.put(RequestFailed(f"Request failed during generation: {e}", "generation"))
+            self._fail(request, RequestFailed(f"Request failed during generation: {e}", "generation"))
             return
-        if emitted.finish_reason is None:
-            self._running[request.id] = request
-        self._deliver(request, emitted)
+        self._prefilling[request.id] = request
+
+    def _prefill(self) -> None:
+        """Feed at most max_prefill_tokens prompt tokens to the engine, oldest prompt first."""
+        budget = self.max_prefill_tokens
+        for request in list(self._prefilling.values()):
+            if budget == 0:
+                break
+            chunk = min(budget, len(request.prompt_ids) - request.prefilled)
+            try:
+                emitted = self.engine.prefill(request.id, chunk)
+            except Exception as e:
+                log.exception("prefilling request %s failed", request.id)
+                self._release(request)
+                self._fail(request, RequestFailed(f"Request failed during generation: {e}", "generation"))
+                continue
+            budget -= chunk
+            request.prefilled += chunk
+            if emitted is None:
+                continue
+            del self._prefilling[request.id]
+            if emitted.finish_reason is None:
+                self._running[request.id] = request
+            self._deliver(request, emitted)
 
     def _step(self) -> None:
         try:
@@ -224,22 +295,45 @@ class Scheduler:
             log.exception("an engine step failed; failing the %d requests in it", len(self._running))
             self._fail_running(f"Request failed during generation: {e}")
             return
+        accepted = []
         for item in emitted:
             request = self._running[item.request_id]
+            stats = item.speculation
+            if stats is not None and stats.steps > request.spec_steps:
+                accepted.append(stats.accepted_tokens - request.spec_accepted)
+                request.spec_steps, request.spec_accepted = stats.steps, stats.accepted_tokens
             if item.finish_reason is not None:
                 del self._running[item.request_id]
             self._deliver(request, item)
+        self.metrics.step(len(emitted), accepted, self.engine.tree.num_nodes - 1)
 
     def _deliver(self, request: _Request, item: Emitted) -> None:
+        now = time.perf_counter()
+        if request.last_token_at is None:
+            self.metrics.first_token(now - request.stream.queued_at)
+        else:
+            self.metrics.next_tokens(now - request.last_token_at, len(item.token_ids))
+        request.last_token_at = now
+        if item.finish_reason is not None:
+            self.metrics.finished(item.finish_reason, now - request.stream.queued_at)
         if not request.stream.put(item) and request.id in self._running:
+            self._release(request)
+
+    def _release(self, request: _Request) -> None:
+        """Take a request that holds a slot out of the engine."""
+        if self._prefilling.pop(request.id, None) is None:
             del self._running[request.id]
-            self.engine.cancel(request.id)
+        self.engine.cancel(request.id)
+
+    def _fail(self, request: _Request, error: RequestFailed) -> None:
+        self.metrics.failed(error.error_type)
+        request.stream.put(error)
 
     def _fail_running(self, message: str) -> None:
         failed = list(self._running.values())
         self._running.clear()
         for request in failed:
-            request.stream.put(RequestFailed(message, "generation"))
+            self._fail(request, RequestFailed(message, "generation"))
             try:
                 self.engine.cancel(request.id)
             except Exception as e:

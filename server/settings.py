@@ -21,6 +21,12 @@ class Settings(BaseModel):
     max_input_tokens: int = Field(default=1024, ge=1, description="longest prompt, in tokens")
     max_total_tokens: int = Field(default=2048, ge=2, description="prompt + generated tokens per request")
     max_queue: int = Field(default=128, ge=1, description="requests waiting for a slot before 429")
+    max_prefill_tokens: int = Field(default=512, ge=1, description="prompt tokens prefilled between two "
+                                    "decode steps; a longer prompt goes in chunks so running streams flow")
+    request_timeout: float = Field(default=600.0, gt=0, description="seconds from a request's arrival to "
+                                   "its last token, else it fails (504); `parameters.timeout` may ask less")
+    drain_timeout: float = Field(default=60.0, ge=0, description="seconds SIGTERM waits for the requests "
+                                 "already taken to finish before the server exits")
     medusa_heads: str | None = Field(default=None, description="folder of Medusa heads; none: no speculation")
     chat_template: Literal["auto", "on", "off"] = Field(
         default="auto", description="wrap /generate inputs in the model's chat template as one user "

@@ -28,6 +28,7 @@ class Job:
     details: bool  # details or decoder_input_details was asked
     prefill_details: bool  # decoder_input_details
     return_full_text: bool
+    timeout: float  # seconds from arrival to the last token
 
     @property
     def seed(self) -> int | None:
@@ -49,12 +50,15 @@ def validate(request: GenerateRequest, prompt_ids: list[int], limits: Settings, 
         raise InputError("`inputs` encodes to no tokens")
     if n > limits.max_input_tokens:
         raise InputError(f"`inputs` must have at most {limits.max_input_tokens} tokens. Given: {n}")
+    if p.timeout is not None and p.timeout > limits.request_timeout:
+        raise InputError(f"`timeout` must be at most {limits.request_timeout:g} seconds (the server's "
+                         f"request_timeout). Given: {p.timeout:g}")
     if n + p.max_new_tokens > limits.max_total_tokens:
         raise InputError(f"`inputs` tokens + `max_new_tokens` must be <= {limits.max_total_tokens}. "
                          f"Given: {n} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`")
     return Job(request.inputs, prompt_ids, sampling_params(request),
                details=p.details or p.decoder_input_details, prefill_details=p.decoder_input_details,
-               return_full_text=p.return_full_text)
+               return_full_text=p.return_full_text, timeout=p.timeout or limits.request_timeout)
 
 
 def sampling_params(request: GenerateRequest) -> SamplingParams:

@@ -9,13 +9,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import uvicorn
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 from medusa.config import ModelConfig
 from medusa.engine import Engine
+from medusa.heads import MedusaConfig, random_heads, save_heads
 from medusa.llama import Llama
 from medusa.loading import LoadedModel
+from server.app import create_app
+from server.cli import DrainingServer, make_server
+from server.scheduler import Scheduler
 from server.settings import Settings
 from tests.tiny_tokenizer import tiny_tokenizer
 
@@ -39,6 +43,16 @@ def tiny_loaded(eos_token_ids: tuple[int, ...] | None = None) -> LoadedModel:
                        path=Path("tiny-random-llama"))
 
 
+def save_tiny_heads(folder: Path, loaded: LoadedModel) -> str:
+    """Random Medusa heads for the tiny model, written to `folder`: they guess right only some of the
+    time, so sequences in one batch accept paths of different lengths."""
+    config = loaded.model.config
+    heads = random_heads(MedusaConfig(hidden_size=config.hidden_size, vocab_size=config.vocab_size), seed=0,
+                         scale=0.3)
+    save_heads(heads, folder)
+    return str(folder)
+
+
 def tiny_settings(**overrides) -> Settings:
     return Settings(**(TINY_LIMITS | overrides))
 
@@ -49,9 +63,17 @@ def tiny_engine(loaded: LoadedModel, settings: Settings, engine_class: type[Engi
 
 
 @contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` under a real uvicorn server on a free loopback port; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+def serve(app: FastAPI, drain_timeout: float = 10.0) -> Iterator[str]:
+    """Run `app` under the real server on a free loopback port; yields its base URL."""
+    with serving(app, drain_timeout) as (url, _, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, drain_timeout: float = 10.0
+            ) -> Iterator[tuple[str, DrainingServer, threading.Thread]]:
+    """`serve`, also yielding the server (whose handle_exit is what SIGTERM calls) and its thread."""
+    server = make_server(app, "127.0.0.1", 0, drain_timeout, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -60,14 +82,15 @@ def serve(app: FastAPI) -> Iterator[str]:
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", server, thread
     finally:
         server.should_exit = True
         thread.join(10)
 
 
 class ControlledEngine(Engine):
-    """The real engine, with steps that can be held at a gate, slowed down, or made to fail."""
+    """The real engine, with steps that can be held at a gate, slowed down, or made to fail, and
+    prefill chunks that can be made to fail."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -75,6 +98,13 @@ class ControlledEngine(Engine):
         self.gate.set()
         self.step_delay = 0.0  # seconds added to every step
         self.failures = 0  # the next this-many steps raise
+        self.prefill_failures = 0  # the next this-many prefill chunks raise
+
+    def prefill(self, request_id, max_tokens):
+        if self.prefill_failures:
+            self.prefill_failures -= 1
+            raise RuntimeError("injected prefill failure")
+        return super().prefill(request_id, max_tokens)
 
     def step(self):
         assert self.gate.wait(30), "the test never opened the gate"
@@ -85,8 +115,29 @@ class ControlledEngine(Engine):
         return super().step()
 
 
+@contextlib.contextmanager
+def controlled_server(**settings) -> Iterator[tuple[str, ControlledEngine, Scheduler]]:
+    """A real server over a ControlledEngine; yields (base URL, engine, scheduler)."""
+    settings = tiny_settings(**settings)
+    loaded = tiny_loaded()
+    engine = tiny_engine(loaded, settings, ControlledEngine)
+    app = create_app(settings, loaded, engine=engine)
+    with serve(app) as url:
+        yield url, engine, app.state.service.scheduler
+
+
 def wait_until(condition, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.005)
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """A Prometheus page as {'name{label="value",...}': value}, e.g. 'medusa_requests_total'."""
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values

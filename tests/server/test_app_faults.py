@@ -1,26 +1,13 @@
 """Backpressure and faults against a real server: a full queue, a failing step, a client that leaves."""
 
-import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from server.app import create_app
-from tests.server.support import ControlledEngine, serve, tiny_engine, tiny_loaded, tiny_settings, wait_until
+from tests.server.support import controlled_server, wait_until
 
 PROMPT = "Hello world!"
-
-
-@contextlib.contextmanager
-def controlled_server(**settings):
-    """A real server over a ControlledEngine; yields (base URL, engine, scheduler)."""
-    settings = tiny_settings(**settings)
-    loaded = tiny_loaded()
-    engine = tiny_engine(loaded, settings, ControlledEngine)
-    app = create_app(settings, loaded, engine=engine)
-    with serve(app) as url:
-        yield url, engine, app.state.service.scheduler
 
 
 def post(url, route="/generate", **parameters):
@@ -63,6 +50,19 @@ def test_a_failing_step_fails_only_its_requests_and_the_server_keeps_serving():
         assert waiting.result().status_code == 200
         assert httpx.get(url + "/health").status_code == 200
         assert post(url, max_new_tokens=4).status_code == 200
+
+
+def test_a_failing_prefill_fails_only_its_request():
+    with controlled_server(max_batch_size=2) as (url, engine, scheduler), ThreadPoolExecutor(1) as pool:
+        engine.step_delay = 0.01
+        running = pool.submit(post, url, max_new_tokens=20)
+        wait_until(lambda: scheduler.running == 1)
+        engine.prefill_failures = 1
+        failed = post(url, max_new_tokens=5)
+        assert failed.status_code == 424 and "injected prefill failure" in failed.json()["error"]
+        assert running.result().status_code == 200
+        assert engine.free_slots == 2
+        assert post(url, max_new_tokens=3).status_code == 200
 
 
 def test_a_failing_step_ends_a_stream_with_an_error_event():

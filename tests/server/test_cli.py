@@ -1,9 +1,21 @@
 """`medusa-serve` settings: flags over HOST/PORT over the defaults, and clear errors."""
 
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
 import pytest
+import torch
+import transformers
 
 from server.cli import main, settings_from
 from server.settings import Settings
+from tests.server.support import wait_until
+from tests.tiny_tokenizer import tiny_tokenizer
 
 
 def test_defaults_bind_to_loopback():
@@ -36,3 +48,39 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tmp_path / "nowhere")])
     assert "nowhere" in str(exit_info.value.code)
+
+
+def test_sigterm_drains_a_real_server_process(tmp_path):
+    """`medusa-serve` in its own process: on SIGTERM, a stream in flight still ends whole."""
+    torch.manual_seed(0)  # weights whose greedy answer to "Hello" runs to max_new_tokens
+    hf_config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=112,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "server.cli", "--model", str(tmp_path), "--port", str(port),
+               "--max-total-tokens", "1100"]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2])
+    try:
+        wait_until(lambda: healthy(url), timeout=120)
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 1000, "details": True}}
+        with httpx.stream("POST", url + "/generate_stream", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            events = [json.loads(line.removeprefix("data:")) for line in lines if line]
+        assert events[-1]["details"]["generated_tokens"] == len(events) + 1  # the first event was read above
+        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        process.kill()
+        process.wait()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health").status_code == 200
+    except httpx.HTTPError:
+        return False
