@@ -1,0 +1,196 @@
+"""Serving benchmark: a closed-loop load generator against a running server (TGI protocol).
+
+    python -m benchmarks.serving --url http://127.0.0.1:8000 --concurrency 8 --requests 64 --stream --json
+
+C clients each send a request, wait for its whole answer and send the next, until N requests have
+been sent. Prompts are the first turns of a Spec-Bench jsonl (`--prompts`), else a built-in list,
+taken in turn; requests decode greedily, with speculation unless `--no-speculate`.
+
+Prints the throughput (generated tokens per second of wall time), the errors, and p50/p99 of
+- TTFT: time from sending a request to its first token event (needs --stream),
+- ITL: time between two token events of one stream (needs --stream; tokens that one speculative
+  step accepted arrive together, so ITL is bimodal under speculation),
+- latency: time from sending a request to its last byte.
+`--json` ends the output with one JSON line; without --stream its TTFT and ITL values are null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+BUILT_IN_PROMPTS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain in three sentences how a bicycle stays upright.",
+    "Give me a recipe for pancakes.",
+    "Translate 'good morning, how are you?' into French and Spanish.",
+    "List five uses of a paperclip.",
+    "Why is the sky blue? Answer briefly.",
+    "Summarise the plot of Romeo and Juliet.",
+)
+
+
+@dataclass
+class Result:
+    ok: bool
+    latency: float  # seconds from sending to the last byte
+    generated_tokens: int = 0
+    ttft: float | None = None  # seconds to the first token event (streams only)
+    itls: list[float] = field(default_factory=list)  # seconds between token events (streams only)
+    error: str | None = None
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    """First turns of a Spec-Bench jsonl ({"question_id", "category", "turns"}), or the built-in list."""
+    if path is None:
+        return list(BUILT_IN_PROMPTS)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row["turns"][0] for row in rows]
+
+
+def request_body(prompt: str, max_new_tokens: int, speculate: bool) -> dict:
+    return {"inputs": prompt,
+            "parameters": {"max_new_tokens": max_new_tokens, "details": True, "speculate": speculate}}
+
+
+async def generate(client: httpx.AsyncClient, url: str, body: dict) -> Result:
+    start = time.perf_counter()
+    response = await client.post(url + "/generate", json=body)
+    latency = time.perf_counter() - start
+    if response.status_code != 200:
+        return Result(False, latency, error=f"{response.status_code}: {response.text[:200]}")
+    return Result(True, latency, response.json()["details"]["generated_tokens"])
+
+
+async def generate_stream(client: httpx.AsyncClient, url: str, body: dict) -> Result:
+    start = time.perf_counter()
+    times = []  # arrival of each token event
+    async with client.stream("POST", url + "/generate_stream", json=body) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            return Result(False, time.perf_counter() - start, error=f"{response.status_code}: {text[:200]}")
+        finished = False
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            event = json.loads(line.removeprefix("data:"))
+            if "error" in event:
+                return Result(False, time.perf_counter() - start, error=f"stream: {event['error']}")
+            times.append(time.perf_counter())
+            finished = event["generated_text"] is not None
+    latency = time.perf_counter() - start
+    if not finished:
+        return Result(False, latency, error="the stream ended before its last event")
+    return Result(True, latency, len(times), ttft=times[0] - start, itls=np.diff(times).tolist())
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> Result:
+    start = time.perf_counter()
+    try:
+        return await (generate_stream if stream else generate)(client, url, body)
+    except httpx.HTTPError as e:
+        return Result(False, time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+
+
+async def run_load(url: str, prompts: list[str], *, concurrency: int, requests: int, max_new_tokens: int,
+                   stream: bool, speculate: bool, timeout: float) -> tuple[list[Result], float]:
+    """Closed loop: `concurrency` clients, each sending its next request once the last one ended."""
+    url = url.rstrip("/")
+    numbers = itertools.count()
+    results: list[Result] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while (i := next(numbers)) < requests:
+            body = request_body(prompts[i % len(prompts)], max_new_tokens, speculate)
+            results.append(await one_request(client, url, body, stream))
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return results, wall
+
+
+def percentile_ms(seconds: list[float], q: float) -> float | None:
+    return round(float(np.percentile(seconds, q)) * 1000, 2) if seconds else None
+
+
+def summarize(results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.ok]
+    generated = sum(r.generated_tokens for r in ok)
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
+    itls = [itl for r in ok for itl in r.itls]
+    latencies = [r.latency for r in ok]
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "throughput_tok_s": round(generated / wall, 2) if wall > 0 else 0.0,
+        "ttft_ms_p50": percentile_ms(ttfts, 50), "ttft_ms_p99": percentile_ms(ttfts, 99),
+        "itl_ms_p50": percentile_ms(itls, 50), "itl_ms_p99": percentile_ms(itls, 99),
+        "latency_ms_p50": percentile_ms(latencies, 50), "latency_ms_p99": percentile_ms(latencies, 99),
+        "generated_tokens": generated,
+        "wall_s": round(wall, 3),
+    }
+
+
+def report(summary: dict, args: argparse.Namespace) -> str:
+    def pair(name: str) -> str:
+        p50, p99 = summary[f"{name}_ms_p50"], summary[f"{name}_ms_p99"]
+        return "n/a (needs --stream)" if p50 is None else f"p50 {p50:.1f}  p99 {p99:.1f}"
+
+    return "\n".join([
+        f"{summary['requests']} requests, {summary['errors']} errors, concurrency {args.concurrency}, "
+        f"stream {'on' if args.stream else 'off'}, speculation {'off' if args.no_speculate else 'on'}",
+        f"throughput  {summary['throughput_tok_s']:.1f} generated tok/s "
+        f"({summary['generated_tokens']} tokens in {summary['wall_s']:.1f} s)",
+        f"TTFT ms     {pair('ttft')}",
+        f"ITL ms      {pair('itl')}",
+        f"latency ms  {pair('latency')}",
+    ])
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--concurrency", type=int, required=True, help="clients sending at the same time")
+    p.add_argument("--requests", type=int, required=True, help="requests in all")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--prompts", type=Path, help="Spec-Bench jsonl; default: a built-in list")
+    p.add_argument("--stream", action="store_true", help="use /generate_stream (measures TTFT and ITL)")
+    p.add_argument("--no-speculate", action="store_true", help="send parameters.speculate = false")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    if args.concurrency < 1 or args.requests < 1:
+        parser().error("--concurrency and --requests must be at least 1")
+    results, wall = asyncio.run(run_load(
+        args.url, read_prompts(args.prompts), concurrency=args.concurrency, requests=args.requests,
+        max_new_tokens=args.max_new_tokens, stream=args.stream, speculate=not args.no_speculate,
+        timeout=args.timeout))
+    for error in sorted({r.error for r in results if r.error})[:5]:
+        print(f"error: {error}", file=sys.stderr)
+    summary = summarize(results, wall)
+    print(report(summary, args))
+    if args.json:
+        print(json.dumps(summary | {"concurrency": args.concurrency, "stream": args.stream,
+                                    "speculate": not args.no_speculate}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
