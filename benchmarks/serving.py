@@ -147,11 +147,13 @@ def summarize(results: list[Result], wall: float) -> dict:
 def report(summary: dict, args: argparse.Namespace) -> str:
     def pair(name: str) -> str:
         p50, p99 = summary[f"{name}_ms_p50"], summary[f"{name}_ms_p99"]
-        return "n/a (needs --stream)" if p50 is None else f"p50 {p50:.1f}  p99 {p99:.1f}"
+        if p50 is None:
+            return "n/a" if args.stream or name == "latency" else "n/a (needs --stream)"
+        return f"p50 {p50:.1f}  p99 {p99:.1f}"
 
     return "\n".join([
         f"{summary['requests']} requests, {summary['errors']} errors, concurrency {args.concurrency}, "
-        f"stream {'on' if args.stream else 'off'}, speculation {'off' if args.no_speculate else 'on'}",
+        f"stream {'on' if args.stream else 'off'}, parameters.speculate {str(not args.no_speculate).lower()}",
         f"throughput  {summary['throughput_tok_s']:.1f} generated tok/s "
         f"({summary['generated_tokens']} tokens in {summary['wall_s']:.1f} s)",
         f"TTFT ms     {pair('ttft')}",
