@@ -21,6 +21,33 @@ from medusa.config import ModelConfig, RopeScaling
 from medusa.kv_cache import KVCache
 
 
+class Linear(nn.Linear):
+    """nn.Linear that, once `pack`ed, multiplies through oneDNN's blocked weight layout on the CPU.
+
+    On the AMD EPYC CPUs of this project's machines, MKL's fp32 GEMM (what nn.Linear calls) is
+    2-4x slower than oneDNN's for the few-row products of decoding (measured: the 49k-word
+    lm_head on 11 rows, 35 ms vs 9.4 ms; on 1 row, 11 ms vs 4.5 ms). Inference only: with
+    autograd on, or for other dtypes and devices, this is a plain nn.Linear.
+    """
+
+    packed_weight: torch.Tensor | None = None
+    packed_bias: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Keep a oneDNN copy of the weights (call after the weights are final)."""
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            self.packed_weight = w.detach().to_mkldnn()
+            self.packed_bias = None if self.bias is None else self.bias.detach().to_mkldnn()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is None or x.dtype != torch.float32 or torch.is_grad_enabled():
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1]).to_mkldnn()  # [N, in]
+        y = torch._C._nn.mkldnn_linear(rows, self.packed_weight, self.packed_bias).to_dense()  # [N, out]
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -70,11 +97,11 @@ class Block(nn.Module):
         C, H, Hkv, D = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, D
         self.attn_norm = RMSNorm(C, config.rms_norm_eps)
-        self.qkv = nn.Linear(C, (H + 2 * Hkv) * D, bias=config.qkv_bias)  # q, k, v fused
-        self.o = nn.Linear(H * D, C, bias=config.o_bias)
+        self.qkv = Linear(C, (H + 2 * Hkv) * D, bias=config.qkv_bias)  # q, k, v fused
+        self.o = Linear(H * D, C, bias=config.o_bias)
         self.mlp_norm = RMSNorm(C, config.rms_norm_eps)
-        self.gate_up = nn.Linear(C, 2 * config.intermediate_size, bias=config.mlp_bias)  # fused
-        self.down = nn.Linear(config.intermediate_size, C, bias=config.mlp_bias)
+        self.gate_up = Linear(C, 2 * config.intermediate_size, bias=config.mlp_bias)  # fused
+        self.down = Linear(config.intermediate_size, C, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache, batch: attention.AttentionBatch) -> torch.Tensor:
@@ -98,10 +125,17 @@ class Llama(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # [D/2]
+
+    def pack(self) -> Llama:
+        """Prepare the linear layers' fast CPU path (see `Linear`); a no-op elsewhere."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        return self
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         c = self.config

@@ -292,7 +292,7 @@ def _build_llama(config: ModelConfig, weights: dict[str, torch.Tensor], device: 
         model.load_state_dict(weights, assign=True)
     except RuntimeError as err:  # tensor shapes that disagree with config.json
         raise ModelLoadError(f"the weights in {path} do not fit its config.json: {err}") from err
-    return model.to(device).eval()
+    return model.to(device).eval().pack()
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

@@ -6,10 +6,13 @@ import torch
 from tests.conftest import FAMILIES, ours_from_hf, tiny_hf_model
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["mkl", "onednn"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_prefill_logits_match_transformers(family):
+def test_prefill_logits_match_transformers(family, packed):
     hf = tiny_hf_model(family)
     ours = ours_from_hf(hf)
+    if packed:
+        ours.pack()
     tokens = torch.randint(0, 97, (1, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -20,11 +23,14 @@ def test_prefill_logits_match_transformers(family):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["mkl", "onednn"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_batched_decode_logits_match_transformers(family):
+def test_batched_decode_logits_match_transformers(family, packed):
     """Two sequences of different lengths prefilled separately, then decoded together."""
     hf = tiny_hf_model(family)
     ours = ours_from_hf(hf)
+    if packed:
+        ours.pack()
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (5, 17)]
     nxt = torch.randint(0, 97, (2, 3), generator=gen)

@@ -282,20 +282,39 @@ def test_embedded_model_has_chat_template_and_im_end_eos(real_model):
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # no extra BOS
 
 
+@pytest.fixture(scope="module")
+def hf_reference(real_model):
+    return transformers.LlamaForCausalLM.from_pretrained(real_model.path, dtype=torch.float32).eval()
+
+
 @pytest.mark.slow
-def test_embedded_model_logits_match_transformers(real_model):
-    """Acceptance: logits parity on the real embedded model, and the same greedy tokens."""
+def test_embedded_model_logits_match_transformers(real_model, hf_reference):
+    """Acceptance: logits parity on the real embedded model, and the same greedy tokens.
+
+    Parity is checked on the plain nn.Linear path, which uses the same GEMM library (MKL) as
+    transformers; the oneDNN path's own check is below."""
     tokenizer = real_model.tokenizer
-    reference = transformers.LlamaForCausalLM.from_pretrained(real_model.path, dtype=torch.float32).eval()
+    unpacked = Llama(real_model.model.config)
+    unpacked.load_state_dict(real_model.model.state_dict())
     text = "The quick brown fox jumps over the lazy dog, and then it runs into the forest to find"
     tokens = torch.tensor([tokenizer(text).input_ids])  # [1, 19]
-    torch.testing.assert_close(our_logits(real_model.model, tokens), hf_logits(reference, tokens),
+    torch.testing.assert_close(our_logits(unpacked.eval(), tokens), hf_logits(hf_reference, tokens),
                                atol=1e-4, rtol=0)
     chat = torch.tensor([tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)])
-    expected, got = hf_logits(reference, chat), our_logits(real_model.model, chat)
+    expected, got = hf_logits(hf_reference, chat), our_logits(real_model.model, chat)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))  # greedy next token at every position
     assert tokenizer.decode(got[0, -1].argmax()) == "The"
+
+
+@pytest.mark.slow
+def test_embedded_model_onednn_path_close_to_transformers(real_model, hf_reference):
+    """The packed (oneDNN) linears sum in another order than MKL: about 1e-4 apart after 30 layers."""
+    text = "Speculative decoding verifies a tree of guesses."
+    tokens = torch.tensor([real_model.tokenizer(text).input_ids])
+    assert real_model.model.lm_head.packed_weight is not None
+    torch.testing.assert_close(our_logits(real_model.model, tokens), hf_logits(hf_reference, tokens),
+                               atol=5e-4, rtol=0)
 
 
 @pytest.mark.slow
