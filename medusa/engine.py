@@ -29,6 +29,9 @@ from medusa.tree import TreeBuffers, build_tree, candidates_from_topk, check_tre
 ROOT_ONLY = build_tree([])
 
 
+_RowResult = tuple[list[int], int, list[float]]  # accepted path, next pending token, emitted logprobs
+
+
 class EngineError(Exception):
     """A request the engine cannot take (no free slot, prompt too long for the cache)."""
 
@@ -250,44 +253,78 @@ class Engine:
     def _accept(self, seqs: list[_Sequence], speculate: list[bool], tree: TreeBuffers,
                 candidates: torch.Tensor, logits: torch.Tensor
                 ) -> tuple[list[list[int]], list[int], list[list[float]]]:
-        """Per sequence: accepted node path, the next pending token, and the emitted tokens' logprobs."""
-        B, T, V = logits.shape
-        paths, next_tokens, logprobs = [], [], []
-        cand = candidates.tolist()
-        tokens = [[cand[b][j] for j in range(T)] for b in range(B)]
-        for b, seq in enumerate(seqs):
-            params = seq.params
-            row_tree = tree if speculate[b] else ROOT_ONLY
-            rows = logits[b, :row_tree.num_nodes]  # [T_b, V]
-            seen = None
-            if params.repetition_penalty != 1.0:
-                ancestors = [[tokens[b][j] for j in range(1, row_tree.num_nodes) if row_tree.mask[i, j]]
-                             for i in range(row_tree.num_nodes)]
-                seen = self._seen([seq] * row_tree.num_nodes, ancestors)
-            target = sampling.target_logits(rows, params, seen)  # [T_b, V]
-            mode = params.acceptance_mode
-            if row_tree.num_nodes == 1:
-                path, token = [0], int(sampling.sample(target, params, seq.generator)[0])
-            elif mode == "greedy":
-                lens, path_t, nxt = acceptance.accept_greedy(candidates[b:b + 1, :row_tree.num_nodes],
-                                                             target[None], row_tree)
-                path, token = path_t[0, :int(lens[0])].tolist(), int(nxt[0])
+        """Per sequence: accepted node path, the next pending token, and the emitted tokens' logprobs.
+
+        Plain greedy rows (the common case) are decided together in a few tensor operations;
+        rows that sample or penalise repetition go one by one.
+        """
+        B = len(seqs)
+        results: list[_RowResult] = [None] * B  # type: ignore[list-item]
+        simple = [b for b, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
+        if simple:
+            for b, result in zip(simple, self._accept_greedy(simple, speculate, tree, candidates, logits),
+                                 strict=True):
+                results[b] = result
+        for b in set(range(B)) - set(simple):
+            results[b] = self._accept_one(seqs[b], tree if speculate[b] else ROOT_ONLY,
+                                          candidates[b], logits[b])
+        paths, next_tokens, logprobs = zip(*results, strict=True)
+        return list(paths), list(next_tokens), list(logprobs)
+
+    def _accept_greedy(self, rows: list[int], speculate: list[bool], tree: TreeBuffers,
+                       candidates: torch.Tensor, logits: torch.Tensor) -> list[_RowResult]:
+        """Greedy acceptance for several rows at once. candidates [B, T], logits [B, T, V]."""
+        index = torch.tensor(rows, device=self.device)
+        row_logits, row_cands = logits[index], candidates[index]  # [G, T, V], [G, T]
+        G, T, V = row_logits.shape
+        if T > 1:
+            lens, path, next_token = acceptance.accept_greedy(row_cands, row_logits, tree)  # [G], [G, P], [G]
+            plain = torch.tensor([not speculate[b] for b in rows], device=self.device)  # [G]
+            lens = torch.where(plain, 1, lens)
+            next_token = torch.where(plain, row_logits[:, 0].argmax(-1), next_token)
+        else:
+            lens = torch.ones(G, dtype=torch.long, device=self.device)
+            path = torch.zeros(G, 1, dtype=torch.long, device=self.device)
+            next_token = row_logits[:, 0].argmax(-1)
+        P = path.shape[1]
+        node_logits = row_logits.gather(1, path[..., None].expand(G, P, V))  # [G, P, V] along the path
+        emitted = torch.cat([row_cands.gather(1, path[:, 1:]), path[:, :1]], dim=1)  # [G, P]
+        emitted.scatter_(1, (lens - 1)[:, None], next_token[:, None])  # the token after the last node
+        logp = node_logits.gather(-1, emitted[..., None])[..., 0] - node_logits.logsumexp(-1)  # [G, P]
+        out = []
+        for n, p, e, lp in zip(lens.tolist(), path.tolist(), emitted.tolist(), logp.tolist(), strict=True):
+            out.append((p[:n], e[n - 1], lp[:n]))
+        return out
+
+    def _accept_one(self, seq: _Sequence, tree: TreeBuffers, candidates: torch.Tensor, logits: torch.Tensor
+                    ) -> _RowResult:
+        """Acceptance for one row that samples or penalises repetition. candidates [T], logits [T, V]."""
+        params = seq.params
+        T = tree.num_nodes
+        cand = candidates[:T].tolist()
+        rows = logits[:T]  # [T, V]
+        seen = None
+        if params.repetition_penalty != 1.0:
+            ancestors = [[cand[j] for j in range(1, T) if tree.mask[i, j]] for i in range(T)]
+            seen = self._seen([seq] * T, ancestors)
+        target = sampling.target_logits(rows, params, seen)  # [T, V]
+        mode = params.acceptance_mode
+        if T == 1:
+            path, token = [0], int(sampling.sample(target, params, seq.generator)[0])
+        elif mode == "greedy":
+            lens, path_t, nxt = acceptance.accept_greedy(candidates[None, :T], target[None], tree)
+            path, token = path_t[0, :int(lens[0])].tolist(), int(nxt[0])
+        else:
+            probs = target.softmax(-1)
+            if mode == "typical":
+                result = acceptance.accept_typical(candidates[:T], probs, tree, params.typical_epsilon,
+                                                   params.typical_delta, seq.generator)
             else:
-                probs = target.softmax(-1)
-                if mode == "typical":
-                    result = acceptance.accept_typical(candidates[b, :row_tree.num_nodes], probs, row_tree,
-                                                       params.typical_epsilon, params.typical_delta,
-                                                       seq.generator)
-                else:
-                    result = acceptance.accept_lossless(candidates[b, :row_tree.num_nodes], probs, row_tree,
-                                                        seq.generator)
-                path, token = result.path, result.next_token
-            logp = target.log_softmax(-1)  # [T_b, V]
-            emitted = [cand[b][i] for i in path[1:]] + [token]
-            logprobs.append([logp[node, tok].item() for node, tok in zip(path, emitted, strict=True)])
-            paths.append(path)
-            next_tokens.append(token)
-        return paths, next_tokens, logprobs
+                result = acceptance.accept_lossless(candidates[:T], probs, tree, seq.generator)
+            path, token = result.path, result.next_token
+        emitted = [cand[i] for i in path[1:]] + [token]
+        logp = target[path].log_softmax(-1)  # [len(path), V]
+        return path, token, [logp[i, tok].item() for i, tok in enumerate(emitted)]
 
     def _seen(self, seqs: list[_Sequence], extra: list[list[int]]) -> torch.Tensor | None:
         """[N, V] bool: tokens of each row's prompt, generated text and `extra` tokens."""

@@ -96,3 +96,18 @@ def test_too_long_and_full_are_clear_errors(hf_and_ours):
         e.add("z", [1, 2], SamplingParams(max_new_tokens=10))
     e.cancel("y")
     assert e.free_slots == 1
+
+
+def test_greedy_logprobs_are_the_models(hf_and_ours):
+    hf, ours = hf_and_ours
+    e = engine(ours)
+    out = e.add("r", PROMPTS[1], SamplingParams(max_new_tokens=5))
+    tokens, logprobs = list(out.token_ids), list(out.logprobs)
+    while e.running:
+        (out,) = e.step()
+        tokens += out.token_ids
+        logprobs += out.logprobs
+    ref = hf.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=5, do_sample=False, min_new_tokens=5,
+                      pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    expected = [step.log_softmax(-1)[0, t].item() for step, t in zip(ref.logits, tokens, strict=True)]
+    assert logprobs == pytest.approx(expected, abs=1e-4)
