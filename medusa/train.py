@@ -120,7 +120,10 @@ def load_data(folder: Path, num_heads: int, held_out: float, seed: int):
             parts[is_held_out][1].append(labels)
     if not parts[False][0]:
         raise SystemExit(f"no distillation shards in {folder}: run `python -m medusa.train distill` first")
-    return [(torch.cat(parts[s][0]), torch.cat(parts[s][1])) for s in (False, True)]
+    C = parts[False][0][0].shape[1]
+    return [(torch.cat(parts[s][0]) if parts[s][0] else torch.empty(0, C, dtype=torch.float16),
+             torch.cat(parts[s][1]) if parts[s][1] else torch.empty(0, num_heads, dtype=torch.long))
+            for s in (False, True)]
 
 
 def head_logits(heads: MedusaHeads, lm_head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
