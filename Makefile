@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export HOST PORT
 
-.PHONY: serve test model lint clean
+.PHONY: serve test model lint clean train-heads
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ serve: model
 test: model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# the reduced CPU size that produced the shipped heads (see medusa/weights/*/README.md)
+train-heads: model
+	$(BIN)/python -m medusa.train distill --prompts 1600 --max-new-tokens 192 --batch-size 64 --out runs/distill
+	$(BIN)/python -m medusa.train fit --data runs/distill --out medusa/weights/smollm2-135m-instruct
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

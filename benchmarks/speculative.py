@@ -20,11 +20,9 @@ import torch
 
 from medusa.config import SamplingParams
 from medusa.engine import Engine
-from medusa.heads import MedusaConfig, MedusaHeads, load_heads, random_heads
+from medusa.heads import SHIPPED_HEADS, MedusaConfig, MedusaHeads, load_heads, random_heads
 from medusa.loading import LoadedModel, load_model
 from medusa.tree import get_tree
-
-SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "medusa" / "heads" / "smollm2-135m-instruct"
 
 
 @dataclass

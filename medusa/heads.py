@@ -30,6 +30,8 @@ from torch import nn
 
 from medusa.config import ConfigError, ModelConfig
 
+# heads this project trained for its embedded default model (medusa.train), shipped in the package
+SHIPPED_HEADS = Path(__file__).resolve().parent / "weights" / "smollm2-135m-instruct"
 OUR_CONFIG = "medusa_config.json"
 OUR_WEIGHTS = "medusa_heads.safetensors"
 OFFICIAL_CONFIG = "config.json"

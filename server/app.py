@@ -64,9 +64,9 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in ERROR_STATUS.v
 def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     """The engine for `loaded`, with Medusa heads and their tree when settings name heads."""
     heads = tree = None
-    if settings.medusa_heads is not None:
+    if settings.heads_path is not None:
         model = loaded.model
-        heads = load_heads(Path(settings.medusa_heads), model.config, model.lm_head,
+        heads = load_heads(Path(settings.heads_path), model.config, model.lm_head,
                            device=settings.device, dtype=getattr(torch, settings.dtype))
         tree = get_tree(settings.tree_name)
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,

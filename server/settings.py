@@ -27,7 +27,8 @@ class Settings(BaseModel):
                                    "its last token, else it fails (504); `parameters.timeout` may ask less")
     drain_timeout: float = Field(default=60.0, ge=0, description="seconds SIGTERM waits for the requests "
                                  "already taken to finish before the server exits")
-    medusa_heads: str | None = Field(default=None, description="folder of Medusa heads; none: no speculation")
+    medusa_heads: str = Field(default="auto", description="folder of Medusa heads; 'none': no speculation; "
+                              "'auto': the project's shipped heads when serving the embedded model")
     chat_template: Literal["auto", "on", "off"] = Field(
         default="auto", description="wrap /generate inputs in the model's chat template as one user "
         "message; auto: on for the embedded instruct model, whose raw-text answers are often empty")
@@ -40,6 +41,18 @@ class Settings(BaseModel):
             raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be less than "
                              f"max_total_tokens ({self.max_total_tokens})")
         return self
+
+    @property
+    def heads_path(self) -> str | None:
+        """The heads folder to load, or None for plain decoding."""
+        if self.medusa_heads == "none":
+            return None
+        if self.medusa_heads == "auto":
+            from medusa.heads import SHIPPED_HEADS
+
+            embedded = self.model in (None, "smollm2")
+            return str(SHIPPED_HEADS) if embedded and SHIPPED_HEADS.is_dir() else None
+        return self.medusa_heads
 
     @property
     def use_chat_template(self) -> bool:

@@ -24,7 +24,7 @@ from server.settings import Settings
 from tests.tiny_tokenizer import tiny_tokenizer
 
 TINY_LIMITS = dict(max_batch_size=4, max_input_tokens=64, max_total_tokens=128, max_queue=16,
-                   chat_template="off")
+                   chat_template="off", medusa_heads="none")
 
 
 def tiny_loaded(eos_token_ids: tuple[int, ...] | None = None) -> LoadedModel:
