@@ -191,7 +191,7 @@ def fit(data: Path, out: Path, num_heads: int, num_layers: int, epochs: float, l
         if (step + 1) % 1000 == 0:
             save_heads(heads, ckpt)
     heads.eval()
-    train_stats = evaluate(heads, lm_head, x_train[:20000], y_train[:20000])
+    train_stats = evaluate(heads, lm_head, x_train[:4000], y_train[:4000])
     val_stats = evaluate(heads, lm_head, x_val, y_val)
     report = {"held_out": val_stats, "train_sample": {k: train_stats[k] for k in ("top1", "top5")},
               "steps": steps, "batch": batch, "lr": lr, "epochs": epochs, "seed": seed,
