@@ -24,6 +24,13 @@ FAMILIES = {
 }
 
 
+class Vocab:
+    """Decodes token id i as the letter chr(97 + i % 26): enough to test stop strings."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
 def tiny_hf_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     hf_config = FAMILIES[family]()

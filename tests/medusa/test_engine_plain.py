@@ -5,16 +5,10 @@ import torch
 
 from medusa.config import SamplingParams
 from medusa.engine import Engine, EngineError
-from tests.conftest import ours_from_hf, tiny_hf_model
+from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1]]
 
-
-class Vocab:
-    """Decodes token id i as the letter chr(97 + i % 26): enough to test stop strings."""
-
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
 
 
 @pytest.fixture(scope="module")

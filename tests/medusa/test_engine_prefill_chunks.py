@@ -6,14 +6,10 @@ from medusa.config import SamplingParams
 from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import get_tree
-from tests.conftest import ours_from_hf, tiny_hf_model
+from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 
 PROMPT = [11, 3, 9, 2, 40, 41, 42, 1, 17, 5, 6, 7, 60, 8, 8, 1, 23]
 
-
-class Vocab:
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,10 @@ from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
 from medusa.llama import Llama
 from medusa.tree import TreeError, build_tree, get_tree
-from tests.conftest import ours_from_hf, tiny_hf_model
+from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1]]
 
-
-class Vocab:
-    def decode(self, ids):
-        return "".join(chr(97 + i % 26) for i in ids)
 
 
 @pytest.fixture(scope="module")
