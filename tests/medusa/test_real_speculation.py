@@ -1,0 +1,30 @@
+"""Medusa on the real embedded model with the shipped heads: greedy output equals plain greedy."""
+
+import pytest
+
+from medusa.config import SamplingParams
+from medusa.engine import Engine
+from medusa.heads import SHIPPED_HEADS, load_heads
+from medusa.tree import get_tree
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
+             "Explain in two sentences why the sky is blue to a child who keeps asking questions.",
+             "List three prime numbers."]
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_medusa_greedy_equals_plain_greedy(real_model, batch):
+    tok = real_model.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in QUESTIONS[:batch]]
+    params = SamplingParams(max_new_tokens=32)
+    model = real_model.model
+    plain = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160)
+    heads = load_heads(SHIPPED_HEADS, model.config, model.lm_head)
+    spec = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160, heads=heads,
+                  tree=get_tree("cpu"))
+    expected = plain.generate(prompts, params)
+    assert spec.generate(prompts, params) == expected
+    assert all(len(e) > 5 for e in expected)
