@@ -83,14 +83,19 @@ def draining_server(loaded):
     return app, serving(app)
 
 
+def one_running_one_queued(pool, url, scheduler):
+    """A 20-token stream running and a 5-token request waiting behind it (the only slot is taken)."""
+    running = pool.submit(stream_events, url, max_new_tokens=20)
+    wait_until(lambda: scheduler.running == 1)
+    queued = pool.submit(post, url, max_new_tokens=5)
+    wait_until(lambda: scheduler.waiting == 1)
+    return running, queued
+
+
 def test_draining_refuses_new_requests_and_finishes_those_taken():
     app, server = draining_server(tiny_loaded())
     with server as (url, _, _), ThreadPoolExecutor(2) as pool:
-        scheduler = app.state.service.scheduler
-        running = pool.submit(stream_events, url, max_new_tokens=20)
-        wait_until(lambda: scheduler.running == 1)
-        queued = pool.submit(post, url, max_new_tokens=5)
-        wait_until(lambda: scheduler.waiting == 1)
+        running, queued = one_running_one_queued(pool, url, app.state.service.scheduler)
         app.state.draining.set()  # what SIGTERM does first
 
         refused = post(url, max_new_tokens=3)
@@ -105,10 +110,7 @@ def test_sigterm_exits_once_the_requests_taken_have_finished():
     app, server = draining_server(tiny_loaded())
     with server as (url, uvicorn_server, thread), ThreadPoolExecutor(2) as pool:
         scheduler = app.state.service.scheduler
-        running = pool.submit(stream_events, url, max_new_tokens=20)
-        wait_until(lambda: scheduler.running == 1)
-        queued = pool.submit(post, url, max_new_tokens=5)
-        wait_until(lambda: scheduler.waiting == 1)
+        running, queued = one_running_one_queued(pool, url, scheduler)
         uvicorn_server.handle_exit(signal.SIGTERM, None)  # what the signal handler calls
 
         assert app.state.draining.is_set()
