@@ -21,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from medusa.engine import draft
 from medusa.heads import load_heads
 from medusa.loading import load_model
+from medusa.tree import TreeBuffers, build_tree, candidates_from_topk
 
 
 def greedy_tree(rank_probs: list[list[float]], budget: int) -> tuple[list[tuple[int, ...]], list[float]]:
@@ -46,26 +48,27 @@ def greedy_tree(rank_probs: list[list[float]], budget: int) -> tuple[list[tuple[
 
 
 @torch.inference_mode()
-def step_cost(loaded, heads, sizes: list[int], context: int, repeats: int) -> dict[int, float]:
-    """Seconds for one verification step of T tokens (median of `repeats`), for T in `sizes`."""
+def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeats: int) -> dict[int, float]:
+    """Seconds for one speculative step with each tree (median of `repeats`): drafting + verification."""
     model = loaded.model
     device = model.embed.weight.device
-    cache = model.new_cache(1, context + max(sizes))
+    cache = model.new_cache(1, context + max(trees))
     slots = torch.tensor([0], device=device)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     model(prompt, torch.arange(context, device=device)[None], cache, slots)
     cache.advance(slots, context)
     hidden_last = torch.randn(1, model.config.hidden_size, device=device, dtype=model.embed.weight.dtype)
+    root = prompt[:, -1]
     costs = {}
-    for T in sizes:
-        tokens = torch.randint(0, model.config.vocab_size, (1, T), device=device)
-        positions = context + torch.arange(T, device=device)[None]
-        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    for T, tree in trees.items():
+        positions = context + tree.depths.to(device)[None]  # [1, T]
+        mask = tree.mask.to(device)
         times = []
         for _ in range(repeats + 1):  # the first run warms up
             start = time.perf_counter()
-            heads(hidden_last, model.lm_head).topk(10, dim=-1)
-            model.logits(model(tokens, positions, cache, slots, mask, context + T))
+            tokens = candidates_from_topk(root, draft(heads, model, hidden_last, root, tree), tree) \
+                if T > 1 else root[:, None]
+            model.logits(model(tokens, positions, cache, slots, mask if T > 1 else None, context + T))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -87,7 +90,8 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
     heads = load_heads(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
                        dtype=loaded.model.embed.weight.dtype)
     sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(1, max_nodes + 1)) | {max_nodes})
-    costs = step_cost(loaded, heads, sizes, context, repeats)
+    trees = {T: build_tree([list(c) for c in choices[:T - 1]]) for T in sizes}
+    costs = step_cost(loaded, heads, trees, context, repeats)
     rows = []
     for T in sizes:
         expected = 1 + sum(probs[:T - 1])

@@ -32,6 +32,17 @@ ROOT_ONLY = build_tree([])
 _RowResult = tuple[list[int], int, list[float]]  # accepted path, next pending token, emitted logprobs
 
 
+def draft(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
+          tree: TreeBuffers) -> torch.Tensor:
+    """[B, K, k] token ids: the top-k guesses of the heads a tree uses (its first `depth` heads).
+
+    hidden_last: [B, C] hidden states of the last cached tokens; roots: [B] the next (pending) tokens.
+    """
+    next_embeds = model.embed(roots) if heads.config.next_token_input else None  # [B, C]
+    logits = heads(hidden_last, model.lm_head, next_embeds, num_heads=tree.num_heads_needed)  # [B, K, V']
+    return heads.token_ids(logits.topk(tree.topk_needed, dim=-1).indices)
+
+
 class EngineError(Exception):
     """A request the engine cannot take (no free slot, prompt too long for the cache)."""
 
@@ -102,7 +113,7 @@ class Engine:
         self.heads = heads
         self.tree = tree if heads is not None and tree is not None else ROOT_ONLY
         if heads is not None:
-            check_tree_fits(self.tree, heads.config.num_heads, model.config.vocab_size)
+            check_tree_fits(self.tree, heads.config.num_heads, heads.config.scored_vocab_size)
         self.max_total_tokens = max_total_tokens
         self.device = model.embed.weight.device
         # room for a whole tree of scratch entries after the longest allowed sequence
@@ -218,8 +229,7 @@ class Engine:
         cache_lens = self.cache.lens[slots]  # [B]
         if T > 1:
             hidden_last = torch.stack([s.hidden_last for s in seqs])  # [B, C]
-            head_logits = self.heads(hidden_last, self.model.lm_head)  # [B, K, V]
-            topk = head_logits.topk(tree.topk_needed, dim=-1).indices  # [B, K, k]
+            topk = draft(self.heads, self.model, hidden_last, roots, tree)  # [B, K, k]
             candidates = candidates_from_topk(roots, topk, tree)  # [B, T]
             positions = cache_lens[:, None] + self._tree_depths  # [B, T]
             max_len = max(len(s.prompt) + len(s.generated) - 1 for s in seqs) + T

@@ -5,6 +5,14 @@ ahead (the base `lm_head` predicts + 1). A head is `num_layers` residual blocks
 `x + SiLU(W x + b)` followed by a vocabulary projection: either its own `Linear(C, V)` (the
 original Medusa release) or the base model's `lm_head` (shared; far less memory).
 
+Two options of ours, both off in the original Medusa:
+- `next_token_input`: each head also reads the embedding of the next token, which the base model
+  has already chosen when the heads run (it is the root of the tree): x = h + W [h; embed(next)]
+  before the blocks. Medusa's heads guess token + 2 without knowing token + 1; this one does.
+- `draft_vocab_size`: the heads score only the most frequent tokens of the training answers (ids
+  kept in `draft_vocab`), a slice of the shared `lm_head`. A draft outside it is never proposed;
+  verification still uses the whole vocabulary, so the output does not change, only the cost.
+
 Two on-disk formats, told apart by the files present:
 - ours: `medusa_config.json` (a MedusaConfig) + `medusa_heads.safetensors` (this module's state dict);
 - official Medusa: `medusa_lm_head.safetensors` or `medusa_lm_head.pt` (+ `config.json`), keys
@@ -52,14 +60,29 @@ class MedusaConfig:
     num_heads: int = 4  # K
     num_layers: int = 1  # residual blocks per head
     shared_lm_head: bool = True  # True: heads' hidden states go through the base model's lm_head
+    next_token_input: bool = False  # heads also read the embedding of the next token (see above)
+    draft_vocab_size: int = 0  # 0: score the whole vocabulary; else only this many tokens (draft_vocab)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "num_heads", "num_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"MedusaConfig.{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.shared_lm_head, bool):
-            raise ConfigError(f"MedusaConfig.shared_lm_head must be a bool, got {self.shared_lm_head!r}")
+        for name in ("shared_lm_head", "next_token_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"MedusaConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        d = self.draft_vocab_size
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= self.vocab_size:
+            raise ConfigError(f"MedusaConfig.draft_vocab_size must be an integer in [0, vocab_size "
+                              f"{self.vocab_size}], got {d!r}")
+        if d and not self.shared_lm_head:
+            raise ConfigError("MedusaConfig.draft_vocab_size needs shared_lm_head: it is a slice of the "
+                              "base lm_head")
+
+    @property
+    def scored_vocab_size(self) -> int:
+        """How many tokens each head scores: its top-k can be at most this large."""
+        return self.draft_vocab_size or self.vocab_size
 
 
 class ResBlock(nn.Module):
@@ -87,21 +110,65 @@ class MedusaHeads(nn.Module):
             nn.Sequential(*(ResBlock(C) for _ in range(config.num_layers))) for _ in range(K))
         self.projections = None if config.shared_lm_head else nn.ModuleList(
             nn.Linear(C, V, bias=False) for _ in range(K))
+        self.fuse = None
+        if config.next_token_input:  # zero-initialised: a new head ignores the next token at first
+            self.fuse = nn.ModuleList(nn.Linear(2 * C, C) for _ in range(K))
+            for linear in self.fuse:
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
+        if config.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))  # [V'] token ids
+        else:
+            self.draft_vocab = None
+        self._projection: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, draft copy)
 
-    def hidden_states(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, C] -> [B, K, C]: each head's residual-block output."""
+    def hidden_states(self, hidden: torch.Tensor, next_embeds: torch.Tensor | None = None,
+                      num_heads: int | None = None) -> torch.Tensor:
+        """[B, C] -> [B, K, C]: each head's residual-block output (the first `num_heads` heads only).
+
+        next_embeds: [B, C] base-model embeddings of the next tokens; needed iff next_token_input.
+        """
         assert hidden.dim() == 2 and hidden.shape[1] == self.config.hidden_size, tuple(hidden.shape)
-        return torch.stack([block(hidden) for block in self.blocks], dim=1)
+        assert (next_embeds is not None) == self.config.next_token_input, "next_embeds iff next_token_input"
+        K = num_heads or self.config.num_heads
+        if self.fuse is None:
+            return torch.stack([block(hidden) for block in self.blocks[:K]], dim=1)
+        both = torch.cat([hidden, next_embeds.to(hidden.dtype)], dim=-1)  # [B, 2C]
+        return torch.stack([block(hidden + fuse(both)) for block, fuse in zip(self.blocks[:K], self.fuse[:K],
+                                                                               strict=True)], dim=1)
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-        """hidden: [B, C] (the base model's last hidden state) -> logits [B, K, V] float32.
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Linear, next_embeds: torch.Tensor | None = None,
+                num_heads: int | None = None) -> torch.Tensor:
+        """hidden: [B, C] (the base model's last hidden state) -> logits [B, K, V'] float32.
 
+        V' is the draft vocabulary (`token_ids` maps its indices to token ids) or the whole one.
         `lm_head` is the base model's projection; used only when the heads share it.
         """
-        states = self.hidden_states(hidden)  # [B, K, C]
-        if self.projections is None:
-            return lm_head(states).float()  # [B, K, V]
-        return torch.stack([proj(states[:, i]) for i, proj in enumerate(self.projections)], dim=1).float()
+        states = self.hidden_states(hidden, next_embeds, num_heads)  # [B, K, C]
+        if self.projections is not None:
+            projections = self.projections[:states.shape[1]]
+            return torch.stack([proj(states[:, i]) for i, proj in enumerate(projections)], dim=1).float()
+        if torch.is_grad_enabled() or (self.draft_vocab is None and lm_head.weight.device.type != "cpu"):
+            weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
+            return F.linear(states, weight.to(states.dtype)).float()  # [B, K, V']
+        weight = self._draft_projection(lm_head.weight)
+        return F.linear(states.to(weight.dtype), weight).float()  # [B, K, V']
+
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices into the scored vocabulary (what `forward`'s logits index) -> token ids."""
+        return indices if self.draft_vocab is None else self.draft_vocab[indices]
+
+    def _draft_projection(self, lm_weight: torch.Tensor) -> torch.Tensor:
+        """The rows of `lm_head` the heads score, copied once, in bf16 where the CPU multiplies it fast.
+
+        Drafts only propose tokens, so their precision never changes the output.
+        """
+        if self._projection is None or self._projection[0] is not lm_weight:
+            weight = lm_weight.detach() if self.draft_vocab is None else lm_weight.detach()[self.draft_vocab]
+            if weight.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                weight = weight.to(torch.bfloat16)
+            self._projection = (lm_weight, weight.contiguous())
+        return self._projection[1]
 
 
 def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaHeads:
@@ -117,6 +184,9 @@ def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaH
         for name, p in heads.named_parameters():
             p_std = std if name.startswith("projections") else std * scale
             p.copy_(torch.randn(p.shape, generator=gen) * p_std)
+        if heads.draft_vocab is not None:  # a random subset of the vocabulary, in random order
+            subset = torch.randperm(config.vocab_size, generator=gen)[:config.draft_vocab_size]
+            heads.draft_vocab.copy_(subset)
     return heads
 
 
@@ -132,6 +202,8 @@ def official_state_dict(heads: MedusaHeads, lm_head: nn.Linear | None = None) ->
     """The state dict in the official key layout. Shared heads need `lm_head`: the official format
     has a projection per head, so each gets a copy of it."""
     K, L = heads.config.num_heads, heads.config.num_layers
+    if heads.config.next_token_input or heads.config.draft_vocab_size:
+        raise ValueError("the official Medusa format has no place for next_token_input or a draft vocabulary")
     if heads.projections is None and lm_head is None:
         raise ValueError("these heads share the base lm_head; pass it to write the official format")
     out: dict[str, torch.Tensor] = {}

@@ -32,7 +32,8 @@ from medusa.heads import MedusaConfig, MedusaHeads, save_heads
 from medusa.loading import load_model
 from medusa.train_prompts import training_prompts
 
-IGNORE = -100
+IGNORE = -100  # no target (past the end of the answer)
+OUTSIDE = -1  # a target outside the draft vocabulary: no loss, but a miss in the accuracies
 TOP_RANKS = 10  # rank distribution kept for tree calibration
 
 
@@ -99,12 +100,13 @@ def _write_shard(path: Path, ids: list[int], tokens: dict, hidden: dict) -> int:
 
 
 def load_data(folder: Path, num_heads: int, held_out: float, seed: int):
-    """Training and held-out (hidden [M, C] fp16, labels [M, K]) built from distillation shards.
+    """Training and held-out (hidden [M, C] fp16, next tokens [M], labels [M, K]) from distillation shards.
 
-    The hidden state at answer position j (j = 0 is the last prompt token) feeds the heads; head k
-    learns answer token j + 2 + k (the base lm_head already predicts token j + 1).
+    The hidden state at answer position j (j = 0 is the last prompt token) feeds the heads, with the
+    token the base model chose there (answer token j, the tree's root); head k learns answer token
+    j + 1 + k, i.e. the token k + 2 positions after position j.
     """
-    parts: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    parts: dict[bool, tuple[list, list, list]] = {False: ([], [], []), True: ([], [], [])}
     rng = random.Random(seed)
     for shard in sorted(folder.glob("shard_*.pt")):
         data = torch.load(shard, weights_only=True)
@@ -115,34 +117,53 @@ def load_data(folder: Path, num_heads: int, held_out: float, seed: int):
             labels = torch.full((n, num_heads), IGNORE, dtype=torch.long)
             for k in range(num_heads):
                 labels[: max(0, n - 1 - k), k] = t[1 + k:]
-            is_held_out = rng.random() < held_out
-            parts[is_held_out][0].append(h)
-            parts[is_held_out][1].append(labels)
+            split = parts[rng.random() < held_out]
+            for part, x in zip(split, (h, t, labels), strict=True):
+                part.append(x)
     if not parts[False][0]:
         raise SystemExit(f"no distillation shards in {folder}: run `python -m medusa.train distill` first")
-    C = parts[False][0][0].shape[1]
-    return [(torch.cat(parts[s][0]) if parts[s][0] else torch.empty(0, C, dtype=torch.float16),
-             torch.cat(parts[s][1]) if parts[s][1] else torch.empty(0, num_heads, dtype=torch.long))
-            for s in (False, True)]
+    h, t, y = parts[False]
+    empty = (h[0][:0], t[0][:0], y[0][:0])
+    return [tuple(torch.cat(x) for x in parts[s]) if parts[s][0] else empty for s in (False, True)]
 
 
-def head_logits(heads: MedusaHeads, lm_head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """[M, C] -> [M, K, V]; the frozen base lm_head (or each head's own) maps head states to words."""
-    return heads(hidden, lm_head)
+def draft_vocabulary(tokens: torch.Tensor, vocab_size: int, size: int) -> torch.Tensor:
+    """The `size` most frequent token ids in `tokens` (ties by id), most frequent first."""
+    counts = torch.bincount(tokens, minlength=vocab_size).double()
+    counts -= torch.arange(vocab_size, dtype=torch.double) / (2 * vocab_size)  # stable order for ties
+    return counts.argsort(descending=True)[:size]
+
+
+def to_draft_indices(labels: torch.Tensor, heads: MedusaHeads) -> torch.Tensor:
+    """Token-id labels -> indices into the heads' scored vocabulary; OUTSIDE where it lacks the token."""
+    if heads.draft_vocab is None:
+        return labels
+    index = torch.full((heads.config.vocab_size,), OUTSIDE, dtype=torch.long)
+    index[heads.draft_vocab] = torch.arange(len(heads.draft_vocab))
+    return torch.where(labels == IGNORE, IGNORE, index[labels.clamp(min=0)])
+
+
+def head_logits(heads: MedusaHeads, base, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+    """[M, C], [M] -> [M, K, V']; the frozen base lm_head maps head states to (draft) words."""
+    next_embeds = base.embed(next_tokens) if heads.config.next_token_input else None
+    return heads(hidden, base.lm_head, next_embeds)
 
 
 @torch.no_grad()
-def evaluate(heads: MedusaHeads, lm_head: torch.nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
-             batch: int = 512) -> dict:
-    """Per head: top-1 / top-5 accuracy and the probability that the target is at rank r < 10."""
+def evaluate(heads: MedusaHeads, base, data: tuple, batch: int = 512) -> dict:
+    """Per head: top-1 / top-5 accuracy and the probability that the target is at rank r < 10.
+
+    `data` holds draft-vocabulary labels; a target outside that vocabulary counts as rank >= 10.
+    """
+    hidden, next_tokens, labels = data
     K = labels.shape[1]
     ranks = torch.zeros(K, TOP_RANKS + 1)
     for i in range(0, len(hidden), batch):
-        logits = head_logits(heads, lm_head, hidden[i:i + batch].float())  # [b, K, V]
+        logits = head_logits(heads, base, hidden[i:i + batch].float(), next_tokens[i:i + batch])  # [b, K, V']
         y = labels[i:i + batch]
         valid = y != IGNORE
         target = logits.gather(-1, y.clamp(min=0)[..., None])  # [b, K, 1]
-        rank = (logits > target).sum(-1).clamp(max=TOP_RANKS)  # [b, K]
+        rank = (logits > target).sum(-1).masked_fill(y == OUTSIDE, TOP_RANKS).clamp(max=TOP_RANKS)  # [b, K]
         for k in range(K):
             ranks[k] += torch.bincount(rank[valid[:, k], k], minlength=TOP_RANKS + 1).float()
     dist = ranks / ranks.sum(-1, keepdim=True).clamp(min=1)  # [K, 11]: last = rank >= 10
@@ -151,22 +172,28 @@ def evaluate(heads: MedusaHeads, lm_head: torch.nn.Linear, hidden: torch.Tensor,
 
 
 def fit(data: Path, out: Path, num_heads: int, num_layers: int, epochs: float, lr: float, batch: int,
-        model_spec: str | None, seed: int, held_out: float = 0.05) -> dict:
+        model_spec: str | None, seed: int, next_token_input: bool = True, draft_vocab: int = 8192,
+        held_out: float = 0.05) -> dict:
     torch.manual_seed(seed)
-    loaded = load_model(model_spec)
-    base = loaded.model
-    lm_head = base.lm_head.requires_grad_(False)
-    (x_train, y_train), (x_val, y_val) = load_data(data, num_heads, held_out, seed)
-    config = MedusaConfig(hidden_size=base.config.hidden_size, vocab_size=base.config.vocab_size,
-                          num_heads=num_heads, num_layers=num_layers)
+    base = load_model(model_spec).model.requires_grad_(False)
+    train, val = load_data(data, num_heads, held_out, seed)
+    V = base.config.vocab_size
+    config = MedusaConfig(hidden_size=base.config.hidden_size, vocab_size=V, num_heads=num_heads,
+                          num_layers=num_layers, next_token_input=next_token_input,
+                          draft_vocab_size=min(draft_vocab, V))
     heads = MedusaHeads(config)
+    if heads.draft_vocab is not None:
+        heads.draft_vocab.copy_(draft_vocabulary(train[1], V, config.draft_vocab_size))
+    train, val = [(h, t, to_draft_indices(y, heads)) for h, t, y in (train, val)]
+    x_train, t_train, y_train = train
     weights = torch.tensor([0.8 ** k for k in range(num_heads)])
     optim = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, int(epochs * len(x_train) / batch))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    print(f"training {num_heads} heads on {len(x_train)} positions ({len(x_val)} held out), {steps} steps")
+    print(f"training {num_heads} heads on {len(x_train)} positions ({len(val[0])} held out), {steps} steps, "
+          f"scoring {config.scored_vocab_size} tokens")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x_train), generator=gen)
     ckpt = out / "checkpoint"
@@ -177,8 +204,8 @@ def fit(data: Path, out: Path, num_heads: int, num_layers: int, epochs: float, l
             order = torch.randperm(len(x_train), generator=gen)
         idx = order[start:start + batch]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = head_logits(heads, lm_head, x_train[idx].float())  # [b, K, V]
-        y = y_train[idx]
+            logits = head_logits(heads, base, x_train[idx].float(), t_train[idx])  # [b, K, V']
+        y = y_train[idx].masked_fill(y_train[idx] == OUTSIDE, IGNORE)
         losses = torch.stack([F.cross_entropy(logits[:, k].float(), y[:, k], ignore_index=IGNORE)
                               for k in range(num_heads)])
         loss = (weights * losses.nan_to_num()).sum()
@@ -191,12 +218,13 @@ def fit(data: Path, out: Path, num_heads: int, num_layers: int, epochs: float, l
         if (step + 1) % 1000 == 0:
             save_heads(heads, ckpt)
     heads.eval()
-    train_stats = evaluate(heads, lm_head, x_train[:4000], y_train[:4000])
-    val_stats = evaluate(heads, lm_head, x_val, y_val)
+    train_stats = evaluate(heads, base, tuple(x[:4000] for x in train))
+    val_stats = evaluate(heads, base, val)
     report = {"held_out": val_stats, "train_sample": {k: train_stats[k] for k in ("top1", "top5")},
               "steps": steps, "batch": batch, "lr": lr, "epochs": epochs, "seed": seed,
-              "train_positions": len(x_train), "held_out_positions": len(x_val),
-              "num_heads": num_heads, "num_layers": num_layers}
+              "train_positions": len(x_train), "held_out_positions": len(val[0]),
+              "num_heads": num_heads, "num_layers": num_layers, "next_token_input": next_token_input,
+              "draft_vocab_size": config.draft_vocab_size}
     save_heads(heads, out)
     (out / "training.json").write_text(json.dumps(report, indent=1))
     for k in range(num_heads):
@@ -221,6 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--epochs", type=float, default=2.0)
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--batch", type=int, default=256)
+    f.add_argument("--next-token-input", action=argparse.BooleanOptionalAction, default=True,
+                   help="heads also read the next token's embedding (default: on)")
+    f.add_argument("--draft-vocab", type=int, default=8192,
+                   help="heads score only this many most frequent answer tokens (0: the whole vocabulary)")
     for p in (d, f):
         p.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
         p.add_argument("--seed", type=int, default=0)
@@ -230,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         distill(args.out, args.prompts, args.max_new_tokens, args.batch_size, args.model, args.seed)
     else:
         fit(args.data, args.out, args.heads, args.layers, args.epochs, args.lr, args.batch, args.model,
-            args.seed)
+            args.seed, args.next_token_input, args.draft_vocab)
 
 
 if __name__ == "__main__":

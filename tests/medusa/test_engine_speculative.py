@@ -23,20 +23,25 @@ def model():
     return ours_from_hf(tiny_hf_model("llama"))
 
 
-def heads_for(model, seed=0, num_heads=4):
+def heads_for(model, seed=0, num_heads=4, **options):
     c = model.config
     return random_heads(MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size,
-                                     num_heads=num_heads), seed=seed)
+                                     num_heads=num_heads, **options), seed=seed)
 
 
+HEAD_KINDS = {"medusa": {},
+              "next-token-input+draft-vocab": {"next_token_input": True, "draft_vocab_size": 40}}
+
+
+@pytest.mark.parametrize("kind", HEAD_KINDS)
 @pytest.mark.parametrize("tree_name", ["chain", "cpu", "mc_sim_7b_63"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch):
+def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch, kind):
     params = SamplingParams(max_new_tokens=24)
     prompts = PROMPTS[:batch]
     plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(prompts, params)
-    spec = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64, heads=heads_for(model),
-                  tree=get_tree(tree_name))
+    spec = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64,
+                  heads=heads_for(model, **HEAD_KINDS[kind]), tree=get_tree(tree_name))
     assert spec.generate(prompts, params) == plain
 
 
@@ -54,8 +59,8 @@ class OracleHeads(torch.nn.Module):
         c = model.config
         self.config = MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_heads=num_heads)
 
-    def forward(self, hidden_last, lm_head):
-        B, K, V = hidden_last.shape[0], self.config.num_heads, self.config.vocab_size
+    def forward(self, hidden_last, lm_head, next_embeds=None, num_heads=None):
+        B, K, V = hidden_last.shape[0], num_heads or self.config.num_heads, self.config.vocab_size
         last = torch.cdist(hidden_last, self.hidden).argmin(-1).tolist()  # [B] last cached position
         logits = torch.zeros(B, K, V)
         for b, j in enumerate(last):
@@ -63,6 +68,9 @@ class OracleHeads(torch.nn.Module):
                 if j + 2 + k < len(self.seq):
                     logits[b, k, self.seq[j + 2 + k]] = 1.0
         return logits
+
+    def token_ids(self, indices):
+        return indices
 
 
 def test_accepted_runs_keep_the_cache_right_and_stop_exactly(model):

@@ -1,8 +1,20 @@
 """Head training data: head k at answer position j learns token j + 2 + k; prompts are ours."""
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
-from medusa.train import IGNORE, _write_shard, evaluate, load_data
+from medusa.heads import MedusaConfig, MedusaHeads
+from medusa.train import (
+    IGNORE,
+    OUTSIDE,
+    _write_shard,
+    draft_vocabulary,
+    evaluate,
+    load_data,
+    to_draft_indices,
+)
 from medusa.train_prompts import training_prompts
 
 
@@ -10,8 +22,9 @@ def test_labels_are_shifted_per_head(tmp_path):
     tokens = {7: [10, 11, 12, 13, 14]}  # answer tokens t1..t5
     hidden = {7: [torch.arange(5.0)[:, None].expand(5, 3).half()]}  # position j has value j
     _write_shard(tmp_path / "shard_0000.pt", [7], tokens, hidden)
-    (x, y), (x_val, _) = load_data(tmp_path, num_heads=3, held_out=0.0, seed=0)
+    (x, next_tokens, y), (x_val, _, _) = load_data(tmp_path, num_heads=3, held_out=0.0, seed=0)
     assert x[:, 0].tolist() == [0, 1, 2, 3, 4] and len(x_val) == 0
+    assert next_tokens.tolist() == [10, 11, 12, 13, 14]  # the token chosen at position j: the tree's root
     # hidden at position j (j = 0: last prompt token) already predicts t(j+1) through lm_head;
     # head 0 learns t(j+2), head 1 t(j+3), head 2 t(j+4)
     assert y.tolist() == [[11, 12, 13], [12, 13, 14], [13, 14, IGNORE], [14, IGNORE, IGNORE],
@@ -20,13 +33,27 @@ def test_labels_are_shifted_per_head(tmp_path):
 
 def test_evaluate_ranks():
     class Heads(torch.nn.Module):
-        def forward(self, hidden, lm_head):  # head 0 ranks token 2 first, head 1 ranks it second
+        config = MedusaConfig(hidden_size=4, vocab_size=3, num_heads=2)
+
+        def forward(self, hidden, lm_head, next_embeds):  # head 0 ranks token 2 first, head 1 second
             return torch.tensor([[[0.0, 1.0, 9.0], [0.0, 9.0, 5.0]]]).expand(len(hidden), 2, 3)
 
-    labels = torch.tensor([[2, 2], [2, IGNORE]])
-    stats = evaluate(Heads(), None, torch.zeros(2, 4), labels)
-    assert stats["top1"] == [1.0, 0.0]
+    labels = torch.tensor([[2, 2], [2, IGNORE], [OUTSIDE, 2]])
+    base = SimpleNamespace(lm_head=None)
+    stats = evaluate(Heads(), base, (torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), labels))
+    assert stats["top1"] == pytest.approx([2 / 3, 0.0])  # a target outside the draft vocabulary is a miss
     assert stats["rank_probs"][1][:3] == [0.0, 1.0, 0.0]
+
+
+def test_draft_vocabulary_is_the_most_frequent_tokens_and_labels_map_into_it():
+    tokens = torch.tensor([5, 5, 5, 2, 2, 9, 7])
+    vocab = draft_vocabulary(tokens, vocab_size=10, size=3)
+    assert vocab.tolist() == [5, 2, 7]  # 7 and 9 tie: the lower id first
+    heads = MedusaHeads(MedusaConfig(hidden_size=4, vocab_size=10, num_heads=1, draft_vocab_size=3))
+    heads.draft_vocab.copy_(vocab)
+    labels = torch.tensor([[5], [7], [9], [IGNORE]])
+    assert to_draft_indices(labels, heads).tolist() == [[0], [2], [OUTSIDE], [IGNORE]]
+    assert heads.token_ids(torch.tensor([2, 0])).tolist() == [7, 5]
 
 
 def test_training_prompts_are_distinct_and_seeded():
