@@ -24,7 +24,7 @@ import torch
 from medusa.engine import draft
 from medusa.heads import load_heads
 from medusa.loading import load_model
-from medusa.tree import TreeBuffers, build_tree, candidates_from_topk
+from medusa.tree import TreeBuffers, build_tree
 
 
 def greedy_tree(rank_probs: list[list[float]], budget: int) -> tuple[list[tuple[int, ...]], list[float]]:
@@ -66,8 +66,7 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
         times = []
         for _ in range(repeats + 1):  # the first run warms up
             start = time.perf_counter()
-            tokens = candidates_from_topk(root, draft(heads, model, hidden_last, root, tree), tree) \
-                if T > 1 else root[:, None]
+            tokens = draft(heads, model, hidden_last, root, tree) if T > 1 else root[:, None]
             model.logits(model(tokens, positions, cache, slots, mask if T > 1 else None, context + T))
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -34,13 +34,27 @@ _RowResult = tuple[list[int], int, list[float]]  # accepted path, next pending t
 
 def draft(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
           tree: TreeBuffers) -> torch.Tensor:
-    """[B, K, k] token ids: the top-k guesses of the heads a tree uses (its first `depth` heads).
+    """[B, T] the token of every tree node: the roots, then the heads' guesses.
 
     hidden_last: [B, C] hidden states of the last cached tokens; roots: [B] the next (pending) tokens.
+    Medusa heads guess all levels at once; path-input heads go level by level, each node's
+    children drafted from the tokens on the path to it.
     """
-    next_embeds = model.embed(roots) if heads.config.next_token_input else None  # [B, C]
-    logits = heads(hidden_last, model.lm_head, next_embeds, num_heads=tree.num_heads_needed)  # [B, K, V']
-    return heads.token_ids(logits.topk(tree.topk_needed, dim=-1).indices)
+    if not heads.config.path_input:
+        logits = heads(hidden_last, model.lm_head, num_heads=tree.num_heads_needed)  # [B, K, V']
+        topk = heads.token_ids(logits.topk(tree.topk_needed, dim=-1).indices)  # [B, K, k]
+        return candidates_from_topk(roots, topk, tree)
+    (B, C), T = hidden_last.shape, tree.num_nodes
+    tokens = roots.new_zeros(B, T)
+    tokens[:, 0] = roots
+    for k, level in enumerate(tree.levels):  # head k drafts depth k + 1
+        P = level.parent_paths.shape[0]
+        path_embeds = model.embed(tokens[:, level.parent_paths]).view(B * P, k + 1, C)  # [B*P, k+1, C]
+        state = heads.head_state(k, hidden_last.repeat_interleave(P, dim=0), path_embeds)  # [B*P, C]
+        logits = heads.project(state[:, None], model.lm_head)[:, 0]  # [B*P, V']
+        top = heads.token_ids(logits.topk(level.topk, dim=-1).indices).view(B, P, level.topk)
+        tokens[:, level.nodes] = top[:, level.parent_of, level.ranks]
+    return tokens
 
 
 class EngineError(Exception):
@@ -229,8 +243,7 @@ class Engine:
         cache_lens = self.cache.lens[slots]  # [B]
         if T > 1:
             hidden_last = torch.stack([s.hidden_last for s in seqs])  # [B, C]
-            topk = draft(self.heads, self.model, hidden_last, roots, tree)  # [B, K, k]
-            candidates = candidates_from_topk(roots, topk, tree)  # [B, T]
+            candidates = draft(self.heads, self.model, hidden_last, roots, tree)  # [B, T]
             positions = cache_lens[:, None] + self._tree_depths  # [B, T]
             max_len = max(len(s.prompt) + len(s.generated) - 1 for s in seqs) + T
             hidden = self.model(candidates, positions, self.cache, slots, self._tree_mask, max_len)

@@ -100,11 +100,12 @@ def _write_shard(path: Path, ids: list[int], tokens: dict, hidden: dict) -> int:
 
 
 def load_data(folder: Path, num_heads: int, held_out: float, seed: int):
-    """Training and held-out (hidden [M, C] fp16, next tokens [M], labels [M, K]) from distillation shards.
+    """Training and held-out (hidden [M, C] fp16, path [M, K], labels [M, K]) from distillation shards.
 
-    The hidden state at answer position j (j = 0 is the last prompt token) feeds the heads, with the
-    token the base model chose there (answer token j, the tree's root); head k learns answer token
-    j + 1 + k, i.e. the token k + 2 positions after position j.
+    The hidden state at answer position j (j = 0 is the last prompt token) feeds the heads; head k
+    learns answer token j + 1 + k, i.e. the token k + 2 positions after position j. path[:, i] is
+    answer token j + i: the token the base model chose at j (the tree's root), then the true
+    tokens that path-input heads read (0 past the end, where the labels are IGNORE).
     """
     parts: dict[bool, tuple[list, list, list]] = {False: ([], [], []), True: ([], [], [])}
     rng = random.Random(seed)
@@ -115,10 +116,12 @@ def load_data(folder: Path, num_heads: int, held_out: float, seed: int):
             h, t = data["hidden"][offset:offset + n], data["tokens"][offset:offset + n]
             offset += n
             labels = torch.full((n, num_heads), IGNORE, dtype=torch.long)
+            path = torch.zeros(n, num_heads, dtype=torch.long)
             for k in range(num_heads):
                 labels[: max(0, n - 1 - k), k] = t[1 + k:]
+                path[: max(0, n - k), k] = t[k:]
             split = parts[rng.random() < held_out]
-            for part, x in zip(split, (h, t, labels), strict=True):
+            for part, x in zip(split, (h, path, labels), strict=True):
                 part.append(x)
     if not parts[False][0]:
         raise SystemExit(f"no distillation shards in {folder}: run `python -m medusa.train distill` first")
@@ -143,10 +146,10 @@ def to_draft_indices(labels: torch.Tensor, heads: MedusaHeads) -> torch.Tensor:
     return torch.where(labels == IGNORE, IGNORE, index[labels.clamp(min=0)])
 
 
-def head_logits(heads: MedusaHeads, base, hidden: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-    """[M, C], [M] -> [M, K, V']; the frozen base lm_head maps head states to (draft) words."""
-    next_embeds = base.embed(next_tokens) if heads.config.next_token_input else None
-    return heads(hidden, base.lm_head, next_embeds)
+def head_logits(heads: MedusaHeads, base, hidden: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """[M, C], [M, K] -> [M, K, V']; the frozen base lm_head maps head states to (draft) words."""
+    path_embeds = base.embed(path) if heads.config.path_input else None
+    return heads(hidden, base.lm_head, path_embeds)
 
 
 @torch.no_grad()
@@ -155,11 +158,11 @@ def evaluate(heads: MedusaHeads, base, data: tuple, batch: int = 512) -> dict:
 
     `data` holds draft-vocabulary labels; a target outside that vocabulary counts as rank >= 10.
     """
-    hidden, next_tokens, labels = data
+    hidden, path, labels = data
     K = labels.shape[1]
     ranks = torch.zeros(K, TOP_RANKS + 1)
     for i in range(0, len(hidden), batch):
-        logits = head_logits(heads, base, hidden[i:i + batch].float(), next_tokens[i:i + batch])  # [b, K, V']
+        logits = head_logits(heads, base, hidden[i:i + batch].float(), path[i:i + batch])  # [b, K, V']
         y = labels[i:i + batch]
         valid = y != IGNORE
         target = logits.gather(-1, y.clamp(min=0)[..., None])  # [b, K, 1]
@@ -172,18 +175,18 @@ def evaluate(heads: MedusaHeads, base, data: tuple, batch: int = 512) -> dict:
 
 
 def fit(data: Path, out: Path, num_heads: int, num_layers: int, epochs: float, lr: float, batch: int,
-        model_spec: str | None, seed: int, next_token_input: bool = True, draft_vocab: int = 8192,
+        model_spec: str | None, seed: int, path_input: bool = True, draft_vocab: int = 8192,
         held_out: float = 0.05) -> dict:
     torch.manual_seed(seed)
     base = load_model(model_spec).model.requires_grad_(False)
     train, val = load_data(data, num_heads, held_out, seed)
     V = base.config.vocab_size
     config = MedusaConfig(hidden_size=base.config.hidden_size, vocab_size=V, num_heads=num_heads,
-                          num_layers=num_layers, next_token_input=next_token_input,
+                          num_layers=num_layers, path_input=path_input,
                           draft_vocab_size=min(draft_vocab, V))
     heads = MedusaHeads(config)
     if heads.draft_vocab is not None:
-        heads.draft_vocab.copy_(draft_vocabulary(train[1], V, config.draft_vocab_size))
+        heads.draft_vocab.copy_(draft_vocabulary(train[1][:, 0], V, config.draft_vocab_size))
     train, val = [(h, t, to_draft_indices(y, heads)) for h, t, y in (train, val)]
     x_train, t_train, y_train = train
     weights = torch.tensor([0.8 ** k for k in range(num_heads)])
@@ -223,7 +226,7 @@ def fit(data: Path, out: Path, num_heads: int, num_layers: int, epochs: float, l
     report = {"held_out": val_stats, "train_sample": {k: train_stats[k] for k in ("top1", "top5")},
               "steps": steps, "batch": batch, "lr": lr, "epochs": epochs, "seed": seed,
               "train_positions": len(x_train), "held_out_positions": len(val[0]),
-              "num_heads": num_heads, "num_layers": num_layers, "next_token_input": next_token_input,
+              "num_heads": num_heads, "num_layers": num_layers, "path_input": path_input,
               "draft_vocab_size": config.draft_vocab_size}
     save_heads(heads, out)
     (out / "training.json").write_text(json.dumps(report, indent=1))
@@ -249,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--epochs", type=float, default=2.0)
     f.add_argument("--lr", type=float, default=1e-3)
     f.add_argument("--batch", type=int, default=256)
-    f.add_argument("--next-token-input", action=argparse.BooleanOptionalAction, default=True,
-                   help="heads also read the next token's embedding (default: on)")
+    f.add_argument("--path-input", action=argparse.BooleanOptionalAction, default=True,
+                   help="head k also reads the k + 1 tokens before its target (default: on; off = Medusa)")
     f.add_argument("--draft-vocab", type=int, default=8192,
                    help="heads score only this many most frequent answer tokens (0: the whole vocabulary)")
     for p in (d, f):
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         distill(args.out, args.prompts, args.max_new_tokens, args.batch_size, args.model, args.seed)
     else:
         fit(args.data, args.out, args.heads, args.layers, args.epochs, args.lr, args.batch, args.model,
-            args.seed, args.next_token_input, args.draft_vocab)
+            args.seed, args.path_input, args.draft_vocab)
 
 
 if __name__ == "__main__":

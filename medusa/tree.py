@@ -28,6 +28,21 @@ class TreeError(ValueError):
 
 
 @dataclass(frozen=True)
+class TreeLevel:
+    """The nodes at one depth d >= 1, for heads that draft level by level from their parents' paths."""
+
+    nodes: torch.Tensor  # [N] long: the nodes at depth d
+    parent_paths: torch.Tensor  # [P, d] long: root..parent node indices of each distinct parent
+    parent_of: torch.Tensor  # [N] long: row in parent_paths of each node's parent
+    ranks: torch.Tensor  # [N] long: each node's rank among its parent's top-k
+    topk: int  # max rank + 1 at this depth
+
+    def to(self, device: torch.device | str) -> TreeLevel:
+        return dataclasses.replace(self, **{name: getattr(self, name).to(device)
+                                            for name in ("nodes", "parent_paths", "parent_of", "ranks")})
+
+
+@dataclass(frozen=True)
 class TreeBuffers:
     """Everything about a tree that does not depend on the tokens. Node i + 1 is choices[i]."""
 
@@ -43,13 +58,14 @@ class TreeBuffers:
     depth: int  # longest path (0 for a root-only tree)
     num_heads_needed: int  # = depth
     topk_needed: int  # max rank + 1 (0 for a root-only tree)
+    levels: tuple[TreeLevel, ...] = ()  # depth 1, 2, ...
     name: str = "custom"  # for messages
 
     def to(self, device: torch.device | str) -> TreeBuffers:
         """The same tree with its tensors on `device`."""
         moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                  if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **moved)
+        return dataclasses.replace(self, **moved, levels=tuple(level.to(device) for level in self.levels))
 
 
 def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBuffers:
@@ -87,6 +103,17 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBu
         chain = mask[leaf].nonzero().flatten()  # ancestors have smaller indices: root..leaf in order
         retrieve[row, :len(chain)] = chain
 
+    levels = []
+    for d in range(1, depth + 1):
+        nodes = [i for i in range(T) if depths[i] == d]
+        parent_nodes = sorted({parents[i] for i in nodes})
+        parent_paths = torch.stack([mask[j].nonzero().flatten() for j in parent_nodes])  # [P, d] root..parent
+        levels.append(TreeLevel(
+            nodes=torch.tensor(nodes), parent_paths=parent_paths,
+            parent_of=torch.tensor([parent_nodes.index(parents[i]) for i in nodes]),
+            ranks=torch.tensor([ordered[i - 1][-1] for i in nodes]),
+            topk=max(ordered[i - 1][-1] for i in nodes) + 1))
+
     return TreeBuffers(
         choices=tuple(ordered),
         mask=mask,
@@ -100,6 +127,7 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBu
         depth=depth,
         num_heads_needed=depth,
         topk_needed=max((p[-1] + 1 for p in ordered), default=0),
+        levels=tuple(levels),
         name=name,
     )
 

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from medusa.config import ModelConfig, SamplingParams
-from medusa.engine import Engine
+from medusa.engine import Engine, draft
 from medusa.heads import MedusaConfig, random_heads
 from medusa.llama import Llama
 from medusa.tree import TreeError, build_tree, get_tree
@@ -30,7 +30,7 @@ def heads_for(model, seed=0, num_heads=4, **options):
 
 
 HEAD_KINDS = {"medusa": {},
-              "next-token-input+draft-vocab": {"next_token_input": True, "draft_vocab_size": 40}}
+              "path-input+draft-vocab": {"path_input": True, "draft_vocab_size": 40}}
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)
@@ -59,7 +59,7 @@ class OracleHeads(torch.nn.Module):
         c = model.config
         self.config = MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_heads=num_heads)
 
-    def forward(self, hidden_last, lm_head, next_embeds=None, num_heads=None):
+    def forward(self, hidden_last, lm_head, path_embeds=None, num_heads=None):
         B, K, V = hidden_last.shape[0], num_heads or self.config.num_heads, self.config.vocab_size
         last = torch.cdist(hidden_last, self.hidden).argmin(-1).tolist()  # [B] last cached position
         logits = torch.zeros(B, K, V)
@@ -150,3 +150,20 @@ def test_lossless_sampling_keeps_the_distribution():
     observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
     exp = torch.cat([expected[keep], expected[~keep].sum()[None]]) * counts.sum()
     assert chisquare(observed.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+def test_path_heads_draft_each_node_from_the_tokens_on_its_path(model):
+    heads = heads_for(model, path_input=True, draft_vocab_size=40)
+    tree = get_tree("mc_sim_7b_63")
+    hidden = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    roots = torch.tensor([3, 7])
+    with torch.no_grad():
+        tokens = draft(heads, model, hidden, roots, tree)  # [B, T]
+        assert tokens[:, 0].tolist() == [3, 7]
+        for b, i in itertools.product(range(2), range(1, tree.num_nodes)):
+            path = tree.mask[tree.parents[i]].nonzero().flatten()  # root..parent
+            k, rank = len(path) - 1, int(tree.rank_index[i])
+            state = heads.head_state(k, hidden[b:b + 1], model.embed(tokens[b, path])[None])
+            logits = heads.project(state[:, None], model.lm_head)[0, 0]  # [V']
+            index = (heads.draft_vocab == tokens[b, i]).nonzero().item()
+            assert logits[index] == logits.topk(rank + 1).values[rank]  # the rank-th guess (ties allowed)

@@ -162,3 +162,37 @@ def test_broken_folders_are_refused(tmp_path: Path) -> None:
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="num_heads"):
         MedusaConfig(hidden_size=C, vocab_size=V, num_heads=0)
+
+
+def test_path_input_heads_read_exactly_the_tokens_before_their_target(hidden: torch.Tensor) -> None:
+    config = MedusaConfig(hidden_size=C, vocab_size=V, num_heads=3, path_input=True)
+    path = torch.randn(5, 3, C)  # embeddings of the root and the drafts after it
+    assert torch.equal(MedusaHeads(config).hidden_states(hidden, path), hidden[:, None].expand(5, 3, C))
+    heads = random_heads(config, seed=0)  # a new head ignores the path; a trained one does not
+    states = heads.hidden_states(hidden, path)
+    changed = path.clone()
+    changed[:, 2] += 1.0  # the token before head 2's target: only head 2 reads it
+    after = heads.hidden_states(hidden, changed)
+    assert torch.equal(after[:, :2], states[:, :2]) and not torch.allclose(after[:, 2], states[:, 2])
+    with pytest.raises(AssertionError, match="path_embeds"):
+        heads.hidden_states(hidden)
+
+
+def test_draft_vocabulary_heads_score_a_slice_and_round_trip(tmp_path: Path, hidden: torch.Tensor,
+                                                             lm_head: nn.Linear) -> None:
+    config = MedusaConfig(hidden_size=C, vocab_size=V, num_heads=2, path_input=True, draft_vocab_size=10)
+    heads = random_heads(config, seed=0)
+    path = torch.randn(5, 2, C)
+    logits = heads(hidden, lm_head, path)  # [B, K, V']
+    assert logits.shape == (5, 2, 10)
+    full = lm_head(heads.hidden_states(hidden, path))  # [B, K, V]
+    assert torch.allclose(logits, full[..., heads.draft_vocab], atol=1e-5)
+    assert torch.equal(heads.token_ids(torch.tensor([0, 9])), heads.draft_vocab[[0, 9]])
+    save_heads(heads, tmp_path)
+    loaded = load_heads(tmp_path, BASE)
+    assert loaded.config == config and torch.equal(loaded.draft_vocab, heads.draft_vocab)
+    assert torch.equal(loaded(hidden, lm_head, path), logits)
+    with pytest.raises(ValueError, match="official Medusa format"):
+        save_official(heads, tmp_path / "official", lm_head=lm_head)
+    with pytest.raises(ValueError, match="shared_lm_head"):
+        MedusaConfig(hidden_size=C, vocab_size=V, shared_lm_head=False, draft_vocab_size=10)

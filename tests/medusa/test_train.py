@@ -22,9 +22,10 @@ def test_labels_are_shifted_per_head(tmp_path):
     tokens = {7: [10, 11, 12, 13, 14]}  # answer tokens t1..t5
     hidden = {7: [torch.arange(5.0)[:, None].expand(5, 3).half()]}  # position j has value j
     _write_shard(tmp_path / "shard_0000.pt", [7], tokens, hidden)
-    (x, next_tokens, y), (x_val, _, _) = load_data(tmp_path, num_heads=3, held_out=0.0, seed=0)
+    (x, path, y), (x_val, _, _) = load_data(tmp_path, num_heads=3, held_out=0.0, seed=0)
     assert x[:, 0].tolist() == [0, 1, 2, 3, 4] and len(x_val) == 0
-    assert next_tokens.tolist() == [10, 11, 12, 13, 14]  # the token chosen at position j: the tree's root
+    # path: the token chosen at position j (the tree's root), then the true tokens head k reads
+    assert path.tolist() == [[10, 11, 12], [11, 12, 13], [12, 13, 14], [13, 14, 0], [14, 0, 0]]
     # hidden at position j (j = 0: last prompt token) already predicts t(j+1) through lm_head;
     # head 0 learns t(j+2), head 1 t(j+3), head 2 t(j+4)
     assert y.tolist() == [[11, 12, 13], [12, 13, 14], [13, 14, IGNORE], [14, IGNORE, IGNORE],
@@ -35,12 +36,12 @@ def test_evaluate_ranks():
     class Heads(torch.nn.Module):
         config = MedusaConfig(hidden_size=4, vocab_size=3, num_heads=2)
 
-        def forward(self, hidden, lm_head, next_embeds):  # head 0 ranks token 2 first, head 1 second
+        def forward(self, hidden, lm_head, path_embeds):  # head 0 ranks token 2 first, head 1 second
             return torch.tensor([[[0.0, 1.0, 9.0], [0.0, 9.0, 5.0]]]).expand(len(hidden), 2, 3)
 
     labels = torch.tensor([[2, 2], [2, IGNORE], [OUTSIDE, 2]])
     base = SimpleNamespace(lm_head=None)
-    stats = evaluate(Heads(), base, (torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), labels))
+    stats = evaluate(Heads(), base, (torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long), labels))
     assert stats["top1"] == pytest.approx([2 / 3, 0.0])  # a target outside the draft vocabulary is a miss
     assert stats["rank_probs"][1][:3] == [0.0, 1.0, 0.0]
 
