@@ -30,7 +30,10 @@ test: model
 # the reduced CPU size that produced the shipped heads (see medusa/weights/*/README.md)
 train-heads: model
 	$(BIN)/python -m medusa.train distill --prompts 1600 --max-new-tokens 192 --batch-size 64 --out runs/distill
-	$(BIN)/python -m medusa.train fit --data runs/distill --out medusa/weights/smollm2-135m-instruct
+	$(BIN)/python -m medusa.train distill --prompts 2000 --max-new-tokens 192 --batch-size 64 --seed 1 \
+		--out runs/distill_s1
+	$(BIN)/python -m medusa.train fit --data runs/distill runs/distill_s1 --epochs 3 \
+		--out medusa/weights/smollm2-135m-instruct
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -82,11 +82,11 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (i, i + D/2). x: [B, T, H, D]; cos, sin: [B, T, 1, D]."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2): x * cos + (-x2, x1) * sin, with the sign folded into `signed_sin`
+    = (-sin, sin). x: [B, T, H, D]; cos, signed_sin: [B, T, 1, D]."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
 
 class Block(nn.Module):
@@ -108,8 +108,8 @@ class Block(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(self.attn_norm(x)).view(B, T, H + 2 * Hkv, D)
-        q = apply_rope(qkv[:, :, :H], cos, sin)  # [B, T, H, D]
-        k = apply_rope(qkv[:, :, H:H + Hkv], cos, sin)  # [B, T, Hkv, D]
+        qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)  # [B, T, H + Hkv, D]: q and k rotated together
+        q, k = qk[:, :, :H], qk[:, :, H:]  # [B, T, H, D], [B, T, Hkv, D]
         v = qkv[:, :, H + Hkv:]  # [B, T, Hkv, D]
         cache.write(layer, batch.slots, k.transpose(1, 2), v.transpose(1, 2))
         out = attention.attend(q.transpose(1, 2), cache.k[layer], cache.v[layer], batch)  # [B, H, T, D]
@@ -158,9 +158,10 @@ class Llama(nn.Module):
         assert positions.shape == (B, T) and slots.shape == (B,)
         batch = attention.plan(slots, cache.lens[slots], T, new_mask, max_len, attention_backend)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
-        freqs = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, T, 1, D]
+        cos, sin = freqs.cos(), freqs.sin()
         dtype = self.embed.weight.dtype
-        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        cos = torch.cat([cos, cos], dim=-1)[:, :, None, :].to(dtype)  # [B, T, 1, D]
+        sin = torch.cat([-sin, sin], dim=-1)[:, :, None, :].to(dtype)  # [B, T, 1, D]: signed for apply_rope
         x = self.embed(tokens)  # [B, T, C]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache, batch)

@@ -1,14 +1,15 @@
 """Train Medusa heads on the base model's own answers (self-distillation), with the base frozen.
 
     python -m medusa.train distill --prompts 2000 --out runs/distill    # answers + hidden states
-    python -m medusa.train fit --data runs/distill --out medusa/heads/smollm2-135m-instruct
+    python -m medusa.train fit --data runs/distill --out medusa/weights/smollm2-135m-instruct
 
 `distill` answers the project's own instructions (medusa.train_prompts) with our batched engine,
 half greedy and half sampled, and keeps the final hidden state of every answer token as the
 engine computes it, so the base model never runs twice on the same tokens. `fit` trains K heads
-on those hidden states: head k at position j learns token j + 2 + k, with loss weight 0.8^k,
-on a held-out split by answer, and reports per-head top-1 / top-5 accuracy and the rank
-distribution that `python -m medusa.tree calibrate` turns into a tree.
+on those hidden states: head k at position j learns token j + 2 + k (path-input heads also read
+the true tokens between position j and that target), with loss weight 0.8^k, scoring the draft vocabulary (the
+most frequent answer tokens), on a held-out split by answer, and reports per-head top-1 / top-5
+accuracy and the rank distribution that `python -m medusa.tree calibrate` turns into a tree.
 
 Legend: M training positions, K heads, C hidden size, V vocabulary.
 """
@@ -99,7 +100,7 @@ def _write_shard(path: Path, ids: list[int], tokens: dict, hidden: dict) -> int:
 # ---------------------------------------------------------------- head training
 
 
-def load_data(folder: Path, num_heads: int, held_out: float, seed: int):
+def load_data(folders: list[Path], num_heads: int, held_out: float, seed: int):
     """Training and held-out (hidden [M, C] fp16, path [M, K], labels [M, K]) from distillation shards.
 
     The hidden state at answer position j (j = 0 is the last prompt token) feeds the heads; head k
@@ -109,7 +110,7 @@ def load_data(folder: Path, num_heads: int, held_out: float, seed: int):
     """
     parts: dict[bool, tuple[list, list, list]] = {False: ([], [], []), True: ([], [], [])}
     rng = random.Random(seed)
-    for shard in sorted(folder.glob("shard_*.pt")):
+    for shard in sorted(shard for folder in folders for shard in folder.glob("shard_*.pt")):
         data = torch.load(shard, weights_only=True)
         offset = 0
         for n in data["lengths"]:
@@ -124,7 +125,8 @@ def load_data(folder: Path, num_heads: int, held_out: float, seed: int):
             for part, x in zip(split, (h, path, labels), strict=True):
                 part.append(x)
     if not parts[False][0]:
-        raise SystemExit(f"no distillation shards in {folder}: run `python -m medusa.train distill` first")
+        raise SystemExit(f"no distillation shards in {', '.join(map(str, folders))}: run "
+                         "`python -m medusa.train distill` first")
     h, t, y = parts[False]
     empty = (h[0][:0], t[0][:0], y[0][:0])
     return [tuple(torch.cat(x) for x in parts[s]) if parts[s][0] else empty for s in (False, True)]
@@ -174,7 +176,7 @@ def evaluate(heads: MedusaHeads, base, data: tuple, batch: int = 512) -> dict:
             "rank_probs": dist[:, :TOP_RANKS].tolist(), "positions": int((labels[:, 0] != IGNORE).sum())}
 
 
-def fit(data: Path, out: Path, num_heads: int, num_layers: int, epochs: float, lr: float, batch: int,
+def fit(data: list[Path], out: Path, num_heads: int, num_layers: int, epochs: float, lr: float, batch: int,
         model_spec: str | None, seed: int, path_input: bool = True, draft_vocab: int = 8192,
         held_out: float = 0.05) -> dict:
     torch.manual_seed(seed)
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--out", type=Path, default=Path("runs/distill"))
     f = sub.add_parser("fit", help="train heads on distilled hidden states")
-    f.add_argument("--data", type=Path, default=Path("runs/distill"))
+    f.add_argument("--data", type=Path, nargs="+", default=[Path("runs/distill")],
+                   help="distillation folders (e.g. one per `distill --seed`)")
     f.add_argument("--out", type=Path, default=Path("runs/heads"))
     f.add_argument("--heads", type=int, default=4)
     f.add_argument("--layers", type=int, default=1)

@@ -22,7 +22,7 @@ def test_labels_are_shifted_per_head(tmp_path):
     tokens = {7: [10, 11, 12, 13, 14]}  # answer tokens t1..t5
     hidden = {7: [torch.arange(5.0)[:, None].expand(5, 3).half()]}  # position j has value j
     _write_shard(tmp_path / "shard_0000.pt", [7], tokens, hidden)
-    (x, path, y), (x_val, _, _) = load_data(tmp_path, num_heads=3, held_out=0.0, seed=0)
+    (x, path, y), (x_val, _, _) = load_data([tmp_path], num_heads=3, held_out=0.0, seed=0)
     assert x[:, 0].tolist() == [0, 1, 2, 3, 4] and len(x_val) == 0
     # path: the token chosen at position j (the tree's root), then the true tokens head k reads
     assert path.tolist() == [[10, 11, 12], [11, 12, 13], [12, 13, 14], [13, 14, 0], [14, 0, 0]]
