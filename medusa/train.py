@@ -230,7 +230,7 @@ def fit(data: list[Path], out: Path, num_heads: int, num_layers: int, epochs: fl
               "train_positions": len(x_train), "held_out_positions": len(val[0]),
               "num_heads": num_heads, "num_layers": num_layers, "path_input": path_input,
               "draft_vocab_size": config.draft_vocab_size}
-    save_heads(heads, out)
+    save_heads(heads.to(torch.bfloat16), out)  # bf16 halves the file; drafts need no more precision
     (out / "training.json").write_text(json.dumps(report, indent=1))
     for k in range(num_heads):
         print(f"head {k}: held-out top-1 {val_stats['top1'][k]:.3f} top-5 {val_stats['top5'][k]:.3f} "
