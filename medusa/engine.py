@@ -119,8 +119,15 @@ class _Prefill:
 class Engine:
     def __init__(self, model: Llama, tokenizer, eos_token_ids: Iterable[int], *, max_batch_size: int = 8,
                  max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
-                 tree: TreeBuffers | None = None, keep_hidden: bool = False) -> None:
+                 tree: TreeBuffers | None = None, keep_hidden: bool = False,
+                 max_speculative_batch: int | None = None) -> None:
+        """max_speculative_batch: a step with more running sequences than this, all of those that
+        speculate greedy, decodes plainly (None: no limit). A tree multiplies the rows of a step; once
+        the batch alone fills the machine (a CPU), extra rows cost more than the drafts they accept.
+        Greedy output is the same either way; sampled rows keep speculating, so that a seeded
+        request's random stream, and so its output, does not depend on the load."""
         self.model = model
+        self.max_speculative_batch = max_speculative_batch
         self.keep_hidden = keep_hidden
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -236,6 +243,10 @@ class Engine:
         if not seqs:
             return []
         speculate = [s.params.speculate and self.heads is not None for s in seqs]
+        limit = self.max_speculative_batch
+        over = limit is not None and len(seqs) > limit
+        if over and all(s.params.greedy for s, on in zip(seqs, speculate, strict=True) if on):
+            speculate = [False] * len(seqs)  # greedy rows: the same tokens from a plain step, less work
         tree = self.tree if any(speculate) else ROOT_ONLY
         B, T = len(seqs), tree.num_nodes
         slots = torch.tensor([s.slot for s in seqs], device=self.device)  # [B]

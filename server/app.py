@@ -70,7 +70,8 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
                            device=settings.device, dtype=getattr(torch, settings.dtype))
         tree = get_tree(settings.tree_name)
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,
-                  max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens)
+                  max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens,
+                  max_speculative_batch=settings.speculative_batch_limit)
 
 
 class Generation:

@@ -167,3 +167,20 @@ def test_path_heads_draft_each_node_from_the_tokens_on_its_path(model):
             logits = heads.project(state[:, None], model.lm_head)[0, 0]  # [V']
             index = (heads.draft_vocab == tokens[b, i]).nonzero().item()
             assert logits[index] == logits.topk(rank + 1).values[rank]  # the rank-th guess (ties allowed)
+
+
+def test_batches_over_the_speculative_limit_decode_plainly_with_the_same_output(model):
+    params = SamplingParams(max_new_tokens=12)
+    prompts = PROMPTS[:3]
+    plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(prompts, params)
+    engine = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64, heads=heads_for(model),
+                    tree=get_tree("cpu"), max_speculative_batch=2)
+    assert engine.generate(prompts, params) == plain
+    for i, prompt in enumerate(prompts[:3]):
+        engine.add(i, prompt, params)
+    assert all(e.speculation.steps == 0 for e in engine.step())  # 3 running > 2: a plain step
+    engine.cancel(2)
+    assert all(e.speculation.steps == 1 for e in engine.step())  # 2 running: speculation again
+    engine.add(3, PROMPTS[3], SamplingParams(max_new_tokens=12, temperature=0.8, seed=1))
+    # a sampled row keeps speculating over the limit (its seeded output must not depend on the load)
+    assert all(e.speculation.steps > 0 for e in engine.step())
