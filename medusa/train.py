@@ -7,9 +7,10 @@
 half greedy and half sampled, and keeps the final hidden state of every answer token as the
 engine computes it, so the base model never runs twice on the same tokens. `fit` trains K heads
 on those hidden states: head k at position j learns token j + 2 + k (path-input heads also read
-the true tokens between position j and that target), with loss weight 0.8^k, scoring the draft vocabulary (the
-most frequent answer tokens), on a held-out split by answer, and reports per-head top-1 / top-5
-accuracy and the rank distribution that `python -m medusa.tree calibrate` turns into a tree.
+the true tokens between position j and that target), with loss weight 0.8^k, scoring the draft
+vocabulary (the most frequent answer tokens), on a held-out split by answer, and reports per-head
+top-1 / top-5 accuracy and the rank distribution that `python -m medusa.tree calibrate` turns
+into a tree.
 
 Legend: M training positions, K heads, C hidden size, V vocabulary.
 """

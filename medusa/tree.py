@@ -38,8 +38,13 @@ class TreeLevel:
     topk: int  # max rank + 1 at this depth
 
     def to(self, device: torch.device | str) -> TreeLevel:
-        return dataclasses.replace(self, **{name: getattr(self, name).to(device)
-                                            for name in ("nodes", "parent_paths", "parent_of", "ranks")})
+        return dataclasses.replace(self, **_tensors_on(self, device))
+
+
+def _tensors_on(buffers, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The tensor fields of a dataclass, moved to `device`."""
+    return {f.name: getattr(buffers, f.name).to(device) for f in dataclasses.fields(buffers)
+            if isinstance(getattr(buffers, f.name), torch.Tensor)}
 
 
 @dataclass(frozen=True)
@@ -63,9 +68,8 @@ class TreeBuffers:
 
     def to(self, device: torch.device | str) -> TreeBuffers:
         """The same tree with its tensors on `device`."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
-                 if isinstance(getattr(self, f.name), torch.Tensor)}
-        return dataclasses.replace(self, **moved, levels=tuple(level.to(device) for level in self.levels))
+        return dataclasses.replace(self, **_tensors_on(self, device),
+                                   levels=tuple(level.to(device) for level in self.levels))
 
 
 def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBuffers:
@@ -99,15 +103,18 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBu
     depth = max(depths)
     leaves = [i for i in range(T) if not children[i]]
     retrieve = torch.full((len(leaves), depth + 1), -1, dtype=torch.long)  # [P, depth + 1]
+    def root_to(node: int) -> torch.Tensor:  # ancestors have smaller indices: root..node in order
+        return mask[node].nonzero().flatten()
+
     for row, leaf in enumerate(leaves):
-        chain = mask[leaf].nonzero().flatten()  # ancestors have smaller indices: root..leaf in order
+        chain = root_to(leaf)
         retrieve[row, :len(chain)] = chain
 
     levels = []
     for d in range(1, depth + 1):
         nodes = [i for i in range(T) if depths[i] == d]
         parent_nodes = sorted({parents[i] for i in nodes})
-        parent_paths = torch.stack([mask[j].nonzero().flatten() for j in parent_nodes])  # [P, d] root..parent
+        parent_paths = torch.stack([root_to(j) for j in parent_nodes])  # [P, d] root..parent
         levels.append(TreeLevel(
             nodes=torch.tensor(nodes), parent_paths=parent_paths,
             parent_of=torch.tensor([parent_nodes.index(parents[i]) for i in nodes]),
