@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-import transformers
+import os
 
-from medusa.config import ModelConfig
-from medusa.llama import Llama, from_hf_state_dict
+# Triton kernels run under Triton's interpreter in the tests. The interpreter is chosen when a kernel
+# is decorated, so this is set before anything imports torch (or Triton through it), whatever test
+# module pytest collects first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from medusa.config import ModelConfig  # noqa: E402
+from medusa.llama import Llama, from_hf_state_dict  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -1,23 +1,17 @@
 """Helpers for the attention tests: random caches, tree masks, and the naive answer.
 
-The Triton kernels run under Triton's interpreter on the CPU. The interpreter is chosen when a
-kernel is decorated, i.e. when `attention.triton_kernels` is first imported, so the variable is
-set here, before any test module imports it. Nothing else imports Triton: the runtime's CPU path
-never does.
+The Triton kernels run under Triton's interpreter on the CPU: TRITON_INTERPRET is set in
+tests/conftest.py, before anything imports torch (which may import Triton).
 """
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
 
-from dataclasses import dataclass  # noqa: E402
-
-import torch  # noqa: E402
-
-from attention.masks import dense_mask  # noqa: E402
-from attention.reference import naive_attention  # noqa: E402
+from attention.masks import dense_mask
+from attention.reference import naive_attention
 
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # atol = rtol
 
