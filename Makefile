@@ -32,7 +32,9 @@ train-heads: model
 	$(BIN)/python -m medusa.train distill --prompts 1600 --max-new-tokens 192 --batch-size 64 --out runs/distill
 	$(BIN)/python -m medusa.train distill --prompts 2000 --max-new-tokens 192 --batch-size 64 --seed 1 \
 		--out runs/distill_s1
-	$(BIN)/python -m medusa.train fit --data runs/distill runs/distill_s1 --epochs 3 \
+	$(BIN)/python -m medusa.train distill --prompt-set varied --passages runs/distill --prompts 3000 \
+		--max-new-tokens 192 --batch-size 64 --seed 2 --out runs/distill_v2
+	$(BIN)/python -m medusa.train fit --data runs/distill runs/distill_s1 runs/distill_v2 --epochs 3 \
 		--out medusa/weights/smollm2-135m-instruct
 
 lint: $(VENV)/.installed

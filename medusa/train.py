@@ -1,7 +1,8 @@
 """Train Medusa heads on the base model's own answers (self-distillation), with the base frozen.
 
     python -m medusa.train distill --prompts 2000 --out runs/distill    # answers + hidden states
-    python -m medusa.train fit --data runs/distill --out medusa/weights/smollm2-135m-instruct
+    python -m medusa.train distill --prompt-set varied --passages runs/distill --out runs/distill_v2
+    python -m medusa.train fit --data runs/distill runs/distill_v2 --out medusa/weights/smollm2-135m-instruct
 
 `distill` answers the project's own instructions (medusa.train_prompts) with our batched engine,
 half greedy and half sampled, and keeps the final hidden state of every answer token as the
@@ -32,7 +33,7 @@ from medusa.config import SamplingParams
 from medusa.engine import Engine
 from medusa.heads import MedusaConfig, MedusaHeads, save_heads
 from medusa.loading import load_model
-from medusa.train_prompts import training_prompts
+from medusa.train_prompts import training_prompts, varied_prompts
 
 IGNORE = -100  # no target (past the end of the answer)
 OUTSIDE = -1  # a target outside the draft vocabulary: no loss, but a miss in the accuracies
@@ -43,13 +44,21 @@ TOP_RANKS = 10  # rank distribution kept for tree calibration
 
 
 def distill(out: Path, num_prompts: int, max_new_tokens: int, batch_size: int, model_spec: str | None,
-            seed: int, shard_size: int = 200) -> None:
-    """Answer `num_prompts` instructions; write shards of (hidden fp16 [n, C], tokens [n]) per answer."""
+            seed: int, shard_size: int = 200, prompt_set: str = "templates",
+            passage_folders: list[Path] = ()) -> None:
+    """Answer `num_prompts` instructions; write shards of (hidden fp16 [n, C], tokens [n]) per answer.
+
+    `prompt_set` "templates" is training_prompts, "varied" is varied_prompts, whose passage tasks
+    run over earlier answers read from `passage_folders`.
+    """
     out.mkdir(parents=True, exist_ok=True)
     done = {i for shard in out.glob("shard_*.pt") for i in torch.load(shard, weights_only=True)["prompt_ids"]}
     loaded = load_model(model_spec)
     tok = loaded.tokenizer
-    prompts = training_prompts(num_prompts, seed)
+    if prompt_set == "templates":
+        prompts = training_prompts(num_prompts, seed)
+    else:
+        prompts = varied_prompts(num_prompts, seed, passages(passage_folders, tok))
     todo = [i for i in range(num_prompts) if i not in done]
     encoded = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i][1]}],
                                           add_generation_prompt=True, tokenize=True) for i in todo}
@@ -89,6 +98,18 @@ def distill(out: Path, num_prompts: int, max_new_tokens: int, batch_size: int, m
             finished = []
     bar.close()
     print(f"distilled {total_tokens} answer tokens in {time.perf_counter() - start:.0f} s into {out}")
+
+
+def passages(folders: list[Path], tokenizer, min_chars: int = 300, max_chars: int = 1200) -> list[str]:
+    """Earlier distilled answers, as text, that are long enough to extract from and short enough to read."""
+    texts = []
+    for shard in sorted(shard for folder in folders for shard in folder.glob("shard_*.pt")):
+        data = torch.load(shard, weights_only=True)
+        for answer in data["tokens"].split(data["lengths"]):
+            text = tokenizer.decode(answer.tolist(), skip_special_tokens=True).strip()
+            if min_chars <= len(text) <= max_chars:
+                texts.append(text)
+    return texts
 
 
 def _write_shard(path: Path, ids: list[int], tokens: dict, hidden: dict) -> int:
@@ -247,6 +268,11 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--out", type=Path, default=Path("runs/distill"))
+    d.add_argument("--prompt-set", choices=["templates", "varied"], default="templates",
+                   help="templates: topic x template instructions; varied: the broader set, "
+                   "with passage tasks")
+    d.add_argument("--passages", type=Path, nargs="*", default=[],
+                   help="distillation folders whose answers become the varied set's passages")
     f = sub.add_parser("fit", help="train heads on distilled hidden states")
     f.add_argument("--data", type=Path, nargs="+", default=[Path("runs/distill")],
                    help="distillation folders (e.g. one per `distill --seed`)")
@@ -266,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(args.command == "fit")
     if args.command == "distill":
-        distill(args.out, args.prompts, args.max_new_tokens, args.batch_size, args.model, args.seed)
+        distill(args.out, args.prompts, args.max_new_tokens, args.batch_size, args.model, args.seed,
+                prompt_set=args.prompt_set, passage_folders=args.passages)
     else:
         fit(args.data, args.out, args.heads, args.layers, args.epochs, args.lr, args.batch, args.model,
             args.seed, args.path_input, args.draft_vocab)

@@ -13,9 +13,10 @@ from medusa.train import (
     draft_vocabulary,
     evaluate,
     load_data,
+    passages,
     to_draft_indices,
 )
-from medusa.train_prompts import training_prompts
+from medusa.train_prompts import training_prompts, varied_prompts
 
 
 def test_labels_are_shifted_per_head(tmp_path):
@@ -62,3 +63,26 @@ def test_training_prompts_are_distinct_and_seeded():
     assert len({p for _, p in prompts}) == 500
     assert prompts == training_prompts(500, seed=3)
     assert {c for c, _ in prompts} >= {"writing", "reasoning", "math", "coding", "translation", "qa"}
+
+
+def test_varied_prompts_are_distinct_seeded_and_use_the_passages():
+    passage = "Honeybees live in colonies of many thousands. Each colony has a single queen. Workers fly."
+    prompts = varied_prompts(400, seed=5, passages=[passage])
+    assert len({p for _, p in prompts}) == 400
+    assert prompts == varied_prompts(400, seed=5, passages=[passage])
+    assert prompts != varied_prompts(400, seed=6, passages=[passage])
+    assert {c for c, _ in prompts} >= {"writing", "roleplay", "reasoning", "math", "coding", "stem",
+                                       "humanities", "translation", "qa", "passage"}
+    assert any(passage in p for c, p in prompts if c == "passage")
+    assert "passage" not in {c for c, _ in varied_prompts(100, seed=5)}  # no passages, no passage tasks
+
+
+def test_passages_are_earlier_answers_as_text(tmp_path):
+    class Tok:
+        def decode(self, ids, skip_special_tokens):
+            return "x" * len(ids)
+
+    tokens = {1: list(range(5)), 2: list(range(50)), 3: list(range(500))}
+    hidden = {i: [torch.zeros(len(t), 2).half()] for i, t in tokens.items()}
+    _write_shard(tmp_path / "shard_0000.pt", [1, 2, 3], tokens, hidden)
+    assert passages([tmp_path], Tok(), min_chars=10, max_chars=100) == ["x" * 50]  # too short, kept, too long
