@@ -321,6 +321,13 @@ def varied_prompts(count: int, seed: int = 0, passages: list[str] = ()) -> list[
         table, cols = pick(TABLES)
         return f"A table `{table}` has the columns {cols}. Write a SQL query that returns {pick(QUERIES)}."
 
+    sentences = [s.strip() for p in passages for s in p.split(". ") if 20 < len(s.strip()) < 160]
+
+    def sentence() -> str:  # from a passage, or a topic sentence when there are no passages
+        if not sentences:
+            return f"I would like to read a good book about {pick(SUBJECTS)}."
+        return pick(sentences).rstrip(".") + "."
+
     def passage() -> str:
         tasks = PASSAGE_TASKS[pick(list(PASSAGE_TASKS))]
         return pick(tasks).format(x=pick(passages), f=pick(FORMATS), n=rng.randint(1, 3),
@@ -332,7 +339,7 @@ def varied_prompts(count: int, seed: int = 0, passages: list[str] = ()) -> list[
         "reasoning": reasoning, "math": math, "coding": coding,
         "stem": lambda: pick(STEM_TEMPLATES).format(s=pick(STEM)),
         "humanities": lambda: pick(HUMANITIES_TEMPLATES).format(h=pick(HUMANITIES), g=pick(HUMANITIES)),
-        "translation": lambda: f"Translate into {pick(LANGUAGES)}: '{_sentence(rng, passages)}'",
+        "translation": lambda: f"Translate into {pick(LANGUAGES)}: '{sentence()}'",
         "qa": lambda: pick(TEMPLATES["qa"] + TEMPLATES["reasoning"]).format(t=pick(SUBJECTS),
                                                                             u=pick(SUBJECTS)),
     }
@@ -351,11 +358,3 @@ def varied_prompts(count: int, seed: int = 0, passages: list[str] = ()) -> list[
             out.append((category, prompt))
     rng.shuffle(out)
     return out
-
-
-def _sentence(rng: random.Random, passages: list[str]) -> str:
-    """A sentence from a passage (or a topic sentence when there are no passages)."""
-    sentences = [s.strip() for p in passages for s in p.split(". ") if 20 < len(s.strip()) < 160]
-    if not sentences:
-        return f"I would like to read a good book about {rng.choice(SUBJECTS)}."
-    return rng.choice(sentences).rstrip(".") + "."
