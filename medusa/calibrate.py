@@ -10,6 +10,10 @@
 2. The cost of one step that verifies T tokens is measured on this device (base forward of T
    tokens against a cache of typical length, the lm_head on them, and the heads).
 3. The budget that maximises expected tokens per second of step time wins.
+
+`--lookup L` adds a prompt-lookup branch of L nodes (`medusa.lookup`) and counts them in the
+budget and in the measured cost. What it gains depends on how much the text copies, so it is not
+in the estimate: choose L by measuring with `python -m benchmarks.speculative --tree FILE`.
 """
 
 from __future__ import annotations
@@ -76,31 +80,37 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
 
 
 def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repeats: int,
-              budget: int | None = None) -> dict:
+              budget: int | None = None, lookup: int = 0) -> dict:
+    """The tree (head choices + a lookup branch of `lookup` nodes, root included in the node
+    counts) that maximises expected tokens per second, or the best one of `budget` nodes."""
     report = json.loads((heads_path / "training.json").read_text())
     rank_probs = report["held_out"]["rank_probs"]
-    choices, probs = greedy_tree(rank_probs, max_nodes - 1)
+    choices, probs = greedy_tree(rank_probs, max_nodes - 1 - lookup)
     if budget is not None:  # cost known to be flat up to the budget (e.g. a GPU): no measurement
-        expected = 1 + sum(probs[:budget - 1])
-        print(f"{budget} nodes  E[tokens/step] {expected:.2f} (budget given, cost not measured)")
-        return {"choices": [list(c) for c in choices[:budget - 1]], "device": device,
+        n = budget - 1 - lookup
+        expected = 1 + sum(probs[:n])
+        print(f"{budget} nodes ({lookup} lookup)  E[tokens/step] {expected:.2f} from the heads "
+              "(budget given, cost not measured)")
+        return {"choices": [list(c) for c in choices[:n]], "lookup": lookup, "device": device,
                 "expected_tokens": round(expected, 3)}
     loaded = load_model(None, device=device)
     heads = load_heads(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
                        dtype=loaded.model.embed.weight.dtype)
-    sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(1, max_nodes + 1)) | {max_nodes})
-    trees = {T: build_tree([list(c) for c in choices[:T - 1]]) for T in sizes}
+    sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(lookup + 1, max_nodes + 1))
+                   | {max_nodes})
+    trees = {T: build_tree([list(c) for c in choices[:T - 1 - lookup]], lookup=lookup) for T in sizes}
     costs = step_cost(loaded, heads, trees, context, repeats)
     rows = []
     for T in sizes:
-        expected = 1 + sum(probs[:T - 1])
+        expected = 1 + sum(probs[:T - 1 - lookup])
         rows.append({"nodes": T, "expected_tokens": round(expected, 3), "step_ms": round(1e3 * costs[T], 2),
                      "tokens_per_s": round(expected / costs[T], 1)})
     best = max(rows, key=lambda r: r["tokens_per_s"])
     for r in rows:
         print(f"{r['nodes']:4d} nodes  E[tokens/step] {r['expected_tokens']:.2f}  step {r['step_ms']:7.2f} ms"
               f"  {r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
-    return {"choices": [list(c) for c in choices[:best["nodes"] - 1]], "device": device, "measurements": rows}
+    return {"choices": [list(c) for c in choices[:best["nodes"] - 1 - lookup]], "lookup": lookup,
+            "device": device, "measurements": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,11 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--budget", type=int, help="use this many nodes without measuring (e.g. 64 on a GPU, "
                     "where verifying 64 tokens costs about what one does)")
+    ap.add_argument("--lookup", type=int, default=0, help="nodes of a prompt-lookup branch (in the budget)")
     ap.add_argument("--out", type=Path, help="write the chosen tree's choices here (JSON)")
     args = ap.parse_args(argv)
-    result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget)
+    if not 0 <= args.lookup < (args.budget or args.max_nodes):
+        ap.error("--lookup must be >= 0 and leave room for the root")
+    result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget,
+                       args.lookup)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result["choices"]) + "\n")
+        tree = {"choices": result["choices"], "lookup": args.lookup} if args.lookup else result["choices"]
+        args.out.write_text(json.dumps(tree) + "\n")
         args.out.with_suffix(".calibration.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {len(result['choices']) + 1}-node tree to {args.out}")

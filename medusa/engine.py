@@ -24,6 +24,7 @@ from medusa import acceptance, sampling
 from medusa.config import SamplingParams
 from medusa.heads import MedusaHeads
 from medusa.llama import Llama
+from medusa.lookup import NgramIndex
 from medusa.tree import TreeBuffers, build_tree, candidates_from_topk, check_tree_fits
 
 ROOT_ONLY = build_tree([])
@@ -34,19 +35,21 @@ _RowResult = tuple[list[int], int, list[float]]  # accepted path, next pending t
 
 def draft(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
           tree: TreeBuffers) -> torch.Tensor:
-    """[B, T] the token of every tree node: the roots, then the heads' guesses.
+    """[B, T] the token of every tree node: the roots, then the heads' guesses (the lookup
+    branch, filled by the caller, holds the roots).
 
     hidden_last: [B, C] hidden states of the last cached tokens; roots: [B] the next (pending) tokens.
     Medusa heads guess all levels at once; path-input heads go level by level, each node's
     children drafted from the tokens on the path to it.
     """
+    if tree.num_heads_needed == 0:  # a lookup branch only
+        return roots[:, None].repeat(1, tree.num_nodes)
     if not heads.config.path_input:
         logits = heads(hidden_last, model.lm_head, num_heads=tree.num_heads_needed)  # [B, K, V']
         topk = heads.token_ids(logits.topk(tree.topk_needed, dim=-1).indices)  # [B, K, k]
         return candidates_from_topk(roots, topk, tree)
     (B, C), T = hidden_last.shape, tree.num_nodes
-    tokens = roots.new_zeros(B, T)
-    tokens[:, 0] = roots
+    tokens = roots[:, None].repeat(1, T)  # [B, T]
     for k, level in enumerate(tree.levels):  # head k drafts depth k + 1
         P = level.parent_paths.shape[0]
         path_embeds = model.embed(tokens[:, level.parent_paths]).view(B * P, k + 1, C)  # [B*P, k+1, C]
@@ -97,6 +100,7 @@ class _Sequence:
     hidden_last: torch.Tensor  # [C]: hidden state of the last cached token, the heads' input
     generated: list[int] = field(default_factory=list)  # includes the pending token (last)
     stats: SpecStats = field(default_factory=SpecStats)
+    lookup: NgramIndex | None = None  # prompt + generated, for a tree with a lookup branch
 
     @property
     def pending(self) -> int:
@@ -216,7 +220,8 @@ class Engine:
         params = pre.params
         generator = torch.Generator(self.device)
         generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
-        seq = _Sequence(request_id, pre.slot, params, pre.prompt, generator, hidden[0, -1])
+        seq = _Sequence(request_id, pre.slot, params, pre.prompt, generator, hidden[0, -1],
+                        lookup=NgramIndex(pre.prompt) if self.tree.lookup else None)
         logits = self.model.logits(hidden[:, -1])  # [1, V]
         logits = sampling.target_logits(logits, params, self._seen([seq], [[]]))
         token = sampling.sample(logits, params, generator)
@@ -255,6 +260,8 @@ class Engine:
         if T > 1:
             hidden_last = torch.stack([s.hidden_last for s in seqs])  # [B, C]
             candidates = draft(self.heads, self.model, hidden_last, roots, tree)  # [B, T]
+            if tree.lookup:
+                self._fill_lookup(seqs, tree, candidates)
             positions = cache_lens[:, None] + self._tree_depths  # [B, T]
             max_len = max(len(s.prompt) + len(s.generated) - 1 for s in seqs) + T
             hidden = self.model(candidates, positions, self.cache, slots, self._tree_mask, max_len)
@@ -283,6 +290,15 @@ class Engine:
             if self.keep_hidden:
                 out[-1].hidden = hidden[b, p]
         return out
+
+    def _fill_lookup(self, seqs: list[_Sequence], tree: TreeBuffers, candidates: torch.Tensor) -> None:
+        """Put each sequence's prompt-lookup guesses on the tree's lookup branch. candidates [B, T].
+
+        A shorter guess (or none) is padded with the root token: any token is a valid draft.
+        """
+        L = tree.lookup
+        guesses = [g + [s.pending] * (L - len(g)) for s in seqs for g in [s.lookup.propose(L)]]
+        candidates[:, tree.lookup_nodes.start:] = torch.tensor(guesses, device=candidates.device)  # [B, L]
 
     def _accept(self, seqs: list[_Sequence], speculate: list[bool], tree: TreeBuffers,
                 candidates: torch.Tensor, logits: torch.Tensor
@@ -381,6 +397,8 @@ class Engine:
             reason = self._finish_reason(seq, token)
             if reason:
                 break
+        if seq.lookup is not None:
+            seq.lookup.extend(tokens[:kept])
         spec = seq.stats if self.heads is not None else None
         emitted = Emitted(seq.request_id, tokens[:kept], logprobs[:kept], reason, speculation=spec)
         if reason:

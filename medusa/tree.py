@@ -5,6 +5,10 @@ the token already sampled from the base model. A node at depth d (1-based) with 
 (r1, ..., rd) holds the token ranked rd in head (d-1)'s top-k, and is the child of the node with
 path (r1, ..., r(d-1)). All the sequences of a batch share one tree; only the tokens differ.
 
+A tree may also end with a *lookup branch*: a chain of `lookup` nodes below the root whose tokens
+come from prompt lookup (`medusa.lookup`) instead of the heads. Its nodes come after all the head
+nodes, so ancestors still have smaller indices than their descendants.
+
 `build_tree` is a pure function from choices to `TreeBuffers` (CPU tensors, built once); the
 engine moves them to its device with `TreeBuffers.to`.
 
@@ -49,7 +53,8 @@ def _tensors_on(buffers, device: torch.device | str) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class TreeBuffers:
-    """Everything about a tree that does not depend on the tokens. Node i + 1 is choices[i]."""
+    """Everything about a tree that does not depend on the tokens. Node i + 1 is choices[i];
+    nodes len(choices) + 1 .. T - 1 are the lookup branch, a chain from the root."""
 
     choices: tuple[tuple[int, ...], ...]  # sorted by (depth, path)
     mask: torch.Tensor  # [T, T] bool: node i sees node j (j is i or an ancestor of i, root included)
@@ -57,14 +62,21 @@ class TreeBuffers:
     parents: torch.Tensor  # [T] long: -1 for the root
     head_index: torch.Tensor  # [T] long: the head whose top-k gives the node's token (depth - 1); -1 root
     rank_index: torch.Tensor  # [T] long: the rank in that head's top-k (last element of path); -1 root
+    # (head_index and rank_index are -1 on the lookup branch too)
     retrieve: torch.Tensor  # [P, depth + 1] long: node indices root..leaf per leaf, padded with -1
     children: tuple[tuple[int, ...], ...]  # children of each node in rank order
     num_nodes: int  # T
     depth: int  # longest path (0 for a root-only tree)
-    num_heads_needed: int  # = depth
+    num_heads_needed: int  # depth of the head nodes
     topk_needed: int  # max rank + 1 (0 for a root-only tree)
-    levels: tuple[TreeLevel, ...] = ()  # depth 1, 2, ...
+    levels: tuple[TreeLevel, ...] = ()  # head nodes at depth 1, 2, ...
+    lookup: int = 0  # nodes on the lookup branch
     name: str = "custom"  # for messages
+
+    @property
+    def lookup_nodes(self) -> range:
+        """Indices of the lookup branch's nodes, root's child first."""
+        return range(self.num_nodes - self.lookup, self.num_nodes)
 
     def to(self, device: torch.device | str) -> TreeBuffers:
         """The same tree with its tensors on `device`."""
@@ -72,8 +84,11 @@ class TreeBuffers:
                                    levels=tuple(level.to(device) for level in self.levels))
 
 
-def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBuffers:
-    """Validate choices and build the tree's buffers. Raises TreeError on a malformed tree."""
+def build_tree(choices: Sequence[Sequence[int]], name: str = "custom", lookup: int = 0) -> TreeBuffers:
+    """Validate choices and build the tree's buffers, with a lookup branch of `lookup` nodes.
+    Raises TreeError on a malformed tree."""
+    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+        raise TreeError(f"tree {name!r}: lookup must be an integer >= 0, got {lookup!r}")
     paths = [_as_path(c, name) for c in choices]
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
@@ -84,11 +99,13 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBu
             raise TreeError(f"tree {name!r} has the path {list(p)} but not its parent {list(p[:-1])}; "
                             "every prefix of a path must be in the tree")
     ordered = sorted(paths, key=lambda p: (len(p), p))
-    T = len(ordered) + 1
+    drafted = len(ordered) + 1  # the root and the head nodes
+    T = drafted + lookup
     index = {(): 0} | {p: i + 1 for i, p in enumerate(ordered)}
 
-    parents = [-1] + [index[p[:-1]] for p in ordered]
-    depths = [0] + [len(p) for p in ordered]
+    lookup_parents = [drafted + i - 1 if i else 0 for i in range(lookup)]  # a chain from the root
+    parents = [-1] + [index[p[:-1]] for p in ordered] + lookup_parents
+    depths = [0] + [len(p) for p in ordered] + list(range(1, lookup + 1))
     children: list[list[int]] = [[] for _ in range(T)]
     for i in range(1, T):
         children[parents[i]].append(i)  # nodes are sorted by path, so siblings come in rank order
@@ -101,6 +118,7 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBu
             j = parents[j]
 
     depth = max(depths)
+    head_depth = max(depths[:drafted])
     leaves = [i for i in range(T) if not children[i]]
     retrieve = torch.full((len(leaves), depth + 1), -1, dtype=torch.long)  # [P, depth + 1]
     def root_to(node: int) -> torch.Tensor:  # ancestors have smaller indices: root..node in order
@@ -111,8 +129,8 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBu
         retrieve[row, :len(chain)] = chain
 
     levels = []
-    for d in range(1, depth + 1):
-        nodes = [i for i in range(T) if depths[i] == d]
+    for d in range(1, head_depth + 1):
+        nodes = [i for i in range(drafted) if depths[i] == d]
         parent_nodes = sorted({parents[i] for i in nodes})
         parent_paths = torch.stack([root_to(j) for j in parent_nodes])  # [P, d] root..parent
         levels.append(TreeLevel(
@@ -126,15 +144,16 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom") -> TreeBu
         mask=mask,
         depths=torch.tensor(depths, dtype=torch.long),
         parents=torch.tensor(parents, dtype=torch.long),
-        head_index=torch.tensor([-1] + [len(p) - 1 for p in ordered], dtype=torch.long),
-        rank_index=torch.tensor([-1] + [p[-1] for p in ordered], dtype=torch.long),
+        head_index=torch.tensor([-1] + [len(p) - 1 for p in ordered] + [-1] * lookup, dtype=torch.long),
+        rank_index=torch.tensor([-1] + [p[-1] for p in ordered] + [-1] * lookup, dtype=torch.long),
         retrieve=retrieve,
         children=tuple(tuple(c) for c in children),
         num_nodes=T,
         depth=depth,
-        num_heads_needed=depth,
+        num_heads_needed=head_depth,
         topk_needed=max((p[-1] + 1 for p in ordered), default=0),
         levels=tuple(levels),
+        lookup=lookup,
         name=name,
     )
 
@@ -148,7 +167,7 @@ def _as_path(choice: Sequence[int], name: str) -> tuple[int, ...]:
 
 
 def candidates_from_topk(root: torch.Tensor, topk_tokens: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
-    """The token of every tree node for every sequence.
+    """The token of every tree node for every sequence (the lookup branch, if any, holds the root).
 
     root: [B] the already-sampled next token; topk_tokens: [B, K, k] each head's top-k tokens,
     best first. Returns [B, T] long.
@@ -157,10 +176,12 @@ def candidates_from_topk(root: torch.Tensor, topk_tokens: torch.Tensor, tree: Tr
     assert root.shape == (B,), f"root must be [B={B}], got {tuple(root.shape)}"
     assert K >= tree.num_heads_needed and k >= tree.topk_needed, "call check_tree_fits first"
     device = topk_tokens.device
-    heads = tree.head_index[1:].to(device)  # [T-1]
-    ranks = tree.rank_index[1:].to(device)  # [T-1]
-    nodes = topk_tokens[:, heads, ranks]  # [B, T-1]
-    return torch.cat([root[:, None].to(nodes.dtype), nodes], dim=1)  # [B, T]
+    drafted = tree.num_nodes - tree.lookup
+    heads = tree.head_index[1:drafted].to(device)  # [T-1-lookup]
+    ranks = tree.rank_index[1:drafted].to(device)  # [T-1-lookup]
+    nodes = topk_tokens[:, heads, ranks]  # [B, T-1-lookup]
+    root = root[:, None].to(nodes.dtype)  # [B, 1]
+    return torch.cat([root, nodes, root.expand(B, tree.lookup)], dim=1)  # [B, T]
 
 
 def check_tree_fits(tree: TreeBuffers, num_heads: int, topk: int) -> None:
@@ -200,10 +221,11 @@ SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 
 
 def get_tree(name_or_path: str) -> TreeBuffers:
-    """A built-in tree by name, or a JSON file holding a list of choices (lists of ranks)."""
+    """A built-in tree by name, or a JSON file: a list of choices (lists of ranks), or an object
+    {"choices": [...], "lookup": L} for a tree with a lookup branch of L nodes."""
     shipped = SHIPPED_TREES / f"{name_or_path}.json"
     if "/" not in name_or_path and shipped.is_file():
-        return build_tree(json.loads(shipped.read_text()), name=name_or_path)
+        return _tree_from_json(json.loads(shipped.read_text()), name_or_path)
     if name_or_path in BUILTIN_TREES:
         return build_tree(BUILTIN_TREES[name_or_path], name=name_or_path)
     path = Path(name_or_path)
@@ -211,13 +233,20 @@ def get_tree(name_or_path: str) -> TreeBuffers:
         raise TreeError(f"unknown tree {name_or_path!r}: give one of {', '.join(BUILTIN_TREES)} "
                         "or the path of a JSON file with a list of choices such as [[0], [1], [0, 0]]")
     try:
-        choices = json.loads(path.read_text())
+        spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TreeError(f"tree file {str(path)!r} is not valid JSON: {e}") from e
-    if not isinstance(choices, list):
-        raise TreeError(f"tree file {str(path)!r} must hold a JSON list of choices "
-                        "such as [[0], [1], [0, 0]]")
-    return build_tree(choices, name=str(path))
+    return _tree_from_json(spec, str(path))
+
+
+def _tree_from_json(spec, name: str) -> TreeBuffers:
+    choices = spec.get("choices") if isinstance(spec, dict) else None
+    if isinstance(choices, list) and set(spec) <= {"choices", "lookup"}:
+        return build_tree(choices, name=name, lookup=spec.get("lookup", 0))
+    if not isinstance(spec, list):
+        raise TreeError(f"tree file {name!r} must hold a JSON list of choices such as [[0], [1], [0, 0]], "
+                        'or an object {"choices": [...], "lookup": 8}')
+    return build_tree(spec, name=name)
 
 
 if __name__ == "__main__":

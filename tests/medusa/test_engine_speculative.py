@@ -33,16 +33,38 @@ HEAD_KINDS = {"medusa": {},
               "path-input+draft-vocab": {"path_input": True, "draft_vocab_size": 40}}
 
 
+TREES = {"chain": get_tree("chain"), "cpu": get_tree("cpu"), "mc_sim_7b_63": get_tree("mc_sim_7b_63"),
+         "cpu+lookup": build_tree(get_tree("cpu").choices, lookup=5)}
+
+
 @pytest.mark.parametrize("kind", HEAD_KINDS)
-@pytest.mark.parametrize("tree_name", ["chain", "cpu", "mc_sim_7b_63"])
+@pytest.mark.parametrize("tree_name", TREES)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch, kind):
     params = SamplingParams(max_new_tokens=24)
     prompts = PROMPTS[:batch]
     plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(prompts, params)
     spec = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64,
-                  heads=heads_for(model, **HEAD_KINDS[kind]), tree=get_tree(tree_name))
+                  heads=heads_for(model, **HEAD_KINDS[kind]), tree=TREES[tree_name])
     assert spec.generate(prompts, params) == plain
+
+
+def test_lookup_branch_accepts_repeats_with_the_same_output(model):
+    """A tree of only a lookup branch: the tiny model's greedy output falls into loops, which
+    prompt lookup guesses; the output must still be plain greedy decoding, token for token."""
+    params = SamplingParams(max_new_tokens=40)
+    plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(PROMPTS, params)
+    engine = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64, heads=heads_for(model),
+                    tree=build_tree([], lookup=5))
+    out, accepted = {}, 0
+    for i, prompt in enumerate(PROMPTS):
+        out[i] = engine.add(i, prompt, params).token_ids
+    while engine.running:
+        for e in engine.step():
+            out[e.request_id] += e.token_ids
+            accepted += len(e.token_ids) - 1
+    assert [out[i] for i in range(len(PROMPTS))] == plain
+    assert accepted >= 40  # of 160 tokens: the branch really was used
 
 
 class OracleHeads(torch.nn.Module):
@@ -128,7 +150,7 @@ def test_lossless_sampling_keeps_the_distribution():
     prompt, temperature = [1, 2, 3], 0.9
     expected = exact_pair_distribution(model, prompt, temperature).flatten()
     heads = random_heads(MedusaConfig(hidden_size=32, vocab_size=V, num_heads=2), seed=1)
-    tree = build_tree([[0], [1], [0, 0], [0, 1], [1, 0]])
+    tree = build_tree([[0], [1], [0, 0], [0, 1], [1, 0]], lookup=2)  # lookup drafts are deterministic too
     engine = Engine(model, Vocab(), (), max_batch_size=64, max_total_tokens=16, heads=heads, tree=tree)
     counts = torch.zeros(V * V)
     accepted = 0

@@ -121,6 +121,33 @@ def test_root_only_tree() -> None:
     assert candidates_from_topk(torch.tensor([5]), topk, tree).tolist() == [[5]]
 
 
+
+def test_lookup_branch_is_a_chain_from_the_root_after_the_head_nodes() -> None:
+    tree = build_tree([[0], [1], [0, 0]], lookup=3)  # heads: 1 [0], 2 [1], 3 [0,0]; lookup: 4 -> 5 -> 6
+    assert tree.num_nodes == 7 and list(tree.lookup_nodes) == [4, 5, 6]
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 0, 4, 5]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 1, 2, 3]
+    assert tree.depth == 3 and tree.num_heads_needed == 2 and tree.topk_needed == 2
+    assert tree.head_index.tolist() == [-1, 0, 0, 1, -1, -1, -1]
+    assert tree.retrieve.tolist() == [[0, 2, -1, -1], [0, 1, 3, -1], [0, 4, 5, 6]]
+    assert tree.children[0] == (1, 2, 4)  # the lookup branch is the root's last child
+    assert torch.equal(tree.mask.sum(dim=1), tree.depths + 1)
+    assert [level.nodes.tolist() for level in tree.levels] == [[1, 2], [3]]  # heads draft only theirs
+    topk = torch.tensor([[[10, 11], [12, 13]]])  # [B=1, K=2, k=2]
+    assert candidates_from_topk(torch.tensor([5]), topk, tree).tolist() == [[5, 10, 11, 12, 5, 5, 5]]
+    with pytest.raises(TreeError, match="lookup must be an integer >= 0"):
+        build_tree([[0]], lookup=-1)
+
+
+def test_tree_file_with_a_lookup_branch(tmp_path) -> None:
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps({"choices": [[0], [0, 0]], "lookup": 4}))
+    tree = get_tree(str(path))
+    assert tree.choices == ((0,), (0, 0)) and tree.lookup == 4 and tree.num_nodes == 7
+    path.write_text(json.dumps({"nodes": [[0]]}))
+    with pytest.raises(TreeError, match='"lookup": 8'):
+        get_tree(str(path))
+
 def test_to_moves_tensors_only() -> None:
     tree = build_tree(SMALL)
     moved = tree.to("meta")

@@ -1,0 +1,46 @@
+"""Prompt lookup: guess the next tokens by finding the text's last few tokens earlier in the text.
+
+Answers often copy from their prompt or from themselves: names and numbers in an extraction, a
+passage being summarised, identifiers in code. Prompt lookup decoding (Saxena 2023) drafts those
+copies for free: find the most recent earlier occurrence of the sequence's last n tokens
+(an n-gram, the longest n that matches first) and propose the tokens that followed it.
+
+Medusa heads see only the last hidden state, so they cannot copy a rare name from far back; a
+lookup branch in the candidate tree (`build_tree(..., lookup=L)`) can. Its drafts are a
+deterministic function of the tokens, so every acceptance rule keeps its guarantees.
+"""
+
+from __future__ import annotations
+
+
+class NgramIndex:
+    """A sequence's tokens, and where each of its n-grams (n = 1..max_n) last ended.
+
+    The index grows lazily in `propose`: only n-grams ending before the last token are in it,
+    since the suffix that ends at the last token must match an *earlier* occurrence, one that has
+    a continuation.
+    """
+
+    def __init__(self, tokens: list[int], max_n: int = 3) -> None:
+        assert max_n >= 1
+        self.max_n = max_n
+        self.tokens = list(tokens)
+        self._last_end: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token
+        self._indexed = 0  # n-grams ending before this index are in `_last_end`
+
+    def extend(self, tokens: list[int]) -> None:
+        self.tokens += tokens
+
+    def propose(self, length: int) -> list[int]:
+        """Up to `length` tokens that followed the latest earlier occurrence of the longest
+        matching suffix (n = max_n down to 1); [] when nothing matches."""
+        tokens, last = self.tokens, len(self.tokens) - 1
+        for end in range(self._indexed, last):  # index the n-grams that now have a continuation
+            for n in range(1, min(self.max_n, end + 1) + 1):
+                self._last_end[tuple(tokens[end - n + 1:end + 1])] = end
+        self._indexed = max(self._indexed, last)
+        for n in range(min(self.max_n, last), 0, -1):
+            end = self._last_end.get(tuple(tokens[last - n + 1:last + 1]))
+            if end is not None:
+                return tokens[end + 1:end + 1 + length]
+        return []

@@ -1,0 +1,46 @@
+"""Prompt lookup: the guesses are what followed the latest earlier occurrence of the longest
+matching suffix, however the token list grew."""
+
+import random
+
+from medusa.lookup import NgramIndex
+
+
+def reference_proposal(tokens: list[int], length: int, max_n: int) -> list[int]:
+    """Search from scratch: longest n first, then the latest earlier occurrence."""
+    last = len(tokens) - 1
+    for n in range(min(max_n, last), 0, -1):
+        suffix = tokens[last - n + 1:]
+        for end in range(last - 1, n - 2, -1):
+            if tokens[end - n + 1:end + 1] == suffix:
+                return tokens[end + 1:end + 1 + length]
+    return []
+
+
+def test_hand_checked_proposals() -> None:
+    index = NgramIndex([1, 2, 3, 4, 5, 9, 2, 3], max_n=3)
+    assert index.propose(3) == [4, 5, 9]  # "2 3" was followed by "4 5 9"
+    index.extend([7])
+    assert index.propose(3) == []  # 7 never occurred before
+    index.extend([2])
+    # "3 7 2" and "7 2" did not occur before; the latest earlier "2" (index 6) was followed by "3 7"
+    assert index.propose(2) == [3, 7]
+    assert index.propose(5) == [3, 7, 2]  # a match near the end gives a shorter guess
+
+
+def test_longest_match_wins_over_the_latest() -> None:
+    # "1 2" occurs twice; the 2-gram at the end matches the first one, the 1-gram "2" the later one
+    index = NgramIndex([1, 2, 8, 5, 2, 9, 1, 2], max_n=2)
+    assert index.propose(2) == [8, 5]
+
+
+def test_incremental_index_equals_a_search_from_scratch() -> None:
+    rng = random.Random(0)
+    for trial in range(30):
+        tokens = [rng.randrange(6) for _ in range(rng.randrange(1, 8))]
+        index = NgramIndex(tokens, max_n=3)
+        for _ in range(40):
+            assert index.propose(4) == reference_proposal(tokens, 4, 3), (trial, tokens)
+            more = [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
+            tokens += more
+            index.extend(more)
