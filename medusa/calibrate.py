@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None) -> None:
         tree = {"choices": result["choices"], "lookup": args.lookup} if args.lookup else result["choices"]
         args.out.write_text(json.dumps(tree) + "\n")
         args.out.with_suffix(".calibration.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {len(result['choices']) + 1}-node tree to {args.out}")
+        print(f"wrote {len(result['choices']) + 1 + args.lookup}-node tree to {args.out}")

@@ -1,7 +1,9 @@
 """Tree calibration: nodes are added by the probability that their whole path is accepted."""
 
-from medusa.calibrate import greedy_tree
-from medusa.tree import build_tree
+import json
+
+from medusa.calibrate import greedy_tree, main
+from medusa.tree import build_tree, get_tree
 
 RANK_PROBS = [[0.6, 0.1, 0.05], [0.4, 0.1, 0.05], [0.3, 0.1, 0.05]]
 
@@ -17,3 +19,14 @@ def test_greedy_tree_by_path_probability():
 def test_budget_larger_than_the_space_stops_at_the_full_tree():
     choices, _ = greedy_tree([[0.5, 0.5]], 10)
     assert choices == [(0,), (1,)]
+
+
+def test_a_budget_with_a_lookup_branch_writes_a_tree_the_server_reads(tmp_path):
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "training.json").write_text(json.dumps({"held_out": {"rank_probs": RANK_PROBS}}))
+    out = tmp_path / "gpu.json"
+    main(["--heads", str(heads), "--budget", "8", "--lookup", "3", "--out", str(out)])
+    tree = get_tree(str(out))
+    assert tree.num_nodes == 8 and tree.lookup == 3
+    assert tree.choices == ((0,), (1,), (0, 0), (0, 0, 0))  # the 4 best paths
