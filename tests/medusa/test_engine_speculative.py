@@ -34,7 +34,7 @@ HEAD_KINDS = {"medusa": {},
 
 
 TREES = {"chain": get_tree("chain"), "cpu": get_tree("cpu"), "mc_sim_7b_63": get_tree("mc_sim_7b_63"),
-         "cpu+lookup": build_tree(get_tree("cpu").choices, lookup=5)}
+         "mc_sim_7b_63+lookup": build_tree(get_tree("mc_sim_7b_63").choices, lookup=8)}
 
 
 @pytest.mark.parametrize("kind", HEAD_KINDS)

@@ -89,7 +89,7 @@ def test_mc_sim_7b_63() -> None:
     assert tree.depth == 4
     assert tree.topk_needed == 10
     gpu = get_tree("gpu")  # shipped: calibrated for the shipped heads, a 64-node budget
-    assert gpu.num_nodes <= 64 and gpu.depth <= 4
+    assert gpu.num_nodes <= 64 and gpu.num_heads_needed <= 4
     # every node sees exactly its depth + 1 nodes (itself and its ancestors)
     assert torch.equal(tree.mask.sum(dim=1), tree.depths + 1)
 
@@ -99,7 +99,7 @@ def test_builtins() -> None:
         assert get_tree(name).name == name
     assert get_tree("chain").choices == ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0))
     cpu = get_tree("cpu")
-    assert 2 <= cpu.num_nodes <= 33 and cpu.depth <= 4  # shipped: calibrated on a CPU, <= 32 nodes
+    assert 2 <= cpu.num_nodes <= 33 and cpu.num_heads_needed <= 4  # shipped: calibrated on a CPU
 
 
 def test_tree_from_json_file_and_unknown_name(tmp_path) -> None:
