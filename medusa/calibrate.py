@@ -102,14 +102,15 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
     costs = step_cost(loaded, heads, trees, context, repeats)
     rows = []
     for T in sizes:
-        expected = 1 + sum(probs[:T - 1 - lookup])
+        expected = 1 + sum(probs[:len(trees[T].choices)])
         rows.append({"nodes": T, "expected_tokens": round(expected, 3), "step_ms": round(1e3 * costs[T], 2),
                      "tokens_per_s": round(expected / costs[T], 1)})
     best = max(rows, key=lambda r: r["tokens_per_s"])
     for r in rows:
         print(f"{r['nodes']:4d} nodes  E[tokens/step] {r['expected_tokens']:.2f}  step {r['step_ms']:7.2f} ms"
               f"  {r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
-    return {"choices": [list(c) for c in choices[:best["nodes"] - 1 - lookup]], "lookup": lookup,
+    head_nodes = len(trees[best["nodes"]].choices)
+    return {"choices": [list(c) for c in choices[:head_nodes]], "lookup": lookup,
             "device": device, "measurements": rows}
 
 

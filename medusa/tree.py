@@ -176,7 +176,7 @@ def candidates_from_topk(root: torch.Tensor, topk_tokens: torch.Tensor, tree: Tr
     assert root.shape == (B,), f"root must be [B={B}], got {tuple(root.shape)}"
     assert K >= tree.num_heads_needed and k >= tree.topk_needed, "call check_tree_fits first"
     device = topk_tokens.device
-    drafted = tree.num_nodes - tree.lookup
+    drafted = tree.lookup_nodes.start  # the root and the head nodes
     heads = tree.head_index[1:drafted].to(device)  # [T-1-lookup]
     ranks = tree.rank_index[1:drafted].to(device)  # [T-1-lookup]
     nodes = topk_tokens[:, heads, ranks]  # [B, T-1-lookup]
