@@ -9,13 +9,20 @@ the last accepted node. Plain decoding is the one-node tree, so both share this 
 A prompt goes into the cache with `add` (whole), or with `start` and then `prefill` one chunk at a
 time, so that a server can run steps for the other sequences between the chunks of a long prompt.
 
+The engine is the one owner of each request's state (prefilling, then running) and of its cache
+slot. A slot is freed in one place, `_release`: when the request finishes, is cancelled, or fails.
+A call that raises releases the requests it was serving before the exception leaves the engine, and
+a failure that belongs to one row of a step (its sampling) fails that request only, as an `Emitted`
+with `error` set. `check` verifies that every slot is free or held by exactly one live request.
+
 Legend: B running sequences, T tree nodes, K Medusa heads, C hidden size, V vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +38,7 @@ ROOT_ONLY = build_tree([])
 
 
 _RowResult = tuple[list[int], int, list[float]]  # accepted path, next pending token, emitted logprobs
+_RowFailure = str  # why one row's acceptance failed
 
 
 def draft(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
@@ -64,27 +72,22 @@ class EngineError(Exception):
     """A request the engine cannot take (no free slot, prompt too long for the cache)."""
 
 
-@dataclass
-class SpecStats:
-    steps: int = 0  # speculative steps this request took part in
-    accepted_tokens: int = 0  # draft tokens accepted over those steps
-
-    @property
-    def mean_accepted_len(self) -> float:
-        """Tokens gained per step: 1 + accepted drafts per step."""
-        return 1.0 + self.accepted_tokens / self.steps if self.steps else 1.0
+class InvariantError(AssertionError):
+    """The engine's slots and requests disagree: a bug, never a user's doing."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Emitted:
-    """What one `add` or `step` produced for one request."""
+    """What one `add` or `step` produced for one request: a record of this call only."""
 
     request_id: Hashable
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str | None  # None while running; 'length' | 'eos_token' | 'stop_sequence'
+    error: str | None = None  # the request failed (its slot is already free); no tokens
+    speculated: bool = False  # this step verified a tree of drafts for the request
+    accepted: int = 0  # drafted tokens this step accepted and emitted (<= len(token_ids))
     prefill_logprobs: list[float | None] | None = None
-    speculation: SpecStats | None = None
     # [n, C] with keep_hidden: final hidden states of the tokens this call put in the cache (the
     # last prompt token for `add`, the accepted path for `step`): self-distillation data for heads
     hidden: torch.Tensor | None = None
@@ -99,7 +102,6 @@ class _Sequence:
     generator: torch.Generator
     hidden_last: torch.Tensor  # [C]: hidden state of the last cached token, the heads' input
     generated: list[int] = field(default_factory=list)  # includes the pending token (last)
-    stats: SpecStats = field(default_factory=SpecStats)
     lookup: NgramIndex | None = None  # prompt + generated, for a tree with a lookup branch
 
     @property
@@ -157,6 +159,25 @@ class Engine:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def request_ids(self) -> frozenset[Hashable]:
+        """The requests holding a slot: prefilling or running."""
+        return frozenset(self._prefilling) | frozenset(self._running)
+
+    @property
+    def prefilling(self) -> dict[Hashable, int]:
+        """Started requests whose prompt is not all in the cache, in start order: id -> tokens left."""
+        return {i: len(pre.prompt) - pre.done for i, pre in self._prefilling.items()}
+
+    def check(self) -> None:
+        """Raise InvariantError unless every slot is free or held by exactly one live request."""
+        held = [pre.slot for pre in self._prefilling.values()] + [seq.slot for seq in self._running.values()]
+        both = self._prefilling.keys() & self._running.keys()
+        if sorted(held + self._free) != list(range(self.cache.num_slots)) or both:
+            raise InvariantError(f"cache slots and requests disagree: free {sorted(self._free)}, prefilling "
+                                 f"{[pre.slot for pre in self._prefilling.values()]}, running "
+                                 f"{[seq.slot for seq in self._running.values()]}, in both {sorted(both)}")
+
     # ---------------------------------------------------------------- admission
 
     @torch.inference_mode()
@@ -164,11 +185,7 @@ class Engine:
             prompt_logprobs: bool = False) -> Emitted:
         """Prefill a prompt into a free slot and sample its first token."""
         self.start(request_id, prompt_ids, params, prompt_logprobs)
-        try:
-            emitted = self.prefill(request_id, len(prompt_ids))
-        except BaseException:
-            self.cancel(request_id)
-            raise
+        emitted = self.prefill(request_id, len(prompt_ids))
         assert emitted is not None
         return emitted
 
@@ -201,7 +218,10 @@ class Engine:
         it, so chunking gives the same result as one whole-prompt prefill.
         """
         assert max_tokens > 0
-        pre = self._prefilling[request_id]
+        with self._released_on_error([request_id]):
+            return self._prefill(self._prefilling[request_id], max_tokens)
+
+    def _prefill(self, pre: _Prefill, max_tokens: int) -> Emitted | None:
         begin, end = pre.done, min(pre.done + max_tokens, len(pre.prompt))
         tokens = torch.tensor([pre.prompt[begin:end]], device=self.device)  # [1, n]
         slots = torch.tensor([pre.slot], device=self.device)  # [1]
@@ -216,28 +236,40 @@ class Engine:
         if end < len(pre.prompt):
             return None
 
-        del self._prefilling[request_id]
         params = pre.params
         generator = torch.Generator(self.device)
         generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
-        seq = _Sequence(request_id, pre.slot, params, pre.prompt, generator, hidden[0, -1],
+        seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator, hidden[0, -1],
                         lookup=NgramIndex(pre.prompt) if self.tree.lookup else None)
         logits = self.model.logits(hidden[:, -1])  # [1, V]
         logits = sampling.target_logits(logits, params, self._seen([seq], [[]]))
         token = sampling.sample(logits, params, generator)
         logprob = logits.log_softmax(-1)[0, token].item()
-        self._running[request_id] = seq
-        emitted = self._emit(seq, [int(token)], [logprob])
-        emitted.prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
-        if self.keep_hidden:
-            emitted.hidden = hidden[0, -1:]
-        return emitted
+        del self._prefilling[pre.request_id]
+        self._running[pre.request_id] = seq
+        prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
+        return self._emit(seq, [int(token)], [logprob], prefill_logprobs=prefill_logprobs,
+                          hidden=hidden[0, -1:] if self.keep_hidden else None)
 
     def cancel(self, request_id: Hashable) -> None:
         """Drop a running or prefilling request and free its slot (no-op for an unknown id)."""
-        seq = self._running.pop(request_id, None) or self._prefilling.pop(request_id, None)
-        if seq is not None:
-            self._free.append(seq.slot)
+        self._release(request_id)
+
+    def _release(self, request_id: Hashable) -> None:
+        """The one place a slot is freed: a request finished, was cancelled or failed."""
+        held = self._running.pop(request_id, None) or self._prefilling.pop(request_id, None)
+        if held is not None:
+            self._free.append(held.slot)
+
+    @contextlib.contextmanager
+    def _released_on_error(self, request_ids: Iterable[Hashable]) -> Iterator[None]:
+        """Whatever a call raises, the requests it was serving do not keep their slots."""
+        try:
+            yield
+        except BaseException:
+            for request_id in request_ids:
+                self._release(request_id)
+            raise
 
     # ---------------------------------------------------------------- one step
 
@@ -247,6 +279,10 @@ class Engine:
         seqs = list(self._running.values())
         if not seqs:
             return []
+        with self._released_on_error([s.request_id for s in seqs]):
+            return self._step(seqs)
+
+    def _step(self, seqs: list[_Sequence]) -> list[Emitted]:
         speculate = [s.params.speculate and self.heads is not None for s in seqs]
         limit = self.max_speculative_batch
         over = limit is not None and len(seqs) > limit
@@ -271,7 +307,7 @@ class Engine:
             hidden = self.model(candidates, cache_lens[:, None], self.cache, slots, None, max_len)
         logits = self.model.logits(hidden)  # [B, T, V]
 
-        paths, next_tokens, logprobs = self._accept(seqs, speculate, tree, candidates, logits)
+        paths, next_tokens, logprobs, failures = self._accept(seqs, speculate, tree, candidates, logits)
         accepted_len = torch.tensor([len(p) for p in paths], device=self.device)  # [B]
         path_tensor = torch.zeros(B, tree.depth + 1, dtype=torch.long, device=self.device)
         for b, p in enumerate(paths):
@@ -281,14 +317,15 @@ class Engine:
         out = []
         cand = candidates.tolist()
         for b, seq in enumerate(seqs):
+            if failures[b] is not None:
+                self._release(seq.request_id)
+                out.append(Emitted(seq.request_id, [], [], None, error=failures[b]))
+                continue
             p = paths[b]
             seq.hidden_last = hidden[b, p[-1]]
-            if speculate[b]:
-                seq.stats.steps += 1
-                seq.stats.accepted_tokens += len(p) - 1
-            out.append(self._emit(seq, [cand[b][i] for i in p[1:]] + [next_tokens[b]], logprobs[b]))
-            if self.keep_hidden:
-                out[-1].hidden = hidden[b, p]
+            out.append(self._emit(seq, [cand[b][i] for i in p[1:]] + [next_tokens[b]], logprobs[b],
+                                  speculated=speculate[b], drafted=len(p) - 1,
+                                  hidden=hidden[b, p] if self.keep_hidden else None))
         return out
 
     def _fill_lookup(self, seqs: list[_Sequence], tree: TreeBuffers, candidates: torch.Tensor) -> None:
@@ -302,24 +339,31 @@ class Engine:
 
     def _accept(self, seqs: list[_Sequence], speculate: list[bool], tree: TreeBuffers,
                 candidates: torch.Tensor, logits: torch.Tensor
-                ) -> tuple[list[list[int]], list[int], list[list[float]]]:
-        """Per sequence: accepted node path, the next pending token, and the emitted tokens' logprobs.
+                ) -> tuple[list[list[int]], list[int], list[list[float]], list[_RowFailure | None]]:
+        """Per sequence: accepted node path, the next pending token, the emitted tokens' logprobs, and
+        why the row failed (None when it did not).
 
         Plain greedy rows (the common case) are decided together in a few tensor operations;
-        rows that sample or penalise repetition go one by one.
+        rows that sample or penalise repetition go one by one, and an exception in one of them fails
+        that row only (it keeps a root-only path, so the batched commit stays well-formed).
         """
         B = len(seqs)
         results: list[_RowResult] = [None] * B  # type: ignore[list-item]
+        failures: list[_RowFailure | None] = [None] * B
         simple = [b for b, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
         if simple:
             for b, result in zip(simple, self._accept_greedy(simple, speculate, tree, candidates, logits),
                                  strict=True):
                 results[b] = result
-        for b in set(range(B)) - set(simple):
-            results[b] = self._accept_one(seqs[b], tree if speculate[b] else ROOT_ONLY,
-                                          candidates[b], logits[b])
+        for b in sorted(set(range(B)) - set(simple)):
+            try:
+                results[b] = self._accept_one(seqs[b], tree if speculate[b] else ROOT_ONLY,
+                                              candidates[b], logits[b])
+            except Exception as e:
+                failures[b] = f"sampling failed: {e}"
+                results[b] = ([0], 0, [])
         paths, next_tokens, logprobs = zip(*results, strict=True)
-        return list(paths), list(next_tokens), list(logprobs)
+        return list(paths), list(next_tokens), list(logprobs), failures
 
     def _accept_greedy(self, rows: list[int], speculate: list[bool], tree: TreeBuffers,
                        candidates: torch.Tensor, logits: torch.Tensor) -> list[_RowResult]:
@@ -365,7 +409,7 @@ class Engine:
             lens, path_t, nxt = acceptance.accept_greedy(candidates[None, :T], target[None], tree)
             path, token = path_t[0, :int(lens[0])].tolist(), int(nxt[0])
         else:
-            probs = target.softmax(-1)
+            probs = sampling.probabilities(target)
             if mode == "typical":
                 result = acceptance.accept_typical(candidates[:T], probs, tree, params.typical_epsilon,
                                                    params.typical_delta, seq.generator)
@@ -387,8 +431,14 @@ class Engine:
 
     # ---------------------------------------------------------------- finishing
 
-    def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float]) -> Emitted:
-        """Append tokens one by one; stop exactly at EOS, a stop sequence or max_new_tokens."""
+    def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float], *, speculated: bool = False,
+              drafted: int = 0, prefill_logprobs: list[float | None] | None = None,
+              hidden: torch.Tensor | None = None) -> Emitted:
+        """Append tokens one by one; stop exactly at EOS, a stop sequence or max_new_tokens.
+
+        tokens: `drafted` accepted drafts, then the token sampled after them; a stop inside the drafts
+        leaves the rest unemitted, and only emitted drafts count as accepted.
+        """
         reason = None
         kept = 0
         for token in tokens:
@@ -399,11 +449,11 @@ class Engine:
                 break
         if seq.lookup is not None:
             seq.lookup.extend(tokens[:kept])
-        spec = seq.stats if self.heads is not None else None
-        emitted = Emitted(seq.request_id, tokens[:kept], logprobs[:kept], reason, speculation=spec)
         if reason:
-            self.cancel(seq.request_id)
-        return emitted
+            self._release(seq.request_id)
+        return Emitted(seq.request_id, tokens[:kept], logprobs[:kept], reason, speculated=speculated,
+                       accepted=min(drafted, kept), prefill_logprobs=prefill_logprobs,
+                       hidden=hidden)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         params = seq.params

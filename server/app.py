@@ -31,13 +31,16 @@ from starlette.exceptions import HTTPException
 from medusa.engine import Emitted, Engine
 from medusa.heads import load_heads
 from medusa.loading import LoadedModel, load_model
+from medusa.prompt import Prompter, PromptError
 from medusa.tree import get_tree
+from server.body_limit import BodyLimit
 from server.detokenize import IncrementalDecoder
 from server.protocol import (
     Details,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    Health,
     Info,
     PrefillToken,
     Speculation,
@@ -48,7 +51,7 @@ from server.protocol import (
 )
 from server.scheduler import QueueFull, RequestFailed, RequestStream, Scheduler, SchedulerUnavailable
 from server.settings import Settings
-from server.validation import InputError, Job, validate
+from server.validation import InputError, Job, check_before_tokenizing, validate
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,24 @@ except PackageNotFoundError:  # running from a source tree that was not pip-inst
     VERSION = "0.0.0+source"
 
 ERROR_STATUS = {"validation": 422, "overloaded": 429, "generation": 424, "timeout": 504, "unhealthy": 503}
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in ERROR_STATUS.values()}
+# Every error a generation route answers, as the OpenAPI document declares it.
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": description} for status, description in {
+    400: "Malformed JSON body (error_type 'validation')",
+    413: "Request body over the server's size limit (error_type 'validation')",
+    422: "A parameter out of range or not supported, or a prompt over the server's limits ('validation')",
+    424: "Generation failed in the model ('generation')",
+    429: "The queue is full; retry after the retry-after header's seconds ('overloaded')",
+    503: "The server is unhealthy or shutting down ('unhealthy')",
+    504: "The request's timeout passed before its last token ('timeout')",
+}.items()}
+# A streamed 200: Server-Sent Events, each one's data the JSON of a StreamResponse (one event per token)
+# or, when generation fails after the stream began, of an ErrorResponse.
+EVENT_STREAM = {
+    "description": "Server-Sent Events: `data:{StreamResponse}` per token, or `data:{ErrorResponse}`",
+    "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "contentMediaType": "application/json"}}}}},
+}
 
 
 def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
@@ -75,16 +95,19 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
 
 
 class Generation:
-    """One request's tokens as they arrive, with their text decoded incrementally."""
+    """One request's tokens as they arrive, with their text decoded incrementally, and the sums of its
+    per-step speculation counts (None when the server does not speculate)."""
 
-    def __init__(self, tokenizer, special_ids: frozenset[int]) -> None:
+    def __init__(self, tokenizer, special_ids: frozenset[int], speculative: bool) -> None:
         self.tokenizer = tokenizer
         self.special_ids = special_ids
         self.decoder = IncrementalDecoder(tokenizer)
         self.tokens: list[Token] = []
         self.prefill_logprobs: list[float | None] | None = None
         self.finish_reason: str | None = None
-        self.speculation: Speculation | None = None
+        self.speculative = speculative
+        self.spec_steps = 0
+        self.accepted_tokens = 0
 
     def add(self, emitted: Emitted) -> list[Token]:
         """Record one Emitted; return its tokens, each with the text it adds."""
@@ -93,12 +116,18 @@ class Generation:
         self.tokens += new
         if emitted.prefill_logprobs is not None:
             self.prefill_logprobs = emitted.prefill_logprobs
-        if emitted.speculation is not None:
-            stats = emitted.speculation
-            self.speculation = Speculation(steps=stats.steps, accepted_tokens=stats.accepted_tokens,
-                                           mean_accepted_len=stats.mean_accepted_len)
+        self.spec_steps += emitted.speculated
+        self.accepted_tokens += emitted.accepted
         self.finish_reason = emitted.finish_reason
         return new
+
+    @property
+    def speculation(self) -> Speculation | None:
+        if not self.speculative:
+            return None
+        steps, accepted = self.spec_steps, self.accepted_tokens
+        return Speculation(steps=steps, accepted_tokens=accepted,
+                           mean_accepted_len=1.0 + accepted / steps if steps else 1.0)
 
     def text(self, job: Job) -> str:
         """The generated text without special tokens, after the prompt when return_full_text."""
@@ -127,22 +156,26 @@ class Service:
         self.settings = settings
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        self.prompter = Prompter(loaded.tokenizer, settings.use_chat_template)
         self.special_ids = frozenset(loaded.tokenizer.all_special_ids)
         self.scheduler = scheduler
         self.metrics = scheduler.metrics
 
     async def prepare(self, request: GenerateRequest, *, stream: bool) -> Job:
-        """Tokenize off the event loop, then validate against the server's limits (InputError: 422)."""
+        """Check what needs no tokens, tokenize off the event loop, then validate against the server's
+        limits (InputError: 422)."""
         self.metrics.requests.inc()
-        prompt_ids = await asyncio.to_thread(self.encode, request.inputs)
-        return validate(request, prompt_ids, self.settings, stream=stream)
+        check_before_tokenizing(request, self.prompter.max_token_chars, self.settings, stream=stream)
+        try:
+            prompt_ids = await asyncio.to_thread(self.prompter.encode, request.inputs,
+                                                 request.parameters.truncate)
+        except PromptError as e:
+            raise InputError(str(e)) from e
+        return validate(request, prompt_ids, self.settings)
 
-    def encode(self, inputs: str) -> list[int]:
-        if self.settings.use_chat_template and self.tokenizer.chat_template:
-            inputs = self.tokenizer.apply_chat_template([{"role": "user", "content": inputs}], tokenize=False,
-                                                        add_generation_prompt=True)
-            return self.tokenizer.encode(inputs, add_special_tokens=False)
-        return self.tokenizer.encode(inputs)
+    def generation(self) -> Generation:
+        speculative = self.scheduler.engine.heads is not None
+        return Generation(self.tokenizer, self.special_ids, speculative=speculative)
 
     def submit(self, job: Job) -> RequestStream:
         return self.scheduler.submit(job.prompt_ids, job.params, prompt_logprobs=job.prefill_details,
@@ -164,15 +197,32 @@ class Service:
 
 # ---------------------------------------------------------------- generation, whole or streamed
 
-async def generate_response(service: Service, job: Job) -> tuple[GenerateResponse, dict[str, str]]:
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its response was ready."""
+
+
+async def cancel_on_disconnect(request: Request, stream: RequestStream) -> None:
+    """Wait for the client to go away, then cancel its request: a queued one leaves the queue, a
+    running one frees its slot at the next step. (A streaming response does this by itself.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stream.cancel()
+
+
+async def generate_response(service: Service, job: Job, request: Request
+                            ) -> tuple[GenerateResponse, dict[str, str]]:
     start = time.perf_counter()
     stream = service.submit(job)
-    generation = Generation(service.tokenizer, service.special_ids)
+    generation = service.generation()
+    watcher = asyncio.create_task(cancel_on_disconnect(request, stream))
     try:
         async for emitted in stream:
             generation.add(emitted)
     finally:
+        watcher.cancel()
         stream.cancel()  # no-op once finished; frees the slot if this handler was cancelled
+    if generation.finish_reason is None:
+        raise ClientGone()
     response = GenerateResponse(generated_text=generation.text(job),
                                 details=generation.details(job) if job.details else None)
     return response, timing_headers(job, generation, stream, start)
@@ -201,7 +251,7 @@ def sse(event: StreamResponse | ErrorResponse) -> str:
 
 async def stream_events(service: Service, job: Job, stream: RequestStream) -> AsyncIterator[str]:
     """One SSE event per generated token; the last one carries generated_text and details."""
-    generation = Generation(service.tokenizer, service.special_ids)
+    generation = service.generation()
     index = 0
     try:
         async for emitted in stream:
@@ -253,7 +303,12 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
     app = FastAPI(title="medusa-serve", version=VERSION, lifespan=lifespan,
                   description="Medusa speculative decoding behind the Text Generation Inference protocol")
     app.state.draining = draining
+    app.add_middleware(BodyLimit, limit=settings.payload_limit)
     add_error_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     def service_of(request: Request) -> Service:
         return request.app.state.service
@@ -263,25 +318,27 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
         """Generate text; `details` adds per-token information."""
         service = service_of(request)
         job = await service.prepare(body, stream=False)
-        response, headers = await generate_response(service, job)
+        response, headers = await generate_response(service, job, request)
         return JSONResponse(dump(response), headers=headers)
 
-    @app.post("/generate_stream", responses={200: {"content": {"text/event-stream": {}}}, **ERROR_RESPONSES})
+    @app.post("/generate_stream", response_class=StreamingResponse,
+              responses={200: EVENT_STREAM, **ERROR_RESPONSES})
     async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
         """Stream generated tokens as Server-Sent Events, one `data:` event per token."""
         return await stream_response(service_of(request), body)
 
-    @app.post("/", response_model=list[GenerateResponse], responses=ERROR_RESPONSES)
+    @app.post("/", response_model=list[GenerateResponse], responses={200: EVENT_STREAM, **ERROR_RESPONSES})
     async def compat_generate(body: GenerateRequest, request: Request) -> Response:
         """TGI's client route: `stream` in the body picks SSE or a JSON list with one response."""
         service = service_of(request)
         if body.stream:
             return await stream_response(service, body)
         job = await service.prepare(body, stream=False)
-        response, headers = await generate_response(service, job)
+        response, headers = await generate_response(service, job, request)
         return JSONResponse([dump(response)], headers=headers)
 
-    @app.get("/health", responses={503: {"model": ErrorResponse}})
+    @app.get("/health", response_model=Health,
+             responses={503: {"model": ErrorResponse, "description": "Unhealthy or shutting down"}})
     async def health(request: Request) -> Response:
         """200 when the model can serve; 503 when it cannot."""
         scheduler = service_of(request).scheduler
@@ -289,7 +346,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
             return error_response(503, scheduler.broken or "the scheduler is not running", "unhealthy")
         if draining.is_set():
             return error_response(503, "the server is shutting down", "unhealthy")
-        return Response(status_code=200)
+        return JSONResponse(Health(status="ok").model_dump())
 
     @app.get("/info", response_model=Info)
     async def info(request: Request) -> Info:
@@ -337,8 +394,12 @@ def add_error_handlers(app: FastAPI) -> None:
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         request.app.state.service.metrics.requests.inc()
         refused(request, "validation")
-        details = "; ".join(describe_validation_error(e) for e in exc.errors())
-        return error_response(422, f"Input validation error: {details}", "validation")
+        errors = exc.errors()
+        details = "; ".join(describe_validation_error(e) for e in errors)
+        # A body that is not JSON is a 400, as TGI (axum) answers a JSON syntax error; JSON that fails
+        # validation is a 422
+        status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
+        return error_response(status, f"Input validation error: {details}", "validation")
 
     @app.exception_handler(InputError)
     async def invalid_input(request: Request, exc: InputError) -> JSONResponse:
@@ -362,4 +423,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not read the body as JSON at all (not UTF-8, too deep)
+            request.app.state.service.metrics.requests.inc()
+            refused(request, "validation")
+            return error_response(400, f"Input validation error: malformed JSON body: {exc.detail}",
+                                  "validation")
         return error_response(exc.status_code, str(exc.detail), "http", headers=exc.headers)

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 FLAGS = ("model", "host", "port", "device", "dtype", "max_batch_size", "max_input_tokens", "max_total_tokens",
-         "max_queue", "max_prefill_tokens", "request_timeout", "drain_timeout", "medusa_heads", "tree",
-         "max_speculative_batch", "chat_template")
+         "max_queue", "payload_limit", "max_prefill_tokens", "request_timeout", "drain_timeout",
+         "medusa_heads", "tree", "max_speculative_batch", "chat_template")
 ENVIRONMENT = {"host": "HOST", "port": "PORT"}
 
 

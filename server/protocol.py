@@ -1,21 +1,40 @@
 """The Text Generation Inference (TGI) wire protocol: request and response bodies.
 
 Field names, defaults, ranges and JSON shapes follow TGI's router, so that TGI's own clients
-(`text-generation`, `huggingface_hub.InferenceClient`) work unchanged. Two extensions, both
-optional: `parameters.speculate` (turn Medusa speculation off for one request),
-`parameters.acceptance` (the rule that accepts speculated tokens when sampling) and
-`parameters.timeout` (seconds before the request fails with error_type 'timeout'), and a
-`speculation` entry in `details`.
+(`text-generation`, `huggingface_hub.InferenceClient`) work unchanged. Extensions, all optional:
+`parameters.speculate` (turn Medusa speculation off for one request), `parameters.acceptance` (the
+rule that accepts speculated tokens when sampling), `parameters.timeout` (seconds before the request
+fails with error_type 'timeout'), and a `speculation` entry in `details`.
 
-Validation that needs only the body lives here (types and ranges: a 422 naming the field);
-validation that needs the tokenizer or the server's limits lives in `server.validation`.
+TGI parameters this server does not implement accept only their no-op values (`best_of` 1,
+`top_n_tokens` 0, `frequency_penalty` 0, `watermark` false, `grammar` null); the schema states so,
+and any other value is a 422 saying it is not supported.
+
+Validation that needs only the body lives here (types, ranges, valid Unicode text, finite numbers: a
+422 naming the field); validation that needs the tokenizer or the server's limits lives in
+`server.validation`.
+
+A logprob that is not finite (-inf for a token the sampling filters had excluded, NaN from a broken
+model) is null in responses: JSON has no such numbers, and every route writes null the same way.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -23,9 +42,31 @@ MAX_STOP_SEQUENCES = 4
 MAX_BEST_OF = 1  # best_of > 1 (several samples, best returned) is not implemented
 
 
+def _valid_unicode(text: object) -> object:
+    # JSON's "\ud800" decodes to a lone surrogate, which no tokenizer can encode. Checked before pydantic's
+    # own str validation, whose message ("unable to parse raw data") does not say what is wrong.
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"must be valid Unicode text: {e.reason} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicode)]  # non-empty, encodable
+
+
+def _strict_bool(value: object) -> object:
+    # `Literal[False]` alone takes 0 and 0.0 for false (they compare equal); strict like a bool, it does not
+    if not isinstance(value, bool):
+        raise ValueError("must be a boolean")
+    return value
+
+
 class _Body(BaseModel):
     # Strict like TGI's serde: "5" is not an integer and 1.5 is not a bool. Unknown fields are ignored.
-    model_config = ConfigDict(strict=True)
+    # Python's json reads NaN and Infinity, which are not JSON: refuse them as TGI does.
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class Parameters(_Body):
@@ -36,93 +77,71 @@ class Parameters(_Body):
     top_p: float | None = Field(default=None, gt=0, lt=1)
     typical_p: float | None = Field(default=None, gt=0, lt=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    frequency_penalty: float | None = None
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+    stop: list[Text] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     details: bool = False
     decoder_input_details: bool = False
     return_full_text: bool = False
     truncate: int | None = Field(default=None, gt=0)
-    top_n_tokens: int | None = Field(default=None, ge=0)
-    best_of: int | None = Field(default=None, gt=0)
-    watermark: bool = False
-    grammar: dict | None = None
+    # not implemented: only the no-op values; the description is the 422 message for any other
+    best_of: int | None = Field(default=None, ge=1, le=MAX_BEST_OF,
+                                description=f"only 1 or null: best_of > {MAX_BEST_OF} is not supported "
+                                            "by this server")
+    top_n_tokens: int | None = Field(default=None, ge=0, le=0,
+                                     description="only 0 or null: top_n_tokens is not supported, this server "
+                                                 "does not report alternative tokens")
+    frequency_penalty: float | None = Field(default=None, ge=0, le=0,
+                                            description="only 0 or null: frequency_penalty is not supported; "
+                                                        "use repetition_penalty")
+    watermark: Annotated[Literal[False], BeforeValidator(_strict_bool)] = Field(
+        default=False, description="only false: watermark is not supported by this server")
+    grammar: None = Field(default=None, description="only null: grammar-constrained generation is not "
+                                                    "supported by this server")
     # extensions
     speculate: bool = True
     acceptance: Literal["lossless", "typical"] | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; at most the server's request_timeout
 
-    @field_validator("stop")
+    @field_validator("best_of", "top_n_tokens", "frequency_penalty", "watermark", "grammar", mode="wrap")
     @classmethod
-    def _stop_not_empty(cls, stop: list[str]) -> list[str]:
-        if any(s == "" for s in stop):
-            raise ValueError("stop sequences cannot be empty strings")
-        return stop
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_sequence(cls, best_of: int | None) -> int | None:
-        if best_of is not None and best_of > MAX_BEST_OF:
-            raise ValueError(f"best_of > {MAX_BEST_OF} is not supported by this server")
-        return best_of
-
-    @field_validator("top_n_tokens")
-    @classmethod
-    def _no_top_tokens(cls, top_n_tokens: int | None) -> int | None:
-        if top_n_tokens:
-            raise ValueError("top_n_tokens is not supported: this server does not report alternative tokens")
-        return top_n_tokens
-
-    @field_validator("frequency_penalty")
-    @classmethod
-    def _no_frequency_penalty(cls, penalty: float | None) -> float | None:
-        if penalty is not None:
-            raise ValueError("frequency_penalty is not supported; use repetition_penalty")
-        return penalty
-
-    @field_validator("watermark")
-    @classmethod
-    def _no_watermark(cls, watermark: bool) -> bool:
-        if watermark:
-            raise ValueError("watermark is not supported by this server")
-        return watermark
-
-    @field_validator("grammar")
-    @classmethod
-    def _no_grammar(cls, grammar: dict | None) -> dict | None:
-        if grammar is not None:
-            raise ValueError("grammar-constrained generation is not supported by this server")
-        return grammar
+    def _unsupported(cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+                     ) -> object:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("unsupported", cls.model_fields[info.field_name].description) from None
 
 
 class GenerateRequest(_Body):
-    inputs: str
+    inputs: Text
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = False  # read by the root route `POST /` only, as in TGI
 
-    @field_validator("inputs")
-    @classmethod
-    def _inputs_not_empty(cls, inputs: str) -> str:
-        if not inputs:
-            raise ValueError("inputs cannot be empty")
-        return inputs
-
-    @field_validator("parameters", mode="before")
+    @field_validator("parameters", mode="before", json_schema_input_type=Parameters | None)
     @classmethod
     def _null_parameters(cls, value: object) -> object:
         return {} if value is None else value
 
 
+def _finite_or_none(logprob: float | None) -> float | None:
+    return logprob if logprob is None or math.isfinite(logprob) else None
+
+
+# Not finite (-inf, NaN) becomes None, written null: JSON has no such numbers, and left as they are,
+# /generate's JSONResponse would refuse them (a 500) while the stream's `model_dump_json()` writes null.
+Logprob = Annotated[float | None, AfterValidator(_finite_or_none)]
+
+
 class PrefillToken(BaseModel):
     id: int
     text: str
-    logprob: float | None  # None for the first prompt token: nothing precedes it
+    logprob: Logprob  # None for the first prompt token (nothing precedes it) and when not finite
 
 
 class Token(BaseModel):
     id: int
     text: str
-    logprob: float | None
+    logprob: Logprob  # None when not finite
     special: bool
 
 
@@ -193,3 +212,7 @@ class Info(BaseModel):
     sha: str | None = None
     docker_label: str | None = None
     speculation: SpeculationInfo
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"  # the model can serve; otherwise /health answers 503 with an ErrorResponse

@@ -3,7 +3,8 @@
 HTTP handlers run on the asyncio event loop and never touch the engine. They `submit` a request
 and read its `RequestStream`; the scheduler thread does all model work:
 
-    loop:  wait until there is work
+    loop:  sleep until there is something to do (a request to admit into a free slot, one in the
+               engine, a cancellation, a queued deadline to expire, a stop)
            drop cancelled requests and those past their deadline (waiting ones leave the queue,
                                                     the others leave the engine)
            admit waiting requests into free slots   (engine.start)
@@ -12,13 +13,20 @@ and read its `RequestStream`; the scheduler thread does all model work:
            one engine.step() for all running ones  (one batched forward; several tokens each
                                                     under speculation)
            hand every Emitted to its request's stream (loop.call_soon_threadsafe)
+           check the invariants: the engine's slots are free or held by exactly one live request,
+               and the requests the engine holds are exactly those this thread is serving
 
 Continuous batching: requests join and leave the batch at every step, and a long prompt goes in
 chunk by chunk between steps, so the running streams keep flowing while it is prefilled. A failure
 while prefilling a request fails that request only; a failure inside a step fails the requests that
-were in it, and the next request starts afresh. The thread dying, or the engine refusing to free a
-failed request's slot, marks the scheduler unhealthy (/health answers 503). Once `draining` is set
-(SIGTERM), new requests are refused (503) while those already taken run to their end.
+were in it, and the next request starts afresh. The engine frees the slots of the requests a
+failing call was serving; this thread then fails every request it serves that the engine no longer
+holds (`_settle`), the one place such requests end. The thread dying or a broken invariant marks the
+scheduler unhealthy (/health answers 503, logged). Once `draining` is set (SIGTERM), new requests are
+refused (503) while those already taken run to their end.
+
+The engine owns each request's state and slot; this thread keeps only the queue, deadlines,
+cancellations and the streams.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from medusa.config import SamplingParams
-from medusa.engine import Emitted, Engine, EngineError
+from medusa.engine import Emitted, Engine, EngineError, InvariantError
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -73,7 +81,7 @@ class RequestStream:
         self.finished = False
         self._loop = loop
         self._cancel = cancel
-        self._items: asyncio.Queue[Emitted | RequestFailed] = asyncio.Queue()
+        self._items: asyncio.Queue[Emitted | RequestFailed | None] = asyncio.Queue()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -82,6 +90,8 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         item = await self._items.get()
+        if item is None:  # cancelled while waiting
+            raise StopAsyncIteration
         if isinstance(item, RequestFailed):
             self.finished = True
             raise item
@@ -89,10 +99,12 @@ class RequestStream:
         return item
 
     def cancel(self) -> None:
-        """Stop generating (the client went away); the slot is freed at the next step boundary."""
+        """Stop generating (the client went away); the slot is freed at the next step boundary, and a
+        reader waiting for the next item stops iterating."""
         if not self.finished:
             self.finished = True
             self._cancel(self.request_id)
+            self._items.put_nowait(None)
 
     def put(self, item: Emitted | RequestFailed) -> bool:
         """Scheduler thread: hand an item to the event loop. False when the loop is gone."""
@@ -110,10 +122,7 @@ class _Request:
     prompt_logprobs: bool
     timeout: float | None  # seconds after arrival at which the request fails with 'timeout'
     stream: RequestStream = field(repr=False)
-    prefilled: int = 0  # prompt tokens in the cache
     last_token_at: float | None = None
-    spec_steps: int = 0  # the engine's speculation counts at the last step, to measure each step's
-    spec_accepted: int = 0
 
     @property
     def id(self) -> int:
@@ -139,9 +148,9 @@ class Scheduler:
         self._waiting: deque[_Request] = deque()
         self._cancelled: set[int] = set()
         self._stopping = False
-        # the scheduler thread's own: requests holding a slot, in admission order
-        self._prefilling: dict[int, _Request] = {}  # prompt partly in the cache
-        self._running: dict[int, _Request] = {}  # in engine.step's batch
+        # the scheduler thread's own: the requests it serves that the engine holds (their state and
+        # slot are the engine's)
+        self._taken: dict[int, _Request] = {}
         self._thread = threading.Thread(target=self._run, name="medusa-scheduler", daemon=True)
         self.broken: str | None = None  # why the scheduler cannot serve any more, once it cannot
         self.draining = draining or threading.Event()
@@ -172,8 +181,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        """Requests holding a slot: prefilling or in the batch."""
-        return len(self._prefilling) + len(self._running)
+        """Requests holding a slot: prefilling or in the batch (the engine's count)."""
+        return len(self.engine.request_ids)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, prompt_logprobs: bool = False,
                timeout: float | None = None) -> RequestStream:
@@ -207,19 +216,30 @@ class Scheduler:
             log.exception("the scheduler stopped")
             self.broken = f"the scheduler stopped: {e}"
         with self._lock:
-            leftover = [*self._waiting, *self._prefilling.values(), *self._running.values()]
+            leftover = [*self._waiting, *self._taken.values()]
             self._waiting.clear()
-        self._prefilling.clear()
-        self._running.clear()
+        for request in self._taken.values():
+            self.engine.cancel(request.id)
+        self._taken.clear()
         for request in leftover:
             self._fail(request, RequestFailed(self.broken or "the server is shutting down", "generation"))
+
+    def _idle(self) -> bool:
+        """Nothing this thread can do now: queued requests need a free slot to move."""
+        return not (self._cancelled or self._stopping or self._taken
+                    or (self._waiting and self.engine.free_slots))
+
+    def _next_deadline(self) -> float | None:
+        """Seconds until the first queued request's deadline passes (None: no deadline)."""
+        deadlines = [r.stream.queued_at + r.timeout for r in self._waiting if r.timeout is not None]
+        return max(0.0, min(deadlines) - time.perf_counter()) if deadlines else None
 
     def _iterate(self) -> bool:
         """One scheduling round; False once stopping."""
         with self._lock:
-            while not (self._waiting or self._prefilling or self._running or self._cancelled
-                       or self._stopping):
-                self._work.wait()
+            while self._idle():
+                if not self._work.wait(self._next_deadline()):
+                    break  # a queued request's deadline passed: expire it
             if self._stopping:
                 return False
             cancelled, self._cancelled = self._cancelled, set()
@@ -231,16 +251,31 @@ class Scheduler:
                         for _ in range(min(self.engine.free_slots, len(self._waiting)))]
         for request in leaving:
             self._end_early(request, cancelled, now)
-        for request in [*self._prefilling.values(), *self._running.values()]:
+        for request in list(self._taken.values()):
             if request.id in cancelled or request.expired(now):
-                self._release(request)
+                del self._taken[request.id]
+                self.engine.cancel(request.id)
                 self._end_early(request, cancelled, now)
         for request in admitted:
             self._admit(request, now)
         self._prefill()
-        if self._running:
+        if self.engine.running:
             self._step()
+        self._check()
         return True
+
+    def _check(self) -> None:
+        """The invariants, every round: cheap set comparisons. A broken one is a bug: log it and answer
+        503 on /health (new requests are refused) rather than live with a leaked slot."""
+        try:
+            self.engine.check()
+            if self._taken.keys() != self.engine.request_ids:
+                raise InvariantError(f"the engine holds requests {sorted(self.engine.request_ids)} but the "
+                                     f"scheduler serves {sorted(self._taken)}")
+        except InvariantError as e:
+            if self.broken is None:
+                log.error("invariant broken: %s", e)
+                self.broken = f"invariant broken: {e}"
 
     def _end_early(self, request: _Request, cancelled: set[int], now: float) -> None:
         """A request that leaves before its end: its client went away, or its deadline passed."""
@@ -263,51 +298,44 @@ class Scheduler:
             log.exception("adding request %s failed", request.id)
             self._fail(request, RequestFailed(f"Request failed during generation: {e}", "generation"))
             return
-        self._prefilling[request.id] = request
+        self._taken[request.id] = request
 
     def _prefill(self) -> None:
         """Feed at most max_prefill_tokens prompt tokens to the engine, oldest prompt first."""
         budget = self.max_prefill_tokens
-        for request in list(self._prefilling.values()):
+        for request_id, left in self.engine.prefilling.items():
             if budget == 0:
                 break
-            chunk = min(budget, len(request.prompt_ids) - request.prefilled)
-            try:
-                emitted = self.engine.prefill(request.id, chunk)
-            except Exception as e:
-                log.exception("prefilling request %s failed", request.id)
-                self._release(request)
-                self._fail(request, RequestFailed(f"Request failed during generation: {e}", "generation"))
-                continue
+            chunk = min(budget, left)
             budget -= chunk
-            request.prefilled += chunk
-            if emitted is None:
+            try:
+                emitted = self.engine.prefill(request_id, chunk)
+            except Exception as e:
+                log.exception("prefilling request %s failed", request_id)
+                self._settle(f"Request failed during generation: {e}")
                 continue
-            del self._prefilling[request.id]
-            if emitted.finish_reason is None:
-                self._running[request.id] = request
-            self._deliver(request, emitted)
+            if emitted is not None:
+                self._deliver(emitted)
 
     def _step(self) -> None:
         try:
             emitted = self.engine.step()
         except Exception as e:
-            log.exception("an engine step failed; failing the %d requests in it", len(self._running))
-            self._fail_running(f"Request failed during generation: {e}")
+            log.exception("an engine step failed; failing the %d requests in it", self.engine.running)
+            self._settle(f"Request failed during generation: {e}")
             return
-        accepted = []
         for item in emitted:
-            request = self._running[item.request_id]
-            stats = item.speculation
-            if stats is not None and stats.steps > request.spec_steps:
-                accepted.append(stats.accepted_tokens - request.spec_accepted)
-                request.spec_steps, request.spec_accepted = stats.steps, stats.accepted_tokens
-            if item.finish_reason is not None:
-                del self._running[item.request_id]
-            self._deliver(request, item)
-        self.metrics.step(len(emitted), accepted, self.engine.tree.num_nodes - 1)
+            self._deliver(item)
+        self.metrics.step(len(emitted), [item.accepted for item in emitted if item.speculated],
+                          self.engine.tree.num_nodes - 1)
 
-    def _deliver(self, request: _Request, item: Emitted) -> None:
+    def _deliver(self, item: Emitted) -> None:
+        request = self._taken[item.request_id]
+        if item.error is not None:
+            del self._taken[item.request_id]
+            error = RequestFailed(f"Request failed during generation: {item.error}", "generation")
+            self._fail(request, error)
+            return
         now = time.perf_counter()
         if request.last_token_at is None:
             self.metrics.first_token(now - request.stream.queued_at)
@@ -315,27 +343,17 @@ class Scheduler:
             self.metrics.next_tokens(now - request.last_token_at, len(item.token_ids))
         request.last_token_at = now
         if item.finish_reason is not None:
+            del self._taken[item.request_id]
             self.metrics.finished(item.finish_reason, now - request.stream.queued_at)
-        if not request.stream.put(item) and request.id in self._running:
-            self._release(request)
+        if not request.stream.put(item) and item.finish_reason is None:  # nobody will read the rest
+            del self._taken[item.request_id]
+            self.engine.cancel(item.request_id)
 
-    def _release(self, request: _Request) -> None:
-        """Take a request that holds a slot out of the engine."""
-        if self._prefilling.pop(request.id, None) is None:
-            del self._running[request.id]
-        self.engine.cancel(request.id)
+    def _settle(self, message: str) -> None:
+        """After an engine call raised: fail each request this thread serves that the engine dropped."""
+        for request_id in list(self._taken.keys() - self.engine.request_ids):
+            self._fail(self._taken.pop(request_id), RequestFailed(message, "generation"))
 
     def _fail(self, request: _Request, error: RequestFailed) -> None:
         self.metrics.failed(error.error_type)
         request.stream.put(error)
-
-    def _fail_running(self, message: str) -> None:
-        failed = list(self._running.values())
-        self._running.clear()
-        for request in failed:
-            self._fail(request, RequestFailed(message, "generation"))
-            try:
-                self.engine.cancel(request.id)
-            except Exception as e:
-                log.exception("the engine could not free request %s's slot", request.id)
-                self.broken = f"the engine could not recover from a failed step: {e}"

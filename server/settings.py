@@ -21,6 +21,8 @@ class Settings(BaseModel):
     max_input_tokens: int = Field(default=1024, ge=1, description="longest prompt, in tokens")
     max_total_tokens: int = Field(default=2048, ge=2, description="prompt + generated tokens per request")
     max_queue: int = Field(default=128, ge=1, description="requests waiting for a slot before 429")
+    payload_limit: int = Field(default=2_000_000, ge=1, description="largest request body, in bytes (as "
+                               "TGI's --payload-limit); a larger one gets 413 before it is read whole")
     max_prefill_tokens: int = Field(default=512, ge=1, description="prompt tokens prefilled between two "
                                     "decode steps; a longer prompt goes in chunks so running streams flow")
     request_timeout: float = Field(default=600.0, gt=0, description="seconds from a request's arrival to "

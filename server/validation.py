@@ -1,7 +1,9 @@
 """Validation that needs the tokenized prompt and the server's limits, and TGI's parameter semantics.
 
 The body's types and ranges are checked by `server.protocol`; what is left is checked here, each
-failure an `InputError` (422) whose message names the field, worded as TGI words it.
+failure an `InputError` (422) whose message names the field, worded as TGI words it: first what can
+be refused before tokenizing (`check_before_tokenizing`), then what needs the prompt's tokens
+(`validate`).
 """
 
 from __future__ import annotations
@@ -36,15 +38,25 @@ class Job:
         return None if self.params.greedy else self.params.seed
 
 
-def validate(request: GenerateRequest, prompt_ids: list[int], limits: Settings, *, stream: bool) -> Job:
+def check_before_tokenizing(request: GenerateRequest, max_token_chars: int, limits: Settings, *,
+                            stream: bool) -> None:
+    """Refuse what needs no tokens to refuse. A text longer than max_input_tokens * max_token_chars
+    characters has more than max_input_tokens tokens (no token spans more characters), so it is refused
+    without tokenizing it; with `truncate`, the prompter tokenizes only the text's tail."""
     p = request.parameters
     if stream and p.decoder_input_details:
         raise InputError("`decoder_input_details` == true is not supported when streaming tokens")
-    if p.truncate is not None:
-        if p.truncate > limits.max_input_tokens:
-            raise InputError(f"`truncate` must be at most max_input_tokens ({limits.max_input_tokens}). "
-                             f"Given: {p.truncate}")
-        prompt_ids = prompt_ids[-p.truncate:]
+    if p.truncate is not None and p.truncate > limits.max_input_tokens:
+        raise InputError(f"`truncate` must be at most max_input_tokens ({limits.max_input_tokens}). "
+                         f"Given: {p.truncate}")
+    if p.truncate is None and len(request.inputs) > limits.max_input_tokens * max_token_chars:
+        raise InputError(f"`inputs` must have at most {limits.max_input_tokens} tokens. Given: "
+                         f"{len(request.inputs)} characters, more than that many tokens")
+
+
+def validate(request: GenerateRequest, prompt_ids: list[int], limits: Settings) -> Job:
+    """prompt_ids: the request's prompt, already truncated when `truncate` asks for it."""
+    p = request.parameters
     n = len(prompt_ids)
     if n == 0:
         raise InputError("`inputs` encodes to no tokens")

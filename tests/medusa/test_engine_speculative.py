@@ -95,6 +95,19 @@ class OracleHeads(torch.nn.Module):
         return indices
 
 
+def test_drafts_cut_by_the_length_limit_are_not_counted_as_accepted(model):
+    """Four right drafts with two tokens left to generate: the step emits two and counts two accepted,
+    so a request never reports more accepted drafts than tokens it generated."""
+    greedy = SamplingParams(max_new_tokens=24)
+    plain = Engine(model, Vocab(), (), max_total_tokens=64).generate([PROMPTS[1]], greedy)[0]
+    engine = Engine(model, Vocab(), (), max_total_tokens=64, heads=OracleHeads(model, PROMPTS[1], plain),
+                    tree=get_tree("chain"))
+    engine.add("r", PROMPTS[1], SamplingParams(max_new_tokens=3))
+    (last,) = engine.step()
+    assert last.token_ids == plain[1:3] and last.finish_reason == "length"
+    assert last.speculated and last.accepted == 2
+
+
 def test_accepted_runs_keep_the_cache_right_and_stop_exactly(model):
     """With always-right drafts every step accepts a whole chain: the output must still equal
     plain decoding (so the accepted KV entries were kept in place), and stops land exactly."""
@@ -106,7 +119,7 @@ def test_accepted_runs_keep_the_cache_right_and_stop_exactly(model):
     second = engine.step()[0]
     assert first.token_ids == plain[:1]
     assert second.token_ids == plain[1:6]  # 4 accepted drafts + the next token, in one step
-    assert second.speculation.accepted_tokens == 4
+    assert second.speculated and second.accepted == 4
     engine.cancel("r")
     for max_new in (24, 7):
         assert engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=max_new))[0] == plain[:max_new]
@@ -200,9 +213,9 @@ def test_batches_over_the_speculative_limit_decode_plainly_with_the_same_output(
     assert engine.generate(prompts, params) == plain
     for i, prompt in enumerate(prompts[:3]):
         engine.add(i, prompt, params)
-    assert all(e.speculation.steps == 0 for e in engine.step())  # 3 running > 2: a plain step
+    assert not any(e.speculated for e in engine.step())  # 3 running > 2: a plain step
     engine.cancel(2)
-    assert all(e.speculation.steps == 1 for e in engine.step())  # 2 running: speculation again
+    assert all(e.speculated for e in engine.step())  # 2 running: speculation again
     engine.add(3, PROMPTS[3], SamplingParams(max_new_tokens=12, temperature=0.8, seed=1))
     # a sampled row keeps speculating over the limit (its seeded output must not depend on the load)
-    assert all(e.speculation.steps > 0 for e in engine.step())
+    assert all(e.speculated for e in engine.step())

@@ -100,18 +100,22 @@ class ControlledEngine(Engine):
         self.failures = 0  # the next this-many steps raise
         self.prefill_failures = 0  # the next this-many prefill chunks raise
 
-    def prefill(self, request_id, max_tokens):
+    # failures are injected inside the engine's calls, where a model or sampling error would arise
+    def _prefill(self, pre, max_tokens):
         if self.prefill_failures:
             self.prefill_failures -= 1
             raise RuntimeError("injected prefill failure")
-        return super().prefill(request_id, max_tokens)
+        return super()._prefill(pre, max_tokens)
+
+    def _step(self, seqs):
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("injected step failure")
+        return super()._step(seqs)
 
     def step(self):
         assert self.gate.wait(30), "the test never opened the gate"
         time.sleep(self.step_delay)
-        if self.failures:
-            self.failures -= 1
-            raise RuntimeError("injected step failure")
         return super().step()
 
 
