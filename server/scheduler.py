@@ -237,9 +237,11 @@ class Scheduler:
     def _iterate(self) -> bool:
         """One scheduling round; False once stopping."""
         with self._lock:
+            self._check()
             while self._idle():
                 if not self._work.wait(self._next_deadline()):
                     break  # a queued request's deadline passed: expire it
+                self._check()  # woken without work to do: a leaked slot would keep the queue waiting
             if self._stopping:
                 return False
             cancelled, self._cancelled = self._cancelled, set()
@@ -261,7 +263,6 @@ class Scheduler:
         self._prefill()
         if self.engine.running:
             self._step()
-        self._check()
         return True
 
     def _check(self) -> None:
