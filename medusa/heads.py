@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medusa.config import ConfigError, ModelConfig
+from runtime.config import ConfigError, ModelConfig
 
-# heads this project trained for its embedded default model (medusa.train), shipped in the package
+# heads this project trained for its embedded default model (training.fit), shipped in the package
 SHIPPED_HEADS = Path(__file__).resolve().parent / "weights" / "smollm2-135m-instruct"
 OUR_CONFIG = "medusa_config.json"
 OUR_WEIGHTS = "medusa_heads.safetensors"

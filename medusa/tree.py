@@ -216,7 +216,7 @@ BUILTIN_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 
 
-# Trees calibrated for the shipped heads (`python -m medusa.tree calibrate`) replace the built-ins
+# Trees calibrated for the shipped heads (`python -m training calibrate`) replace the built-ins
 SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 
 
@@ -248,12 +248,3 @@ def _tree_from_json(spec, name: str) -> TreeBuffers:
                         'or an object {"choices": [...], "lookup": 8}')
     return build_tree(spec, name=name)
 
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] != ["calibrate"]:
-        sys.exit("usage: python -m medusa.tree calibrate --heads FOLDER [--out FILE] (see --help)")
-    from medusa.calibrate import main
-
-    main(sys.argv[2:])

@@ -30,9 +30,9 @@ from starlette.exceptions import HTTPException
 
 from medusa.engine import Emitted, Engine
 from medusa.heads import load_heads
-from medusa.loading import LoadedModel, load_model
-from medusa.prompt import Prompter, PromptError
 from medusa.tree import get_tree
+from runtime.loading import LoadedModel, load_model
+from runtime.prompt import Prompter, PromptError
 from server.body_limit import BodyLimit
 from server.detokenize import IncrementalDecoder
 from server.protocol import (

@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported here so that `medusa-serve --help` answers without loading torch
     from medusa.heads import HeadsLoadError
-    from medusa.loading import ModelLoadError, load_model
     from medusa.tree import TreeError
+    from runtime.loading import ModelLoadError, load_model
     from server.app import build_engine, create_app
 
     logging.getLogger(__name__).info("loading model %s on %s (%s)", settings.model or "smollm2 (embedded)",

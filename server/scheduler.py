@@ -40,8 +40,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from medusa.config import SamplingParams
 from medusa.engine import Emitted, Engine, EngineError, InvariantError
+from runtime.config import SamplingParams
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)

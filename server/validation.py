@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from medusa.config import ConfigError, SamplingParams
+from runtime.config import ConfigError, SamplingParams
 from server.protocol import GenerateRequest
 from server.settings import Settings
 

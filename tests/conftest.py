@@ -13,8 +13,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from medusa.config import ModelConfig  # noqa: E402
-from medusa.llama import Llama, from_hf_state_dict  # noqa: E402
+from runtime.config import ModelConfig  # noqa: E402
+from runtime.llama import Llama, from_hf_state_dict  # noqa: E402
+from runtime.loading import LoadedModel, load_model  # noqa: E402
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -59,3 +60,9 @@ def ours_from_hf(hf_model: transformers.PreTrainedModel) -> Llama:
 @pytest.fixture(scope="session")
 def tiny_llama() -> Llama:
     return ours_from_hf(tiny_hf_model("smollm"))
+
+
+@pytest.fixture(scope="session")
+def real_model() -> LoadedModel:
+    """SmolLM2-135M-Instruct on the CPU in float32 (converted into the cache by `make model`)."""
+    return load_model(device="cpu", dtype="float32")

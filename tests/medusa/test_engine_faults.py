@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medusa.config import SamplingParams
 from medusa.engine import Engine
 from medusa.tree import get_tree
+from runtime.config import SamplingParams
 from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 from tests.medusa.test_engine_speculative import heads_for
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from medusa.config import SamplingParams
 from medusa.engine import Engine, EngineError
+from runtime.config import SamplingParams
 from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1]]

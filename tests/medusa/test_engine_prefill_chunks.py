@@ -2,10 +2,10 @@
 
 import pytest
 
-from medusa.config import SamplingParams
 from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import get_tree
+from runtime.config import SamplingParams
 from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 
 PROMPT = [11, 3, 9, 2, 40, 41, 42, 1, 17, 5, 6, 7, 60, 8, 8, 1, 23]

@@ -7,11 +7,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from medusa.config import ModelConfig, SamplingParams
 from medusa.engine import Engine, draft
 from medusa.heads import MedusaConfig, random_heads
-from medusa.llama import Llama
 from medusa.tree import TreeError, build_tree, get_tree
+from runtime.config import ModelConfig, SamplingParams
+from runtime.llama import Llama
 from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1]]

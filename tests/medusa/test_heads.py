@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from medusa.config import ModelConfig
 from medusa.heads import (
     HeadsLoadError,
     MedusaConfig,
@@ -20,6 +19,7 @@ from medusa.heads import (
     save_heads,
     save_official,
 )
+from runtime.config import ModelConfig
 
 C, V = 64, 97
 BASE = ModelConfig(vocab_size=V, hidden_size=C, intermediate_size=112, num_layers=2, num_heads=4,

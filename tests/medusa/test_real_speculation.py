@@ -2,10 +2,10 @@
 
 import pytest
 
-from medusa.config import SamplingParams
 from medusa.engine import Engine
 from medusa.heads import SHIPPED_HEADS, load_heads
 from medusa.tree import get_tree
+from runtime.config import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from medusa.loading import LoadedModel, load_model
+from runtime.loading import LoadedModel
 from server.app import create_app
 from tests.server.support import tiny_loaded, tiny_settings
 
@@ -23,8 +23,3 @@ def client(loaded) -> Iterator[TestClient]:
     with TestClient(create_app(tiny_settings(), loaded)) as test_client:
         yield test_client
 
-
-@pytest.fixture(scope="session")
-def real_model() -> LoadedModel:
-    """The embedded SmolLM2-135M-Instruct (converted and cached by `make model`)."""
-    return load_model()

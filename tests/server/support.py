@@ -12,11 +12,11 @@ import torch
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
-from medusa.config import ModelConfig
 from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads, save_heads
-from medusa.llama import Llama
-from medusa.loading import LoadedModel
+from runtime.config import ModelConfig
+from runtime.llama import Llama
+from runtime.loading import LoadedModel
 from server.app import create_app
 from server.cli import DrainingServer, make_server
 from server.scheduler import Scheduler

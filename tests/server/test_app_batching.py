@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from medusa.config import SamplingParams
+from runtime.config import SamplingParams
 from server.app import create_app
 from tests.server.support import (
     ControlledEngine,

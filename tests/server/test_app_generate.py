@@ -3,7 +3,7 @@
 import transformers
 from fastapi.testclient import TestClient
 
-from medusa.config import SamplingParams
+from runtime.config import SamplingParams
 from server.app import create_app
 from tests.server.support import tiny_engine, tiny_loaded, tiny_settings
 

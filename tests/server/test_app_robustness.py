@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from medusa.config import SamplingParams
-from medusa.prompt import Prompter, PromptError
+from runtime.config import SamplingParams
+from runtime.prompt import Prompter, PromptError
 from tests.server.support import controlled_server, metric_values, wait_until
 from tests.tiny_tokenizer import tiny_tokenizer
 

@@ -1,17 +1,12 @@
-"""Train Medusa heads on the base model's own answers (self-distillation), with the base frozen.
+"""Train Medusa heads on the base model's own answers (`training.distill`), with the base frozen.
 
-    python -m medusa.train distill --prompts 2000 --out runs/distill    # answers + hidden states
-    python -m medusa.train distill --prompt-set varied --passages runs/distill --out runs/distill_v2
-    python -m medusa.train fit --data runs/distill runs/distill_v2 --out medusa/weights/smollm2-135m-instruct
+    python -m training fit --data runs/distill runs/distill_v2 --out medusa/weights/smollm2-135m-instruct
 
-`distill` answers the project's own instructions (medusa.train_prompts) with our batched engine,
-half greedy and half sampled, and keeps the final hidden state of every answer token as the
-engine computes it, so the base model never runs twice on the same tokens. `fit` trains K heads
-on those hidden states: head k at position j learns token j + 2 + k (path-input heads also read
-the true tokens between position j and that target), with loss weight 0.8^k, scoring the draft
-vocabulary (the most frequent answer tokens), on a held-out split by answer, and reports per-head
-top-1 / top-5 accuracy and the rank distribution that `python -m medusa.tree calibrate` turns
-into a tree.
+K heads learn from the kept hidden states: head k at position j learns token j + 2 + k (path-input
+heads also read the true tokens between position j and that target), with loss weight 0.8^k,
+scoring the draft vocabulary (the most frequent answer tokens), on a held-out split by answer; the
+report gives per-head top-1 / top-5 accuracy and the rank distribution that
+`python -m training calibrate` turns into a tree.
 
 Legend: M training positions, K heads, C hidden size, V vocabulary.
 """
@@ -22,104 +17,18 @@ import argparse
 import json
 import math
 import random
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from medusa.config import SamplingParams
-from medusa.engine import Engine
 from medusa.heads import MedusaConfig, MedusaHeads, save_heads
-from medusa.loading import load_model
-from medusa.train_prompts import training_prompts, varied_prompts
+from runtime.loading import load_model
 
 IGNORE = -100  # no target (past the end of the answer)
 OUTSIDE = -1  # a target outside the draft vocabulary: no loss, but a miss in the accuracies
 TOP_RANKS = 10  # rank distribution kept for tree calibration
-
-
-# ---------------------------------------------------------------- self-distillation
-
-
-def distill(out: Path, num_prompts: int, max_new_tokens: int, batch_size: int, model_spec: str | None,
-            seed: int, shard_size: int = 200, prompt_set: str = "templates",
-            passage_folders: list[Path] = ()) -> None:
-    """Answer `num_prompts` instructions; write shards of (hidden fp16 [n, C], tokens [n]) per answer.
-
-    `prompt_set` "templates" is training_prompts, "varied" is varied_prompts, whose passage tasks
-    run over earlier answers read from `passage_folders`.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    done = {i for shard in out.glob("shard_*.pt") for i in torch.load(shard, weights_only=True)["prompt_ids"]}
-    loaded = load_model(model_spec)
-    tok = loaded.tokenizer
-    if prompt_set == "templates":
-        prompts = training_prompts(num_prompts, seed)
-    else:
-        prompts = varied_prompts(num_prompts, seed, passages(passage_folders, tok))
-    todo = [i for i in range(num_prompts) if i not in done]
-    encoded = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i][1]}],
-                                          add_generation_prompt=True, tokenize=True) for i in todo}
-    max_prompt = max((len(e) for e in encoded.values()), default=0)
-    engine = Engine(loaded.model, tok, loaded.eos_token_ids, max_batch_size=batch_size,
-                    max_total_tokens=max_prompt + max_new_tokens, keep_hidden=True)
-    tokens: dict[int, list[int]] = {}
-    hidden: dict[int, list[torch.Tensor]] = {}
-    finished: list[int] = []
-    shard_index = len(list(out.glob("shard_*.pt")))
-    bar = tqdm(total=len(todo), desc="answers", unit="answer")
-    start = time.perf_counter()
-    total_tokens = 0
-
-    def take(e) -> None:
-        tokens[e.request_id] += e.token_ids
-        hidden[e.request_id].append(e.hidden.to(torch.float16))
-        if e.finish_reason:
-            finished.append(e.request_id)
-            bar.update(1)
-
-    waiting = list(todo)
-    while waiting or engine.running:
-        while waiting and engine.free_slots:
-            i = waiting.pop(0)
-            sampled = i % 2 == 1  # half greedy, half sampled answers
-            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.7 if sampled else 0.0,
-                                    top_p=0.95 if sampled else 1.0, seed=seed * 100003 + i)
-            tokens[i], hidden[i] = [], []
-            take(engine.add(i, encoded[i], params))
-        for e in engine.step():
-            take(e)
-        if len(finished) >= shard_size or (not waiting and not engine.running and finished):
-            total_tokens += _write_shard(out / f"shard_{shard_index:04d}.pt", finished, tokens, hidden)
-            shard_index += 1
-            bar.set_postfix(tok_s=f"{total_tokens / (time.perf_counter() - start):.0f}")
-            finished = []
-    bar.close()
-    print(f"distilled {total_tokens} answer tokens in {time.perf_counter() - start:.0f} s into {out}")
-
-
-def passages(folders: list[Path], tokenizer, min_chars: int = 300, max_chars: int = 1200) -> list[str]:
-    """Earlier distilled answers, as text, that are long enough to extract from and short enough to read."""
-    texts = []
-    for shard in sorted(shard for folder in folders for shard in folder.glob("shard_*.pt")):
-        data = torch.load(shard, weights_only=True)
-        for answer in data["tokens"].split(data["lengths"]):
-            text = tokenizer.decode(answer.tolist(), skip_special_tokens=True).strip()
-            if min_chars <= len(text) <= max_chars:
-                texts.append(text)
-    return texts
-
-
-def _write_shard(path: Path, ids: list[int], tokens: dict, hidden: dict) -> int:
-    seqs = [(torch.cat(hidden.pop(i))[: len(tokens[i])], torch.tensor(tokens.pop(i))) for i in ids]
-    torch.save({"prompt_ids": list(ids), "hidden": torch.cat([h for h, _ in seqs]),
-                "tokens": torch.cat([t for _, t in seqs]), "lengths": [len(t) for _, t in seqs]}, path)
-    return sum(len(t) for _, t in seqs)
-
-
-# ---------------------------------------------------------------- head training
 
 
 def load_data(folders: list[Path], num_heads: int, held_out: float, seed: int):
@@ -148,7 +57,7 @@ def load_data(folders: list[Path], num_heads: int, held_out: float, seed: int):
                 part.append(x)
     if not parts[False][0]:
         raise SystemExit(f"no distillation shards in {', '.join(map(str, folders))}: run "
-                         "`python -m medusa.train distill` first")
+                         "`python -m training distill` first")
     h, t, y = parts[False]
     empty = (h[0][:0], t[0][:0], y[0][:0])
     return [tuple(torch.cat(x) for x in parts[s]) if parts[s][0] else empty for s in (False, True)]
@@ -261,43 +170,22 @@ def fit(data: list[Path], out: Path, num_heads: int, num_layers: int, epochs: fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("distill", help="self-distillation: the base model answers our instructions")
-    d.add_argument("--prompts", type=int, default=2000)
-    d.add_argument("--max-new-tokens", type=int, default=256)
-    d.add_argument("--batch-size", type=int, default=32)
-    d.add_argument("--out", type=Path, default=Path("runs/distill"))
-    d.add_argument("--prompt-set", choices=["templates", "varied"], default="templates",
-                   help="templates: topic x template instructions; varied: the broader set, "
-                   "with passage tasks")
-    d.add_argument("--passages", type=Path, nargs="*", default=[],
-                   help="distillation folders whose answers become the varied set's passages")
-    f = sub.add_parser("fit", help="train heads on distilled hidden states")
-    f.add_argument("--data", type=Path, nargs="+", default=[Path("runs/distill")],
-                   help="distillation folders (e.g. one per `distill --seed`)")
-    f.add_argument("--out", type=Path, default=Path("runs/heads"))
-    f.add_argument("--heads", type=int, default=4)
-    f.add_argument("--layers", type=int, default=1)
-    f.add_argument("--epochs", type=float, default=2.0)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--batch", type=int, default=256)
-    f.add_argument("--path-input", action=argparse.BooleanOptionalAction, default=True,
-                   help="head k also reads the k + 1 tokens before its target (default: on; off = Medusa)")
-    f.add_argument("--draft-vocab", type=int, default=8192,
-                   help="heads score only this many most frequent answer tokens (0: the whole vocabulary)")
-    for p in (d, f):
-        p.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
-        p.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(prog="python -m training fit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, nargs="+", default=[Path("runs/distill")],
+                    help="distillation folders (e.g. one per `distill --seed`)")
+    ap.add_argument("--out", type=Path, default=Path("runs/heads"))
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--path-input", action=argparse.BooleanOptionalAction, default=True,
+                    help="head k also reads the k + 1 tokens before its target (default: on; off = Medusa)")
+    ap.add_argument("--draft-vocab", type=int, default=8192,
+                    help="heads score only this many most frequent answer tokens (0: the whole vocabulary)")
+    ap.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_grad_enabled(args.command == "fit")
-    if args.command == "distill":
-        distill(args.out, args.prompts, args.max_new_tokens, args.batch_size, args.model, args.seed,
-                prompt_set=args.prompt_set, passage_folders=args.passages)
-    else:
-        fit(args.data, args.out, args.heads, args.layers, args.epochs, args.lr, args.batch, args.model,
-            args.seed, args.path_input, args.draft_vocab)
-
-
-if __name__ == "__main__":
-    main()
+    fit(args.data, args.out, args.heads, args.layers, args.epochs, args.lr, args.batch, args.model,
+        args.seed, args.path_input, args.draft_vocab)

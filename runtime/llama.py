@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attention
-from medusa.config import ModelConfig, RopeScaling
-from medusa.kv_cache import KVCache
+from runtime.config import ModelConfig, RopeScaling
+from runtime.kv_cache import KVCache
 
 PACK_ROWS = 16  # rows per product the CPU weight layout is tuned for (decoding: a few per sequence)
 

@@ -10,8 +10,8 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from medusa.config import SamplingParams
-from medusa.sampling import target_logits
+from runtime.config import SamplingParams
+from runtime.sampling import target_logits
 
 CASES = [
     (SamplingParams(temperature=0.7, top_k=5), [TemperatureLogitsWarper(0.7), TopKLogitsWarper(5)]),

@@ -51,8 +51,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from medusa.config import ConfigError, ModelConfig
-from medusa.llama import Llama, from_hf_state_dict
+from runtime.config import ConfigError, ModelConfig
+from runtime.llama import Llama, from_hf_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def _eos_token_ids(path: Path, hf_config: dict[str, Any],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medusa.loading", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m runtime.loading", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="resolve a model (converting a GGUF file once) and "
                                                   "print its Hugging Face folder")

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from medusa.config import SamplingParams
+from runtime.config import SamplingParams
 
 SAFE_RANGE = (1e-6, 1e6)  # temperature and repetition_penalty are clamped into it
 

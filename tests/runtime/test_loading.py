@@ -12,9 +12,9 @@ import pytest
 import torch
 import transformers
 
-from medusa import loading
-from medusa.llama import Llama
-from medusa.loading import EMBEDDED_MODEL_ID, ModelLoadError, load_model, resolve
+from runtime import loading
+from runtime.llama import Llama
+from runtime.loading import EMBEDDED_MODEL_ID, ModelLoadError, load_model, resolve
 from tests.conftest import FAMILIES, TINY, tiny_hf_model
 from tests.tiny_tokenizer import CHAT_TEMPLATE, SPECIALS, tiny_tokenizer
 

@@ -1,4 +1,4 @@
-"""Head training data: head k at answer position j learns token j + 2 + k; prompts are ours."""
+"""Head training data: distilled shards; head k at answer position j learns token j + 2 + k."""
 
 from types import SimpleNamespace
 
@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from medusa.heads import MedusaConfig, MedusaHeads
-from medusa.train import (
-    IGNORE,
-    OUTSIDE,
-    _write_shard,
-    draft_vocabulary,
-    evaluate,
-    load_data,
-    passages,
-    to_draft_indices,
-)
-from medusa.train_prompts import training_prompts, varied_prompts
+from training.distill import _write_shard, passages
+from training.fit import IGNORE, OUTSIDE, draft_vocabulary, evaluate, load_data, to_draft_indices
+from training.prompts import training_prompts, varied_prompts
 
 
 def test_labels_are_shifted_per_head(tmp_path):

@@ -1,8 +1,8 @@
 """Fit the candidate tree to the heads' measured accuracy and to this machine's verification cost.
 
-    python -m medusa.tree calibrate --heads medusa/heads/smollm2-135m-instruct --out medusa/trees/cpu.json
+    python -m training calibrate --heads medusa/heads/smollm2-135m-instruct --out medusa/trees/cpu.json
 
-1. From each head's held-out rank distribution (`training.json` written by `medusa.train fit`),
+1. From each head's held-out rank distribution (`training.json` written by `training.fit fit`),
    the probability that a node's whole path is accepted is the product of its ranks' accuracies
    (heads treated as independent). Nodes are added greedily, best path probability first, each
    with its parent already in the tree; the expected tokens per step of a tree is
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from medusa.engine import draft
+from medusa.draft import draft
 from medusa.heads import load_heads
-from medusa.loading import load_model
 from medusa.tree import TreeBuffers, build_tree
+from runtime.loading import load_model
 
 
 def greedy_tree(rank_probs: list[list[float]], budget: int) -> tuple[list[tuple[int, ...]], list[float]]:
@@ -115,7 +115,7 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m medusa.tree calibrate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m training calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=Path, required=True, help="heads folder with training.json")
     ap.add_argument("--device", default="cpu")

@@ -2,8 +2,8 @@
 
 import json
 
-from medusa.calibrate import greedy_tree, main
 from medusa.tree import build_tree, get_tree
+from training.calibrate import greedy_tree, main
 
 RANK_PROBS = [[0.6, 0.1, 0.05], [0.4, 0.1, 0.05], [0.3, 0.1, 0.05]]
 
