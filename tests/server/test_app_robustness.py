@@ -10,9 +10,7 @@ import httpx
 import pytest
 
 from runtime.config import SamplingParams
-from runtime.prompt import Prompter, PromptError
 from tests.server.support import controlled_server, metric_values, wait_until
-from tests.tiny_tokenizer import tiny_tokenizer
 
 PROMPT = "Hello world!"
 
@@ -111,22 +109,3 @@ def test_a_leaked_slot_marks_the_server_unhealthy_and_the_scheduler_sleeps():
         time.sleep(0.5)
         assert len(checks) - before <= 3  # woken by the deadline, not spinning
         queued.join()
-
-
-def test_truncate_keeps_the_chat_template_whole():
-    tokenizer = tiny_tokenizer()
-    prompter = Prompter(tokenizer, chat_template=True)
-    text = "The quick brown fox jumps over the lazy dog. " * 20
-    full = prompter.encode(text)
-    head = tokenizer.encode("<|im_start|>user\n", add_special_tokens=False)
-    tail = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
-    assert full[:len(head)] == head and full[-len(tail):] == tail
-    for truncate in (len(full) - 1, 40, len(head) + len(tail) + 1):
-        cut = prompter.encode(text, truncate=truncate)
-        assert len(cut) <= truncate
-        assert cut[:len(head)] == head and cut[-len(tail):] == tail  # the template survives
-        kept = tokenizer.decode(cut[len(head):-len(tail)])
-        assert kept and text.endswith(kept)  # the user's text lost its front only
-    assert prompter.encode(text, truncate=len(full)) == full
-    with pytest.raises(PromptError, match="template"):
-        prompter.encode(text, truncate=len(head) + len(tail))
