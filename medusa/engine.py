@@ -33,7 +33,7 @@ from medusa.heads import MedusaHeads
 from medusa.lookup import NgramIndex
 from medusa.tree import TreeBuffers, build_tree, check_tree_fits
 from runtime import sampling
-from runtime.config import SamplingParams
+from runtime.config import ConfigError, ModelConfig, SamplingParams
 from runtime.llama import Llama
 
 ROOT_ONLY = build_tree([])
@@ -78,6 +78,12 @@ class _Sequence:
     hidden_last: torch.Tensor  # [C]: hidden state of the last cached token, the heads' input
     generated: list[int] = field(default_factory=list)  # includes the pending token (last)
     lookup: NgramIndex | None = None  # prompt + generated, for a tree with a lookup branch
+    # the last tokens that can hold a stop string ending at the newest one: a stop string of L characters
+    # spans at most L tokens, and up to 3 more hold the rest of a multi-byte character cut at the start
+    stop_tail: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stop_tail = max(map(len, self.params.stop), default=0) + 4
 
     @property
     def pending(self) -> int:
@@ -97,6 +103,20 @@ class _Prefill:
     logprobs: list[float | None] = field(default_factory=lambda: [None])  # per prompt token scored so far
 
 
+def _check_max_total_tokens(config: ModelConfig, max_total_tokens: int) -> None:
+    """Refuse a length the model cannot attend over exactly: past its trained positions, or past a
+    sliding window, which our attention does not apply."""
+    if max_total_tokens > config.max_position_embeddings:
+        raise ConfigError(f"max_total_tokens ({max_total_tokens}) exceeds the model's "
+                          f"max_position_embeddings ({config.max_position_embeddings}): lower "
+                          f"--max-total-tokens to at most {config.max_position_embeddings}")
+    window = config.sliding_window
+    if window is not None and window < max_total_tokens:
+        raise ConfigError(f"the model attends within a sliding window of {window} tokens, which this server "
+                          f"does not enforce, so tokens past it would come out wrong with max_total_tokens "
+                          f"({max_total_tokens}): lower --max-total-tokens to at most {window}")
+
+
 class Engine:
     def __init__(self, model: Llama, tokenizer, eos_token_ids: Iterable[int], *, max_batch_size: int = 8,
                  max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
@@ -106,22 +126,27 @@ class Engine:
         speculate greedy, decodes plainly (None: no limit). A tree multiplies the rows of a step; once
         the batch alone fills the machine (a CPU), extra rows cost more than the drafts they accept.
         Greedy output is the same either way; sampled rows keep speculating, so that a seeded
-        request's random stream, and so its output, does not depend on the load."""
+        request's random stream, and so its output, does not depend on the load.
+
+        Raises ConfigError for what could not be exact: heads without a tree, or max_total_tokens past
+        the model's positions or sliding window."""
+        if heads is not None and tree is None:
+            raise ConfigError("Medusa heads were given without a tree: pass the tree of candidates they "
+                              "draft (e.g. medusa.tree.get_tree('cpu')), or no heads for plain decoding")
+        _check_max_total_tokens(model.config, max_total_tokens)
         self.model = model
         self.max_speculative_batch = max_speculative_batch
         self.keep_hidden = keep_hidden
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.heads = heads
-        self.tree = tree if heads is not None and tree is not None else ROOT_ONLY
+        self.device = model.embed.weight.device
+        self.tree = (tree if heads is not None else ROOT_ONLY).to(self.device)  # moved once, not per step
         if heads is not None:
             check_tree_fits(self.tree, heads.config.num_heads, heads.config.scored_vocab_size)
         self.max_total_tokens = max_total_tokens
-        self.device = model.embed.weight.device
         # room for a whole tree of scratch entries after the longest allowed sequence
         self.cache = model.new_cache(max_batch_size, max_total_tokens + self.tree.num_nodes)
-        self._tree_mask = self.tree.mask.to(self.device)
-        self._tree_depths = self.tree.depths.to(self.device)
         self._free = list(range(max_batch_size - 1, -1, -1))
         self._running: dict[Hashable, _Sequence] = {}
         self._prefilling: dict[Hashable, _Prefill] = {}
@@ -273,9 +298,9 @@ class Engine:
             candidates = draft(self.heads, self.model, hidden_last, roots, tree)  # [B, T]
             if tree.lookup:
                 self._fill_lookup(seqs, tree, candidates)
-            positions = cache_lens[:, None] + self._tree_depths  # [B, T]
+            positions = cache_lens[:, None] + tree.depths  # [B, T]
             max_len = max(len(s.prompt) + len(s.generated) - 1 for s in seqs) + T
-            hidden = self.model(candidates, positions, self.cache, slots, self._tree_mask, max_len)
+            hidden = self.model(candidates, positions, self.cache, slots, tree.mask, max_len)
         else:
             candidates = roots[:, None]  # [B, 1]
             max_len = max(len(s.prompt) + len(s.generated) for s in seqs)
@@ -434,8 +459,8 @@ class Engine:
         params = seq.params
         if token in self.eos_token_ids and not params.ignore_eos:
             return "eos_token"
-        if params.stop:
-            text = self.tokenizer.decode(seq.generated)
+        if params.stop:  # only the tail can hold a stop string that ends at this token
+            text = self.tokenizer.decode(seq.generated[-seq.stop_tail:])
             if any(stop in text for stop in params.stop):
                 return "stop_sequence"
         if len(seq.generated) >= params.max_new_tokens:

@@ -62,6 +62,10 @@ class ModelConfig:
                 f"architecture {self.architecture!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
+        if self.num_heads < 1 or self.num_kv_heads < 1:
+            raise ConfigError(
+                f"num_heads ({self.num_heads}) and num_kv_heads ({self.num_kv_heads}) must be at least 1"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
@@ -78,6 +82,9 @@ class ModelConfig:
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
         num_heads = hf["num_attention_heads"]
+        if not hf.get("head_dim") and (num_heads < 1 or hf["hidden_size"] % num_heads):
+            raise ConfigError(f"hidden_size ({hf['hidden_size']}) must be a multiple of num_attention_heads "
+                              f"({num_heads}) when the config gives no head_dim")
         rope = hf.get("rope_scaling") or {}
         rope_kind = rope.get("rope_type", rope.get("type", "default"))
         scaling = RopeScaling(
@@ -89,7 +96,9 @@ class ModelConfig:
         )
         attention_bias = bool(hf.get("attention_bias", False))
         is_qwen2 = architecture == "Qwen2ForCausalLM"
-        use_window = hf.get("use_sliding_window", architecture == "MistralForCausalLM")
+        # Mistral always applies its window (transformers ignores use_sliding_window there); Qwen2 only
+        # when use_sliding_window is on, and then, counted conservatively, on every layer
+        use_window = architecture == "MistralForCausalLM" or (is_qwen2 and hf.get("use_sliding_window"))
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -144,20 +153,22 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be at least 1")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise ConfigError("temperature must be >= 0")
+        if not 0 <= self.temperature < math.inf:
+            raise ConfigError("temperature must be a finite number >= 0")
         if self.top_k < 0:
             raise ConfigError("top_k must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError("top_p must be in (0, 1]")
         if not 0 < self.typical_p <= 1:
             raise ConfigError("typical_p must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ConfigError("repetition_penalty must be > 0")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ConfigError("repetition_penalty must be a finite number > 0")
         if self.acceptance not in ("auto", "lossless", "typical"):
             raise ConfigError("acceptance must be 'auto', 'lossless' or 'typical'")
-        if not 0 <= self.typical_epsilon <= 1 or self.typical_delta < 0:
-            raise ConfigError("typical_epsilon must be in [0, 1] and typical_delta >= 0")
+        if not 0 <= self.typical_epsilon <= 1 or not 0 <= self.typical_delta < math.inf:
+            raise ConfigError("typical_epsilon must be in [0, 1] and typical_delta a finite number >= 0")
+        if not all(self.stop):
+            raise ConfigError("stop sequences must not be empty (an empty one would stop at once)")
 
     @property
     def greedy(self) -> bool:

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     # imported here so that `medusa-serve --help` answers without loading torch
     from medusa.heads import HeadsLoadError
     from medusa.tree import TreeError
+    from runtime.config import ConfigError
     from runtime.loading import ModelLoadError, load_model
     from server.app import build_engine, create_app
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         loaded = load_model(settings.model, settings.device, settings.dtype)
         engine = build_engine(settings, loaded)
-    except (ModelLoadError, HeadsLoadError, TreeError) as e:
+    except (ModelLoadError, HeadsLoadError, TreeError, ConfigError) as e:
         sys.exit(f"medusa-serve: {e}")
     app = create_app(settings, loaded, engine=engine)
     make_server(app, settings.host, settings.port, settings.drain_timeout).run()

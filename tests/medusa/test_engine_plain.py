@@ -71,6 +71,32 @@ def test_stop_eos_and_length_are_exact(hf_and_ours):
     assert e.free_slots == 4 and e.running == 0
 
 
+class CountingVocab(Vocab):
+    """Vocab that records how many tokens each decode call was given."""
+
+    def __init__(self):
+        self.decoded = []
+
+    def decode(self, ids):
+        self.decoded.append(len(ids))
+        return super().decode(ids)
+
+
+def test_stop_strings_decode_a_bounded_tail(hf_and_ours):
+    """Looking for a stop string decodes a few tokens per new token, however long the generation, and
+    still stops right after a stop string that spans many tokens."""
+    _, ours = hf_and_ours
+    free = engine(ours).generate([PROMPTS[1]], SamplingParams(max_new_tokens=40))[0]
+    vocab = CountingVocab()
+    never = SamplingParams(max_new_tokens=40, stop=("!?",))  # Vocab decodes letters only
+    assert Engine(ours, vocab, (), max_total_tokens=64).generate([PROMPTS[1]], never)[0] == free
+    assert len(vocab.decoded) == 40 and max(vocab.decoded) == len("!?") + 4
+    text = Vocab().decode(free)
+    long_stop = text[20:32]  # 12 tokens
+    out = engine(ours).generate([PROMPTS[1]], SamplingParams(max_new_tokens=40, stop=(long_stop,)))[0]
+    assert out == free[:text.find(long_stop) + len(long_stop)]
+
+
 def test_repetition_penalty_changes_greedy_output(hf_and_ours):
     hf, ours = hf_and_ours
     params = SamplingParams(max_new_tokens=12, repetition_penalty=1.8)

@@ -95,6 +95,43 @@ class OracleHeads(torch.nn.Module):
         return indices
 
 
+class WrongHeads(OracleHeads):
+    """Test double: heads whose guesses are never the greedy continuation (each is one token id off)."""
+
+    def forward(self, hidden_last, lm_head, path_embeds=None, num_heads=None):
+        return super().forward(hidden_last, lm_head, path_embeds, num_heads).roll(1, dims=-1)
+
+
+def emitted_by(engine, prompt, params):
+    """Every Emitted of one request: its `add`, then one per step."""
+    out = [engine.add("r", prompt, params)]
+    while engine.running:
+        out += engine.step()
+    return out
+
+
+def test_each_step_counts_exactly_the_drafts_it_emitted(model):
+    """Drafts known right (every step accepts all 4 of a chain, then the length limit leaves room for
+    2 of them) or known wrong (none accepted): each step's `accepted` is the number of drafts it
+    emitted, and only steps that verified a tree report `speculated`."""
+    greedy = SamplingParams(max_new_tokens=24)
+    plain = Engine(model, Vocab(), (), max_total_tokens=64).generate([PROMPTS[1]], greedy)[0]
+    params = SamplingParams(max_new_tokens=23)
+    cases = [  # heads, request, per step: (tokens emitted, drafts among them), speculated
+        (OracleHeads, params, [(5, 4)] * 4 + [(2, 2)], True),
+        (WrongHeads, params, [(1, 0)] * 22, True),
+        (OracleHeads, SamplingParams(max_new_tokens=23, speculate=False), [(1, 0)] * 22, False),
+    ]
+    for heads, request, counts, speculated in cases:
+        engine = Engine(model, Vocab(), (), max_total_tokens=64, heads=heads(model, PROMPTS[1], plain),
+                        tree=get_tree("chain"))
+        first, *steps = emitted_by(engine, PROMPTS[1], request)
+        assert first.token_ids + [t for e in steps for t in e.token_ids] == plain[:23]
+        assert not first.speculated and first.accepted == 0
+        assert [(len(e.token_ids), e.accepted) for e in steps] == counts
+        assert [e.speculated for e in steps] == [speculated] * len(steps)
+
+
 def test_drafts_cut_by_the_length_limit_are_not_counted_as_accepted(model):
     """Four right drafts with two tokens left to generate: the step emits two and counts two accepted,
     so a request never reports more accepted drafts than tokens it generated."""
@@ -134,7 +171,8 @@ def test_accepted_runs_keep_the_cache_right_and_stop_exactly(model):
 
 def test_tree_deeper_than_heads_is_refused(model):
     with pytest.raises(TreeError, match="head"):
-        Engine(model, Vocab(), (), heads=heads_for(model, num_heads=2), tree=get_tree("chain"))
+        Engine(model, Vocab(), (), max_total_tokens=64, heads=heads_for(model, num_heads=2),
+               tree=get_tree("chain"))
 
 
 def exact_pair_distribution(model, prompt, temperature):
