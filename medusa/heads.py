@@ -104,7 +104,12 @@ class ResBlock(nn.Module):
 
 
 class MedusaHeads(nn.Module):
-    """K heads; head i maps the base model's last hidden state to logits for the token at + i + 2."""
+    """K heads; head i maps the base model's last hidden state to logits for the token at + i + 2.
+
+    New heads are prepared for training: a shared projection multiplies by the lm_head rows in
+    full precision, so gradients flow and an evaluation scores what training optimised.
+    `prepare_for_serving` (done by `load_heads`) switches to a cached, possibly bf16, copy.
+    """
 
     def __init__(self, config: MedusaConfig) -> None:
         super().__init__()
@@ -125,7 +130,21 @@ class MedusaHeads(nn.Module):
             self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))  # [V'] token ids
         else:
             self.draft_vocab = None
+        self._serving = False  # set by prepare_for_serving / prepare_for_training only
         self._projection: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, draft copy)
+
+    def prepare_for_serving(self) -> MedusaHeads:
+        """Inference from now on: a shared projection scores through `_draft_projection`'s copy of the
+        lm_head rows, with or without autograd enabled. Drafts only propose, so the output of a
+        speculative step does not change, only its cost."""
+        self._serving = True
+        return self
+
+    def prepare_for_training(self) -> MedusaHeads:
+        """Autograd from now on: a shared projection multiplies by the lm_head rows themselves."""
+        self._serving = False
+        self._projection = None
+        return self
 
     def hidden_states(self, hidden: torch.Tensor, path_embeds: torch.Tensor | None = None,
                       num_heads: int | None = None) -> torch.Tensor:
@@ -161,11 +180,12 @@ class MedusaHeads(nn.Module):
         if self.projections is not None:
             projections = self.projections[:states.shape[1]]
             return torch.stack([proj(states[:, i]) for i, proj in enumerate(projections)], dim=1).float()
-        if torch.is_grad_enabled():  # training: gradients flow to the states through a fresh slice
-            weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
-            return F.linear(states, weight.to(states.dtype)).float()  # [B, K, V']
-        weight = self._draft_projection(lm_head.weight)
-        return F.linear(states.to(weight.dtype), weight).float()  # [B, K, V']
+        if self._serving:
+            weight = self._draft_projection(lm_head.weight)
+            return F.linear(states.to(weight.dtype), weight).float()  # [B, K, V']
+        # gradients flow to the states through a fresh slice of the lm_head rows
+        weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
+        return F.linear(states, weight.to(states.dtype)).float()  # [B, K, V']
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices into the scored vocabulary (what `forward`'s logits index) -> token ids."""
@@ -188,7 +208,8 @@ class MedusaHeads(nn.Module):
 
 
 def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaHeads:
-    """For tests only: heads whose blocks are not the identity, so each head guesses differently.
+    """For tests and benchmarks: heads whose blocks are not the identity, so each head guesses
+    differently; prepared for serving, as `load_heads` returns them.
 
     Block weights and biases are drawn from N(0, (scale / sqrt(C))^2); own projections (if any)
     from N(0, 1 / C).
@@ -203,7 +224,7 @@ def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaH
         if heads.draft_vocab is not None:  # a random subset of the vocabulary, in random order
             subset = torch.randperm(config.vocab_size, generator=gen)[:config.draft_vocab_size]
             heads.draft_vocab.copy_(subset)
-    return heads
+    return heads.prepare_for_serving()
 
 
 def save_heads(heads: MedusaHeads, folder: Path) -> None:
@@ -246,7 +267,8 @@ def save_official(heads: MedusaHeads, folder: Path, lm_head: nn.Linear | None = 
 
 def load_heads(path: Path, base_config: ModelConfig, base_lm_head: nn.Linear | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MedusaHeads:
-    """Load heads from a folder in our format or the official one, checked against the base model.
+    """Load heads from a folder in our format or the official one, checked against the base model,
+    prepared for serving (`prepare_for_training` before training them further).
 
     With `base_lm_head`, official heads whose every projection equals it are loaded as sharing it.
     """
@@ -275,7 +297,7 @@ def load_heads(path: Path, base_config: ModelConfig, base_lm_head: nn.Linear | N
     if missing or unexpected:
         raise HeadsLoadError(f"Medusa heads in {str(folder)!r} do not match their config: "
                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    return heads.to(device=device, dtype=dtype).eval()
+    return heads.to(device=device, dtype=dtype).eval().prepare_for_serving()
 
 
 def _read_ours(folder: Path) -> tuple[MedusaConfig, dict[str, torch.Tensor]]:

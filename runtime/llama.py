@@ -32,22 +32,27 @@ class Linear(nn.Linear):
     `_linear_pointwise` takes them as they are (converting them to and from oneDNN's layout around
     each product cost 15% of a decoding step). The weights are reordered for a few rows at a time
     (`_reorder_linear_weight`): all SmolLM2 layers' products, measured here on 1 / 4 / 64 rows,
-    22.9 / 27.5 / 98.4 ms in oneDNN's plain layout, 19.1 / 14.8 / 78.6 ms reordered. Inference
-    only: with autograd on, or for other dtypes and devices, this is a plain nn.Linear.
+    22.9 / 27.5 / 98.4 ms in oneDNN's plain layout, 19.1 / 14.8 / 78.6 ms reordered. The packed
+    copy is a snapshot outside autograd, so only serving packs (`Llama.prepare_for_serving`);
+    unpacked, or for other dtypes and devices, this is a plain nn.Linear.
     """
 
     packed_weight: torch.Tensor | None = None
     packed_bias: torch.Tensor | None = None
 
     def pack(self) -> None:
-        """Keep a oneDNN copy of the weights (call after the weights are final)."""
+        """Keep a oneDNN copy of the fp32 CPU weights and multiply through it from now on."""
         w = self.weight
         if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
             self.packed_bias = None if self.bias is None else self.bias.detach()
 
+    def unpack(self) -> None:
+        """Drop the oneDNN copy: multiply through the weights themselves (MKL), with autograd."""
+        self.packed_weight = self.packed_bias = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is None or x.dtype != torch.float32 or torch.is_grad_enabled():
+        if self.packed_weight is None:
             return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, "none", [], "")
 
@@ -134,11 +139,21 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # [D/2]
 
-    def pack(self) -> Llama:
-        """Prepare the linear layers' fast CPU path (see `Linear`); a no-op elsewhere."""
+    def prepare_for_serving(self) -> Llama:
+        """Inference from now on: the linear layers multiply through oneDNN copies of their weights
+        where that is faster (fp32 on the CPU; see `Linear`), with or without autograd enabled. Call
+        once the weights are final and on their device: the copies do not follow later changes."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
+        return self
+
+    def prepare_for_training(self) -> Llama:
+        """Autograd from now on (training, or evaluating what training computes): the linear layers
+        multiply through their weights themselves; drops the copies `prepare_for_serving` made."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.unpack()
         return self
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:

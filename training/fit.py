@@ -111,7 +111,8 @@ def fit(data: list[Path], out: Path, num_heads: int, num_layers: int, epochs: fl
         model_spec: str | None, seed: int, path_input: bool = True, draft_vocab: int = 8192,
         held_out: float = 0.05) -> dict:
     torch.manual_seed(seed)
-    base = load_model(model_spec).model.requires_grad_(False)
+    # frozen; the heads read its embeddings and lm_head rows themselves, so no serving copies
+    base = load_model(model_spec).model.requires_grad_(False).prepare_for_training()
     train, val = load_data(data, num_heads, held_out, seed)
     V = base.config.vocab_size
     config = MedusaConfig(hidden_size=base.config.hidden_size, vocab_size=V, num_heads=num_heads,

@@ -1,8 +1,11 @@
-"""Our runtime's logits equal transformers' own model's, for each supported family."""
+"""Our runtime's logits equal transformers' own model's, for each supported family, prepared for
+serving (oneDNN) or for training (MKL); and the preparation, not autograd, picks the path."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from runtime.llama import Linear
 from tests.conftest import FAMILIES, ours_from_hf, tiny_hf_model
 
 
@@ -12,7 +15,7 @@ def test_prefill_logits_match_transformers(family, packed):
     hf = tiny_hf_model(family)
     ours = ours_from_hf(hf)
     if packed:
-        ours.pack()
+        ours.prepare_for_serving()
     tokens = torch.randint(0, 97, (1, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -30,7 +33,7 @@ def test_batched_decode_logits_match_transformers(family, packed):
     hf = tiny_hf_model(family)
     ours = ours_from_hf(hf)
     if packed:
-        ours.pack()
+        ours.prepare_for_serving()
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (5, 17)]
     nxt = torch.randint(0, 97, (2, 3), generator=gen)
@@ -47,3 +50,35 @@ def test_batched_decode_logits_match_transformers(family, packed):
         for b, p in enumerate(prompts):
             expected = hf(torch.cat([p, nxt[b]])[None]).logits[0, -3:]
             torch.testing.assert_close(got[b], expected, atol=1e-4, rtol=0)
+
+
+def test_serving_path_does_not_depend_on_autograd():
+    """Evaluating under no_grad must score what serving serves, and training what training trains: the
+    two GEMM libraries sum in different orders (about 1e-6 apart at this width; 0 at the tiny models')."""
+    torch.manual_seed(0)
+    linear = Linear(576, 1536)
+    x = torch.randn(3, 576)  # [rows, C]
+    linear.pack()
+    with torch.no_grad():
+        served = linear(x)
+    assert torch.equal(linear(x), served)
+    linear.unpack()
+    torch.testing.assert_close(linear(x), served, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert torch.equal(linear(x), F.linear(x, linear.weight, linear.bias))
+
+
+def test_a_model_prepared_for_training_after_serving_is_a_fresh_one():
+    ours = ours_from_hf(tiny_hf_model("llama"))
+    tokens = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(3))
+
+    def hidden():
+        cache = ours.new_cache(num_slots=1, max_len=16)
+        with torch.no_grad():
+            return ours(tokens, torch.arange(9)[None], cache, torch.tensor([0]))  # [1, 9, C]
+
+    fresh = hidden()
+    ours.prepare_for_serving().prepare_for_training()
+    assert torch.equal(hidden(), fresh)
+    ours.logits(fresh).logsumexp(-1).sum().backward()  # what training the heads back-propagates through
+    assert ours.lm_head.weight.grad is not None
