@@ -1,6 +1,7 @@
 """Readable reference attention: the definition, and the FlashAttention algorithm in PyTorch.
 
-`naive_attention` is the definition, softmax(q k^T / sqrt(D) + mask) v, used only by tests.
+`naive_attention` is the definition, softmax(q k^T / sqrt(D) + mask) v: the reference the tests and
+`benchmarks.attention --check` hold the fast paths to; the model never runs it.
 
 `tiled_attention` computes the same thing the way the Triton kernels do (FlashAttention, Dao et
 al. 2022, "online softmax"): K/V are read in tiles of `block_size` keys; each query row keeps

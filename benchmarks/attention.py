@@ -1,7 +1,7 @@
 """Attention benchmark: our dispatch against SDPA with an explicit mask and against the naive version.
 
-    python -m benchmarks.attention [--tiny] [--device cuda|cpu] [--dtype bf16|fp16|fp32] [--json]
-    python -m benchmarks.attention --check    # correctness of our kernels on the device, vs naive
+    python -m benchmarks.attention [--tiny] [--device cuda|cpu] [--dtype bfloat16|float16|float32] [--json]
+    python -m benchmarks.attention --check    # correctness of our kernels vs naive; exit status 1 on a FAIL
     python -m benchmarks.attention --sweep    # launch configurations of the Triton kernel
 
 Each case: B sequences, each with `context` cached tokens in its own slot, verifying T new tokens
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,9 +33,11 @@ import torch.nn.functional as F
 from attention import attend, plan
 from attention.masks import dense_mask
 from attention.reference import naive_attention
+from runtime.loading import DTYPES, torch_dtype
 
 PEAK_BYTES_PER_S = 4.3e12  # H200 HBM3e
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# --check: the largest relative difference from the naive float32 output that passes
+TOLERANCE = {"float32": 1e-4, "float16": 4e-3, "bfloat16": 3e-2}
 # name: (query heads, KV heads, head dim)
 MODELS = {"llama2-7b": (32, 32, 128), "smollm2-135m": (9, 3, 64)}
 TINY_MODELS = {"smollm2-135m": (9, 3, 64)}
@@ -64,7 +67,7 @@ def make_inputs(case: Case, device: str, seed: int = 0):
     H, Hkv, D = MODELS[case.model]
     B, T = case.batch, case.num_new
     gen = torch.Generator().manual_seed(seed)
-    dtype = DTYPES[case.dtype]
+    dtype = torch_dtype(case.dtype)
     S_max = case.context + T
     N = 2 * B if case.ragged else B
     k_cache = torch.randn(N, Hkv, S_max, D, dtype=dtype, device=device)
@@ -212,11 +215,13 @@ def run_tuned(case: Case, device: str, block_n: int | None = None, num_warps: in
                 max_err=float((ours().float() - expected).abs().max()))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The exit status: 1 when --check found a result out of tolerance, else 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--tiny", action="store_true", help="a few small shapes: a dry run in seconds")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--backend", choices=("torch", "triton"), default=None,
@@ -225,8 +230,8 @@ def main() -> None:
     mode.add_argument("--check", action="store_true", help="correctness vs naive on the device")
     mode.add_argument("--sweep", action="store_true",
                       help="Triton launch configurations (cuda; on the cpu only under TRITON_INTERPRET=1)")
-    args = parser.parse_args()
-    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args = parser.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     torch.manual_seed(0)
 
     def emit(row: dict) -> None:
@@ -236,11 +241,16 @@ def main() -> None:
             print("  ".join(f"{k}={v}" for k, v in row.items() if v is not None), flush=True)
 
     if args.check:
+        failed = 0
         for case, kernel_args in check_cases(args.tiny):
             rows = run_case(case, args.device, ("ours",), time_it=False, backend=args.backend, **kernel_args)
             for row in rows:
-                tolerance = {"fp32": 1e-4, "fp16": 4e-3, "bf16": 3e-2}[case.dtype]
-                emit(dict(row, check="pass" if row["max_rel_err"] <= tolerance else "FAIL"))
+                passed = row["max_rel_err"] <= TOLERANCE[case.dtype]  # False for NaN too
+                failed += not passed
+                emit(dict(row, check="pass" if passed else "FAIL"))
+        if failed:
+            print(f"{failed} check(s) FAIL", file=sys.stderr)
+            return 1
     elif args.sweep:
         for case, kernel_args in sweep_cases(args.tiny, dtype):
             emit(run_tuned(case, args.device, **kernel_args))
@@ -252,7 +262,8 @@ def main() -> None:
             if not args.json:
                 ours, sdpa = rows[0]["ms"], rows[1]["ms"]
                 print(f"  -> ours is {sdpa / ours:.2f}x sdpa", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks.spec_bench import read_questions
+
 BUILT_IN_PROMPTS = (
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -51,11 +53,10 @@ class Result:
 
 
 def read_prompts(path: Path | None) -> list[str]:
-    """First turns of a Spec-Bench jsonl ({"question_id", "category", "turns"}), or the built-in list."""
+    """The questions of a Spec-Bench jsonl, or the built-in list."""
     if path is None:
         return list(BUILT_IN_PROMPTS)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row["turns"][0] for row in rows]
+    return [question.text for question in read_questions(path)]
 
 
 def request_body(prompt: str, max_new_tokens: int, speculate: bool) -> dict:

@@ -2,9 +2,11 @@
 
     python -m benchmarks.speculative --prompts ../shared/data/spec_bench_dev.jsonl --limit 10 --json
 
-Prompts are in Spec-Bench format ({"question_id", "category", "turns"}); the first turn is used,
-with the model's chat template applied. Every mode runs on the same prompts in this one process,
-one prompt at a time (batch 1), so the ratios printed are measured in one run.
+Prompts are Spec-Bench questions (`benchmarks.spec_bench`), each wrapped in the model's chat
+template when it has one, as the server wraps /generate inputs. Every mode runs on the same prompts
+in this one process, one prompt at a time (batch 1), so the ratios printed are measured in one run.
+Medusa uses the heads shipped for the embedded model, or random heads for another model (engine
+speed only: random heads rarely guess right).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.spec_bench import Question, read_questions
 from medusa.engine import Engine
 from medusa.heads import SHIPPED_HEADS, MedusaConfig, MedusaHeads, load_heads, random_heads
-from medusa.tree import get_tree
+from medusa.tree import default_tree, get_tree
 from runtime.config import SamplingParams
-from runtime.loading import LoadedModel, load_model
+from runtime.loading import LoadedModel, is_embedded, load_model
+from runtime.prompt import Prompter
 
 
 @dataclass
@@ -32,25 +36,10 @@ class ModeResult:
     steps: list[int] = field(default_factory=list)
 
 
-def read_prompts(path: Path, limit: int | None) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows[:limit] if limit else rows
-
-
-def encode(loaded: LoadedModel, question: str) -> list[int]:
-    tok = loaded.tokenizer
-    if tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                       add_generation_prompt=True)
-    else:
-        text = question
-    return tok(text, add_special_tokens=False).input_ids
-
-
 def run_hf(loaded: LoadedModel, prompts: list[list[int]], max_new: int) -> ModeResult:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(loaded.path, torch_dtype=loaded.model.embed.weight.dtype)
+    hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.embed.weight.dtype)
     hf = hf.to(loaded.model.embed.weight.device).eval()
     result = ModeResult()
     eos = list(loaded.eos_token_ids)
@@ -58,8 +47,8 @@ def run_hf(loaded: LoadedModel, prompts: list[list[int]], max_new: int) -> ModeR
         ids = torch.tensor([prompt], device=hf.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=eos,
-                              pad_token_id=eos[0])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                              do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
         result.seconds.append(time.perf_counter() - start)
         result.outputs.append(out[0, len(prompt):].tolist())
         result.steps.append(len(result.outputs[-1]))
@@ -71,28 +60,23 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeRe
     params = SamplingParams(max_new_tokens=max_new)
     for i, prompt in enumerate(prompts):
         start = time.perf_counter()
-        first = engine.add(i, prompt, params)
-        tokens, done, steps = list(first.token_ids), first.finish_reason, 0
-        while not done:
-            (out,) = engine.step()
-            tokens += out.token_ids
-            done = out.finish_reason
-            steps += 1
+        emitted = list(engine.run([(i, prompt, params)]))
         result.seconds.append(time.perf_counter() - start)
-        result.outputs.append(tokens)
-        result.steps.append(steps)
+        result.outputs.append([token for e in emitted for token in e.token_ids])
+        result.steps.append(len(emitted) - 1)  # the prefill's Emitted, then one per step
     return result
 
 
-def get_heads(loaded: LoadedModel, path: str | None) -> tuple[MedusaHeads, str]:
+def get_heads(loaded: LoadedModel, path: str | None, model: str | None) -> tuple[MedusaHeads, str]:
+    """The heads at `path`, else the shipped ones for the embedded model, else random ones."""
     config = loaded.model.config
     device, dtype = loaded.model.embed.weight.device, loaded.model.embed.weight.dtype
-    if path is None and SHIPPED_HEADS.exists():
+    if path is None and is_embedded(model):
         path = str(SHIPPED_HEADS)
     if path is not None:
-        return load_heads(Path(path), config, loaded.model.lm_head).to(device, dtype), path
+        return load_heads(Path(path), config, loaded.model.lm_head, device=device, dtype=dtype), path
     heads = random_heads(MedusaConfig(hidden_size=config.hidden_size, vocab_size=config.vocab_size), seed=0)
-    return heads.to(device, dtype), "random-initialised heads (seed 0): no trained heads shipped yet"
+    return heads.to(device, dtype), "random-initialised heads (seed 0): no trained heads for this model"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,23 +85,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--limit", type=int)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--modes", default="hf,plain,medusa")
-    ap.add_argument("--model")
-    ap.add_argument("--medusa-heads")
-    ap.add_argument("--tree", help="built-in tree name or JSON file (default: by device)")
+    ap.add_argument("--model", help="model spec (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--medusa-heads", help="heads folder (default: the shipped heads for the embedded "
+                                           "model, random heads for another)")
+    ap.add_argument("--tree", help="tree name or JSON file (default: 'gpu' on CUDA, 'cpu' otherwise)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
 
     torch.set_grad_enabled(False)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    rows = read_prompts(args.prompts, args.limit)
-    prompts = [encode(loaded, r["turns"][0]) for r in rows]
+    questions = read_questions(args.prompts, args.limit)
+    prompter = Prompter(loaded.tokenizer, chat_template=True)
+    prompts = [prompter.encode(q.text) for q in questions]
     max_total = max(len(p) for p in prompts) + args.max_new_tokens
     results: dict[str, ModeResult] = {}
     heads_note = None
-    tree_name = args.tree or ("gpu" if args.device.startswith("cuda") else "cpu")
+    tree_name = args.tree or default_tree(args.device)
     for mode in modes:
         if mode == "hf":
             results[mode] = run_hf(loaded, prompts, args.max_new_tokens)
@@ -126,26 +112,27 @@ def main(argv: list[str] | None = None) -> dict:
                             max_total_tokens=max_total)
             results[mode] = run_engine(engine, prompts, args.max_new_tokens)
         elif mode == "medusa":
-            heads, heads_note = get_heads(loaded, args.medusa_heads)
+            heads, heads_note = get_heads(loaded, args.medusa_heads, args.model)
             engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
                             max_total_tokens=max_total, heads=heads, tree=get_tree(tree_name))
             results[mode] = run_engine(engine, prompts, args.max_new_tokens)
         else:
             raise SystemExit(f"unknown mode {mode!r} (choose from hf, plain, medusa)")
 
-    summary = report(rows, results, heads_note, tree_name)
-    summary["prompts"] = len(rows)
+    summary = report(questions, results, heads_note, tree_name)
+    summary["prompts"] = len(questions)
     if args.json:
         print(json.dumps(summary))
     return summary
 
 
-def report(rows: list[dict], results: dict[str, ModeResult], heads_note: str | None, tree: str) -> dict:
+def report(questions: list[Question], results: dict[str, ModeResult], heads_note: str | None,
+           tree: str) -> dict:
     if heads_note:
         print(f"medusa heads: {heads_note}; tree: {tree}")
     by_cat: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        by_cat[r.get("category", "all")].append(i)
+    for i, q in enumerate(questions):
+        by_cat[q.category].append(i)
 
     def tok_s(mode: str, idx: list[int]) -> float:
         res = results[mode]
@@ -159,13 +146,13 @@ def report(rows: list[dict], results: dict[str, ModeResult], heads_note: str | N
     if "medusa" in results:
         header += f"{'accepted/step':>15}"
     print(header)
-    for name, idx in [*sorted(by_cat.items()), ("overall", list(range(len(rows))))]:
+    for name, idx in [*sorted(by_cat.items()), ("overall", list(range(len(questions))))]:
         line = name.ljust(16) + "".join(f"{tok_s(m, idx):14.1f}" for m in results)
         if "medusa" in results:
             line += f"{accepted(idx):15.2f}"
         print(line)
 
-    all_idx = list(range(len(rows)))
+    all_idx = list(range(len(questions)))
     summary: dict = {f"{m}_tok_s": round(tok_s(m, all_idx), 2) for m in results}
     if "medusa" in results:
         summary["mean_accepted_tokens"] = round(accepted(all_idx), 3)

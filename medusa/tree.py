@@ -9,8 +9,9 @@ A tree may also end with a *lookup branch*: a chain of `lookup` nodes below the 
 come from prompt lookup (`medusa.lookup`) instead of the heads. Its nodes come after all the head
 nodes, so ancestors still have smaller indices than their descendants.
 
-`build_tree` is a pure function from choices to `TreeBuffers` (CPU tensors, built once); the
-engine moves them to its device with `TreeBuffers.to`.
+`build_tree` is a pure function from choices to `TreeBuffers` (CPU tensors, built once;
+`TreeBuffers.to` gives a copy on another device). `get_tree` finds a tree by name: a built-in one
+(`BUILTIN_TREES`), one shipped in `medusa/trees/` (calibrated for the shipped heads), or a JSON file.
 
 Legend: B batch, T tree nodes (root included), K Medusa heads, k top-k per head,
 P root-to-leaf paths.
@@ -210,27 +211,34 @@ BUILTIN_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
     "mc_sim_7b_63": MC_SIM_7B_63,
     # one guess per head: the cheapest verification, for heads that are rarely wrong at rank 0
     "chain": ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)),
-    # 11 nodes with the root: on a CPU verifying 64 tokens costs ~4x one token, verifying 8-16 ~2x
-    "cpu": ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 0, 1), (0, 0, 0, 0), (0, 0, 0, 1)),
-    "gpu": MC_SIM_7B_63,
 }
 
-
-# Trees calibrated for the shipped heads (`python -m training calibrate`) replace the built-ins
+# NAME.json: trees calibrated for the shipped heads by `python -m training calibrate`, which writes
+# its measurements beside each one in NAME.calibration.json
 SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 
 
+def default_tree(device: str) -> str:
+    """The shipped tree calibrated for a device: 'gpu' on CUDA, 'cpu' otherwise."""
+    return "gpu" if device.startswith("cuda") else "cpu"
+
+
+def tree_names() -> list[str]:
+    """The names `get_tree` knows: the built-in trees, then the shipped ones."""
+    shipped = (file.name.removesuffix(".json") for file in SHIPPED_TREES.glob("*.json"))
+    return [*BUILTIN_TREES, *sorted(name for name in shipped if not name.endswith(".calibration"))]
+
+
 def get_tree(name_or_path: str) -> TreeBuffers:
-    """A built-in tree by name, or a JSON file: a list of choices (lists of ranks), or an object
+    """A tree by name (`tree_names`), or a JSON file: a list of choices (lists of ranks), or an object
     {"choices": [...], "lookup": L} for a tree with a lookup branch of L nodes."""
-    shipped = SHIPPED_TREES / f"{name_or_path}.json"
-    if "/" not in name_or_path and shipped.is_file():
-        return _tree_from_json(json.loads(shipped.read_text()), name_or_path)
     if name_or_path in BUILTIN_TREES:
         return build_tree(BUILTIN_TREES[name_or_path], name=name_or_path)
+    if name_or_path in tree_names():
+        return _tree_from_json(json.loads((SHIPPED_TREES / f"{name_or_path}.json").read_text()), name_or_path)
     path = Path(name_or_path)
     if not path.is_file():
-        raise TreeError(f"unknown tree {name_or_path!r}: give one of {', '.join(BUILTIN_TREES)} "
+        raise TreeError(f"unknown tree {name_or_path!r}: give one of {', '.join(tree_names())} "
                         "or the path of a JSON file with a list of choices such as [[0], [1], [0, 0]]")
     try:
         spec = json.loads(path.read_text())

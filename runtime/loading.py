@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
@@ -70,7 +69,7 @@ _SPEC_HELP = (f"pass '{EMBEDDED}' (the embedded SmolLM2-135M-Instruct), a .gguf 
 # Bump when convert_gguf's output changes: the cache key includes it, so old conversions are redone.
 _CONVERSION_VERSION = 1
 _STALE_TEMP_S = 600  # a temporary conversion folder this old was left by a killed process
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(Exception):
@@ -84,6 +83,23 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]  # generation_config.json, config.json and tokenizer, deduplicated
     model_id: str  # EMBEDDED_MODEL_ID for the embedded model, else the file or folder name
     path: Path  # the Hugging Face folder the weights came from
+
+
+def is_embedded(spec: str | None) -> bool:
+    """Whether a model spec names the embedded SmolLM2-135M-Instruct."""
+    return spec is None or spec == EMBEDDED
+
+
+def torch_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    """The weights' dtype: a name in DTYPES, one of those dtypes, or "auto" (float32 on the CPU, bfloat16
+    elsewhere). Anything else raises ModelLoadError naming the supported ones."""
+    if dtype == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ModelLoadError(f"dtype {dtype!r} is not supported (supported: {', '.join(DTYPES)}, auto)")
 
 
 def default_cache_dir() -> Path:
@@ -106,7 +122,7 @@ def embedded_gguf_path() -> Path:
 def resolve(spec: str | None, cache_dir: Path | None = None) -> Path:
     """The Hugging Face folder for a model spec, converting a GGUF file into the cache once."""
     cache_dir = cache_dir or default_cache_dir()
-    if spec is None or spec == EMBEDDED:
+    if is_embedded(spec):
         return _cached_conversion(embedded_gguf_path(), cache_dir)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -124,12 +140,9 @@ def resolve(spec: str | None, cache_dir: Path | None = None) -> Path:
 
 def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
                cache_dir: Path | None = None) -> LoadedModel:
-    """Resolve `spec`, then load our Llama (eval mode, on `device`, in `dtype`) and its tokenizer.
-
-    dtype: "float32", "bfloat16", "float16", a matching torch.dtype, or "auto" (float32 on the CPU,
-    bfloat16 elsewhere).
-    """
-    torch_dtype = _torch_dtype(dtype, device)
+    """Resolve `spec`, then load our Llama (eval mode, on `device`, in `dtype`: see `torch_dtype`) and
+    its tokenizer."""
+    weights_dtype = torch_dtype(dtype, device)
     path = resolve(spec, cache_dir)
     hf_config = _read_json(path / "config.json")
     try:
@@ -143,10 +156,9 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
         weights = from_hf_state_dict(config, _read_safetensors(path))
     except KeyError as err:
         raise ModelLoadError(f"the weights in {path} lack the tensor {err}") from err
-    model = _build_llama(config, weights, torch.device(device), torch_dtype, path)
+    model = _build_llama(config, weights, torch.device(device), weights_dtype, path)
     tokenizer = _load_tokenizer(path)
-    is_embedded = spec is None or spec == EMBEDDED
-    model_id = EMBEDDED_MODEL_ID if is_embedded else Path(spec).expanduser().resolve().name
+    model_id = EMBEDDED_MODEL_ID if is_embedded(spec) else Path(spec).expanduser().resolve().name
     return LoadedModel(model=model, tokenizer=tokenizer,
                        eos_token_ids=_eos_token_ids(path, hf_config, tokenizer),
                        model_id=model_id, path=path)
@@ -193,6 +205,8 @@ def _cached_conversion(gguf_file: Path, cache_dir: Path) -> Path:
 
 def _gguf_metadata(gguf_file: Path) -> dict[str, Any]:
     """Scalar metadata of a GGUF file (architecture, special token ids, ...); not the vocabulary."""
+    import gguf  # only a conversion needs it; the GPU host serving folders or timing kernels lacks it
+
     try:
         reader = gguf.GGUFReader(gguf_file)
     except (ValueError, OSError) as err:
@@ -242,16 +256,6 @@ def _repaired_tokenizer(tokenizer: PreTrainedTokenizerBase,
         model_max_length=int(context_length) if context_length else tokenizer.model_max_length)
 
 
-def _torch_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ModelLoadError(f"dtype {dtype!r} is not supported (supported: {', '.join(_DTYPES)}, auto)")
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -292,7 +296,7 @@ def _build_llama(config: ModelConfig, weights: dict[str, torch.Tensor], device: 
         model.load_state_dict(weights, assign=True)
     except RuntimeError as err:  # tensor shapes that disagree with config.json
         raise ModelLoadError(f"the weights in {path} do not fit its config.json: {err}") from err
-    return model.to(device).eval().pack()
+    return model.to(device).eval().prepare_for_serving()
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

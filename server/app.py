@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from medusa.engine import Emitted, Engine
 from medusa.heads import load_heads
 from medusa.tree import get_tree
-from runtime.loading import LoadedModel, load_model
+from runtime.loading import LoadedModel, load_model, torch_dtype
 from runtime.prompt import Prompter, PromptError
 from server.body_limit import BodyLimit
 from server.detokenize import IncrementalDecoder
@@ -87,7 +87,7 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     if settings.heads_path is not None:
         model = loaded.model
         heads = load_heads(Path(settings.heads_path), model.config, model.lm_head,
-                           device=settings.device, dtype=getattr(torch, settings.dtype))
+                           device=settings.device, dtype=torch_dtype(settings.dtype))
         tree = get_tree(settings.tree_name)
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,
                   max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens,

@@ -4,7 +4,8 @@ Field names, defaults, ranges and JSON shapes follow TGI's router, so that TGI's
 (`text-generation`, `huggingface_hub.InferenceClient`) work unchanged. Extensions, all optional:
 `parameters.speculate` (turn Medusa speculation off for one request), `parameters.acceptance` (the
 rule that accepts speculated tokens when sampling), `parameters.timeout` (seconds before the request
-fails with error_type 'timeout'), and a `speculation` entry in `details`.
+fails with error_type 'timeout'), and a `speculation` entry in `details` (the stream's too) and in
+`/info`.
 
 TGI parameters this server does not implement accept only their no-op values (`best_of` 1,
 `top_n_tokens` 0, `frequency_penalty` 0, `watermark` false, `grammar` null); the schema states so,

@@ -1,4 +1,8 @@
-"""The server's one settings object. Every default is written here, once; `server.cli` reads them."""
+"""The server's one settings object. Every default is written here, once; `server.cli` reads them.
+
+The properties import what they need (torch comes with it) when called, so that `medusa-serve --help`
+answers without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -34,8 +38,8 @@ class Settings(BaseModel):
     chat_template: Literal["auto", "on", "off"] = Field(
         default="auto", description="wrap /generate inputs in the model's chat template as one user "
         "message; auto: on for the embedded instruct model, whose raw-text answers are often empty")
-    tree: str | None = Field(default=None, description="candidate tree: a built-in name or a JSON file; "
-                                                       "default: 'gpu' on CUDA, 'cpu' otherwise")
+    tree: str | None = Field(default=None, description="candidate tree: a name (an unknown one gets the "
+                             "list) or a JSON file; default: the shipped 'gpu' tree on CUDA, 'cpu' otherwise")
     max_speculative_batch: int | None = Field(
         default=None, ge=0, description="when more requests than this run and all of them are greedy, decode "
         "plainly (same output, less work); default: 3 on the CPU (measured crossover), no limit on CUDA")
@@ -48,6 +52,13 @@ class Settings(BaseModel):
         return self
 
     @property
+    def embedded(self) -> bool:
+        """Whether the model is the embedded SmolLM2-135M-Instruct."""
+        from runtime.loading import is_embedded
+
+        return is_embedded(self.model)
+
+    @property
     def heads_path(self) -> str | None:
         """The heads folder to load, or None for plain decoding."""
         if self.medusa_heads == "none":
@@ -55,14 +66,12 @@ class Settings(BaseModel):
         if self.medusa_heads == "auto":
             from medusa.heads import SHIPPED_HEADS
 
-            embedded = self.model in (None, "smollm2")
-            return str(SHIPPED_HEADS) if embedded and SHIPPED_HEADS.is_dir() else None
+            return str(SHIPPED_HEADS) if self.embedded and SHIPPED_HEADS.is_dir() else None
         return self.medusa_heads
 
     @property
     def use_chat_template(self) -> bool:
-        embedded = self.model in (None, "smollm2")
-        return self.chat_template == "on" or (self.chat_template == "auto" and embedded)
+        return self.chat_template == "on" or (self.chat_template == "auto" and self.embedded)
 
     @property
     def speculative_batch_limit(self) -> int | None:
@@ -74,7 +83,7 @@ class Settings(BaseModel):
 
     @property
     def tree_name(self) -> str:
-        """The candidate tree to use with heads: the one asked for, or the device's built-in one."""
-        if self.tree is not None:
-            return self.tree
-        return "gpu" if self.device.startswith("cuda") else "cpu"
+        """The candidate tree to use with heads: the one asked for, or the one shipped for the device."""
+        from medusa.tree import default_tree
+
+        return default_tree(self.device) if self.tree is None else self.tree

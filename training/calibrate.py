@@ -1,15 +1,19 @@
 """Fit the candidate tree to the heads' measured accuracy and to this machine's verification cost.
 
-    python -m training calibrate --heads medusa/heads/smollm2-135m-instruct --out medusa/trees/cpu.json
+    python -m training calibrate --heads medusa/weights/smollm2-135m-instruct --out medusa/trees/cpu.json
 
-1. From each head's held-out rank distribution (`training.json` written by `training.fit fit`),
+1. From each head's held-out rank distribution (`training.json`, written by `python -m training fit`),
    the probability that a node's whole path is accepted is the product of its ranks' accuracies
    (heads treated as independent). Nodes are added greedily, best path probability first, each
    with its parent already in the tree; the expected tokens per step of a tree is
    1 + the sum of its nodes' path probabilities.
 2. The cost of one step that verifies T tokens is measured on this device (base forward of T
    tokens against a cache of typical length, the lm_head on them, and the heads).
-3. The budget that maximises expected tokens per second of step time wins.
+3. The budget that maximises expected tokens per second of step time wins. `--budget N` takes N
+   nodes without measuring (a GPU, where verifying 64 tokens costs about what one does).
+
+`--out NAME.json` writes the tree there, and its estimates and measurements beside it in
+NAME.calibration.json; `medusa.tree.get_tree` finds a tree written into `medusa/trees/` by its NAME.
 
 `--lookup L` adds a prompt-lookup branch of L nodes (`medusa.lookup`) and counts them in the
 budget and in the measured cost. What it gains depends on how much the text copies, so it is not

@@ -6,6 +6,7 @@ from medusa.engine import Engine
 from medusa.heads import SHIPPED_HEADS, load_heads
 from medusa.tree import get_tree
 from runtime.config import SamplingParams
+from runtime.prompt import Prompter
 
 pytestmark = pytest.mark.slow
 
@@ -17,8 +18,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
 @pytest.mark.parametrize("batch", [1, 4])
 def test_medusa_greedy_equals_plain_greedy(real_model, batch):
     tok = real_model.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-               for q in QUESTIONS[:batch]]
+    prompts = [Prompter(tok, chat_template=True).encode(q) for q in QUESTIONS[:batch]]
     params = SamplingParams(max_new_tokens=32)
     model = real_model.model
     plain = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160)

@@ -7,7 +7,17 @@ import json
 import pytest
 import torch
 
-from medusa.tree import BUILTIN_TREES, TreeError, build_tree, candidates_from_topk, check_tree_fits, get_tree
+from medusa.tree import (
+    BUILTIN_TREES,
+    SHIPPED_TREES,
+    TreeError,
+    build_tree,
+    candidates_from_topk,
+    check_tree_fits,
+    default_tree,
+    get_tree,
+    tree_names,
+)
 
 # Hand-worked tree, given out of order on purpose. Sorted by (depth, path) the nodes are
 #   0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0]
@@ -100,6 +110,16 @@ def test_builtins() -> None:
     assert get_tree("chain").choices == ((0,), (0, 0), (0, 0, 0), (0, 0, 0, 0))
     cpu = get_tree("cpu")
     assert 2 <= cpu.num_nodes <= 33 and cpu.num_heads_needed <= 4  # shipped: calibrated on a CPU
+
+
+def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> None:
+    assert tree_names() == [*BUILTIN_TREES, "cpu", "gpu"]  # not the *.calibration.json records
+    for name in ("cpu", "gpu"):
+        spec = json.loads((SHIPPED_TREES / f"{name}.json").read_text())
+        tree = get_tree(name)
+        assert (tree.name, tree.lookup) == (name, spec.get("lookup", 0))
+        assert set(tree.choices) == {tuple(c) for c in spec["choices"]}
+    assert default_tree("cuda:0") == "gpu" and default_tree("cpu") == "cpu"
 
 
 def test_tree_from_json_file_and_unknown_name(tmp_path) -> None:

@@ -84,6 +84,16 @@ def test_dtype_choices(tmp_path):
         load_model(str(folder), dtype="int8")
 
 
+def test_dtype_names_and_the_embedded_spec():
+    assert [loading.torch_dtype(name) for name in loading.DTYPES] == list(loading.DTYPES.values())
+    assert (loading.torch_dtype("auto", "cpu"), loading.torch_dtype("auto", "cuda:1")) == (
+        torch.float32, torch.bfloat16)
+    with pytest.raises(ModelLoadError, match="'bf16' is not supported .*float32, bfloat16, float16, auto"):
+        loading.torch_dtype("bf16")
+    assert loading.is_embedded(None) and loading.is_embedded("smollm2")
+    assert not loading.is_embedded("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 def test_eos_ids_are_the_union_of_all_sources(tmp_path):
     folder = save_folder(tiny_hf_model("llama"), tmp_path / "m")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 2]}))

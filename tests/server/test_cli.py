@@ -90,3 +90,19 @@ def test_speculation_backs_off_in_big_cpu_batches_unless_told():
     assert settings_from([], {}).speculative_batch_limit == 3  # CPU default: the measured crossover
     assert settings_from(["--device", "cuda"], {}).speculative_batch_limit is None
     assert settings_from(["--max-speculative-batch", "8"], {}).speculative_batch_limit == 8
+
+
+@pytest.mark.parametrize("model, embedded", [([], True), (["--model", "smollm2"], True),
+                                             (["--model", "/models/other"], False)])
+def test_the_embedded_model_gets_the_shipped_heads_and_the_chat_template(model, embedded):
+    settings = settings_from(model, {})
+    assert settings.embedded is embedded
+    assert (settings.heads_path is not None, settings.use_chat_template) == (embedded, embedded)
+    assert settings_from([*model, "--chat-template", "on", "--medusa-heads", "none"], {}).use_chat_template
+    assert settings_from([*model, "--medusa-heads", "none"], {}).heads_path is None
+
+
+def test_the_default_tree_is_the_one_shipped_for_the_device():
+    assert settings_from([], {}).tree_name == "cpu"
+    assert settings_from(["--device", "cuda:1"], {}).tree_name == "gpu"
+    assert settings_from(["--device", "cuda", "--tree", "chain"], {}).tree_name == "chain"

@@ -1,0 +1,20 @@
+"""Spec-Bench prompts: a jsonl file, one {"question_id", "category", "turns"} per line. The benchmarks
+ask the first turn of each question only (a multi-turn conversation would need the model's answers)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Question:
+    category: str
+    text: str  # the first turn
+
+
+def read_questions(path: Path, limit: int | None = None) -> list[Question]:
+    """The file's questions in order, the first `limit` of them when given."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Question(row["category"], row["turns"][0]) for row in rows[:limit]]
