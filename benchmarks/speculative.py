@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from benchmarks.spec_bench import Question, read_questions
+from medusa.checkpoints import SHIPPED_HEADS, load_heads
 from medusa.engine import Engine
-from medusa.heads import SHIPPED_HEADS, MedusaConfig, MedusaHeads, load_heads, random_heads
+from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from medusa.tree import default_tree, get_tree
 from runtime.config import SamplingParams
 from runtime.loading import LoadedModel, is_embedded, load_model

@@ -18,42 +18,22 @@ Two options of ours, both off in the original Medusa:
   kept in `draft_vocab`), a slice of the shared `lm_head`. A draft outside it is never proposed;
   verification still uses the whole vocabulary, so the output does not change, only the cost.
 
-Two on-disk formats, told apart by the files present:
-- ours: `medusa_config.json` (a MedusaConfig) + `medusa_heads.safetensors` (this module's state dict);
-- official Medusa: `medusa_lm_head.safetensors` or `medusa_lm_head.pt` (+ `config.json`), keys
-  `{head}.{layer}.linear.weight|bias` for the blocks and `{head}.{num_layers}.weight` for the
-  projection. Head and layer counts come from the weights: some published configs state them wrongly.
+Their two on-disk formats are read and written by `medusa.checkpoints`.
 
 Legend: B batch, K Medusa heads, C hidden size, V vocabulary.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import pickle
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runtime.config import ConfigError, ModelConfig
+from runtime.config import ConfigError
 
 # heads this project trained for its embedded default model (training.fit), shipped in the package
-SHIPPED_HEADS = Path(__file__).resolve().parent / "weights" / "smollm2-135m-instruct"
-OUR_CONFIG = "medusa_config.json"
-OUR_WEIGHTS = "medusa_heads.safetensors"
-OFFICIAL_CONFIG = "config.json"
-OFFICIAL_SAFETENSORS = "medusa_lm_head.safetensors"
-OFFICIAL_PT = "medusa_lm_head.pt"
-
-
-class HeadsLoadError(Exception):
-    """Medusa heads that cannot be loaded or do not fit the base model; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -225,156 +205,3 @@ def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaH
             subset = torch.randperm(config.vocab_size, generator=gen)[:config.draft_vocab_size]
             heads.draft_vocab.copy_(subset)
     return heads.prepare_for_serving()
-
-
-def save_heads(heads: MedusaHeads, folder: Path) -> None:
-    """Write our format: folder/medusa_config.json + folder/medusa_heads.safetensors."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / OUR_CONFIG).write_text(json.dumps(dataclasses.asdict(heads.config), indent=2) + "\n")
-    save_file({k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}, folder / OUR_WEIGHTS)
-
-
-def official_state_dict(heads: MedusaHeads, lm_head: nn.Linear | None = None) -> dict[str, torch.Tensor]:
-    """The state dict in the official key layout. Shared heads need `lm_head`: the official format
-    has a projection per head, so each gets a copy of it."""
-    K, L = heads.config.num_heads, heads.config.num_layers
-    if heads.config.path_input or heads.config.draft_vocab_size:
-        raise ValueError("the official Medusa format has no place for path_input or a draft vocabulary")
-    if heads.projections is None and lm_head is None:
-        raise ValueError("these heads share the base lm_head; pass it to write the official format")
-    out: dict[str, torch.Tensor] = {}
-    for h in range(K):
-        for layer in range(L):
-            block = heads.blocks[h][layer]
-            out[f"{h}.{layer}.linear.weight"] = block.linear.weight
-            out[f"{h}.{layer}.linear.bias"] = block.linear.bias
-        proj = lm_head if heads.projections is None else heads.projections[h]
-        out[f"{h}.{L}.weight"] = proj.weight
-    return {k: v.detach().contiguous().cpu().clone() for k, v in out.items()}
-
-
-def save_official(heads: MedusaHeads, folder: Path, lm_head: nn.Linear | None = None,
-                  base_model_name_or_path: str = "") -> None:
-    """Write the official format (safetensors variant): config.json + medusa_lm_head.safetensors."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"medusa_num_heads": heads.config.num_heads, "medusa_num_layers": heads.config.num_layers,
-              "base_model_name_or_path": base_model_name_or_path}
-    (folder / OFFICIAL_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(official_state_dict(heads, lm_head), folder / OFFICIAL_SAFETENSORS)
-
-
-def load_heads(path: Path, base_config: ModelConfig, base_lm_head: nn.Linear | None = None,
-               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MedusaHeads:
-    """Load heads from a folder in our format or the official one, checked against the base model,
-    prepared for serving (`prepare_for_training` before training them further).
-
-    With `base_lm_head`, official heads whose every projection equals it are loaded as sharing it.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise HeadsLoadError(f"Medusa heads path {str(folder)!r} is not a folder; give the folder that "
-                             f"holds {OUR_WEIGHTS} (this server's format) or {OFFICIAL_SAFETENSORS} / "
-                             f"{OFFICIAL_PT}")
-    if (folder / OUR_WEIGHTS).is_file():
-        config, state = _read_ours(folder)
-        origin = ""
-    elif (folder / OFFICIAL_SAFETENSORS).is_file() or (folder / OFFICIAL_PT).is_file():
-        config, state, origin = _read_official(folder, base_lm_head)
-    else:
-        raise HeadsLoadError(f"no Medusa heads in {str(folder)!r}: expected {OUR_CONFIG} + {OUR_WEIGHTS} or "
-                             f"{OFFICIAL_SAFETENSORS} / {OFFICIAL_PT} (+ {OFFICIAL_CONFIG})")
-    trained_for = f" (trained for {origin})" if origin else ""
-    if config.hidden_size != base_config.hidden_size:
-        raise HeadsLoadError(f"heads{trained_for} have hidden size {config.hidden_size} but the base "
-                             f"model has {base_config.hidden_size}; use heads trained for this base model")
-    if config.vocab_size != base_config.vocab_size:
-        raise HeadsLoadError(f"heads{trained_for} have vocabulary size {config.vocab_size} but the base "
-                             f"model has {base_config.vocab_size}; use heads trained for this base model")
-    heads = MedusaHeads(config)
-    missing, unexpected = heads.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise HeadsLoadError(f"Medusa heads in {str(folder)!r} do not match their config: "
-                             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    return heads.to(device=device, dtype=dtype).eval().prepare_for_serving()
-
-
-def _read_ours(folder: Path) -> tuple[MedusaConfig, dict[str, torch.Tensor]]:
-    config_path = folder / OUR_CONFIG
-    if not config_path.is_file():
-        raise HeadsLoadError(f"{str(folder / OUR_WEIGHTS)!r} has no {OUR_CONFIG} next to it")
-    try:
-        config = MedusaConfig(**json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise HeadsLoadError(f"{str(config_path)!r} is not a valid Medusa heads config: {e}") from e
-    return config, load_file(folder / OUR_WEIGHTS)
-
-
-_BLOCK_KEY = re.compile(r"(\d+)\.(\d+)\.linear\.(weight|bias)")
-_PROJ_KEY = re.compile(r"(\d+)\.(\d+)\.weight")
-
-
-def _read_official(folder: Path, base_lm_head: nn.Linear | None
-                   ) -> tuple[MedusaConfig, dict[str, torch.Tensor], str]:
-    """Official checkpoint -> (config inferred from the weights, our state dict, base model name)."""
-    if (folder / OFFICIAL_SAFETENSORS).is_file():
-        raw = load_file(folder / OFFICIAL_SAFETENSORS)
-    else:
-        pt = folder / OFFICIAL_PT
-        try:
-            raw = torch.load(pt, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise HeadsLoadError(f"{str(pt)!r} is not a plain tensor state dict: {e}") from e
-        if not isinstance(raw, dict):
-            raise HeadsLoadError(f"{str(pt)!r} holds a {type(raw).__name__}, not a state dict")
-    origin = ""  # the base model named by config.json, for messages; its head count is not trusted
-    if (folder / OFFICIAL_CONFIG).is_file():
-        try:
-            official = json.loads((folder / OFFICIAL_CONFIG).read_text())
-        except json.JSONDecodeError as e:
-            raise HeadsLoadError(f"{str(folder / OFFICIAL_CONFIG)!r} is not valid JSON: {e}") from e
-        origin = str(official.get("base_model_name_or_path") or "") if isinstance(official, dict) else ""
-
-    blocks: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    projs: dict[tuple[int, int], torch.Tensor] = {}
-    for key, value in raw.items():
-        if m := _BLOCK_KEY.fullmatch(key):
-            blocks.setdefault((int(m[1]), int(m[2])), {})[m[3]] = value
-        elif m := _PROJ_KEY.fullmatch(key):
-            projs[(int(m[1]), int(m[2]))] = value
-        else:
-            raise HeadsLoadError(f"unexpected key {key!r} in the Medusa checkpoint in {str(folder)!r}")
-    if not blocks:
-        raise HeadsLoadError(f"the Medusa checkpoint in {str(folder)!r} has no residual blocks")
-    K = max(h for h, _ in blocks) + 1
-    L = max(layer for _, layer in blocks) + 1
-    expected_blocks = {(h, layer) for h in range(K) for layer in range(L)}
-    if set(blocks) != expected_blocks or any(set(b) != {"weight", "bias"} for b in blocks.values()):
-        raise HeadsLoadError(f"the Medusa checkpoint in {str(folder)!r} is incomplete: every one of its {K} "
-                             f"heads needs {L} blocks with a linear weight and bias")
-    if set(projs) != {(h, L) for h in range(K)}:
-        found = sorted(f"{h}.{x}.weight" for h, x in projs)
-        raise HeadsLoadError(f"the Medusa checkpoint in {str(folder)!r} needs a projection "
-                             f"'{{head}}.{L}.weight' for each of its {K} heads, found {found}")
-
-    C = blocks[(0, 0)]["weight"].shape[1]
-    V = projs[(0, L)].shape[0]
-    for (h, layer), b in blocks.items():
-        if b["weight"].shape != (C, C) or b["bias"].shape != (C,):
-            raise HeadsLoadError(f"block {h}.{layer} in {str(folder)!r} has shape "
-                                 f"{tuple(b['weight'].shape)}, expected ({C}, {C})")
-    for (h, _), w in projs.items():
-        if w.shape != (V, C):
-            raise HeadsLoadError(f"projection of head {h} in {str(folder)!r} has shape {tuple(w.shape)}, "
-                                 f"expected ({V}, {C})")
-
-    shared = base_lm_head is not None and all(
-        w.shape == base_lm_head.weight.shape
-        and torch.equal(w.to(base_lm_head.weight.dtype), base_lm_head.weight.detach().cpu())
-        for w in projs.values())
-    state = {f"blocks.{h}.{layer}.linear.{p}": t for (h, layer), b in blocks.items() for p, t in b.items()}
-    if not shared:
-        state |= {f"projections.{h}.weight": w for (h, _), w in projs.items()}
-    config = MedusaConfig(hidden_size=C, vocab_size=V, num_heads=K, num_layers=L, shared_lm_head=shared)
-    return config, state, origin

@@ -1,4 +1,4 @@
-"""All model I/O: find a model, convert it if needed, and load weights and tokenizer.
+"""Base-model I/O: find a model, convert it if needed, load weights and tokenizer (heads: medusa.checkpoints).
 
 A model spec is one of:
 - `None` or "smollm2" (`EMBEDDED`): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the

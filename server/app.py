@@ -28,8 +28,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from medusa.checkpoints import load_heads
 from medusa.engine import Emitted, Engine
-from medusa.heads import load_heads
 from medusa.tree import get_tree
 from runtime.loading import LoadedModel, load_model, torch_dtype
 from runtime.prompt import Prompter, PromptError

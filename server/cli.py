@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_from(argv, dict(os.environ))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # imported here so that `medusa-serve --help` answers without loading torch
-    from medusa.heads import HeadsLoadError
+    from medusa.checkpoints import HeadsLoadError
     from medusa.tree import TreeError
     from runtime.config import ConfigError
     from runtime.loading import ModelLoadError, load_model

@@ -64,7 +64,7 @@ class Settings(BaseModel):
         if self.medusa_heads == "none":
             return None
         if self.medusa_heads == "auto":
-            from medusa.heads import SHIPPED_HEADS
+            from medusa.checkpoints import SHIPPED_HEADS
 
             return str(SHIPPED_HEADS) if self.embedded and SHIPPED_HEADS.is_dir() else None
         return self.medusa_heads

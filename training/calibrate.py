@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from medusa.checkpoints import load_heads
 from medusa.draft import draft
-from medusa.heads import load_heads
 from medusa.tree import TreeBuffers, build_tree
 from runtime.loading import load_model
 

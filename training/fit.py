@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from medusa.heads import MedusaConfig, MedusaHeads, save_heads
+from medusa.checkpoints import save_heads
+from medusa.heads import MedusaConfig, MedusaHeads
 from runtime.loading import load_model
 
 IGNORE = -100  # no target (past the end of the answer)

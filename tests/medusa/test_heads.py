@@ -9,16 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from medusa.heads import (
-    HeadsLoadError,
-    MedusaConfig,
-    MedusaHeads,
-    load_heads,
-    official_state_dict,
-    random_heads,
-    save_heads,
-    save_official,
-)
+from medusa.checkpoints import HeadsLoadError, load_heads, official_state_dict, save_heads, save_official
+from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from runtime.config import ModelConfig
 
 C, V = 64, 97

@@ -2,8 +2,8 @@
 
 import pytest
 
+from medusa.checkpoints import SHIPPED_HEADS, load_heads
 from medusa.engine import Engine
-from medusa.heads import SHIPPED_HEADS, load_heads
 from medusa.tree import get_tree
 from runtime.config import SamplingParams
 from runtime.prompt import Prompter

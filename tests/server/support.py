@@ -12,8 +12,9 @@ import torch
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from medusa.checkpoints import save_heads
 from medusa.engine import Engine
-from medusa.heads import MedusaConfig, random_heads, save_heads
+from medusa.heads import MedusaConfig, random_heads
 from runtime.config import ModelConfig
 from runtime.llama import Llama
 from runtime.loading import LoadedModel

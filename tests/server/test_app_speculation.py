@@ -3,7 +3,8 @@
 import pytest
 from fastapi.testclient import TestClient
 
-from medusa.heads import MedusaConfig, MedusaHeads, save_heads
+from medusa.checkpoints import save_heads
+from medusa.heads import MedusaConfig, MedusaHeads
 from server.app import create_app
 from tests.server.support import tiny_loaded, tiny_settings
 
