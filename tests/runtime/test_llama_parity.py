@@ -9,13 +9,17 @@ from runtime.llama import Linear
 from tests.conftest import FAMILIES, ours_from_hf, tiny_hf_model
 
 
+def models(family: str, packed: bool):
+    """transformers' tiny model of `family` and ours with its weights, packed for serving or not."""
+    hf = tiny_hf_model(family)
+    ours = ours_from_hf(hf)
+    return hf, ours.prepare_for_serving() if packed else ours
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["mkl", "onednn"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_prefill_logits_match_transformers(family, packed):
-    hf = tiny_hf_model(family)
-    ours = ours_from_hf(hf)
-    if packed:
-        ours.prepare_for_serving()
+    hf, ours = models(family, packed)
     tokens = torch.randint(0, 97, (1, 23), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -30,10 +34,7 @@ def test_prefill_logits_match_transformers(family, packed):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_batched_decode_logits_match_transformers(family, packed):
     """Two sequences of different lengths prefilled separately, then decoded together."""
-    hf = tiny_hf_model(family)
-    ours = ours_from_hf(hf)
-    if packed:
-        ours.prepare_for_serving()
+    hf, ours = models(family, packed)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 97, (n,), generator=gen) for n in (5, 17)]
     nxt = torch.randint(0, 97, (2, 3), generator=gen)
