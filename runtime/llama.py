@@ -10,7 +10,10 @@ D head dim, V vocabulary.
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,10 @@ from runtime.config import ModelConfig, RopeScaling
 from runtime.kv_cache import KVCache
 
 PACK_ROWS = 16  # rows per product the CPU weight layout is tuned for (decoding: a few per sequence)
+MEASURED_ROWS = (1, 4, 16, 64)  # product sizes timed at load: one token, small trees, a big tree
+NEVER = sys.maxsize
+
+log = logging.getLogger(__name__)
 
 
 class Linear(nn.Linear):
@@ -35,26 +42,75 @@ class Linear(nn.Linear):
     22.9 / 27.5 / 98.4 ms in oneDNN's plain layout, 19.1 / 14.8 / 78.6 ms reordered. The packed
     copy is a snapshot outside autograd, so only serving packs (`Llama.prepare_for_serving`);
     unpacked, or for other dtypes and devices, this is a plain nn.Linear.
+
+    Which library is faster depends on the CPU, so products of fewer than `packed_from_rows` rows
+    keep MKL; `Llama.prepare_for_serving` measures where the packed copy starts to pay. On an Intel
+    Xeon with AMX (2 cores), all SmolLM2 layers' products on 1 / 8 / 64 rows: float32 MKL 8.2 / 16.4 /
+    48.7 ms, oneDNN 12.8 / 15.9 / 46.7 ms; bfloat16 MKL 11.5 / 12.1 / 18.6 ms, oneDNN (AMX) 7.9 / 8.2 /
+    11.5 ms.
     """
 
     packed_weight: torch.Tensor | None = None
     packed_bias: torch.Tensor | None = None
+    packed_from_rows: int = 1  # products of at least this many rows use the packed copy
 
-    def pack(self) -> None:
-        """Keep a oneDNN copy of the fp32 CPU weights and multiply through it from now on."""
+    @property
+    def packable(self) -> bool:
+        """CPU weights that oneDNN multiplies natively: fp32, or bf16 where the CPU has bf16 products."""
         w = self.weight
-        if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+        native = w.dtype == torch.float32 or (w.dtype == torch.bfloat16
+                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return w.device.type == "cpu" and native and torch.backends.mkldnn.is_available()
+
+    def pack(self, from_rows: int = 1) -> None:
+        """Keep a oneDNN copy of the weights and multiply products of at least `from_rows` rows
+        through it from now on (no-op unless `packable`)."""
+        if self.packable:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
             self.packed_bias = None if self.bias is None else self.bias.detach()
+            self.packed_from_rows = from_rows
 
     def unpack(self) -> None:
         """Drop the oneDNN copy: multiply through the weights themselves (MKL), with autograd."""
         self.packed_weight = self.packed_bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is None:
+        if self.packed_weight is None or x.numel() < self.packed_from_rows * x.shape[-1]:
             return super().forward(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, "none", [], "")
+
+
+def _seconds(linear: Linear, rows: int, packed: bool, repeats: int = 5) -> float:
+    """The best of `repeats` timings of one product of `rows` rows, MKL or the packed copy."""
+    x = torch.randn(rows, linear.in_features, dtype=linear.weight.dtype)
+    linear.packed_from_rows = 1 if packed else NEVER
+    best = math.inf
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first one warms up
+            start = time.perf_counter()
+            linear(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_packed_from_rows(model: Llama) -> int:
+    """The fewest rows from which oneDNN's packed weights multiply this model's products faster than
+    MKL on this machine (at every measured size from there up, by 5% or more); NEVER if they do not.
+    Timed on layer 0's products (counted once per layer) and the lm_head: a few hundred ms at load."""
+    layer = [m for m in model.layers[0].modules() if isinstance(m, Linear)]
+    weighted = [(m, model.config.num_layers) for m in layer] + [(model.lm_head, 1)]
+    if not all(m.packable for m, _ in weighted):
+        return NEVER
+    for m, _ in weighted:
+        m.pack()
+    times = {rows: [sum(n * _seconds(m, rows, packed) for m, n in weighted) for packed in (False, True)]
+             for rows in MEASURED_ROWS}
+    pays = [rows for rows, (mkl, packed) in times.items() if packed < 0.95 * mkl]
+    start = next((r for i, r in enumerate(MEASURED_ROWS) if set(MEASURED_ROWS[i:]) <= set(pays)), NEVER)
+    log.info("linear products (%s): oneDNN packed weights from %s rows; ms MKL / packed per size: %s",
+             model.embed.weight.dtype, start if start != NEVER else "no",
+             ", ".join(f"{r}: {1e3 * a:.1f} / {1e3 * b:.1f}" for r, (a, b) in times.items()))
+    return start
 
 
 class RMSNorm(nn.Module):
@@ -139,13 +195,17 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # [D/2]
 
-    def prepare_for_serving(self) -> Llama:
+    def prepare_for_serving(self, packed_from_rows: int | None = None) -> Llama:
         """Inference from now on: the linear layers multiply through oneDNN copies of their weights
-        where that is faster (fp32 on the CPU; see `Linear`), with or without autograd enabled. Call
+        where that is faster (CPU fp32, and bf16 where the CPU has it; see `Linear`), with or without
+        autograd enabled: from `packed_from_rows` rows per product, measured here when None. Call
         once the weights are final and on their device: the copies do not follow later changes."""
+        from_rows = measure_packed_from_rows(self) if packed_from_rows is None else packed_from_rows
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack()
+                module.pack(from_rows)
+                if from_rows == NEVER:
+                    module.unpack()
         return self
 
     def prepare_for_training(self) -> Llama:

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.llama import Linear
+from runtime.llama import MEASURED_ROWS, NEVER, Linear, measure_packed_from_rows
 from tests.conftest import FAMILIES, ours_from_hf, tiny_hf_model
 
 
@@ -83,3 +83,22 @@ def test_a_model_prepared_for_training_after_serving_is_a_fresh_one():
     assert torch.equal(hidden(), fresh)
     ours.logits(fresh).logsumexp(-1).sum().backward()  # what training the heads back-propagates through
     assert ours.lm_head.weight.grad is not None
+
+
+def test_products_below_the_measured_size_keep_mkl_and_larger_ones_use_the_packed_copy():
+    torch.manual_seed(0)
+    linear = Linear(576, 1536)
+    linear.pack(from_rows=4)
+    with torch.no_grad():
+        few, many = torch.randn(3, 576), torch.randn(2, 2, 576)  # 3 rows; 4 rows as [B, T, C]
+        assert torch.equal(linear(few), F.linear(few, linear.weight, linear.bias))
+        packed = torch.ops.mkldnn._linear_pointwise(many, linear.packed_weight, linear.bias, "none", [], "")
+        assert torch.equal(linear(many), packed)
+
+
+def test_the_packed_size_is_measured_on_the_model_and_never_for_what_onednn_cannot_pack():
+    ours = ours_from_hf(tiny_hf_model("llama"))
+    assert measure_packed_from_rows(ours) in (*MEASURED_ROWS, NEVER)
+    assert measure_packed_from_rows(ours.half()) == NEVER  # oneDNN has no fp16 products on these CPUs
+    ours.half().prepare_for_serving()
+    assert ours.lm_head.packed_weight is None
