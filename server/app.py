@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from medusa.checkpoints import load_heads
 from medusa.engine import Emitted, Engine
 from medusa.tree import get_tree
-from runtime.loading import LoadedModel, load_model, torch_dtype
+from runtime.loading import LoadedModel, load_model
 from runtime.prompt import Prompter, PromptError
 from server.body_limit import BodyLimit
 from server.detokenize import IncrementalDecoder
@@ -87,7 +87,7 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     if settings.heads_path is not None:
         model = loaded.model
         heads = load_heads(Path(settings.heads_path), model.config, model.lm_head,
-                           device=settings.device, dtype=torch_dtype(settings.dtype))
+                           device=settings.device, dtype=model.embed.weight.dtype)
         tree = get_tree(settings.tree_name)
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,
                   max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens,
@@ -185,7 +185,8 @@ class Service:
         s, engine = self.settings, self.scheduler.engine
         heads = engine.heads
         return Info(
-            model_id=self.loaded.model_id, model_dtype=s.dtype, model_device_type=torch.device(s.device).type,
+            model_id=self.loaded.model_id, model_dtype=self.loaded.dtype_name,
+            model_device_type=torch.device(s.device).type,
             max_concurrent_requests=s.max_batch_size + s.max_queue, max_input_tokens=s.max_input_tokens,
             max_input_length=s.max_input_tokens, max_total_tokens=s.max_total_tokens,
             max_batch_size=s.max_batch_size, max_queue=s.max_queue, version=VERSION,

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                                      settings.device, settings.dtype)
     try:
         loaded = load_model(settings.model, settings.device, settings.dtype)
+        if settings.dtype == "auto":
+            logging.getLogger(__name__).info("--dtype auto: %s", loaded.dtype_name)
         engine = build_engine(settings, loaded)
     except (ModelLoadError, HeadsLoadError, TreeError, ConfigError) as e:
         sys.exit(f"medusa-serve: {e}")

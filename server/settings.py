@@ -17,8 +17,9 @@ class Settings(BaseModel):
     model: str | None = Field(default=None, description="Hugging Face folder or GGUF file; "
                                                          "default: the embedded SmolLM2-135M-Instruct")
     device: str = Field(default="cpu", description="torch device: cpu, cuda, cuda:1, ...")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="float32", description="weights: float32, bfloat16 or float16")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        default="float32", description="weights: float32, bfloat16, float16, or auto (bfloat16 on CUDA and "
+        "on CPUs with native bf16 products, else float32; greedy speculation is token-exact in float32 only)")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the server")
     port: int = Field(default=8000, ge=0, le=65535)
     max_batch_size: int = Field(default=8, ge=1, description="sequences decoded together (KV-cache slots)")

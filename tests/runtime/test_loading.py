@@ -73,10 +73,11 @@ def test_tied_embeddings_load_without_lm_head_tensor(tmp_path):
     assert model.lm_head.weight is model.embed.weight
 
 
-def test_dtype_choices(tmp_path):
+def test_dtype_choices(tmp_path, monkeypatch):
     hf = tiny_hf_model("llama")
     folder = save_folder(hf, tmp_path / "m")
-    assert load_model(str(folder), dtype="auto").model.embed.weight.dtype == torch.float32  # on the CPU
+    monkeypatch.setattr(loading, "cpu_has_bf16_products", lambda: False)
+    assert load_model(str(folder), dtype="auto").model.embed.weight.dtype == torch.float32
     bf16 = load_model(str(folder), dtype=torch.bfloat16).model
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     torch.testing.assert_close(our_logits(bf16, TOKENS), hf_logits(hf, TOKENS), atol=0.1, rtol=0)
@@ -84,10 +85,12 @@ def test_dtype_choices(tmp_path):
         load_model(str(folder), dtype="int8")
 
 
-def test_dtype_names_and_the_embedded_spec():
+def test_dtype_names_and_the_embedded_spec(monkeypatch):
     assert [loading.torch_dtype(name) for name in loading.DTYPES] == list(loading.DTYPES.values())
-    assert (loading.torch_dtype("auto", "cpu"), loading.torch_dtype("auto", "cuda:1")) == (
-        torch.float32, torch.bfloat16)
+    for native, on_cpu in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(loading, "cpu_has_bf16_products", lambda native=native: native)
+        assert (loading.torch_dtype("auto", "cpu"), loading.torch_dtype("auto", "cuda:1")) == (
+            on_cpu, torch.bfloat16)
     with pytest.raises(ModelLoadError, match="'bf16' is not supported .*float32, bfloat16, float16, auto"):
         loading.torch_dtype("bf16")
     assert loading.is_embedded(None) and loading.is_embedded("smollm2")

@@ -139,3 +139,10 @@ def test_without_a_loaded_model_the_app_loads_the_one_settings_name(tmp_path):
     with TestClient(create_app(tiny_settings(model=str(tmp_path)))) as client:
         assert client.get("/info").json()["model_id"] == tmp_path.name
         assert generate(client, max_new_tokens=3, details=True).json()["details"]["generated_tokens"] == 3
+
+
+def test_info_reports_the_dtype_auto_chose(loaded):
+    """`model_dtype` is the weights' dtype, not the setting: "auto" resolves at load."""
+    settings = tiny_settings(dtype="auto")
+    with TestClient(create_app(settings, loaded)) as client:
+        assert client.get("/info").json()["model_dtype"] == "float32"  # the tiny model's weights
