@@ -84,7 +84,7 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
 
 
 def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repeats: int,
-              budget: int | None = None, lookup: int = 0) -> dict:
+              budget: int | None = None, lookup: int = 0, dtype: str = "float32") -> dict:
     """The tree (head choices + a lookup branch of `lookup` nodes, root included in the node
     counts) that maximises expected tokens per second, or the best one of `budget` nodes."""
     report = json.loads((heads_path / "training.json").read_text())
@@ -97,7 +97,7 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
               "(budget given, cost not measured)")
         return {"choices": [list(c) for c in choices[:n]], "lookup": lookup, "device": device,
                 "expected_tokens": round(expected, 3)}
-    loaded = load_model(None, device=device)
+    loaded = load_model(None, device=device, dtype=dtype)
     heads = load_heads(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
                        dtype=loaded.model.embed.weight.dtype)
     sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(lookup + 1, max_nodes + 1))
@@ -115,7 +115,7 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
               f"  {r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
     head_nodes = len(trees[best["nodes"]].choices)
     return {"choices": [list(c) for c in choices[:head_nodes]], "lookup": lookup,
-            "device": device, "measurements": rows}
+            "device": device, "dtype": loaded.dtype_name, "measurements": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=Path, required=True, help="heads folder with training.json")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="the weights' dtype the tree is measured in (float32, "
+                    "bfloat16, ...): verifying many tokens costs less, relative to one, where bf16 is native")
     ap.add_argument("--max-nodes", type=int, default=64)
     ap.add_argument("--context", type=int, default=256, help="cached tokens during the measured steps")
     ap.add_argument("--repeats", type=int, default=7)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.lookup < (args.budget or args.max_nodes):
         ap.error("--lookup must be >= 0 and leave room for the root")
     result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget,
-                       args.lookup)
+                       args.lookup, args.dtype)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tree = {"choices": result["choices"], "lookup": args.lookup} if args.lookup else result["choices"]
