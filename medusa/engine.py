@@ -40,7 +40,6 @@ ROOT_ONLY = build_tree([])
 
 
 _RowResult = tuple[list[int], int, list[float]]  # accepted path, next pending token, emitted logprobs
-_RowFailure = str  # why one row's acceptance failed
 
 
 class EngineError(Exception):
@@ -78,12 +77,6 @@ class _Sequence:
     hidden_last: torch.Tensor  # [C]: hidden state of the last cached token, the heads' input
     generated: list[int] = field(default_factory=list)  # includes the pending token (last)
     lookup: NgramIndex | None = None  # prompt + generated, for a tree with a lookup branch
-    # the last tokens that can hold a stop string ending at the newest one: a stop string of L characters
-    # spans at most L tokens, and up to 3 more hold the rest of a multi-byte character cut at the start
-    stop_tail: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stop_tail = max(map(len, self.params.stop), default=0) + 4
 
     @property
     def pending(self) -> int:
@@ -339,7 +332,7 @@ class Engine:
 
     def _accept(self, seqs: list[_Sequence], speculate: list[bool], tree: TreeBuffers,
                 candidates: torch.Tensor, logits: torch.Tensor
-                ) -> tuple[list[list[int]], list[int], list[list[float]], list[_RowFailure | None]]:
+                ) -> tuple[list[list[int]], list[int], list[list[float]], list[str | None]]:
         """Per sequence: accepted node path, the next pending token, the emitted tokens' logprobs, and
         why the row failed (None when it did not).
 
@@ -349,7 +342,7 @@ class Engine:
         """
         B = len(seqs)
         results: list[_RowResult] = [None] * B  # type: ignore[list-item]
-        failures: list[_RowFailure | None] = [None] * B
+        failures: list[str | None] = [None] * B
         simple = [b for b, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
         if simple:
             for b, result in zip(simple, self._accept_greedy(simple, speculate, tree, candidates, logits),
@@ -460,7 +453,10 @@ class Engine:
         if token in self.eos_token_ids and not params.ignore_eos:
             return "eos_token"
         if params.stop:  # only the tail can hold a stop string that ends at this token
-            text = self.tokenizer.decode(seq.generated[-seq.stop_tail:])
+            # a stop string of L characters spans at most L tokens, and up to 3 more hold the rest of a
+            # multi-byte character cut at the start of the tail
+            tail = max(map(len, params.stop)) + 4
+            text = self.tokenizer.decode(seq.generated[-tail:])
             if any(stop in text for stop in params.stop):
                 return "stop_sequence"
         if len(seq.generated) >= params.max_new_tokens:

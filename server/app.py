@@ -391,10 +391,14 @@ def add_error_handlers(app: FastAPI) -> None:
     def refused(request: Request, reason: str) -> None:
         request.app.state.service.metrics.failed(reason)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    def unread_body(request: Request) -> None:
+        """A body refused before `Service.prepare` counted its request."""
         request.app.state.service.metrics.requests.inc()
         refused(request, "validation")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        unread_body(request)
         errors = exc.errors()
         details = "; ".join(describe_validation_error(e) for e in errors)
         # A body that is not JSON is a 400, as TGI (axum) answers a JSON syntax error; JSON that fails
@@ -425,8 +429,7 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI could not read the body as JSON at all (not UTF-8, too deep)
-            request.app.state.service.metrics.requests.inc()
-            refused(request, "validation")
+            unread_body(request)
             return error_response(400, f"Input validation error: malformed JSON body: {exc.detail}",
                                   "validation")
         return error_response(exc.status_code, str(exc.detail), "http", headers=exc.headers)

@@ -13,15 +13,18 @@ and read its `RequestStream`; the scheduler thread does all model work:
            one engine.step() for all running ones  (one batched forward; several tokens each
                                                     under speculation)
            hand every Emitted to its request's stream (loop.call_soon_threadsafe)
-           check the invariants: the engine's slots are free or held by exactly one live request,
-               and the requests the engine holds are exactly those this thread is serving
+
+Every round starts (and every wake-up without work ends) by checking the invariants: the engine's
+slots are free or held by exactly one live request, and the requests the engine holds are exactly
+those this thread serves.
 
 Continuous batching: requests join and leave the batch at every step, and a long prompt goes in
 chunk by chunk between steps, so the running streams keep flowing while it is prefilled. A failure
 while prefilling a request fails that request only; a failure inside a step fails the requests that
 were in it, and the next request starts afresh. The engine frees the slots of the requests a
 failing call was serving; this thread then fails every request it serves that the engine no longer
-holds (`_settle`), the one place such requests end. The thread dying or a broken invariant marks the
+holds (`_settle`). A failure in one request's row of a step comes back as that request's `Emitted`
+with `error` set, and fails that request alone. The thread dying or a broken invariant marks the
 scheduler unhealthy (/health answers 503, logged). Once `draining` is set (SIGTERM), new requests are
 refused (503) while those already taken run to their end.
 
