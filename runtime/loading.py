@@ -107,9 +107,8 @@ def cpu_has_bf16_products() -> bool:
 
 def torch_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
     """The weights' dtype: a name in DTYPES, one of those dtypes, or "auto": bfloat16 on CUDA and on a
-    CPU with native bf16 products (on an Intel Xeon with AMX, 1.3x the float32 plain decoding speed of
-    the embedded model, 1.8x with speculation), float32 elsewhere. Anything else raises ModelLoadError
-    naming the supported ones."""
+    CPU with native bf16 products (faster there: the README's measured section, per CPU), float32
+    elsewhere. Anything else raises ModelLoadError naming the supported ones."""
     if dtype == "auto":
         native = torch.device(device).type != "cpu" or cpu_has_bf16_products()
         return torch.bfloat16 if native else torch.float32
