@@ -78,7 +78,7 @@ def plan(slots: torch.Tensor, cache_lens: torch.Tensor, num_new: int,
     assert backend == "torch", backend
     first_slot, seq_views = None, None
     needs_mask = True
-    if slots.device.type == "cpu":  # host values are free here
+    if slots.device.type == "cpu" and not torch.compiler.is_compiling():  # host values are free here
         slot_list, len_list = slots.tolist(), cache_lens.tolist()
         if slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list))):
             first_slot = slot_list[0]

@@ -110,16 +110,26 @@ def _check_max_total_tokens(config: ModelConfig, max_total_tokens: int) -> None:
                           f"({max_total_tokens}): lower --max-total-tokens to at most {window}")
 
 
+def use_compile(mode: str, device: str) -> bool:
+    """--compile auto|on|off -> whether the engine compiles its step. auto: on for CUDA, off on the CPU."""
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"compile must be auto, on or off, got {mode!r}")
+    return mode == "on" or (mode == "auto" and device.startswith("cuda"))
+
+
 class Engine:
     def __init__(self, model: Llama, tokenizer, eos_token_ids: Iterable[int], *, max_batch_size: int = 8,
                  max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
                  tree: TreeBuffers | None = None, keep_hidden: bool = False,
-                 max_speculative_batch: int | None = None) -> None:
+                 max_speculative_batch: int | None = None, compile: bool = False) -> None:
         """max_speculative_batch: a step with more running sequences than this, all of those that
         speculate greedy, decodes plainly (None: no limit). A tree multiplies the rows of a step; once
         the batch alone fills the machine (a CPU), extra rows cost more than the drafts they accept.
         Greedy output is the same either way; sampled rows keep speculating, so that a seeded
         request's random stream, and so its output, does not depend on the load.
+
+        compile: run the step's device work through torch.compile (`use_compile` decides the default);
+        `warm_up` builds its graphs before serving.
 
         Raises ConfigError for what could not be exact: heads without a tree, or max_total_tokens past
         the model's positions or sliding window."""
@@ -130,6 +140,7 @@ class Engine:
         self.model = model
         self.max_speculative_batch = max_speculative_batch
         self.keep_hidden = keep_hidden
+        self.compile = compile
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.heads = heads
@@ -143,6 +154,10 @@ class Engine:
         self._free = list(range(max_batch_size - 1, -1, -1))
         self._running: dict[Hashable, _Sequence] = {}
         self._prefilling: dict[Hashable, _Prefill] = {}
+
+    def warm_up(self) -> None:
+        """Build every compiled graph and kernel variant a step can need, so that none is built
+        while serving (a no-op without `compile`)."""
 
     @property
     def free_slots(self) -> int:
