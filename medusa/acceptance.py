@@ -20,6 +20,12 @@ Three rules:
   p(x); on rejection p(x) := 0 and p is renormalised before the next sibling; when no child is
   accepted the next token is drawn from what is left. Emitted tokens follow the target exactly.
 
+All three decide a whole batch in tensor operations, without a host synchronisation (what a
+compiled step needs); randomness comes in as uniforms the caller draws (`runtime.sampling.draw`):
+uniforms[b, i] decides node i's test when the walk reaches it (each node is tested at most once a
+step), uniforms[b, 0] draws the next token. `lossless_walk` is the readable one-sequence reference
+of the batched lossless rule, which must agree with it exactly on the same uniforms.
+
 Legend: B batch, T tree nodes (root included), V vocabulary, P root-to-leaf paths.
 """
 
@@ -30,104 +36,133 @@ from dataclasses import dataclass
 import torch
 
 from medusa.tree import TreeBuffers
+from runtime.sampling import draw
+
+# accepted_len [B] (root included, >= 1), path [B, depth + 1] (accepted node indices, 0 after
+# them), next_token [B]
+Decision = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _path_to(retrieve: torch.Tensor, row: torch.Tensor, accepted_len: torch.Tensor) -> torch.Tensor:
+    """[B, depth + 1]: the first accepted_len[b] nodes of root-to-leaf path row[b], 0 after them."""
+    step = torch.arange(retrieve.shape[1], device=retrieve.device)  # [depth + 1]
+    return torch.where(step < accepted_len[:, None], retrieve[row], 0)
+
+
+def accept_greedy(candidates: torch.Tensor, target_logits: torch.Tensor, tree: TreeBuffers) -> Decision:
+    """Greedy verification: keep the longest chain of nodes that are the target's argmax at their
+    parent. candidates: [B, T] long, the node tokens; target_logits: [B, T, V]. The next token is
+    the target's argmax at the last accepted node.
+    """
+    B, T = candidates.shape
+    assert T == tree.num_nodes and target_logits.shape[:2] == (B, T), (tuple(candidates.shape),
+                                                                        tuple(target_logits.shape))
+    best = target_logits.argmax(dim=-1)  # [B, T]: the target's token after each node
+    parent_best = best[:, tree.parents.clamp(min=0)]  # [B, T] (root: its own, unused)
+    correct = candidates == parent_best  # [B, T]
+    correct[:, 0] = True  # the root was emitted already
+    retrieve = tree.retrieve  # [P, depth + 1], -1 padded
+    on_path = correct[:, retrieve.clamp(min=0)] & (retrieve >= 0)  # [B, P, depth + 1]
+    chain_len = on_path.long().cumprod(dim=-1).sum(dim=-1)  # [B, P]: correct prefix of each path
+    accepted_len, leaf_row = chain_len.max(dim=-1)  # [B], [B]
+    path = _path_to(retrieve, leaf_row, accepted_len)
+    last = path.gather(1, (accepted_len - 1)[:, None])  # [B, 1]
+    return accepted_len, path, best.gather(1, last)[:, 0]
+
+
+def accept_typical(candidates: torch.Tensor, target_probs: torch.Tensor, tree: TreeBuffers,
+                   epsilon: torch.Tensor, delta: torch.Tensor, uniforms: torch.Tensor) -> Decision:
+    """Medusa typical acceptance. candidates: [B, T] long; target_probs: [B, T, V] (rows sum to 1);
+    epsilon, delta: [B]; uniforms: [B, T] (column 0 draws the next token from the target at the last
+    accepted node)."""
+    B, T, V = target_probs.shape
+    assert candidates.shape == (B, T) and T == tree.num_nodes
+    probs = target_probs.double()
+    entropy = -torch.xlogy(probs, probs).sum(dim=-1)  # [B, T]: H of the target at each node
+    threshold = torch.minimum(delta[:, None].double() * torch.exp(-entropy), epsilon[:, None].double())
+    parents = tree.parents[1:]  # [T-1]
+    p_token = probs.new_ones(B, T)  # [B, T]: target probability of each node's token at its parent
+    p_token[:, 1:] = probs[:, parents].gather(-1, candidates[:, 1:, None])[..., 0]  # (root: certain)
+    ok = torch.ones(B, T, dtype=torch.bool, device=candidates.device)  # [B, T]
+    ok[:, 1:] = p_token[:, 1:] > threshold[:, parents]
+    log_p = torch.log(p_token)  # [B, T]
+
+    retrieve = tree.retrieve  # [P, depth + 1]
+    idx = retrieve.clamp(min=0)
+    prefix = (ok[:, idx] & (retrieve >= 0)).long().cumprod(dim=-1).bool()  # [B, P, depth + 1]
+    length = prefix.sum(dim=-1)  # [B, P]
+    score = torch.where(prefix, log_p[:, idx], 0.0).sum(dim=-1)  # [B, P]
+    # longest first, then the most likely
+    best_score = torch.where(length == length.max(dim=-1, keepdim=True).values, score, -torch.inf)
+    row = best_score.argmax(dim=-1)  # [B]
+    accepted_len = length.gather(1, row[:, None])[:, 0]
+    path = _path_to(retrieve, row, accepted_len)
+    last = path.gather(1, (accepted_len - 1)[:, None])  # [B, 1]
+    last_probs = target_probs.gather(1, last[..., None].expand(B, 1, V))[:, 0]  # [B, V]
+    return accepted_len, path, draw(last_probs, uniforms[:, 0])
+
+
+def accept_lossless(candidates: torch.Tensor, target_probs: torch.Tensor, tree: TreeBuffers,
+                    uniforms: torch.Tensor) -> Decision:
+    """Tree speculative sampling with deterministic drafts. candidates: [B, T] long; target_probs:
+    [B, T, V]; uniforms: [B, T]. The emitted tokens (accepted nodes' tokens, then next_token) are
+    distributed exactly as sampling from the target one token at a time.
+
+    The walk of `lossless_walk`, for every row at once: one round per depth, and in it one turn per
+    child rank, each row testing its current node's child of that rank until one is accepted.
+    """
+    B, T, V = target_probs.shape
+    assert candidates.shape == (B, T) and T == tree.num_nodes
+    device = candidates.device
+    residual = target_probs[:, 0].double()  # [B, V], unnormalised: rejections zero it
+    node = torch.zeros(B, dtype=torch.long, device=device)  # [B]: the last accepted node
+    walking = torch.ones(B, dtype=torch.bool, device=device)  # [B]: no level rejected every child yet
+    path = torch.zeros(B, tree.depth + 1, dtype=torch.long, device=device)
+    for depth in range(1, tree.depth + 1):
+        chosen = torch.full_like(node, -1)  # [B]: the child accepted at this depth, -1 while none
+        for rank in range(tree.child_table.shape[1]):
+            child = tree.child_table[node, rank]  # [B], -1 where the node has no child of this rank
+            testing = walking & (chosen < 0) & (child >= 0)
+            child = child.clamp(min=0)
+            x = candidates.gather(1, child[:, None])  # [B, 1]
+            p_x = residual.gather(1, x)[:, 0]  # [B]
+            # accept with probability residual(x) / sum(residual): the renormalised residual
+            accept = testing & (uniforms.gather(1, child[:, None])[:, 0].double() * residual.sum(-1) < p_x)
+            chosen = torch.where(accept, child, chosen)
+            residual = residual.scatter(1, x, torch.where(testing & ~accept, 0.0, p_x)[:, None])
+        walking = walking & (chosen >= 0)
+        node = torch.where(walking, chosen, node)
+        path[:, depth] = torch.where(walking, node, 0)
+        child_probs = target_probs.gather(1, node[:, None, None].expand(B, 1, V))[:, 0].double()
+        residual = torch.where(walking[:, None], child_probs, residual)
+    accepted_len = 1 + (path[:, 1:] > 0).sum(dim=-1)  # node 0 is only ever the root
+    return accepted_len, path, draw(residual, uniforms[:, 0])
 
 
 @dataclass(frozen=True)
 class Accepted:
     path: list[int]  # accepted node indices from the root (path[0] == 0), len >= 1
-    next_token: int  # the token after the last accepted node (target or residual distribution)
+    next_token: int  # the token after the last accepted node
 
 
-def accept_greedy(candidates: torch.Tensor, target_logits: torch.Tensor, tree: TreeBuffers
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy verification of B sequences at once, without a host synchronisation.
-
-    candidates: [B, T] long, the node tokens; target_logits: [B, T, V]. Returns accepted_len [B]
-    (accepted nodes, root included, >= 1), path [B, depth + 1] (accepted node indices; 0 beyond
-    accepted_len) and next_token [B] (the target's argmax at the last accepted node).
-    """
-    B, T = candidates.shape
-    assert T == tree.num_nodes and target_logits.shape[:2] == (B, T), (tuple(candidates.shape),
-                                                                        tuple(target_logits.shape))
-    device = candidates.device
-    best = target_logits.argmax(dim=-1)  # [B, T]: the target's token after each node
-    parent_best = best[:, tree.parents.to(device).clamp(min=0)]  # [B, T] (root: its own, unused)
-    correct = candidates == parent_best  # [B, T]
-    correct[:, 0] = True  # the root was emitted already
-    retrieve = tree.retrieve.to(device)  # [P, depth + 1], -1 padded (a no-op when already there)
-    on_path = correct[:, retrieve.clamp(min=0)] & (retrieve >= 0)  # [B, P, depth + 1]
-    chain_len = on_path.long().cumprod(dim=-1).sum(dim=-1)  # [B, P]: correct prefix of each path
-    accepted_len, leaf_row = chain_len.max(dim=-1)  # [B], [B]
-    step = torch.arange(retrieve.shape[1], device=device)  # [depth + 1]
-    path = torch.where(step < accepted_len[:, None], retrieve[leaf_row], 0)  # [B, depth + 1]
-    last = path.gather(1, (accepted_len - 1)[:, None])  # [B, 1]
-    next_token = best.gather(1, last)[:, 0]  # [B]
-    return accepted_len, path, next_token
-
-
-def accept_typical(candidates: torch.Tensor, target_probs: torch.Tensor, tree: TreeBuffers,
-                   epsilon: float, delta: float, generator: torch.Generator) -> Accepted:
-    """Medusa typical acceptance for one sequence.
-
-    candidates: [T] long; target_probs: [T, V] (rows sum to 1). The next token is sampled from
-    target_probs at the last accepted node with `generator`, on the generator's device.
-    """
-    T, V = target_probs.shape
-    assert candidates.shape == (T,) and T == tree.num_nodes
-    probs = target_probs.double()
-    entropy = -torch.xlogy(probs, probs).sum(dim=-1)  # [T]: H of the target at each node
-    threshold = torch.clamp(delta * torch.exp(-entropy), max=epsilon)  # [T]
-    device = target_probs.device
-    candidates = candidates.to(device)
-    parents = tree.parents[1:].to(device)  # [T-1]
-    p_token = probs.new_ones(T)  # [T]: target probability of each node's token at its parent
-    p_token[1:] = probs[parents, candidates[1:]]  # (the root was emitted already: certain)
-    ok = torch.ones(T, dtype=torch.bool, device=device)  # [T]
-    ok[1:] = p_token[1:] > threshold[parents]
-    log_p = torch.log(p_token)  # [T]
-
-    retrieve = tree.retrieve.to(device)  # [P, depth + 1]
-    idx = retrieve.clamp(min=0)
-    on_path = ok[idx] & (retrieve >= 0)  # [P, depth + 1]
-    prefix = on_path.long().cumprod(dim=-1).bool()  # [P, depth + 1]: within the accepted prefix
-    length = prefix.sum(dim=-1)  # [P]
-    score = torch.where(prefix, log_p[idx], 0.0).sum(dim=-1)  # [P]
-    # longest first, then the most likely
-    best_score = torch.where(length == length.max(), score, -torch.inf)
-    row = int(best_score.argmax())
-    path = retrieve[row, :int(length[row])].tolist()
-    last_probs = target_probs[path[-1]].to(generator.device, torch.float32)  # [V]
-    next_token = torch.multinomial(last_probs, 1, generator=generator)
-    return Accepted(path=path, next_token=int(next_token))
-
-
-def accept_lossless(candidates: torch.Tensor, target_probs: torch.Tensor, tree: TreeBuffers,
-                    generator: torch.Generator) -> Accepted:
-    """Tree speculative sampling with deterministic drafts for one sequence.
-
-    candidates: [T] long; target_probs: [T, V]. The emitted tokens (accepted nodes' tokens, then
-    next_token) are distributed exactly as sampling from the target one token at a time.
-    A walk with a host-side decision per child, computed on the generator's device: a CPU
-    generator (and CPU target_probs, to move them once) is what it wants.
-    """
-    T, V = target_probs.shape
-    assert candidates.shape == (T,) and T == tree.num_nodes
-    tokens = candidates.tolist()
-    node = 0
-    path = [0]
-    device = generator.device
-    residual = target_probs[0].to(device, torch.float64, copy=True)  # [V], unnormalised: rejections zero it
+def lossless_walk(candidates: torch.Tensor, target_probs: torch.Tensor, tree: TreeBuffers,
+                  uniforms: torch.Tensor) -> Accepted:
+    """The reference for `accept_lossless`, one sequence: candidates [T], target_probs [T, V],
+    uniforms [T]. From the root, try the children in rank order: child x is accepted with
+    probability residual(x) / sum(residual); a rejected child's token leaves the residual
+    (residual(x) := 0). An accepted child becomes the node whose children are tried next, with the
+    target at it as the residual; when every child is rejected (or at a leaf), the next token is
+    drawn from the residual."""
+    node, path = 0, [0]
+    residual = target_probs[0].double().clone()  # [V]
     while True:
         for child in tree.children[node]:
-            x = tokens[child]
-            u = float(torch.rand((), generator=generator, device=device, dtype=torch.float64))
-            # accept with probability residual(x) / sum(residual): the renormalised residual
-            if u * float(residual.sum()) < float(residual[x]):
+            x = int(candidates[child])
+            if float(uniforms[child]) * float(residual.sum()) < float(residual[x]):
                 node = child
                 path.append(child)
-                residual = target_probs[child].to(device, torch.float64, copy=True)
+                residual = target_probs[child].double().clone()
                 break
             residual[x] = 0.0
-        else:  # a leaf, or every child rejected: sample from what is left
-            next_token = torch.multinomial(residual, 1, generator=generator)
-            return Accepted(path=path, next_token=int(next_token))
+        else:
+            return Accepted(path, int(draw(residual[None], uniforms[:1])[0]))

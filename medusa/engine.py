@@ -27,19 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medusa import acceptance
-from medusa.draft import draft
 from medusa.heads import MedusaHeads
 from medusa.lookup import NgramIndex
-from medusa.tree import TreeBuffers, build_tree, check_tree_fits
-from runtime import sampling
+from medusa.step import ROOT_ONLY, DeviceStep, Row
+from medusa.tree import TreeBuffers, check_tree_fits
 from runtime.config import ConfigError, ModelConfig, SamplingParams
 from runtime.llama import Llama
-
-ROOT_ONLY = build_tree([])
-
-
-_RowResult = tuple[list[int], int, list[float]]  # accepted path, next pending token, emitted logprobs
 
 
 class EngineError(Exception):
@@ -73,8 +66,7 @@ class _Sequence:
     slot: int
     params: SamplingParams
     prompt: list[int]
-    generator: torch.Generator
-    hidden_last: torch.Tensor  # [C]: hidden state of the last cached token, the heads' input
+    generator: torch.Generator  # on the host: draws the uniforms of the request's steps
     generated: list[int] = field(default_factory=list)  # includes the pending token (last)
     lookup: NgramIndex | None = None  # prompt + generated, for a tree with a lookup branch
 
@@ -145,12 +137,15 @@ class Engine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.heads = heads
         self.device = model.embed.weight.device
-        self.tree = (tree if heads is not None else ROOT_ONLY).to(self.device)  # moved once, not per step
+        tree = tree if heads is not None else ROOT_ONLY
         if heads is not None:
-            check_tree_fits(self.tree, heads.config.num_heads, heads.config.scored_vocab_size)
+            check_tree_fits(tree, heads.config.num_heads, heads.config.scored_vocab_size)
         self.max_total_tokens = max_total_tokens
+        self.num_slots = max_batch_size
         # room for a whole tree of scratch entries after the longest allowed sequence
-        self.cache = model.new_cache(max_batch_size, max_total_tokens + self.tree.num_nodes)
+        self.device_step = DeviceStep(model, heads, tree, max_batch_size, max_total_tokens + tree.num_nodes,
+                                      compile)
+        self.tree = self.device_step.tree
         self._free = list(range(max_batch_size - 1, -1, -1))
         self._running: dict[Hashable, _Sequence] = {}
         self._prefilling: dict[Hashable, _Prefill] = {}
@@ -158,6 +153,11 @@ class Engine:
     def warm_up(self) -> None:
         """Build every compiled graph and kernel variant a step can need, so that none is built
         while serving (a no-op without `compile`)."""
+        self.device_step.warm_up(self.num_slots, self.heads is not None)
+
+    @property
+    def cache(self):
+        return self.device_step.cache
 
     @property
     def free_slots(self) -> int:
@@ -181,7 +181,7 @@ class Engine:
         """Raise InvariantError unless every slot is free or held by exactly one live request."""
         held = [pre.slot for pre in self._prefilling.values()] + [seq.slot for seq in self._running.values()]
         both = self._prefilling.keys() & self._running.keys()
-        if sorted(held + self._free) != list(range(self.cache.num_slots)) or both:
+        if sorted(held + self._free) != list(range(self.num_slots)) or both:
             raise InvariantError(f"cache slots and requests disagree: free {sorted(self._free)}, prefilling "
                                  f"{[pre.slot for pre in self._prefilling.values()]}, running "
                                  f"{[seq.slot for seq in self._running.values()]}, in both {sorted(both)}")
@@ -214,7 +214,7 @@ class Engine:
         if not self._free:
             raise EngineError("no free cache slot")
         slot = self._free.pop()
-        self.cache.free(slot)
+        self.device_step.start(slot, prompt_ids)
         self._prefilling[request_id] = _Prefill(request_id, slot, params, list(prompt_ids), prompt_logprobs)
 
     @torch.inference_mode()
@@ -231,33 +231,26 @@ class Engine:
 
     def _prefill(self, pre: _Prefill, max_tokens: int) -> Emitted | None:
         begin, end = pre.done, min(pre.done + max_tokens, len(pre.prompt))
-        tokens = torch.tensor([pre.prompt[begin:end]], device=self.device)  # [1, n]
-        slots = torch.tensor([pre.slot], device=self.device)  # [1]
-        positions = torch.arange(begin, end, device=self.device)[None]  # [1, n]
-        hidden = self.model(tokens, positions, self.cache, slots, max_len=end)  # [1, n, C]
-        self.cache.advance(slots, end - begin)
+        hidden = self.device_step.prefill(pre.slot, pre.prompt[begin:end], begin)  # [n, C]
         pre.done = end
         if pre.prompt_logprobs:  # the hidden state of prompt token i scores prompt token i + 1
             targets = torch.tensor(pre.prompt[begin + 1:end + 1], device=self.device)  # [n] or [n-1]
-            logp = self.model.logits(hidden[0, :len(targets)]).log_softmax(-1)  # [n or n-1, V]
+            logp = self.model.logits(hidden[:len(targets)]).log_softmax(-1)  # [n or n-1, V]
             pre.logprobs += logp.gather(-1, targets[:, None])[:, 0].tolist()
         if end < len(pre.prompt):
             return None
 
         params = pre.params
-        generator = torch.Generator(self.device)
+        generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
-        seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator, hidden[0, -1],
+        seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator,
                         lookup=NgramIndex(pre.prompt) if self.tree.lookup else None)
-        logits = self.model.logits(hidden[:, -1])  # [1, V]
-        logits = sampling.target_logits(logits, params, self._seen([seq], [[]]))
-        token = sampling.sample(logits, params, generator)
-        logprob = logits.log_softmax(-1)[0, token].item()
+        token, logprob = self.device_step.first_token(pre.slot, hidden[-1], params, self._uniforms(seq))
         del self._prefilling[pre.request_id]
         self._running[pre.request_id] = seq
         prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
-        return self._emit(seq, [int(token)], [logprob], prefill_logprobs=prefill_logprobs,
-                          hidden=hidden[0, -1:] if self.keep_hidden else None)
+        return self._emit(seq, [token], [logprob], prefill_logprobs=prefill_logprobs,
+                          hidden=hidden[-1:] if self.keep_hidden else None)
 
     def cancel(self, request_id: Hashable) -> None:
         """Drop a running or prefilling request and free its slot (no-op for an unknown id)."""
@@ -296,146 +289,44 @@ class Engine:
         over = limit is not None and len(seqs) > limit
         if over and all(s.params.greedy for s, on in zip(seqs, speculate, strict=True) if on):
             speculate = [False] * len(seqs)  # greedy rows: the same tokens from a plain step, less work
-        tree = self.tree if any(speculate) else ROOT_ONLY
-        B, T = len(seqs), tree.num_nodes
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)  # [B]
-        roots = torch.tensor([s.pending for s in seqs], device=self.device)  # [B]
-        cache_lens = self.cache.lens[slots]  # [B]
-        if T > 1:
-            hidden_last = torch.stack([s.hidden_last for s in seqs])  # [B, C]
-            candidates = draft(self.heads, self.model, hidden_last, roots, tree)  # [B, T]
-            if tree.lookup:
-                self._fill_lookup(seqs, tree, candidates)
-            positions = cache_lens[:, None] + tree.depths  # [B, T]
-            max_len = max(len(s.prompt) + len(s.generated) - 1 for s in seqs) + T
-            hidden = self.model(candidates, positions, self.cache, slots, tree.mask, max_len)
-        else:
-            candidates = roots[:, None]  # [B, 1]
-            max_len = max(len(s.prompt) + len(s.generated) for s in seqs)
-            hidden = self.model(candidates, cache_lens[:, None], self.cache, slots, None, max_len)
-        logits = self.model.logits(hidden)  # [B, T, V]
-
-        paths, next_tokens, logprobs, failures = self._accept(seqs, speculate, tree, candidates, logits)
-        accepted_len = torch.tensor([len(p) for p in paths], device=self.device)  # [B]
-        path_tensor = torch.zeros(B, tree.depth + 1, dtype=torch.long, device=self.device)
-        for b, p in enumerate(paths):
-            path_tensor[b, :len(p)] = torch.tensor(p)
-        self.cache.commit(slots, path_tensor, accepted_len)
-
-        out = []
-        cand = candidates.tolist()
-        for b, seq in enumerate(seqs):
-            if failures[b] is not None:
-                self._release(seq.request_id)
-                out.append(Emitted(seq.request_id, [], [], None, error=failures[b]))
-                continue
-            p = paths[b]
-            seq.hidden_last = hidden[b, p[-1]]
-            out.append(self._emit(seq, [cand[b][i] for i in p[1:]] + [next_tokens[b]], logprobs[b],
-                                  speculated=speculate[b], drafted=len(p) - 1,
-                                  hidden=hidden[b, p] if self.keep_hidden else None))
-        return out
-
-    def _fill_lookup(self, seqs: list[_Sequence], tree: TreeBuffers, candidates: torch.Tensor) -> None:
-        """Put each sequence's prompt-lookup guesses on the tree's lookup branch. candidates [B, T].
-
-        A shorter guess (or none) is padded with the root token: any token is a valid draft.
-        """
-        L = tree.lookup
-        guesses = [g + [s.pending] * (L - len(g)) for s in seqs for g in [s.lookup.propose(L)]]
-        candidates[:, tree.lookup_nodes.start:] = torch.tensor(guesses, device=candidates.device)  # [B, L]
-
-    def _accept(self, seqs: list[_Sequence], speculate: list[bool], tree: TreeBuffers,
-                candidates: torch.Tensor, logits: torch.Tensor
-                ) -> tuple[list[list[int]], list[int], list[list[float]], list[str | None]]:
-        """Per sequence: accepted node path, the next pending token, the emitted tokens' logprobs, and
-        why the row failed (None when it did not).
-
-        Plain greedy rows (the common case) are decided together in a few tensor operations;
-        rows that sample or penalise repetition go one by one, and an exception in one of them fails
-        that row only (it keeps a root-only path, so the batched commit stays well-formed).
-        """
-        B = len(seqs)
-        results: list[_RowResult] = [None] * B  # type: ignore[list-item]
-        failures: list[str | None] = [None] * B
-        simple = [b for b, s in enumerate(seqs) if s.params.greedy and s.params.repetition_penalty == 1.0]
-        if simple:
-            for b, result in zip(simple, self._accept_greedy(simple, speculate, tree, candidates, logits),
-                                 strict=True):
-                results[b] = result
-        for b in sorted(set(range(B)) - set(simple)):
+        out: list[Emitted] = []
+        rows, stepping = [], []
+        for seq, on in zip(seqs, speculate, strict=True):  # a row's host work fails that row only
             try:
-                results[b] = self._accept_one(seqs[b], tree if speculate[b] else ROOT_ONLY,
-                                              candidates[b], logits[b])
+                rows.append(self._row(seq, on))
+                stepping.append(seq)
             except Exception as e:
-                failures[b] = f"sampling failed: {e}"
-                results[b] = ([0], 0, [])
-        paths, next_tokens, logprobs = zip(*results, strict=True)
-        return list(paths), list(next_tokens), list(logprobs), failures
-
-    def _accept_greedy(self, rows: list[int], speculate: list[bool], tree: TreeBuffers,
-                       candidates: torch.Tensor, logits: torch.Tensor) -> list[_RowResult]:
-        """Greedy acceptance for several rows at once. candidates [B, T], logits [B, T, V]."""
-        index = torch.tensor(rows, device=self.device)
-        row_logits, row_cands = logits[index], candidates[index]  # [G, T, V], [G, T]
-        G, T, V = row_logits.shape
-        if T > 1:
-            lens, path, next_token = acceptance.accept_greedy(row_cands, row_logits, tree)  # [G], [G, P], [G]
-            plain = torch.tensor([not speculate[b] for b in rows], device=self.device)  # [G]
-            lens = torch.where(plain, 1, lens)
-            next_token = torch.where(plain, row_logits[:, 0].argmax(-1), next_token)
-        else:
-            lens = torch.ones(G, dtype=torch.long, device=self.device)
-            path = torch.zeros(G, 1, dtype=torch.long, device=self.device)
-            next_token = row_logits[:, 0].argmax(-1)
-        P = path.shape[1]
-        node_logits = row_logits.gather(1, path[..., None].expand(G, P, V))  # [G, P, V] along the path
-        emitted = torch.cat([row_cands.gather(1, path[:, 1:]), path[:, :1]], dim=1)  # [G, P]
-        emitted.scatter_(1, (lens - 1)[:, None], next_token[:, None])  # the token after the last node
-        logp = node_logits.gather(-1, emitted[..., None])[..., 0] - node_logits.logsumexp(-1)  # [G, P]
-        out = []
-        for n, p, e, lp in zip(lens.tolist(), path.tolist(), emitted.tolist(), logp.tolist(), strict=True):
-            out.append((p[:n], e[n - 1], lp[:n]))
+                out.append(self._fail(seq, f"preparing its step failed: {e}"))
+        if not rows:
+            return out
+        results, hidden = self.device_step.run(rows, self.keep_hidden)
+        for b, (seq, row, result) in enumerate(zip(stepping, rows, results, strict=True)):
+            try:
+                out.append(self._emit(seq, result.tokens, result.logprobs, speculated=row.speculate,
+                                      drafted=result.accepted_len - 1,
+                                      hidden=None if hidden is None else hidden[b, :result.accepted_len]))
+            except Exception as e:
+                out.append(self._fail(seq, f"emitting its tokens failed: {e}"))
         return out
 
-    def _accept_one(self, seq: _Sequence, tree: TreeBuffers, candidates: torch.Tensor, logits: torch.Tensor
-                    ) -> _RowResult:
-        """Acceptance for one row that samples or penalises repetition. candidates [T], logits [T, V]."""
-        params = seq.params
-        T = tree.num_nodes
-        cand = candidates[:T].tolist()
-        rows = logits[:T]  # [T, V]
-        seen = None
-        if params.repetition_penalty != 1.0:
-            ancestors = [[cand[j] for j in range(1, T) if tree.mask[i, j]] for i in range(T)]
-            seen = self._seen([seq] * T, ancestors)
-        target = sampling.target_logits(rows, params, seen)  # [T, V]
-        mode = params.acceptance_mode
-        if T == 1:
-            path, token = [0], int(sampling.sample(target, params, seq.generator)[0])
-        elif mode == "greedy":
-            lens, path_t, nxt = acceptance.accept_greedy(candidates[None, :T], target[None], tree)
-            path, token = path_t[0, :int(lens[0])].tolist(), int(nxt[0])
-        else:
-            probs = sampling.probabilities(target)
-            if mode == "typical":
-                result = acceptance.accept_typical(candidates[:T], probs, tree, params.typical_epsilon,
-                                                   params.typical_delta, seq.generator)
-            else:
-                result = acceptance.accept_lossless(candidates[:T], probs, tree, seq.generator)
-            path, token = result.path, result.next_token
-        emitted = [cand[i] for i in path[1:]] + [token]
-        logp = target[path].log_softmax(-1)  # [len(path), V]
-        return path, token, [logp[i, tok].item() for i, tok in enumerate(emitted)]
+    def _row(self, seq: _Sequence, speculate: bool) -> Row:
+        """What a sequence brings to a step: slot, lengths, parameters, lookup guesses, uniforms."""
+        L = self.tree.lookup
+        guess = seq.lookup.propose(L) if L else []
+        # a shorter guess (or none) is padded with the root token: any token is a valid draft
+        return Row(seq.slot, len(seq.prompt) + len(seq.generated) - 1, seq.pending, speculate, seq.params,
+                   guess + [seq.pending] * (L - len(guess)), self._uniforms(seq))
 
-    def _seen(self, seqs: list[_Sequence], extra: list[list[int]]) -> torch.Tensor | None:
-        """[N, V] bool: tokens of each row's prompt, generated text and `extra` tokens."""
-        if all(s.params.repetition_penalty == 1.0 for s in seqs):
-            return None
-        seen = torch.zeros(len(seqs), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-        for i, (s, more) in enumerate(zip(seqs, extra, strict=True)):
-            seen[i, torch.tensor(s.prompt + s.generated + more, device=self.device)] = True
-        return seen
+    def _uniforms(self, seq: _Sequence) -> torch.Tensor:
+        """[U] uniforms for one step of a sampled request, from its generator: the same number every
+        step, so a seeded request's tokens do not depend on its batch (greedy: unused)."""
+        if seq.params.greedy:
+            return torch.zeros(self.device_step.num_uniforms, dtype=torch.float64)
+        return torch.rand(self.device_step.num_uniforms, generator=seq.generator, dtype=torch.float64)
+
+    def _fail(self, seq: _Sequence, error: str) -> Emitted:
+        self._release(seq.request_id)
+        return Emitted(seq.request_id, [], [], None, error=error)
 
     # ---------------------------------------------------------------- finishing
 

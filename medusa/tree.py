@@ -66,6 +66,7 @@ class TreeBuffers:
     # (head_index and rank_index are -1 on the lookup branch too)
     retrieve: torch.Tensor  # [P, depth + 1] long: node indices root..leaf per leaf, padded with -1
     children: tuple[tuple[int, ...], ...]  # children of each node in rank order
+    child_table: torch.Tensor  # [T, max children] long: `children` padded with -1 (at least 1 column)
     num_nodes: int  # T
     depth: int  # longest path (0 for a root-only tree)
     num_heads_needed: int  # depth of the head nodes
@@ -149,6 +150,8 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom", lookup: i
         rank_index=torch.tensor([-1] + [p[-1] for p in ordered] + [-1] * lookup, dtype=torch.long),
         retrieve=retrieve,
         children=tuple(tuple(c) for c in children),
+        child_table=torch.tensor([c + [-1] * (max(map(len, children)) + 1 - len(c)) for c in children],
+                                 dtype=torch.long),
         num_nodes=T,
         depth=depth,
         num_heads_needed=head_depth,

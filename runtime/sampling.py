@@ -1,97 +1,192 @@
-"""Turn the base model's logits into the distribution a request samples from.
+"""Turn the base model's logits into the distribution each request samples from, for a whole batch.
+
+Every request of a batch has its own parameters, carried as tensors (`RowParams`, one entry per
+row), so a batch with greedy, sampled and penalised requests is processed by one set of tensor
+operations, without a host synchronisation: what a compiled step needs. Which processors run at
+all is fixed per call by flags (`process`), so a batch of greedy requests pays for none of them.
 
 Order of the processors (as in `transformers`): repetition penalty on the raw logits, then
-temperature, then top-k, top-p (nucleus) and typical-p filtering. Greedy requests use only the
-repetition penalty and take the argmax. Everything works on a leading batch of rows, so the
-same code serves the prompt's last position and every node of a speculation tree.
+temperature, then top-k, top-p (nucleus) and typical-p filtering. Greedy rows use only the
+repetition penalty and take the argmax.
 
 Nothing here raises on a request's parameters, however extreme (one request's parameters must
 never fail a batch): temperature and repetition penalty are clamped to [1e-6, 1e6] (`SAFE_RANGE`:
 a logit of magnitude 1e4 divided by 1e-6 is still finite in float32); top-p and typical-p keep at
 least the first token of their order; NaN logits are excluded; and a row with no finite probability
-left is sampled as the argmax of its logits, never passed to `multinomial`.
+left is sampled as the argmax of its logits (`probabilities`).
 
-Legend: N rows (positions or tree nodes), V vocabulary.
+Tokens are drawn by inversion (`draw`) from uniforms the caller provides, drawn on the host from
+each request's own generator: the device needs no generator state, and a seeded request's tokens do
+not depend on the other requests of its batch.
+
+Legend: B rows (requests), N positions per row (tree nodes), V vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 
 from runtime.config import SamplingParams
 
 SAFE_RANGE = (1e-6, 1e6)  # temperature and repetition_penalty are clamped into it
+MODES = ("greedy", "typical", "lossless")  # acceptance rule of a row, by index (`RowParams.mode`)
 
 
 def _clamp(value: float) -> float:
     return min(max(value, SAFE_RANGE[0]), SAFE_RANGE[1])
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive (multiply negative) logits of already-seen tokens by `penalty`.
+def acceptance_mode(params: SamplingParams) -> str:
+    """The acceptance rule of a request's speculated tokens: greedy, typical or lossless."""
+    if params.greedy:
+        return "greedy"
+    return "typical" if params.acceptance == "typical" else "lossless"
 
-    logits: [N, V] float; seen: [N, V] bool (tokens in the prompt or generated so far).
-    """
-    if penalty == 1.0:
+
+@dataclass(frozen=True)
+class RowParams:
+    """The sampling parameters of B requests, one tensor entry per request ([B] each)."""
+
+    greedy: torch.Tensor  # bool
+    temperature: torch.Tensor  # float32, clamped (1 for greedy rows)
+    top_k: torch.Tensor  # long, 0 = off
+    top_p: torch.Tensor  # float32, 1 = off
+    typical_p: torch.Tensor  # float32, 1 = off
+    penalty: torch.Tensor  # float32, clamped, 1 = off
+    mode: torch.Tensor  # long, index into MODES
+    typical_epsilon: torch.Tensor  # float32
+    typical_delta: torch.Tensor  # float32
+
+    @staticmethod
+    def columns(params: SamplingParams) -> list[float]:
+        """One request's row of the host table `from_columns` reads, in field order."""
+        penalty = 1.0 if params.repetition_penalty == 1.0 else _clamp(params.repetition_penalty)
+        return [float(params.greedy), 1.0 if params.greedy else _clamp(params.temperature), params.top_k,
+                params.top_p, params.typical_p, penalty, MODES.index(acceptance_mode(params)),
+                params.typical_epsilon, params.typical_delta]
+
+    @staticmethod
+    def from_columns(table: torch.Tensor) -> RowParams:
+        """[B, ROW_PARAMS_WIDTH] (any float dtype, on the device) -> the parameters as tensors."""
+        c = table.unbind(-1)
+        f32 = [x.float() for x in c]
+        return RowParams(greedy=c[0] > 0, temperature=f32[1], top_k=c[2].long(), top_p=f32[3],
+                         typical_p=f32[4], penalty=f32[5], mode=c[6].long(), typical_epsilon=f32[7],
+                         typical_delta=f32[8])
+
+    @staticmethod
+    def of(params: list[SamplingParams], device: torch.device | str = "cpu") -> RowParams:
+        table = torch.tensor([RowParams.columns(p) for p in params], dtype=torch.float64)
+        return RowParams.from_columns(table.to(device))
+
+
+ROW_PARAMS_WIDTH = len(dataclasses.fields(RowParams))  # columns of a row in `columns`
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Which processors a batch needs; fixed per compiled graph. A batch may run with more than it
+    needs (each processor leaves a row whose parameter is off unchanged), never with less."""
+
+    sample: bool = False  # some row samples: temperature and acceptance by typical or lossless rules
+    filter: bool = False  # some row has top-k, top-p or typical-p
+    penalise: bool = False  # some row has a repetition penalty
+
+    @staticmethod
+    def of(params: list[SamplingParams]) -> Needs:
+        return Needs(sample=any(not p.greedy for p in params),
+                     filter=any(not p.greedy and (p.top_k or p.top_p < 1 or p.typical_p < 1) for p in params),
+                     penalise=any(p.repetition_penalty != 1.0 for p in params))
+
+    def __or__(self, other: Needs) -> Needs:
+        return Needs(*(a or b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other),
+                                              strict=True)))
+
+
+def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B, 1, ..., 1], to broadcast against `like` ([B, ...])."""
+    return x.view(-1, *[1] * (like.dim() - 1))
+
+
+def process(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None, needs: Needs) -> torch.Tensor:
+    """The processed logits each row's tokens come from: [B, N, V] -> [B, N, V] float32
+    (-inf = excluded). seen: [B, N, V] bool (tokens already in the text), needed iff needs.penalise."""
+    logits = logits.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: never drawn
+    if needs.penalise:
+        assert seen is not None
+        penalty = _per_row(rows.penalty, logits)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)  # exact for penalty 1
+        logits = torch.where(seen, penalised, logits)
+    if not needs.sample:
         return logits
-    penalty = _clamp(penalty)
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    warped = logits / _per_row(rows.temperature, logits)
+    if needs.filter:
+        warped = _filter(warped, rows)
+    return torch.where(_per_row(rows.greedy, logits), logits, warped)
 
 
-def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k, top-p and typical-p: [N, V] logits -> [N, V] logits (-inf = excluded)."""
-    logits = logits / _clamp(params.temperature)
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]  # [N, 1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p < 1.0:
-        logits = _keep_smallest_set(logits, logits.argsort(dim=-1, descending=True), params.top_p)
-    if params.typical_p < 1.0:
-        log_probs = logits.log_softmax(dim=-1)
-        probs = log_probs.exp()
-        entropy = -(probs * log_probs).nan_to_num().sum(-1, keepdim=True)  # [N, 1]
-        surprise_gap = (-log_probs - entropy).abs()  # [N, V]; excluded tokens are +inf
-        logits = _keep_smallest_set(logits, surprise_gap.argsort(dim=-1), params.typical_p)
-    return logits
+def _filter(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """Top-k, then top-p, then typical-p, each only on the rows that ask for it. [B, N, V]."""
+    V = logits.shape[-1]
+    values, order = logits.sort(dim=-1, descending=True)  # [B, N, V]
+    k = _per_row(rows.top_k, logits)
+    kth = values.gather(-1, torch.where((k > 0) & (k < V), k - 1, V - 1).expand(*logits.shape[:-1], 1))
+    logits = logits.masked_fill(logits < kth, -math.inf)  # top-k keeps the descending order
+    logits = _keep_smallest_set(logits, order, _per_row(rows.top_p, logits))
+    log_probs = logits.log_softmax(dim=-1)
+    entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1, keepdim=True)  # [B, N, 1]
+    surprise_gap = (-log_probs - entropy).abs()  # [B, N, V]; excluded tokens are +inf
+    return _keep_smallest_set(logits, surprise_gap.argsort(dim=-1), _per_row(rows.typical_p, logits))
 
 
-def _keep_smallest_set(logits: torch.Tensor, order: torch.Tensor, mass: float) -> torch.Tensor:
-    """Keep the shortest prefix of `order` whose probability reaches `mass` (at least one token)."""
-    probs = logits.softmax(dim=-1).gather(-1, order)  # [N, V] in `order`
+def _keep_smallest_set(logits: torch.Tensor, order: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Keep the shortest prefix of `order` whose probability reaches `mass` (at least one token);
+    rows with mass >= 1 keep everything. mass: broadcast against logits' rows."""
+    probs = logits.softmax(dim=-1).gather(-1, order)  # [..., V] in `order`
     before = probs.cumsum(-1) - probs  # mass of the tokens ranked before each one
-    drop_sorted = before >= mass
+    drop_sorted = (before >= mass) & (mass < 1)
     drop_sorted[..., 0] = False  # a mass below float32's smallest number must still keep one token
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
 
 
-def target_logits(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None) -> torch.Tensor:
-    """The processed logits a request's tokens come from: [N, V] -> [N, V].
-
-    seen: [N, V] bool, needed only when the request has a repetition penalty.
-    """
-    logits = logits.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: never drawn
-    if params.repetition_penalty != 1.0:
-        assert seen is not None
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    return logits if params.greedy else warp(logits, params)
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """One request's processors without a penalty: [N, V] -> [N, V] (tests compare it with transformers)."""
+    needs = Needs.of([params])
+    return process(logits[None], RowParams.of([params], logits.device), None, needs)[0]
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Processed logits -> probabilities, [N, V] -> [N, V]. A row without a finite distribution
-    (every logit -inf, or +inf ones) becomes one-hot at its argmax, so a draw from it cannot raise;
+    """Processed logits -> probabilities, [..., V] -> [..., V]. A row without a finite distribution
+    (every logit -inf, or +inf ones) becomes one-hot at its argmax, so a draw from it is well defined;
     decided on the device, without a host synchronisation."""
-    p = logits.softmax(dim=-1)  # [N, V]
-    ok = p.isfinite().all(dim=-1, keepdim=True) & (p.sum(dim=-1, keepdim=True) > 0)  # [N, 1]
-    fallback = torch.zeros_like(p).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)  # [N, V]
+    p = logits.softmax(dim=-1)
+    ok = p.isfinite().all(dim=-1, keepdim=True) & (p.sum(dim=-1, keepdim=True) > 0)
+    fallback = torch.zeros_like(p).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     return torch.where(ok, p, fallback)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from processed logits: argmax when greedy, else a seeded draw. [N, V] -> [N]."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits), 1, generator=generator)[:, 0]
+def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row, drawn with probability proportional to `weights` by inversion.
+
+    weights: [B, V] >= 0, not all zero (unnormalised is fine); uniforms: [B] in [0, 1).
+    A token of weight 0 is never drawn: the threshold (1 - u) * total is above 0 (kept so where
+    1 - u rounds to 0 in the weights' dtype).
+    """
+    cdf = weights.cumsum(-1)  # [B, V]
+    above_zero = (1 - uniforms.to(cdf.dtype)).clamp(min=torch.finfo(cdf.dtype).tiny)  # [B] in (0, 1]
+    threshold = above_zero * cdf[:, -1]  # [B] in (0, total]
+    return (cdf < threshold[:, None]).sum(-1).clamp(max=weights.shape[-1] - 1)
+
+
+def next_tokens(target: torch.Tensor, rows: RowParams, uniforms: torch.Tensor, needs: Needs) -> torch.Tensor:
+    """The token after one position per row: argmax for greedy rows, else a draw. target: [B, V]
+    processed logits; uniforms: [B]. Returns [B] long."""
+    if not needs.sample:
+        return target.argmax(-1)
+    drawn = draw(probabilities(target), uniforms)
+    return torch.where(rows.greedy, target.argmax(-1), drawn)

@@ -1,5 +1,5 @@
 """Acceptance rules: greedy against hand-made logits, typical against a hand-computed threshold,
-lossless against the target distribution (chi-square)."""
+lossless against the target distribution (chi-square) and against its one-sequence reference walk."""
 
 from __future__ import annotations
 
@@ -9,11 +9,26 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from medusa.acceptance import accept_greedy, accept_lossless, accept_typical
-from medusa.tree import build_tree, candidates_from_topk
+from medusa.acceptance import Decision, accept_greedy, accept_lossless, accept_typical, lossless_walk
+from medusa.tree import TreeBuffers, build_tree, candidates_from_topk, get_tree
 
 # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0]   (see test_tree.py)
 SMALL = build_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
+
+
+def typical(candidates: torch.Tensor, probs: torch.Tensor, tree: TreeBuffers, epsilon: float, delta: float,
+            uniforms: torch.Tensor) -> Decision:
+    """accept_typical with one epsilon and delta for every row."""
+    B = candidates.shape[0]
+    epsilons, deltas = torch.full((B,), epsilon), torch.full((B,), delta)
+    return accept_typical(candidates, probs, tree, epsilons, deltas, uniforms)
+
+
+def emitted_tokens(candidates: torch.Tensor, decision: Decision) -> list[list[int]]:
+    """Per row: the accepted nodes' tokens, then the next token."""
+    accepted_len, path, next_token = decision
+    return [[int(candidates[b, n]) for n in path[b, 1:n_acc]] + [int(next_token[b])]
+            for b, n_acc in enumerate(accepted_len.tolist())]
 
 
 def one_hot_logits(best: list[list[int]], V: int) -> torch.Tensor:
@@ -93,18 +108,17 @@ TYPICAL_PROBS = torch.tensor([
     (1, 0.5, [0, 2, 4], 3),
 ])
 def test_typical_hand_computed(node4_token: int, delta: float, path: list[int], next_token: int) -> None:
-    candidates = torch.tensor([4, 1, 2, 0, node4_token])
-    out = accept_typical(candidates, TYPICAL_PROBS, TYPICAL_TREE, epsilon=0.09, delta=delta,
-                         generator=torch.Generator().manual_seed(0))
-    assert out.path == path
-    assert out.next_token == next_token
+    candidates = torch.tensor([[4, 1, 2, 0, node4_token]])
+    accepted_len, got_path, got_next = typical(candidates, TYPICAL_PROBS[None], TYPICAL_TREE, 0.09, delta,
+                                               torch.rand(1, 5))
+    assert got_path[0, :int(accepted_len[0])].tolist() == path
+    assert got_next.tolist() == [next_token]
 
 
 def test_typical_rejects_everything_below_threshold() -> None:
-    candidates = torch.tensor([4, 3, 4, 0, 0])  # p0 = .05 for both children: below .08703
-    out = accept_typical(candidates, TYPICAL_PROBS, TYPICAL_TREE, epsilon=0.09, delta=0.3,
-                         generator=torch.Generator().manual_seed(0))
-    assert out.path == [0]
+    candidates = torch.tensor([[4, 3, 4, 0, 0]])  # p0 = .05 for both children: below .08703
+    accepted_len, _, _ = typical(candidates, TYPICAL_PROBS[None], TYPICAL_TREE, 0.09, 0.3, torch.rand(1, 5))
+    assert accepted_len.tolist() == [1]
 
 
 # Lossless: V = 5; nodes 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0]
@@ -120,14 +134,18 @@ LOSSLESS_PROBS = torch.tensor([
 ])
 
 
+def many(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The lossless case repeated n times, each row with its own uniforms."""
+    T = LOSSLESS_TREE.num_nodes
+    uniforms = torch.rand(n, T, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return LOSSLESS_CANDIDATES.expand(n, T), LOSSLESS_PROBS.expand(n, T, 5), uniforms
+
+
 def test_lossless_keeps_the_target_distribution() -> None:
-    gen = torch.Generator().manual_seed(1234)
-    N = 20000
+    candidates, probs, uniforms = many(20000, 1234)
     first: Counter[int] = Counter()
     second: dict[int, Counter[int]] = {2: Counter(), 0: Counter()}  # first token -> second token counts
-    for _ in range(N):
-        out = accept_lossless(LOSSLESS_CANDIDATES, LOSSLESS_PROBS, LOSSLESS_TREE, gen)
-        emitted = [int(LOSSLESS_CANDIDATES[n]) for n in out.path[1:]] + [out.next_token]
+    for emitted in emitted_tokens(candidates, accept_lossless(candidates, probs, LOSSLESS_TREE, uniforms)):
         first[emitted[0]] += 1
         if len(emitted) > 1:
             second[emitted[0]][emitted[1]] += 1
@@ -148,11 +166,9 @@ def test_lossless_keeps_the_target_distribution() -> None:
 
 def test_the_check_notices_a_lossy_rule() -> None:
     """The same chi-square check fails typical acceptance, which does not keep the distribution."""
-    gen = torch.Generator().manual_seed(1234)
+    candidates, probs, uniforms = many(2000, 1234)
     observed = [0] * 5
-    for _ in range(2000):
-        out = accept_typical(LOSSLESS_CANDIDATES, LOSSLESS_PROBS, LOSSLESS_TREE, 0.09, 0.3, gen)
-        emitted = [int(LOSSLESS_CANDIDATES[n]) for n in out.path[1:]] + [out.next_token]
+    for emitted in emitted_tokens(candidates, typical(candidates, probs, LOSSLESS_TREE, 0.09, 0.3, uniforms)):
         observed[emitted[0]] += 1
     probs = LOSSLESS_PROBS[0].double()
     expected = (probs / probs.sum() * 2000).tolist()
@@ -161,11 +177,30 @@ def test_the_check_notices_a_lossy_rule() -> None:
 
 def test_lossless_accepts_certain_tokens_and_leaves_probs_alone() -> None:
     V, T = 5, LOSSLESS_TREE.num_nodes
-    probs = torch.zeros(T, V, dtype=torch.float64)
+    probs = torch.zeros(1, T, V, dtype=torch.float64)
     # the target is certain of each candidate along 0 -> 1 -> 4, then of token 2
-    probs[0, 2] = probs[1, 3] = probs[4, 2] = 1.0
-    probs[2] = probs[3] = probs[5] = 0.2
+    probs[0, 0, 2] = probs[0, 1, 3] = probs[0, 4, 2] = 1.0
+    probs[0, 2] = probs[0, 3] = probs[0, 5] = 0.2
     before = probs.clone()
-    out = accept_lossless(LOSSLESS_CANDIDATES, probs, LOSSLESS_TREE, torch.Generator().manual_seed(0))
-    assert out.path == [0, 1, 4] and out.next_token == 2
+    accepted_len, path, next_token = accept_lossless(LOSSLESS_CANDIDATES[None], probs, LOSSLESS_TREE,
+                                                     torch.rand(1, T, dtype=torch.float64))
+    assert path[0, :int(accepted_len[0])].tolist() == [0, 1, 4] and next_token.tolist() == [2]
     assert torch.equal(probs, before)
+
+
+@pytest.mark.parametrize("tree", [LOSSLESS_TREE, SMALL, get_tree("mc_sim_7b_63"), get_tree("cpu")],
+                         ids=["lossless", "small", "mc_sim_7b_63", "cpu"])
+def test_lossless_batch_agrees_with_the_reference_walk(tree: TreeBuffers) -> None:
+    """Every row of the batched rule takes exactly the reference walk's path and token on the same
+    uniforms (peaked targets over 4 tokens, so that walks go deep)."""
+    gen = torch.Generator().manual_seed(7)
+    B, T, V = 300, tree.num_nodes, 4
+    candidates = torch.randint(V, (B, T), generator=gen)
+    probs = (torch.randn(B, T, V, generator=gen) * 3).softmax(-1)
+    uniforms = torch.rand(B, T, generator=gen, dtype=torch.float64)
+    accepted_len, path, next_token = accept_lossless(candidates, probs, tree, uniforms)
+    assert accepted_len.max() >= min(3, tree.depth + 1)  # deep walks were exercised
+    for b in range(B):
+        walk = lossless_walk(candidates[b], probs[b], tree, uniforms[b])
+        assert path[b, :int(accepted_len[b])].tolist() == walk.path
+        assert int(next_token[b]) == walk.next_token

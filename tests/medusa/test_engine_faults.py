@@ -37,8 +37,8 @@ EXTREME.append(SamplingParams(max_new_tokens=6, repetition_penalty=1e-300))  # g
 
 class FaultyEngine(Engine):
     """Raises where a model or sampling error would: in a chosen request's prefill, in its first
-    token's sampling after the prompt is in the cache, in its row of a step's acceptance, or in a
-    whole step."""
+    token's sampling after the prompt is in the cache, in its row's part of a step (the host work
+    that prepares it), or in a whole step."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -57,10 +57,10 @@ class FaultyEngine(Engine):
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return super()._emit(seq, tokens, logprobs, **kwargs)
 
-    def _accept_one(self, seq, tree, candidates, logits):
+    def _row(self, seq, speculate):
         if seq.request_id in self.fail_sampling:
             raise RuntimeError("injected sampling fault")
-        return super()._accept_one(seq, tree, candidates, logits)
+        return super()._row(seq, speculate)
 
     def _step(self, seqs):
         if self.fail_next_step:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from medusa.engine import Engine, draft
+from medusa.draft import draft
+from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import TreeError, build_tree, get_tree
 from runtime.config import ModelConfig, SamplingParams

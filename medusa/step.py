@@ -1,0 +1,254 @@
+"""The device side of the engine: the KV cache, per-slot state, and the step as one function.
+
+`DeviceStep.run` takes one host table of B rows (one per running sequence, `Row` below: its slot,
+pending token, whether it speculates, sampling parameters, prompt-lookup guesses, uniforms drawn
+from its generator), uploads it in one non-blocking copy, runs the whole step on the device --
+heads -> drafts -> verification forward -> acceptance (greedy, typical and lossless rows in one
+batch) -> KV compaction -> next pending token and hidden state -- and brings the result back in one
+packed copy: the step's one host synchronisation. `_step` holds no host read, so it compiles as one
+graph (`torch.compile(fullgraph=True)` fails on any); with `compile`, each batch size is padded to a
+bucket (rows of the spare slot `pad_slot`, which nothing reads) and the attention length rounded up,
+so a few graphs serve every batch, captured as CUDA graphs on a GPU.
+
+The state a step reads and writes lives here, one tensor per fact, indexed by slot: the cache and
+its lengths, `hidden` (the heads' input: the hidden state of each sequence's last cached token) and
+`seen` (the tokens of each sequence's text, for the repetition penalty). The engine owns which
+request holds which slot; this class does not know requests.
+
+Legend: B rows, T tree nodes, P = tree depth + 1, C hidden size, V vocabulary, N slots,
+U uniforms per row (= T of the engine's tree), L lookup-branch nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from medusa import acceptance
+from medusa.draft import draft
+from medusa.heads import MedusaHeads
+from medusa.tree import TreeBuffers, build_tree
+from runtime import sampling
+from runtime.config import SamplingParams
+from runtime.llama import Llama
+from runtime.sampling import MODES, ROW_PARAMS_WIDTH, Needs, RowParams
+
+ROOT_ONLY = build_tree([])
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MIN_LEN_BUCKET = 128  # attention lengths of a compiled step: powers of two from this one up
+ALL = Needs(sample=True, filter=True, penalise=True)
+
+
+@dataclass(frozen=True)
+class Row:
+    """What one sequence brings to a step, from the host."""
+
+    slot: int
+    cached: int  # tokens in the slot's cache
+    pending: int  # the token sampled last, not yet in the cache: the tree's root
+    speculate: bool  # verify a tree of drafts (else the root alone)
+    params: SamplingParams
+    lookup: list[int]  # prompt-lookup guesses for the lookup branch (L of them)
+    uniforms: torch.Tensor  # [U] float64 in [0, 1), from the request's generator
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One row's result, on the host."""
+
+    accepted_len: int  # tree nodes kept, root included (>= 1)
+    tokens: list[int]  # accepted drafts, then the next pending token (accepted_len tokens)
+    logprobs: list[float]  # of each token, under the request's processed distribution
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class DeviceStep:
+    def __init__(self, model: Llama, heads: MedusaHeads | None, tree: TreeBuffers, num_slots: int,
+                 max_len: int, compile: bool = False) -> None:
+        """num_slots: sequences the cache holds (one more, `pad_slot`, takes padding rows);
+        max_len: cached tokens per slot, scratch included."""
+        self.model, self.heads = model, heads
+        device = model.embed.weight.device
+        self.device = device
+        self.tree = tree.to(device)  # moved once, not per step
+        self.root_only = ROOT_ONLY.to(device)
+        self.cache = model.new_cache(num_slots + 1, max_len)
+        self.pad_slot = num_slots
+        C, V = model.config.hidden_size, model.config.vocab_size
+        self.hidden = torch.zeros(num_slots + 1, C, dtype=model.embed.weight.dtype, device=device)  # [N+1, C]
+        # [N+1, V+1] bool; column V takes the writes of tokens past a row's accepted ones
+        self.seen = torch.zeros(num_slots + 1, V + 1, dtype=torch.bool, device=device)
+        self.compile = compile
+        self._fn = self._step
+        if compile:
+            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
+            self._fn = torch.compile(self._step, fullgraph=True, mode=mode)
+        if compile and heads is not None:  # the heads cache their projection here, not inside a graph
+            heads.project(torch.zeros(1, 1, C, dtype=self.hidden.dtype, device=device), model.lm_head)
+
+    @property
+    def num_uniforms(self) -> int:
+        return self.tree.num_nodes
+
+    # ---------------------------------------------------------------- prefill (eager)
+
+    def start(self, slot: int, prompt: list[int]) -> None:
+        """Empty a slot for a new prompt; its tokens count as seen."""
+        self.cache.free(slot)
+        self.seen[slot] = False
+        self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+
+    def prefill(self, slot: int, tokens: list[int], begin: int) -> torch.Tensor:
+        """Put prompt tokens begin .. begin + n of a slot in the cache; their hidden states, [n, C]."""
+        end = begin + len(tokens)
+        slots = torch.tensor([slot], device=self.device)  # [1]
+        positions = torch.arange(begin, end, device=self.device)[None]  # [1, n]
+        hidden = self.model(torch.tensor([tokens], device=self.device), positions, self.cache, slots,
+                            max_len=end)  # [1, n, C]
+        self.cache.advance(slots, end - begin)
+        return hidden[0]
+
+    def first_token(self, slot: int, hidden_last: torch.Tensor, params: SamplingParams,
+                    uniforms: torch.Tensor) -> tuple[int, float]:
+        """Sample the token after a whole prompt from its last hidden state [C]: (token, logprob)."""
+        self.hidden[slot] = hidden_last
+        rows, needs = RowParams.of([params], self.device), Needs.of([params])
+        seen = self.seen[slot, None, None, :-1] if needs.penalise else None  # [1, 1, V]
+        logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
+        target = sampling.process(logits, rows, seen, needs)[:, 0]  # [1, V]
+        token = sampling.next_tokens(target, rows, uniforms[:1].to(self.device), needs)  # [1]
+        self.seen[slot, token] = True
+        return int(token), float(target.log_softmax(-1)[0, token])
+
+    # ---------------------------------------------------------------- one step
+
+    def run(self, rows: list[Row], keep_hidden: bool = False
+            ) -> tuple[list[StepResult], torch.Tensor | None]:
+        """One step for these rows: their results, and with keep_hidden the hidden states of each
+        row's accepted nodes ([B, P, C], 0 past accepted_len)."""
+        speculate = any(r.speculate for r in rows)
+        tree = self.tree if speculate else self.root_only
+        needs = Needs.of([r.params for r in rows])
+        B = len(rows)
+        max_len = max(r.cached for r in rows) + tree.num_nodes  # keys of the longest row
+        table = self._table(rows)
+        if self.compile:
+            needs = ALL if needs != Needs() else needs  # two graphs per shape: greedy, and any other
+            padding = _bucket(B, BATCH_BUCKETS) - B
+            if padding:
+                table = torch.cat([table, self._table([self._pad_row()] * padding)])
+            max_len = min(self.cache.max_len, max(MIN_LEN_BUCKET, 1 << (max_len - 1).bit_length()))
+        if self.device.type == "cuda":
+            table = table.pin_memory()
+        packed, hidden = self._fn(table.to(self.device, non_blocking=True), speculate, needs, max_len)
+        host = packed[:B].cpu().tolist()  # the step's one host synchronisation
+        P = tree.depth + 1
+        results = [StepResult(int(r[0]), [int(t) for t in r[1:1 + int(r[0])]], r[1 + P:1 + P + int(r[0])])
+                   for r in host]
+        return results, hidden[:B] if keep_hidden else None
+
+    def warm_up(self, max_batch: int, speculative: bool) -> None:
+        """Run every graph `run` can use -- batch buckets up to max_batch's, attention-length
+        buckets, plain and speculative trees, greedy and sampling -- on padding rows, so that none
+        is compiled while serving (no-op without compile)."""
+        if not self.compile:
+            return
+        batches = sorted({_bucket(b, BATCH_BUCKETS) for b in range(1, max_batch + 1)})
+        top = self.cache.max_len
+        lengths = sorted({min(top, max(MIN_LEN_BUCKET, 1 << k)) for k in range(top.bit_length() + 1)})
+        for B, max_len, speculate, needs in itertools.product(batches, lengths, {False, speculative},
+                                                              (Needs(), ALL)):
+            if max_len >= (self.tree if speculate else self.root_only).num_nodes:
+                self._fn(self._table([self._pad_row()] * B).to(self.device), speculate, needs, max_len)
+
+    def _pad_row(self) -> Row:
+        return Row(self.pad_slot, 0, 0, False, SamplingParams(), [0] * self.tree.lookup,
+                   torch.full((self.num_uniforms,), 0.5, dtype=torch.float64))
+
+    def _table(self, rows: list[Row]) -> torch.Tensor:
+        """[B, 3 + R + L + U] float64 on the host: slot, pending, speculate, RowParams' columns,
+        lookup guesses, uniforms (every integer here is exact in float64)."""
+        head = torch.tensor([[r.slot, r.pending, float(r.speculate), *RowParams.columns(r.params), *r.lookup]
+                             for r in rows], dtype=torch.float64)
+        return torch.cat([head, torch.stack([r.uniforms for r in rows])], dim=1)
+
+    def _step(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device work of one step, without a host read. table: [B, F] (`_table`).
+        Returns packed [B, 1 + 2P] float64 (accepted_len, P tokens, P logprobs) and the hidden
+        states of the accepted nodes [B, P, C]."""
+        tree = self.tree if speculate else self.root_only
+        R, L = ROW_PARAMS_WIDTH, self.tree.lookup
+        slots, roots, speculates = table[:, 0].long(), table[:, 1].long(), table[:, 2] > 0  # [B] each
+        rows = RowParams.from_columns(table[:, 3:3 + R])
+        lookup, uniforms = table[:, 3 + R:3 + R + L].long(), table[:, 3 + R + L:]  # [B, L], [B, U]
+        B, T, V = slots.shape[0], tree.num_nodes, self.model.config.vocab_size
+
+        mask = None
+        candidates = roots[:, None]  # [B, 1]
+        if T > 1:
+            candidates = draft(self.heads, self.model, self.hidden[slots], roots, tree)  # [B, T]
+            if L:
+                candidates = torch.cat([candidates[:, :T - L], lookup], dim=1)
+            mask = tree.mask
+        positions = self.cache.lens[slots][:, None] + tree.depths  # [B, T]
+        hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
+        seen = self._seen_at_nodes(slots, candidates, tree) if needs.penalise else None
+        target = sampling.process(self.model.logits(hidden), rows, seen, needs)  # [B, T, V]
+
+        accepted_len = torch.ones_like(slots)  # [B]
+        path = torch.zeros(B, tree.depth + 1, dtype=torch.long, device=slots.device)  # [B, P]
+        next_token = sampling.next_tokens(target[:, 0], rows, uniforms[:, 0], needs)  # [B]: plain rows'
+        if T > 1:
+            decision = acceptance.accept_greedy(candidates, target, tree)
+            if needs.sample:
+                probs = sampling.probabilities(target)  # [B, T, V]
+                for mode, rule in (("typical", lambda: acceptance.accept_typical(
+                                        candidates, probs, tree, rows.typical_epsilon, rows.typical_delta,
+                                        uniforms)),
+                                   ("lossless", lambda: acceptance.accept_lossless(
+                                       candidates, probs, tree, uniforms))):
+                    chosen = rows.mode == MODES.index(mode)
+                    decision = tuple(torch.where(chosen.view(-1, *[1] * (d.dim() - 1)), r, d)
+                                     for r, d in zip(rule(), decision, strict=True))
+            accepted_len = torch.where(speculates, decision[0], accepted_len)
+            path = torch.where(speculates[:, None], decision[1], path)
+            next_token = torch.where(speculates, decision[2], next_token)
+
+        P = path.shape[1]
+        on_path = torch.arange(P, device=slots.device) < accepted_len[:, None]  # [B, P]
+        tokens = torch.cat([candidates.gather(1, path[:, 1:]), path[:, :1]], dim=1)  # [B, P]
+        tokens = tokens.scatter(1, (accepted_len - 1)[:, None], next_token[:, None])  # then the next token
+        node_target = target.gather(1, path[..., None].expand(B, P, V))  # [B, P, V] along the path
+        logprobs = node_target.gather(-1, tokens[..., None])[..., 0] - node_target.logsumexp(-1)  # [B, P]
+
+        # keep the accepted nodes: K/V, the hidden state of the last one, the emitted tokens as seen
+        kept = torch.where(slots == self.pad_slot, 0, accepted_len)  # padding rows keep nothing
+        if T > 1:
+            self.cache.commit(slots, path, kept)
+        else:
+            self.cache.advance(slots, kept)
+        path_hidden = hidden.gather(1, path[..., None].expand(B, P, hidden.shape[-1]))  # [B, P, C]
+        last = (accepted_len - 1)[:, None, None].expand(B, 1, hidden.shape[-1])  # [B, 1, C]
+        self.hidden[slots] = path_hidden.gather(1, last)[:, 0]
+        self.seen[slots[:, None], torch.where(on_path, tokens, V)] = True
+
+        packed = torch.cat([accepted_len[:, None].double(), tokens.double(), logprobs.double()], dim=1)
+        return packed, torch.where(on_path[..., None], path_hidden, 0)
+
+    def _seen_at_nodes(self, slots: torch.Tensor, candidates: torch.Tensor, tree: TreeBuffers
+                       ) -> torch.Tensor:
+        """[B, T, V] bool: the tokens each tree node's text holds: its sequence's (prompt, generated,
+        pending) and its ancestors' drafts."""
+        B, T = candidates.shape
+        V = self.seen.shape[1] - 1
+        ancestors = tree.mask.clone()
+        ancestors[:, 0] = False  # the root is the pending token, already in `seen`
+        drafts = torch.where(ancestors, candidates[:, None, :], V)  # [B, T, T]: token or the spare column
+        on_path = torch.zeros(B, T, V + 1, dtype=torch.bool, device=slots.device).scatter_(2, drafts, True)
+        return (self.seen[slots][:, None] | on_path)[..., :V]

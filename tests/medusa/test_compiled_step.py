@@ -1,0 +1,65 @@
+"""The step's device work compiles as ONE graph (`torch.compile(fullgraph=True)` raises on any graph
+break, and every host synchronisation is one), and the compiled step gives what the eager one gives:
+the plain tree and the shipped tree, greedy, sampled, typical and penalised rows in one batch,
+padded to a batch bucket as a compiled step is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medusa.engine import Engine
+from medusa.tree import get_tree
+from runtime.config import SamplingParams
+from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
+from tests.medusa.test_engine_speculative import heads_for
+
+PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1], [9, 9]]
+PARAMS = [SamplingParams(max_new_tokens=12),
+          SamplingParams(max_new_tokens=12, temperature=0.8, seed=5),
+          SamplingParams(max_new_tokens=12, temperature=1.2, top_k=20, top_p=0.9, seed=6,
+                         acceptance="typical"),
+          SamplingParams(max_new_tokens=12, repetition_penalty=1.3),
+          SamplingParams(max_new_tokens=12, temperature=0.7, typical_p=0.8, repetition_penalty=0.8, seed=7,
+                         speculate=False)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ours_from_hf(tiny_hf_model("llama"))
+
+
+def run(engine: Engine) -> dict[int, list[tuple[list[int], list[float]]]]:
+    """Each request's (tokens, logprobs) per call, all requests in one batch."""
+    out: dict[int, list[tuple[list[int], list[float]]]] = {i: [] for i in range(len(PROMPTS))}
+    for e in engine.run(zip(range(len(PROMPTS)), PROMPTS, PARAMS, strict=True)):
+        assert e.error is None, e.error
+        out[e.request_id].append((e.token_ids, e.logprobs))
+    return out
+
+
+@pytest.mark.parametrize("tree", [None, "cpu"], ids=["plain", "shipped-cpu-tree"])
+def test_the_step_compiles_as_one_graph_with_the_eager_outputs(model, tree):
+    def engine(compile: bool) -> Engine:
+        heads = None if tree is None else heads_for(model)
+        return Engine(model, Vocab(), (), max_batch_size=6, max_total_tokens=64, heads=heads,
+                      tree=None if tree is None else get_tree(tree), compile=compile)
+
+    eager = run(engine(False))
+    compiled_engine = engine(True)  # padding to a batch bucket, attention length rounded up
+    step = compiled_engine.device_step
+    graphs = []
+
+    def count_graphs(gm, example_inputs):  # a graph break would make a second graph, or raise
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step._fn = torch.compile(step._step, fullgraph=True, backend=count_graphs)
+    compiled = run(compiled_engine)
+    assert graphs, "the step did not go through torch.compile"
+    assert compiled.keys() == eager.keys()
+    for i in eager:
+        assert [t for t, _ in compiled[i]] == [t for t, _ in eager[i]], PARAMS[i]
+        for (_, a), (_, b) in zip(compiled[i], eager[i], strict=True):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), equal_nan=True)
