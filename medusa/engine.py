@@ -9,6 +9,11 @@ the last accepted node. Plain decoding is the one-node tree, so both share this 
 A prompt goes into the cache with `add` (whole), or with `start` and then `prefill` one chunk at a
 time, so that a server can run steps for the other sequences between the chunks of a long prompt.
 
+The engine works on the host: requests, their slots, their generators and prompt-lookup indexes,
+stop conditions. Everything a step computes runs on the device in `medusa.step.DeviceStep`, which
+owns the KV cache and the per-slot device state, as one function with one upload and one download
+(compiled with `compile`).
+
 The engine is the one owner of each request's state (prefilling, then running) and of its cache
 slot. A slot is freed in one place, `_release`: when the request finishes, is cancelled, or fails.
 A call that raises releases the requests it was serving before the exception leaves the engine, and

@@ -86,6 +86,11 @@ class DeviceStep:
         self.compile = compile
         self._fn = self._step
         if compile:
+            # the state a step writes keeps its address: CUDA graphs replay on it instead of
+            # skipping graphs with mutated inputs
+            for t in (*self.cache.k, *self.cache.v, self.cache.lens, self.hidden, self.seen):
+                torch._dynamo.mark_static_address(t)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
             self._fn = torch.compile(self._step, fullgraph=True, mode=mode)
         if compile and heads is not None:  # the heads cache their projection here, not inside a graph
@@ -142,10 +147,12 @@ class DeviceStep:
             padding = _bucket(B, BATCH_BUCKETS) - B
             if padding:
                 table = torch.cat([table, self._table([self._pad_row()] * padding)])
-            max_len = min(self.cache.max_len, max(MIN_LEN_BUCKET, 1 << (max_len - 1).bit_length()))
+            max_len = self._len_bucket(max_len)
         if self.device.type == "cuda":
             table = table.pin_memory()
-        packed, hidden = self._fn(table.to(self.device, non_blocking=True), speculate, needs, max_len)
+        table = table.to(self.device, non_blocking=True)
+        torch._dynamo.maybe_mark_dynamic(table, 0)  # one compiled graph for every batch bucket, if it can
+        packed, hidden = self._fn(table, speculate, needs, max_len)
         host = packed[:B].cpu().tolist()  # the step's one host synchronisation
         P = tree.depth + 1
         results = [StepResult(int(r[0]), [int(t) for t in r[1:1 + int(r[0])]], r[1 + P:1 + P + int(r[0])])
@@ -159,12 +166,21 @@ class DeviceStep:
         if not self.compile:
             return
         batches = sorted({_bucket(b, BATCH_BUCKETS) for b in range(1, max_batch + 1)})
-        top = self.cache.max_len
-        lengths = sorted({min(top, max(MIN_LEN_BUCKET, 1 << k)) for k in range(top.bit_length() + 1)})
+        lengths = sorted({self._len_bucket(1 << k) for k in range(self.cache.max_len.bit_length() + 1)})
         for B, max_len, speculate, needs in itertools.product(batches, lengths, {False, speculative},
                                                               (Needs(), ALL)):
             if max_len >= (self.tree if speculate else self.root_only).num_nodes:
-                self._fn(self._table([self._pad_row()] * B).to(self.device), speculate, needs, max_len)
+                table = self._table([self._pad_row()] * B).to(self.device)
+                torch._dynamo.maybe_mark_dynamic(table, 0)
+                self._fn(table, speculate, needs, max_len)
+
+    def _len_bucket(self, max_len: int) -> int:
+        """The attention length a compiled step runs with: on a GPU the whole cache (the kernel
+        reads each sequence's own length on the device, so one graph serves every length); on the
+        CPU a power of two, since attention there reads every key up to it."""
+        if self.device.type == "cuda":
+            return self.cache.max_len
+        return min(self.cache.max_len, max(MIN_LEN_BUCKET, 1 << (max_len - 1).bit_length()))
 
     def _pad_row(self) -> Row:
         return Row(self.pad_slot, 0, 0, False, SamplingParams(), [0] * self.tree.lookup,
