@@ -155,6 +155,7 @@ class Engine:
         self._running: dict[Hashable, _Sequence] = {}
         self._prefilling: dict[Hashable, _Prefill] = {}
 
+    @torch.inference_mode()  # as `step`: a graph built with autograd on would not serve it
     def warm_up(self) -> None:
         """Build every compiled graph and kernel variant a step can need, so that none is built
         while serving (a no-op without `compile`)."""

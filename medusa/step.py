@@ -90,7 +90,6 @@ class DeviceStep:
             # skipping graphs with mutated inputs
             for t in (*self.cache.k, *self.cache.v, self.cache.lens, self.hidden, self.seen):
                 torch._dynamo.mark_static_address(t)
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
             self._fn = torch.compile(self._step, fullgraph=True, mode=mode)
         if compile and heads is not None:  # the heads cache their projection here, not inside a graph
@@ -152,12 +151,12 @@ class DeviceStep:
             table = table.pin_memory()
         table = table.to(self.device, non_blocking=True)
         torch._dynamo.maybe_mark_dynamic(table, 0)  # one compiled graph for every batch bucket, if it can
-        packed, hidden = self._fn(table, speculate, needs, max_len)
+        packed, hidden = self._call(table, speculate, needs, max_len)
         host = packed[:B].cpu().tolist()  # the step's one host synchronisation
         P = tree.depth + 1
         results = [StepResult(int(r[0]), [int(t) for t in r[1:1 + int(r[0])]], r[1 + P:1 + P + int(r[0])])
                    for r in host]
-        return results, hidden[:B] if keep_hidden else None
+        return results, hidden[:B].clone() if keep_hidden else None  # (a CUDA graph's output is reused)
 
     def warm_up(self, max_batch: int, speculative: bool) -> None:
         """Run every graph `run` can use -- batch buckets up to max_batch's, attention-length
@@ -172,7 +171,13 @@ class DeviceStep:
             if max_len >= (self.tree if speculate else self.root_only).num_nodes:
                 table = self._table([self._pad_row()] * B).to(self.device)
                 torch._dynamo.maybe_mark_dynamic(table, 0)
-                self._fn(table, speculate, needs, max_len)
+                self._call(table, speculate, needs, max_len)
+
+    def _call(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compile:  # Dynamo's settings are per thread: set in the thread that steps
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        return self._fn(table, speculate, needs, max_len)
 
     def _len_bucket(self, max_len: int) -> int:
         """The attention length a compiled step runs with: on a GPU the whole cache (the kernel

@@ -105,13 +105,19 @@ def cpu_has_bf16_products() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def torch_dtype(dtype: str | torch.dtype, device: str = "cpu") -> torch.dtype:
-    """The weights' dtype: a name in DTYPES, one of those dtypes, or "auto": bfloat16 on CUDA and on a
-    CPU with native bf16 products (faster there: the README's measured section, per CPU), float32
-    elsewhere. Anything else raises ModelLoadError naming the supported ones."""
+def torch_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:
+    """The weights' dtype: a name in DTYPES, one of those dtypes, "auto" or None.
+
+    None, the device's default: float32 on the CPU, the only dtype where greedy speculation is token for
+    token the plain output; bfloat16 on CUDA, where a step is bound by the bytes of weights read.
+    "auto": bfloat16 on CUDA and on a CPU with native bf16 products (faster there: the README's
+    measured section, per CPU), float32 elsewhere. Anything else raises ModelLoadError naming the
+    supported ones."""
+    on_cpu = torch.device(device).type == "cpu"
+    if dtype is None:
+        return torch.float32 if on_cpu else torch.bfloat16
     if dtype == "auto":
-        native = torch.device(device).type != "cpu" or cpu_has_bf16_products()
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if not on_cpu or cpu_has_bf16_products() else torch.float32
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in DTYPES:
@@ -155,10 +161,10 @@ def resolve(spec: str | None, cache_dir: Path | None = None) -> Path:
     raise ModelLoadError(f"{problem}; {_SPEC_HELP}")
 
 
-def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
+def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
                cache_dir: Path | None = None) -> LoadedModel:
-    """Resolve `spec`, then load our Llama (eval mode, on `device`, in `dtype`: see `torch_dtype`) and
-    its tokenizer."""
+    """Resolve `spec`, then load our Llama (eval mode, on `device`, in `dtype`: see `torch_dtype`; None,
+    the device's default) and its tokenizer."""
     weights_dtype = torch_dtype(dtype, device)
     path = resolve(spec, cache_dir)
     hf_config = _read_json(path / "config.json")

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from medusa.checkpoints import load_heads
-from medusa.engine import Emitted, Engine
+from medusa.engine import Emitted, Engine, use_compile
 from medusa.tree import get_tree
 from runtime.loading import LoadedModel, load_model
 from runtime.prompt import Prompter, PromptError
@@ -82,7 +82,8 @@ EVENT_STREAM = {
 
 
 def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
-    """The engine for `loaded`, with Medusa heads and their tree when settings name heads."""
+    """The engine for `loaded`, with Medusa heads and their tree when settings name heads, compiled as
+    --compile says."""
     heads = tree = None
     if settings.heads_path is not None:
         model = loaded.model
@@ -91,7 +92,8 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
         tree = get_tree(settings.tree_name)
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,
                   max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens,
-                  max_speculative_batch=settings.speculative_batch_limit)
+                  max_speculative_batch=settings.speculative_batch_limit,
+                  compile=use_compile(settings.compile, settings.device))
 
 
 class Generation:
@@ -294,7 +296,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
         model = loaded or await asyncio.to_thread(load_model, settings.model, settings.device, settings.dtype)
         scheduler = Scheduler(engine or build_engine(settings, model), max_queue=settings.max_queue,
                               max_prefill_tokens=settings.max_prefill_tokens, draining=draining)
-        scheduler.start()
+        # warms the engine up (every compiled graph) before lifespan startup ends, and so before
+        # uvicorn listens; in a worker thread, as it may take minutes
+        await asyncio.to_thread(scheduler.start)
         app.state.service = Service(settings, model, scheduler)
         try:
             yield
@@ -342,9 +346,9 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
              responses={503: {"model": ErrorResponse, "description": "Unhealthy or shutting down"}})
     async def health(request: Request) -> Response:
         """200 when the model can serve; 503 when it cannot."""
-        scheduler = service_of(request).scheduler
-        if not scheduler.healthy:
-            return error_response(503, scheduler.broken or "the scheduler is not running", "unhealthy")
+        unhealthy = service_of(request).scheduler.unhealthy
+        if unhealthy is not None:
+            return error_response(503, unhealthy, "unhealthy")
         if draining.is_set():
             return error_response(503, "the server is shutting down", "unhealthy")
         return JSONResponse(Health(status="ok").model_dump())

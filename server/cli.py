@@ -1,7 +1,7 @@
 """`medusa-serve`: start the HTTP server.
 
-Precedence: command-line flags, then the HOST and PORT environment variables, then the defaults
-written in `server.settings.Settings`.
+Precedence: command-line flags, then the environment variables in ENVIRONMENT (HOST, PORT,
+MEDUSA_COMPILE), then the defaults written in `server.settings.Settings`.
 
 SIGTERM (or Ctrl-C) drains: the app refuses new requests (503) at once, uvicorn stops accepting
 connections and waits up to `drain_timeout` seconds for the open ones (the requests already taken,
@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
 FLAGS = ("model", "host", "port", "device", "dtype", "max_batch_size", "max_input_tokens", "max_total_tokens",
          "max_queue", "payload_limit", "max_prefill_tokens", "request_timeout", "drain_timeout",
-         "medusa_heads", "tree", "max_speculative_batch", "chat_template")
-ENVIRONMENT = {"host": "HOST", "port": "PORT"}
+         "medusa_heads", "tree", "max_speculative_batch", "chat_template", "compile")
+# HOST and PORT as TGI reads them; MEDUSA_COMPILE so that a container can turn compilation off without
+# changing its command line
+ENVIRONMENT = {"host": "HOST", "port": "PORT", "compile": "MEDUSA_COMPILE"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     from runtime.loading import ModelLoadError, load_model
     from server.app import build_engine, create_app
 
-    logging.getLogger(__name__).info("loading model %s on %s (%s)", settings.model or "smollm2 (embedded)",
-                                     settings.device, settings.dtype)
+    log = logging.getLogger(__name__)
+    log.info("loading model %s on %s", settings.model or "smollm2 (embedded)", settings.device)
     try:
         loaded = load_model(settings.model, settings.device, settings.dtype)
-        if settings.dtype == "auto":
-            logging.getLogger(__name__).info("--dtype auto: %s", loaded.dtype_name)
+        # what --dtype (auto, or the device's default when not given) chose
+        log.info("weights in %s", loaded.dtype_name)
         engine = build_engine(settings, loaded)
     except (ModelLoadError, HeadsLoadError, TreeError, ConfigError) as e:
         sys.exit(f"medusa-serve: {e}")

@@ -3,6 +3,8 @@
 HTTP handlers run on the asyncio event loop and never touch the engine. They `submit` a request
 and read its `RequestStream`; the scheduler thread does all model work:
 
+    first: make the engine's GPU this thread's current device, and warm the engine up (build every
+           compiled graph); `start` returns once that is done, and the scheduler is healthy from then
     loop:  sleep until there is something to do (a request to admit into a free slot, one in the
                engine, a cancellation, a queued deadline to expire, a stop)
            drop cancelled requests and those past their deadline (waiting ones leave the queue,
@@ -42,6 +44,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from medusa.engine import Emitted, Engine, EngineError, InvariantError
 from runtime.config import SamplingParams
@@ -155,16 +159,23 @@ class Scheduler:
         # slot are the engine's)
         self._taken: dict[int, _Request] = {}
         self._thread = threading.Thread(target=self._run, name="medusa-scheduler", daemon=True)
+        self._warm = threading.Event()  # set once the thread has warmed the engine up, or failed to
         self.broken: str | None = None  # why the scheduler cannot serve any more, once it cannot
         self.draining = draining or threading.Event()
         self.metrics.watch(running=lambda: self.running, waiting=lambda: self.waiting,
-                           kv_slots_used=lambda: engine.cache.num_slots - engine.free_slots,
-                           kv_slots=engine.cache.num_slots, head_positions=engine.tree.depth)
+                           kv_slots_used=lambda: engine.num_slots - engine.free_slots,
+                           kv_slots=engine.num_slots, head_positions=engine.tree.depth)
 
     # ---------------------------------------------------------------- event-loop side
 
     def start(self) -> None:
+        """Start the thread and return once it has warmed the engine up: the server awaits this before
+        it listens (as TGI does), so that no request waits for a graph to compile. Raises
+        SchedulerUnavailable when warming up failed."""
         self._thread.start()
+        self._warm.wait()
+        if self.broken is not None:
+            raise SchedulerUnavailable(self.broken)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after the current step; requests still waiting or running fail."""
@@ -175,8 +186,19 @@ class Scheduler:
             self._thread.join(timeout)
 
     @property
+    def unhealthy(self) -> str | None:
+        """Why the scheduler cannot serve now (the 503 message), or None when it can."""
+        if self.broken is not None:
+            return self.broken
+        if not self._thread.is_alive():
+            return "the scheduler is not running"
+        if not self._warm.is_set():
+            return "warming up: building the compiled step before serving"
+        return None
+
+    @property
     def healthy(self) -> bool:
-        return self.broken is None and self._thread.is_alive()
+        return self.unhealthy is None
 
     @property
     def waiting(self) -> int:
@@ -196,8 +218,10 @@ class Scheduler:
         """
         stream = RequestStream(next(self._ids), asyncio.get_running_loop(), self._cancel)
         with self._lock:
-            if self._stopping or self.draining.is_set() or not self.healthy:
+            if self._stopping or self.draining.is_set():
                 raise SchedulerUnavailable(self.broken or "the server is shutting down")
+            if (unhealthy := self.unhealthy) is not None:
+                raise SchedulerUnavailable(unhealthy)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"Model is overloaded: {len(self._waiting)} requests are already waiting")
             self._waiting.append(_Request(prompt_ids, params, prompt_logprobs, timeout, stream))
@@ -213,11 +237,13 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
+            self._warm_up()
             while self._iterate():
                 pass
         except Exception as e:  # a bug here must not leave clients waiting forever
             log.exception("the scheduler stopped")
             self.broken = f"the scheduler stopped: {e}"
+        self._warm.set()  # after `broken`: a start() still waiting sees why warming up failed
         with self._lock:
             leftover = [*self._waiting, *self._taken.values()]
             self._waiting.clear()
@@ -226,6 +252,19 @@ class Scheduler:
         self._taken.clear()
         for request in leftover:
             self._fail(request, RequestFailed(self.broken or "the server is shutting down", "generation"))
+
+    def _warm_up(self) -> None:
+        """Here, in the thread that runs every engine call: the current CUDA device is per thread and
+        starts as cuda:0, so without set_device a `cuda:1` engine would allocate and launch on the
+        wrong GPU; and torch.compile records its CUDA graphs per thread, so graphs built in another
+        thread would be recorded again at the first request."""
+        if self.engine.device.type == "cuda":
+            torch.cuda.set_device(self.engine.device)
+        started = time.perf_counter()
+        self.engine.warm_up()
+        log.info("engine warmed up in %.1f s (compile: %s)", time.perf_counter() - started,
+                 "on" if self.engine.compile else "off")
+        self._warm.set()
 
     def _idle(self) -> bool:
         """Nothing this thread can do now: queued requests need a free slot to move."""

@@ -17,9 +17,13 @@ class Settings(BaseModel):
     model: str | None = Field(default=None, description="Hugging Face folder or GGUF file; "
                                                          "default: the embedded SmolLM2-135M-Instruct")
     device: str = Field(default="cpu", description="torch device: cpu, cuda, cuda:1, ...")
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        default="float32", description="weights: float32, bfloat16, float16, or auto (bfloat16 on CUDA and "
-        "on CPUs with native bf16 products, else float32; greedy speculation is token-exact in float32 only)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
+        default=None, description="weights: float32, bfloat16, float16, or auto (bfloat16 on CUDA and on "
+        "CPUs with native bf16 products, else float32); default: float32 on the CPU (greedy speculation "
+        "is token-exact in float32 only), bfloat16 on CUDA")
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto", description="compile the decoding step with torch.compile, every graph built at "
+        "start-up, before the server listens; auto: on for CUDA, off on the CPU")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the server")
     port: int = Field(default=8000, ge=0, le=65535)
     max_batch_size: int = Field(default=8, ge=1, description="sequences decoded together (KV-cache slots)")

@@ -120,6 +120,26 @@ class ControlledEngine(Engine):
         return super().step()
 
 
+class WarmingEngine(Engine):
+    """The real engine, whose warm-up records the thread it ran in, says when it began, and holds at a
+    gate until the test opens it (or raises, when `warm_up_error` is set)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.warming = threading.Event()  # set when warm-up begins
+        self.gate = threading.Event()
+        self.warmed_in: list[str] = []  # the name of the thread of each warm-up
+        self.warm_up_error: Exception | None = None
+
+    def warm_up(self) -> None:
+        self.warmed_in.append(threading.current_thread().name)
+        self.warming.set()
+        if self.warm_up_error is not None:
+            raise self.warm_up_error
+        assert self.gate.wait(30), "the test never opened the gate"
+        super().warm_up()
+
+
 @contextlib.contextmanager
 def controlled_server(**settings) -> Iterator[tuple[str, ControlledEngine, Scheduler]]:
     """A real server over a ControlledEngine; yields (base URL, engine, scheduler)."""

@@ -12,9 +12,10 @@ import pytest
 import torch
 import transformers
 
+from server.app import build_engine
 from server.cli import main, settings_from
 from server.settings import Settings
-from tests.server.support import wait_until
+from tests.server.support import tiny_loaded, wait_until
 from tests.tiny_tokenizer import tiny_tokenizer
 
 
@@ -35,6 +36,7 @@ def test_environment_overrides_defaults_and_flags_override_environment():
 @pytest.mark.parametrize("argv, named", [
     (["--max-input-tokens", "4096", "--max-total-tokens", "2048"], "max_input_tokens"),
     (["--dtype", "float8"], "dtype"),
+    (["--compile", "yes"], "compile"),
     (["--port", "70000"], "port"),
 ])
 def test_bad_settings_are_usage_errors_naming_the_setting(argv, named, capsys):
@@ -106,3 +108,26 @@ def test_the_default_tree_is_the_one_shipped_for_the_device():
     assert settings_from([], {}).tree_name == "cpu"
     assert settings_from(["--device", "cuda:1"], {}).tree_name == "gpu"
     assert settings_from(["--device", "cuda", "--tree", "chain"], {}).tree_name == "chain"
+
+
+def test_compile_comes_from_the_flag_over_medusa_compile_over_auto():
+    assert settings_from([], {}).compile == "auto"
+    assert settings_from([], {"MEDUSA_COMPILE": "off"}).compile == "off"
+    assert settings_from(["--compile", "on"], {"MEDUSA_COMPILE": "off"}).compile == "on"
+
+
+@pytest.mark.parametrize("argv, compiled", [
+    ([], False),  # auto on the CPU
+    (["--compile", "on"], True),
+    (["--device", "cuda", "--compile", "off"], False),
+    (["--device", "cuda:1"], True),  # auto on CUDA; the tiny model's weights stay on the CPU
+])
+def test_the_compile_setting_reaches_the_engine(argv, compiled):
+    settings = settings_from([*argv, "--medusa-heads", "none", "--max-total-tokens", "128",
+                              "--max-input-tokens", "64"], {})
+    assert build_engine(settings, tiny_loaded()).compile is compiled
+
+
+def test_dtype_defaults_to_the_devices_own_at_load():
+    assert settings_from([], {}).dtype is None  # runtime.loading.torch_dtype resolves it per device
+    assert settings_from(["--dtype", "auto"], {}).dtype == "auto"

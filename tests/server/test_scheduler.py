@@ -1,21 +1,24 @@
 """The scheduler driven directly from an asyncio loop, over the tiny engine: requests complete with the
 tokens each gets alone, the queue is bounded, cancelled and expired waiting requests never take a
-slot, and a slot held behind the scheduler's back marks it broken (its invariant check)."""
+slot, and a slot held behind the scheduler's back marks it broken (its invariant check). Its thread
+warms the engine up, on the engine's GPU, before it is healthy."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
-from medusa.engine import Emitted
+from medusa.engine import Emitted, Engine
 from runtime.config import SamplingParams
 from runtime.loading import LoadedModel
 from server.scheduler import QueueFull, RequestFailed, RequestStream, Scheduler, SchedulerUnavailable
-from tests.server.support import ControlledEngine, tiny_engine, tiny_settings
+from tests.server.support import ControlledEngine, WarmingEngine, tiny_engine, tiny_settings
 
 PROMPTS = [[5, 6, 7], [40, 41], [100, 3, 9, 27, 81], [250], [17, 18, 19, 20], [60, 61, 62]]
 
@@ -63,7 +66,7 @@ async def tokens_of(stream: RequestStream) -> list[int]:
 
 async def settled(engine: RecordingEngine, scheduler: Scheduler) -> None:
     """Every slot back, nothing running or waiting, invariants intact."""
-    await until(lambda: scheduler.running == 0 and engine.free_slots == engine.cache.num_slots)
+    await until(lambda: scheduler.running == 0 and engine.free_slots == engine.num_slots)
     assert scheduler.waiting == 0 and scheduler.broken is None
 
 
@@ -165,3 +168,67 @@ def test_a_slot_taken_behind_the_schedulers_back_breaks_it(loaded: LoadedModel) 
 
     with scheduling(loaded, max_batch_size=1) as (engine, scheduler):
         asyncio.run(scenario(engine, scheduler))
+
+
+def new_scheduler(engine: Engine) -> Scheduler:
+    settings = tiny_settings()
+    return Scheduler(engine, max_queue=settings.max_queue, max_prefill_tokens=settings.max_prefill_tokens)
+
+
+def test_the_scheduler_is_unhealthy_and_refuses_requests_until_its_thread_warmed_the_engine_up(
+        loaded: LoadedModel) -> None:
+    engine = tiny_engine(loaded, tiny_settings(), WarmingEngine)
+    scheduler = new_scheduler(engine)
+    starting = threading.Thread(target=scheduler.start)  # start() returns once warm-up is done
+    starting.start()
+    try:
+        assert engine.warming.wait(10)
+        assert "warming up" in scheduler.unhealthy and not scheduler.healthy
+        with pytest.raises(SchedulerUnavailable, match="warming up"):
+            asyncio.run(submit_now(scheduler))
+        assert starting.is_alive()
+    finally:
+        engine.gate.set()
+        starting.join(10)
+    try:
+        assert scheduler.healthy and scheduler.unhealthy is None
+        assert engine.warmed_in == ["medusa-scheduler"]  # the thread that will replay its graphs
+    finally:
+        scheduler.stop()
+
+
+async def submit_now(scheduler: Scheduler) -> RequestStream:
+    return scheduler.submit(PROMPTS[0], SamplingParams(max_new_tokens=2))
+
+
+def test_a_failed_warm_up_fails_start(loaded: LoadedModel) -> None:
+    engine = tiny_engine(loaded, tiny_settings(), WarmingEngine)
+    engine.warm_up_error = RuntimeError("injected warm-up failure")
+    scheduler = new_scheduler(engine)
+    with pytest.raises(SchedulerUnavailable, match="injected warm-up failure"):
+        scheduler.start()
+    assert "injected warm-up failure" in scheduler.unhealthy
+
+
+class SecondGpuEngine(Engine):
+    """The tiny CPU engine claiming to live on cuda:1: what the scheduler reads to pick the GPU."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.device = torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("engine_class, expected", [
+    (Engine, []),  # the CPU: CUDA untouched
+    (SecondGpuEngine, [(torch.device("cuda", 1), "medusa-scheduler")]),
+], ids=["cpu", "cuda:1"])
+def test_the_scheduler_thread_makes_the_engines_gpu_its_current_device(
+        loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, engine_class: type[Engine], expected: list
+) -> None:
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda device: calls.append((device, threading.current_thread().name)))
+    scheduler = new_scheduler(tiny_engine(loaded, tiny_settings(), engine_class))
+    scheduler.start()
+    scheduler.stop()
+    assert calls == expected
