@@ -37,6 +37,7 @@ from medusa.lookup import NgramIndex
 from medusa.step import ROOT_ONLY, DeviceStep, Row
 from medusa.tree import TreeBuffers, check_tree_fits
 from runtime.config import ConfigError, ModelConfig, SamplingParams
+from runtime.kv_cache import KVCache
 from runtime.llama import Llama
 
 
@@ -137,7 +138,6 @@ class Engine:
         self.model = model
         self.max_speculative_batch = max_speculative_batch
         self.keep_hidden = keep_hidden
-        self.compile = compile
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.heads = heads
@@ -150,7 +150,6 @@ class Engine:
         # room for a whole tree of scratch entries after the longest allowed sequence
         self.device_step = DeviceStep(model, heads, tree, max_batch_size, max_total_tokens + tree.num_nodes,
                                       compile)
-        self.tree = self.device_step.tree
         self._free = list(range(max_batch_size - 1, -1, -1))
         self._running: dict[Hashable, _Sequence] = {}
         self._prefilling: dict[Hashable, _Prefill] = {}
@@ -162,8 +161,17 @@ class Engine:
         self.device_step.warm_up(self.num_slots, self.heads is not None)
 
     @property
-    def cache(self):
+    def cache(self) -> KVCache:
         return self.device_step.cache
+
+    @property
+    def tree(self) -> TreeBuffers:
+        """The tree a speculative step verifies (the root alone without heads), on the device."""
+        return self.device_step.tree
+
+    @property
+    def compile(self) -> bool:
+        return self.device_step.compile
 
     @property
     def free_slots(self) -> int:

@@ -7,8 +7,8 @@ heads -> drafts -> verification forward -> acceptance (greedy, typical and lossl
 batch) -> KV compaction -> next pending token and hidden state -- and brings the result back in one
 packed copy: the step's one host synchronisation. `_step` holds no host read, so it compiles as one
 graph (`torch.compile(fullgraph=True)` fails on any); with `compile`, each batch size is padded to a
-bucket (rows of the spare slot `pad_slot`, which nothing reads) and the attention length rounded up,
-so a few graphs serve every batch, captured as CUDA graphs on a GPU.
+bucket (rows of the spare slot `pad_slot`, which nothing reads), so a few graphs serve every batch,
+captured as CUDA graphs on a GPU.
 
 The state a step reads and writes lives here, one tensor per fact, indexed by slot: the cache and
 its lengths, `hidden` (the heads' input: the hidden state of each sequence's last cached token) and
@@ -37,7 +37,6 @@ from runtime.sampling import MODES, ROW_PARAMS_WIDTH, Needs, RowParams
 
 ROOT_ONLY = build_tree([])
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-MIN_LEN_BUCKET = 128  # attention lengths of a compiled step: powers of two from this one up
 ALL = Needs(sample=True, filter=True, penalise=True)
 
 
@@ -159,19 +158,19 @@ class DeviceStep:
         return results, hidden[:B].clone() if keep_hidden else None  # (a CUDA graph's output is reused)
 
     def warm_up(self, max_batch: int, speculative: bool) -> None:
-        """Run every graph `run` can use -- batch buckets up to max_batch's, attention-length
-        buckets, plain and speculative trees, greedy and sampling -- on padding rows, so that none
-        is compiled while serving (no-op without compile)."""
+        """Run every graph `run` can use -- batch buckets up to max_batch's, any attention length,
+        plain and speculative trees, greedy and sampling -- on padding rows, so that none is
+        compiled while serving (no-op without compile)."""
         if not self.compile:
             return
         batches = sorted({_bucket(b, BATCH_BUCKETS) for b in range(1, max_batch + 1)})
-        lengths = sorted({self._len_bucket(1 << k) for k in range(self.cache.max_len.bit_length() + 1)})
-        for B, max_len, speculate, needs in itertools.product(batches, lengths, {False, speculative},
+        # two lengths: Dynamo compiles the second one for any length
+        lengths = {self._len_bucket(self.tree.num_nodes + n) for n in (1, 2)}
+        for B, max_len, speculate, needs in itertools.product(batches, sorted(lengths), {False, speculative},
                                                               (Needs(), ALL)):
-            if max_len >= (self.tree if speculate else self.root_only).num_nodes:
-                table = self._table([self._pad_row()] * B).to(self.device)
-                torch._dynamo.maybe_mark_dynamic(table, 0)
-                self._call(table, speculate, needs, max_len)
+            table = self._table([self._pad_row()] * B).to(self.device)
+            torch._dynamo.maybe_mark_dynamic(table, 0)
+            self._call(table, speculate, needs, max_len)
 
     def _call(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,12 +179,11 @@ class DeviceStep:
         return self._fn(table, speculate, needs, max_len)
 
     def _len_bucket(self, max_len: int) -> int:
-        """The attention length a compiled step runs with: on a GPU the whole cache (the kernel
-        reads each sequence's own length on the device, so one graph serves every length); on the
-        CPU a power of two, since attention there reads every key up to it."""
-        if self.device.type == "cuda":
-            return self.cache.max_len
-        return min(self.cache.max_len, max(MIN_LEN_BUCKET, 1 << (max_len - 1).bit_length()))
+        """The attention length a compiled step runs with. On a GPU the whole cache: the kernel
+        reads each sequence's own length on the device, and one CUDA graph serves every length. On
+        the CPU the length itself, a symbolic size of one graph: attention there reads every key up
+        to it."""
+        return self.cache.max_len if self.device.type == "cuda" else max_len
 
     def _pad_row(self) -> Row:
         return Row(self.pad_slot, 0, 0, False, SamplingParams(), [0] * self.tree.lookup,

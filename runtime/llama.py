@@ -77,7 +77,23 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is None or x.numel() < self.packed_from_rows * x.shape[-1]:
             return super().forward(x)
+        if torch.compiler.is_compiling():  # opaque: inductor lowers oneDNN products of its own weights only
+            return packed_linear(x, self.packed_weight, self.packed_bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, "none", [], "")
+
+
+@torch.library.custom_op("medusa::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+                  ) -> torch.Tensor:
+    """`Linear`'s oneDNN product, as one operation a compiled graph calls as it is. Without it a
+    compiled step multiplied through MKL: the compiled Medusa step (8-node tree, SmolLM2, Intel Xeon
+    with AMX) was 0.88x the eager one, and with it 1.16x (10 Spec-Bench prompts, one run each)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _seconds(linear: Linear, rows: int, packed: bool, repeats: int = 5) -> float:
