@@ -6,7 +6,11 @@ Prompts are Spec-Bench questions (`benchmarks.spec_bench`), each wrapped in the 
 template when it has one, as the server wraps /generate inputs. Every mode runs on the same prompts
 in this one process, one prompt at a time (batch 1), so the ratios printed are measured in one run.
 Medusa uses the heads shipped for the embedded model, or random heads for another model (engine
-speed only: random heads rarely guess right).
+speed only: random heads rarely guess right). Modes "plain-compiled" and "medusa-compiled" run the
+same engines with their step compiled (graphs built before timing), for a compiled-vs-eager ratio:
+
+    python -m benchmarks.speculative --prompts ../shared/data/spec_bench_dev.jsonl --limit 10 \
+        --modes plain,medusa,plain-compiled,medusa-compiled --json
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from benchmarks.spec_bench import Question, read_questions
 from medusa.checkpoints import SHIPPED_HEADS, load_heads
-from medusa.engine import Engine
+from medusa.engine import Engine, use_compile
 from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from medusa.tree import default_tree, get_tree
 from runtime.config import SamplingParams
@@ -68,6 +72,10 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeRe
     return result
 
 
+# our engine: plain decoding, Medusa; "-compiled": the same with compile on, whatever --compile says
+ENGINE_MODES = ("plain", "medusa", "plain-compiled", "medusa-compiled")
+
+
 def get_heads(loaded: LoadedModel, path: str | None, model: str | None) -> tuple[MedusaHeads, str]:
     """The heads at `path`, else the shipped ones for the embedded model, else random ones."""
     config = loaded.model.config
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tree", help="tree name or JSON file (default: 'gpu' on CUDA, 'cpu' otherwise)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="our engine's step through torch.compile, its graphs built before timing "
+                         "(auto: on for CUDA, off on the CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
@@ -104,24 +115,38 @@ def main(argv: list[str] | None = None) -> dict:
     max_total = max(len(p) for p in prompts) + args.max_new_tokens
     results: dict[str, ModeResult] = {}
     heads_note = None
+    warm_up_s: dict[str, float] = {}
     tree_name = args.tree or default_tree(args.device)
+    compile = use_compile(args.compile, args.device)
     for mode in modes:
         if mode == "hf":
             results[mode] = run_hf(loaded, prompts, args.max_new_tokens)
-        elif mode == "plain":
+        elif mode in ENGINE_MODES:
+            heads = tree = None
+            if mode.startswith("medusa"):
+                heads, heads_note = get_heads(loaded, args.medusa_heads, args.model)
+                tree = get_tree(tree_name)
             engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
-                            max_total_tokens=max_total)
-            results[mode] = run_engine(engine, prompts, args.max_new_tokens)
-        elif mode == "medusa":
-            heads, heads_note = get_heads(loaded, args.medusa_heads, args.model)
-            engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
-                            max_total_tokens=max_total, heads=heads, tree=get_tree(tree_name))
+                            max_total_tokens=max_total, heads=heads, tree=tree,
+                            compile=compile or mode.endswith("-compiled"))
+            started = time.perf_counter()
+            engine.warm_up()  # not timed: a server does it before it listens
+            warm_up_s[mode] = round(time.perf_counter() - started, 1)
             results[mode] = run_engine(engine, prompts, args.max_new_tokens)
         else:
-            raise SystemExit(f"unknown mode {mode!r} (choose from hf, plain, medusa)")
+            raise SystemExit(f"unknown mode {mode!r} (choose from hf, {', '.join(ENGINE_MODES)})")
 
     summary = report(questions, results, heads_note, tree_name)
     summary["prompts"] = len(questions)
+    summary["compile"] = compile
+    for mode in ("plain", "medusa"):  # the same engine compiled, in this run
+        if mode in results and f"{mode}-compiled" in results:
+            ours, compiled = results[mode].outputs, results[f"{mode}-compiled"].outputs
+            summary[f"{mode}_compiled_vs_eager"] = round(summary[f"{mode}-compiled_tok_s"]
+                                                         / summary[f"{mode}_tok_s"], 3)
+            summary[f"{mode}_compiled_matches_eager"] = sum(map(list.__eq__, ours, compiled)) / len(ours)
+    if any(warm_up_s.values()):
+        summary["warm_up_s"] = warm_up_s
     if args.json:
         print(json.dumps(summary))
     return summary

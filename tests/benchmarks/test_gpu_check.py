@@ -1,0 +1,93 @@
+"""`benchmarks/gpu_check.sh --device cpu --tiny`, the dry run of the GPU session: every part runs at tiny
+shapes and prints its numbers; a failing case is reported without ending its part; the real-model
+part says "skipped" when its files are missing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import engine as engine_benchmark
+
+GPU_CHECK = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+TINY = ["--device", "cpu", "--tiny", "--json"]
+
+
+def gpu_check(env: dict[str, str] | None = None, timeout: int = 300) -> tuple[int, list[dict]]:
+    result = subprocess.run(["bash", str(GPU_CHECK), "--device", "cpu", "--tiny"], capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+                            timeout=timeout)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def positive(row: dict, *keys: str) -> bool:
+    return all(isinstance(row.get(key), int | float) and row[key] > 0 for key in keys)
+
+
+@pytest.mark.slow
+def test_the_dry_run_gives_every_reading():
+    status, rows = gpu_check()
+    assert [row for row in rows if "error" in row] == []
+    assert status == 0
+    parts = {row.get("part") for row in rows}
+    assert {"env", "decode", "decode_ratio", "verify", "syncs", "speculative", "summary"} <= parts
+    assert rows[-1]["failed_parts"] == []
+    assert {row["check"] for row in rows if "check" in row} == {"pass"}  # the kernel check ran
+
+    for shape in ("llama2-7b", "llama3-8b"):
+        for batch in (1, 2):
+            by_impl = {row["impl"]: row for row in rows
+                       if row.get("part") == "decode" and row["shape"] == shape and row.get("batch") == batch}
+            assert set(by_impl) == {"hf", "ours", "hf_compiled"}  # the CPU measures our engine uncompiled
+            assert all(positive(row, "tok_s", "new_tokens") for row in by_impl.values())
+            [ratio] = [row for row in rows if row.get("part") == "decode_ratio" and row["shape"] == shape
+                       and row["batch"] == batch]
+            assert positive(ratio, "ours_vs_hf", "ours_vs_hf_compiled")
+
+    verify = [row for row in rows if row.get("part") == "verify" and "ms" in row]
+    assert sorted((row["level"], row["T"]) for row in verify) == [
+        ("forward", 1), ("forward", 16), ("forward", 64), ("step", 1), ("step", 16), ("step", 64)]
+    assert all(positive(row, "ms", "vs_T1") for row in verify)
+    syncs = [row for row in rows if row.get("part") == "syncs"]
+    assert sorted(row["T"] for row in syncs) == [1, 16, 64]
+    assert {row["syncs_per_step"] for row in syncs} == {"n/a"}  # counted on CUDA only
+
+    [speculative] = [row for row in rows if row.get("part") == "speculative"]
+    assert "skipped" in speculative or positive(speculative, "hf_tok_s", "plain_tok_s", "medusa_tok_s")
+
+
+def test_the_real_model_part_is_skipped_without_its_prompts():
+    status, rows = gpu_check({"GPU_CHECK_PARTS": "speculative", "SPEC_BENCH_PROMPTS": "/nonexistent.jsonl"})
+    assert status == 0
+    assert rows[:-1] == [{"part": "speculative",
+                          "skipped": "no Spec-Bench prompts at /nonexistent.jsonl: set SPEC_BENCH_PROMPTS"}]
+    assert rows[-1]["failed_parts"] == []
+
+
+def test_the_real_model_part_is_skipped_without_its_gguf_file(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"question_id": 0, "category": "writing", "turns": ["Hello?"]}\n')
+    status, rows = gpu_check({"GPU_CHECK_PARTS": "speculative", "SPEC_BENCH_PROMPTS": str(prompts),
+                              "SMOLLM2_GGUF": str(tmp_path / "missing.gguf")})
+    assert status == 0
+    missing = tmp_path / "missing.gguf"
+    assert rows[:-1] == [{"part": "speculative", "skipped": f"SMOLLM2_GGUF={missing} is not a file"}]
+
+
+def test_a_failing_case_is_reported_and_the_part_goes_on(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine_benchmark, "ours_tok_s", broken)
+    assert engine_benchmark.main(["--parts", "decode", "--shapes", "llama2-7b", *TINY]) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    decode = {(row["impl"], row["batch"]): row for row in rows if row["part"] == "decode" and "batch" in row}
+    assert {key: row["error"] for key, row in decode.items() if "error" in row} == {
+        ("ours", 1): "RuntimeError: out of memory", ("ours", 2): "RuntimeError: out of memory"}
+    assert all(positive(decode[impl, batch], "tok_s") for impl in ("hf", "hf_compiled") for batch in (1, 2))
+    assert [row for row in rows if row["part"] == "decode_ratio"] == [  # no ratio without ours
+        {"part": "decode_ratio", "shape": "llama2-7b", "batch": 1},
+        {"part": "decode_ratio", "shape": "llama2-7b", "batch": 2}]
