@@ -384,19 +384,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(parts) - {"decode", "verify", "syncs"}) + sorted(set(names) - set(shapes))
     if unknown:
         parser.error(f"unknown part or shape: {', '.join(unknown)}")
-    signal.signal(signal.SIGTERM, out_of_time)
-    torch.set_grad_enabled(False)
+    previous_handler = signal.signal(signal.SIGTERM, out_of_time)
     runner = Runner(args.device, args.json)
     try:
-        if "decode" in parts:
-            for name in names:
-                decode_part(name, shapes[name], args, runner)
-                free_memory()
-        step = [part for part in parts if part in ("verify", "syncs")]
-        if step:
-            step_parts(names[0], shapes[names[0]], step, args, runner)
+        with torch.no_grad():  # (not set globally: tests call main in their own process)
+            if "decode" in parts:
+                for name in names:
+                    decode_part(name, shapes[name], args, runner)
+                    free_memory()
+            step = [part for part in parts if part in ("verify", "syncs")]
+            if step:
+                step_parts(names[0], shapes[names[0]], step, args, runner)
     except OutOfTime:
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     return 1 if runner.failed else 0
 
 
