@@ -161,6 +161,8 @@ class DeviceStep:
         """Run every graph `run` can use -- batch buckets up to max_batch's, any attention length,
         plain and speculative trees, greedy and sampling -- on padding rows, so that none is
         compiled while serving (no-op without compile)."""
+        if self.device.type == "cuda":
+            self.warm_up_prefill()
         if not self.compile:
             return
         batches = sorted({_bucket(b, BATCH_BUCKETS) for b in range(1, max_batch + 1)})
@@ -171,6 +173,18 @@ class DeviceStep:
             table = self._table([self._pad_row()] * B).to(self.device)
             torch._dynamo.maybe_mark_dynamic(table, 0)
             self._call(table, speculate, needs, max_len)
+
+    def warm_up_prefill(self) -> None:
+        """Prefill chunks of 1, 2, 4, ..., 128 tokens into the padding slot, after an empty cache and
+        after half of one: every tile size of the attention kernel, with and without split-KV, so
+        that no Triton variant compiles while a request waits (a tile holds at most 128 rows)."""
+        pad = self.pad_slot
+        for begin in (0, self.cache.max_len // 2):
+            for n in (1 << k for k in range(8)):
+                if begin + n <= self.cache.max_len:
+                    self.cache.lens[pad] = begin
+                    self.prefill(pad, [0] * n, begin)
+        self.cache.free(pad)
 
     def _call(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
               ) -> tuple[torch.Tensor, torch.Tensor]:

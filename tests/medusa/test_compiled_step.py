@@ -63,3 +63,19 @@ def test_the_step_compiles_as_one_graph_with_the_eager_outputs(model, tree):
         assert [t for t, _ in compiled[i]] == [t for t, _ in eager[i]], PARAMS[i]
         for (_, a), (_, b) in zip(compiled[i], eager[i], strict=True):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), equal_nan=True)
+
+
+def test_warming_up_the_prefill_kernels_leaves_every_sequence_as_it_was(model):
+    engine = Engine(model, Vocab(), (), max_batch_size=2, max_total_tokens=256)
+    tokens = engine.add("a", PROMPTS[1], PARAMS[0]).token_ids
+    step = engine.device_step
+    before = [t.clone() for t in (*step.cache.k, *step.cache.v, step.cache.lens, step.hidden, step.seen)]
+    with torch.inference_mode():
+        step.warm_up_prefill()
+    after = (*step.cache.k, *step.cache.v, step.cache.lens, step.hidden, step.seen)
+    pad = step.pad_slot
+    assert all(torch.equal(a[:pad], b[:pad]) for a, b in zip(after, before, strict=True))
+    assert step.cache.lens[pad] == 0
+    while engine.running:
+        tokens += engine.step()[0].token_ids
+    assert tokens == Engine(model, Vocab(), (), max_total_tokens=64).generate([PROMPTS[1]], PARAMS[0])[0]
