@@ -82,18 +82,22 @@ class Linear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, "none", [], "")
 
 
-@torch.library.custom_op("medusa::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
-                  ) -> torch.Tensor:
-    """`Linear`'s oneDNN product, as one operation a compiled graph calls as it is. Without it a
-    compiled step multiplied through MKL: the compiled Medusa step (8-node tree, SmolLM2, Intel Xeon
-    with AMX) was 0.88x the eager one, and with it 1.16x (10 Spec-Bench prompts, one run each)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+# `Linear`'s oneDNN product as one operation a compiled graph calls as it is. Without it a compiled
+# step multiplied through MKL: the compiled Medusa step (8-node tree, SmolLM2, Intel Xeon with AMX)
+# was 0.88x the eager one, and with it 1.16x (10 Spec-Bench prompts, one run each). A bare library
+# operation: `torch.library.custom_op` cost 57 us a call here, more than a bf16 product of one row.
+_library = torch.library.Library("medusa", "DEF")
+_library.define("packed_linear(Tensor x, Tensor weight, Tensor? bias, int out_features) -> Tensor")
+_library.impl("packed_linear", lambda x, weight, bias, out_features: torch.ops.mkldnn._linear_pointwise(
+    x, weight, bias, "none", [], ""), "CompositeExplicitAutograd")  # any layout: bf16 weights are MkldnnCPU
 
 
-@packed_linear.register_fake
+@torch.library.register_fake("medusa::packed_linear")
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+packed_linear = torch.ops.medusa.packed_linear
 
 
 def _seconds(linear: Linear, rows: int, packed: bool, repeats: int = 5) -> float:
