@@ -11,6 +11,13 @@ same engines with their step compiled (graphs built before timing), for a compil
 
     python -m benchmarks.speculative --prompts ../shared/data/spec_bench_dev.jsonl --limit 10 \
         --modes plain,medusa,plain-compiled,medusa-compiled --json
+
+Mode "llamacpp" is the anchor: llama.cpp (`llama-cpp-python`, the optional extra "llamacpp") on the
+very GGUF file our model was converted from (the embedded model's, or --model's .gguf), fed the same
+prompt token ids, greedy, as many threads as torch uses, batch 1, each prompt from an empty cache and
+timed with its prefill. It multiplies the file's quantised weights whatever --dtype says, so its
+output may differ from ours (`llamacpp_matches_plain` says how often it does not). It is skipped,
+with a line saying why, when llama_cpp is not installed or --model is a folder rather than a GGUF file.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from medusa.engine import Engine, use_compile
 from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from medusa.tree import default_tree, get_tree
 from runtime.config import SamplingParams
-from runtime.loading import LoadedModel, is_embedded, load_model
+from runtime.loading import LoadedModel, embedded_gguf_path, is_embedded, load_model
 from runtime.prompt import Prompter
 
 
@@ -74,6 +81,60 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeRe
 
 # our engine: plain decoding, Medusa; "-compiled": the same with compile on, whatever --compile says
 ENGINE_MODES = ("plain", "medusa", "plain-compiled", "medusa-compiled")
+MODES = ("hf", *ENGINE_MODES, "llamacpp")
+LLAMACPP_INSTALL = ("pip install -e '.[llamacpp]'; README, Benchmarks: the CMAKE_ARGS for a CPU where "
+                    "the default native build crashes")
+
+
+def gguf_file(model: str | None) -> Path | None:
+    """The GGUF file a model spec is converted from (the file llama.cpp runs); None for a folder."""
+    if is_embedded(model):
+        return embedded_gguf_path()
+    path = Path(model).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
+def llamacpp_skip_reason(model: str | None) -> str | None:
+    """Why mode "llamacpp" cannot run for this model spec here, or None when it can."""
+    try:
+        import llama_cpp  # noqa: F401  (only asked whether it imports)
+    except ImportError:
+        return f"llama-cpp-python is not installed ({LLAMACPP_INSTALL})"
+    if gguf_file(model) is None:
+        return f"llama.cpp runs GGUF files and --model {model} is not one"
+    return None
+
+
+def run_llamacpp(gguf: Path, prompts: list[list[int]], max_new: int, eos_token_ids: tuple[int, ...],
+                 max_total_tokens: int) -> ModeResult:
+    """llama.cpp on `gguf`, fed our prompt ids (no tokenizer of its own between), greedy, with torch's
+    number of threads; each prompt timed from an empty cache, its prefill included."""
+    from llama_cpp import Llama  # the optional extra "llamacpp": llamacpp_skip_reason checked it imports
+
+    threads = torch.get_num_threads()
+    llm = Llama(model_path=str(gguf), n_ctx=max_total_tokens, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    llamacpp_generate(llm, prompts[0], 1, eos_token_ids)  # not timed: pages the mapped weights in
+    result = ModeResult()
+    for prompt in prompts:
+        start = time.perf_counter()
+        output = llamacpp_generate(llm, prompt, max_new, eos_token_ids)
+        result.seconds.append(time.perf_counter() - start)
+        result.outputs.append(output)
+        result.steps.append(len(output) - 1)  # one prefill, then one decode per token
+    return result
+
+
+def llamacpp_generate(llm, prompt: list[int], max_new: int, eos_token_ids: tuple[int, ...]) -> list[int]:
+    """Greedy tokens of `llm` (a llama_cpp.Llama) after `prompt`, to the first EOS (kept, as our engine
+    keeps it) or `max_new`."""
+    llm.reset()  # else generate() reuses the cache of the previous prompt's common prefix (system prompt)
+    output = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+        output.append(token)
+        if token in eos_token_ids or len(output) == max_new:
+            break
+    return output
 
 
 def get_heads(loaded: LoadedModel, path: str | None, model: str | None) -> tuple[MedusaHeads, str]:
@@ -105,20 +166,29 @@ def main(argv: list[str] | None = None) -> dict:
                          "(auto: on for CUDA, off on the CPU)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    modes = args.modes.split(",")
+    unknown = sorted(set(args.modes.split(",")) - set(MODES))
+    if unknown:
+        ap.error(f"unknown mode {', '.join(unknown)} (choose from {', '.join(MODES)})")
+    with torch.no_grad():  # (not set globally: tests call main in their own process)
+        summary = benchmark(args)
+    if args.json:
+        print(json.dumps(summary))
+    return summary
 
-    torch.set_grad_enabled(False)
+
+def benchmark(args: argparse.Namespace) -> dict:
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     questions = read_questions(args.prompts, args.limit)
     prompter = Prompter(loaded.tokenizer, chat_template=True)
     prompts = [prompter.encode(q.text) for q in questions]
     max_total = max(len(p) for p in prompts) + args.max_new_tokens
     results: dict[str, ModeResult] = {}
+    skipped: dict[str, str] = {}
     heads_note = None
     warm_up_s: dict[str, float] = {}
     tree_name = args.tree or default_tree(args.device)
     compile = use_compile(args.compile, args.device)
-    for mode in modes:
+    for mode in args.modes.split(","):
         if mode == "hf":
             results[mode] = run_hf(loaded, prompts, args.max_new_tokens)
         elif mode in ENGINE_MODES:
@@ -133,23 +203,33 @@ def main(argv: list[str] | None = None) -> dict:
             engine.warm_up()  # not timed: a server does it before it listens
             warm_up_s[mode] = round(time.perf_counter() - started, 1)
             results[mode] = run_engine(engine, prompts, args.max_new_tokens)
-        else:
-            raise SystemExit(f"unknown mode {mode!r} (choose from hf, {', '.join(ENGINE_MODES)})")
+        else:  # "llamacpp" (main checked the modes)
+            skip_reason = llamacpp_skip_reason(args.model)
+            if skip_reason is None:
+                results[mode] = run_llamacpp(gguf_file(args.model), prompts, args.max_new_tokens,
+                                             loaded.eos_token_ids, max_total)
+            else:
+                print(f"{mode} skipped: {skip_reason}")
+                skipped[mode] = skip_reason
 
     summary = report(questions, results, heads_note, tree_name)
     summary["prompts"] = len(questions)
     summary["compile"] = compile
     for mode in ("plain", "medusa"):  # the same engine compiled, in this run
         if mode in results and f"{mode}-compiled" in results:
-            ours, compiled = results[mode].outputs, results[f"{mode}-compiled"].outputs
             summary[f"{mode}_compiled_vs_eager"] = round(summary[f"{mode}-compiled_tok_s"]
                                                          / summary[f"{mode}_tok_s"], 3)
-            summary[f"{mode}_compiled_matches_eager"] = sum(map(list.__eq__, ours, compiled)) / len(ours)
+            summary[f"{mode}_compiled_matches_eager"] = same_share(results[mode], results[f"{mode}-compiled"])
     if any(warm_up_s.values()):
         summary["warm_up_s"] = warm_up_s
-    if args.json:
-        print(json.dumps(summary))
+    if skipped:
+        summary["skipped"] = skipped
     return summary
+
+
+def same_share(a: ModeResult, b: ModeResult) -> float:
+    """The share of prompts on which two modes output the same tokens."""
+    return sum(map(list.__eq__, a.outputs, b.outputs)) / len(a.outputs)
 
 
 def report(questions: list[Question], results: dict[str, ModeResult], heads_note: str | None,
@@ -168,12 +248,15 @@ def report(questions: list[Question], results: dict[str, ModeResult], heads_note
         res = results["medusa"]
         return sum(len(res.outputs[i]) - 1 for i in idx) / max(1, sum(res.steps[i] for i in idx))
 
-    header = "category".ljust(16) + "".join(f"{m + ' tok/s':>14}" for m in results)
+    if not results:  # every mode asked for was skipped
+        return {}
+    width = {m: max(14, len(m) + 8) for m in results}  # a column per mode, its name + " tok/s" and a gap
+    header = "category".ljust(16) + "".join(f"{m + ' tok/s':>{width[m]}}" for m in results)
     if "medusa" in results:
         header += f"{'accepted/step':>15}"
     print(header)
     for name, idx in [*sorted(by_cat.items()), ("overall", list(range(len(questions))))]:
-        line = name.ljust(16) + "".join(f"{tok_s(m, idx):14.1f}" for m in results)
+        line = name.ljust(16) + "".join(f"{tok_s(m, idx):{width[m]}.1f}" for m in results)
         if "medusa" in results:
             line += f"{accepted(idx):15.2f}"
         print(line)
@@ -187,12 +270,17 @@ def report(questions: list[Question], results: dict[str, ModeResult], heads_note
             if base in results:
                 summary[f"speedup_vs_{base}"] = round(summary["medusa_tok_s"] / summary[f"{base}_tok_s"], 3)
         if "plain" in results:
-            same = [results["medusa"].outputs[i] == results["plain"].outputs[i] for i in all_idx]
-            summary["exact_match"] = sum(same) / len(same)
+            summary["exact_match"] = same_share(results["medusa"], results["plain"])
     if "plain" in results and "hf" in results:
         summary["plain_vs_hf"] = round(summary["plain_tok_s"] / summary["hf_tok_s"], 3)
-        same = [results["plain"].outputs[i] == results["hf"].outputs[i] for i in all_idx]
-        summary["plain_matches_hf"] = sum(same) / len(same)
+        summary["plain_matches_hf"] = same_share(results["plain"], results["hf"])
+    if "llamacpp" in results:
+        for ours in ("medusa", "plain"):
+            if ours in results:
+                summary[f"{ours}_vs_llamacpp"] = round(summary[f"{ours}_tok_s"]
+                                                       / summary["llamacpp_tok_s"], 3)
+        if "plain" in results:  # informative: llama.cpp multiplies quantised weights, ours de-quantised ones
+            summary["llamacpp_matches_plain"] = same_share(results["llamacpp"], results["plain"])
     summary.setdefault("new_tokens", sum(len(o) for o in next(iter(results.values())).outputs))
     return summary
 

@@ -1,7 +1,15 @@
-"""`python -m benchmarks.speculative`'s parts: Spec-Bench reading and the per-prompt driver, whose
-steps give the printed accepted tokens per step."""
+"""`python -m benchmarks.speculative`'s parts: Spec-Bench reading, the per-prompt driver, whose
+steps give the printed accepted tokens per step, and the llama.cpp anchor (a fake llama_cpp module
+stands in for the optional package; the real one, where installed, runs a tiny float32 GGUF)."""
 
+import itertools
 import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
 
 from benchmarks import serving, speculative
 from benchmarks.spec_bench import Question, read_questions
@@ -9,7 +17,10 @@ from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import get_tree
 from runtime.config import SamplingParams
+from runtime.loading import load_model
+from runtime.prompt import Prompter
 from tests.conftest import Vocab
+from tests.runtime.test_loading import write_tiny_gguf
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60]]
 
@@ -44,3 +55,115 @@ def test_speculation_gives_the_same_tokens_in_fewer_steps(tiny_llama):
     medusa = speculative.run_engine(engine(tiny_llama, heads), PROMPTS, max_new=12)
     assert medusa.outputs == plain.outputs
     assert all(steps < plain_steps for steps, plain_steps in zip(medusa.steps, plain.steps, strict=True))
+
+
+# --- mode "llamacpp": llama.cpp on the same GGUF file, a fake llama_cpp in its place ---------------
+
+
+@pytest.fixture
+def fake_llama_cpp(monkeypatch) -> list:
+    """A llama_cpp module whose Llama records what it is given and "decodes" the prompt's last token
+    + 1, + 2, ... forever; returns the Llamas made."""
+    made = []
+
+    class Llama:
+        def __init__(self, model_path: str, **kwargs) -> None:
+            self.model_path, self.kwargs, self.calls, self.n_tokens = model_path, kwargs, [], 0
+            made.append(self)
+
+        def reset(self) -> None:
+            self.n_tokens = 0
+
+        def generate(self, tokens, **sampling):
+            self.calls.append({"tokens": list(tokens), "sampling": sampling, "cached": self.n_tokens})
+            self.n_tokens = len(tokens)
+            yield from itertools.count(tokens[-1] + 1)
+
+    module = types.ModuleType("llama_cpp")
+    module.Llama = Llama
+    monkeypatch.setitem(sys.modules, "llama_cpp", module)
+    return made
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny float32 GGUF model, two Spec-Bench questions and a cache folder for its conversion."""
+    folder = tmp_path_factory.mktemp("llamacpp")
+    prompts = folder / "spec_bench.jsonl"
+    prompts.write_text("".join(json.dumps({"question_id": i, "category": category, "turns": [text]}) + "\n"
+                               for i, (category, text) in enumerate([("qa", "What is the capital of France?"),
+                                                                     ("writing", "Hello world!")])))
+    return write_tiny_gguf(folder / "tiny.F32.gguf"), prompts, folder / "cache"
+
+
+def run_main(gguf_run, monkeypatch, modes: str) -> dict:
+    gguf, prompts, cache = gguf_run
+    monkeypatch.setenv("MEDUSA_CACHE_DIR", str(cache))
+    return speculative.main(["--prompts", str(prompts), "--model", str(gguf), "--modes", modes,
+                             "--max-new-tokens", "6", "--json"])
+
+
+def test_llamacpp_decodes_each_prompt_from_an_empty_cache_greedily_to_eos_or_max_tokens(fake_llama_cpp):
+    result = speculative.run_llamacpp(Path("model.gguf"), PROMPTS, max_new=5, eos_token_ids=(9,),
+                                      max_total_tokens=64)
+    [llm] = fake_llama_cpp
+    assert llm.model_path == "model.gguf" and llm.kwargs["n_ctx"] == 64
+    assert llm.kwargs["n_threads"] == llm.kwargs["n_threads_batch"] == torch.get_num_threads()
+    _, *timed = llm.calls  # the first is the untimed warm-up
+    assert [call["tokens"] for call in timed] == PROMPTS
+    assert all(call["cached"] == 0 for call in llm.calls)  # no prefix of an earlier prompt reused
+    assert all(call["sampling"]["temp"] == 0 and call["sampling"]["top_k"] == 1 for call in llm.calls)
+    assert result.outputs == [[8, 9], [18, 19, 20, 21, 22], [61, 62, 63, 64, 65]]  # EOS 9 is kept
+    assert result.steps == [1, 4, 4] and len(result.seconds) == len(PROMPTS)
+
+
+def test_llamacpp_runs_the_model_file_on_the_prompt_ids_our_engine_gets(fake_llama_cpp, gguf_run, monkeypatch,
+                                                                        capsys):
+    summary = run_main(gguf_run, monkeypatch, "plain,llamacpp")
+    gguf, prompts, cache = gguf_run
+    [llm] = fake_llama_cpp
+    assert llm.model_path == str(gguf)
+    prompter = Prompter(load_model(str(gguf), cache_dir=cache).tokenizer, chat_template=True)
+    ours = [prompter.encode(q.text) for q in read_questions(prompts)]  # as main encodes them
+    assert [call["tokens"] for call in llm.calls[1:]] == ours
+    assert summary["plain_vs_llamacpp"] == round(summary["plain_tok_s"] / summary["llamacpp_tok_s"], 3)
+    assert 0 <= summary["llamacpp_matches_plain"] <= 1 and "skipped" not in summary
+    out = capsys.readouterr().out
+    assert "plain tok/s  llamacpp tok/s" in out and json.loads(out.splitlines()[-1]) == summary
+
+
+def test_without_llama_cpp_the_mode_is_skipped_with_a_line_and_the_others_report(gguf_run, monkeypatch,
+                                                                               capsys):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import llama_cpp` does where it is missing
+    summary = run_main(gguf_run, monkeypatch, "plain,llamacpp")
+    out = capsys.readouterr().out
+    assert "llamacpp skipped: llama-cpp-python is not installed (pip install -e '.[llamacpp]'" in out
+    assert summary["plain_tok_s"] > 0 and summary["new_tokens"] > 0
+    assert not any("llamacpp" in key for key in summary if key != "skipped")
+    assert list(summary["skipped"]) == ["llamacpp"] and json.loads(out.splitlines()[-1]) == summary
+
+    alone = run_main(gguf_run, monkeypatch, "llamacpp")
+    assert alone["prompts"] == 2 and list(alone["skipped"]) == ["llamacpp"]
+
+
+def test_llamacpp_needs_a_gguf_file(fake_llama_cpp, tmp_path):
+    assert "GGUF" in speculative.llamacpp_skip_reason(str(tmp_path))  # a Hugging Face folder
+    assert speculative.llamacpp_skip_reason(str(tmp_path / "model.gguf")) is None
+
+
+def test_llamacpp_is_reported_beside_our_modes():
+    questions = [Question("qa", "a"), Question("writing", "b")]
+    results = {"plain": speculative.ModeResult(outputs=[[1, 2], [3]], seconds=[1.0, 1.0], steps=[1, 0]),
+               "medusa": speculative.ModeResult(outputs=[[1, 2], [3]], seconds=[0.5, 0.5], steps=[1, 0]),
+               "llamacpp": speculative.ModeResult(outputs=[[1, 2], [4, 5, 6]], seconds=[0.5, 0.5],
+                                                  steps=[1, 2])}
+    summary = speculative.report(questions, results, None, "cpu")
+    assert summary["llamacpp_tok_s"] == 5.0
+    assert summary["plain_vs_llamacpp"] == 0.3 and summary["medusa_vs_llamacpp"] == 0.6
+    assert summary["llamacpp_matches_plain"] == 0.5 and summary["exact_match"] == 1.0
+
+
+def test_real_llama_cpp_on_float32_weights_gives_our_greedy_tokens(gguf_run, monkeypatch):
+    pytest.importorskip("llama_cpp", reason="the optional extra 'llamacpp' is not installed")
+    summary = run_main(gguf_run, monkeypatch, "plain,llamacpp")
+    assert summary["llamacpp_matches_plain"] == 1.0  # the same ids in; no quantisation in this file
