@@ -2,7 +2,8 @@
 
 POST /generate, POST /generate_stream (Server-Sent Events), POST / (TGI's client: `stream` in the
 body; a JSON list without streaming), GET /health, GET /info, GET /metrics (Prometheus text, see
-`server.metrics`), and FastAPI's /docs.
+`server.metrics`), FastAPI's /docs, and the OpenAI-compatible routes under /v1 (`server.openai_routes`,
+which share `server.service` with these and answer errors in OpenAI's shape).
 
 A request's path: pydantic validates the body (422 naming the field) -> `prepare` tokenizes it
 off the event loop and `server.validation` checks the server's limits (422) -> the scheduler
@@ -15,13 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -29,36 +27,27 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from medusa.checkpoints import load_heads
-from medusa.engine import Emitted, Engine, use_compile
+from medusa.engine import Engine, use_compile
 from medusa.tree import get_tree
 from runtime.loading import LoadedModel, load_model
-from runtime.prompt import Prompter, PromptError
 from server.body_limit import BodyLimit
-from server.detokenize import IncrementalDecoder
+from server.openai_protocol import OPENAI_PREFIX, openai_error
+from server.openai_routes import openai_router
 from server.protocol import (
-    Details,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     Health,
     Info,
-    PrefillToken,
-    Speculation,
-    SpeculationInfo,
-    StreamDetails,
     StreamResponse,
-    Token,
+    event_stream,
 )
 from server.scheduler import QueueFull, RequestFailed, RequestStream, Scheduler, SchedulerUnavailable
+from server.service import VERSION, ClientGone, Service, generate
 from server.settings import Settings
-from server.validation import InputError, Job, check_before_tokenizing, validate
+from server.validation import InputError, Job
 
 log = logging.getLogger(__name__)
-
-try:
-    VERSION = version("medusa-serve")
-except PackageNotFoundError:  # running from a source tree that was not pip-installed
-    VERSION = "0.0.0+source"
 
 ERROR_STATUS = {"validation": 422, "overloaded": 429, "generation": 424, "timeout": 504, "unhealthy": 503}
 # Every error a generation route answers, as the OpenAPI document declares it.
@@ -73,12 +62,8 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": description} 
 }.items()}
 # A streamed 200: Server-Sent Events, each one's data the JSON of a StreamResponse (one event per token)
 # or, when generation fails after the stream began, of an ErrorResponse.
-EVENT_STREAM = {
-    "description": "Server-Sent Events: `data:{StreamResponse}` per token, or `data:{ErrorResponse}`",
-    "content": {"text/event-stream": {"schema": {
-        "type": "object", "required": ["data"],
-        "properties": {"data": {"type": "string", "contentMediaType": "application/json"}}}}},
-}
+EVENT_STREAM = event_stream(
+    "Server-Sent Events: `data:{StreamResponse}` per token, or `data:{ErrorResponse}`")
 
 
 def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
@@ -96,156 +81,14 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
                   compile=use_compile(settings.compile, settings.device))
 
 
-class Generation:
-    """One request's tokens as they arrive, with their text decoded incrementally, and the sums of its
-    per-step speculation counts (None when the server does not speculate)."""
-
-    def __init__(self, tokenizer, special_ids: frozenset[int], speculative: bool) -> None:
-        self.tokenizer = tokenizer
-        self.special_ids = special_ids
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.tokens: list[Token] = []
-        self.prefill_logprobs: list[float | None] | None = None
-        self.finish_reason: str | None = None
-        self.speculative = speculative
-        self.spec_steps = 0
-        self.accepted_tokens = 0
-
-    def add(self, emitted: Emitted) -> list[Token]:
-        """Record one Emitted; return its tokens, each with the text it adds."""
-        new = [Token(id=t, text=self.decoder.push(t), logprob=logprob, special=t in self.special_ids)
-               for t, logprob in zip(emitted.token_ids, emitted.logprobs, strict=True)]
-        self.tokens += new
-        if emitted.prefill_logprobs is not None:
-            self.prefill_logprobs = emitted.prefill_logprobs
-        self.spec_steps += emitted.speculated
-        self.accepted_tokens += emitted.accepted
-        self.finish_reason = emitted.finish_reason
-        return new
-
-    @property
-    def speculation(self) -> Speculation | None:
-        if not self.speculative:
-            return None
-        steps, accepted = self.spec_steps, self.accepted_tokens
-        return Speculation(steps=steps, accepted_tokens=accepted,
-                           mean_accepted_len=1.0 + accepted / steps if steps else 1.0)
-
-    def text(self, job: Job) -> str:
-        """The generated text without special tokens, after the prompt when return_full_text."""
-        text = self.tokenizer.decode([t.id for t in self.tokens], skip_special_tokens=True)
-        return job.inputs + text if job.return_full_text else text
-
-    def details(self, job: Job) -> Details:
-        prefill = []
-        if job.prefill_details:
-            texts = self.tokenizer.batch_decode([[t] for t in job.prompt_ids], skip_special_tokens=False)
-            logprobs = self.prefill_logprobs or [None] * len(job.prompt_ids)
-            prefill = [PrefillToken(id=t, text=text, logprob=lp)
-                       for t, text, lp in zip(job.prompt_ids, texts, logprobs, strict=True)]
-        return Details(finish_reason=self.finish_reason, generated_tokens=len(self.tokens), seed=job.seed,
-                       prefill=prefill, tokens=self.tokens, speculation=self.speculation)
-
-    def stream_details(self, job: Job) -> StreamDetails:
-        return StreamDetails(finish_reason=self.finish_reason, generated_tokens=len(self.tokens),
-                             seed=job.seed, input_length=len(job.prompt_ids), speculation=self.speculation)
-
-
-class Service:
-    """What the routes share: settings, the model's tokenizer and the scheduler."""
-
-    def __init__(self, settings: Settings, loaded: LoadedModel, scheduler: Scheduler) -> None:
-        self.settings = settings
-        self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
-        self.prompter = Prompter(loaded.tokenizer, settings.use_chat_template)
-        self.special_ids = frozenset(loaded.tokenizer.all_special_ids)
-        self.scheduler = scheduler
-        self.metrics = scheduler.metrics
-
-    async def prepare(self, request: GenerateRequest, *, stream: bool) -> Job:
-        """Check what needs no tokens, tokenize off the event loop, then validate against the server's
-        limits (InputError: 422)."""
-        self.metrics.requests.inc()
-        check_before_tokenizing(request, self.prompter.max_token_chars, self.settings, stream=stream)
-        try:
-            prompt_ids = await asyncio.to_thread(self.prompter.encode, request.inputs,
-                                                 request.parameters.truncate)
-        except PromptError as e:
-            raise InputError(str(e)) from e
-        return validate(request, prompt_ids, self.settings)
-
-    def generation(self) -> Generation:
-        speculative = self.scheduler.engine.heads is not None
-        return Generation(self.tokenizer, self.special_ids, speculative=speculative)
-
-    def submit(self, job: Job) -> RequestStream:
-        return self.scheduler.submit(job.prompt_ids, job.params, prompt_logprobs=job.prefill_details,
-                                     timeout=job.timeout)
-
-    def info(self) -> Info:
-        s, engine = self.settings, self.scheduler.engine
-        heads = engine.heads
-        return Info(
-            model_id=self.loaded.model_id, model_dtype=self.loaded.dtype_name,
-            model_device_type=torch.device(s.device).type,
-            max_concurrent_requests=s.max_batch_size + s.max_queue, max_input_tokens=s.max_input_tokens,
-            max_input_length=s.max_input_tokens, max_total_tokens=s.max_total_tokens,
-            max_batch_size=s.max_batch_size, max_queue=s.max_queue, version=VERSION,
-            speculation=SpeculationInfo(enabled=heads is not None,
-                                        num_heads=heads.config.num_heads if heads is not None else 0,
-                                        tree=engine.tree.name if heads is not None else None,
-                                        tree_nodes=engine.tree.num_nodes if heads is not None else 1))
-
-
 # ---------------------------------------------------------------- generation, whole or streamed
-
-class ClientGone(Exception):
-    """The client of a non-streaming request disconnected before its response was ready."""
-
-
-async def cancel_on_disconnect(request: Request, stream: RequestStream) -> None:
-    """Wait for the client to go away, then cancel its request: a queued one leaves the queue, a
-    running one frees its slot at the next step. (A streaming response does this by itself.)"""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    stream.cancel()
-
 
 async def generate_response(service: Service, job: Job, request: Request
                             ) -> tuple[GenerateResponse, dict[str, str]]:
-    start = time.perf_counter()
-    stream = service.submit(job)
-    generation = service.generation()
-    watcher = asyncio.create_task(cancel_on_disconnect(request, stream))
-    try:
-        async for emitted in stream:
-            generation.add(emitted)
-    finally:
-        watcher.cancel()
-        stream.cancel()  # no-op once finished; frees the slot if this handler was cancelled
-    if generation.finish_reason is None:
-        raise ClientGone()
+    generation, headers = await generate(service, job, request)
     response = GenerateResponse(generated_text=generation.text(job),
                                 details=generation.details(job) if job.details else None)
-    return response, timing_headers(job, generation, stream, start)
-
-
-def timing_headers(job: Job, generation: Generation, stream: RequestStream, start: float) -> dict[str, str]:
-    end = time.perf_counter()
-    admitted = stream.admitted_at or end
-    inference_ms = (end - admitted) * 1000
-    generated = len(generation.tokens)
-    return {
-        "x-compute-time": f"{end - start:.6f}",
-        "x-compute-characters": str(len(job.inputs)),
-        "x-total-time": str(round((end - start) * 1000)),
-        "x-queue-time": str(round((admitted - stream.queued_at) * 1000)),
-        "x-inference-time": str(round(inference_ms)),
-        "x-time-per-token": str(round(inference_ms / max(generated, 1))),
-        "x-prompt-tokens": str(len(job.prompt_ids)),
-        "x-generated-tokens": str(generated),
-    }
+    return response, headers
 
 
 def sse(event: StreamResponse | ErrorResponse) -> str:
@@ -310,6 +153,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
     app.state.draining = draining
     app.add_middleware(BodyLimit, limit=settings.payload_limit)
     add_error_handlers(app)
+    app.include_router(openai_router)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:
@@ -373,8 +217,11 @@ def dump(response: GenerateResponse) -> dict:
 
 # ---------------------------------------------------------------- errors as {"error", "error_type"}
 
-def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None
-                   ) -> JSONResponse:
+def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None, *,
+                   request: Request | None = None, param: str | None = None) -> JSONResponse:
+    """The error in the protocol of the request's route: OpenAI's shape under /v1/ (`param`: the field)."""
+    if request is not None and request.url.path.startswith(OPENAI_PREFIX):
+        return openai_error(status, message, error_type, param=param, headers=headers)
     return JSONResponse(ErrorResponse(error=message, error_type=error_type).model_dump(), status_code=status,
                         headers=headers)
 
@@ -408,32 +255,34 @@ def add_error_handlers(app: FastAPI) -> None:
         # A body that is not JSON is a 400, as TGI (axum) answers a JSON syntax error; JSON that fails
         # validation is a 422
         status = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
-        return error_response(status, f"Input validation error: {details}", "validation")
+        param = ".".join(str(part) for part in errors[0]["loc"] if part != "body") if errors else None
+        return error_response(status, f"Input validation error: {details}", "validation", request=request,
+                              param=param or None)
 
     @app.exception_handler(InputError)
     async def invalid_input(request: Request, exc: InputError) -> JSONResponse:
         refused(request, "validation")
-        return error_response(422, f"Input validation error: {exc}", "validation")
+        return error_response(422, f"Input validation error: {exc}", "validation", request=request)
 
     @app.exception_handler(QueueFull)
     async def overloaded(request: Request, exc: QueueFull) -> JSONResponse:
         refused(request, "overloaded")
-        return error_response(429, str(exc), "overloaded", headers={"retry-after": "1"})
+        return error_response(429, str(exc), "overloaded", headers={"retry-after": "1"}, request=request)
 
     @app.exception_handler(RequestFailed)
     async def failed(request: Request, exc: RequestFailed) -> JSONResponse:
         prefix = "Input validation error: " if exc.error_type == "validation" else ""
-        return error_response(ERROR_STATUS[exc.error_type], f"{prefix}{exc}", exc.error_type)
+        return error_response(ERROR_STATUS[exc.error_type], f"{prefix}{exc}", exc.error_type, request=request)
 
     @app.exception_handler(SchedulerUnavailable)
     async def unavailable(request: Request, exc: SchedulerUnavailable) -> JSONResponse:
         refused(request, "unhealthy")
-        return error_response(503, str(exc), "unhealthy")
+        return error_response(503, str(exc), "unhealthy", request=request)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 400:  # FastAPI could not read the body as JSON at all (not UTF-8, too deep)
             unread_body(request)
             return error_response(400, f"Input validation error: malformed JSON body: {exc.detail}",
-                                  "validation")
-        return error_response(exc.status_code, str(exc.detail), "http", headers=exc.headers)
+                                  "validation", request=request)
+        return error_response(exc.status_code, str(exc.detail), "http", headers=exc.headers, request=request)

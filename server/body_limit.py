@@ -12,6 +12,7 @@ from __future__ import annotations
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.openai_protocol import OPENAI_PREFIX, openai_error
 from server.protocol import ErrorResponse
 
 
@@ -42,9 +43,13 @@ class BodyLimit:
         await self.app(scope, _replay(bytes(body), receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        error = ErrorResponse(error=f"Request body too large: the limit is {self.limit} bytes",
-                              error_type="validation")
-        await JSONResponse(error.model_dump(), status_code=413)(scope, receive, send)
+        message = f"Request body too large: the limit is {self.limit} bytes"
+        if scope["path"].startswith(OPENAI_PREFIX):
+            response = openai_error(413, message, "invalid_request_error")
+        else:
+            response = JSONResponse(ErrorResponse(error=message, error_type="validation").model_dump(),
+                                    status_code=413)
+        await response(scope, receive, send)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -64,6 +64,19 @@ def _strict_bool(value: object) -> object:
     return value
 
 
+def only_no_op_values(*fields: str):
+    """A validator for fields that accept only their no-op values: any other value fails with the
+    field's description as the message."""
+
+    def check(cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> object:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("unsupported", cls.model_fields[info.field_name].description) from None
+
+    return field_validator(*fields, mode="wrap")(classmethod(check))
+
+
 class _Body(BaseModel):
     # Strict like TGI's serde: "5" is not an integer and 1.5 is not a bool. Unknown fields are ignored.
     # Python's json reads NaN and Infinity, which are not JSON: refuse them as TGI does.
@@ -103,14 +116,7 @@ class Parameters(_Body):
     acceptance: Literal["lossless", "typical"] | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; at most the server's request_timeout
 
-    @field_validator("best_of", "top_n_tokens", "frequency_penalty", "watermark", "grammar", mode="wrap")
-    @classmethod
-    def _unsupported(cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
-                     ) -> object:
-        try:
-            return handler(value)
-        except ValidationError:
-            raise PydanticCustomError("unsupported", cls.model_fields[info.field_name].description) from None
+    _unsupported = only_no_op_values("best_of", "top_n_tokens", "frequency_penalty", "watermark", "grammar")
 
 
 class GenerateRequest(_Body):
@@ -217,3 +223,10 @@ class Info(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"  # the model can serve; otherwise /health answers 503 with an ErrorResponse
+
+
+def event_stream(description: str) -> dict:
+    """The OpenAPI response of a streamed 200: Server-Sent Events, each event's data a JSON text."""
+    return {"description": description, "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "contentMediaType": "application/json"}}}}}}

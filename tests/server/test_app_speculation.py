@@ -1,5 +1,7 @@
 """A server started with Medusa heads: speculation is reported, and greedy text does not change."""
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -56,3 +58,13 @@ def test_sampling_with_typical_acceptance_is_seeded(medusa_client):
     runs = [details(medusa_client, max_new_tokens=12, do_sample=True, seed=5, acceptance="typical")
             for _ in range(2)]
     assert runs[0]["tokens"] == runs[1]["tokens"]
+
+
+def test_openai_responses_carry_the_same_speculation_figures(medusa_client):
+    tgi = details(medusa_client, max_new_tokens=16)
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
+    whole = medusa_client.post("/v1/completions", json=body).json()
+    assert whole["medusa"] == tgi["speculation"]
+    events = medusa_client.post("/v1/completions", json=body | {"stream": True}).text.split("\n\n")
+    last = json.loads(next(e for e in reversed(events) if e.startswith("data: {")).removeprefix("data: "))
+    assert last["medusa"] == tgi["speculation"] and last["choices"][0]["finish_reason"] == "length"

@@ -1,0 +1,236 @@
+"""The OpenAI wire protocol: request and response bodies of /v1/chat/completions, /v1/completions and
+/v1/models, and OpenAI's error shape.
+
+Fields follow OpenAI's API, so that the `openai` SDK works unchanged; unknown fields are ignored.
+Parameters this server does not implement accept only their no-op values (`n` 1, `presence_penalty`
+and `frequency_penalty` 0, `top_logprobs` 0 and a completion's `logprobs` 0: the engine reports the
+chosen token's logprob only); any other value is a 400 saying it is not supported. Semantics are
+OpenAI's: `temperature` defaults to 1 (sampling) and 0 decodes greedily; a stop sequence ends the
+text and is not part of it.
+
+Extension: a `medusa` entry on each response (the last stream chunk's too), the request's speculation
+figures (null when the server has no heads).
+
+Errors on these routes are `{"error": {"message", "type", "param", "code"}}`; a refused request is a
+400 (`invalid_request_error`), which the SDK raises as `openai.BadRequestError`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.protocol import MAX_STOP_SEQUENCES, Logprob, Speculation, Text, only_no_op_values
+
+OPENAI_PREFIX = "/v1/"
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}  # TGI's -> OpenAI's
+
+# A TGI error_type -> OpenAI's error type and code on the /v1 routes; the status is the TGI route's, but
+# 400 for a refused request, as OpenAI answers (and the SDK raises openai.BadRequestError)
+ERRORS = {
+    "validation": ("invalid_request_error", None),
+    "overloaded": ("rate_limit_error", "rate_limit_exceeded"),
+    "generation": ("server_error", "generation_failed"),
+    "timeout": ("timeout_error", "timeout"),
+    "unhealthy": ("server_error", "unavailable"),
+}
+
+
+# ---------------------------------------------------------------- errors
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIError
+
+
+def openai_error(status: int, message: str, error_type: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error in OpenAI's shape; error_type is the TGI one ('validation', ...)."""
+    if error_type == "validation":
+        status = 400
+    kind, code = ERRORS.get(error_type, ("invalid_request_error" if status < 500 else "server_error", None))
+    body = OpenAIErrorResponse(error=OpenAIError(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------- requests
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def _only(value: object, what: str):
+    """A field whose only accepted value is `value` (with null); the description is the 400's message."""
+    return Field(default=None, ge=value, le=value, description=f"only {value} or null: {what}")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+Stop = Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)]
+
+
+class _Request(_Body):
+    model: str | None = None  # any name: this server serves one model, named in the response
+    max_tokens: int | None = Field(default=None, gt=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)  # null: 1; 0: greedy
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop: Stop | None = None
+    n: int | None = _only(1, "several choices per request are not supported by this server")
+    presence_penalty: float | None = _only(0, "presence_penalty is not supported by this server")
+    frequency_penalty: float | None = _only(0, "frequency_penalty is not supported by this server")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    _unsupported = only_no_op_values("n", "presence_penalty", "frequency_penalty")
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, gt=0)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = False
+    top_logprobs: int | None = _only(0, "top_logprobs is not supported, this server reports the chosen "
+                                        "token's logprob only")
+
+    _unsupported_top_logprobs = only_no_op_values("top_logprobs")
+
+
+class CompletionRequest(_Request):
+    prompt: Text
+    logprobs: int | None = _only(0, "alternative tokens are not reported, this server reports the chosen "
+                                    "token's logprob only")
+    echo: bool | None = False
+
+    _unsupported_logprobs = only_no_op_values("logprobs")
+
+
+# ---------------------------------------------------------------- responses
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: Logprob
+    bytes: list[int]
+    top_logprobs: list[dict] = []  # always empty: alternatives are not reported
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[Logprob]
+    top_logprobs: list[dict] | None = None
+    text_offset: list[int]
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class _Reply(BaseModel):
+    """What every response body and stream chunk carries. `medusa`: the request's speculation figures
+    (extension; on the last stream chunk, null on the others and when the server has no heads)."""
+
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None  # on a whole response; on the usage chunk of a stream
+    medusa: Speculation | None = None
+
+
+class ChatCompletion(_Reply):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(_Reply):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None  # null on stream chunks before the last
+
+
+class Completion(_Reply):
+    """A whole completion, and also each stream chunk, as OpenAI's legacy API has it."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "medusa-serve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]

@@ -1,0 +1,285 @@
+"""The OpenAI-compatible routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.
+
+A request takes the TGI routes' path (`Service.prepare` -> the scheduler -> `Generation`), so the
+limits, deadlines, cancellation on disconnect and metrics are the same; only the body going in and
+the bodies coming out differ (`server.openai_protocol`). A chat's messages go through the model's
+chat template; a completion's prompt is tokenized as it is.
+
+Streaming: one `data: {chunk}` event per engine step (several tokens under speculation), the last
+one with finish_reason and the `medusa` figures, then a usage chunk when `stream_options.include_usage`,
+then `data: [DONE]`. A stop sequence is not sent: text that could begin one is held back until the
+next step shows whether it does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+
+from runtime.prompt import PromptError
+from server.openai_protocol import (
+    DEFAULT_COMPLETION_TOKENS,
+    FINISH_REASONS,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatMessage,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    Model,
+    ModelList,
+    OpenAIErrorResponse,
+    TokenLogprob,
+    Usage,
+    openai_error,
+)
+from server.protocol import GenerateRequest, Parameters, Token, event_stream
+from server.scheduler import RequestFailed, RequestStream
+from server.service import Generation, Service, generate
+from server.validation import Job
+
+ERROR_RESPONSES = {status: {"model": OpenAIErrorResponse, "description": text} for status, text in {
+    400: "A malformed body, a parameter out of range or not supported, or a prompt over the server's limits "
+         "(type 'invalid_request_error')",
+    413: "Request body over the server's size limit ('invalid_request_error')",
+    424: "Generation failed in the model ('server_error')",
+    429: "The queue is full; retry after the retry-after header's seconds ('rate_limit_error')",
+    503: "The server is unhealthy or shutting down ('server_error')",
+    504: "The request's deadline passed before its last token ('timeout_error')",
+}.items()}
+EVENT_STREAM = event_stream(
+    "With `stream`: Server-Sent Events, `data: {chunk}` per step, then `data: [DONE]`; "
+    "`data: {\"error\": ...}` when generation fails mid-stream")
+
+openai_router = APIRouter(prefix="/v1", tags=["OpenAI"])
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What every chunk and body of one response repeats, and how its text is made."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+    stops: list[str]
+    logprobs: bool
+
+    @classmethod
+    def of(cls, service: Service, body: ChatCompletionRequest | CompletionRequest) -> Reply:
+        chat = isinstance(body, ChatCompletionRequest)
+        return cls(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
+                   model=service.loaded.model_id, chat=chat, stops=body.stops,
+                   logprobs=body.logprobs is not None and body.logprobs is not False)
+
+    def body(self, text: str, tokens: list[Token], finish_reason: str, usage: Usage, medusa
+             ) -> ChatCompletion | Completion:
+        finish = FINISH_REASONS[finish_reason]
+        if self.chat:
+            choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish,
+                                logprobs=self.chat_logprobs(tokens))
+            return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                  usage=usage, medusa=medusa)
+        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, medusa=medusa,
+                          choices=[CompletionChoice(text=text, finish_reason=finish,
+                                                    logprobs=self.completion_logprobs(tokens))])
+
+    def chunk(self, text: str | None, tokens: list[Token], finish_reason: str | None = None, *,
+              role: bool = False, usage: Usage | None = None, medusa=None, last_usage: bool = False) -> str:
+        """One SSE event; `last_usage`: the usage chunk, with no choices."""
+        finish = FINISH_REASONS[finish_reason] if finish_reason else None
+        if self.chat:
+            choices = [] if last_usage else [ChatChunkChoice(
+                delta=ChatDelta(role="assistant" if role else None, content=text), finish_reason=finish,
+                logprobs=self.chat_logprobs(tokens))]
+            chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
+                                        usage=usage, medusa=medusa)
+        else:
+            choices = [] if last_usage else [CompletionChoice(text=text or "", finish_reason=finish,
+                                                              logprobs=self.completion_logprobs(tokens))]
+            chunk = Completion(id=self.id, created=self.created, model=self.model, choices=choices,
+                               usage=usage, medusa=medusa)
+        return f"data: {chunk.model_dump_json()}\n\n"
+
+    def chat_logprobs(self, tokens: list[Token]) -> ChoiceLogprobs | None:
+        if not self.logprobs or not tokens:
+            return None
+        return ChoiceLogprobs(content=[
+            TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode())) for t in tokens])
+
+    def completion_logprobs(self, tokens: list[Token]) -> CompletionLogprobs | None:
+        if not self.logprobs or not tokens:
+            return None
+        offsets, offset = [], 0
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.text)
+        return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
+                                  text_offset=offsets)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """The text before the first stop sequence in it."""
+    found = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return text[:min(found)] if found else text
+
+
+class StopHold:
+    """Streamed text with stop sequences held back: what is released never holds, nor ends with the
+    start of, a stop sequence."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+
+    def push(self, text: str) -> str:
+        self.pending += text
+        if any(stop in self.pending for stop in self.stops):
+            return ""  # the engine finishes at this token; `finish` cuts the text
+        keep = max((k for stop in self.stops for k in range(1, len(stop))
+                    if self.pending.endswith(stop[:k])), default=0)
+        cut = len(self.pending) - keep
+        released, self.pending = self.pending[:cut], self.pending[cut:]
+        return released
+
+    def finish(self) -> str:
+        rest, self.pending = cut_at_stop(self.pending, self.stops), ""
+        return rest
+
+
+def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> Parameters:
+    """OpenAI's sampling semantics in TGI's parameters: temperature 1 unless given, 0 greedy."""
+    temperature = 1.0 if body.temperature is None else body.temperature
+    sampled = temperature > 0
+    return Parameters(do_sample=sampled, max_new_tokens=max_tokens or DEFAULT_COMPLETION_TOKENS,
+                      temperature=temperature if sampled else None,
+                      top_p=body.top_p if sampled and body.top_p is not None and body.top_p < 1 else None,
+                      seed=body.seed if sampled else None, stop=body.stops)
+
+
+def chat_encoder(service: Service, messages: list[ChatMessage]):
+    """The prompt ids of `messages` in the model's chat template (PromptError when it cannot be built)."""
+    tokenizer = service.tokenizer
+
+    def encode(_text: str, _truncate: int | None) -> list[int]:
+        if not tokenizer.chat_template:
+            raise PromptError("the model has no chat template: use /v1/completions")
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except TemplateError as e:
+            raise PromptError(f"`messages`: the model's chat template refuses them: {e}") from e
+        return tokenizer.encode(rendered, add_special_tokens=False)
+
+    return encode
+
+
+def completion_encoder(service: Service):
+    def encode(text: str, _truncate: int | None) -> list[int]:
+        return service.tokenizer.encode(text)
+
+    return encode
+
+
+async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequest) -> Job:
+    if isinstance(body, ChatCompletionRequest):
+        # the messages' text stands for the prompt in the length check before tokenizing: the rendered
+        # template holds all of it
+        inputs = "\n".join(m.text() for m in body.messages)
+        encode = chat_encoder(service, body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+    else:
+        inputs, encode, max_tokens = body.prompt, completion_encoder(service), body.max_tokens
+    request = GenerateRequest.model_construct(inputs=inputs, parameters=parameters(body, max_tokens),
+                                              stream=False)
+    # a chat without max_tokens may use what the context leaves, as OpenAI's does
+    return await service.prepare(request, stream=bool(body.stream), encode=encode,
+                                 fill_context=isinstance(body, ChatCompletionRequest) and max_tokens is None)
+
+
+def usage(job: Job, generation: Generation) -> Usage:
+    prompt, completion = len(job.prompt_ids), len(generation.tokens)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def visible(tokens: list[Token]) -> list[Token]:
+    return [t for t in tokens if not t.special]
+
+
+async def respond(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
+    service: Service = request.app.state.service
+    reply = Reply.of(service, body)
+    job = await prepare(service, body)
+    if body.stream:
+        stream = service.submit(job)  # before the response starts, so that 429 is a real status
+        return StreamingResponse(events(service, reply, job, stream, include_usage=body.include_usage),
+                                 media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    generation, headers = await generate(service, job, request)
+    text = generation.text(job)
+    if generation.finish_reason == "stop_sequence":
+        text = cut_at_stop(text, reply.stops)
+    if isinstance(body, CompletionRequest) and body.echo:
+        text = body.prompt + text
+    response = reply.body(text, visible(generation.tokens), generation.finish_reason, usage(job, generation),
+                          generation.speculation)
+    return JSONResponse(response.model_dump(mode="json"), headers=headers)
+
+
+async def events(service: Service, reply: Reply, job: Job, stream: RequestStream, *, include_usage: bool
+                 ) -> AsyncIterator[str]:
+    generation = service.generation()
+    hold = StopHold(reply.stops)
+    try:
+        if reply.chat:
+            yield reply.chunk("", [], role=True)
+        async for emitted in stream:
+            tokens = visible(generation.add(emitted))
+            text = hold.push("".join(t.text for t in tokens))
+            if emitted.finish_reason is not None:
+                text += hold.finish()
+                yield reply.chunk(text, tokens, emitted.finish_reason, medusa=generation.speculation)
+            elif text or (reply.logprobs and tokens):
+                yield reply.chunk(text, tokens)
+        if include_usage:
+            yield reply.chunk(None, [], usage=usage(job, generation), last_usage=True)
+        yield "data: [DONE]\n\n"
+    except RequestFailed as e:
+        error = openai_error(500, str(e), e.error_type)
+        yield f"data: {error.body.decode()}\n\n"
+    finally:
+        stream.cancel()  # the client went away mid-stream: free the slot at the next step
+
+
+@openai_router.post("/chat/completions", response_model=ChatCompletion,
+                    responses={200: EVENT_STREAM, **ERROR_RESPONSES})
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """OpenAI's chat completion: the messages in the model's chat template."""
+    return await respond(body, request)
+
+
+@openai_router.post("/completions", response_model=Completion,
+                    responses={200: EVENT_STREAM, **ERROR_RESPONSES})
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    """OpenAI's (legacy) text completion: the prompt as it is."""
+    return await respond(body, request)
+
+
+@openai_router.get("/models", response_model=ModelList)
+async def models(request: Request) -> ModelList:
+    """The one model this server serves."""
+    service: Service = request.app.state.service
+    return ModelList(data=[Model(id=service.loaded.model_id, created=int(service.started))])

@@ -1,0 +1,196 @@
+"""What the routes of every protocol share: the `Service` (settings, tokenizer, scheduler), a request's
+`Generation` as its tokens arrive, and running a request to its end with cancellation when the client
+disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from fastapi import Request
+
+from medusa.engine import Emitted
+from runtime.loading import LoadedModel
+from runtime.prompt import Prompter, PromptError
+from server.detokenize import IncrementalDecoder
+from server.protocol import (
+    Details,
+    GenerateRequest,
+    Info,
+    PrefillToken,
+    Speculation,
+    SpeculationInfo,
+    StreamDetails,
+    Token,
+)
+from server.scheduler import RequestStream, Scheduler
+from server.settings import Settings
+from server.validation import InputError, Job, check_before_tokenizing, validate
+
+try:
+    VERSION = version("medusa-serve")
+except PackageNotFoundError:  # running from a source tree that was not pip-installed
+    VERSION = "0.0.0+source"
+
+
+class Generation:
+    """One request's tokens as they arrive, with their text decoded incrementally, and the sums of its
+    per-step speculation counts (None when the server does not speculate)."""
+
+    def __init__(self, tokenizer, special_ids: frozenset[int], speculative: bool) -> None:
+        self.tokenizer = tokenizer
+        self.special_ids = special_ids
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.tokens: list[Token] = []
+        self.prefill_logprobs: list[float | None] | None = None
+        self.finish_reason: str | None = None
+        self.speculative = speculative
+        self.spec_steps = 0
+        self.accepted_tokens = 0
+
+    def add(self, emitted: Emitted) -> list[Token]:
+        """Record one Emitted; return its tokens, each with the text it adds."""
+        new = [Token(id=t, text=self.decoder.push(t), logprob=logprob, special=t in self.special_ids)
+               for t, logprob in zip(emitted.token_ids, emitted.logprobs, strict=True)]
+        self.tokens += new
+        if emitted.prefill_logprobs is not None:
+            self.prefill_logprobs = emitted.prefill_logprobs
+        self.spec_steps += emitted.speculated
+        self.accepted_tokens += emitted.accepted
+        self.finish_reason = emitted.finish_reason
+        return new
+
+    @property
+    def speculation(self) -> Speculation | None:
+        if not self.speculative:
+            return None
+        steps, accepted = self.spec_steps, self.accepted_tokens
+        return Speculation(steps=steps, accepted_tokens=accepted,
+                           mean_accepted_len=1.0 + accepted / steps if steps else 1.0)
+
+    def text(self, job: Job) -> str:
+        """The generated text without special tokens, after the prompt when return_full_text."""
+        text = self.tokenizer.decode([t.id for t in self.tokens], skip_special_tokens=True)
+        return job.inputs + text if job.return_full_text else text
+
+    def details(self, job: Job) -> Details:
+        prefill = []
+        if job.prefill_details:
+            texts = self.tokenizer.batch_decode([[t] for t in job.prompt_ids], skip_special_tokens=False)
+            logprobs = self.prefill_logprobs or [None] * len(job.prompt_ids)
+            prefill = [PrefillToken(id=t, text=text, logprob=lp)
+                       for t, text, lp in zip(job.prompt_ids, texts, logprobs, strict=True)]
+        return Details(finish_reason=self.finish_reason, generated_tokens=len(self.tokens), seed=job.seed,
+                       prefill=prefill, tokens=self.tokens, speculation=self.speculation)
+
+    def stream_details(self, job: Job) -> StreamDetails:
+        return StreamDetails(finish_reason=self.finish_reason, generated_tokens=len(self.tokens),
+                             seed=job.seed, input_length=len(job.prompt_ids), speculation=self.speculation)
+
+
+class Service:
+    """What the routes share: settings, the model's tokenizer and the scheduler."""
+
+    def __init__(self, settings: Settings, loaded: LoadedModel, scheduler: Scheduler) -> None:
+        self.settings = settings
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.prompter = Prompter(loaded.tokenizer, settings.use_chat_template)
+        self.special_ids = frozenset(loaded.tokenizer.all_special_ids)
+        self.scheduler = scheduler
+        self.metrics = scheduler.metrics
+        self.started = time.time()  # when the model was ready: /v1/models' `created`
+
+    async def prepare(self, request: GenerateRequest, *, stream: bool,
+                      encode: Callable[[str, int | None], list[int]] | None = None,
+                      fill_context: bool = False) -> Job:
+        """Check what needs no tokens, tokenize off the event loop, then validate against the server's
+        limits (InputError: 422).
+
+        encode: text and truncate -> prompt ids; the server's prompter (chat template or not) by default.
+        fill_context: max_new_tokens becomes what max_total_tokens leaves after the prompt.
+        """
+        self.metrics.requests.inc()
+        check_before_tokenizing(request, self.prompter.max_token_chars, self.settings, stream=stream)
+        try:
+            prompt_ids = await asyncio.to_thread(encode or self.prompter.encode, request.inputs,
+                                                 request.parameters.truncate)
+        except PromptError as e:
+            raise InputError(str(e)) from e
+        if fill_context:
+            room = max(self.settings.max_total_tokens - len(prompt_ids), 1)
+            request = request.model_copy(update={
+                "parameters": request.parameters.model_copy(update={"max_new_tokens": room})})
+        return validate(request, prompt_ids, self.settings)
+
+    def generation(self) -> Generation:
+        speculative = self.scheduler.engine.heads is not None
+        return Generation(self.tokenizer, self.special_ids, speculative=speculative)
+
+    def submit(self, job: Job) -> RequestStream:
+        return self.scheduler.submit(job.prompt_ids, job.params, prompt_logprobs=job.prefill_details,
+                                     timeout=job.timeout)
+
+    def info(self) -> Info:
+        s, engine = self.settings, self.scheduler.engine
+        heads = engine.heads
+        return Info(
+            model_id=self.loaded.model_id, model_dtype=self.loaded.dtype_name,
+            model_device_type=torch.device(s.device).type,
+            max_concurrent_requests=s.max_batch_size + s.max_queue, max_input_tokens=s.max_input_tokens,
+            max_input_length=s.max_input_tokens, max_total_tokens=s.max_total_tokens,
+            max_batch_size=s.max_batch_size, max_queue=s.max_queue, version=VERSION,
+            speculation=SpeculationInfo(enabled=heads is not None,
+                                        num_heads=heads.config.num_heads if heads is not None else 0,
+                                        tree=engine.tree.name if heads is not None else None,
+                                        tree_nodes=engine.tree.num_nodes if heads is not None else 1))
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its response was ready."""
+
+
+async def cancel_on_disconnect(request: Request, stream: RequestStream) -> None:
+    """Wait for the client to go away, then cancel its request: a queued one leaves the queue, a
+    running one frees its slot at the next step. (A streaming response does this by itself.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stream.cancel()
+
+
+async def generate(service: Service, job: Job, request: Request) -> tuple[Generation, dict[str, str]]:
+    """Run `job` to its end, cancelled if the client disconnects; its generation and timing headers."""
+    start = time.perf_counter()
+    stream = service.submit(job)
+    generation = service.generation()
+    watcher = asyncio.create_task(cancel_on_disconnect(request, stream))
+    try:
+        async for emitted in stream:
+            generation.add(emitted)
+    finally:
+        watcher.cancel()
+        stream.cancel()  # no-op once finished; frees the slot if this handler was cancelled
+    if generation.finish_reason is None:
+        raise ClientGone()
+    return generation, timing_headers(job, generation, stream, start)
+
+
+def timing_headers(job: Job, generation: Generation, stream: RequestStream, start: float) -> dict[str, str]:
+    end = time.perf_counter()
+    admitted = stream.admitted_at or end
+    inference_ms = (end - admitted) * 1000
+    generated = len(generation.tokens)
+    return {
+        "x-compute-time": f"{end - start:.6f}",
+        "x-compute-characters": str(len(job.inputs)),
+        "x-total-time": str(round((end - start) * 1000)),
+        "x-queue-time": str(round((admitted - stream.queued_at) * 1000)),
+        "x-inference-time": str(round(inference_ms)),
+        "x-time-per-token": str(round(inference_ms / max(generated, 1))),
+        "x-prompt-tokens": str(len(job.prompt_ids)),
+        "x-generated-tokens": str(generated),
+    }
