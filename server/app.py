@@ -30,6 +30,7 @@ from medusa.checkpoints import load_heads
 from medusa.engine import Engine, use_compile
 from medusa.tree import get_tree
 from runtime.loading import LoadedModel, load_model
+from server.auth import ApiKeys
 from server.body_limit import BodyLimit
 from server.openai_protocol import OPENAI_PREFIX, openai_error
 from server.openai_routes import openai_router
@@ -152,6 +153,8 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
                   description="Medusa speculative decoding behind the Text Generation Inference protocol")
     app.state.draining = draining
     app.add_middleware(BodyLimit, limit=settings.payload_limit)
+    if settings.api_keys:  # added last, so it runs first: no body is read for a refused request
+        app.add_middleware(ApiKeys, keys=settings.api_keys)
     add_error_handlers(app)
     app.include_router(openai_router)
 

@@ -28,10 +28,11 @@ if TYPE_CHECKING:
 
 FLAGS = ("model", "host", "port", "device", "dtype", "max_batch_size", "max_input_tokens", "max_total_tokens",
          "max_queue", "payload_limit", "max_prefill_tokens", "request_timeout", "drain_timeout",
-         "medusa_heads", "tree", "max_speculative_batch", "chat_template", "compile")
+         "medusa_heads", "tree", "max_speculative_batch", "chat_template", "compile", "api_key")
 # HOST and PORT as TGI reads them; MEDUSA_COMPILE so that a container can turn compilation off without
 # changing its command line
-ENVIRONMENT = {"host": "HOST", "port": "PORT", "compile": "MEDUSA_COMPILE"}
+# API_KEY as TGI reads it, and so that a key need not appear in a process list
+ENVIRONMENT = {"host": "HOST", "port": "PORT", "compile": "MEDUSA_COMPILE", "api_key": "API_KEY"}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ ERRORS = {
     "generation": ("server_error", "generation_failed"),
     "timeout": ("timeout_error", "timeout"),
     "unhealthy": ("server_error", "unavailable"),
+    "unauthorized": ("invalid_request_error", "invalid_api_key"),
 }
 
 

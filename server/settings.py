@@ -45,6 +45,8 @@ class Settings(BaseModel):
         "message; auto: on for the embedded instruct model, whose raw-text answers are often empty")
     tree: str | None = Field(default=None, description="candidate tree: a name (an unknown one gets the "
                              "list) or a JSON file; default: the shipped 'gpu' tree on CUDA, 'cpu' otherwise")
+    api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on every "
+                                "route but /health and /metrics; several keys separated by commas")
     max_speculative_batch: int | None = Field(
         default=None, ge=0, description="when more requests than this run and all of them are greedy, decode "
         "plainly (same output, less work); default: 3 on the CPU (measured crossover), no limit on CUDA")
@@ -55,6 +57,11 @@ class Settings(BaseModel):
             raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be less than "
                              f"max_total_tokens ({self.max_total_tokens})")
         return self
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys (none: no authentication)."""
+        return tuple(key.strip() for key in (self.api_key or "").split(",") if key.strip())
 
     @property
     def embedded(self) -> bool:

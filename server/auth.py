@@ -1,0 +1,45 @@
+"""API keys: Bearer authentication on every route but /health and /metrics, when keys are set.
+
+An ASGI middleware, so that a request without a valid key is refused before any route, body or
+model work, in the error shape of the protocol it called (OpenAI's under /v1, TGI's elsewhere), with
+401 and `www-authenticate: Bearer`. Keys are compared in constant time, each of them every time, so
+the answer's timing tells nothing of a key or of which key came close. /health stays open for load
+balancers and orchestrators, /metrics for Prometheus (a network boundary protects it, as TGI's).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.openai_protocol import OPENAI_PREFIX, openai_error
+from server.protocol import ErrorResponse
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
+class ApiKeys:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        assert keys and all(keys), "at least one non-empty key"
+        self.app = app
+        self.keys = tuple(key.encode() for key in keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        message = "Missing or invalid API key: send the header 'Authorization: Bearer <key>'"
+        headers = {"www-authenticate": "Bearer"}
+        if scope["path"].startswith(OPENAI_PREFIX):
+            response = openai_error(401, message, "unauthorized", headers=headers)
+        else:
+            response = JSONResponse(ErrorResponse(error=message, error_type="unauthorized").model_dump(),
+                                    status_code=401, headers=headers)
+        await response(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        matches = [hmac.compare_digest(given.strip(), key) for key in self.keys]  # every key, every time
+        return scheme.lower() == b"bearer" and any(matches)

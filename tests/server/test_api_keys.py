@@ -1,0 +1,56 @@
+"""API keys: with keys set, every route but /health and /metrics answers 401 without a valid Bearer
+key, in the shape of the protocol called; any of several keys is accepted; without keys nothing
+changes."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.cli import settings_from
+from tests.server.support import tiny_settings
+
+GENERATE = {"inputs": "hello", "parameters": {"max_new_tokens": 2}}
+
+
+@pytest.fixture(scope="module")
+def guarded(loaded):
+    with TestClient(create_app(tiny_settings(api_key="first-key, second-key"), loaded)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key", "Bearer first", "Basic first-key", "first-key",
+                                    "Bearer first-key-and-more"])
+def test_a_request_without_a_valid_key_is_refused_in_its_protocol_shape(guarded, header):
+    headers = {} if header is None else {"authorization": header}
+    tgi = guarded.post("/generate", json=GENERATE, headers=headers)
+    assert tgi.status_code == 401 and tgi.headers["www-authenticate"] == "Bearer"
+    assert tgi.json()["error_type"] == "unauthorized"
+    openai = guarded.get("/v1/models", headers=headers)
+    assert openai.status_code == 401
+    assert openai.json()["error"]["code"] == "invalid_api_key"
+    assert guarded.get("/info", headers=headers).status_code == 401
+
+
+@pytest.mark.parametrize("key", ["first-key", "second-key"])
+def test_each_key_opens_every_route(guarded, key):
+    headers = {"authorization": f"bearer {key}"}
+    assert guarded.post("/generate", json=GENERATE, headers=headers).status_code == 200
+    assert guarded.get("/v1/models", headers=headers).status_code == 200
+    assert guarded.get("/info", headers=headers).status_code == 200
+
+
+def test_health_and_metrics_stay_open(guarded):
+    assert guarded.get("/health").status_code == 200
+    assert guarded.get("/metrics").status_code == 200
+
+
+def test_without_keys_no_route_asks_for_one(client):
+    assert client.post("/generate", json=GENERATE).status_code == 200
+
+
+def test_keys_come_from_the_flag_or_api_key():
+    assert settings_from([], {"API_KEY": "a,b"}).api_keys == ("a", "b")
+    assert settings_from(["--api-key", "c"], {"API_KEY": "a"}).api_keys == ("c",)
+    assert settings_from([], {}).api_keys == ()
