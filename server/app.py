@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
@@ -153,8 +154,11 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
                   description="Medusa speculative decoding behind the Text Generation Inference protocol")
     app.state.draining = draining
     app.add_middleware(BodyLimit, limit=settings.payload_limit)
-    if settings.api_keys:  # added last, so it runs first: no body is read for a refused request
+    if settings.api_keys:  # added after the body limit, so it runs first: no body is read for a refusal
         app.add_middleware(ApiKeys, keys=settings.api_keys)
+    if settings.cors_origins:  # outermost: a browser's preflight needs no key, and 401s carry CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     add_error_handlers(app)
     app.include_router(openai_router)
 

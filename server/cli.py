@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 FLAGS = ("model", "host", "port", "device", "dtype", "max_batch_size", "max_input_tokens", "max_total_tokens",
          "max_queue", "payload_limit", "max_prefill_tokens", "request_timeout", "drain_timeout",
-         "medusa_heads", "tree", "max_speculative_batch", "chat_template", "compile", "api_key")
+         "medusa_heads", "tree", "max_speculative_batch", "chat_template", "compile", "api_key",
+         "cors_allow_origins")
 # HOST and PORT as TGI reads them; MEDUSA_COMPILE so that a container can turn compilation off without
 # changing its command line
 # API_KEY as TGI reads it, and so that a key need not appear in a process list

@@ -47,6 +47,9 @@ class Settings(BaseModel):
                              "list) or a JSON file; default: the shipped 'gpu' tree on CUDA, 'cpu' otherwise")
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on every "
                                 "route but /health and /metrics; several keys separated by commas")
+    cors_allow_origins: str | None = Field(
+        default=None, description="origins a browser may call the server from, separated by commas ('*': "
+        "any); default: none (CORS off)")
     max_speculative_batch: int | None = Field(
         default=None, ge=0, description="when more requests than this run and all of them are greedy, decode "
         "plainly (same output, less work); default: 3 on the CPU (measured crossover), no limit on CUDA")
@@ -62,6 +65,10 @@ class Settings(BaseModel):
     def api_keys(self) -> tuple[str, ...]:
         """The accepted API keys (none: no authentication)."""
         return tuple(key.strip() for key in (self.api_key or "").split(",") if key.strip())
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        return tuple(o.strip() for o in (self.cors_allow_origins or "").split(",") if o.strip())
 
     @property
     def embedded(self) -> bool:

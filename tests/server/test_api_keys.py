@@ -54,3 +54,19 @@ def test_keys_come_from_the_flag_or_api_key():
     assert settings_from([], {"API_KEY": "a,b"}).api_keys == ("a", "b")
     assert settings_from(["--api-key", "c"], {"API_KEY": "a"}).api_keys == ("c",)
     assert settings_from([], {}).api_keys == ()
+
+
+def test_cors_is_off_by_default_and_answers_the_origins_it_is_given(loaded, client):
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization,content-type"}
+    assert "access-control-allow-origin" not in client.options("/generate", headers=preflight).headers
+    settings = tiny_settings(api_key="k", cors_allow_origins="https://app.example, https://other.example")
+    with TestClient(create_app(settings, loaded)) as browser_facing:
+        answer = browser_facing.options("/generate", headers=preflight)  # no key: a preflight never has one
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        refused = browser_facing.post("/generate", json=GENERATE, headers={"origin": "https://app.example"})
+        assert refused.status_code == 401  # and the browser can read why
+        assert refused.headers["access-control-allow-origin"] == "https://app.example"
+        other = browser_facing.options("/generate", headers=preflight | {"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
