@@ -62,8 +62,9 @@ class StepResult:
     logprobs: list[float]  # of each token, under the request's processed distribution
 
 
-def _bucket(n: int, buckets: tuple[int, ...]) -> int:
-    return next(b for b in buckets if b >= n)
+def _batch_bucket(n: int) -> int:
+    """The padded batch size of n rows: the smallest bucket that holds them (n past the last)."""
+    return next((b for b in BATCH_BUCKETS if b >= n), n)
 
 
 class DeviceStep:
@@ -139,22 +140,17 @@ class DeviceStep:
         needs = Needs.of([r.params for r in rows])
         B = len(rows)
         max_len = max(r.cached for r in rows) + tree.num_nodes  # keys of the longest row
-        table = self._table(rows)
         if self.compile:
             needs = ALL if needs != Needs() else needs  # two graphs per shape: greedy, and any other
-            padding = _bucket(B, BATCH_BUCKETS) - B
-            if padding:
-                table = torch.cat([table, self._table([self._pad_row()] * padding)])
+            rows = rows + [self._pad_row()] * (_batch_bucket(B) - B)
             max_len = self._len_bucket(max_len)
-        if self.device.type == "cuda":
-            table = table.pin_memory()
-        table = table.to(self.device, non_blocking=True)
-        torch._dynamo.maybe_mark_dynamic(table, 0)  # one compiled graph for every batch bucket, if it can
-        packed, hidden = self._call(table, speculate, needs, max_len)
+        packed, hidden = self._call(self._table(rows), speculate, needs, max_len)
         host = packed[:B].cpu().tolist()  # the step's one host synchronisation
         P = tree.depth + 1
-        results = [StepResult(int(r[0]), [int(t) for t in r[1:1 + int(r[0])]], r[1 + P:1 + P + int(r[0])])
-                   for r in host]
+        results = []
+        for row in host:
+            n = int(row[0])
+            results.append(StepResult(n, [int(t) for t in row[1:1 + n]], row[1 + P:1 + P + n]))
         return results, hidden[:B].clone() if keep_hidden else None  # (a CUDA graph's output is reused)
 
     def warm_up(self, max_batch: int, speculative: bool) -> None:
@@ -165,14 +161,12 @@ class DeviceStep:
             self.warm_up_prefill()
         if not self.compile:
             return
-        batches = sorted({_bucket(b, BATCH_BUCKETS) for b in range(1, max_batch + 1)})
+        batches = sorted({_batch_bucket(b) for b in range(1, max_batch + 1)})
         # two lengths: Dynamo compiles the second one for any length
         lengths = {self._len_bucket(self.tree.num_nodes + n) for n in (1, 2)}
         for B, max_len, speculate, needs in itertools.product(batches, sorted(lengths), {False, speculative},
                                                               (Needs(), ALL)):
-            table = self._table([self._pad_row()] * B).to(self.device)
-            torch._dynamo.maybe_mark_dynamic(table, 0)
-            self._call(table, speculate, needs, max_len)
+            self._call(self._table([self._pad_row()] * B), speculate, needs, max_len)
 
     def warm_up_prefill(self) -> None:
         """Prefill chunks of 1, 2, 4, ..., 128 tokens into the padding slot, after an empty cache and
@@ -188,8 +182,13 @@ class DeviceStep:
 
     def _call(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upload a host table (one non-blocking copy) and run the step on it."""
+        if self.device.type == "cuda":
+            table = table.pin_memory()
+        table = table.to(self.device, non_blocking=True)
         if self.compile:  # Dynamo's settings are per thread: set in the thread that steps
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            torch._dynamo.maybe_mark_dynamic(table, 0)  # one graph for every batch bucket, if it can
         return self._fn(table, speculate, needs, max_len)
 
     def _len_bucket(self, max_len: int) -> int:

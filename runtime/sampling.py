@@ -102,10 +102,6 @@ class Needs:
                      filter=any(not p.greedy and (p.top_k or p.top_p < 1 or p.typical_p < 1) for p in params),
                      penalise=any(p.repetition_penalty != 1.0 for p in params))
 
-    def __or__(self, other: Needs) -> Needs:
-        return Needs(*(a or b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other),
-                                              strict=True)))
-
 
 def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] -> [B, 1, ..., 1], to broadcast against `like` ([B, ...])."""

@@ -55,6 +55,12 @@ class Settings(BaseModel):
         "plainly (same output, less work); default: 3 on the CPU (measured crossover), no limit on CUDA")
 
     @model_validator(mode="after")
+    def _keys_given(self) -> Settings:
+        if self.api_key is not None and not self.api_keys:  # an empty API_KEY must not turn auth off
+            raise ValueError("api_key holds no key: give one or more keys separated by commas")
+        return self
+
+    @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be less than "

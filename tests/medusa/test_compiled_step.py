@@ -79,3 +79,10 @@ def test_warming_up_the_prefill_kernels_leaves_every_sequence_as_it_was(model):
     while engine.running:
         tokens += engine.step()[0].token_ids
     assert tokens == Engine(model, Vocab(), (), max_total_tokens=64).generate([PROMPTS[1]], PARAMS[0])[0]
+
+
+def test_batches_past_the_largest_bucket_run_unpadded():
+    from medusa.step import BATCH_BUCKETS, _batch_bucket
+
+    assert [_batch_bucket(n) for n in (1, 3, 8, 9)] == [1, 4, 8, 16]
+    assert _batch_bucket(BATCH_BUCKETS[-1] + 1) == BATCH_BUCKETS[-1] + 1

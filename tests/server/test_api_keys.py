@@ -70,3 +70,9 @@ def test_cors_is_off_by_default_and_answers_the_origins_it_is_given(loaded, clie
         assert refused.headers["access-control-allow-origin"] == "https://app.example"
         other = browser_facing.options("/generate", headers=preflight | {"origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("value", [",", " , ,"])
+def test_an_api_key_setting_without_a_key_is_refused_at_start_up(value):
+    with pytest.raises(SystemExit):
+        settings_from(["--api-key", value], {})
