@@ -18,6 +18,9 @@ prompt token ids, greedy, as many threads as torch uses, batch 1, each prompt fr
 timed with its prefill. It multiplies the file's quantised weights whatever --dtype says, so its
 output may differ from ours (`llamacpp_matches_plain` says how often it does not). It is skipped,
 with a line saying why, when llama_cpp is not installed or --model is a folder rather than a GGUF file.
+
+`--plot FILE.png` draws tok/s per Spec-Bench category, a bar per mode (`benchmarks.plots`, matplotlib:
+the extra "plots"); the JSON's "per_category" holds the same figures.
 """
 
 from __future__ import annotations
@@ -158,19 +161,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", help="model spec (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--medusa-heads", help="heads folder (default: the shipped heads for the embedded "
                                            "model, random heads for another)")
-    ap.add_argument("--tree", help="tree name or JSON file (default: 'gpu' on CUDA, 'cpu' otherwise)")
+    ap.add_argument("--tree", help="tree name or JSON file (default: the one shipped for the device and "
+                    "dtype, `medusa.tree.default_tree`)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="our engine's step through torch.compile, its graphs built before timing "
                          "(auto: on for CUDA, off on the CPU)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--plot", type=Path, help="write a chart of tok/s per category and mode to this PNG")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.modes.split(",")) - set(MODES))
     if unknown:
         ap.error(f"unknown mode {', '.join(unknown)} (choose from {', '.join(MODES)})")
+    if args.plot:
+        from benchmarks import plots  # now: where matplotlib is missing, this stops before the run, not after
     with torch.no_grad():  # (not set globally: tests call main in their own process)
         summary = benchmark(args)
+    if args.plot and "per_category" in summary:
+        plots.speculative_chart(summary, args.plot, chart_title(summary, args, plots.cpu_name()))
+    elif args.plot:
+        print(f"no chart written to {args.plot}: no mode ran")
     if args.json:
         print(json.dumps(summary))
     return summary
@@ -186,7 +197,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     skipped: dict[str, str] = {}
     heads_note = None
     warm_up_s: dict[str, float] = {}
-    tree_name = args.tree or default_tree(args.device)
+    tree_name = args.tree or default_tree(args.device, loaded.dtype_name)
     compile = use_compile(args.compile, args.device)
     for mode in args.modes.split(","):
         if mode == "hf":
@@ -214,6 +225,7 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     summary = report(questions, results, heads_note, tree_name)
     summary["prompts"] = len(questions)
+    summary |= {"model": loaded.model_id, "dtype": loaded.dtype_name, "max_new_tokens": args.max_new_tokens}
     summary["compile"] = compile
     for mode in ("plain", "medusa"):  # the same engine compiled, in this run
         if mode in results and f"{mode}-compiled" in results:
@@ -225,6 +237,16 @@ def benchmark(args: argparse.Namespace) -> dict:
     if skipped:
         summary["skipped"] = skipped
     return summary
+
+
+def chart_title(summary: dict, args: argparse.Namespace, cpu_name: str) -> str:
+    """What the run measured: the model, its dtype, the processor, the prompts and the tokens asked for."""
+    if args.device.startswith("cuda"):
+        processor = torch.cuda.get_device_name(args.device)
+    else:
+        processor = f"{cpu_name}, {torch.get_num_threads()} threads"
+    return (f"{summary['model']}, {summary['dtype']}, {processor}\n{summary['prompts']} Spec-Bench prompts, "
+            f"greedy, batch 1, up to {summary['max_new_tokens']} new tokens each")
 
 
 def same_share(a: ModeResult, b: ModeResult) -> float:
@@ -263,6 +285,10 @@ def report(questions: list[Question], results: dict[str, ModeResult], heads_note
 
     all_idx = list(range(len(questions)))
     summary: dict = {f"{m}_tok_s": round(tok_s(m, all_idx), 2) for m in results}
+    summary["per_category"] = {
+        name: {"prompts": len(idx), "tok_s": {m: round(tok_s(m, idx), 2) for m in results}}
+        | ({"mean_accepted_tokens": round(accepted(idx), 3)} if "medusa" in results else {})
+        for name, idx in sorted(by_cat.items())}
     if "medusa" in results:
         summary["mean_accepted_tokens"] = round(accepted(all_idx), 3)
         summary["new_tokens"] = sum(len(o) for o in results["medusa"].outputs)
