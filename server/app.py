@@ -2,8 +2,9 @@
 
 POST /generate, POST /generate_stream (Server-Sent Events), POST / (TGI's client: `stream` in the
 body; a JSON list without streaming), GET /health, GET /info, GET /metrics (Prometheus text, see
-`server.metrics`), FastAPI's /docs, and the OpenAI-compatible routes under /v1 (`server.openai_routes`,
-which share `server.service` with these and answer errors in OpenAI's shape).
+`server.metrics`), FastAPI's /docs, the OpenAI-compatible routes under /v1 (`server.openai_routes`,
+which share `server.service` with these and answer errors in OpenAI's shape), and the browser
+playground at GET / (`server.playground`).
 
 A request's path: pydantic validates the body (422 naming the field) -> `prepare` tokenizes it
 off the event loop and `server.validation` checks the server's limits (422) -> the scheduler
@@ -35,6 +36,7 @@ from server.auth import ApiKeys
 from server.body_limit import BodyLimit
 from server.openai_protocol import OPENAI_PREFIX, openai_error
 from server.openai_routes import openai_router
+from server.playground import add_playground
 from server.protocol import (
     ErrorResponse,
     GenerateRequest,
@@ -44,6 +46,8 @@ from server.protocol import (
     StreamResponse,
     event_stream,
 )
+from server.request_id import HEADER as REQUEST_ID_HEADER
+from server.request_id import RequestIds
 from server.scheduler import QueueFull, RequestFailed, RequestStream, Scheduler, SchedulerUnavailable
 from server.service import VERSION, ClientGone, Service, generate
 from server.settings import Settings
@@ -76,7 +80,7 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
         model = loaded.model
         heads = load_heads(Path(settings.heads_path), model.config, model.lm_head,
                            device=settings.device, dtype=model.embed.weight.dtype)
-        tree = get_tree(settings.tree_name)
+        tree = get_tree(settings.tree_for(loaded.dtype_name))
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,
                   max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens,
                   max_speculative_batch=settings.speculative_batch_limit,
@@ -100,15 +104,16 @@ def sse(event: StreamResponse | ErrorResponse) -> str:
 async def stream_events(service: Service, job: Job, stream: RequestStream) -> AsyncIterator[str]:
     """One SSE event per generated token; the last one carries generated_text and details."""
     generation = service.generation()
-    index = 0
+    index = step = 0
     try:
         async for emitted in stream:
             tokens = generation.add(emitted)
+            step += bool(tokens)
             for i, token in enumerate(tokens):
                 index += 1
                 last = emitted.finish_reason is not None and i == len(tokens) - 1
                 yield sse(StreamResponse(
-                    index=index, token=token,
+                    index=index, token=token, step=step,
                     generated_text=generation.text(job) if last else None,
                     details=generation.stream_details(job) if last and job.details else None))
     except RequestFailed as e:
@@ -155,12 +160,15 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
     app.state.draining = draining
     app.add_middleware(BodyLimit, limit=settings.payload_limit)
     if settings.api_keys:  # added after the body limit, so it runs first: no body is read for a refusal
-        app.add_middleware(ApiKeys, keys=settings.api_keys)
+        app.add_middleware(ApiKeys, keys=settings.api_keys,
+                           open_metrics=not settings.metrics_api_key_required)
     if settings.cors_origins:  # outermost: a browser's preflight needs no key, and 401s carry CORS headers
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+                           allow_headers=["*"], expose_headers=[REQUEST_ID_HEADER])
+    app.add_middleware(RequestIds)  # outermost of all: every answer carries its x-request-id, refusals too
     add_error_handlers(app)
     app.include_router(openai_router)
+    add_playground(app)
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> Response:
@@ -194,14 +202,19 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
         return JSONResponse([dump(response)], headers=headers)
 
     @app.get("/health", response_model=Health,
-             responses={503: {"model": ErrorResponse, "description": "Unhealthy or shutting down"}})
+             responses={503: {"model": ErrorResponse, "description": "Draining after SIGTERM (error_type "
+                              "'draining') or unable to serve ('unhealthy')"}})
     async def health(request: Request) -> Response:
-        """200 when the model can serve; 503 when it cannot."""
+        """200 when the model can serve. 503 'draining' from SIGTERM on: the requests taken still run, a
+        load balancer should send no more (`server.cli.DrainingServer` listens on until they end); 503
+        'unhealthy' when it cannot serve. While the model loads and warms up nothing listens yet: a
+        probe's connection is refused."""
+        if draining.is_set():
+            return error_response(503, "draining: the server is shutting down and takes no new request",
+                                  "draining")
         unhealthy = service_of(request).scheduler.unhealthy
         if unhealthy is not None:
             return error_response(503, unhealthy, "unhealthy")
-        if draining.is_set():
-            return error_response(503, "the server is shutting down", "unhealthy")
         return JSONResponse(Health(status="ok").model_dump())
 
     @app.get("/info", response_model=Info)

@@ -1,10 +1,13 @@
-"""API keys: Bearer authentication on every route but /health and /metrics, when keys are set.
+"""API keys: Bearer authentication on every route but /health, /metrics and the playground page, when
+keys are set.
 
 An ASGI middleware, so that a request without a valid key is refused before any route, body or
 model work, in the error shape of the protocol it called (OpenAI's under /v1, TGI's elsewhere), with
 401 and `www-authenticate: Bearer`. Keys are compared in constant time, each of them every time, so
 the answer's timing tells nothing of a key or of which key came close. /health stays open for load
-balancers and orchestrators, /metrics for Prometheus (a network boundary protects it, as TGI's).
+balancers and orchestrators, /metrics for Prometheus (a network boundary protects it, as TGI's)
+unless `open_metrics` is false. The playground's page and files (`server.playground`) stay open too:
+a browser loads them without a key, and the page sends the key a person types with its requests.
 """
 
 from __future__ import annotations
@@ -15,19 +18,19 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.openai_protocol import OPENAI_PREFIX, openai_error
+from server.playground import is_playground
 from server.protocol import ErrorResponse
-
-OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
 class ApiKeys:
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], *, open_metrics: bool = True) -> None:
         assert keys and all(keys), "at least one non-empty key"
         self.app = app
         self.keys = tuple(key.encode() for key in keys)
+        self.open_paths = frozenset({"/health", "/metrics"} if open_metrics else {"/health"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or self._allowed(scope):
+        if scope["type"] != "http" or self._open(scope) or self._allowed(scope):
             await self.app(scope, receive, send)
             return
         message = "Missing or invalid API key: send the header 'Authorization: Bearer <key>'"
@@ -38,6 +41,9 @@ class ApiKeys:
             response = JSONResponse(ErrorResponse(error=message, error_type="unauthorized").model_dump(),
                                     status_code=401, headers=headers)
         await response(scope, receive, send)
+
+    def _open(self, scope: Scope) -> bool:
+        return scope["path"] in self.open_paths or is_playground(scope)
 
     def _allowed(self, scope: Scope) -> bool:
         scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")

@@ -4,8 +4,8 @@ Field names, defaults, ranges and JSON shapes follow TGI's router, so that TGI's
 (`text-generation`, `huggingface_hub.InferenceClient`) work unchanged. Extensions, all optional:
 `parameters.speculate` (turn Medusa speculation off for one request), `parameters.acceptance` (the
 rule that accepts speculated tokens when sampling), `parameters.timeout` (seconds before the request
-fails with error_type 'timeout'), and a `speculation` entry in `details` (the stream's too) and in
-`/info`.
+fails with error_type 'timeout'), a `speculation` entry in `details` (the stream's too) and in
+`/info`, and a `step` on each streamed token.
 
 TGI parameters this server does not implement accept only their no-op values (`best_of` 1,
 `top_n_tokens` 0, `frequency_penalty` 0, `watermark` false, `grammar` null); the schema states so,
@@ -187,6 +187,9 @@ class StreamResponse(BaseModel):
     token: Token
     generated_text: str | None = None  # on the last event only
     details: StreamDetails | None = None  # on the last event only, when details was asked
+    # extension, after TGI's fields: the engine call that emitted the token, 1 for the prefill's token;
+    # the tokens one speculative step accepted share it, so a client can show how many each step gave
+    step: int | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -1,5 +1,8 @@
 """The server's one settings object. Every default is written here, once; `server.cli` reads them.
 
+Every field is also an environment variable, named here, once (`ENVIRONMENT`): TGI's launcher variable
+where TGI has the same option (`TGI_VARIABLES`), else `MEDUSA_` and the field's name in capitals.
+
 The properties import what they need (torch comes with it) when called, so that `medusa-serve --help`
 answers without loading torch.
 """
@@ -14,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str | None = Field(default=None, description="Hugging Face folder or GGUF file; "
-                                                         "default: the embedded SmolLM2-135M-Instruct")
+    model: str | None = Field(
+        default=None, description="Hugging Face folder, GGUF file, or hub id org/name or org/name@revision "
+        "(a branch, tag or commit; a local path of that name wins), fetched into the Hugging Face cache; "
+        "default: the embedded SmolLM2-135M-Instruct")
     device: str = Field(default="cpu", description="torch device: cpu, cuda, cuda:1, ...")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
         default=None, description="weights: float32, bfloat16, float16, or auto (bfloat16 on CUDA and on "
@@ -25,7 +30,7 @@ class Settings(BaseModel):
         default="auto", description="compile the decoding step with torch.compile, every graph built at "
         "start-up, before the server listens; auto: on for CUDA, off on the CPU")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the server")
-    port: int = Field(default=8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on; 0: any free port")
     max_batch_size: int = Field(default=8, ge=1, description="sequences decoded together (KV-cache slots)")
     max_input_tokens: int = Field(default=1024, ge=1, description="longest prompt, in tokens")
     max_total_tokens: int = Field(default=2048, ge=2, description="prompt + generated tokens per request")
@@ -38,15 +43,24 @@ class Settings(BaseModel):
                                    "its last token, else it fails (504); `parameters.timeout` may ask less")
     drain_timeout: float = Field(default=60.0, ge=0, description="seconds SIGTERM waits for the requests "
                                  "already taken to finish before the server exits")
-    medusa_heads: str = Field(default="auto", description="folder of Medusa heads; 'none': no speculation; "
-                              "'auto': the project's shipped heads when serving the embedded model")
+    json_output: bool = Field(default=False, description="log JSON lines, one object per record with the "
+                              "request's id, for a log collector (as TGI's --json-output); default: text")
+    medusa_heads: str = Field(
+        default="auto", description="Medusa heads: a folder, or a hub id org/name or org/name@revision (this "
+        "server's format or the official Medusa one); 'none': no speculation; 'auto': the project's shipped "
+        "heads when serving the embedded model")
     chat_template: Literal["auto", "on", "off"] = Field(
         default="auto", description="wrap /generate inputs in the model's chat template as one user "
         "message; auto: on for the embedded instruct model, whose raw-text answers are often empty")
     tree: str | None = Field(default=None, description="candidate tree: a name (an unknown one gets the "
-                             "list) or a JSON file; default: the shipped 'gpu' tree on CUDA, 'cpu' otherwise")
+                             "list) or a JSON file; default: the shipped 'gpu' tree on CUDA, 'cpu-bf16' for "
+                             "bfloat16 weights on the CPU, 'cpu' otherwise")
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on every "
-                                "route but /health and /metrics; several keys separated by commas")
+                                "route but /health, /metrics and the playground page; several keys "
+                                "separated by commas")
+    metrics_api_key_required: bool = Field(
+        default=False, description="put /metrics behind the API key too; off, it stays open for a "
+        "Prometheus inside the network boundary, as TGI's")
     cors_allow_origins: str | None = Field(
         default=None, description="origins a browser may call the server from, separated by commas ('*': "
         "any); default: none (CORS off)")
@@ -58,6 +72,12 @@ class Settings(BaseModel):
     def _keys_given(self) -> Settings:
         if self.api_key is not None and not self.api_keys:  # an empty API_KEY must not turn auth off
             raise ValueError("api_key holds no key: give one or more keys separated by commas")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_key_has_keys(self) -> Settings:
+        if self.metrics_api_key_required and not self.api_keys:  # else /metrics would stay open, silently
+            raise ValueError("metrics_api_key_required needs api_key: without keys no route asks for one")
         return self
 
     @model_validator(mode="after")
@@ -85,7 +105,7 @@ class Settings(BaseModel):
 
     @property
     def heads_path(self) -> str | None:
-        """The heads folder to load, or None for plain decoding."""
+        """The heads folder or hub id to load, or None for plain decoding."""
         if self.medusa_heads == "none":
             return None
         if self.medusa_heads == "auto":
@@ -106,9 +126,31 @@ class Settings(BaseModel):
             return self.max_speculative_batch
         return None if self.device.startswith("cuda") else 3
 
-    @property
-    def tree_name(self) -> str:
-        """The candidate tree to use with heads: the one asked for, or the one shipped for the device."""
+    def tree_for(self, dtype: str) -> str:
+        """The candidate tree to use with heads: the one asked for, or the one shipped for the device
+        and the weights' dtype (known once loaded: --dtype auto resolves then)."""
         from medusa.tree import default_tree
 
-        return default_tree(self.device) if self.tree is None else self.tree
+        return default_tree(self.device, dtype) if self.tree is None else self.tree
+
+
+# TGI's launcher variables, for the options TGI has with the same meaning, so that a TGI deployment's
+# environment carries over. HOST, not TGI's HOSTNAME: shells and containers set HOSTNAME to the machine's
+# name, which would bind the server to whatever address that name resolves to.
+TGI_VARIABLES = {"model": "MODEL_ID", "host": "HOST", "port": "PORT", "dtype": "DTYPE",
+                 "max_batch_size": "MAX_BATCH_SIZE", "max_input_tokens": "MAX_INPUT_TOKENS",
+                 "max_total_tokens": "MAX_TOTAL_TOKENS", "payload_limit": "PAYLOAD_LIMIT",
+                 "api_key": "API_KEY", "cors_allow_origins": "CORS_ALLOW_ORIGIN",
+                 "json_output": "JSON_OUTPUT"}
+
+
+def environment_variable(field: str) -> str:
+    """The variable that sets `field`: TGI's name, else MEDUSA_<FIELD> (MEDUSA_HEADS, not
+    MEDUSA_MEDUSA_HEADS)."""
+    if field in TGI_VARIABLES:
+        return TGI_VARIABLES[field]
+    name = field.upper()
+    return name if name.startswith("MEDUSA_") else f"MEDUSA_{name}"
+
+
+ENVIRONMENT = {field: environment_variable(field) for field in Settings.model_fields}

@@ -1,6 +1,6 @@
-"""API keys: with keys set, every route but /health and /metrics answers 401 without a valid Bearer
-key, in the shape of the protocol called; any of several keys is accepted; without keys nothing
-changes."""
+"""API keys: with keys set, every route but /health, /metrics (unless asked) and the playground's page
+answers 401 without a valid Bearer key, in the shape of the protocol called; any of several keys is
+accepted; without keys nothing changes."""
 
 from __future__ import annotations
 
@@ -44,6 +44,21 @@ def test_each_key_opens_every_route(guarded, key):
 def test_health_and_metrics_stay_open(guarded):
     assert guarded.get("/health").status_code == 200
     assert guarded.get("/metrics").status_code == 200
+
+
+def test_metrics_asks_for_a_key_when_told(loaded):
+    settings = tiny_settings(api_key="key", metrics_api_key_required=True)
+    with TestClient(create_app(settings, loaded)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"authorization": "Bearer key"}).status_code == 200
+        assert client.get("/health").status_code == 200
+
+
+def test_metrics_behind_a_key_without_keys_is_refused_at_start_up(capsys):
+    with pytest.raises(SystemExit):
+        settings_from([], {"MEDUSA_METRICS_API_KEY_REQUIRED": "true"})
+    assert "metrics_api_key_required needs api_key" in capsys.readouterr().err
+    assert settings_from(["--metrics-api-key-required"], {"API_KEY": "k"}).metrics_api_key_required
 
 
 def test_without_keys_no_route_asks_for_one(client):

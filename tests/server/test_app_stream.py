@@ -28,7 +28,7 @@ def test_one_event_per_token_then_text_and_details(client, route):
     assert len(stream) == 7
     assert [e["index"] for e in stream] == list(range(1, 8))
     for event in stream[:-1]:
-        assert list(event) == ["index", "token", "generated_text", "details"]
+        assert list(event) == ["index", "token", "generated_text", "details", "step"]  # TGI's, then ours
         assert event["generated_text"] is None and event["details"] is None
         assert set(event["token"]) == {"id", "text", "logprob", "special"}
     last = stream[-1]

@@ -1,10 +1,14 @@
-"""`medusa-serve` settings: flags over HOST/PORT over the defaults, and clear errors."""
+"""`medusa-serve` settings: every one a flag and an environment variable, flags over the environment over
+the defaults, clear errors, and the README's table of them."""
 
+import itertools
 import json
 import signal
 import socket
 import subprocess
 import sys
+import types
+import typing
 from pathlib import Path
 
 import httpx
@@ -13,8 +17,8 @@ import torch
 import transformers
 
 from server.app import build_engine
-from server.cli import main, settings_from
-from server.settings import Settings
+from server.cli import flag, main, parser, settings_from, settings_table
+from server.settings import ENVIRONMENT, TGI_VARIABLES, Settings
 from tests.server.support import tiny_loaded, wait_until
 from tests.tiny_tokenizer import tiny_tokenizer
 
@@ -105,9 +109,10 @@ def test_the_embedded_model_gets_the_shipped_heads_and_the_chat_template(model, 
 
 
 def test_the_default_tree_is_the_one_shipped_for_the_device():
-    assert settings_from([], {}).tree_name == "cpu"
-    assert settings_from(["--device", "cuda:1"], {}).tree_name == "gpu"
-    assert settings_from(["--device", "cuda", "--tree", "chain"], {}).tree_name == "chain"
+    assert settings_from([], {}).tree_for("float32") == "cpu"
+    assert settings_from([], {}).tree_for("bfloat16") == "cpu-bf16"
+    assert settings_from(["--device", "cuda:1"], {}).tree_for("bfloat16") == "gpu"
+    assert settings_from(["--device", "cuda", "--tree", "chain"], {}).tree_for("bfloat16") == "chain"
 
 
 def test_compile_comes_from_the_flag_over_medusa_compile_over_auto():
@@ -131,3 +136,100 @@ def test_the_compile_setting_reaches_the_engine(argv, compiled):
 def test_dtype_defaults_to_the_devices_own_at_load():
     assert settings_from([], {}).dtype is None  # runtime.loading.torch_dtype resolves it per device
     assert settings_from(["--dtype", "auto"], {}).dtype == "auto"
+
+
+# ---------------------------------------------------------------- every setting from the environment
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def value_kind(name: str) -> object:
+    """The setting's type without its None: `int | None` -> int, `Literal[...] | None` -> Literal[...]."""
+    annotation = Settings.model_fields[name].annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return kind
+    return annotation
+
+
+def other_value(name: str, nth: int) -> tuple[str, object]:
+    """A valid value of a setting other than its default (the nth such), as text and as Settings holds it."""
+    default, kind = Settings.model_fields[name].default, value_kind(name)
+    if kind is bool:
+        value = not default if nth == 0 else default
+        return str(value).lower(), value
+    if typing.get_origin(kind) is typing.Literal:
+        value = [option for option in typing.get_args(kind) if option != default][nth]
+        return value, value
+    if kind in (int, float):
+        value = kind((default or 0) + 1 + nth)  # keeps max_input_tokens under max_total_tokens
+        return str(value), value
+    assert kind is str, f"{name}: a setting of a type this test does not know"
+    return f"{name}-{nth}", f"{name}-{nth}"
+
+
+def as_flags(name: str, nth: int) -> list[str]:
+    text, value = other_value(name, nth)
+    if value_kind(name) is bool:
+        return [flag(name) if value else "--no-" + flag(name).removeprefix("--")]
+    return [flag(name), text]
+
+
+def test_every_setting_comes_from_its_environment_variable():
+    environ = {ENVIRONMENT[name]: other_value(name, 0)[0] for name in Settings.model_fields}
+    settings = settings_from([], environ)
+    for name in Settings.model_fields:
+        assert getattr(settings, name) == other_value(name, 0)[1], ENVIRONMENT[name]
+
+
+def test_every_flag_overrides_its_environment_variable():
+    environ = {ENVIRONMENT[name]: other_value(name, 0)[0] for name in Settings.model_fields}
+    argv = list(itertools.chain.from_iterable(as_flags(name, 1) for name in Settings.model_fields))
+    settings = settings_from(argv, environ)
+    for name in Settings.model_fields:
+        assert getattr(settings, name) == other_value(name, 1)[1], flag(name)
+
+
+def test_an_empty_variable_counts_as_unset():
+    assert settings_from([], {variable: "" for variable in ENVIRONMENT.values()}) == Settings()
+
+
+def test_variables_follow_one_rule_and_keep_their_old_names():
+    for name, variable in ENVIRONMENT.items():
+        assert variable == TGI_VARIABLES.get(name, "MEDUSA_" + name.upper().removeprefix("MEDUSA_"))
+    assert len(set(ENVIRONMENT.values())) == len(ENVIRONMENT)
+    old = {"host": "HOST", "port": "PORT", "compile": "MEDUSA_COMPILE", "api_key": "API_KEY"}
+    assert old.items() <= ENVIRONMENT.items()
+
+
+def test_help_names_every_flag_and_variable():
+    shown = " ".join(parser().format_help().split())  # argparse wraps lines
+    for name, variable in ENVIRONMENT.items():
+        assert flag(name) in shown and f"environment: {variable}" in shown
+
+
+@pytest.mark.parametrize("name", [name for name in Settings.model_fields if value_kind(name) is not str])
+def test_a_bad_variable_is_a_usage_error_naming_it_but_not_its_value(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        settings_from([], {ENVIRONMENT[name]: "not-a-value"})
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"environment variable {ENVIRONMENT[name]} ({name})" in error and "not-a-value" not in error
+
+
+def test_a_conflict_between_settings_names_the_variables_involved(capsys):
+    with pytest.raises(SystemExit):
+        settings_from(["--max-total-tokens", "2048"], {"MAX_INPUT_TOKENS": "4096", "PORT": "9000"})
+    error = capsys.readouterr().err.splitlines()[-1]  # after the usage lines
+    assert "max_input_tokens (4096) must be less than" in error
+    assert error.endswith("(from the environment: MAX_INPUT_TOKENS)")
+
+
+def test_the_readme_table_is_the_settings():
+    """README.md, `## Running`, `### Settings`: regenerate with
+    python -c 'from server.cli import settings_table; print(settings_table(), end="")'"""
+    section = README.read_text().split("\n### Settings\n", 1)[1].splitlines()
+    table = itertools.takewhile(lambda line: line.startswith("|"),
+                                itertools.dropwhile(lambda line: not line.startswith("|"), section))
+    assert "\n".join(table) + "\n" == settings_table()
+
