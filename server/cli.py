@@ -154,16 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     from medusa.checkpoints import HeadsLoadError
     from medusa.tree import TreeError
     from runtime.config import ConfigError
-    from runtime.loading import ModelLoadError, load_model
-    from server.app import build_engine, create_app
+    from runtime.loading import ModelLoadError
+    from server.app import create_app, load_engine
 
     log = logging.getLogger(__name__)
     log.info("loading model %s on %s", settings.model or "smollm2 (embedded)", settings.device)
     try:
-        loaded = load_model(settings.model, settings.device, settings.dtype)
+        loaded, engine = load_engine(settings)
         # what --dtype (auto, or the device's default when not given) chose
         log.info("weights in %s", loaded.dtype_name)
-        engine = build_engine(settings, loaded)
     except (ModelLoadError, HeadsLoadError, TreeError, ConfigError) as e:
         sys.exit(f"medusa-serve: {e}")
     app = create_app(settings, loaded, engine=engine)

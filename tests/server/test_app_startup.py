@@ -45,3 +45,30 @@ def test_a_failed_warm_up_stops_the_start_up(loaded: LoadedModel) -> None:
     with pytest.raises(SchedulerUnavailable, match="injected warm-up failure"):
         with TestClient(create_app(settings, loaded, engine=engine)):
             pass
+
+
+def test_the_model_and_engine_are_built_in_a_thread_that_has_ended(loaded: LoadedModel, monkeypatch) -> None:
+    """A thread that ran torch's parallel regions keeps libgomp workers as long as it lives, and with
+    more of them than CPUs the scheduler's steps sleep between operations: half speed, measured
+    (`server.app.load_engine`). So nothing that lives on may do the loading."""
+    import server.app as app_module
+
+    built_in: list[threading.Thread] = []
+    build_engine = app_module.build_engine
+
+    def recording_build(settings, model):
+        built_in.append(threading.current_thread())
+        return build_engine(settings, model)
+
+    monkeypatch.setattr(app_module, "build_engine", recording_build)
+    monkeypatch.setattr(app_module, "load_model", lambda *args: (built_in.append(threading.current_thread()),
+                                                                  loaded)[1])
+    model, engine = app_module.load_engine(tiny_settings())
+    assert model is loaded and engine.model is loaded.model
+    assert len(built_in) == 2 and built_in[0] is built_in[1]
+    assert built_in[0] is not threading.current_thread() and not built_in[0].is_alive()
+
+    with TestClient(create_app(tiny_settings())) as client:  # the lifespan's path: loads by settings
+        assert client.get("/health").status_code == 200
+    assert len(built_in) == 4 and built_in[2] is built_in[3] and not built_in[2].is_alive()
+    assert built_in[2] is not threading.main_thread()
