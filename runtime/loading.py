@@ -54,7 +54,7 @@ from transformers import (
 
 from runtime.config import ConfigError, ModelConfig
 from runtime.hub import HubError, HubId, hub_id, snapshot
-from runtime.llama import Llama, from_hf_state_dict
+from runtime.llama import Llama, from_hf_state_dict, measure_packed_from_rows
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +103,17 @@ def is_embedded(spec: str | None) -> bool:
     return spec is None or spec == EMBEDDED
 
 
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return ""
+
+
 def cpu_has_bf16_products() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), read from /proc/cpuinfo;
     elsewhere bf16 products are emulated and slower than float32 ones."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
@@ -352,7 +356,39 @@ def _build_llama(config: ModelConfig, weights: dict[str, torch.Tensor], device: 
         model.load_state_dict(weights, assign=True)
     except RuntimeError as err:  # tensor shapes that disagree with config.json
         raise ModelLoadError(f"the weights in {path} do not fit its config.json: {err}") from err
-    return model.to(device).eval().prepare_for_serving()
+    model = model.to(device).eval()
+    return model.prepare_for_serving(packed_from_rows(model) if device.type == "cpu" else None)
+
+
+def packed_from_rows(model: Llama) -> int:
+    """`runtime.llama.measure_packed_from_rows`, measured once per machine: the answer is kept in
+    matmul.json in the cache folder, keyed by CPU, threads, torch, dtype and the model's shapes, so
+    that a restart neither spends the timing again nor draws a different answer from a noisy one."""
+    c = model.config
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                if line.startswith("model name")), "unknown CPU")
+    key = (f"{cpu}; bf16 products: {cpu_has_bf16_products()}; {torch.get_num_threads()} threads; torch "
+           f"{torch.__version__}; {model.embed.weight.dtype}; hidden {c.hidden_size}, mlp "
+           f"{c.intermediate_size}, heads {c.num_heads}/{c.num_kv_heads}x{c.head_dim}, vocab {c.vocab_size}, "
+           f"layers {c.num_layers}")
+    path = default_cache_dir() / "matmul.json"
+    try:
+        known = json.loads(path.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):  # none yet, or unreadable: measure and write it anew
+        known = {}
+    if isinstance(known.get(key), int):
+        return known[key]
+    known[key] = from_rows = measure_packed_from_rows(model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(known, f, indent=1)
+        os.replace(f.name, path)  # whole or not at all, should two servers start at once
+    except OSError as e:  # a read-only cache: measured again next time
+        logger.warning("cannot keep the matmul measurement in %s: %s", path, e)
+    return from_rows
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

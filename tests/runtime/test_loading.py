@@ -365,3 +365,21 @@ def test_embedded_model_conversion_is_reused(real_model):
     assert resolve(None) == real_model.path
     assert (real_model.path / "model.safetensors").stat().st_mtime_ns == weights_mtime
     assert not list(real_model.path.parent.glob(f".{real_model.path.name}.tmp-*"))
+
+
+def test_the_matmul_choice_is_measured_once_per_machine_and_model(monkeypatch, tmp_path, tiny_llama):
+    monkeypatch.setenv("MEDUSA_CACHE_DIR", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(loading, "measure_packed_from_rows", lambda model: measured.append(model) or 4)
+    assert loading.packed_from_rows(tiny_llama) == 4 and len(measured) == 1
+    assert loading.packed_from_rows(tiny_llama) == 4 and len(measured) == 1  # from matmul.json
+    (entry,) = json.loads((tmp_path / "matmul.json").read_text()).items()
+    assert entry[1] == 4 and f"torch {torch.__version__}" in entry[0] and "float32" in entry[0]
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # another thread count: timed anew
+    assert loading.packed_from_rows(tiny_llama) == 4 and len(measured) == 2
+    assert len(json.loads((tmp_path / "matmul.json").read_text())) == 2
+
+    (tmp_path / "matmul.json").write_text("{not json")  # a torn file is measured over, not trusted
+    assert loading.packed_from_rows(tiny_llama) == 4 and len(measured) == 3
+    assert len(json.loads((tmp_path / "matmul.json").read_text())) == 1
