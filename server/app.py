@@ -28,6 +28,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from medusa.checkpoints import load_heads
 from medusa.engine import Engine, use_compile
@@ -268,6 +269,14 @@ def error_response(status: int, message: str, error_type: str, headers: dict[str
                         headers=headers)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app takes at the request's path (GET / is the playground, POST /
+    TGI's client route: two routes, one path)."""
+    return [method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                   for route in request.app.router.routes)]
+
+
 def describe_validation_error(error: dict) -> str:
     """One pydantic/FastAPI error as text that names the field, e.g. 'parameters.top_p: ...'."""
     if error["type"] == "json_invalid":
@@ -327,4 +336,7 @@ def add_error_handlers(app: FastAPI) -> None:
             unread_body(request)
             return error_response(400, f"Input validation error: malformed JSON body: {exc.detail}",
                                   "validation", request=request)
-        return error_response(exc.status_code, str(exc.detail), "http", headers=exc.headers, request=request)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names the methods of the first route with this path only
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(exc.status_code, str(exc.detail), "http", headers=headers, request=request)

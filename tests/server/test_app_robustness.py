@@ -109,3 +109,15 @@ def test_a_leaked_slot_marks_the_server_unhealthy_and_the_scheduler_sleeps():
         time.sleep(0.5)
         assert len(checks) - before <= 3  # woken by the deadline, not spinning
         queued.join()
+
+
+@pytest.mark.parametrize(("method", "route", "allowed"), [("OPTIONS", "/", "GET, POST"),
+                                                          ("DELETE", "/generate", "POST"),
+                                                          ("PUT", "/v1/models", "GET")])
+def test_a_wrong_method_gets_405_naming_every_method_the_path_takes(method, route, allowed):
+    """GET / (the playground) and POST / (TGI's client) are two routes on one path: Starlette's 405
+    named only the first one's method (schemathesis' ST205)."""
+    with controlled_server() as (url, engine, scheduler):
+        response = httpx.request(method, url + route)
+        assert response.status_code == 405
+        assert response.headers["allow"] == allowed
