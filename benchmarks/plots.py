@@ -16,16 +16,6 @@ from matplotlib.figure import Figure
 PERCENTILES = (50, 90, 99)
 
 
-def cpu_name() -> str:
-    """The CPU's model name, as lscpu prints it, from /proc/cpuinfo; "unknown CPU" where there is none."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown CPU"
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else "unknown CPU"
-
-
 def grouped_bars(ax, groups: list[str], bars: dict[str, list[float | None]]) -> None:
     """One cluster per group, one bar per key of `bars` (its values per group; None leaves a gap)."""
     x = np.arange(len(groups))

@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser().error("--requests must be at least 1")
     if args.plot:  # before the load: a missing matplotlib or a server without /info stops it now
         from benchmarks import plots
+        from runtime.loading import cpu_name  # torch comes with it: only for a chart
 
-        title = chart_title(args, plots.cpu_name())
+        title = chart_title(args, cpu_name())
     prompts = read_prompts(args.prompts)
     summaries = []
     for concurrency in args.concurrency:

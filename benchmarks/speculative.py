@@ -40,7 +40,7 @@ from medusa.engine import Engine, use_compile
 from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from medusa.tree import default_tree, get_tree
 from runtime.config import SamplingParams
-from runtime.loading import LoadedModel, embedded_gguf_path, is_embedded, load_model
+from runtime.loading import LoadedModel, cpu_name, embedded_gguf_path, is_embedded, load_model
 from runtime.prompt import Prompter
 
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():  # (not set globally: tests call main in their own process)
         summary = benchmark(args)
     if args.plot and "per_category" in summary:
-        plots.speculative_chart(summary, args.plot, chart_title(summary, args, plots.cpu_name()))
+        plots.speculative_chart(summary, args.plot, chart_title(summary, args, cpu_name()))
     elif args.plot:
         print(f"no chart written to {args.plot}: no mode ran")
     if args.json:

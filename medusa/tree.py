@@ -224,8 +224,8 @@ SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 def default_tree(device: str, dtype: str = "float32") -> str:
     """The shipped tree calibrated for a device and the weights' dtype: 'gpu' on CUDA; on the CPU
     'cpu-bf16' for bfloat16 weights, else 'cpu'. Each was measured in its dtype (NAME.calibration.json):
-    on the AMX Xeon bf16 verification is cheap enough that 16 nodes match 8 compiled, not enough to
-    pay eager (67.8 vs 72.9 tok/s), so both CPU trees have 8 nodes today."""
+    on the AMX Xeon, generating in bf16, 8 nodes gave 68.9 tok/s, 12 68.4, 16 62.9, 32 54.3, so both
+    CPU trees have 8 nodes today."""
     if device.startswith("cuda"):
         return "gpu"
     return "cpu-bf16" if dtype == "bfloat16" else "cpu"

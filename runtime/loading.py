@@ -110,6 +110,12 @@ def _cpuinfo() -> str:
         return ""
 
 
+def cpu_name() -> str:
+    """The CPU's model name as lscpu prints it, from /proc/cpuinfo; "unknown CPU" where there is none."""
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+                 if line.startswith("model name")), "unknown CPU")
+
+
 def cpu_has_bf16_products() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), read from /proc/cpuinfo;
     elsewhere bf16 products are emulated and slower than float32 ones."""
@@ -365,10 +371,8 @@ def packed_from_rows(model: Llama) -> int:
     matmul.json in the cache folder, keyed by CPU, threads, torch, dtype and the model's shapes, so
     that a restart neither spends the timing again nor draws a different answer from a noisy one."""
     c = model.config
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
-                if line.startswith("model name")), "unknown CPU")
-    key = (f"{cpu}; bf16 products: {cpu_has_bf16_products()}; {torch.get_num_threads()} threads; torch "
-           f"{torch.__version__}; {model.embed.weight.dtype}; hidden {c.hidden_size}, mlp "
+    key = (f"{cpu_name()}; bf16 products: {cpu_has_bf16_products()}; {torch.get_num_threads()} threads; "
+           f"torch {torch.__version__}; {model.embed.weight.dtype}; hidden {c.hidden_size}, mlp "
            f"{c.intermediate_size}, heads {c.num_heads}/{c.num_kv_heads}x{c.head_dim}, vocab {c.vocab_size}, "
            f"layers {c.num_layers}")
     path = default_cache_dir() / "matmul.json"

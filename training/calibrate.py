@@ -12,6 +12,12 @@
 3. The budget that maximises expected tokens per second of step time wins. `--budget N` takes N
    nodes without measuring (a GPU, where verifying 64 tokens costs about what one does).
 
+`--prompts FILE` (Spec-Bench jsonl) measures instead of estimating: greedy generation of `--limit`
+prompts through the whole engine with each tree size, the best measured tokens per second winning.
+The forward-only step cost of 2. leaves out drafting, acceptance and compaction, which grow with the
+tree: in bfloat16 on an AMX Xeon it put the best tree at 12-16 nodes, generation at 8 (72.9 tok/s
+against 67.8 at 16; `medusa/trees/cpu-bf16.calibration.json`).
+
 `--out NAME.json` writes the tree there, and its estimates and measurements beside it in
 NAME.calibration.json; `medusa.tree.get_tree` finds a tree written into `medusa/trees/` by its NAME.
 
@@ -29,10 +35,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.spec_bench import read_questions
 from medusa.checkpoints import load_heads
 from medusa.draft import draft
+from medusa.engine import Engine
 from medusa.tree import TreeBuffers, build_tree
-from runtime.loading import load_model
+from runtime.loading import cpu_name, load_model
+from runtime.prompt import Prompter
 
 
 def greedy_tree(rank_probs: list[list[float]], budget: int) -> tuple[list[tuple[int, ...]], list[float]]:
@@ -83,10 +92,29 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
     return costs
 
 
+def generation_speed(loaded, heads, trees: dict[int, TreeBuffers], prompts: list[list[int]],
+                     max_new_tokens: int) -> dict[int, tuple[float, float]]:
+    """Per tree size: tokens per second of greedy generation of `prompts`, one at a time, through the
+    whole engine, and the mean tokens per step it accepted."""
+    from benchmarks.speculative import run_engine
+
+    speeds = {}
+    for T, tree in trees.items():
+        engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
+                        max_total_tokens=max(map(len, prompts)) + max_new_tokens, heads=heads, tree=tree)
+        run_engine(engine, prompts[:1], 8)  # warms caches up, untimed
+        result = run_engine(engine, prompts, max_new_tokens)
+        tokens = sum(map(len, result.outputs))
+        speeds[T] = (tokens / sum(result.seconds), tokens / max(1, sum(result.steps)))
+    return speeds
+
+
 def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repeats: int,
-              budget: int | None = None, lookup: int = 0, dtype: str = "float32") -> dict:
+              budget: int | None = None, lookup: int = 0, dtype: str = "float32",
+              questions: list[str] | None = None, max_new_tokens: int = 64) -> dict:
     """The tree (head choices + a lookup branch of `lookup` nodes, root included in the node
-    counts) that maximises expected tokens per second, or the best one of `budget` nodes."""
+    counts) that maximises expected tokens per second, or measured tokens per second of generating
+    `questions`, or the best one of `budget` nodes."""
     report = json.loads((heads_path / "training.json").read_text())
     rank_probs = report["held_out"]["rank_probs"]
     choices, probs = greedy_tree(rank_probs, max_nodes - 1 - lookup)
@@ -103,6 +131,20 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
     sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(lookup + 1, max_nodes + 1))
                    | {max_nodes})
     trees = {T: build_tree([list(c) for c in choices[:T - 1 - lookup]], lookup=lookup) for T in sizes}
+    if questions is not None:  # measured through the engine, not estimated
+        prompter = Prompter(loaded.tokenizer, chat_template=True)
+        speeds = generation_speed(loaded, heads, trees, [prompter.encode(q) for q in questions],
+                                  max_new_tokens)
+        rows = [{"nodes": T, "tokens_per_step": round(per_step, 3), "tokens_per_s": round(tok_s, 1)}
+                for T, (tok_s, per_step) in speeds.items()]
+        best = max(rows, key=lambda r: r["tokens_per_s"])
+        for r in rows:
+            print(f"{r['nodes']:4d} nodes  {r['tokens_per_step']:.2f} tokens/step  "
+                  f"{r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
+        return {"choices": [list(c) for c in trees[best["nodes"]].choices], "lookup": lookup,
+                "device": device, "dtype": loaded.dtype_name, "cpu": cpu_name(),
+                "measured": f"greedy generation of {len(questions)} prompts, {max_new_tokens} new tokens",
+                "measurements": rows}
     costs = step_cost(loaded, heads, trees, context, repeats)
     rows = []
     for T in sizes:
@@ -131,12 +173,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", type=int, help="use this many nodes without measuring (e.g. 64 on a GPU, "
                     "where verifying 64 tokens costs about what one does)")
     ap.add_argument("--lookup", type=int, default=0, help="nodes of a prompt-lookup branch (in the budget)")
+    ap.add_argument("--prompts", type=Path, help="Spec-Bench jsonl: pick the size by measured generation "
+                    "speed on these prompts instead of the estimate")
+    ap.add_argument("--limit", type=int, default=10, help="prompts measured with --prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt with --prompts")
     ap.add_argument("--out", type=Path, help="write the chosen tree's choices here (JSON)")
     args = ap.parse_args(argv)
     if not 0 <= args.lookup < (args.budget or args.max_nodes):
         ap.error("--lookup must be >= 0 and leave room for the root")
+    questions = None if args.prompts is None else [q.text for q in read_questions(args.prompts, args.limit)]
     result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget,
-                       args.lookup, args.dtype)
+                       args.lookup, args.dtype, questions, args.max_new_tokens)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tree = {"choices": result["choices"], "lookup": args.lookup} if args.lookup else result["choices"]

@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from medusa.checkpoints import SHIPPED_HEADS
 from medusa.tree import build_tree, get_tree
 from training.calibrate import greedy_tree, main
 
@@ -30,3 +33,23 @@ def test_a_budget_with_a_lookup_branch_writes_a_tree_the_server_reads(tmp_path):
     tree = get_tree(str(out))
     assert tree.num_nodes == 8 and tree.lookup == 3
     assert tree.choices == ((0,), (1,), (0, 0), (0, 0, 0))  # the 4 best paths
+
+
+@pytest.mark.slow
+def test_measured_calibration_picks_the_size_that_generated_fastest(tmp_path, capsys):
+    """With --prompts the size is chosen by greedy generation through the engine (the shipped heads
+    and the embedded model), not by the forward-only estimate."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"category": "writing", "turns": [text]}) + "\n"
+                               for text in ("Write a haiku about rain.", "Name three colours.")))
+    out = tmp_path / "measured.json"
+    main(["--heads", str(SHIPPED_HEADS), "--max-nodes", "8", "--lookup", "4", "--prompts", str(prompts),
+          "--max-new-tokens", "8", "--out", str(out)])
+    record = json.loads(out.with_suffix(".calibration.json").read_text())
+    rows = record["measurements"]
+    assert [r["nodes"] for r in rows] == [6, 8]
+    assert all(r["tokens_per_s"] > 0 and r["tokens_per_step"] >= 1 for r in rows)
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    tree = get_tree(str(out))
+    assert tree.num_nodes == best["nodes"] and tree.lookup == 4
+    assert "<- best" in capsys.readouterr().out
