@@ -83,3 +83,10 @@ def snapshot(repo: HubId, allow_patterns: list[str], what: str) -> Path:
     except (OSError, HFValidationError) as err:  # the hub's other refusals, a network failure, a full disk
         raise HubError(f"cannot fetch the {what} {str(repo)!r} from the hub: {err}") from err
     return Path(folder)
+
+
+def snapshot_commit(folder: Path) -> str | None:
+    """The commit of a hub cache's snapshot folder (`.../snapshots/<commit>`, as `snapshot` returns),
+    or None for any other folder."""
+    is_commit = re.fullmatch(r"[0-9a-f]{40}", folder.name) is not None
+    return folder.name if is_commit and folder.parent.name == "snapshots" else None

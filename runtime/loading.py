@@ -53,7 +53,7 @@ from transformers import (
 )
 
 from runtime.config import ConfigError, ModelConfig
-from runtime.hub import HubError, HubId, hub_id, snapshot
+from runtime.hub import HubError, HubId, hub_id, snapshot, snapshot_commit
 from runtime.llama import Llama, from_hf_state_dict, measure_packed_from_rows
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,11 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]  # generation_config.json, config.json and tokenizer, deduplicated
     model_id: str  # EMBEDDED_MODEL_ID for the embedded model, a hub id's org/name, else the file/folder name
     path: Path  # the Hugging Face folder the weights came from (for a hub id, its snapshot in the cache)
+
+    @property
+    def commit(self) -> str | None:
+        """The hub commit the weights came from, None for a local folder or file (/info's model_sha)."""
+        return snapshot_commit(self.path)
 
     @property
     def dtype_name(self) -> str:

@@ -139,7 +139,7 @@ class Service:
         s, engine = self.settings, self.scheduler.engine
         heads = engine.heads
         return Info(
-            model_id=self.loaded.model_id, model_dtype=self.loaded.dtype_name,
+            model_id=self.loaded.model_id, model_sha=self.loaded.commit, model_dtype=self.loaded.dtype_name,
             model_device_type=torch.device(s.device).type,
             max_concurrent_requests=s.max_batch_size + s.max_queue, max_input_tokens=s.max_input_tokens,
             max_input_length=s.max_input_tokens, max_total_tokens=s.max_total_tokens,

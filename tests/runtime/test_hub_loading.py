@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from huggingface_hub import constants, scan_cache_dir
 
 from medusa.checkpoints import HeadsLoadError, load_heads, official_state_dict, save_official
@@ -32,7 +33,9 @@ from medusa.tree import get_tree
 from runtime.config import SamplingParams
 from runtime.hub import HubId, hub_id
 from runtime.loading import LoadedModel, ModelLoadError, load_model
+from server.app import create_app
 from tests.conftest import tiny_hf_model
+from tests.server.support import tiny_engine, tiny_settings
 from tests.tiny_tokenizer import tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +128,12 @@ def test_a_model_by_id_generates_what_its_folder_does(hub_cache, models):
     by_id = load_model("org/tiny")
     assert by_id.model_id == "org/tiny"
     assert by_id.path == hub_cache / "models--org--tiny" / "snapshots" / commit
-    assert greedy(by_id) == greedy(load_model(str(models[0])))
+    by_folder = load_model(str(models[0]))
+    assert greedy(by_id) == greedy(by_folder)
+    assert (by_id.commit, by_folder.commit) == (commit, None)
+    settings = tiny_settings(medusa_heads="none")
+    with TestClient(create_app(settings, by_id, engine=tiny_engine(by_id, settings))) as client:
+        assert client.get("/info").json()["model_sha"] == commit  # TGI's /info names the commit
 
 
 def test_a_revision_picks_its_snapshot(hub_cache, models):
