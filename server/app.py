@@ -36,7 +36,7 @@ from medusa.tree import get_tree
 from runtime.loading import LoadedModel, load_model
 from server.auth import ApiKeys
 from server.body_limit import BodyLimit
-from server.openai_protocol import OPENAI_PREFIX, openai_error
+from server.openai_protocol import protocol_error
 from server.openai_routes import openai_router
 from server.playground import add_playground
 from server.protocol import (
@@ -262,11 +262,9 @@ def dump(response: GenerateResponse) -> dict:
 
 def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None, *,
                    request: Request | None = None, param: str | None = None) -> JSONResponse:
-    """The error in the protocol of the request's route: OpenAI's shape under /v1/ (`param`: the field)."""
-    if request is not None and request.url.path.startswith(OPENAI_PREFIX):
-        return openai_error(status, message, error_type, param=param, headers=headers)
-    return JSONResponse(ErrorResponse(error=message, error_type=error_type).model_dump(), status_code=status,
-                        headers=headers)
+    """The error in the protocol of the request's route (`protocol_error`)."""
+    path = request.url.path if request is not None else ""
+    return protocol_error(path, status, message, error_type, param=param, headers=headers)
 
 
 def allowed_methods(request: Request) -> list[str]:

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import hmac
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.openai_protocol import OPENAI_PREFIX, openai_error
+from server.openai_protocol import protocol_error
 from server.playground import is_playground
-from server.protocol import ErrorResponse
 
 
 class ApiKeys:
@@ -34,12 +32,8 @@ class ApiKeys:
             await self.app(scope, receive, send)
             return
         message = "Missing or invalid API key: send the header 'Authorization: Bearer <key>'"
-        headers = {"www-authenticate": "Bearer"}
-        if scope["path"].startswith(OPENAI_PREFIX):
-            response = openai_error(401, message, "unauthorized", headers=headers)
-        else:
-            response = JSONResponse(ErrorResponse(error=message, error_type="unauthorized").model_dump(),
-                                    status_code=401, headers=headers)
+        response = protocol_error(scope["path"], 401, message, "unauthorized",
+                                  headers={"www-authenticate": "Bearer"})
         await response(scope, receive, send)
 
     def _open(self, scope: Scope) -> bool:

@@ -9,11 +9,9 @@ Without it a 20 MB `inputs` was parsed and tokenized whole before the input-toke
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.openai_protocol import OPENAI_PREFIX, openai_error
-from server.protocol import ErrorResponse
+from server.openai_protocol import protocol_error
 
 
 class BodyLimit:
@@ -44,12 +42,7 @@ class BodyLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"Request body too large: the limit is {self.limit} bytes"
-        if scope["path"].startswith(OPENAI_PREFIX):
-            response = openai_error(413, message, "invalid_request_error")
-        else:
-            response = JSONResponse(ErrorResponse(error=message, error_type="validation").model_dump(),
-                                    status_code=413)
-        await response(scope, receive, send)
+        await protocol_error(scope["path"], 413, message, "validation")(scope, receive, send)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.protocol import MAX_STOP_SEQUENCES, Logprob, Speculation, Text, only_no_op_values
+from server.protocol import MAX_STOP_SEQUENCES, ErrorResponse, Logprob, Speculation, Text, only_no_op_values
 
 OPENAI_PREFIX = "/v1/"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -56,11 +56,21 @@ class OpenAIErrorResponse(BaseModel):
 def openai_error(status: int, message: str, error_type: str, *, param: str | None = None,
                  headers: dict[str, str] | None = None) -> JSONResponse:
     """An error in OpenAI's shape; error_type is the TGI one ('validation', ...)."""
-    if error_type == "validation":
+    if error_type == "validation" and status == 422:  # OpenAI's status for a request it cannot take
         status = 400
     kind, code = ERRORS.get(error_type, ("invalid_request_error" if status < 500 else "server_error", None))
     body = OpenAIErrorResponse(error=OpenAIError(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def protocol_error(path: str, status: int, message: str, error_type: str, *, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error in the protocol of the route at `path`: OpenAI's shape under /v1/ (`param`: the
+    field), TGI's `{"error", "error_type"}` elsewhere."""
+    if path.startswith(OPENAI_PREFIX):
+        return openai_error(status, message, error_type, param=param, headers=headers)
+    return JSONResponse(ErrorResponse(error=message, error_type=error_type).model_dump(), status_code=status,
+                        headers=headers)
 
 
 # ---------------------------------------------------------------- requests
