@@ -30,20 +30,22 @@ def grouped_bars(ax, groups: list[str], bars: dict[str, list[float | None]]) -> 
 
 
 def speculative_chart(summary: dict, path: Path, title: str) -> None:
-    """tok/s per Spec-Bench category (and overall), a bar per mode; under a category's name, Medusa's
-    mean accepted tokens per step there, which is what its speed-up follows."""
+    """tok/s per Spec-Bench category (and overall), a bar per mode; under a category's name, each
+    drafter's mean accepted tokens per step there, which is what its speed-up follows."""
     per_category = summary["per_category"]
     modes = list(next(iter(per_category.values()))["tok_s"])
-    rows = [*per_category.items(), ("overall", {"tok_s": {m: summary[f"{m}_tok_s"] for m in modes},
-                                                "mean_accepted_tokens": summary.get("mean_accepted_tokens")})]
-    groups = [name if row.get("mean_accepted_tokens") is None
-              else f"{name}\n{row['mean_accepted_tokens']:.2f} tok/step" for name, row in rows]
+    accepted = {"medusa": "mean_accepted_tokens", "eagle": "eagle_mean_accepted_tokens"}
+    accepted = {mode: key for mode, key in accepted.items() if key in summary}
+    rows = [*per_category.items(), ("overall", {"tok_s": {m: summary[f"{m}_tok_s"] for m in modes}}
+                                    | {key: summary[key] for key in accepted.values()})]
+    groups = ["\n".join([name, *(f"{mode} {row[key]:.2f}/step" for mode, key in accepted.items())])
+              for name, row in rows]
     fig = Figure(figsize=(max(6.0, 1.3 * len(groups)), 4.5))
     ax = fig.subplots()
     grouped_bars(ax, groups, {mode: [row["tok_s"][mode] for _, row in rows] for mode in modes})
     ax.set_ylabel("generated tokens / s (batch 1)")
-    if "mean_accepted_tokens" in summary:
-        ax.set_xlabel("Spec-Bench category (under it: Medusa's mean accepted tokens per step)")
+    if accepted:
+        ax.set_xlabel("Spec-Bench category (under it: each drafter's mean accepted tokens per step)")
     ax.set_title(title, fontsize=9)
     save(fig, path)
 

@@ -6,8 +6,10 @@ Prompts are Spec-Bench questions (`benchmarks.spec_bench`), each wrapped in the 
 template when it has one, as the server wraps /generate inputs. Every mode runs on the same prompts
 in this one process, one prompt at a time (batch 1), so the ratios printed are measured in one run.
 Medusa uses the heads shipped for the embedded model, or random heads for another model (engine
-speed only: random heads rarely guess right). Modes "plain-compiled" and "medusa-compiled" run the
-same engines with their step compiled (graphs built before timing), for a compiled-vs-eager ratio:
+speed only: random heads rarely guess right); mode "eagle" drafts with the EAGLE-style draft layer
+instead (`medusa.eagle`: the shipped one, or --eagle FOLDER), each with its own default tree.
+Modes "plain-compiled", "medusa-compiled" and "eagle-compiled" run the same engines with their step
+compiled (graphs built before timing), for a compiled-vs-eager ratio:
 
     python -m benchmarks.speculative --prompts ../shared/data/spec_bench_dev.jsonl --limit 10 \
         --modes plain,medusa,plain-compiled,medusa-compiled --json
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.spec_bench import Question, read_questions
-from medusa.checkpoints import SHIPPED_HEADS, load_heads
+from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS, load_drafter, load_heads
 from medusa.engine import Engine, use_compile
 from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from medusa.tree import default_tree, get_tree
@@ -82,8 +84,10 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeRe
     return result
 
 
-# our engine: plain decoding, Medusa; "-compiled": the same with compile on, whatever --compile says
-ENGINE_MODES = ("plain", "medusa", "plain-compiled", "medusa-compiled")
+# our engine: plain decoding, Medusa heads, the EAGLE-style layer; "-compiled": the same with compile on,
+# whatever --compile says
+ENGINE_MODES = ("plain", "medusa", "eagle", "plain-compiled", "medusa-compiled", "eagle-compiled")
+SPECULATIVE = ("medusa", "eagle")  # the modes with a drafter: accepted tokens per step, exact match
 MODES = ("hf", *ENGINE_MODES, "llamacpp")
 LLAMACPP_INSTALL = ("pip install -e '.[llamacpp]'; README, Benchmarks: the CMAKE_ARGS for a CPU where "
                     "the default native build crashes")
@@ -161,8 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", help="model spec (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--medusa-heads", help="heads folder (default: the shipped heads for the embedded "
                                            "model, random heads for another)")
-    ap.add_argument("--tree", help="tree name or JSON file (default: the one shipped for the device and "
-                    "dtype, `medusa.tree.default_tree`)")
+    ap.add_argument("--eagle", help="draft layer folder for mode eagle (default: the shipped one)")
+    ap.add_argument("--tree", help="tree name or JSON file (default: the one shipped for the drafter, device "
+                    "and dtype, `medusa.tree.default_tree`)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -195,17 +200,26 @@ def benchmark(args: argparse.Namespace) -> dict:
     max_total = max(len(p) for p in prompts) + args.max_new_tokens
     results: dict[str, ModeResult] = {}
     skipped: dict[str, str] = {}
-    heads_note = None
+    notes: dict[str, str] = {}  # drafter mode -> its weights and tree
     warm_up_s: dict[str, float] = {}
-    tree_name = args.tree or default_tree(args.device, loaded.dtype_name)
     compile = use_compile(args.compile, args.device)
+    model = loaded.model
     for mode in args.modes.split(","):
         if mode == "hf":
             results[mode] = run_hf(loaded, prompts, args.max_new_tokens)
         elif mode in ENGINE_MODES:
             heads = tree = None
-            if mode.startswith("medusa"):
-                heads, heads_note = get_heads(loaded, args.medusa_heads, args.model)
+            drafter = mode.removesuffix("-compiled")
+            if drafter in SPECULATIVE:
+                kind = "eagle" if drafter == "eagle" else "heads"
+                tree_name = args.tree or default_tree(args.device, loaded.dtype_name, kind)
+                if drafter == "medusa":
+                    heads, note = get_heads(loaded, args.medusa_heads, args.model)
+                else:
+                    note = args.eagle or str(SHIPPED_EAGLE)
+                    heads = load_drafter(note, model.config, model.lm_head, device=model.embed.weight.device,
+                                         dtype=model.embed.weight.dtype)
+                notes[drafter] = f"{note}; tree: {tree_name}"
                 tree = get_tree(tree_name)
             engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
                             max_total_tokens=max_total, heads=heads, tree=tree,
@@ -223,11 +237,11 @@ def benchmark(args: argparse.Namespace) -> dict:
                 print(f"{mode} skipped: {skip_reason}")
                 skipped[mode] = skip_reason
 
-    summary = report(questions, results, heads_note, tree_name)
+    summary = report(questions, results, notes)
     summary["prompts"] = len(questions)
     summary |= {"model": loaded.model_id, "dtype": loaded.dtype_name, "max_new_tokens": args.max_new_tokens}
     summary["compile"] = compile
-    for mode in ("plain", "medusa"):  # the same engine compiled, in this run
+    for mode in ("plain", *SPECULATIVE):  # the same engine compiled, in this run
         if mode in results and f"{mode}-compiled" in results:
             summary[f"{mode}_compiled_vs_eager"] = round(summary[f"{mode}-compiled_tok_s"]
                                                          / summary[f"{mode}_tok_s"], 3)
@@ -254,10 +268,9 @@ def same_share(a: ModeResult, b: ModeResult) -> float:
     return sum(map(list.__eq__, a.outputs, b.outputs)) / len(a.outputs)
 
 
-def report(questions: list[Question], results: dict[str, ModeResult], heads_note: str | None,
-           tree: str) -> dict:
-    if heads_note:
-        print(f"medusa heads: {heads_note}; tree: {tree}")
+def report(questions: list[Question], results: dict[str, ModeResult], notes: dict[str, str]) -> dict:
+    for drafter, note in notes.items():
+        print(f"{drafter}: {note}")
     by_cat: dict[str, list[int]] = defaultdict(list)
     for i, q in enumerate(questions):
         by_cat[q.category].append(i)
@@ -266,42 +279,45 @@ def report(questions: list[Question], results: dict[str, ModeResult], heads_note
         res = results[mode]
         return sum(len(res.outputs[i]) for i in idx) / sum(res.seconds[i] for i in idx)
 
-    def accepted(idx: list[int]) -> float:
-        res = results["medusa"]
+    def accepted(mode: str, idx: list[int]) -> float:
+        res = results[mode]
         return sum(len(res.outputs[i]) - 1 for i in idx) / max(1, sum(res.steps[i] for i in idx))
+
+    def prefix(mode: str) -> str:  # Medusa's keys keep their first names; the draft layer's say "eagle_"
+        return "" if mode == "medusa" else f"{mode}_"
 
     if not results:  # every mode asked for was skipped
         return {}
+    drafters = [m for m in SPECULATIVE if m in results]
     width = {m: max(14, len(m) + 8) for m in results}  # a column per mode, its name + " tok/s" and a gap
     header = "category".ljust(16) + "".join(f"{m + ' tok/s':>{width[m]}}" for m in results)
-    if "medusa" in results:
-        header += f"{'accepted/step':>15}"
+    header += "".join(f"{m + ' accepted/step':>{len(m) + 16}}" for m in drafters)
     print(header)
     for name, idx in [*sorted(by_cat.items()), ("overall", list(range(len(questions))))]:
         line = name.ljust(16) + "".join(f"{tok_s(m, idx):{width[m]}.1f}" for m in results)
-        if "medusa" in results:
-            line += f"{accepted(idx):15.2f}"
+        line += "".join(f"{accepted(m, idx):{len(m) + 16}.2f}" for m in drafters)
         print(line)
 
     all_idx = list(range(len(questions)))
     summary: dict = {f"{m}_tok_s": round(tok_s(m, all_idx), 2) for m in results}
     summary["per_category"] = {
         name: {"prompts": len(idx), "tok_s": {m: round(tok_s(m, idx), 2) for m in results}}
-        | ({"mean_accepted_tokens": round(accepted(idx), 3)} if "medusa" in results else {})
+        | {f"{prefix(m)}mean_accepted_tokens": round(accepted(m, idx), 3) for m in drafters}
         for name, idx in sorted(by_cat.items())}
-    if "medusa" in results:
-        summary["mean_accepted_tokens"] = round(accepted(all_idx), 3)
-        summary["new_tokens"] = sum(len(o) for o in results["medusa"].outputs)
+    for mode in drafters:
+        summary[f"{prefix(mode)}mean_accepted_tokens"] = round(accepted(mode, all_idx), 3)
+        summary.setdefault("new_tokens", sum(len(o) for o in results[mode].outputs))
         for base in ("plain", "hf"):
             if base in results:
-                summary[f"speedup_vs_{base}"] = round(summary["medusa_tok_s"] / summary[f"{base}_tok_s"], 3)
+                summary[f"{prefix(mode)}speedup_vs_{base}"] = round(summary[f"{mode}_tok_s"]
+                                                                    / summary[f"{base}_tok_s"], 3)
         if "plain" in results:
-            summary["exact_match"] = same_share(results["medusa"], results["plain"])
+            summary[f"{prefix(mode)}exact_match"] = same_share(results[mode], results["plain"])
     if "plain" in results and "hf" in results:
         summary["plain_vs_hf"] = round(summary["plain_tok_s"] / summary["hf_tok_s"], 3)
         summary["plain_matches_hf"] = same_share(results["plain"], results["hf"])
     if "llamacpp" in results:
-        for ours in ("medusa", "plain"):
+        for ours in (*SPECULATIVE, "plain"):
             if ours in results:
                 summary[f"{ours}_vs_llamacpp"] = round(summary[f"{ours}_tok_s"]
                                                        / summary["llamacpp_tok_s"], 3)

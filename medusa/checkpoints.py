@@ -26,11 +26,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from medusa.eagle import EagleConfig, EagleDrafter
 from medusa.heads import MedusaConfig, MedusaHeads
 from runtime.config import ModelConfig
 from runtime.hub import HubError, HubId, hub_id, snapshot
 
 SHIPPED_HEADS = Path(__file__).resolve().parent / "weights" / "smollm2-135m-instruct"
+SHIPPED_EAGLE = Path(__file__).resolve().parent / "weights" / "smollm2-135m-instruct-eagle"
+EAGLE_CONFIG = "eagle_config.json"
+EAGLE_WEIGHTS = "eagle.safetensors"
 OUR_CONFIG = "medusa_config.json"
 OUR_WEIGHTS = "medusa_heads.safetensors"
 OFFICIAL_CONFIG = "config.json"
@@ -78,6 +82,38 @@ def save_official(heads: MedusaHeads, folder: Path, lm_head: nn.Linear | None = 
               "base_model_name_or_path": base_model_name_or_path}
     (folder / OFFICIAL_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     save_file(official_state_dict(heads, lm_head), folder / OFFICIAL_SAFETENSORS)
+
+
+def save_eagle(drafter: EagleDrafter, folder: Path) -> None:
+    """Write a draft layer: folder/eagle_config.json + folder/eagle.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EAGLE_CONFIG).write_text(json.dumps(drafter.config.as_dict(), indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    save_file(state, folder / EAGLE_WEIGHTS)
+
+
+def load_drafter(path: str | Path, base_config: ModelConfig, base_lm_head: nn.Linear | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                 ) -> MedusaHeads | EagleDrafter:
+    """A draft layer where the folder holds eagle_config.json, else Medusa heads (`load_heads`)."""
+    folder = Path(path)
+    if not (folder / EAGLE_CONFIG).is_file():
+        return load_heads(path, base_config, base_lm_head, device, dtype)
+    try:
+        config = EagleConfig(**json.loads((folder / EAGLE_CONFIG).read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise HeadsLoadError(f"{str(folder / EAGLE_CONFIG)!r} is not a valid draft layer config: {e}") from e
+    if (config.hidden_size, config.vocab_size) != (base_config.hidden_size, base_config.vocab_size):
+        raise HeadsLoadError(f"the draft layer in {str(folder)!r} has hidden size {config.hidden_size} and "
+                             f"vocabulary {config.vocab_size}, the base model {base_config.hidden_size} and "
+                             f"{base_config.vocab_size}; use a draft layer trained for this base model")
+    drafter = EagleDrafter(config)
+    missing, unexpected = drafter.load_state_dict(load_file(folder / EAGLE_WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise HeadsLoadError(f"the draft layer in {str(folder)!r} does not match its config: "
+                             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    return drafter.to(device=device, dtype=dtype).eval().prepare_for_serving()
 
 
 def resolve_heads(spec: str | Path) -> Path:

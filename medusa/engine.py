@@ -144,7 +144,7 @@ class Engine:
         self.device = model.embed.weight.device
         tree = tree if heads is not None else ROOT_ONLY
         if heads is not None:
-            check_tree_fits(tree, heads.config.num_heads, heads.config.scored_vocab_size)
+            check_tree_fits(tree, heads.config.max_depth, heads.config.scored_vocab_size)
         self.max_total_tokens = max_total_tokens
         self.num_slots = max_batch_size
         # room for a whole tree of scratch entries after the longest allowed sequence

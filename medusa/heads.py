@@ -69,6 +69,11 @@ class MedusaConfig:
         """How many tokens each head scores: its top-k can be at most this large."""
         return self.draft_vocab_size or self.vocab_size
 
+    @property
+    def max_depth(self) -> int:
+        """The deepest tree level the heads draft: one level per head."""
+        return self.num_heads
+
 
 class ResBlock(nn.Module):
     """x + SiLU(W x + b). W and b start at zero, so a new block is the identity."""
@@ -172,19 +177,23 @@ class MedusaHeads(nn.Module):
         return indices if self.draft_vocab is None else self.draft_vocab[indices]
 
     def _draft_projection(self, lm_weight: torch.Tensor) -> torch.Tensor:
-        """The rows of `lm_head` the heads score (copied once, if a draft vocabulary slices them), in
-        bf16 where the CPU multiplies it fast. Measured here for 4 rows: the whole fp32 lm_head
-        (49k words) 7.4 ms, a bf16 slice of 8k words 0.42 ms. Drafts only propose tokens, so their
-        precision never changes the output.
-        """
+        """The rows of `lm_head` the heads score (`scored_rows`), copied once per lm_head."""
         if self._projection is None or self._projection[0] is not lm_weight:
-            weight = lm_weight.detach()
-            if self.draft_vocab is not None:
-                weight = weight[self.draft_vocab]  # [V', C]
-            if weight.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                weight = weight.to(torch.bfloat16)
-            self._projection = (lm_weight, weight)
+            self._projection = (lm_weight, scored_rows(lm_weight, self.draft_vocab))
         return self._projection[1]
+
+
+def scored_rows(lm_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> torch.Tensor:
+    """A drafter's copy of the lm_head rows it scores ([V', C]: the draft vocabulary's, or all), in
+    bf16 where the CPU multiplies it fast. Measured here for 4 rows: the whole fp32 lm_head (49k
+    words) 7.4 ms, a bf16 slice of 8k words 0.42 ms. Drafts only propose tokens, so their precision
+    never changes the output."""
+    weight = lm_weight.detach()
+    if draft_vocab is not None:
+        weight = weight[draft_vocab]  # [V', C]
+    if weight.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        weight = weight.to(torch.bfloat16)
+    return weight
 
 
 def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaHeads:

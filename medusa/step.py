@@ -11,11 +11,13 @@ bucket (rows of the spare slot `pad_slot`, which nothing reads), so a few graphs
 captured as CUDA graphs on a GPU.
 
 The state a step reads and writes lives here, one tensor per fact, indexed by slot: the cache and
-its lengths, `hidden` (the heads' input: the hidden state of each sequence's last cached token) and
-`seen` (the tokens of each sequence's text, for the repetition penalty). The engine owns which
+its lengths, the drafter's input -- `features` and `window_tokens`, the final hidden states and
+tokens of each sequence's last W cached positions (W = 1 for Medusa heads, which read the last
+hidden state; the EAGLE layer's window) -- and `seen` (the tokens of each sequence's text, for the
+repetition penalty). The engine owns which
 request holds which slot; this class does not know requests.
 
-Legend: B rows, T tree nodes, P = tree depth + 1, C hidden size, V vocabulary, N slots,
+Legend: B rows, T tree nodes, P = tree depth + 1, C hidden size, V vocabulary, N slots, W window,
 U uniforms per row (= T of the engine's tree), L lookup-branch nodes.
 """
 
@@ -27,8 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from medusa import acceptance
-from medusa.draft import draft
-from medusa.heads import MedusaHeads
+from medusa.draft import Drafter, draft, window_size
 from medusa.tree import TreeBuffers, build_tree
 from runtime import sampling
 from runtime.config import SamplingParams
@@ -68,7 +69,7 @@ def _batch_bucket(n: int) -> int:
 
 
 class DeviceStep:
-    def __init__(self, model: Llama, heads: MedusaHeads | None, tree: TreeBuffers, num_slots: int,
+    def __init__(self, model: Llama, heads: Drafter | None, tree: TreeBuffers, num_slots: int,
                  max_len: int, compile: bool = False) -> None:
         """num_slots: sequences the cache holds (one more, `pad_slot`, takes padding rows);
         max_len: cached tokens per slot, scratch included."""
@@ -80,7 +81,10 @@ class DeviceStep:
         self.cache = model.new_cache(num_slots + 1, max_len)
         self.pad_slot = num_slots
         C, V = model.config.hidden_size, model.config.vocab_size
-        self.hidden = torch.zeros(num_slots + 1, C, dtype=model.embed.weight.dtype, device=device)  # [N+1, C]
+        W = window_size(heads)
+        dtype = model.embed.weight.dtype
+        self.features = torch.zeros(num_slots + 1, W, C, dtype=dtype, device=device)  # [N+1, W, C]
+        self.window_tokens = torch.zeros(num_slots + 1, W, dtype=torch.long, device=device)  # [N+1, W]
         # [N+1, V+1] bool; column V takes the writes of tokens past a row's accepted ones
         self.seen = torch.zeros(num_slots + 1, V + 1, dtype=torch.bool, device=device)
         self.compile = compile
@@ -88,12 +92,18 @@ class DeviceStep:
         if compile:
             # the state a step writes keeps its address: CUDA graphs replay on it instead of
             # skipping graphs with mutated inputs
-            for t in (*self.cache.k, *self.cache.v, self.cache.lens, self.hidden, self.seen):
+            for t in (*self.cache.k, *self.cache.v, self.cache.lens, self.features, self.window_tokens,
+                      self.seen):
                 torch._dynamo.mark_static_address(t)
             mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
             self._fn = torch.compile(self._step, fullgraph=True, mode=mode)
         if compile and heads is not None:  # the heads cache their projection here, not inside a graph
-            heads.project(torch.zeros(1, 1, C, dtype=self.hidden.dtype, device=device), model.lm_head)
+            heads.project(torch.zeros(1, 1, C, dtype=self.features.dtype, device=device), model.lm_head)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """[N+1, C] the final hidden state of each slot's last cached token (a view of `features`)."""
+        return self.features[:, -1]
 
     @property
     def num_uniforms(self) -> int:
@@ -108,19 +118,22 @@ class DeviceStep:
         self.seen[slot, torch.tensor(prompt, device=self.device)] = True
 
     def prefill(self, slot: int, tokens: list[int], begin: int) -> torch.Tensor:
-        """Put prompt tokens begin .. begin + n of a slot in the cache; their hidden states, [n, C]."""
+        """Put prompt tokens begin .. begin + n of a slot in the cache, and the last W of them with their
+        hidden states in its window; their hidden states, [n, C]."""
         end = begin + len(tokens)
         slots = torch.tensor([slot], device=self.device)  # [1]
         positions = torch.arange(begin, end, device=self.device)[None]  # [1, n]
         hidden = self.model(torch.tensor([tokens], device=self.device), positions, self.cache, slots,
                             max_len=end)  # [1, n, C]
         self.cache.advance(slots, end - begin)
+        W = self.features.shape[1]
+        self.features[slot] = torch.cat([self.features[slot], hidden[0]])[-W:]
+        self.window_tokens[slot] = torch.cat([self.window_tokens[slot], slots.new_tensor(tokens)])[-W:]
         return hidden[0]
 
     def first_token(self, slot: int, hidden_last: torch.Tensor, params: SamplingParams,
                     uniforms: torch.Tensor) -> tuple[int, float]:
         """Sample the token after a whole prompt from its last hidden state [C]: (token, logprob)."""
-        self.hidden[slot] = hidden_last
         rows, needs = RowParams.of([params], self.device), Needs.of([params])
         seen = self.seen[slot, None, None, :-1] if needs.penalise else None  # [1, 1, V]
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
@@ -224,7 +237,8 @@ class DeviceStep:
         mask = None
         candidates = roots[:, None]  # [B, 1]
         if T > 1:
-            candidates = draft(self.heads, self.model, self.hidden[slots], roots, tree)  # [B, T]
+            candidates = draft(self.heads, self.model, self.features[slots], self.window_tokens[slots],
+                               self.cache.lens[slots], roots, tree)  # [B, T]
             if L:
                 candidates = torch.cat([candidates[:, :T - L], lookup], dim=1)
             mask = tree.mask
@@ -259,15 +273,21 @@ class DeviceStep:
         node_target = target.gather(1, path[..., None].expand(B, P, V))  # [B, P, V] along the path
         logprobs = node_target.gather(-1, tokens[..., None])[..., 0] - node_target.logsumexp(-1)  # [B, P]
 
-        # keep the accepted nodes: K/V, the hidden state of the last one, the emitted tokens as seen
+        # keep the accepted nodes: K/V, their hidden states and tokens in the window; the emitted tokens
+        # count as seen
         kept = torch.where(slots == self.pad_slot, 0, accepted_len)  # padding rows keep nothing
         if T > 1:
             self.cache.commit(slots, path, kept)
         else:
             self.cache.advance(slots, kept)
-        path_hidden = hidden.gather(1, path[..., None].expand(B, P, hidden.shape[-1]))  # [B, P, C]
-        last = (accepted_len - 1)[:, None, None].expand(B, 1, hidden.shape[-1])  # [B, 1, C]
-        self.hidden[slots] = path_hidden.gather(1, last)[:, 0]
+        C = hidden.shape[-1]
+        path_hidden = hidden.gather(1, path[..., None].expand(B, P, C))  # [B, P, C]
+        W = self.features.shape[1]
+        shift = kept[:, None] + torch.arange(W, device=slots.device)  # [B, W]: the window after `kept` more
+        self.features[slots] = torch.cat([self.features[slots], path_hidden], 1).gather(
+            1, shift[..., None].expand(B, W, C))
+        path_tokens = candidates.gather(1, path)  # [B, P]: root first
+        self.window_tokens[slots] = torch.cat([self.window_tokens[slots], path_tokens], 1).gather(1, shift)
         self.seen[slots[:, None], torch.where(on_path, tokens, V)] = True
 
         packed = torch.cat([accepted_len[:, None].double(), tokens.double(), logprobs.double()], dim=1)

@@ -221,11 +221,14 @@ BUILTIN_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
 SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 
 
-def default_tree(device: str, dtype: str = "float32") -> str:
-    """The shipped tree calibrated for a device and the weights' dtype: 'gpu' on CUDA; on the CPU
-    'cpu-bf16' for bfloat16 weights, else 'cpu'. Each was measured in its dtype (NAME.calibration.json):
-    on the AMX Xeon, generating in bf16, 8 nodes gave 68.9 tok/s, 12 68.4, 16 62.9, 32 54.3, so both
-    CPU trees have 8 nodes today."""
+def default_tree(device: str, dtype: str = "float32", drafter: str = "heads") -> str:
+    """The shipped tree calibrated for a drafter ('heads' or the 'eagle' layer), a device and
+    the weights' dtype. Heads: 'gpu' on CUDA; on the CPU 'cpu-bf16' for bfloat16 weights, else 'cpu'.
+    Each was measured in its dtype (NAME.calibration.json): on the AMX Xeon, generating in bf16, 8
+    nodes gave 68.9 tok/s, 12 68.4, 16 62.9, 32 54.3, so both CPU trees have 8 nodes today. The draft
+    layer: 'eagle-gpu' on CUDA, else 'eagle-cpu'."""
+    if drafter == "eagle":
+        return "eagle-gpu" if device.startswith("cuda") else "eagle-cpu"
     if device.startswith("cuda"):
         return "gpu"
     return "cpu-bf16" if dtype == "bfloat16" else "cpu"

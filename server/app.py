@@ -30,7 +30,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from medusa.checkpoints import load_heads
+from medusa.checkpoints import HeadsLoadError, load_drafter
+from medusa.draft import drafter_kind
 from medusa.engine import Engine, use_compile
 from medusa.tree import get_tree
 from runtime.loading import LoadedModel, load_model
@@ -80,8 +81,12 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     heads = tree = None
     if settings.heads_path is not None:
         model = loaded.model
-        heads = load_heads(Path(settings.heads_path), model.config, model.lm_head,
-                           device=settings.device, dtype=model.embed.weight.dtype)
+        heads = load_drafter(Path(settings.heads_path), model.config, model.lm_head,
+                             device=settings.device, dtype=model.embed.weight.dtype)
+        if drafter_kind(heads) != settings.drafter:
+            kind = drafter_kind(heads)
+            raise HeadsLoadError(f"{settings.heads_path!r} holds a drafter of kind {kind!r} but --drafter is "
+                                 f"{settings.drafter!r}: give --drafter {kind}")
         tree = get_tree(settings.tree_for(loaded.dtype_name))
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,
                   max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens,

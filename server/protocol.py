@@ -199,7 +199,8 @@ class ErrorResponse(BaseModel):
 
 class SpeculationInfo(BaseModel):
     enabled: bool
-    num_heads: int  # 0 without heads
+    drafter: str | None = None  # 'heads' or 'eagle' (the draft layer); None without speculation
+    num_heads: int  # Medusa heads; 0 without heads (and for the draft layer)
     tree: str | None  # name of the candidate tree
     tree_nodes: int  # verified tokens per step, root included
 

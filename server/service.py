@@ -13,7 +13,9 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from fastapi import Request
 
+from medusa.draft import drafter_kind
 from medusa.engine import Emitted
+from medusa.heads import MedusaHeads
 from runtime.loading import LoadedModel
 from runtime.prompt import Prompter, PromptError
 from server.detokenize import IncrementalDecoder
@@ -138,6 +140,7 @@ class Service:
     def info(self) -> Info:
         s, engine = self.settings, self.scheduler.engine
         heads = engine.heads
+        num_heads = heads.config.num_heads if isinstance(heads, MedusaHeads) else 0
         return Info(
             model_id=self.loaded.model_id, model_sha=self.loaded.commit, model_dtype=self.loaded.dtype_name,
             model_device_type=torch.device(s.device).type,
@@ -145,7 +148,8 @@ class Service:
             max_input_length=s.max_input_tokens, max_total_tokens=s.max_total_tokens,
             max_batch_size=s.max_batch_size, max_queue=s.max_queue, version=VERSION,
             speculation=SpeculationInfo(enabled=heads is not None,
-                                        num_heads=heads.config.num_heads if heads is not None else 0,
+                                        drafter=drafter_kind(heads) if heads is not None else None,
+                                        num_heads=num_heads,
                                         tree=engine.tree.name if heads is not None else None,
                                         tree_nodes=engine.tree.num_nodes if heads is not None else 1))
 

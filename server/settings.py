@@ -46,9 +46,13 @@ class Settings(BaseModel):
     json_output: bool = Field(default=False, description="log JSON lines, one object per record with the "
                               "request's id, for a log collector (as TGI's --json-output); default: text")
     medusa_heads: str = Field(
-        default="auto", description="Medusa heads: a folder, or a hub id org/name or org/name@revision (this "
-        "server's format or the official Medusa one); 'none': no speculation; 'auto': the project's shipped "
-        "heads when serving the embedded model")
+        default="auto", description="the drafter: a folder of Medusa heads or of a draft layer "
+        "(eagle_config.json), or a hub id org/name or org/name@revision of heads (this server's format or "
+        "the official Medusa one); 'none': no speculation; 'auto': the project's shipped drafter that "
+        "--drafter names when serving the embedded model")
+    drafter: Literal["heads", "eagle"] = Field(
+        default="heads", description="which kind of drafter --medusa-heads auto loads: the Medusa heads, or "
+        "the EAGLE-style draft layer; a folder given to --medusa-heads must hold this kind")
     chat_template: Literal["auto", "on", "off"] = Field(
         default="auto", description="wrap /generate inputs in the model's chat template as one user "
         "message; auto: on for the embedded instruct model, whose raw-text answers are often empty")
@@ -109,9 +113,10 @@ class Settings(BaseModel):
         if self.medusa_heads == "none":
             return None
         if self.medusa_heads == "auto":
-            from medusa.checkpoints import SHIPPED_HEADS
+            from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS
 
-            return str(SHIPPED_HEADS) if self.embedded and SHIPPED_HEADS.is_dir() else None
+            shipped = SHIPPED_EAGLE if self.drafter == "eagle" else SHIPPED_HEADS
+            return str(shipped) if self.embedded and shipped.is_dir() else None
         return self.medusa_heads
 
     @property
@@ -128,11 +133,11 @@ class Settings(BaseModel):
         return None if self.device.startswith("cuda") else 3
 
     def tree_for(self, dtype: str) -> str:
-        """The candidate tree to use with heads: the one asked for, or the one shipped for the device
-        and the weights' dtype (known once loaded: --dtype auto resolves then)."""
+        """The candidate tree to use with the drafter: the one asked for, or the one shipped for the
+        drafter, the device and the weights' dtype (known once loaded: --dtype auto resolves then)."""
         from medusa.tree import default_tree
 
-        return default_tree(self.device, dtype) if self.tree is None else self.tree
+        return default_tree(self.device, dtype, self.drafter) if self.tree is None else self.tree
 
 
 # TGI's launcher variables, for the options TGI has with the same meaning, so that a TGI deployment's

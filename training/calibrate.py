@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.spec_bench import read_questions
-from medusa.checkpoints import load_heads
-from medusa.draft import draft
+from medusa.checkpoints import load_drafter
+from medusa.draft import draft, window_size
 from medusa.engine import Engine
 from medusa.tree import TreeBuffers, build_tree
 from runtime.loading import cpu_name, load_model
@@ -74,7 +74,9 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
     prompt = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     model(prompt, torch.arange(context, device=device)[None], cache, slots)
     cache.advance(slots, context)
-    hidden_last = torch.randn(1, model.config.hidden_size, device=device, dtype=model.embed.weight.dtype)
+    W = window_size(heads)
+    features = torch.randn(1, W, model.config.hidden_size, device=device, dtype=model.embed.weight.dtype)
+    lens = torch.tensor([context], device=device)
     root = prompt[:, -1]
     costs = {}
     for T, tree in trees.items():
@@ -83,7 +85,8 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
         times = []
         for _ in range(repeats + 1):  # the first run warms up
             start = time.perf_counter()
-            tokens = draft(heads, model, hidden_last, root, tree) if T > 1 else root[:, None]
+            window = prompt[:, -W:]
+            tokens = root[:, None] if T == 1 else draft(heads, model, features, window, lens, root, tree)
             model.logits(model(tokens, positions, cache, slots, mask if T > 1 else None, context + T))
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -126,7 +129,7 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
         return {"choices": [list(c) for c in choices[:n]], "lookup": lookup, "device": device,
                 "expected_tokens": round(expected, 3)}
     loaded = load_model(None, device=device, dtype=dtype)
-    heads = load_heads(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
+    heads = load_drafter(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
                        dtype=loaded.model.embed.weight.dtype)
     sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(lookup + 1, max_nodes + 1))
                    | {max_nodes})
@@ -163,7 +166,8 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m training calibrate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--heads", type=Path, required=True, help="heads folder with training.json")
+    ap.add_argument("--heads", type=Path, required=True,
+                    help="heads or draft layer folder with training.json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="the weights' dtype the tree is measured in (float32, "
                     "bfloat16, ...): verifying many tokens costs less, relative to one, where bf16 is native")

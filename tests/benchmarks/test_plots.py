@@ -64,7 +64,7 @@ def test_speculative_report_keeps_tok_s_and_acceptance_per_category():
                                                steps=[1, 0, 3]),
                "medusa": speculative.ModeResult(outputs=[[1, 2], [3], [4, 5, 6, 7]], seconds=[0.5, 0.5, 0.5],
                                                 steps=[1, 0, 1])}
-    per_category = speculative.report(questions, results, None, "cpu")["per_category"]
+    per_category = speculative.report(questions, results, {})["per_category"]
     assert per_category == {
         "qa": {"prompts": 2, "tok_s": {"plain": 2.0, "medusa": 6.0}, "mean_accepted_tokens": 2.0},
         "writing": {"prompts": 1, "tok_s": {"plain": 1.0, "medusa": 2.0}, "mean_accepted_tokens": 0.0},

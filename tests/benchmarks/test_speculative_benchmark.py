@@ -157,7 +157,7 @@ def test_llamacpp_is_reported_beside_our_modes():
                "medusa": speculative.ModeResult(outputs=[[1, 2], [3]], seconds=[0.5, 0.5], steps=[1, 0]),
                "llamacpp": speculative.ModeResult(outputs=[[1, 2], [4, 5, 6]], seconds=[0.5, 0.5],
                                                   steps=[1, 2])}
-    summary = speculative.report(questions, results, None, "cpu")
+    summary = speculative.report(questions, results, {})
     assert summary["llamacpp_tok_s"] == 5.0
     assert summary["plain_vs_llamacpp"] == 0.3 and summary["medusa_vs_llamacpp"] == 0.6
     assert summary["llamacpp_matches_plain"] == 0.5 and summary["exact_match"] == 1.0

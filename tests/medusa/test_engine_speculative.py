@@ -7,7 +7,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from medusa.draft import draft
+from medusa.draft import draft_heads
+from medusa.eagle import EagleConfig, random_drafter
 from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import TreeError, build_tree, get_tree
@@ -30,15 +31,21 @@ def heads_for(model, seed=0, num_heads=4, **options):
                                      num_heads=num_heads, **options), seed=seed)
 
 
-HEAD_KINDS = {"medusa": {},
-              "path-input+draft-vocab": {"path_input": True, "draft_vocab_size": 40}}
+def eagle_for(model, seed=0, window=8, draft_vocab_size=0):
+    config = EagleConfig.for_base(model.config, window=window, draft_vocab_size=draft_vocab_size)
+    return random_drafter(config, seed=seed)
+
+
+DRAFTERS = {"medusa": heads_for,
+            "path-input+draft-vocab": lambda model: heads_for(model, path_input=True, draft_vocab_size=40),
+            "eagle": lambda model: eagle_for(model, draft_vocab_size=40)}
 
 
 TREES = {"chain": get_tree("chain"), "cpu": get_tree("cpu"), "mc_sim_7b_63": get_tree("mc_sim_7b_63"),
          "mc_sim_7b_63+lookup": build_tree(get_tree("mc_sim_7b_63").choices, lookup=8)}
 
 
-@pytest.mark.parametrize("kind", HEAD_KINDS)
+@pytest.mark.parametrize("kind", DRAFTERS)
 @pytest.mark.parametrize("tree_name", TREES)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch, kind):
@@ -46,7 +53,7 @@ def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch, kind):
     prompts = PROMPTS[:batch]
     plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(prompts, params)
     spec = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64,
-                  heads=heads_for(model, **HEAD_KINDS[kind]), tree=TREES[tree_name])
+                  heads=DRAFTERS[kind](model), tree=TREES[tree_name])
     assert spec.generate(prompts, params) == plain
 
 
@@ -192,7 +199,8 @@ def exact_pair_distribution(model, prompt, temperature):
     return joint.exp().view(V, V, V).sum(0)  # [V, V] over (t2, t3)
 
 
-def test_lossless_sampling_keeps_the_distribution():
+@pytest.mark.parametrize("drafter", ["medusa", "eagle"])
+def test_lossless_sampling_keeps_the_distribution(drafter):
     torch.manual_seed(0)
     V = 6
     model = Llama(ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
@@ -201,7 +209,10 @@ def test_lossless_sampling_keeps_the_distribution():
         model.lm_head.weight.mul_(20)  # peaked enough that drafts are often accepted
     prompt, temperature = [1, 2, 3], 0.9
     expected = exact_pair_distribution(model, prompt, temperature).flatten()
-    heads = random_heads(MedusaConfig(hidden_size=32, vocab_size=V, num_heads=2), seed=1)
+    if drafter == "eagle":  # a draft layer drafts as deep as the tree
+        heads = eagle_for(model, seed=0, window=4)
+    else:
+        heads = random_heads(MedusaConfig(hidden_size=32, vocab_size=V, num_heads=2), seed=1)
     tree = build_tree([[0], [1], [0, 0], [0, 1], [1, 0]], lookup=2)  # lookup drafts are deterministic too
     engine = Engine(model, Vocab(), (), max_batch_size=64, max_total_tokens=16, heads=heads, tree=tree)
     counts = torch.zeros(V * V)
@@ -232,7 +243,7 @@ def test_path_heads_draft_each_node_from_the_tokens_on_its_path(model):
     hidden = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     roots = torch.tensor([3, 7])
     with torch.no_grad():
-        tokens = draft(heads, model, hidden, roots, tree)  # [B, T]
+        tokens = draft_heads(heads, model, hidden, roots, tree)  # [B, T]
         assert tokens[:, 0].tolist() == [3, 7]
         for b, i in itertools.product(range(2), range(1, tree.num_nodes)):
             path = tree.mask[tree.parents[i]].nonzero().flatten()  # root..parent

@@ -123,7 +123,8 @@ def test_health_info_and_docs(client):
     info = client.get("/info").json()
     assert info["model_id"] == "tiny-random-llama"
     assert (info["max_input_tokens"], info["max_total_tokens"], info["max_batch_size"]) == (64, 128, 4)
-    assert info["speculation"] == {"enabled": False, "num_heads": 0, "tree": None, "tree_nodes": 1}
+    assert info["speculation"] == {"enabled": False, "drafter": None, "num_heads": 0, "tree": None,
+                                   "tree_nodes": 1}
     assert "version" in info
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]

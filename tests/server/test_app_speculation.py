@@ -5,7 +5,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from medusa.checkpoints import save_heads
+from medusa.checkpoints import HeadsLoadError, save_eagle, save_heads
+from medusa.eagle import EagleConfig, random_drafter
 from medusa.heads import MedusaConfig, MedusaHeads
 from server.app import create_app
 from tests.server.support import tiny_loaded, tiny_settings
@@ -68,3 +69,30 @@ def test_openai_responses_carry_the_same_speculation_figures(medusa_client):
     events = medusa_client.post("/v1/completions", json=body | {"stream": True}).text.split("\n\n")
     last = json.loads(next(e for e in reversed(events) if e.startswith("data: {")).removeprefix("data: "))
     assert last["medusa"] == tgi["speculation"] and last["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.fixture(scope="module")
+def eagle_folder(tmp_path_factory):
+    config = tiny_loaded().model.config
+    folder = tmp_path_factory.mktemp("eagle")
+    save_eagle(random_drafter(EagleConfig.for_base(config, window=8), seed=0), folder)
+    return folder
+
+
+def test_a_draft_layer_serves_the_same_greedy_text(eagle_folder, client):
+    settings = tiny_settings(medusa_heads=str(eagle_folder), drafter="eagle", tree="mc_sim_7b_63")
+    with TestClient(create_app(settings, tiny_loaded())) as eagle_client:
+        speculation = eagle_client.get("/info").json()["speculation"]
+        assert speculation["enabled"] and speculation["drafter"] == "eagle"
+        assert speculation["tree"] == "mc_sim_7b_63" and speculation["num_heads"] == 0
+        speculated = details(eagle_client, max_new_tokens=16)
+    plain = details(client, max_new_tokens=16)
+    assert [t["id"] for t in speculated["tokens"]] == [t["id"] for t in plain["tokens"]]
+    assert speculated["speculation"]["steps"] >= 1
+
+
+def test_a_drafter_of_another_kind_than_asked_is_refused(eagle_folder):
+    settings = tiny_settings(medusa_heads=str(eagle_folder), tree="cpu")  # --drafter heads, the default
+    with pytest.raises(HeadsLoadError, match="--drafter eagle"):
+        with TestClient(create_app(settings, tiny_loaded())):
+            pass

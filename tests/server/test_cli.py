@@ -159,7 +159,7 @@ def other_value(name: str, nth: int) -> tuple[str, object]:
         value = not default if nth == 0 else default
         return str(value).lower(), value
     if typing.get_origin(kind) is typing.Literal:
-        value = [option for option in typing.get_args(kind) if option != default][nth]
+        value = [*(option for option in typing.get_args(kind) if option != default), default][nth]
         return value, value
     if kind in (int, float):
         value = kind((default or 0) + 1 + nth)  # keeps max_input_tokens under max_total_tokens

@@ -1,0 +1,262 @@
+"""An EAGLE-style drafter: one decoder layer that drafts the base model's next *features*.
+
+Medusa heads read one hidden state. This drafter reads the base model's final hidden states
+("features") of the last W tokens, each paired with the token that came after it: pair p is
+(feature f_p, embedding of token x_(p+1)), fused by `fc` into one vector. One pre-norm decoder
+layer (grouped-query attention with RoPE over the pairs, SwiGLU MLP) maps pair p to a guess of
+f_(p+1), which the base model's frozen `lm_head` reads out as the distribution of x_(p+2). Deeper
+tree levels are drafted from the layer's own guesses: a node's pair is (its parent's guessed
+feature, its own token), and it attends to the window and to its ancestors' pairs (as in EAGLE,
+Li et al. 2024).
+
+The window is recomputed every step from the last W features and tokens of each sequence, which
+the step keeps per slot (`medusa.step`), so the drafter has no cache of its own to grow, compact
+or free: W = 32 pairs through one 4M-parameter layer is little beside the base model's verification.
+
+`draft_tokens` is the fixed-shape drafting the step compiles; `reference_draft` drafts the same
+tokens the plain way, one explicit sequence per node, for tests.
+
+Legend: B rows, W window pairs, S pairs in one call, K keys, T tree nodes, C hidden size,
+H / Hkv attention / key-value heads, D head dim, V' scored vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medusa.heads import scored_rows
+from medusa.tree import TreeBuffers
+from runtime.config import ConfigError, ModelConfig
+from runtime.llama import Llama, RMSNorm, apply_rope
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    """Shape of a draft layer (saved as eagle_config.json); attention shapes follow the base model's."""
+
+    hidden_size: int  # C: must equal the base model's
+    vocab_size: int  # V: must equal the base model's
+    num_attention_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    window: int = 32  # W: pairs of (feature, next token) the layer attends to
+    draft_vocab_size: int = 0  # 0: score the whole vocabulary; else only these tokens (draft_vocab)
+    max_depth: int = 8  # the deepest tree level it drafts (it was trained for `trained_depth`)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "vocab_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
+                     "window", "max_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"EagleConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_kv_heads:
+            raise ConfigError("EagleConfig: hidden_size must divide into num_attention_heads, and those "
+                              "into num_kv_heads groups")
+        d = self.draft_vocab_size
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= self.vocab_size:
+            raise ConfigError(f"EagleConfig.draft_vocab_size must be an integer in [0, {self.vocab_size}], "
+                              f"got {d!r}")
+
+    @classmethod
+    def for_base(cls, base: ModelConfig, **overrides) -> EagleConfig:
+        """The base model's layer shapes (as EAGLE: the draft layer is one more layer of the base)."""
+        return cls(hidden_size=base.hidden_size, vocab_size=base.vocab_size,
+                   num_attention_heads=base.num_heads, num_kv_heads=base.num_kv_heads,
+                   intermediate_size=base.intermediate_size, rms_norm_eps=base.rms_norm_eps,
+                   rope_theta=base.rope_theta, **overrides)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def scored_vocab_size(self) -> int:
+        return self.draft_vocab_size or self.vocab_size
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class EagleDrafter(nn.Module):
+    """fc([feature; embedding]) -> one decoder layer -> the next feature; scored by the base lm_head."""
+
+    def __init__(self, config: EagleConfig) -> None:
+        super().__init__()
+        self.config = config
+        C, H, Hkv, D = config.hidden_size, config.num_attention_heads, config.num_kv_heads, config.head_dim
+        self.fc = nn.Linear(2 * C, C)
+        self.attn_norm = RMSNorm(C, config.rms_norm_eps)
+        self.qkv = nn.Linear(C, (H + 2 * Hkv) * D, bias=False)
+        self.o = nn.Linear(H * D, C, bias=False)
+        self.mlp_norm = RMSNorm(C, config.rms_norm_eps)
+        self.gate_up = nn.Linear(C, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, C, bias=False)
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # [D/2]
+        if config.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size))  # [V'] token ids
+        else:
+            self.draft_vocab = None
+        self._serving = False
+        self._projection: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, scored rows)
+
+    def prepare_for_serving(self) -> EagleDrafter:
+        """Score through a cached (bf16 where the CPU has it) copy of the scored lm_head rows."""
+        self._serving = True
+        return self
+
+    def prepare_for_training(self) -> EagleDrafter:
+        self._serving = False
+        self._projection = None
+        return self
+
+    def forward(self, features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+                mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                at: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """S pairs of B rows -> (guessed next features [B, S, C], keys, values [B, Hkv, K, D]).
+
+        features, embeds: [B, S, C]; positions: [B, S] (RoPE); mask: [B, S, K] bool, which keys each
+        pair sees. Keys: the pairs' own after `past`'s ([B, Hkv, K - S, D] each), or with `at` ([S]
+        key indices) the pairs' own written into `past` there (K = past's length).
+        """
+        B, S, _ = features.shape
+        H, Hkv, D = self.config.num_attention_heads, self.config.num_kv_heads, self.config.head_dim
+        x = self.fc(torch.cat([features, embeds.to(features.dtype)], dim=-1))  # [B, S, C]
+        freqs = positions[..., None].float() * self.inv_freq  # [B, S, D/2]
+        cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)[:, :, None].to(x.dtype)  # [B, S, 1, D]
+        sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)[:, :, None].to(x.dtype)
+        qkv = self.qkv(self.attn_norm(x)).view(B, S, H + 2 * Hkv, D)
+        qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)
+        q = qk[:, :, :H].transpose(1, 2)  # [B, H, S, D]
+        k, v = qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)  # [B, Hkv, S, D]
+        if past is not None and at is not None:
+            k, v = past[0].index_copy(2, at, k), past[1].index_copy(2, at, v)
+        elif past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        groups = H // Hkv  # each key-value head serves `groups` query heads
+        k_all, v_all = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # [B, H, K, D]
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None])  # [B, H, S, D]
+        x = x + self.o(out.transpose(1, 2).reshape(B, S, H * D))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up), k, v
+
+    def project(self, states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+        """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""
+        if self._serving:
+            if self._projection is None or self._projection[0] is not lm_head.weight:
+                self._projection = (lm_head.weight, scored_rows(lm_head.weight, self.draft_vocab))
+            weight = self._projection[1]
+            return F.linear(states.to(weight.dtype), weight).float()
+        weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
+        return F.linear(states, weight.to(states.dtype)).float()
+
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices into the scored vocabulary -> token ids."""
+        return indices if self.draft_vocab is None else self.draft_vocab[indices]
+
+
+def window_pairs(features: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, roots: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's window as pairs: (features with the unfilled ones zeroed [B, W, C], the token after
+    each [B, W], positions [B, W], filled [B, W] bool).
+
+    features, tokens: [B, W] the last W cached positions' features and tokens, oldest first;
+    lens: [B] cached tokens; roots: [B] the pending token, which follows the last cached one.
+    """
+    W = features.shape[1]
+    positions = lens[:, None] - W + torch.arange(W, device=lens.device)  # [B, W]
+    filled = positions >= 0
+    after = torch.cat([tokens[:, 1:], roots[:, None]], dim=1)  # [B, W]
+    return torch.where(filled[..., None], features, 0), after, positions, filled
+
+
+def draft_tokens(drafter: EagleDrafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
+                 lens: torch.Tensor, roots: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
+    """[B, T] the token of every tree node (the lookup branch holds the roots), with fixed shapes.
+
+    One call of the layer on the window's W pairs guesses the root's feature (the last pair is the
+    root's: its last cached feature and the root token); then one call per level on that level's
+    parents, each pair attending to the window and to its ancestors' pairs, whose keys stay in a
+    [B, Hkv, W + T, D] buffer (node i at W + i; the root's pair is the window's last).
+    """
+    f, after, positions, filled = window_pairs(features, tokens, lens, roots)
+    B, W, _ = f.shape
+    T, device = tree.num_nodes, f.device
+    causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+    seen = causal & (filled[:, None, :] | torch.eye(W, dtype=torch.bool, device=device))  # [B, W, W]
+    out_w, k, v = drafter(f, model.embed(after), positions, seen)
+    Hkv, D = k.shape[1], k.shape[3]
+    k = torch.cat([k, k.new_zeros(B, Hkv, T, D)], dim=2)  # [B, Hkv, W + T, D]
+    v = torch.cat([v, v.new_zeros(B, Hkv, T, D)], dim=2)
+    guessed = out_w[:, -1:].repeat(1, T, 1)  # [B, T, C]: each node's guessed feature; the root's first
+    candidates = roots[:, None].repeat(1, T)  # [B, T]
+    ancestors = tree.mask.clone()
+    ancestors[:, 0] = False  # the root's pair is the window's last
+    for level in tree.levels:
+        parents = level.parent_paths[:, -1]  # [P]
+        P = parents.shape[0]
+        if level.parent_paths.shape[1] > 1:  # parents below the root: their pairs through the layer
+            pairs = guessed[:, tree.parents[parents]]  # [B, P, C] the grandparents' guesses
+            pos = lens[:, None] - 1 + tree.depths[parents]  # [B, P]
+            sees = torch.cat([filled[:, None].expand(B, P, W), ancestors[parents][None].expand(B, P, T)], -1)
+            out, k, v = drafter(pairs, model.embed(candidates[:, parents]), pos, sees, (k, v), W + parents)
+            guessed = guessed.index_copy(1, parents, out)
+        logits = drafter.project(guessed[:, parents], model.lm_head)  # [B, P, V']
+        top = drafter.token_ids(logits.topk(level.topk, dim=-1).indices)  # [B, P, k]
+        candidates = candidates.index_copy(1, level.nodes, top[:, level.parent_of, level.ranks])
+    return candidates
+
+
+@torch.no_grad()
+def reference_draft(drafter: EagleDrafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
+                    lens: torch.Tensor, roots: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
+    """`draft_tokens` the plain way: for each row and each parent node, the layer over one explicit
+    causal sequence -- the filled window's pairs, then the pairs on the path down to the node."""
+    out = roots[:, None].repeat(1, tree.num_nodes)
+    f, after, positions, filled = window_pairs(features, tokens, lens, roots)
+    for b in range(f.shape[0]):
+        window = f[b, filled[b]], after[b, filled[b]], positions[b, filled[b]]
+        for level in tree.levels:
+            for node, parent_row, rank in zip(level.nodes.tolist(), level.parent_of.tolist(),
+                                              level.ranks.tolist(), strict=True):
+                parent = level.parent_paths[parent_row, -1].item()
+                guessed = _guess(drafter, model, tree, window, out[b], parent)
+                logits = drafter.project(guessed[None], model.lm_head)[0]
+                out[b, node] = drafter.token_ids(logits.topk(level.topk).indices[rank])
+    return out
+
+
+def _guess(drafter: EagleDrafter, model: Llama, tree: TreeBuffers, window: tuple, tokens: torch.Tensor,
+           node: int) -> torch.Tensor:
+    """[C] the feature the layer guesses at `node` from one causal sequence: the window's pairs
+    (features, next tokens, positions), then (guess at the parent, token) for each node on its path."""
+    feats, toks, pos = [window[0]], [window[1]], [window[2]]
+    path = tree.mask[node].nonzero().flatten().tolist()[1:]  # root excluded: its pair is the window's last
+    for depth, n in enumerate(path, start=1):
+        feats.append(_guess(drafter, model, tree, window, tokens, tree.parents[n].item())[None])
+        toks.append(tokens[n:n + 1])
+        pos.append(window[2][-1:] + depth)
+    x, t, p = torch.cat(feats)[None], torch.cat(toks)[None], torch.cat(pos)[None]
+    causal = torch.ones(1, x.shape[1], x.shape[1], dtype=torch.bool).tril()
+    return drafter(x, model.embed(t), p, causal)[0][0, -1]
+
+
+def random_drafter(config: EagleConfig, seed: int, scale: float = 1.0) -> EagleDrafter:
+    """For tests and benchmarks: a draft layer with random weights, prepared for serving."""
+    drafter = EagleDrafter(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale * p.shape[-1] ** -0.5)
+        if drafter.draft_vocab is not None:
+            subset = torch.randperm(config.vocab_size, generator=gen)[:config.draft_vocab_size]
+            drafter.draft_vocab.copy_(subset)
+    return drafter.prepare_for_serving()

@@ -1,0 +1,94 @@
+"""The EAGLE-style draft layer: its fixed-shape drafting equals the plain one, the step keeps each
+sequence's window of features and tokens right, and it saves and loads."""
+
+import pytest
+import torch
+
+from medusa.checkpoints import HeadsLoadError, load_drafter, save_eagle
+from medusa.eagle import EagleConfig, EagleDrafter, draft_tokens, random_drafter, reference_draft
+from medusa.engine import Engine
+from medusa.tree import build_tree, get_tree
+from runtime.config import SamplingParams
+from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ours_from_hf(tiny_hf_model("llama"))
+
+
+def drafter_for(model, window=8, seed=0, **options):
+    return random_drafter(EagleConfig.for_base(model.config, window=window, **options), seed=seed)
+
+
+@pytest.mark.parametrize("tree", [get_tree("mc_sim_7b_63"), build_tree(get_tree("cpu").choices, lookup=3),
+                                  get_tree("chain")], ids=["mc_sim_7b_63", "cpu+lookup", "chain"])
+@pytest.mark.parametrize("draft_vocab_size", [0, 40])
+def test_fixed_shape_drafting_equals_one_sequence_per_node(model, tree, draft_vocab_size):
+    """Rows with a full window and with a partly filled one (3 cached tokens of 8)."""
+    drafter = drafter_for(model, draft_vocab_size=draft_vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    C, V = model.config.hidden_size, model.config.vocab_size
+    features = torch.randn(2, 8, C, generator=gen)
+    tokens = torch.randint(0, V, (2, 8), generator=gen)
+    lens, roots = torch.tensor([20, 3]), torch.tensor([5, 9])
+    with torch.no_grad():
+        fast = draft_tokens(drafter, model, features, tokens, lens, roots, tree)
+    slow = reference_draft(drafter, model, features, tokens, lens, roots, tree)
+    assert fast[:, 0].tolist() == [5, 9]
+    assert torch.equal(fast, slow)
+    assert len(set(fast[0, 1:].tolist())) > 3  # the drafts do differ from node to node
+
+
+def test_unfilled_window_positions_are_not_read(model):
+    """A row with 3 cached tokens drafts the same whatever its 5 unfilled window entries hold."""
+    drafter = drafter_for(model)
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(1, 8, model.config.hidden_size, generator=gen)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 8), generator=gen)
+    poisoned = features.clone()
+    poisoned[:, :5] = float("nan")
+    args = (torch.tensor([3]), torch.tensor([4]), get_tree("mc_sim_7b_63"))
+    with torch.no_grad():
+        assert torch.equal(draft_tokens(drafter, model, features, tokens, *args),
+                           draft_tokens(drafter, model, poisoned, tokens, *args))
+
+
+def test_the_step_keeps_each_window_equal_to_the_last_features_and_tokens(model):
+    """After prefill and after steps that accept several tokens, each slot's window holds the final
+    hidden states and tokens of its last W cached positions, as one forward over the whole text gives."""
+    W, prompts = 8, [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17, 20, 21, 22]]
+    engine = Engine(model, Vocab(), (), max_batch_size=2, max_total_tokens=64, heads=drafter_for(model, W),
+                    tree=build_tree(get_tree("mc_sim_7b_63").choices, lookup=6))
+    texts = {}
+    for i, prompt in enumerate(prompts):
+        texts[i] = prompt + engine.add(i, prompt, SamplingParams(max_new_tokens=30)).token_ids
+    steps = 0
+    while steps < 6:
+        for e in engine.step():
+            texts[e.request_id] += e.token_ids
+        steps += 1
+        step = engine.device_step
+        for i in range(2):
+            slot = engine._running[i].slot
+            cached = texts[i][:-1]  # the last token is pending
+            assert int(step.cache.lens[slot]) == len(cached)
+            full = model(torch.tensor([cached]), torch.arange(len(cached))[None], model.new_cache(1, 64),
+                         torch.tensor([0]))[0]
+            n = min(W, len(cached))
+            assert step.window_tokens[slot, W - n:].tolist() == cached[-n:]
+            torch.testing.assert_close(step.features[slot, W - n:], full[-n:], atol=1e-4, rtol=1e-4)
+
+
+def test_saved_draft_layer_loads_equal_and_a_mismatch_is_refused(model, tmp_path):
+    drafter = drafter_for(model, draft_vocab_size=40)
+    save_eagle(drafter, tmp_path / "eagle")
+    loaded = load_drafter(tmp_path / "eagle", model.config, model.lm_head)
+    assert isinstance(loaded, EagleDrafter) and loaded.config == drafter.config
+    for (name, a), (_, b) in zip(drafter.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    other = EagleConfig.for_base(model.config).__class__(**{**drafter.config.as_dict(), "hidden_size": 16,
+                                                            "num_attention_heads": 2, "num_kv_heads": 1})
+    save_eagle(EagleDrafter(other), tmp_path / "other")
+    with pytest.raises(HeadsLoadError, match="hidden size 16"):
+        load_drafter(tmp_path / "other", model.config, model.lm_head)
