@@ -73,14 +73,15 @@ def pass_masks(S: int, W: int, D: int) -> list[torch.Tensor]:
 
 
 def unrolled(drafter: EagleDrafter, base, hidden: torch.Tensor, tokens: torch.Tensor,
-             masks: list[torch.Tensor]) -> list[torch.Tensor]:
+             masks: list[torch.Tensor], noise: float = 0.0) -> list[torch.Tensor]:
     """The guessed next features of every pass, [B, S, C] each (pass d's output at pair j guesses
-    hidden j + 1 having drafted d levels from the root pair j - d)."""
+    hidden j + 1 having drafted d levels from the root pair j - d). `noise`: the true features read
+    with uniform noise in [-noise, noise] added (EAGLE's regularisation)."""
     B, S, C = hidden.shape
     embeds = base.embed(tokens)  # [B, S, C]
     positions = torch.arange(S).expand(B, S)
     outs, keys, values = [], None, None
-    features = hidden
+    features = hidden + noise * (2 * torch.rand_like(hidden) - 1) if noise else hidden
     for mask in masks:
         past = None if keys is None else (keys, values)
         out, keys, values = drafter(features, embeds, positions, mask.expand(B, *mask.shape), past)
@@ -120,7 +121,8 @@ def evaluate(drafter: EagleDrafter, base, data, masks, index, batch: int = 32) -
 
 def fit_eagle(data: list[Path], out: Path, window: int, depths: int, segment: int, epochs: float, lr: float,
               batch: int, model_spec: str | None, seed: int, draft_vocab: int = 8192,
-              feature_weight: float = 0.2, held_out: float = 0.05) -> dict:
+              feature_weight: float = 0.2, held_out: float = 0.05, noise: float = 0.0,
+              from_last_layer: bool = False) -> dict:
     torch.manual_seed(seed)
     started = time.perf_counter()
     base = load_model(model_spec).model.requires_grad_(False).prepare_for_training()
@@ -128,6 +130,8 @@ def fit_eagle(data: list[Path], out: Path, window: int, depths: int, segment: in
     V = base.config.vocab_size
     config = EagleConfig.for_base(base.config, window=window, draft_vocab_size=min(draft_vocab, V))
     drafter = EagleDrafter(config)
+    if from_last_layer:  # the base's own last layer as the starting point
+        drafter.load_state_dict(base.layers[-1].state_dict(), strict=False)
     index = torch.arange(V)  # token id -> draft-vocabulary index (-1 outside it)
     if drafter.draft_vocab is not None:
         answer_tokens = train[1][torch.arange(segment)[None] < train[2][:, None]]
@@ -154,7 +158,7 @@ def fit_eagle(data: list[Path], out: Path, window: int, depths: int, segment: in
         idx = order[start:start + batch]
         h, t, n = train[0][idx].float(), train[1][idx], train[2][idx]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            outs = unrolled(drafter, base, h, t, masks)
+            outs = unrolled(drafter, base, h, t, masks, noise)
         loss, first = 0.0, None
         for d, guess in enumerate(outs):
             y = targets(t, n, d, index)
@@ -181,6 +185,7 @@ def fit_eagle(data: list[Path], out: Path, window: int, depths: int, segment: in
     report = {"held_out": val_stats, "train_sample": {k: train_stats[k] for k in ("top1", "top5")},
               "kind": "eagle", "steps": steps, "batch": batch, "segment": segment, "lr": lr, "epochs": epochs,
               "seed": seed, "window": window, "depths": depths, "feature_weight": feature_weight,
+              "noise": noise, "from_last_layer": from_last_layer,
               "train_positions": int(train[2].sum()),
               "held_out_positions": val_stats and val_stats["positions"],
               "draft_vocab_size": config.draft_vocab_size, "minutes": round(minutes, 1)}
@@ -207,8 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16, help="segments per step")
     ap.add_argument("--draft-vocab", type=int, default=8192)
     ap.add_argument("--feature-weight", type=float, default=0.2)
+    ap.add_argument("--noise", type=float, default=0.0, help="uniform noise on the true features read")
+    ap.add_argument("--from-last-layer", action="store_true", help="start from the base's last layer")
     ap.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     fit_eagle(args.data, args.out, args.window, args.depths, args.segment, args.epochs, args.lr, args.batch,
-              args.model, args.seed, args.draft_vocab, args.feature_weight)
+              args.model, args.seed, args.draft_vocab, args.feature_weight, noise=args.noise,
+              from_last_layer=args.from_last_layer)
