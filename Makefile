@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export HOST PORT
 
-.PHONY: install serve test model lint clean train-heads
+.PHONY: install serve test model lint clean train-heads train-eagle
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ train-heads: model
 		--max-new-tokens 192 --batch-size 64 --seed 2 --out runs/distill_v2
 	$(BIN)/python -m training fit --data runs/distill runs/distill_s1 runs/distill_v2 --epochs 3 \
 		--out medusa/weights/smollm2-135m-instruct
+
+train-eagle: model
+	$(BIN)/python -m training distill --prompts 1600 --max-new-tokens 192 --out runs/distill
+	$(BIN)/python -m training distill --prompts 1600 --max-new-tokens 192 --batch-size 64 --seed 1 \
+		--out runs/distill_s1_1600
+	$(BIN)/python -m training eagle --data runs/distill runs/distill_s1_1600 --depths 5 --epochs 3 \
+		--out medusa/weights/smollm2-135m-instruct-eagle
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

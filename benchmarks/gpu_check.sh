@@ -8,8 +8,9 @@
 #                     engine with compile off and on, same weights, one process per shape
 #   step              benchmarks.engine, verify and syncs: one verification of T = 1/16/64 tree nodes
 #                     (forward, engine step) and host synchronisations per engine step
-#   speculative       the real SmolLM2-135M-Instruct with the shipped heads: benchmarks.speculative,
-#                     transformers vs our plain decoding vs Medusa (--compile auto)
+#   speculative       the real SmolLM2-135M-Instruct with the shipped drafters: benchmarks.speculative,
+#                     transformers vs our plain decoding vs Medusa heads vs the EAGLE-style draft layer
+#                     (--compile auto; each drafter with its own 'gpu' tree)
 #   bench             the attention benchmark: ours vs SDPA with a mask vs naive
 #   sweep             Triton launch configurations (CUDA only; not run unless GPU_CHECK_PARTS names it)
 # Each part has its own time limit (together 6 minutes, the sweep aside), so one hang cannot eat the
@@ -84,11 +85,12 @@ EOF
     fi
     local model=() size=(--limit 5 --max-new-tokens 128)
     if [ -n "${SMOLLM2_GGUF:-}" ]; then  # a file path is not the embedded model: name its heads
-        model=(--model "$SMOLLM2_GGUF" --medusa-heads medusa/weights/smollm2-135m-instruct)
+        model=(--model "$SMOLLM2_GGUF" --medusa-heads medusa/weights/smollm2-135m-instruct
+               --eagle medusa/weights/smollm2-135m-instruct-eagle)
     fi
     [ $TINY = 1 ] && size=(--limit 2 --max-new-tokens 8)
     timeout -k 10 "$limit" "$PY" -m benchmarks.speculative --json --prompts "$prompts" --device "$DEVICE" \
-        --dtype "$DTYPE" --compile auto ${model[@]+"${model[@]}"} "${size[@]}" |
+        --dtype "$DTYPE" --compile auto --modes hf,plain,medusa,eagle ${model[@]+"${model[@]}"} "${size[@]}" |
         while IFS= read -r line; do
             if [[ $line == "{"* ]]; then echo "{\"part\": \"speculative\", ${line#\{}"; else echo "$line" >&2; fi
         done
@@ -105,11 +107,11 @@ except ImportError:
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
 print(json.dumps({"part": "env", "torch": torch.__version__, "transformers": transformers.__version__,
                   "triton": triton_version, "gpu": gpu}))'
-run 70 check "$PY" -m benchmarks.attention --json --check "${ARGS[@]}"
+run 65 check "$PY" -m benchmarks.attention --json --check "${ARGS[@]}"
 run 75 decode-llama2-7b "$PY" -m benchmarks.engine --json --parts decode --shapes llama2-7b "${ARGS[@]}"
 run 60 decode-llama3-8b "$PY" -m benchmarks.engine --json --parts decode --shapes llama3-8b "${ARGS[@]}"
-run 45 step "$PY" -m benchmarks.engine --json --parts verify,syncs --shapes llama2-7b "${ARGS[@]}"
-speculative 60
+run 40 step "$PY" -m benchmarks.engine --json --parts verify,syncs --shapes llama2-7b "${ARGS[@]}"
+speculative 75
 run 30 bench "$PY" -m benchmarks.attention --json "${ARGS[@]}"
 if [ "$DEVICE" != cpu ]; then  # the sweep times Triton launches: CUDA only
     run 150 sweep "$PY" -m benchmarks.attention --json --sweep "${ARGS[@]}"

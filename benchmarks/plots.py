@@ -38,14 +38,18 @@ def speculative_chart(summary: dict, path: Path, title: str) -> None:
     accepted = {mode: key for mode, key in accepted.items() if key in summary}
     rows = [*per_category.items(), ("overall", {"tok_s": {m: summary[f"{m}_tok_s"] for m in modes}}
                                     | {key: summary[key] for key in accepted.values()})]
-    groups = ["\n".join([name, *(f"{mode} {row[key]:.2f}/step" for mode, key in accepted.items())])
-              for name, row in rows]
+    def label(name: str, row: dict) -> str:
+        figures = " / ".join(f"{row[key]:.2f}" for key in accepted.values())
+        return f"{name}\n{figures}" if accepted else name
+
+    groups = [label(name, row) for name, row in rows]
     fig = Figure(figsize=(max(6.0, 1.3 * len(groups)), 4.5))
     ax = fig.subplots()
     grouped_bars(ax, groups, {mode: [row["tok_s"][mode] for _, row in rows] for mode in modes})
     ax.set_ylabel("generated tokens / s (batch 1)")
     if accepted:
-        ax.set_xlabel("Spec-Bench category (under it: each drafter's mean accepted tokens per step)")
+        drafters = " / ".join(accepted)
+        ax.set_xlabel(f"Spec-Bench category (under it: mean accepted tokens per step, {drafters})")
     ax.set_title(title, fontsize=9)
     save(fig, path)
 

@@ -128,7 +128,8 @@ class EagleDrafter(nn.Module):
         """
         B, S, _ = features.shape
         H, Hkv, D = self.config.num_attention_heads, self.config.num_kv_heads, self.config.head_dim
-        x = self.fc(torch.cat([features, embeds.to(features.dtype)], dim=-1))  # [B, S, C]
+        dtype = self.fc.weight.dtype  # the layer's own, which may differ from the base model's
+        x = self.fc(torch.cat([features.to(dtype), embeds.to(dtype)], dim=-1))  # [B, S, C]
         freqs = positions[..., None].float() * self.inv_freq  # [B, S, D/2]
         cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)[:, :, None].to(x.dtype)  # [B, S, 1, D]
         sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)[:, :, None].to(x.dtype)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from medusa.checkpoints import SHIPPED_HEADS, load_heads
+from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS, load_drafter, load_heads
 from medusa.engine import Engine
 from medusa.tree import get_tree
 from runtime.config import SamplingParams
@@ -28,3 +28,25 @@ def test_medusa_greedy_equals_plain_greedy(real_model, batch):
     expected = plain.generate(prompts, params)
     assert spec.generate(prompts, params) == expected
     assert all(len(e) > 5 for e in expected)
+
+
+def test_shipped_draft_layer_keeps_greedy_output_and_is_accepted(real_model):
+    """The shipped EAGLE-style layer with its tree: the same tokens as plain decoding, batched, and
+    more than one token per step (random drafts accept almost none on a 49k-word vocabulary)."""
+    tok = real_model.tokenizer
+    prompts = [Prompter(tok, chat_template=True).encode(q) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=32)
+    model = real_model.model
+    plain = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160)
+    drafter = load_drafter(SHIPPED_EAGLE, model.config, model.lm_head)
+    spec = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160, heads=drafter,
+                  tree=get_tree("eagle-cpu"))
+    out, tokens, steps = {}, 0, 0
+    for i, prompt in enumerate(prompts):
+        out[i] = spec.add(i, prompt, params).token_ids
+    while spec.running:
+        for e in spec.step():
+            out[e.request_id] += e.token_ids
+            tokens, steps = tokens + len(e.token_ids), steps + 1
+    assert [out[i] for i in range(len(prompts))] == plain.generate(prompts, params)
+    assert tokens / steps > 1.4

@@ -113,21 +113,24 @@ def test_builtins() -> None:
 
 
 def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> None:
-    assert tree_names() == [*BUILTIN_TREES, "cpu", "cpu-bf16", "gpu"]  # not the *.calibration.json records
-    for name in ("cpu", "cpu-bf16", "gpu"):
+    shipped = ["cpu", "cpu-bf16", "eagle-cpu", "eagle-gpu", "gpu"]
+    assert tree_names() == [*BUILTIN_TREES, *shipped]  # not the *.calibration.json records
+    for name in shipped:
         spec = json.loads((SHIPPED_TREES / f"{name}.json").read_text())
         tree = get_tree(name)
         assert (tree.name, tree.lookup) == (name, spec.get("lookup", 0))
         assert set(tree.choices) == {tuple(c) for c in spec["choices"]}
     assert default_tree("cuda:0", "bfloat16") == "gpu" and default_tree("cpu") == "cpu"
     assert default_tree("cpu", "bfloat16") == "cpu-bf16"
+    assert default_tree("cpu", "bfloat16", "eagle") == "eagle-cpu"
+    assert default_tree("cuda", "bfloat16", "eagle") == "eagle-gpu"
 
 
 def test_tree_from_json_file_and_unknown_name(tmp_path) -> None:
     path = tmp_path / "tree.json"
     path.write_text(json.dumps([[0], [1], [0, 0]]))
     assert get_tree(str(path)).choices == ((0,), (1,), (0, 0))
-    with pytest.raises(TreeError, match="mc_sim_7b_63, chain, cpu, cpu-bf16, gpu"):
+    with pytest.raises(TreeError, match="mc_sim_7b_63, chain, cpu, cpu-bf16, eagle-cpu, eagle-gpu, gpu"):
         get_tree("no-such-tree")
     path.write_text("{not json")
     with pytest.raises(TreeError, match="not valid JSON"):
