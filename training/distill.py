@@ -83,15 +83,21 @@ def distill(out: Path, num_prompts: int, max_new_tokens: int, batch_size: int, m
     print(f"distilled {total_tokens} answer tokens in {time.perf_counter() - start:.0f} s into {out}")
 
 
+def answers(folders: list[Path]):
+    """Every distilled answer in the folders' shards, in order: (hidden fp16 [n, C], tokens [n])."""
+    for shard in sorted(shard for folder in folders for shard in folder.glob("shard_*.pt")):
+        data = torch.load(shard, weights_only=True)
+        lengths = data["lengths"]
+        yield from zip(data["hidden"].split(lengths), data["tokens"].split(lengths), strict=True)
+
+
 def passages(folders: list[Path], tokenizer, min_chars: int = 300, max_chars: int = 1200) -> list[str]:
     """Earlier distilled answers, as text, that are long enough to extract from and short enough to read."""
     texts = []
-    for shard in sorted(shard for folder in folders for shard in folder.glob("shard_*.pt")):
-        data = torch.load(shard, weights_only=True)
-        for answer in data["tokens"].split(data["lengths"]):
-            text = tokenizer.decode(answer.tolist(), skip_special_tokens=True).strip()
-            if min_chars <= len(text) <= max_chars:
-                texts.append(text)
+    for _, answer in answers(folders):
+        text = tokenizer.decode(answer.tolist(), skip_special_tokens=True).strip()
+        if min_chars <= len(text) <= max_chars:
+            texts.append(text)
     return texts
 
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from medusa.checkpoints import save_eagle
 from medusa.eagle import EagleConfig, EagleDrafter
 from runtime.loading import load_model
+from training.distill import answers
 from training.fit import IGNORE, TOP_RANKS, draft_vocabulary
 
 
@@ -41,18 +42,14 @@ def load_segments(folders: list[Path], length: int, held_out: float, seed: int):
     an answer longer than S is cut into segments, the last one padded. Split by answer."""
     parts = {False: ([], [], []), True: ([], [], [])}
     rng = random.Random(seed)
-    for shard in sorted(s for folder in folders for s in folder.glob("shard_*.pt")):
-        data = torch.load(shard, weights_only=True)
-        offset = 0
-        for n in data["lengths"]:
-            h, t = data["hidden"][offset:offset + n], data["tokens"][offset:offset + n]
-            offset += n
-            part = parts[rng.random() < held_out]
-            for s in range(0, n - 1, length):
-                m = min(length, n - s)
-                part[0].append(F.pad(h[s:s + m], (0, 0, 0, length - m)))
-                part[1].append(F.pad(t[s:s + m], (0, length - m)))
-                part[2].append(m)
+    for h, t in answers(folders):
+        n = len(t)
+        part = parts[rng.random() < held_out]
+        for s in range(0, n - 1, length):
+            m = min(length, n - s)
+            part[0].append(F.pad(h[s:s + m], (0, 0, 0, length - m)))
+            part[1].append(F.pad(t[s:s + m], (0, length - m)))
+            part[2].append(m)
     if not parts[False][0]:
         raise SystemExit(f"no distillation shards in {', '.join(map(str, folders))}: run "
                          "`python -m training distill` first")

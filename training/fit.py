@@ -26,6 +26,7 @@ from tqdm import tqdm
 from medusa.checkpoints import save_heads
 from medusa.heads import MedusaConfig, MedusaHeads
 from runtime.loading import load_model
+from training.distill import answers
 
 IGNORE = -100  # no target (past the end of the answer)
 OUTSIDE = -1  # a target outside the draft vocabulary: no loss, but a miss in the accuracies
@@ -42,20 +43,16 @@ def load_data(folders: list[Path], num_heads: int, held_out: float, seed: int):
     """
     parts: dict[bool, tuple[list, list, list]] = {False: ([], [], []), True: ([], [], [])}
     rng = random.Random(seed)
-    for shard in sorted(shard for folder in folders for shard in folder.glob("shard_*.pt")):
-        data = torch.load(shard, weights_only=True)
-        offset = 0
-        for n in data["lengths"]:
-            h, t = data["hidden"][offset:offset + n], data["tokens"][offset:offset + n]
-            offset += n
-            labels = torch.full((n, num_heads), IGNORE, dtype=torch.long)
-            path = torch.zeros(n, num_heads, dtype=torch.long)
-            for k in range(num_heads):
-                labels[: max(0, n - 1 - k), k] = t[1 + k:]
-                path[: max(0, n - k), k] = t[k:]
-            split = parts[rng.random() < held_out]
-            for part, x in zip(split, (h, path, labels), strict=True):
-                part.append(x)
+    for h, t in answers(folders):
+        n = len(t)
+        labels = torch.full((n, num_heads), IGNORE, dtype=torch.long)
+        path = torch.zeros(n, num_heads, dtype=torch.long)
+        for k in range(num_heads):
+            labels[: max(0, n - 1 - k), k] = t[1 + k:]
+            path[: max(0, n - k), k] = t[k:]
+        split = parts[rng.random() < held_out]
+        for part, x in zip(split, (h, path, labels), strict=True):
+            part.append(x)
     if not parts[False][0]:
         raise SystemExit(f"no distillation shards in {', '.join(map(str, folders))}: run "
                          "`python -m training distill` first")
