@@ -1,7 +1,7 @@
 """The step's device work compiles as ONE graph (`torch.compile(fullgraph=True)` raises on any graph
 break, and every host synchronisation is one), and the compiled step gives what the eager one gives:
-the plain tree and the shipped tree, greedy, sampled, typical and penalised rows in one batch,
-padded to a batch bucket as a compiled step is."""
+the plain tree and the shipped tree (drafted by heads, or by the draft layer), greedy, sampled,
+typical and penalised rows in one batch, padded to a batch bucket as a compiled step is."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from medusa.engine import Engine
 from medusa.tree import get_tree
 from runtime.config import SamplingParams
 from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
-from tests.medusa.test_engine_speculative import heads_for
+from tests.medusa.test_engine_speculative import eagle_for, heads_for
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1], [9, 9]]
 PARAMS = [SamplingParams(max_new_tokens=12),
@@ -38,10 +38,11 @@ def run(engine: Engine) -> dict[int, list[tuple[list[int], list[float]]]]:
     return out
 
 
-@pytest.mark.parametrize("tree", [None, "cpu"], ids=["plain", "shipped-cpu-tree"])
-def test_the_step_compiles_as_one_graph_with_the_eager_outputs(model, tree):
+@pytest.mark.parametrize("tree, drafter", [(None, None), ("cpu", heads_for), ("cpu", eagle_for)],
+                         ids=["plain", "shipped-cpu-tree", "draft-layer"])
+def test_the_step_compiles_as_one_graph_with_the_eager_outputs(model, tree, drafter):
     def engine(compile: bool) -> Engine:
-        heads = None if tree is None else heads_for(model)
+        heads = None if tree is None else drafter(model)
         return Engine(model, Vocab(), (), max_batch_size=6, max_total_tokens=64, heads=heads,
                       tree=None if tree is None else get_tree(tree), compile=compile)
 
