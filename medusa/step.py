@@ -101,11 +101,6 @@ class DeviceStep:
             heads.project(torch.zeros(1, 1, C, dtype=self.features.dtype, device=device), model.lm_head)
 
     @property
-    def hidden(self) -> torch.Tensor:
-        """[N+1, C] the final hidden state of each slot's last cached token (a view of `features`)."""
-        return self.features[:, -1]
-
-    @property
     def num_uniforms(self) -> int:
         return self.tree.num_nodes
 

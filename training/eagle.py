@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from medusa.checkpoints import save_eagle
 from medusa.eagle import EagleConfig, EagleDrafter
 from runtime.loading import load_model
 from training.distill import answers
-from training.fit import IGNORE, TOP_RANKS, draft_vocabulary
+from training.fit import IGNORE, TOP_RANKS, batches, draft_vocabulary, optimiser
 
 
 def load_segments(folders: list[Path], length: int, held_out: float, seed: int):
@@ -137,22 +136,13 @@ def fit_eagle(data: list[Path], out: Path, window: int, depths: int, segment: in
         index[drafter.draft_vocab] = torch.arange(config.draft_vocab_size)
     masks = pass_masks(segment, window, depths)
     weights = [0.8 ** d for d in range(depths)]
-    optim = torch.optim.AdamW(drafter.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, int(epochs * len(train[0]) / batch))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    optim, sched = optimiser(drafter.parameters(), lr, steps)
     print(f"training a draft layer on {int(train[2].sum())} positions in {len(train[0])} segments of "
           f"{segment} ({0 if val is None else int(val[2].sum())} held out), window {window}, "
           f"{depths} depths, {steps} steps")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train[0]), generator=gen)
-    bar = tqdm(range(steps), desc="eagle", unit="step")
-    for step in bar:
-        start = (step * batch) % len(train[0])
-        if start + batch > len(train[0]):
-            order = torch.randperm(len(train[0]), generator=gen)
-        idx = order[start:start + batch]
+    bar = tqdm(batches(len(train[0]), batch, steps, seed), desc="eagle", unit="step", total=steps)
+    for step, idx in enumerate(bar):
         h, t, n = train[0][idx].float(), train[1][idx], train[2][idx]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs = unrolled(drafter, base, h, t, masks, noise)

@@ -105,6 +105,26 @@ def evaluate(heads: MedusaHeads, base, data: tuple, batch: int = 512) -> dict:
             "rank_probs": dist[:, :TOP_RANKS].tolist(), "positions": int((labels[:, 0] != IGNORE).sum())}
 
 
+def optimiser(params, lr: float, steps: int):
+    """AdamW, its learning rate warming up over the first 5% of `steps`, then decaying on a cosine."""
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    return optim, sched
+
+
+def batches(n: int, batch: int, steps: int, seed: int):
+    """`steps` batches of example indices out of n, in an order reshuffled when a pass runs out."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    for step in range(steps):
+        start = (step * batch) % n
+        if start + batch > n:
+            order = torch.randperm(n, generator=gen)
+        yield order[start:start + batch]
+
+
 def fit(data: list[Path], out: Path, num_heads: int, num_layers: int, epochs: float, lr: float, batch: int,
         model_spec: str | None, seed: int, path_input: bool = True, draft_vocab: int = 8192,
         held_out: float = 0.05) -> dict:
@@ -122,22 +142,13 @@ def fit(data: list[Path], out: Path, num_heads: int, num_layers: int, epochs: fl
     train, val = [(h, t, to_draft_indices(y, heads)) for h, t, y in (train, val)]
     x_train, t_train, y_train = train
     weights = torch.tensor([0.8 ** k for k in range(num_heads)])
-    optim = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     steps = max(1, int(epochs * len(x_train) / batch))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    optim, sched = optimiser(heads.parameters(), lr, steps)
     print(f"training {num_heads} heads on {len(x_train)} positions ({len(val[0])} held out), {steps} steps, "
           f"scoring {config.scored_vocab_size} tokens")
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(x_train), generator=gen)
     ckpt = out / "checkpoint"
-    bar = tqdm(range(steps), desc="heads", unit="step")
-    for step in bar:
-        start = (step * batch) % len(x_train)
-        if start + batch > len(x_train):
-            order = torch.randperm(len(x_train), generator=gen)
-        idx = order[start:start + batch]
+    bar = tqdm(batches(len(x_train), batch, steps, seed), desc="heads", unit="step", total=steps)
+    for step, idx in enumerate(bar):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = head_logits(heads, base, x_train[idx].float(), t_train[idx])  # [b, K, V']
         y = y_train[idx].masked_fill(y_train[idx] == OUTSIDE, IGNORE)
