@@ -40,7 +40,7 @@ class AttentionBatch:
 
     slots: torch.Tensor  # [B] int64: cache slot of each sequence
     cache_lens: torch.Tensor  # [B] int64: cached tokens before the new ones
-    new_mask: torch.Tensor | None  # [T, T] bool: new token i may see new token j; None = causal
+    new_mask: torch.Tensor | None  # [T, T] or [B, T, T] bool: new token i may see new token j; None = causal
     num_new: int  # T
     max_len: int  # S = max(cache_lens) + T, a host int
     backend: Backend
@@ -49,7 +49,7 @@ class AttentionBatch:
     seq_views: tuple[tuple[int, int], ...] | None = None  # else, on the CPU: (slot, cache_len + T) each
     bias: torch.Tensor | None = None  # [B, 1, T, S] float32, 0 or -inf; None: no mask needed
     # backend "triton"
-    packed_mask: torch.Tensor | None = None  # [T, W] int32 bit-packed new_mask; None = causal
+    packed_mask: torch.Tensor | None = None  # [T, W] or [B, T, W] int32 bit-packed new_mask; None = causal
     num_splits: int | None = None  # split-KV programs per sequence; None = chosen from the shape
 
 
@@ -58,7 +58,8 @@ def plan(slots: torch.Tensor, cache_lens: torch.Tensor, num_new: int,
          backend: Backend | None = None, num_splits: int | None = None) -> AttentionBatch:
     """Prepare one forward's attention metadata.
 
-    slots, cache_lens: [B]; new_mask: [T, T] bool or None (causal). `max_len` saves a host sync
+    slots, cache_lens: [B]; new_mask: [T, T] bool (one tree for the batch), [B, T, T] (one per
+    sequence) or None (causal). `max_len` saves a host sync
     when the caller knows it. backend: None = "triton" for CUDA tensors, else "torch".
     num_splits forces the split-KV variant of the Triton kernel (tests, tuning).
     """
@@ -67,7 +68,7 @@ def plan(slots: torch.Tensor, cache_lens: torch.Tensor, num_new: int,
     if max_len is None:
         max_len = int(cache_lens.max()) + T
     if new_mask is not None:
-        assert new_mask.shape == (T, T) and new_mask.dtype == torch.bool
+        assert new_mask.shape in ((T, T), (slots.shape[0], T, T)) and new_mask.dtype == torch.bool
     if backend is None:
         backend = "triton" if slots.is_cuda else "torch"
     slots, cache_lens = slots.long(), cache_lens.long()

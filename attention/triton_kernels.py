@@ -5,8 +5,8 @@ BLOCK_M query rows; the rows are the (new token t, query head g) pairs of that K
 token-major (row = t * GROUP + g), so the GROUP query heads that share a KV head read each K/V
 tile once (grouped-query attention without copying K/V). The program walks
   1. the cached prefix, keys [0, cache_lens[b]) of slot slots[b], all visible, then
-  2. the T new tokens, keys cache_lens[b] + j, visible when new_mask[t, j] (bit-packed, shared by
-     the batch) or j <= t (causal: prefill and plain decoding),
+  2. the T new tokens, keys cache_lens[b] + j, visible when new_mask[t, j] (bit-packed; shared by
+     the batch, or one per sequence for dynamic trees) or j <= t (causal: prefill and plain decoding),
 with the online softmax of `attention.reference.tiled_attention` (scores in base 2: the
 1/sqrt(D) scale is folded with log2(e), so exp becomes exp2).
 
@@ -64,12 +64,13 @@ def _attend_kernel(
     out_ptr,  # [B, H, T, D] out dtype; split mode: [splits, B, H, T, D] float32 partial outputs
     lse_ptr,  # split mode: [splits, B, H, T] float32 base-2 log-sum-exp of each split (else unused)
     slots_ptr, lens_ptr,  # [B] int64: cache slot and cached length of each sequence
-    mask_ptr,  # [T, W] int32 bit-packed new_mask (unused when CAUSAL)
+    mask_ptr,  # [T, W] or [B, T, W] int32 bit-packed new_mask (unused when CAUSAL)
     stride_qb, stride_qh, stride_qt,
     stride_kn, stride_kh, stride_ks,
     stride_vn, stride_vh, stride_vs,
     stride_os, stride_ob, stride_oh, stride_ot,
     stride_ls, stride_lb, stride_lh,
+    stride_mb,  # 0 when the batch shares one mask
     num_kv_heads, num_new, mask_words, split_len, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
@@ -128,7 +129,7 @@ def _attend_kernel(
             if CAUSAL:
                 visible = (j[None, :] <= t[:, None]) & j_ok[None, :]
             else:
-                words = tl.load(mask_ptr + t[:, None] * mask_words + (j[None, :] >> 5),
+                words = tl.load(mask_ptr + b * stride_mb + t[:, None] * mask_words + (j[None, :] >> 5),
                                 mask=row_ok[:, None] & j_ok[None, :], other=0)  # [M, N] int32
                 visible = ((words >> (j[None, :] & 31)) & 1) != 0
             scores = tl.where(visible, scores, float("-inf"))
@@ -199,7 +200,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
     """Attention of T new tokens per sequence over its cache slot; see the module docstring.
 
     q: [B, H, T, D]; k_cache, v_cache: [N, Hkv, S_max, D] with the new tokens' K/V already at
-    cache_lens[b] ..; slots, cache_lens: [B] int64; packed_mask: [T, W] int32 (None = causal);
+    cache_lens[b] ..; slots, cache_lens: [B] int64; packed_mask: [T, W] int32, or [B, T, W] for one
+    tree per sequence (None = causal);
     max_len: max(cache_lens) + T. num_splits: None picks one from the shape; block_n, num_warps,
     num_stages override the launch configuration (for tuning). Returns [B, H, T, D] in q's dtype
     (a view of a [B, T, H, D] tensor, the layout the output projection wants).
@@ -242,7 +244,8 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         *dest_strides, *lse_strides,
-        Hkv, T, 0 if packed_mask is None else packed_mask.shape[1], split_len,
+        packed_mask.stride(0) if packed_mask is not None and packed_mask.dim() == 3 else 0,
+        Hkv, T, 0 if packed_mask is None else packed_mask.shape[-1], split_len,
         math.log2(math.e) / math.sqrt(D),
         GROUP=group, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         CAUSAL=packed_mask is None, SPLIT=num_splits > 1,

@@ -247,7 +247,7 @@ class Llama(nn.Module):
         """Hidden states (after the final norm) of T new tokens for each of B sequences.
 
         tokens, positions: [B, T] (positions drive RoPE: prefix length + depth for a tree);
-        slots: [B] cache slots; new_mask: [T, T] bool over the new tokens (None = causal);
+        slots: [B] cache slots; new_mask: [T, T] or [B, T, T] bool over the new tokens (None = causal);
         max_len: max(cache lens) + T when the caller knows it; attention_backend: None = the
         default for the device (see `attention.plan`). Returns [B, T, C].
         K/V of the new tokens land in the cache's scratch positions; the caller keeps them

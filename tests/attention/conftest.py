@@ -34,6 +34,11 @@ def random_tree_mask(num_nodes: int, seed: int = 0) -> torch.Tensor:
     return tree_mask(parents)
 
 
+def random_tree_masks(batch: int, num_nodes: int, seed: int = 0) -> torch.Tensor:
+    """[B, T, T]: a different random tree per sequence, as a dynamic tree gives."""
+    return torch.stack([random_tree_mask(num_nodes, seed=seed + b) for b in range(batch)])
+
+
 @dataclass
 class Case:
     q: torch.Tensor  # [B, H, T, D]
@@ -41,7 +46,7 @@ class Case:
     v_cache: torch.Tensor
     slots: torch.Tensor  # [B]
     cache_lens: torch.Tensor  # [B]
-    new_mask: torch.Tensor | None  # [T, T]
+    new_mask: torch.Tensor | None  # [T, T] or [B, T, T]
 
     @property
     def max_len(self) -> int:
@@ -91,6 +96,7 @@ SHAPES = {
     "tree63": ([0, 45], 63, 4, 2, 64, random_tree_mask(63)),
     "tree63-gqa3": ([70], 63, 6, 2, 64, random_tree_mask(63, seed=1)),  # 189 rows: two query tiles
     "tree16-d128": ([3, 129], 16, 8, 2, 128, random_tree_mask(16, seed=2)),
+    "tree-per-row": ([3, 0, 64, 70], 24, 6, 2, 64, random_tree_masks(4, 24, seed=7)),  # dynamic trees
     "prefill": ([0], 150, 2, 1, 64, None),  # 300 rows: three query tiles, causal early exit
     "prefill-chunk": ([37], 100, 4, 2, 64, None),
 }

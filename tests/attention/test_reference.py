@@ -5,17 +5,19 @@ import torch
 
 from attention.masks import dense_mask, pack_bits
 from attention.reference import naive_attention, split_attention, tiled_attention
-from tests.attention.conftest import make_case, random_tree_mask, tree_mask
+from tests.attention.conftest import make_case, random_tree_mask, random_tree_masks, tree_mask
 
 
-def test_dense_mask_matches_definition():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dense_mask_matches_definition(per_row):
     cache_lens, T, S = torch.tensor([0, 3, 9]), 5, 16
-    new_mask = random_tree_mask(T, seed=0)
+    new_mask = random_tree_masks(3, T, seed=0) if per_row else random_tree_mask(T, seed=0)
     got = dense_mask(cache_lens, new_mask, T, S)
     for b, L in enumerate(cache_lens.tolist()):
+        row_mask = new_mask[b] if per_row else new_mask
         for t in range(T):
             for s in range(S):
-                visible = s < L or (L <= s < L + T and bool(new_mask[t, s - L]))
+                visible = s < L or (L <= s < L + T and bool(row_mask[t, s - L]))
                 assert bool(got[b, 0, t, s]) == visible
     causal = dense_mask(cache_lens, None, T, S)
     assert torch.equal(causal, dense_mask(cache_lens, torch.ones(T, T, dtype=torch.bool).tril(), T, S))
@@ -37,6 +39,8 @@ def test_pack_bits_round_trip(T):
     j = torch.arange(T)
     unpacked = ((words[:, j // 32] >> (j % 32)) & 1).bool()
     assert torch.equal(unpacked, mask)
+    per_row = torch.stack([mask, ~mask])  # [2, T, T]: one mask per sequence packs row by row
+    assert torch.equal(pack_bits(per_row), torch.stack([words, pack_bits(~mask)]))
 
 
 @pytest.mark.parametrize("new_mask", ["causal", "tree"])
