@@ -26,7 +26,10 @@ uniforms[b, i] decides node i's test when the walk reaches it (each node is test
 step), uniforms[b, 0] draws the next token. `lossless_walk` is the readable one-sequence reference
 of the batched lossless rule, which must agree with it exactly on the same uniforms.
 
-Legend: B batch, T tree nodes (root included), V vocabulary, P root-to-leaf paths.
+Each rule takes a static tree (`TreeBuffers`, shared by the batch) or each row's own (`RowTrees`,
+a dynamic tree) and reads it as `RowTrees`.
+
+Legend: B batch, T tree nodes (root included), V vocabulary, R root-to-node paths, P = depth + 1.
 """
 
 from __future__ import annotations
@@ -35,63 +38,73 @@ from dataclasses import dataclass
 
 import torch
 
+from medusa.dynamic import RowTrees
 from medusa.tree import TreeBuffers
 from runtime.sampling import draw
 
 # accepted_len [B] (root included, >= 1), path [B, depth + 1] (accepted node indices, 0 after
 # them), next_token [B]
 Decision = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Tree = TreeBuffers | RowTrees
 
 
 def _path_to(retrieve: torch.Tensor, row: torch.Tensor, accepted_len: torch.Tensor) -> torch.Tensor:
-    """[B, depth + 1]: the first accepted_len[b] nodes of root-to-leaf path row[b], 0 after them."""
-    step = torch.arange(retrieve.shape[1], device=retrieve.device)  # [depth + 1]
-    return torch.where(step < accepted_len[:, None], retrieve[row], 0)
+    """[B, P]: the first accepted_len[b] nodes of path row[b] of retrieve [B, R, P], 0 after them."""
+    B, _, P = retrieve.shape
+    step = torch.arange(P, device=retrieve.device)  # [P]
+    chosen = retrieve.gather(1, row.view(B, 1, 1).expand(B, 1, P))[:, 0]  # [B, P]
+    return torch.where(step < accepted_len[:, None], chosen, 0)
 
 
-def accept_greedy(candidates: torch.Tensor, target_logits: torch.Tensor, tree: TreeBuffers) -> Decision:
+def _along_paths(values: torch.Tensor, retrieve: torch.Tensor) -> torch.Tensor:
+    """values [B, T] read along each path of retrieve [B, R, P] -> [B, R, P] (padding reads node 0)."""
+    B, R, P = retrieve.shape
+    return values.gather(1, retrieve.clamp(min=0).reshape(B, R * P)).view(B, R, P)
+
+
+def accept_greedy(candidates: torch.Tensor, target_logits: torch.Tensor, tree: Tree) -> Decision:
     """Greedy verification: keep the longest chain of nodes that are the target's argmax at their
     parent. candidates: [B, T] long, the node tokens; target_logits: [B, T, V]. The next token is
     the target's argmax at the last accepted node.
     """
     B, T = candidates.shape
-    assert T == tree.num_nodes and target_logits.shape[:2] == (B, T), (tuple(candidates.shape),
-                                                                        tuple(target_logits.shape))
+    assert target_logits.shape[:2] == (B, T), (tuple(candidates.shape), tuple(target_logits.shape))
+    tree = RowTrees.of(tree, B)
     best = target_logits.argmax(dim=-1)  # [B, T]: the target's token after each node
-    parent_best = best[:, tree.parents.clamp(min=0)]  # [B, T] (root: its own, unused)
+    parent_best = best.gather(1, tree.parents.clamp(min=0))  # [B, T] (root: its own, unused)
     correct = candidates == parent_best  # [B, T]
     correct[:, 0] = True  # the root was emitted already
-    retrieve = tree.retrieve  # [P, depth + 1], -1 padded
-    on_path = correct[:, retrieve.clamp(min=0)] & (retrieve >= 0)  # [B, P, depth + 1]
-    chain_len = on_path.long().cumprod(dim=-1).sum(dim=-1)  # [B, P]: correct prefix of each path
+    retrieve = tree.retrieve  # [B, R, P], -1 padded
+    on_path = _along_paths(correct, retrieve) & (retrieve >= 0)  # [B, R, P]
+    chain_len = on_path.long().cumprod(dim=-1).sum(dim=-1)  # [B, R]: correct prefix of each path
     accepted_len, leaf_row = chain_len.max(dim=-1)  # [B], [B]
     path = _path_to(retrieve, leaf_row, accepted_len)
     last = path.gather(1, (accepted_len - 1)[:, None])  # [B, 1]
     return accepted_len, path, best.gather(1, last)[:, 0]
 
 
-def accept_typical(candidates: torch.Tensor, target_probs: torch.Tensor, tree: TreeBuffers,
+def accept_typical(candidates: torch.Tensor, target_probs: torch.Tensor, tree: Tree,
                    epsilon: torch.Tensor, delta: torch.Tensor, uniforms: torch.Tensor) -> Decision:
     """Medusa typical acceptance. candidates: [B, T] long; target_probs: [B, T, V] (rows sum to 1);
     epsilon, delta: [B]; uniforms: [B, T] (column 0 draws the next token from the target at the last
     accepted node)."""
     B, T, V = target_probs.shape
-    assert candidates.shape == (B, T) and T == tree.num_nodes
+    assert candidates.shape == (B, T)
+    tree = RowTrees.of(tree, B)
     probs = target_probs.double()
     entropy = -torch.xlogy(probs, probs).sum(dim=-1)  # [B, T]: H of the target at each node
     threshold = torch.minimum(delta[:, None].double() * torch.exp(-entropy), epsilon[:, None].double())
-    parents = tree.parents[1:]  # [T-1]
+    parents = tree.parents[:, 1:]  # [B, T-1]
     p_token = probs.new_ones(B, T)  # [B, T]: target probability of each node's token at its parent
-    p_token[:, 1:] = probs[:, parents].gather(-1, candidates[:, 1:, None])[..., 0]  # (root: certain)
+    p_token[:, 1:] = probs.view(B, T * V).gather(1, parents * V + candidates[:, 1:])  # (root: certain)
     ok = torch.ones(B, T, dtype=torch.bool, device=candidates.device)  # [B, T]
-    ok[:, 1:] = p_token[:, 1:] > threshold[:, parents]
+    ok[:, 1:] = p_token[:, 1:] > threshold.gather(1, parents)
     log_p = torch.log(p_token)  # [B, T]
 
-    retrieve = tree.retrieve  # [P, depth + 1]
-    idx = retrieve.clamp(min=0)
-    prefix = (ok[:, idx] & (retrieve >= 0)).long().cumprod(dim=-1).bool()  # [B, P, depth + 1]
-    length = prefix.sum(dim=-1)  # [B, P]
-    score = torch.where(prefix, log_p[:, idx], 0.0).sum(dim=-1)  # [B, P]
+    retrieve = tree.retrieve  # [B, R, P]
+    prefix = (_along_paths(ok, retrieve) & (retrieve >= 0)).long().cumprod(dim=-1).bool()  # [B, R, P]
+    length = prefix.sum(dim=-1)  # [B, R]
+    score = torch.where(prefix, _along_paths(log_p, retrieve), 0.0).sum(dim=-1)  # [B, R]
     # longest first, then the most likely
     best_score = torch.where(length == length.max(dim=-1, keepdim=True).values, score, -torch.inf)
     row = best_score.argmax(dim=-1)  # [B]
@@ -102,7 +115,7 @@ def accept_typical(candidates: torch.Tensor, target_probs: torch.Tensor, tree: T
     return accepted_len, path, draw(last_probs, uniforms[:, 0])
 
 
-def accept_lossless(candidates: torch.Tensor, target_probs: torch.Tensor, tree: TreeBuffers,
+def accept_lossless(candidates: torch.Tensor, target_probs: torch.Tensor, tree: Tree,
                     uniforms: torch.Tensor) -> Decision:
     """Tree speculative sampling with deterministic drafts. candidates: [B, T] long; target_probs:
     [B, T, V]; uniforms: [B, T]. The emitted tokens (accepted nodes' tokens, then next_token) are
@@ -112,16 +125,19 @@ def accept_lossless(candidates: torch.Tensor, target_probs: torch.Tensor, tree: 
     child rank, each row testing its current node's child of that rank until one is accepted.
     """
     B, T, V = target_probs.shape
-    assert candidates.shape == (B, T) and T == tree.num_nodes
+    assert candidates.shape == (B, T)
+    tree = RowTrees.of(tree, B)
     device = candidates.device
     residual = target_probs[:, 0].double()  # [B, V], unnormalised: rejections zero it
     node = torch.zeros(B, dtype=torch.long, device=device)  # [B]: the last accepted node
     walking = torch.ones(B, dtype=torch.bool, device=device)  # [B]: no level rejected every child yet
     path = torch.zeros(B, tree.depth + 1, dtype=torch.long, device=device)
+    width = tree.child_table.shape[2]
     for depth in range(1, tree.depth + 1):
         chosen = torch.full_like(node, -1)  # [B]: the child accepted at this depth, -1 while none
-        for rank in range(tree.child_table.shape[1]):
-            child = tree.child_table[node, rank]  # [B], -1 where the node has no child of this rank
+        children = tree.child_table.gather(1, node.view(B, 1, 1).expand(B, 1, width))[:, 0]  # [B, c]
+        for rank in range(children.shape[1]):
+            child = children[:, rank]  # [B], -1 where the node has no child of this rank
             testing = walking & (chosen < 0) & (child >= 0)
             child = child.clamp(min=0)
             x = candidates.gather(1, child[:, None])  # [B, 1]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from medusa import eagle
+from medusa.dynamic import DynamicTree, Expand, RowTrees, grow, select
 from medusa.eagle import EagleDrafter, draft_tokens
 from medusa.heads import MedusaHeads
 from medusa.tree import TreeBuffers, candidates_from_topk
@@ -62,3 +64,47 @@ def draft_heads(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roo
         top = heads.token_ids(logits.topk(level.topk, dim=-1).indices).view(B, P, level.topk)
         tokens[:, level.nodes] = top[:, level.parent_of, level.ranks]
     return tokens
+
+
+def draft_dynamic(drafter: Drafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
+                  lens: torch.Tensor, roots: torch.Tensor, tree: DynamicTree
+                  ) -> tuple[torch.Tensor, RowTrees]:
+    """Each row's own tree, grown from the drafter's confidence (`medusa.dynamic`): ([B, T] node
+    tokens -- the lookup branch holds the roots, for the caller to fill -- and the rows' trees).
+    Arguments as `draft`'s."""
+    if isinstance(drafter, EagleDrafter):
+        root_logp, expand = eagle.dynamic_logp(drafter, model, features, tokens, lens, roots, tree)
+    else:
+        root_logp, expand = heads_logp(drafter, model, features[:, -1], roots, tree)
+    grown = grow(tree, root_logp, expand, drafter.token_ids)
+    return select(tree, roots, *grown)
+
+
+def heads_logp(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
+               tree: DynamicTree) -> tuple[torch.Tensor, Expand]:
+    """Medusa heads as a dynamic tree's drafter: head d's log-probabilities for the children of
+    depth-d nodes -- the same for every node, unless the heads read the path to the node."""
+    B, C = hidden_last.shape
+    if not heads.config.path_input:
+        logp = heads(hidden_last, model.lm_head, num_heads=tree.draft_depth).log_softmax(-1)  # [B, K, V']
+
+        def expand(d: int, nodes: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor
+                   ) -> torch.Tensor:
+            return logp[:, d, None].expand(B, nodes.shape[1], logp.shape[-1])
+        return logp[:, 0], expand
+
+    def head_logp(d: int, path: torch.Tensor) -> torch.Tensor:
+        """path: [B, n, d + 1] tokens root..node of n nodes at depth d -> [B, n, V']."""
+        n = path.shape[1]
+        state = heads.head_state(d, hidden_last.repeat_interleave(n, dim=0), model.embed(path.flatten(0, 1)))
+        return heads.project(state[:, None], model.lm_head)[:, 0].view(B, n, -1).log_softmax(-1)
+
+    def expand(d: int, nodes: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        path, node = [], nodes  # walk up from the nodes to the root's children
+        for _ in range(d):
+            path.append(node_tokens.gather(1, node))
+            node = parents.gather(1, node).clamp(min=0)
+        path.append(roots[:, None].expand_as(nodes))
+        return head_logp(d, torch.stack(path[::-1], dim=-1))  # [B, k, V']
+
+    return head_logp(0, roots[:, None, None])[:, 0], expand

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medusa.dynamic import DynamicTree, Expand
 from medusa.heads import scored_rows
 from medusa.tree import TreeBuffers
 from runtime.config import ConfigError, ModelConfig
@@ -215,34 +216,90 @@ def draft_tokens(drafter: EagleDrafter, model: Llama, features: torch.Tensor, to
     return candidates
 
 
+def dynamic_logp(drafter: EagleDrafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
+                 lens: torch.Tensor, roots: torch.Tensor, tree: DynamicTree) -> tuple[torch.Tensor, Expand]:
+    """The layer as a dynamic tree's drafter (`medusa.dynamic.grow`): the log-probabilities of the
+    root's children [B, V'], and `expand`, which runs the layer on the k nodes a level expands.
+
+    As in `draft_tokens`: the window's call guesses the root's feature; an expanded node's pair is
+    (its parent's guessed feature, its token), and it attends to the window and to its expanded
+    ancestors, whose keys stay in a [B, Hkv, W + E, D] buffer (E = (draft_depth - 1) k expanded nodes;
+    level d's at W + (d - 1) k ..).
+    """
+    f, after, positions, filled = window_pairs(features, tokens, lens, roots)
+    (B, W, C), k, device = f.shape, tree.topk, f.device
+    causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()
+    seen = causal & (filled[:, None, :] | torch.eye(W, dtype=torch.bool, device=device))  # [B, W, W]
+    out_w, keys, values = drafter(f, model.embed(after), positions, seen)
+    E = (tree.draft_depth - 1) * k
+    Hkv, D = keys.shape[1], keys.shape[3]
+    keys = torch.cat([keys, keys.new_zeros(B, Hkv, E, D)], dim=2)  # [B, Hkv, W + E, D]
+    values = torch.cat([values, values.new_zeros(B, Hkv, E, D)], dim=2)
+    guessed = out_w.new_zeros(B, E, out_w.shape[-1])  # [B, E, C]: each expanded node's guessed feature
+    ancestors = torch.zeros(B, E, E, dtype=torch.bool, device=device)  # expanded row sees expanded row
+    row_of = torch.zeros(B, tree.num_candidates, dtype=torch.long, device=device)  # [B, M]: expanded row
+    root_feature = out_w[:, -1]  # [B, C]
+
+    def expand(d: int, nodes: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+        nonlocal keys, values, guessed, ancestors, row_of
+        rows = torch.arange((d - 1) * k, d * k, device=device)  # [k]: this level's expanded rows
+        if d == 1:  # the root's children: their parent's feature is the window's guess
+            parent_feature = root_feature[:, None].expand(B, k, C)
+            sees = torch.zeros(B, k, E, dtype=torch.bool, device=device)
+        else:
+            parent_row = row_of.gather(1, parents.gather(1, nodes))  # [B, k]
+            parent_feature = guessed.gather(1, parent_row[..., None].expand(B, k, C))
+            sees = ancestors.gather(1, parent_row[..., None].expand(B, k, E))
+        sees = sees.scatter(2, rows.expand(B, k)[..., None], True)  # [B, k, E]: and itself
+        mask = torch.cat([filled[:, None].expand(B, k, W), sees], dim=-1)  # [B, k, W + E]
+        pos = (lens[:, None] - 1 + d).expand(B, k)
+        out, keys, values = drafter(parent_feature, model.embed(node_tokens.gather(1, nodes)), pos, mask,
+                                    (keys, values), W + rows)
+        guessed = guessed.index_copy(1, rows, out)
+        ancestors = ancestors.index_copy(1, rows, sees)
+        row_of = row_of.scatter(1, nodes, rows.expand(B, k))
+        return drafter.project(out, model.lm_head).log_softmax(-1)  # [B, k, V']
+
+    return drafter.project(root_feature, model.lm_head).log_softmax(-1), expand
+
+
 @torch.no_grad()
 def reference_draft(drafter: EagleDrafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
                     lens: torch.Tensor, roots: torch.Tensor, tree: TreeBuffers) -> torch.Tensor:
     """`draft_tokens` the plain way: for each row and each parent node, the layer over one explicit
     causal sequence -- the filled window's pairs, then the pairs on the path down to the node."""
     out = roots[:, None].repeat(1, tree.num_nodes)
-    f, after, positions, filled = window_pairs(features, tokens, lens, roots)
-    for b in range(f.shape[0]):
-        window = f[b, filled[b]], after[b, filled[b]], positions[b, filled[b]]
+    for b, logp_after in enumerate(reference_logp(drafter, model, features, tokens, lens, roots)):
         for level in tree.levels:
             for node, parent_row, rank in zip(level.nodes.tolist(), level.parent_of.tolist(),
                                               level.ranks.tolist(), strict=True):
-                parent = level.parent_paths[parent_row, -1].item()
-                guessed = _guess(drafter, model, tree, window, out[b], parent)
-                logits = drafter.project(guessed[None], model.lm_head)[0]
-                out[b, node] = drafter.token_ids(logits.topk(level.topk).indices[rank])
+                path = level.parent_paths[parent_row, 1:]  # the parent's path below the root
+                logp = logp_after(out[b, path].tolist())  # [V']
+                out[b, node] = drafter.token_ids(logp.topk(level.topk).indices[rank])
     return out
 
 
-def _guess(drafter: EagleDrafter, model: Llama, tree: TreeBuffers, window: tuple, tokens: torch.Tensor,
-           node: int) -> torch.Tensor:
-    """[C] the feature the layer guesses at `node` from one causal sequence: the window's pairs
-    (features, next tokens, positions), then (guess at the parent, token) for each node on its path."""
+def reference_logp(drafter: EagleDrafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
+                   lens: torch.Tensor, roots: torch.Tensor) -> list:
+    """Per row, a function from a node's path (the tokens below the root, a list) to the layer's
+    log-probabilities of the node's children [V'], each from one explicit causal sequence."""
+    f, after, positions, filled = window_pairs(features, tokens, lens, roots)
+
+    def row(b: int):
+        window = f[b, filled[b]], after[b, filled[b]], positions[b, filled[b]]
+        return lambda path: drafter.project(_guess(drafter, model, window, path),
+                                            model.lm_head).log_softmax(-1)
+    return [row(b) for b in range(f.shape[0])]
+
+
+def _guess(drafter: EagleDrafter, model: Llama, window: tuple, path: list[int]) -> torch.Tensor:
+    """[C] the feature the layer guesses at the node reached by `path` (tokens below the root) from
+    one causal sequence: the window's pairs (features, next tokens, positions), then (guess at the
+    parent, token) for each node on the path."""
     feats, toks, pos = [window[0]], [window[1]], [window[2]]
-    path = tree.mask[node].nonzero().flatten().tolist()[1:]  # root excluded: its pair is the window's last
-    for depth, n in enumerate(path, start=1):
-        feats.append(_guess(drafter, model, tree, window, tokens, tree.parents[n].item())[None])
-        toks.append(tokens[n:n + 1])
+    for depth, token in enumerate(path, start=1):
+        feats.append(_guess(drafter, model, window, path[:depth - 1])[None])
+        toks.append(window[1].new_tensor([token]))
         pos.append(window[2][-1:] + depth)
     x, t, p = torch.cat(feats)[None], torch.cat(toks)[None], torch.cat(pos)[None]
     causal = torch.ones(1, x.shape[1], x.shape[1], dtype=torch.bool).tril()

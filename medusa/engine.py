@@ -35,7 +35,7 @@ import torch
 from medusa.heads import MedusaHeads
 from medusa.lookup import NgramIndex
 from medusa.step import ROOT_ONLY, DeviceStep, Row
-from medusa.tree import TreeBuffers, check_tree_fits
+from medusa.tree import DynamicTree, TreeBuffers, check_tree_fits
 from runtime.config import ConfigError, ModelConfig, SamplingParams
 from runtime.kv_cache import KVCache
 from runtime.llama import Llama
@@ -118,7 +118,7 @@ def use_compile(mode: str, device: str) -> bool:
 class Engine:
     def __init__(self, model: Llama, tokenizer, eos_token_ids: Iterable[int], *, max_batch_size: int = 8,
                  max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
-                 tree: TreeBuffers | None = None, keep_hidden: bool = False,
+                 tree: TreeBuffers | DynamicTree | None = None, keep_hidden: bool = False,
                  max_speculative_batch: int | None = None, compile: bool = False) -> None:
         """max_speculative_batch: a step with more running sequences than this, all of those that
         speculate greedy, decodes plainly (None: no limit). A tree multiplies the rows of a step; once
@@ -143,6 +143,8 @@ class Engine:
         self.heads = heads
         self.device = model.embed.weight.device
         tree = tree if heads is not None else ROOT_ONLY
+        if isinstance(tree, DynamicTree):
+            tree = tree.for_drafter(heads.config.max_depth)
         if heads is not None:
             check_tree_fits(tree, heads.config.max_depth, heads.config.scored_vocab_size)
         self.max_total_tokens = max_total_tokens
@@ -165,7 +167,7 @@ class Engine:
         return self.device_step.cache
 
     @property
-    def tree(self) -> TreeBuffers:
+    def tree(self) -> TreeBuffers | DynamicTree:
         """The tree a speculative step verifies (the root alone without heads), on the device."""
         return self.device_step.tree
 

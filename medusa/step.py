@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from medusa import acceptance
-from medusa.draft import Drafter, draft, window_size
+from medusa.draft import Drafter, draft, draft_dynamic, window_size
+from medusa.dynamic import DynamicTree, RowTrees
 from medusa.tree import TreeBuffers, build_tree
 from runtime import sampling
 from runtime.config import SamplingParams
@@ -69,7 +70,7 @@ def _batch_bucket(n: int) -> int:
 
 
 class DeviceStep:
-    def __init__(self, model: Llama, heads: Drafter | None, tree: TreeBuffers, num_slots: int,
+    def __init__(self, model: Llama, heads: Drafter | None, tree: TreeBuffers | DynamicTree, num_slots: int,
                  max_len: int, compile: bool = False) -> None:
         """num_slots: sequences the cache holds (one more, `pad_slot`, takes padding rows);
         max_len: cached tokens per slot, scratch included."""
@@ -232,11 +233,15 @@ class DeviceStep:
         mask = None
         candidates = roots[:, None]  # [B, 1]
         if T > 1:
-            candidates = draft(self.heads, self.model, self.features[slots], self.window_tokens[slots],
-                               self.cache.lens[slots], roots, tree)  # [B, T]
+            drafter_input = (self.heads, self.model, self.features[slots], self.window_tokens[slots],
+                             self.cache.lens[slots], roots)
+            if isinstance(tree, DynamicTree):  # each row grows its own tree
+                candidates, tree = draft_dynamic(*drafter_input, tree)  # [B, T], RowTrees
+            else:
+                candidates = draft(*drafter_input, tree)  # [B, T]
             if L:
                 candidates = torch.cat([candidates[:, :T - L], lookup], dim=1)
-            mask = tree.mask
+            mask = tree.mask  # [T, T], or [B, T, T] for a dynamic tree
         positions = self.cache.lens[slots][:, None] + tree.depths  # [B, T]
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
         seen = self._seen_at_nodes(slots, candidates, tree) if needs.penalise else None
@@ -288,14 +293,14 @@ class DeviceStep:
         packed = torch.cat([accepted_len[:, None].double(), tokens.double(), logprobs.double()], dim=1)
         return packed, torch.where(on_path[..., None], path_hidden, 0)
 
-    def _seen_at_nodes(self, slots: torch.Tensor, candidates: torch.Tensor, tree: TreeBuffers
+    def _seen_at_nodes(self, slots: torch.Tensor, candidates: torch.Tensor, tree: TreeBuffers | RowTrees
                        ) -> torch.Tensor:
         """[B, T, V] bool: the tokens each tree node's text holds: its sequence's (prompt, generated,
         pending) and its ancestors' drafts."""
         B, T = candidates.shape
         V = self.seen.shape[1] - 1
-        ancestors = tree.mask.clone()
-        ancestors[:, 0] = False  # the root is the pending token, already in `seen`
+        ancestors = tree.mask.clone()  # [T, T] or [B, T, T]
+        ancestors[..., 0] = False  # the root is the pending token, already in `seen`
         drafts = torch.where(ancestors, candidates[:, None, :], V)  # [B, T, T]: token or the spare column
         on_path = torch.zeros(B, T, V + 1, dtype=torch.bool, device=slots.device).scatter_(2, drafts, True)
         return (self.seen[slots][:, None] | on_path)[..., :V]

@@ -11,7 +11,9 @@ nodes, so ancestors still have smaller indices than their descendants.
 
 `build_tree` is a pure function from choices to `TreeBuffers` (CPU tensors, built once;
 `TreeBuffers.to` gives a copy on another device). `get_tree` finds a tree by name: a built-in one
-(`BUILTIN_TREES`), one shipped in `medusa/trees/` (calibrated for the shipped heads), or a JSON file.
+(`BUILTIN_TREES`), one shipped in `medusa/trees/` (calibrated for the shipped heads), a JSON file,
+or `dynamic:N`: a `DynamicTree`, which each step grows per sequence from the drafter's confidence
+instead of one fixed shape (`medusa.dynamic`).
 
 Legend: B batch, T tree nodes (root included), K Medusa heads, k top-k per head,
 P root-to-leaf paths.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +87,86 @@ class TreeBuffers:
         """The same tree with its tensors on `device`."""
         return dataclasses.replace(self, **_tensors_on(self, device),
                                    levels=tuple(level.to(device) for level in self.levels))
+
+
+DEFAULT_TOPK = 8
+MAX_DRAFT_DEPTH = 6  # EAGLE-2's depth for 60-token trees: as deep as the drafter goes, up to this
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """How a dynamic tree grows: `dynamic:N[,topk=k][,depth=D][,lookup=L]` on the command line
+    (depth sets draft_depth). draft_depth 0 means as deep as the drafter drafts, up to
+    MAX_DRAFT_DEPTH (`for_drafter`)."""
+
+    budget: int  # N: the root and the drafted nodes verified per sequence
+    topk: int = DEFAULT_TOPK  # k: children proposed per expanded node, and nodes expanded per level
+    draft_depth: int = 0  # D: the depth the drafter grows the tree to
+    lookup: int = 0  # L: a prompt-lookup chain after the drafted nodes
+    name: str = "dynamic"
+
+    def __post_init__(self) -> None:
+        for field in ("budget", "topk", "draft_depth", "lookup"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise TreeError(f"tree {self.name!r}: {field} must be an integer >= 0, got {value!r}")
+        if self.budget < 2 or self.topk < 1:
+            raise TreeError(f"tree {self.name!r}: the budget must be >= 2 nodes (the root and one draft) "
+                            "and topk >= 1")
+        if self.draft_depth and self.budget - 1 > self.num_candidates:
+            raise TreeError(f"tree {self.name!r}: {self.draft_depth} levels of top-{self.topk} grow only "
+                            f"{self.num_candidates} candidates, fewer than the budget's {self.budget - 1}; "
+                            "raise topk or depth")
+
+    @property
+    def num_candidates(self) -> int:
+        """M: the candidates grown, of which the budget keeps N - 1."""
+        return self.topk + (self.draft_depth - 1) * self.topk ** 2
+
+    @property
+    def num_nodes(self) -> int:
+        return self.budget + self.lookup
+
+    @property
+    def num_heads_needed(self) -> int:
+        """The deepest drafted level (what `medusa.tree.check_tree_fits` checks against the drafter)."""
+        return self.draft_depth
+
+    @property
+    def topk_needed(self) -> int:
+        return self.topk
+
+    @property
+    def depth(self) -> int:
+        """The longest path below the root: a drafted one or the lookup chain."""
+        return max(min(self.draft_depth, self.budget - 1), self.lookup)
+
+    @property
+    def lookup_nodes(self) -> range:
+        return range(self.budget, self.num_nodes)
+
+    def for_drafter(self, max_depth: int) -> DynamicTree:
+        """The tree with its draft depth resolved for a drafter that drafts `max_depth` levels."""
+        if self.draft_depth:
+            return self
+        return dataclasses.replace(self, draft_depth=min(max_depth, MAX_DRAFT_DEPTH))
+
+    def to(self, device: torch.device | str) -> DynamicTree:
+        return self  # no tensors: each step builds its rows' trees on the device (`medusa.dynamic`)
+
+
+def parse_dynamic(spec: str) -> DynamicTree | None:
+    """`dynamic:N[,topk=k][,depth=D][,lookup=L]` -> DynamicTree; None for any other tree name."""
+    if not spec.startswith("dynamic:"):
+        return None
+    match = re.fullmatch(r"dynamic:(\d+)((?:,(?:topk|depth|lookup)=\d+)*)", spec)
+    if match is None:
+        raise TreeError(f"tree {spec!r}: write a dynamic tree as dynamic:N with N the nodes verified per "
+                        "sequence, then optionally ,topk=K ,depth=D ,lookup=L (e.g. dynamic:32,topk=6)")
+    options = dict(item.split("=") for item in match.group(2).split(",")[1:])
+    fields = {"depth": "draft_depth"}
+    return DynamicTree(int(match.group(1)), name=spec,
+                       **{fields.get(k, k): int(v) for k, v in options.items()})
 
 
 def build_tree(choices: Sequence[Sequence[int]], name: str = "custom", lookup: int = 0) -> TreeBuffers:
@@ -188,7 +271,7 @@ def candidates_from_topk(root: torch.Tensor, topk_tokens: torch.Tensor, tree: Tr
     return torch.cat([root, nodes, root.expand(B, tree.lookup)], dim=1)  # [B, T]
 
 
-def check_tree_fits(tree: TreeBuffers, num_heads: int, topk: int) -> None:
+def check_tree_fits(tree: TreeBuffers | DynamicTree, num_heads: int, topk: int) -> None:
     """Raise TreeError unless `num_heads` heads with top-`topk` candidates can fill the tree."""
     if tree.num_heads_needed > num_heads:
         raise TreeError(f"tree {tree.name!r} is {tree.depth} deep but only {num_heads} Medusa heads are "
@@ -240,9 +323,13 @@ def tree_names() -> list[str]:
     return [*BUILTIN_TREES, *sorted(name for name in shipped if not name.endswith(".calibration"))]
 
 
-def get_tree(name_or_path: str) -> TreeBuffers:
-    """A tree by name (`tree_names`), or a JSON file: a list of choices (lists of ranks), or an object
-    {"choices": [...], "lookup": L} for a tree with a lookup branch of L nodes."""
+def get_tree(name_or_path: str) -> TreeBuffers | DynamicTree:
+    """A tree by name (`tree_names`), a dynamic tree (`dynamic:N...`, `parse_dynamic`), or a JSON
+    file: a list of choices (lists of ranks), or an object {"choices": [...], "lookup": L} for a tree
+    with a lookup branch of L nodes."""
+    dynamic = parse_dynamic(name_or_path)
+    if dynamic is not None:
+        return dynamic
     if name_or_path in BUILTIN_TREES:
         return build_tree(BUILTIN_TREES[name_or_path], name=name_or_path)
     if name_or_path in tree_names():

@@ -10,6 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 from medusa.acceptance import Decision, accept_greedy, accept_lossless, accept_typical, lossless_walk
+from medusa.dynamic import rows_of
 from medusa.tree import TreeBuffers, build_tree, candidates_from_topk, get_tree
 
 # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0]   (see test_tree.py)
@@ -204,3 +205,43 @@ def test_lossless_batch_agrees_with_the_reference_walk(tree: TreeBuffers) -> Non
         walk = lossless_walk(candidates[b], probs[b], tree, uniforms[b])
         assert path[b, :int(accepted_len[b])].tolist() == walk.path
         assert int(next_token[b]) == walk.next_token
+
+
+def random_tree(num_nodes: int, gen: torch.Generator) -> TreeBuffers:
+    """A random tree of num_nodes nodes, ranks < 4 with gaps (as a dynamic tree's, where a
+    parent keeps some of its top-k children and not others)."""
+    paths: list[tuple[int, ...]] = []
+    while len(paths) < num_nodes - 1:
+        parent = [()] + paths
+        path = parent[int(torch.randint(len(parent), (1,), generator=gen))] + (
+            int(torch.randint(4, (1,), generator=gen)),)
+        if path not in paths and len(path) <= 4:
+            paths.append(path)
+    return build_tree(paths)
+
+
+def test_per_row_trees_agree_with_each_rows_own_static_tree() -> None:
+    """Greedy and lossless on a batch where every row has its own tree (`RowTrees`, as a dynamic
+    tree gives) decide each row as that row's tree alone does: lossless as the reference walk."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, V = 200, 9, 4
+    trees = [random_tree(T, gen) for _ in range(B)]
+    rows = rows_of(torch.stack([t.parents for t in trees]), torch.stack([t.depths for t in trees]),
+                   torch.stack([t.rank_index.clamp(min=0) for t in trees]), 4, max(t.depth for t in trees))
+    # siblings hold distinct tokens, as one parent's top-k do: the rank shifted by a per-parent offset
+    offset = torch.randint(V, (B, T), generator=gen)
+    parents = rows.parents.clamp(min=0)
+    candidates = (offset.gather(1, parents) + torch.stack([t.rank_index for t in trees])) % V
+    probs = (torch.randn(B, T, V, generator=gen) * 3).softmax(-1)
+    uniforms = torch.rand(B, T, generator=gen, dtype=torch.float64)
+    accepted_len, path, next_token = accept_lossless(candidates, probs, rows, uniforms)
+    greedy = accept_greedy(candidates, probs.log(), rows)
+    assert accepted_len.max() >= 3 and greedy[0].max() >= 3  # deep walks were exercised
+    for b, tree in enumerate(trees):
+        walk = lossless_walk(candidates[b], probs[b], tree, uniforms[b])
+        assert path[b, :int(accepted_len[b])].tolist() == walk.path
+        assert int(next_token[b]) == walk.next_token
+        alone = accept_greedy(candidates[b:b + 1], probs[b:b + 1].log(), tree)
+        n = int(alone[0][0])
+        assert int(greedy[0][b]) == n and greedy[1][b, :n].tolist() == alone[1][0, :n].tolist()
+        assert int(greedy[2][b]) == int(alone[2][0])

@@ -38,8 +38,9 @@ def run(engine: Engine) -> dict[int, list[tuple[list[int], list[float]]]]:
     return out
 
 
-@pytest.mark.parametrize("tree, drafter", [(None, None), ("cpu", heads_for), ("cpu", eagle_for)],
-                         ids=["plain", "shipped-cpu-tree", "draft-layer"])
+@pytest.mark.parametrize("tree, drafter", [(None, None), ("cpu", heads_for), ("cpu", eagle_for),
+                                          ("dynamic:12,topk=3,lookup=2", eagle_for)],
+                         ids=["plain", "shipped-cpu-tree", "draft-layer", "dynamic-tree"])
 def test_the_step_compiles_as_one_graph_with_the_eager_outputs(model, tree, drafter):
     def engine(compile: bool) -> Engine:
         heads = None if tree is None else drafter(model)

@@ -42,7 +42,8 @@ DRAFTERS = {"medusa": heads_for,
 
 
 TREES = {"chain": get_tree("chain"), "cpu": get_tree("cpu"), "mc_sim_7b_63": get_tree("mc_sim_7b_63"),
-         "mc_sim_7b_63+lookup": build_tree(get_tree("mc_sim_7b_63").choices, lookup=8)}
+         "mc_sim_7b_63+lookup": build_tree(get_tree("mc_sim_7b_63").choices, lookup=8),
+         **{spec: get_tree(spec) for spec in ("dynamic:16", "dynamic:24,topk=3,lookup=4")}}
 
 
 @pytest.mark.parametrize("kind", DRAFTERS)
@@ -199,8 +200,9 @@ def exact_pair_distribution(model, prompt, temperature):
     return joint.exp().view(V, V, V).sum(0)  # [V, V] over (t2, t3)
 
 
-@pytest.mark.parametrize("drafter", ["medusa", "eagle"])
-def test_lossless_sampling_keeps_the_distribution(drafter):
+@pytest.mark.parametrize("drafter, tree_name", [("medusa", "static"), ("eagle", "static"),
+                                               ("eagle", "dynamic:6,topk=2,depth=3,lookup=2")])
+def test_lossless_sampling_keeps_the_distribution(drafter, tree_name):
     torch.manual_seed(0)
     V = 6
     model = Llama(ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
@@ -214,6 +216,8 @@ def test_lossless_sampling_keeps_the_distribution(drafter):
     else:
         heads = random_heads(MedusaConfig(hidden_size=32, vocab_size=V, num_heads=2), seed=1)
     tree = build_tree([[0], [1], [0, 0], [0, 1], [1, 0]], lookup=2)  # lookup drafts are deterministic too
+    if tree_name != "static":  # each sequence's tree shape follows the drafter's confidence
+        tree = get_tree(tree_name)
     engine = Engine(model, Vocab(), (), max_batch_size=64, max_total_tokens=16, heads=heads, tree=tree)
     counts = torch.zeros(V * V)
     accepted = 0

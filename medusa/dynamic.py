@@ -1,0 +1,166 @@
+"""Dynamic trees (EAGLE-2, Li et al. 2024): each step grows each sequence's own tree from the
+drafter's confidence, instead of verifying one fixed shape.
+
+A node's *score* is the drafter's cumulative log-probability of its path: the sum of the
+log-probabilities of its token and its ancestors' (each under the drafter's distribution at its
+parent). It estimates the log-probability that the whole path is accepted.
+
+Growing (`grow`), with fixed shapes: level 1 is the root's top-k children; at each level
+d = 2 .. D, the k best-scored nodes of level d - 1 are *expanded* -- the drafter reads them and
+proposes each one's top-k children -- giving k * k candidates at level d. Of all
+M = k + (D - 1) k^2 candidates, the budget's N - 1 best-scored become the tree (reranking,
+`select`). A child's score is at most its parent's, and ties go to the shallower node, so the
+chosen set holds every chosen node's parent: it is a tree. A lookup branch (`medusa.lookup`) of
+L nodes may follow, a chain from the root, as in static trees.
+
+The tree's parameters are a `medusa.tree.DynamicTree` (`dynamic:N` where a tree name goes).
+`RowTrees` is what verification and acceptance read: each sequence's tree as batched tensors.
+A static tree (`medusa.tree.TreeBuffers`) gives the same fields shared by the batch, through
+`RowTrees.of`.
+
+Legend: B rows, N budget (root included), L lookup nodes, T = N + L tree nodes, k top-k per
+expansion, D depth, M candidates, P = max depth + 1, V' scored vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from medusa.tree import DynamicTree, TreeBuffers
+
+
+@dataclass(frozen=True)
+class RowTrees:
+    """Each row's tree, as verification and acceptance read it. Ancestors have smaller indices."""
+
+    mask: torch.Tensor  # [B, T, T] bool: node i sees node j (j is i or an ancestor of i)
+    depths: torch.Tensor  # [B, T] long: 0 for the root
+    parents: torch.Tensor  # [B, T] long: -1 for the root
+    retrieve: torch.Tensor  # [B, R, P] long: root-to-node paths covering every leaf, -1 padded
+    child_table: torch.Tensor  # [B, T, c] long: each node's children in rank order, -1 padded
+    depth: int  # P - 1: the longest path
+
+    @classmethod
+    def of(cls, tree: TreeBuffers | RowTrees, batch: int) -> RowTrees:
+        """A static tree's buffers shared by `batch` rows (views, no copies)."""
+        if isinstance(tree, RowTrees):
+            return tree
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.expand(batch, *t.shape)
+        return cls(rows(tree.mask), rows(tree.depths), rows(tree.parents), rows(tree.retrieve),
+                   rows(tree.child_table), tree.depth)
+
+
+Expand = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def grow(tree: DynamicTree, root_logp: torch.Tensor, expand: Expand, token_ids: Callable
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The M candidates of every row: (tokens, parent candidate (-1: the root), score, rank among
+    the parent's top-k), each [B, M], in level order.
+
+    root_logp: [B, V'] the drafter's log-probabilities of the root's children; expand(d, nodes,
+    tokens, parents): the log-probabilities [B, k, V'] of the children of `nodes` ([B, k]
+    candidate indices, all at depth d), given every candidate so far (tokens, parents [B, M_d]);
+    token_ids maps scored-vocabulary indices to token ids.
+    """
+    k = tree.topk
+    B, device = root_logp.shape[0], root_logp.device
+    score, index = root_logp.topk(k, dim=-1)  # [B, k]
+    tokens, scores = token_ids(index), score
+    parents = torch.full((B, k), -1, dtype=torch.long, device=device)
+    ranks = torch.arange(k, device=device).expand(B, k)
+    level_start = 0  # the first candidate of the deepest level so far
+    for d in range(1, tree.draft_depth):
+        best, at = scores[:, level_start:].topk(k, dim=-1)  # [B, k]: the level's nodes to expand
+        nodes = level_start + at
+        logp = expand(d, nodes, tokens, parents)  # [B, k, V']
+        child_score, child_index = logp.topk(k, dim=-1)  # [B, k, k]
+        level_start = tokens.shape[1]
+        tokens = torch.cat([tokens, token_ids(child_index).flatten(1)], dim=1)
+        scores = torch.cat([scores, (best[..., None] + child_score).flatten(1)], dim=1)
+        parents = torch.cat([parents, nodes.repeat_interleave(k, dim=1)], dim=1)
+        ranks = torch.cat([ranks, torch.arange(k, device=device).repeat(k).expand(B, k * k)], dim=1)
+    return tokens, parents, scores, ranks
+
+
+def candidate_depths(tree: DynamicTree, device: torch.device | str) -> torch.Tensor:
+    """[M] long: each candidate's depth (level order: k at depth 1, then k^2 per level)."""
+    counts = torch.tensor([tree.topk] + [tree.topk ** 2] * (tree.draft_depth - 1), device=device)
+    return torch.arange(1, tree.draft_depth + 1, device=device).repeat_interleave(counts)
+
+
+def select(tree: DynamicTree, roots: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor,
+           scores: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, RowTrees]:
+    """Rerank the candidates (`grow`) to the budget: ([B, T] node tokens -- the lookup branch
+    holds the roots, for the caller to fill -- and the rows' trees).
+
+    Node order is candidate order, so parents come before their children.
+    """
+    (B, M), N, L, k = tokens.shape, tree.budget, tree.lookup, tree.topk
+    device = tokens.device
+    depth = candidate_depths(tree, device)  # [M]
+    # a child's score is at most its parent's; the depth term breaks ties toward the parent (the clamp
+    # keeps it from vanishing beside -inf)
+    key = scores.double().clamp(min=-1e9) - 1e-6 * depth
+    chosen = key.topk(N - 1, dim=-1).indices.sort(dim=-1).values  # [B, N - 1] candidate indices
+    node_of = torch.zeros(B, M, dtype=torch.long, device=device).scatter(
+        1, chosen, torch.arange(1, N, device=device).expand(B, N - 1))  # [B, M]: node index, if chosen
+    parent = parents.gather(1, chosen)  # [B, N - 1]
+    parent = torch.where(parent < 0, 0, node_of.gather(1, parent.clamp(min=0)))
+    chain = torch.arange(N - 1, N - 1 + L, device=device)  # the lookup branch: root, then a chain
+    chain[:1] = 0
+    root = torch.full((B, 1), -1, dtype=torch.long, device=device)
+    node_parents = torch.cat([root, parent, chain.expand(B, L)], dim=1)  # [B, T]
+    depths = torch.cat([root + 1, depth[chosen], torch.arange(1, L + 1, device=device).expand(B, L)], 1)
+    node_ranks = torch.cat([root, ranks.gather(1, chosen), torch.zeros(B, L, dtype=torch.long,
+                                                                        device=device)], dim=1)
+    if L:  # the lookup child of the root comes after its drafted children
+        node_ranks[:, N] = k
+    candidates = torch.cat([roots[:, None], tokens.gather(1, chosen), roots[:, None].expand(B, L)], dim=1)
+    return candidates, rows_of(node_parents, depths, node_ranks, k + (L > 0), tree.depth)
+
+
+def rows_of(parents: torch.Tensor, depths: torch.Tensor, ranks: torch.Tensor, width: int,
+            depth: int) -> RowTrees:
+    """Each row's tree from its nodes' parents, depths and ranks among their siblings ([B, T]
+    each, parents before children; `width` > every rank), on the device with fixed shapes."""
+    B, T = parents.shape
+    device = parents.device
+    eye = torch.eye(T, dtype=torch.bool, device=device).expand(B, T, T)
+    mask = eye
+    to_parent = parents.clamp(min=0)[..., None].expand(B, T, T)
+    for _ in range(depth):  # after d rounds each node sees its ancestors up to d levels up
+        mask = eye | mask.gather(1, to_parent)
+    P = depth + 1
+    # row i of retrieve: node j at column depth j for every ancestor j of i (the others to a spare column)
+    column = torch.where(mask, depths[:, None, :], P)  # [B, T, T]
+    retrieve = torch.full((B, T, P + 1), -1, dtype=torch.long, device=device).scatter(
+        2, column, torch.arange(T, device=device).expand(B, T, T))[..., :P]  # [B, T, P]
+    slot = torch.where(parents >= 0, parents * width + ranks, T * width)  # [B, T]: the root to a spare slot
+    child_table = torch.full((B, T * width + 1), -1, dtype=torch.long, device=device).scatter(
+        1, slot, torch.arange(T, device=device).expand(B, T))[:, :-1].view(B, T, width)
+    return RowTrees(mask, depths, parents, retrieve, child_table, depth)
+
+
+def reference_grow(tree: DynamicTree, logp_after: Callable[[list[int]], torch.Tensor],
+                   token_ids: Callable) -> list[tuple[int, ...]]:
+    """`grow` and `select` for one sequence, the plain way: the chosen nodes, each as its path
+    (the tokens below the root), best first. logp_after(path) -> the drafter's log-probabilities
+    [V'] of the children of the node at `path`."""
+    def children(path: tuple[int, ...], score: float) -> list[tuple[tuple[int, ...], float]]:
+        top = logp_after(list(path)).topk(tree.topk)
+        return [(path + (int(token_ids(i)),), score + float(v)) for v, i in zip(top.values, top.indices,
+                                                                             strict=True)]
+    level = children((), 0.0)
+    candidates = list(level)
+    for _ in range(1, tree.draft_depth):
+        expanded = sorted(level, key=lambda c: -c[1])[:tree.topk]
+        level = [child for path, score in expanded for child in children(path, score)]
+        candidates += level
+    ranked = sorted(candidates, key=lambda c: (-c[1], len(c[0])))  # ties: the shallower first
+    return [path for path, _ in ranked[:tree.budget - 1]]

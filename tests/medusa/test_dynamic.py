@@ -1,0 +1,123 @@
+"""Dynamic trees: each row's tree, grown on the device with fixed shapes, is the one the plain
+best-first growth gives, and its buffers say what a static tree's would."""
+
+import pytest
+import torch
+
+from medusa.draft import draft_dynamic
+from medusa.dynamic import RowTrees, reference_grow, rows_of
+from medusa.eagle import EagleConfig, random_drafter, reference_logp
+from medusa.heads import MedusaConfig, random_heads
+from medusa.tree import DynamicTree, TreeError, get_tree
+from tests.conftest import ours_from_hf, tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ours_from_hf(tiny_hf_model("llama"))
+
+
+def heads_logp_reference(heads, model, hidden_last, roots):
+    """Per row, path -> the log-probabilities of head len(path), read the plain way."""
+    def row(b):
+        def logp_after(path):
+            d = len(path)
+            if not heads.config.path_input:
+                return heads(hidden_last[b:b + 1], model.lm_head, num_heads=d + 1)[0, d].log_softmax(-1)
+            embeds = model.embed(torch.tensor([[int(roots[b]), *path]]))  # [1, d + 1, C]
+            state = heads.head_state(d, hidden_last[b:b + 1], embeds)
+            return heads.project(state[:, None], model.lm_head)[0, 0].log_softmax(-1)
+        return logp_after
+    return [row(b) for b in range(hidden_last.shape[0])]
+
+
+def drafters(model):
+    c = model.config
+    return {
+        "eagle": random_drafter(EagleConfig.for_base(c, window=8, draft_vocab_size=40), seed=0),
+        "heads": random_heads(MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_heads=4),
+                              seed=0),
+        "path-heads": random_heads(MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size,
+                                                num_heads=4, path_input=True, draft_vocab_size=40), seed=0),
+    }
+
+
+def chosen_paths(candidates, trees, b, budget):
+    """Row b's drafted nodes (not the lookup branch) as token paths below the root."""
+    paths = []
+    for node in range(1, budget):
+        chain = [n for n in trees.retrieve[b, node].tolist() if n >= 0]
+        assert chain[0] == 0 and chain[-1] == node  # root .. node
+        paths.append(tuple(candidates[b, chain[1:]].tolist()))
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["eagle", "heads", "path-heads"])
+@pytest.mark.parametrize("spec", ["dynamic:12,topk=3,depth=4", "dynamic:20,topk=4,depth=3,lookup=2"])
+def test_grown_trees_equal_the_plain_best_first_growth(model, kind, spec):
+    """Two rows, one with a window only partly filled: each grows its own tree."""
+    drafter = drafters(model)[kind]
+    tree = get_tree(spec)
+    gen = torch.Generator().manual_seed(0)
+    C, V = model.config.hidden_size, model.config.vocab_size
+    W = 8 if kind == "eagle" else 1
+    features = torch.randn(2, W, C, generator=gen)
+    tokens = torch.randint(0, V, (2, W), generator=gen)
+    lens, roots = torch.tensor([20, 3]), torch.tensor([5, 9])
+    with torch.no_grad():
+        candidates, trees = draft_dynamic(drafter, model, features, tokens, lens, roots, tree)
+        if kind == "eagle":
+            logp_after = reference_logp(drafter, model, features, tokens, lens, roots)
+        else:
+            logp_after = heads_logp_reference(drafter, model, features[:, -1], roots)
+        T = tree.num_nodes
+        assert candidates.shape == (2, T) and trees.mask.shape == (2, T, T)
+        for b in range(2):
+            expected = reference_grow(tree, logp_after[b], drafter.token_ids)
+            assert sorted(chosen_paths(candidates, trees, b, tree.budget)) == sorted(expected)
+            assert trees.depths[b, 1:tree.budget].tolist() == sorted(len(p) for p in expected)
+        first, second = (chosen_paths(candidates, trees, b, tree.budget) for b in range(2))
+        assert first != second  # each row its own tree
+    # the lookup branch: a chain from the root after the drafted nodes, holding the roots until filled
+    lookup = list(tree.lookup_nodes)
+    if lookup:
+        assert trees.parents[:, lookup].tolist() == [[0, *lookup[:-1]]] * 2
+        assert torch.equal(candidates[:, lookup], roots[:, None].expand(2, len(lookup)))
+        assert (trees.child_table[:, 0] == lookup[0]).sum(-1).tolist() == [1, 1]  # the root's last child
+
+
+def test_row_buffers_of_a_static_tree_equal_its_own():
+    """rows_of, given a static tree's parents, depths and ranks, builds its mask, its paths and its
+    children in rank order."""
+    tree = get_tree("mc_sim_7b_63")
+    rank = tree.rank_index.clamp(min=0)[None]
+    rows = rows_of(tree.parents[None], tree.depths[None], rank, tree.topk_needed, tree.depth)
+    assert torch.equal(rows.mask[0], tree.mask)
+    for leaf_path in tree.retrieve.tolist():
+        leaf = max(leaf_path)
+        assert rows.retrieve[0, leaf].tolist() == leaf_path
+    for node, children in enumerate(tree.children):
+        table = rows.child_table[0, node]
+        assert [c for c in table.tolist() if c >= 0] == list(children)
+        assert all(table[int(tree.rank_index[c])] == c for c in children)  # each at its rank's column
+    static = RowTrees.of(tree, 3)
+    assert static.mask.shape == (3, tree.num_nodes, tree.num_nodes) and static.depth == tree.depth
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("dynamic:", "write a dynamic tree as dynamic:N"),
+    ("dynamic:16,width=3", "write a dynamic tree as dynamic:N"),
+    ("dynamic:1", "budget must be >= 2"),
+    ("dynamic:64,topk=2,depth=3", "raise topk or depth"),
+])
+def test_bad_dynamic_trees_are_refused_with_a_reason(spec, message):
+    with pytest.raises(TreeError, match=message):
+        get_tree(spec)
+
+
+def test_dynamic_tree_spec_reads_its_options():
+    tree = get_tree("dynamic:24,topk=4,depth=5,lookup=3")
+    assert tree == DynamicTree(24, topk=4, draft_depth=5, lookup=3, name="dynamic:24,topk=4,depth=5,lookup=3")
+    assert tree.num_nodes == 27 and tree.depth == 5
+    assert get_tree("dynamic:16").for_drafter(4).draft_depth == 4  # as deep as the heads go
+    assert get_tree("dynamic:16").for_drafter(8).draft_depth == 6  # capped
