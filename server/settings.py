@@ -57,7 +57,9 @@ class Settings(BaseModel):
         default="auto", description="wrap /generate inputs in the model's chat template as one user "
         "message; auto: on for the embedded instruct model, whose raw-text answers are often empty")
     tree: str | None = Field(default=None, description="candidate tree: a name (an unknown one gets the "
-                             "list) or a JSON file; default, for heads: the shipped 'gpu' tree on CUDA, "
+                             "list), a JSON file, or dynamic:N (each sequence's own tree of N nodes, grown "
+                             "from the drafter's confidence; options ,topk=K ,depth=D ,lookup=L); "
+                             "default, for heads: the shipped 'gpu' tree on CUDA, "
                              "'cpu-bf16' for bfloat16 weights on the CPU, 'cpu' otherwise; for the draft "
                              "layer: 'eagle-gpu' on CUDA, 'eagle-cpu' otherwise")
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on every "

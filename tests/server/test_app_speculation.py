@@ -8,6 +8,7 @@ from fastapi.testclient import TestClient
 from medusa.checkpoints import HeadsLoadError, save_eagle, save_heads
 from medusa.eagle import EagleConfig, random_drafter
 from medusa.heads import MedusaConfig, MedusaHeads
+from medusa.tree import TreeError
 from server.app import create_app
 from tests.server.support import tiny_loaded, tiny_settings
 
@@ -79,16 +80,25 @@ def eagle_folder(tmp_path_factory):
     return folder
 
 
-def test_a_draft_layer_serves_the_same_greedy_text(eagle_folder, client):
-    settings = tiny_settings(medusa_heads=str(eagle_folder), drafter="eagle", tree="mc_sim_7b_63")
+@pytest.mark.parametrize("tree, nodes", [("mc_sim_7b_63", 64), ("dynamic:12,lookup=2", 14)])
+def test_a_draft_layer_serves_the_same_greedy_text(eagle_folder, client, tree, nodes):
+    settings = tiny_settings(medusa_heads=str(eagle_folder), drafter="eagle", tree=tree)
     with TestClient(create_app(settings, tiny_loaded())) as eagle_client:
         speculation = eagle_client.get("/info").json()["speculation"]
         assert speculation["enabled"] and speculation["drafter"] == "eagle"
-        assert speculation["tree"] == "mc_sim_7b_63" and speculation["num_heads"] == 0
+        assert speculation["tree"] == tree and speculation["num_heads"] == 0
+        assert speculation["tree_nodes"] == nodes
         speculated = details(eagle_client, max_new_tokens=16)
     plain = details(client, max_new_tokens=16)
     assert [t["id"] for t in speculated["tokens"]] == [t["id"] for t in plain["tokens"]]
     assert speculated["speculation"]["steps"] >= 1
+
+
+def test_a_bad_dynamic_tree_stops_start_up_with_the_form_to_write(eagle_folder):
+    settings = tiny_settings(medusa_heads=str(eagle_folder), drafter="eagle", tree="dynamic:12,width=3")
+    with pytest.raises(TreeError, match="dynamic:N"):
+        with TestClient(create_app(settings, tiny_loaded())):
+            pass
 
 
 def test_a_drafter_of_another_kind_than_asked_is_refused(eagle_folder):
