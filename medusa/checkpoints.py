@@ -1,10 +1,17 @@
-"""Medusa heads on disk: our folder format and the official Medusa checkpoint, read and written here.
+"""Drafters on disk: Medusa heads and draft layers, in our folder formats and the official ones,
+read and written here.
 
-Two on-disk formats, told apart by the files present:
-- ours: `medusa_config.json` (a MedusaConfig) + `medusa_heads.safetensors` (MedusaHeads' state dict);
+Four on-disk formats, told apart by the files present:
+- ours, heads: `medusa_config.json` (a MedusaConfig) + `medusa_heads.safetensors` (MedusaHeads' state dict);
 - official Medusa: `medusa_lm_head.safetensors` or `medusa_lm_head.pt` (+ `config.json`), keys
   `{head}.{layer}.linear.weight|bias` for the blocks and `{head}.{num_layers}.weight` for the
   projection. Head and layer counts come from the weights: some published configs state them wrongly.
+- ours, draft layer: `eagle_config.json` (an EagleConfig) + `eagle.safetensors`;
+- official EAGLE-1/2 (SafeAILab/EAGLE, Llama-family bases): `config.json` (a Llama config of one
+  layer) + `model.safetensors` or `pytorch_model.bin`, keys `fc.weight|bias` (over [embedding;
+  feature], the reverse of ours), `layers.0.self_attn.{q,k,v,o}_proj.weight`,
+  `layers.0.post_attention_layernorm.weight`, `layers.0.mlp.{gate,up,down}_proj.weight`, and no
+  norm before attention (`EagleConfig.attn_norm` False) unless `layers.0.input_layernorm.weight`.
 
 Either may be named by a hub id, `org/name` or `org/name@revision` (`runtime.hub`; a local folder of that
 name wins), e.g. an official FasterDecoding heads repository next to its base model's id: only the heads'
@@ -40,6 +47,7 @@ OUR_WEIGHTS = "medusa_heads.safetensors"
 OFFICIAL_CONFIG = "config.json"
 OFFICIAL_SAFETENSORS = "medusa_lm_head.safetensors"
 OFFICIAL_PT = "medusa_lm_head.pt"
+OFFICIAL_EAGLE_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 class HeadsLoadError(Exception):
@@ -93,23 +101,70 @@ def save_eagle(drafter: EagleDrafter, folder: Path) -> None:
     save_file(state, folder / EAGLE_WEIGHTS)
 
 
+def official_eagle_state_dict(drafter: EagleDrafter) -> dict[str, torch.Tensor]:
+    """A draft layer's state dict in the official EAGLE-1/2 key layout."""
+    if drafter.config.draft_vocab_size:
+        raise ValueError("the official EAGLE-1/2 format has no place for a draft vocabulary")
+    C, H, Hkv, D = (drafter.config.hidden_size, drafter.config.num_attention_heads,
+                    drafter.config.num_kv_heads, drafter.config.head_dim)
+    fc = drafter.fc.weight
+    q, k, v = drafter.qkv.weight.split([H * D, Hkv * D, Hkv * D])
+    gate, up = drafter.gate_up.weight.chunk(2)
+    out = {"fc.weight": torch.cat([fc[:, C:], fc[:, :C]], dim=1), "fc.bias": drafter.fc.bias,
+           "layers.0.self_attn.q_proj.weight": q, "layers.0.self_attn.k_proj.weight": k,
+           "layers.0.self_attn.v_proj.weight": v, "layers.0.self_attn.o_proj.weight": drafter.o.weight,
+           "layers.0.post_attention_layernorm.weight": drafter.mlp_norm.weight,
+           "layers.0.mlp.gate_proj.weight": gate, "layers.0.mlp.up_proj.weight": up,
+           "layers.0.mlp.down_proj.weight": drafter.down.weight}
+    if drafter.config.attn_norm:
+        out["layers.0.input_layernorm.weight"] = drafter.attn_norm.weight
+    return {k: v.detach().contiguous().cpu().clone() for k, v in out.items()}
+
+
+def save_official_eagle(drafter: EagleDrafter, folder: Path) -> None:
+    """Write the official EAGLE-1/2 format: config.json + model.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = drafter.config
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.hidden_size,
+              "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_kv_heads,
+              "intermediate_size": c.intermediate_size, "rms_norm_eps": c.rms_norm_eps,
+              "rope_theta": c.rope_theta, "vocab_size": c.vocab_size, "num_hidden_layers": 1,
+              "hidden_act": "silu", "bias": True}
+    (folder / OFFICIAL_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(official_eagle_state_dict(drafter), folder / OFFICIAL_EAGLE_WEIGHTS[0])
+
+
+def is_official_eagle(folder: Path) -> bool:
+    """An official EAGLE checkpoint: a Llama config beside model weights (official Medusa heads
+    name theirs medusa_lm_head.*)."""
+    weights = any((folder / f).is_file() for f in OFFICIAL_EAGLE_WEIGHTS)
+    return (folder / OFFICIAL_CONFIG).is_file() and weights
+
+
 def load_drafter(path: str | Path, base_config: ModelConfig, base_lm_head: nn.Linear | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                  ) -> MedusaHeads | EagleDrafter:
-    """A draft layer where the folder holds eagle_config.json, else Medusa heads (`load_heads`)."""
+    """A draft layer where the folder holds eagle_config.json (ours) or an official EAGLE-1/2
+    checkpoint, else Medusa heads (`load_heads`)."""
     folder = Path(path)
-    if not (folder / EAGLE_CONFIG).is_file():
+    if (folder / EAGLE_CONFIG).is_file():
+        try:
+            config = EagleConfig(**json.loads((folder / EAGLE_CONFIG).read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise HeadsLoadError(f"{str(folder / EAGLE_CONFIG)!r} is not a valid draft layer config: "
+                                 f"{e}") from e
+        state = load_file(folder / EAGLE_WEIGHTS)
+    elif is_official_eagle(folder):
+        config, state = _read_official_eagle(folder)
+    else:
         return load_heads(path, base_config, base_lm_head, device, dtype)
-    try:
-        config = EagleConfig(**json.loads((folder / EAGLE_CONFIG).read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise HeadsLoadError(f"{str(folder / EAGLE_CONFIG)!r} is not a valid draft layer config: {e}") from e
     if (config.hidden_size, config.vocab_size) != (base_config.hidden_size, base_config.vocab_size):
         raise HeadsLoadError(f"the draft layer in {str(folder)!r} has hidden size {config.hidden_size} and "
                              f"vocabulary {config.vocab_size}, the base model {base_config.hidden_size} and "
                              f"{base_config.vocab_size}; use a draft layer trained for this base model")
     drafter = EagleDrafter(config)
-    missing, unexpected = drafter.load_state_dict(load_file(folder / EAGLE_WEIGHTS), strict=False)
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise HeadsLoadError(f"the draft layer in {str(folder)!r} does not match its config: "
                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
@@ -245,3 +300,55 @@ def _read_official(folder: Path, base_lm_head: nn.Linear | None
         state |= {f"projections.{h}.weight": w for (h, _), w in projs.items()}
     config = MedusaConfig(hidden_size=C, vocab_size=V, num_heads=K, num_layers=L, shared_lm_head=shared)
     return config, state, origin
+
+
+_EAGLE_LAYER = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm", "gate": "mlp.gate_proj",
+                "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def _read_official_eagle(folder: Path) -> tuple[EagleConfig, dict[str, torch.Tensor]]:
+    """Official EAGLE-1/2 checkpoint -> (our config, our state dict)."""
+    try:
+        official = json.loads((folder / OFFICIAL_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise HeadsLoadError(f"{str(folder / OFFICIAL_CONFIG)!r} is not valid JSON: {e}") from e
+    where = f"the EAGLE checkpoint in {str(folder)!r}"
+    if not isinstance(official, dict) or official.get("num_hidden_layers", 1) != 1:
+        raise HeadsLoadError(f"{where}: config.json must describe one decoder layer (num_hidden_layers 1)")
+    if official.get("rope_scaling") or official.get("attention_bias") or official.get("mlp_bias"):
+        raise HeadsLoadError(f"{where} uses rope_scaling or biases in its layer, which this server's draft "
+                             "layer does not have; use an EAGLE-1/2 checkpoint of a plain Llama-shaped layer")
+    weights = next(folder / f for f in OFFICIAL_EAGLE_WEIGHTS if (folder / f).is_file())
+    try:
+        raw = load_file(weights) if weights.suffix == ".safetensors" else torch.load(
+            weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise HeadsLoadError(f"{str(weights)!r} is not a plain tensor state dict: {e}") from e
+    attn_norm = "layers.0.input_layernorm.weight" in raw
+    expected = {"fc.weight", *(f"layers.0.{name}.weight" for name in _EAGLE_LAYER.values())}
+    known = expected | {"fc.bias", "layers.0.input_layernorm.weight", "embed_tokens.weight"}
+    if not expected <= set(raw) or not set(raw) <= known:
+        raise HeadsLoadError(f"{where} is not an EAGLE-1/2 layer: missing {sorted(expected - set(raw))}, "
+                             f"unexpected {sorted(set(raw) - known)}")
+    try:
+        heads = official["num_attention_heads"]
+        config = EagleConfig(hidden_size=official["hidden_size"], vocab_size=official["vocab_size"],
+                             num_attention_heads=heads,
+                             num_kv_heads=official.get("num_key_value_heads", heads),
+                             intermediate_size=official["intermediate_size"],
+                             rms_norm_eps=official.get("rms_norm_eps", 1e-6),
+                             rope_theta=official.get("rope_theta", 10000.0), attn_norm=attn_norm)
+    except (KeyError, TypeError, ValueError) as e:
+        raise HeadsLoadError(f"{where}: config.json lacks or mis-states a Llama shape: {e}") from e
+    layer = {ours: raw[f"layers.0.{theirs}.weight"] for ours, theirs in _EAGLE_LAYER.items()}
+    C = config.hidden_size
+    fc = raw["fc.weight"]  # [C, 2C] over [embedding; feature]
+    state = {"fc.weight": torch.cat([fc[:, C:], fc[:, :C]], dim=1),
+             "fc.bias": raw.get("fc.bias", torch.zeros(C, dtype=fc.dtype)),
+             "qkv.weight": torch.cat([layer["q"], layer["k"], layer["v"]]), "o.weight": layer["o"],
+             "mlp_norm.weight": layer["mlp_norm"], "gate_up.weight": torch.cat([layer["gate"], layer["up"]]),
+             "down.weight": layer["down"]}
+    if attn_norm:
+        state["attn_norm.weight"] = raw["layers.0.input_layernorm.weight"]
+    return config, state

@@ -50,6 +50,7 @@ class EagleConfig:
     window: int = 32  # W: pairs of (feature, next token) the layer attends to
     draft_vocab_size: int = 0  # 0: score the whole vocabulary; else only these tokens (draft_vocab)
     max_depth: int = 8  # the deepest tree level it drafts (it was trained for `trained_depth`)
+    attn_norm: bool = True  # RMSNorm before attention (the official EAGLE-1/2 layer has none)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
@@ -60,6 +61,8 @@ class EagleConfig:
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_kv_heads:
             raise ConfigError("EagleConfig: hidden_size must divide into num_attention_heads, and those "
                               "into num_kv_heads groups")
+        if not isinstance(self.attn_norm, bool):
+            raise ConfigError(f"EagleConfig.attn_norm must be a bool, got {self.attn_norm!r}")
         d = self.draft_vocab_size
         if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d <= self.vocab_size:
             raise ConfigError(f"EagleConfig.draft_vocab_size must be an integer in [0, {self.vocab_size}], "
@@ -93,7 +96,7 @@ class EagleDrafter(nn.Module):
         self.config = config
         C, H, Hkv, D = config.hidden_size, config.num_attention_heads, config.num_kv_heads, config.head_dim
         self.fc = nn.Linear(2 * C, C)
-        self.attn_norm = RMSNorm(C, config.rms_norm_eps)
+        self.attn_norm = RMSNorm(C, config.rms_norm_eps) if config.attn_norm else nn.Identity()
         self.qkv = nn.Linear(C, (H + 2 * Hkv) * D, bias=False)
         self.o = nn.Linear(H * D, C, bias=False)
         self.mlp_norm = RMSNorm(C, config.rms_norm_eps)

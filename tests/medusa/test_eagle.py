@@ -1,10 +1,19 @@
 """The EAGLE-style draft layer: its fixed-shape drafting equals the plain one, the step keeps each
 sequence's window of features and tokens right, and it saves and loads."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from medusa.checkpoints import HeadsLoadError, load_drafter, save_eagle
+from medusa.checkpoints import (
+    HeadsLoadError,
+    load_drafter,
+    official_eagle_state_dict,
+    save_eagle,
+    save_official_eagle,
+)
 from medusa.eagle import EagleConfig, EagleDrafter, draft_tokens, random_drafter, reference_draft
 from medusa.engine import Engine
 from medusa.tree import build_tree, get_tree
@@ -92,3 +101,46 @@ def test_saved_draft_layer_loads_equal_and_a_mismatch_is_refused(model, tmp_path
     save_eagle(EagleDrafter(other), tmp_path / "other")
     with pytest.raises(HeadsLoadError, match="hidden size 16"):
         load_drafter(tmp_path / "other", model.config, model.lm_head)
+
+
+@pytest.mark.parametrize("attn_norm", [False, True], ids=["eagle-1/2 layout", "with input norm"])
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_an_official_eagle_checkpoint_loads_and_drafts_as_the_layer_it_was_written_from(
+        model, tmp_path, attn_norm, weights):
+    """The official layout puts the token embedding first in fc's input, splits q/k/v and
+    gate/up, and has no norm before attention: read back, the layer drafts the same tokens."""
+    drafter = random_drafter(EagleConfig.for_base(model.config, attn_norm=attn_norm), seed=3)
+    save_official_eagle(drafter, tmp_path)
+    if weights == "pytorch_model.bin":
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(official_eagle_state_dict(drafter), tmp_path / weights)
+    loaded = load_drafter(tmp_path, model.config, model.lm_head)
+    assert isinstance(loaded, EagleDrafter) and loaded.config.attn_norm == attn_norm
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(2, 32, model.config.hidden_size, generator=gen)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 32), generator=gen)
+    args = (features, tokens, torch.tensor([40, 5]), torch.tensor([3, 4]), get_tree("mc_sim_7b_63"))
+    with torch.no_grad():
+        assert torch.equal(draft_tokens(loaded, model, *args), draft_tokens(drafter, model, *args))
+        # a reader that kept fc's halves in place would draft otherwise
+        swapped = official_eagle_state_dict(drafter)
+        C = model.config.hidden_size
+        swapped["fc.weight"] = torch.cat([swapped["fc.weight"][:, C:], swapped["fc.weight"][:, :C]], 1)
+        save_official_eagle(drafter, tmp_path / "swapped")
+        save_file(swapped, tmp_path / "swapped" / "model.safetensors")
+        wrong = load_drafter(tmp_path / "swapped", model.config, model.lm_head)
+        assert not torch.equal(draft_tokens(wrong, model, *args), draft_tokens(drafter, model, *args))
+
+
+def test_an_official_eagle_checkpoint_of_another_shape_is_refused(model, tmp_path):
+    save_official_eagle(random_drafter(EagleConfig.for_base(model.config, attn_norm=False), seed=0), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    with pytest.raises(HeadsLoadError, match="one decoder layer"):
+        load_drafter(tmp_path, model.config, model.lm_head)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = official_eagle_state_dict(random_drafter(EagleConfig.for_base(model.config), seed=0))
+    del state["layers.0.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(HeadsLoadError, match="missing .'layers.0.mlp.up_proj.weight'"):
+        load_drafter(tmp_path, model.config, model.lm_head)
