@@ -345,7 +345,13 @@ def get_tree(name_or_path: str) -> TreeBuffers | DynamicTree:
     return _tree_from_json(spec, str(path))
 
 
-def _tree_from_json(spec, name: str) -> TreeBuffers:
+def _tree_from_json(spec, name: str) -> TreeBuffers | DynamicTree:
+    if isinstance(spec, dict) and "dynamic" in spec:  # written by `training calibrate --dynamic`
+        if not set(spec) <= {"dynamic", "topk", "depth", "lookup"}:
+            raise TreeError(f"tree file {name!r}: a dynamic tree takes the keys dynamic, topk, depth, "
+                            f"lookup; got {sorted(spec)}")
+        return DynamicTree(spec["dynamic"], topk=spec.get("topk", DEFAULT_TOPK),
+                           draft_depth=spec.get("depth", 0), lookup=spec.get("lookup", 0), name=name)
     choices = spec.get("choices") if isinstance(spec, dict) else None
     if isinstance(choices, list) and set(spec) <= {"choices", "lookup"}:
         return build_tree(choices, name=name, lookup=spec.get("lookup", 0))

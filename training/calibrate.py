@@ -21,6 +21,11 @@ against 67.8 at 16; `medusa/trees/cpu-bf16.calibration.json`).
 `--out NAME.json` writes the tree there, and its estimates and measurements beside it in
 NAME.calibration.json; `medusa.tree.get_tree` finds a tree written into `medusa/trees/` by its NAME.
 
+`--dynamic` calibrates a dynamic tree (`medusa.dynamic`, `dynamic:N`) instead: each step grows
+each sequence's tree from the drafter's confidence, so there is no estimate to make; with
+`--prompts` the budget N is picked by measured generation speed, with `--budget` it is taken as
+given. The written NAME.json is {"dynamic": N, "topk": k, "lookup": L}, which `get_tree` reads.
+
 `--lookup L` adds a prompt-lookup branch of L nodes (`medusa.lookup`) and counts them in the
 budget and in the measured cost. What it gains depends on how much the text copies, so it is not
 in the estimate: choose L by measuring with `python -m benchmarks.speculative --tree FILE`.
@@ -39,7 +44,7 @@ from benchmarks.spec_bench import read_questions
 from medusa.checkpoints import load_drafter
 from medusa.draft import draft, window_size
 from medusa.engine import Engine
-from medusa.tree import TreeBuffers, build_tree
+from medusa.tree import DEFAULT_TOPK, DynamicTree, TreeBuffers, build_tree
 from runtime.loading import cpu_name, load_model
 from runtime.prompt import Prompter
 
@@ -95,7 +100,7 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
     return costs
 
 
-def generation_speed(loaded, heads, trees: dict[int, TreeBuffers], prompts: list[list[int]],
+def generation_speed(loaded, heads, trees: dict[int, TreeBuffers | DynamicTree], prompts: list[list[int]],
                      max_new_tokens: int) -> dict[int, tuple[float, float]]:
     """Per tree size: tokens per second of greedy generation of `prompts`, one at a time, through the
     whole engine, and the mean tokens per step it accepted."""
@@ -110,6 +115,33 @@ def generation_speed(loaded, heads, trees: dict[int, TreeBuffers], prompts: list
         tokens = sum(map(len, result.outputs))
         speeds[T] = (tokens / sum(result.seconds), tokens / max(1, sum(result.steps)))
     return speeds
+
+
+def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int | None, lookup: int,
+                      topk: int, dtype: str, questions: list[str] | None, max_new_tokens: int) -> dict:
+    """The dynamic tree's budget (nodes, root and lookup branch included): `budget`, or the one
+    whose greedy generation of `questions` is fastest."""
+    result = {"topk": topk, "lookup": lookup, "device": device}
+    if budget is not None:
+        print(f"dynamic tree of {budget} nodes ({lookup} lookup): budget given, cost not measured")
+        return result | {"dynamic": budget - lookup}
+    loaded = load_model(None, device=device, dtype=dtype)
+    drafter = load_drafter(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
+                           dtype=loaded.model.embed.weight.dtype)
+    sizes = sorted({4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(lookup + 2, max_nodes + 1)) | {max_nodes})
+    trees = {T: DynamicTree(T - lookup, topk=topk, lookup=lookup, name=f"dynamic:{T - lookup}")
+             for T in sizes}
+    prompter = Prompter(loaded.tokenizer, chat_template=True)
+    speeds = generation_speed(loaded, drafter, trees, [prompter.encode(q) for q in questions], max_new_tokens)
+    rows = [{"nodes": T, "tokens_per_step": round(per_step, 3), "tokens_per_s": round(tok_s, 1)}
+            for T, (tok_s, per_step) in speeds.items()]
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    for r in rows:
+        print(f"{r['nodes']:4d} nodes  {r['tokens_per_step']:.2f} tokens/step  "
+              f"{r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
+    measured = f"greedy generation of {len(questions)} prompts, {max_new_tokens} new tokens"
+    return result | {"dynamic": best["nodes"] - lookup, "dtype": loaded.dtype_name, "cpu": cpu_name(),
+                     "measured": measured, "measurements": rows}
 
 
 def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repeats: int,
@@ -181,16 +213,29 @@ def main(argv: list[str] | None = None) -> None:
                     "speed on these prompts instead of the estimate")
     ap.add_argument("--limit", type=int, default=10, help="prompts measured with --prompts")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt with --prompts")
+    ap.add_argument("--dynamic", action="store_true", help="calibrate a dynamic tree's budget (needs "
+                    "--prompts or --budget)")
+    ap.add_argument("--topk", type=int, default=DEFAULT_TOPK,
+                    help="with --dynamic: children per expanded node")
     ap.add_argument("--out", type=Path, help="write the chosen tree's choices here (JSON)")
     args = ap.parse_args(argv)
     if not 0 <= args.lookup < (args.budget or args.max_nodes):
         ap.error("--lookup must be >= 0 and leave room for the root")
+    if args.dynamic and args.prompts is None and args.budget is None:
+        ap.error("--dynamic needs --prompts (to measure) or --budget: a dynamic tree has no estimate")
     questions = None if args.prompts is None else [q.text for q in read_questions(args.prompts, args.limit)]
-    result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget,
-                       args.lookup, args.dtype, questions, args.max_new_tokens)
+    if args.dynamic:
+        result = calibrate_dynamic(args.heads, args.device, args.max_nodes, args.budget, args.lookup,
+                                   args.topk, args.dtype, questions, args.max_new_tokens)
+        tree = {key: result[key] for key in ("dynamic", "topk", "lookup")}
+        nodes = result["dynamic"] + args.lookup
+    else:
+        result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget,
+                           args.lookup, args.dtype, questions, args.max_new_tokens)
+        tree = {"choices": result["choices"], "lookup": args.lookup} if args.lookup else result["choices"]
+        nodes = len(result["choices"]) + 1 + args.lookup
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tree = {"choices": result["choices"], "lookup": args.lookup} if args.lookup else result["choices"]
         args.out.write_text(json.dumps(tree) + "\n")
         args.out.with_suffix(".calibration.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {len(result['choices']) + 1 + args.lookup}-node tree to {args.out}")
+        print(f"wrote {nodes}-node tree to {args.out}")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from medusa.checkpoints import SHIPPED_HEADS
-from medusa.tree import build_tree, get_tree
+from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS
+from medusa.tree import DynamicTree, build_tree, get_tree
 from training.calibrate import greedy_tree, main
 
 RANK_PROBS = [[0.6, 0.1, 0.05], [0.4, 0.1, 0.05], [0.3, 0.1, 0.05]]
@@ -52,4 +52,29 @@ def test_measured_calibration_picks_the_size_that_generated_fastest(tmp_path, ca
     best = max(rows, key=lambda r: r["tokens_per_s"])
     tree = get_tree(str(out))
     assert tree.num_nodes == best["nodes"] and tree.lookup == 4
+    assert "<- best" in capsys.readouterr().out
+
+
+def test_a_dynamic_budget_writes_a_tree_the_server_reads(tmp_path):
+    out = tmp_path / "dynamic.json"
+    main(["--heads", str(SHIPPED_HEADS), "--dynamic", "--budget", "24", "--lookup", "4", "--topk", "6",
+          "--out", str(out)])
+    tree = get_tree(str(out))
+    assert isinstance(tree, DynamicTree) and (tree.budget, tree.topk, tree.lookup) == (20, 6, 4)
+    assert tree.num_nodes == 24
+
+
+@pytest.mark.slow
+def test_measured_dynamic_calibration_picks_the_budget_that_generated_fastest(tmp_path, capsys):
+    """The shipped draft layer and the embedded model, each budget measured through the engine."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"category": "writing", "turns": ["Name three colours."]}) + "\n")
+    out = tmp_path / "measured.json"
+    main(["--heads", str(SHIPPED_EAGLE), "--dynamic", "--max-nodes", "8", "--lookup", "2", "--prompts",
+          str(prompts), "--max-new-tokens", "8", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".calibration.json").read_text())["measurements"]
+    assert [r["nodes"] for r in rows] == [4, 6, 8]
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    tree = get_tree(str(out))
+    assert isinstance(tree, DynamicTree) and tree.num_nodes == best["nodes"] and tree.lookup == 2
     assert "<- best" in capsys.readouterr().out
