@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One session on the GPU host (see ../shared/GPU.md): JSON lines on stdout, about 6 minutes at most.
+# One session on the GPU host (see ../shared/GPU.md): JSON lines on stdout, about 7 minutes at most.
 #   env               torch, transformers and triton versions, the GPU
 #   check             the Triton kernels against the naive attention (every dtype, head dims 64/128,
 #                     GQA, tree and causal masks, ragged lengths, forced split-KV, prefill)
@@ -10,10 +10,11 @@
 #                     (forward, engine step) and host synchronisations per engine step
 #   speculative       the real SmolLM2-135M-Instruct with the shipped drafters: benchmarks.speculative,
 #                     transformers vs our plain decoding vs Medusa heads vs the EAGLE-style draft layer
-#                     (--compile auto; each drafter with its own 'gpu' tree)
+#                     (--compile auto; each drafter with its own 'gpu' tree), then both drafters again
+#                     with a dynamic tree of 64 nodes (part "speculative-dynamic" in the output)
 #   bench             the attention benchmark: ours vs SDPA with a mask vs naive
 #   sweep             Triton launch configurations (CUDA only; not run unless GPU_CHECK_PARTS names it)
-# Each part has its own time limit (together 6 minutes, the sweep aside), so one hang cannot eat the
+# Each part has its own time limit (together 7 minutes, the sweep aside), so one hang cannot eat the
 # session, and a part that fails (a FAIL in the check, a failed case, an error, a timeout) does not stop
 # the next; the last row sums up (seconds taken, failed parts), and the script then exits 1.
 # Arguments go to every benchmarks.attention and benchmarks.engine part: --device, --dtype, --tiny.
@@ -89,13 +90,18 @@ EOF
                --eagle medusa/weights/smollm2-135m-instruct-eagle)
     fi
     [ $TINY = 1 ] && size=(--limit 2 --max-new-tokens 8)
-    timeout -k 10 "$limit" "$PY" -m benchmarks.speculative --json --prompts "$prompts" --device "$DEVICE" \
-        --dtype "$DTYPE" --compile auto --modes hf,plain,medusa,eagle ${model[@]+"${model[@]}"} "${size[@]}" |
-        while IFS= read -r line; do
-            if [[ $line == "{"* ]]; then echo "{\"part\": \"speculative\", ${line#\{}"; else echo "$line" >&2; fi
-        done
-    local rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 0 ] || failed speculative "$rc" "$limit"
+    local label modes
+    for label in speculative speculative-dynamic; do
+        modes=(--modes hf,plain,medusa,eagle)
+        [ $label = speculative-dynamic ] && modes=(--modes medusa,eagle --tree dynamic:48,lookup=16)
+        timeout -k 10 "$limit" "$PY" -m benchmarks.speculative --json --prompts "$prompts" --device "$DEVICE" \
+            --dtype "$DTYPE" --compile auto "${modes[@]}" ${model[@]+"${model[@]}"} "${size[@]}" |
+            while IFS= read -r line; do
+                if [[ $line == "{"* ]]; then echo "{\"part\": \"$label\", ${line#\{}"; else echo "$line" >&2; fi
+            done
+        local rc=${PIPESTATUS[0]}
+        [ "$rc" -eq 0 ] || failed $label "$rc" "$limit"
+    done
 }
 
 run 20 env "$PY" -c 'import json, torch, transformers

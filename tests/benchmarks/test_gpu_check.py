@@ -57,6 +57,9 @@ def test_the_dry_run_gives_every_reading():
 
     [speculative] = [row for row in rows if row.get("part") == "speculative"]
     assert "skipped" in speculative or positive(speculative, "hf_tok_s", "plain_tok_s", "medusa_tok_s")
+    if "skipped" not in speculative:  # the same drafters with a dynamic tree
+        [dynamic] = [row for row in rows if row.get("part") == "speculative-dynamic"]
+        assert positive(dynamic, "medusa_tok_s", "eagle_tok_s")
 
 
 def test_the_real_model_part_is_skipped_without_its_prompts():
