@@ -8,6 +8,7 @@ from medusa.draft import draft_dynamic
 from medusa.dynamic import RowTrees, reference_grow, rows_of
 from medusa.eagle import EagleConfig, random_drafter, reference_logp
 from medusa.heads import MedusaConfig, random_heads
+from medusa.step import ROOT_ONLY, DeviceStep
 from medusa.tree import DynamicTree, TreeError, get_tree
 from tests.conftest import ours_from_hf, tiny_hf_model
 
@@ -121,3 +122,24 @@ def test_dynamic_tree_spec_reads_its_options():
     assert tree.num_nodes == 27 and tree.depth == 5
     assert get_tree("dynamic:16").for_drafter(4).draft_depth == 4  # as deep as the heads go
     assert get_tree("dynamic:16").for_drafter(8).draft_depth == 6  # capped
+
+
+def test_each_node_counts_its_own_rows_drafts_above_it_as_seen(model):
+    """The repetition penalty's view of a node's text in a dynamic tree: its sequence's tokens, then
+    the drafts on its own row's path down to it (the root, the pending token, is already seen)."""
+    step = DeviceStep(model, None, ROOT_ONLY, num_slots=2, max_len=16)
+    V = model.config.vocab_size
+    step.seen[1, [3, 4]] = True
+    parents = torch.tensor([[-1, 0, 0, 1, 3, 2], [-1, 0, 1, 2, 0, 4]])
+    depths = torch.tensor([[0, 1, 1, 2, 3, 2], [0, 1, 2, 3, 1, 2]])
+    ranks = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0]])
+    rows = rows_of(parents, depths, ranks, 2, 3)
+    candidates = torch.tensor([[9, 10, 11, 12, 13, 14], [20, 21, 22, 23, 24, 25]])
+    got = step._seen_at_nodes(torch.tensor([1, 0]), candidates, rows)  # [2, 6, V]
+    for b, slot in enumerate([1, 0]):
+        for node in range(6):
+            expected, n = set(step.seen[slot, :V].nonzero().flatten().tolist()), node
+            while n > 0:
+                expected.add(int(candidates[b, n]))
+                n = int(parents[b, n])
+            assert set(got[b, node].nonzero().flatten().tolist()) == expected, (b, node)

@@ -58,6 +58,24 @@ def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch, kind):
     assert spec.generate(prompts, params) == plain
 
 
+@pytest.mark.parametrize("tree_name", ["mc_sim_7b_63+lookup", "dynamic:24,topk=3,lookup=4"])
+def test_greedy_speculation_with_a_repetition_penalty_equals_plain(model, tree_name):
+    """Each node is penalised for the tokens of its own text: its sequence's and its ancestors' drafts
+    (in a dynamic tree, its own row's ancestors). A penalty below 1 favours seen tokens, so the text
+    loops and the lookup branch accepts long chains, whose nodes' targets then decide the output."""
+    params = SamplingParams(max_new_tokens=40, repetition_penalty=0.5)
+    plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(PROMPTS, params)
+    engine = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64,
+                    heads=DRAFTERS["eagle"](model), tree=TREES[tree_name])
+    out, accepted = {i: engine.add(i, prompt, params).token_ids for i, prompt in enumerate(PROMPTS)}, 0
+    while engine.running:
+        for e in engine.step():
+            out[e.request_id] += e.token_ids
+            accepted += len(e.token_ids) - 1
+    assert [out[i] for i in range(len(PROMPTS))] == plain
+    assert accepted >= 40  # of 160 tokens: deep nodes were accepted
+
+
 def test_lookup_branch_accepts_repeats_with_the_same_output(model):
     """A tree of only a lookup branch: the tiny model's greedy output falls into loops, which
     prompt lookup guesses; the output must still be plain greedy decoding, token for token."""
