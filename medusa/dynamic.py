@@ -40,7 +40,7 @@ class RowTrees:
     depths: torch.Tensor  # [B, T] long: 0 for the root
     parents: torch.Tensor  # [B, T] long: -1 for the root
     retrieve: torch.Tensor  # [B, R, P] long: root-to-node paths covering every leaf, -1 padded
-    child_table: torch.Tensor  # [B, T, c] long: each node's children in rank order, -1 padded
+    child_table: torch.Tensor  # [B, T, c] long: each node's children in rank order, -1 where none
     depth: int  # P - 1: the longest path
 
     @classmethod

@@ -100,21 +100,30 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
     return costs
 
 
-def generation_speed(loaded, heads, trees: dict[int, TreeBuffers | DynamicTree], prompts: list[list[int]],
-                     max_new_tokens: int) -> dict[int, tuple[float, float]]:
-    """Per tree size: tokens per second of greedy generation of `prompts`, one at a time, through the
-    whole engine, and the mean tokens per step it accepted."""
+def measure_generation(loaded, drafter, trees: dict[int, TreeBuffers | DynamicTree], questions: list[str],
+                       max_new_tokens: int) -> tuple[int, dict]:
+    """Greedy generation of `questions`, one at a time, through the whole engine with each tree:
+    prints tokens per second and per step for each size; (the fastest size, a record of the runs)."""
     from benchmarks.speculative import run_engine
 
-    speeds = {}
+    prompter = Prompter(loaded.tokenizer, chat_template=True)
+    prompts = [prompter.encode(q) for q in questions]
+    rows = []
     for T, tree in trees.items():
         engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
-                        max_total_tokens=max(map(len, prompts)) + max_new_tokens, heads=heads, tree=tree)
+                        max_total_tokens=max(map(len, prompts)) + max_new_tokens, heads=drafter, tree=tree)
         run_engine(engine, prompts[:1], 8)  # warms caches up, untimed
         result = run_engine(engine, prompts, max_new_tokens)
         tokens = sum(map(len, result.outputs))
-        speeds[T] = (tokens / sum(result.seconds), tokens / max(1, sum(result.steps)))
-    return speeds
+        rows.append({"nodes": T, "tokens_per_step": round(tokens / max(1, sum(result.steps)), 3),
+                     "tokens_per_s": round(tokens / sum(result.seconds), 1)})
+    best = max(rows, key=lambda r: r["tokens_per_s"])
+    for r in rows:
+        print(f"{r['nodes']:4d} nodes  {r['tokens_per_step']:.2f} tokens/step  "
+              f"{r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
+    measured = f"greedy generation of {len(questions)} prompts, {max_new_tokens} new tokens"
+    return best["nodes"], {"dtype": loaded.dtype_name, "cpu": cpu_name(), "measured": measured,
+                           "measurements": rows}
 
 
 def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int | None, lookup: int,
@@ -131,17 +140,8 @@ def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int
     sizes = sorted({4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(lookup + 2, max_nodes + 1)) | {max_nodes})
     trees = {T: DynamicTree(T - lookup, topk=topk, lookup=lookup, name=f"dynamic:{T - lookup}")
              for T in sizes}
-    prompter = Prompter(loaded.tokenizer, chat_template=True)
-    speeds = generation_speed(loaded, drafter, trees, [prompter.encode(q) for q in questions], max_new_tokens)
-    rows = [{"nodes": T, "tokens_per_step": round(per_step, 3), "tokens_per_s": round(tok_s, 1)}
-            for T, (tok_s, per_step) in speeds.items()]
-    best = max(rows, key=lambda r: r["tokens_per_s"])
-    for r in rows:
-        print(f"{r['nodes']:4d} nodes  {r['tokens_per_step']:.2f} tokens/step  "
-              f"{r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
-    measured = f"greedy generation of {len(questions)} prompts, {max_new_tokens} new tokens"
-    return result | {"dynamic": best["nodes"] - lookup, "dtype": loaded.dtype_name, "cpu": cpu_name(),
-                     "measured": measured, "measurements": rows}
+    best, record = measure_generation(loaded, drafter, trees, questions, max_new_tokens)
+    return result | {"dynamic": best - lookup} | record
 
 
 def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repeats: int,
@@ -167,19 +167,9 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
                    | {max_nodes})
     trees = {T: build_tree([list(c) for c in choices[:T - 1 - lookup]], lookup=lookup) for T in sizes}
     if questions is not None:  # measured through the engine, not estimated
-        prompter = Prompter(loaded.tokenizer, chat_template=True)
-        speeds = generation_speed(loaded, heads, trees, [prompter.encode(q) for q in questions],
-                                  max_new_tokens)
-        rows = [{"nodes": T, "tokens_per_step": round(per_step, 3), "tokens_per_s": round(tok_s, 1)}
-                for T, (tok_s, per_step) in speeds.items()]
-        best = max(rows, key=lambda r: r["tokens_per_s"])
-        for r in rows:
-            print(f"{r['nodes']:4d} nodes  {r['tokens_per_step']:.2f} tokens/step  "
-                  f"{r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
-        return {"choices": [list(c) for c in trees[best["nodes"]].choices], "lookup": lookup,
-                "device": device, "dtype": loaded.dtype_name, "cpu": cpu_name(),
-                "measured": f"greedy generation of {len(questions)} prompts, {max_new_tokens} new tokens",
-                "measurements": rows}
+        best, record = measure_generation(loaded, heads, trees, questions, max_new_tokens)
+        choices = [list(c) for c in trees[best].choices]
+        return {"choices": choices, "lookup": lookup, "device": device} | record
     costs = step_cost(loaded, heads, trees, context, repeats)
     rows = []
     for T in sizes:
