@@ -146,8 +146,8 @@ def load_drafter(path: str | Path, base_config: ModelConfig, base_lm_head: nn.Li
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                  ) -> MedusaHeads | EagleDrafter:
     """A draft layer where the folder holds eagle_config.json (ours) or an official EAGLE-1/2
-    checkpoint, else Medusa heads (`load_heads`)."""
-    folder = Path(path)
+    checkpoint, else Medusa heads (`load_heads`). A hub id is resolved first (`resolve_heads`)."""
+    folder = resolve_heads(path)
     if (folder / EAGLE_CONFIG).is_file():
         try:
             config = EagleConfig(**json.loads((folder / EAGLE_CONFIG).read_text()))
@@ -158,7 +158,7 @@ def load_drafter(path: str | Path, base_config: ModelConfig, base_lm_head: nn.Li
     elif is_official_eagle(folder):
         config, state = _read_official_eagle(folder)
     else:
-        return load_heads(path, base_config, base_lm_head, device, dtype)
+        return load_heads(folder, base_config, base_lm_head, device, dtype)
     if (config.hidden_size, config.vocab_size) != (base_config.hidden_size, base_config.vocab_size):
         raise HeadsLoadError(f"the draft layer in {str(folder)!r} has hidden size {config.hidden_size} and "
                              f"vocabulary {config.vocab_size}, the base model {base_config.hidden_size} and "
@@ -172,16 +172,19 @@ def load_drafter(path: str | Path, base_config: ModelConfig, base_lm_head: nn.Li
 
 
 def resolve_heads(spec: str | Path) -> Path:
-    """The folder of the heads `spec` names: itself, or for a hub id the snapshot of its heads' files."""
+    """The folder of the drafter `spec` names: itself, or for a hub id the snapshot of the files of any
+    of the four formats (a pickled .pt / .bin only where the repository has no safetensors)."""
     repo = hub_id(spec)
     if repo is None:
         return Path(spec)
-    what = "Medusa heads"
+    what = "Medusa heads or draft layer"
+    safe = [OUR_WEIGHTS, OFFICIAL_SAFETENSORS, EAGLE_WEIGHTS, OFFICIAL_EAGLE_WEIGHTS[0]]
     try:
-        folder = snapshot(repo, [OUR_CONFIG, OUR_WEIGHTS, OFFICIAL_CONFIG, OFFICIAL_SAFETENSORS], what)
-        if not any((folder / name).is_file() for name in (OUR_WEIGHTS, OFFICIAL_SAFETENSORS)):
+        folder = snapshot(repo, [OUR_CONFIG, OFFICIAL_CONFIG, EAGLE_CONFIG, *safe], what)
+        if not any((folder / name).is_file() for name in safe):
             # from the very commit the first files came from (its folder's name)
-            folder = snapshot(HubId(repo.repo_id, folder.name), [OFFICIAL_PT], what)
+            pickled = [OFFICIAL_PT, OFFICIAL_EAGLE_WEIGHTS[1]]
+            folder = snapshot(HubId(repo.repo_id, folder.name), pickled, what)
     except HubError as err:
         raise HeadsLoadError(str(err)) from err
     return folder

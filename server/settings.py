@@ -46,10 +46,10 @@ class Settings(BaseModel):
     json_output: bool = Field(default=False, description="log JSON lines, one object per record with the "
                               "request's id, for a log collector (as TGI's --json-output); default: text")
     medusa_heads: str = Field(
-        default="auto", description="the drafter: a folder of Medusa heads or of a draft layer "
-        "(eagle_config.json), or a hub id org/name or org/name@revision of heads (this server's format or "
-        "the official Medusa one); 'none': no speculation; 'auto': the project's shipped drafter that "
-        "--drafter names when serving the embedded model")
+        default="auto", description="the drafter: a folder or a hub id org/name or org/name@revision of "
+        "Medusa heads (this server's format or the official Medusa one) or of a draft layer (this "
+        "server's eagle_config.json, or an official EAGLE-1/2 checkpoint); 'none': no speculation; "
+        "'auto': the project's shipped drafter that --drafter names when serving the embedded model")
     drafter: Literal["heads", "eagle"] = Field(
         default="heads", description="which kind of drafter --medusa-heads auto loads: the Medusa heads, or "
         "the EAGLE-style draft layer; a folder given to --medusa-heads must hold this kind")

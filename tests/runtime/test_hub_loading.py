@@ -200,8 +200,8 @@ def test_official_heads_by_id_serve_next_to_their_base_model_by_id(weights, hub_
 
 def test_unknown_heads_id_names_itself(hub_cache):
     base = load_model(str(save_model(hub_cache.parent / "m", seed=0)))
-    with pytest.raises(HeadsLoadError, match=r"'nobody/heads' is not a local path, and the Medusa heads "
-                                             r"'nobody/heads' is not in the hub cache"):
+    with pytest.raises(HeadsLoadError, match=r"'nobody/heads' is not a local path, and the Medusa heads or "
+                                             r"draft layer 'nobody/heads' is not in the hub cache"):
         load_heads("nobody/heads", base.model.config, base.model.lm_head)
 
 
@@ -300,8 +300,8 @@ import json
 from medusa.checkpoints import HeadsLoadError, resolve_heads
 from runtime.loading import ModelLoadError, resolve
 
-found = {"model": str(resolve("org/tiny")), "heads-pt": str(resolve_heads("org/heads-pt")),
-         "heads-both": str(resolve_heads("org/heads-both"))}
+drafters = ("heads-pt", "heads-both", "eagle-bin", "eagle-st")
+found = {"model": str(resolve("org/tiny")), **{name: str(resolve_heads(f"org/{name}")) for name in drafters}}
 refused = [("nobody/nothing", resolve, ModelLoadError), ("org/tiny@v9", resolve, ModelLoadError),
            ("nobody/heads", resolve_heads, HeadsLoadError)]
 for spec, load, error in refused:
@@ -322,6 +322,10 @@ def test_download_fetches_only_what_the_loaders_read(stand_in_hub, models, tmp_p
     stand_in_hub.add("org/heads-pt", {"config.json": b"{}", "medusa_lm_head.pt": b"pt", "README.md": b"#"})
     stand_in_hub.add("org/heads-both", {"config.json": b"{}", "medusa_lm_head.pt": b"pt",
                                         "medusa_lm_head.safetensors": b"st"})
+    # official EAGLE-1/2 layers: pickled weights only, and both
+    stand_in_hub.add("org/eagle-bin", {"config.json": b"{}", "pytorch_model.bin": b"pt", "README.md": b"#"})
+    stand_in_hub.add("org/eagle-st", {"config.json": b"{}", "pytorch_model.bin": b"pt",
+                                      "model.safetensors": b"st"})
     cache = tmp_path / "hub"
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{stand_in_hub.server_port}",
            "HF_HUB_CACHE": str(cache), "HF_TOKEN": "hf_stand_in", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -332,15 +336,17 @@ def test_download_fetches_only_what_the_loaders_read(stand_in_hub, models, tmp_p
     found = json.loads(done.stdout.splitlines()[-1])
 
     fetched = {repo: sorted(name for r, name in stand_in_hub.fetched if r == repo)
-               for repo in ("org/tiny", "org/heads-pt", "org/heads-both")}
+               for repo in ("org/tiny", "org/heads-pt", "org/heads-both", "org/eagle-bin", "org/eagle-st")}
     assert fetched == {"org/tiny": sorted(p.name for p in models[0].iterdir()),
                        "org/heads-pt": ["config.json", "medusa_lm_head.pt"],
-                       "org/heads-both": ["config.json", "medusa_lm_head.safetensors"]}
+                       "org/heads-both": ["config.json", "medusa_lm_head.safetensors"],
+                       "org/eagle-bin": ["config.json", "pytorch_model.bin"],
+                       "org/eagle-st": ["config.json", "model.safetensors"]}
     assert len(stand_in_hub.fetched) == sum(map(len, fetched.values()))  # each file once
     assert stand_in_hub.authorizations == {"Bearer hf_stand_in"}
     assert "'nobody/nothing' is not a local path, and the hub has no model of that" in found["nobody/nothing"]
     assert "the model 'org/tiny' on the hub has no revision 'v9'" in found["org/tiny@v9"]
-    assert "the hub has no Medusa heads of that id" in found["nobody/heads"]
+    assert "the hub has no Medusa heads or draft layer of that id" in found["nobody/heads"]
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
