@@ -166,8 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--medusa-heads", help="heads folder (default: the shipped heads for the embedded "
                                            "model, random heads for another)")
     ap.add_argument("--eagle", help="draft layer folder for mode eagle (default: the shipped one)")
-    ap.add_argument("--tree", help="tree name or JSON file (default: the one shipped for the drafter, device "
-                    "and dtype, `medusa.tree.default_tree`)")
+    ap.add_argument("--tree", help="tree name, JSON file or dynamic:N[,topk=K,depth=D,lookup=L] (default: "
+                    "the one shipped for the drafter, device and dtype, `medusa.tree.default_tree`)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
