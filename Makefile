@@ -44,8 +44,10 @@ train-eagle: model
 	$(BIN)/python -m training distill --prompts 1600 --max-new-tokens 192 --out runs/distill
 	$(BIN)/python -m training distill --prompts 1600 --max-new-tokens 192 --batch-size 64 --seed 1 \
 		--out runs/distill_s1_1600
-	$(BIN)/python -m training eagle --data runs/distill runs/distill_s1_1600 --depths 5 --epochs 3 \
-		--out medusa/weights/smollm2-135m-instruct-eagle
+	$(BIN)/python -m training distill --prompts 1600 --max-new-tokens 192 --batch-size 64 --seed 2 \
+		--out runs/distill_s2_1600
+	$(BIN)/python -m training eagle --data runs/distill runs/distill_s1_1600 runs/distill_s2_1600 \
+		--depths 5 --epochs 3 --out medusa/weights/smollm2-135m-instruct-eagle
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
