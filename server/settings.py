@@ -61,7 +61,7 @@ class Settings(BaseModel):
                              "from the drafter's confidence; options ,topk=K ,depth=D ,lookup=L); "
                              "default, for heads: the shipped 'gpu' tree on CUDA, "
                              "'cpu-bf16' for bfloat16 weights on the CPU, 'cpu' otherwise; for the draft "
-                             "layer: 'eagle-gpu' on CUDA, 'eagle-cpu' otherwise")
+                             "layer: 'eagle-gpu' on CUDA, 'eagle-dynamic-cpu' otherwise")
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on every "
                                 "route but /health, /metrics and the playground page; several keys "
                                 "separated by commas")

@@ -24,7 +24,8 @@ NAME.calibration.json; `medusa.tree.get_tree` finds a tree written into `medusa/
 `--dynamic` calibrates a dynamic tree (`medusa.dynamic`, `dynamic:N`) instead: each step grows
 each sequence's tree from the drafter's confidence, so there is no estimate to make; with
 `--prompts` the budget N is picked by measured generation speed, with `--budget` it is taken as
-given. The written NAME.json is {"dynamic": N, "topk": k, "lookup": L}, which `get_tree` reads.
+given. The written NAME.json is {"dynamic": N, "topk": k, "depth": D, "lookup": L} (depth 0: the
+drafter's own), which `get_tree` reads.
 
 `--lookup L` adds a prompt-lookup branch of L nodes (`medusa.lookup`) and counts them in the
 budget and in the measured cost. What it gains depends on how much the text copies, so it is not
@@ -127,10 +128,11 @@ def measure_generation(loaded, drafter, trees: dict[int, TreeBuffers | DynamicTr
 
 
 def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int | None, lookup: int,
-                      topk: int, dtype: str, questions: list[str] | None, max_new_tokens: int) -> dict:
+                      topk: int, depth: int, dtype: str, questions: list[str] | None, max_new_tokens: int
+                      ) -> dict:
     """The dynamic tree's budget (nodes, root and lookup branch included): `budget`, or the one
     whose greedy generation of `questions` is fastest."""
-    result = {"topk": topk, "lookup": lookup, "device": device}
+    result = {"topk": topk, "depth": depth, "lookup": lookup, "device": device}
     if budget is not None:
         print(f"dynamic tree of {budget} nodes ({lookup} lookup): budget given, cost not measured")
         return result | {"dynamic": budget - lookup}
@@ -138,8 +140,8 @@ def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int
     drafter = load_drafter(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
                            dtype=loaded.model.embed.weight.dtype)
     sizes = sorted({4, 6, 8, 12, 16, 24, 32, 48, 64} & set(range(lookup + 2, max_nodes + 1)) | {max_nodes})
-    trees = {T: DynamicTree(T - lookup, topk=topk, lookup=lookup, name=f"dynamic:{T - lookup}")
-             for T in sizes}
+    trees = {T: DynamicTree(T - lookup, topk=topk, draft_depth=depth, lookup=lookup,
+                            name=f"dynamic:{T - lookup}") for T in sizes}
     best, record = measure_generation(loaded, drafter, trees, questions, max_new_tokens)
     return result | {"dynamic": best - lookup} | record
 
@@ -207,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
                     "--prompts or --budget)")
     ap.add_argument("--topk", type=int, default=DEFAULT_TOPK,
                     help="with --dynamic: children per expanded node")
+    ap.add_argument("--depth", type=int, default=0, help="with --dynamic: levels drafted (0: as deep as the "
+                    "drafter goes, up to 6); each level is one more call of the drafter")
     ap.add_argument("--out", type=Path, help="write the chosen tree's choices here (JSON)")
     args = ap.parse_args(argv)
     if not 0 <= args.lookup < (args.budget or args.max_nodes):
@@ -216,8 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     questions = None if args.prompts is None else [q.text for q in read_questions(args.prompts, args.limit)]
     if args.dynamic:
         result = calibrate_dynamic(args.heads, args.device, args.max_nodes, args.budget, args.lookup,
-                                   args.topk, args.dtype, questions, args.max_new_tokens)
-        tree = {key: result[key] for key in ("dynamic", "topk", "lookup")}
+                                   args.topk, args.depth, args.dtype, questions, args.max_new_tokens)
+        tree = {key: result[key] for key in ("dynamic", "topk", "depth", "lookup")}
         nodes = result["dynamic"] + args.lookup
     else:
         result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget,

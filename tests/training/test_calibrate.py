@@ -58,9 +58,10 @@ def test_measured_calibration_picks_the_size_that_generated_fastest(tmp_path, ca
 def test_a_dynamic_budget_writes_a_tree_the_server_reads(tmp_path):
     out = tmp_path / "dynamic.json"
     main(["--heads", str(SHIPPED_HEADS), "--dynamic", "--budget", "24", "--lookup", "4", "--topk", "6",
-          "--out", str(out)])
+          "--depth", "3", "--out", str(out)])
     tree = get_tree(str(out))
     assert isinstance(tree, DynamicTree) and (tree.budget, tree.topk, tree.lookup) == (20, 6, 4)
+    assert tree.draft_depth == 3
     assert tree.num_nodes == 24
 
 
