@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from medusa import eagle
 from medusa.dynamic import DynamicTree, Expand, RowTrees, grow, select
-from medusa.eagle import EagleDrafter, draft_tokens
+from medusa.eagle import EagleDrafter, draft_tokens, dynamic_logp
 from medusa.heads import MedusaHeads
 from medusa.tree import TreeBuffers, candidates_from_topk
 from runtime.llama import Llama
@@ -73,7 +72,7 @@ def draft_dynamic(drafter: Drafter, model: Llama, features: torch.Tensor, tokens
     tokens -- the lookup branch holds the roots, for the caller to fill -- and the rows' trees).
     Arguments as `draft`'s."""
     if isinstance(drafter, EagleDrafter):
-        root_logp, expand = eagle.dynamic_logp(drafter, model, features, tokens, lens, roots, tree)
+        root_logp, expand = dynamic_logp(drafter, model, features, tokens, lens, roots, tree)
     else:
         root_logp, expand = heads_logp(drafter, model, features[:, -1], roots, tree)
     grown = grow(tree, root_logp, expand, drafter.token_ids)

@@ -15,16 +15,22 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "List three prime numbers."]
 
 
+def plain_and_speculative(real_model, drafter, tree: str) -> tuple[Engine, Engine]:
+    """Two engines on the real model: plain decoding, and speculation with this drafter and tree."""
+    def engine(**speculation) -> Engine:
+        return Engine(real_model.model, real_model.tokenizer, real_model.eos_token_ids, max_batch_size=4,
+                      max_total_tokens=160, **speculation)
+    return engine(), engine(heads=drafter, tree=get_tree(tree))
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_medusa_greedy_equals_plain_greedy(real_model, batch):
     tok = real_model.tokenizer
     prompts = [Prompter(tok, chat_template=True).encode(q) for q in QUESTIONS[:batch]]
     params = SamplingParams(max_new_tokens=32)
     model = real_model.model
-    plain = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160)
     heads = load_heads(SHIPPED_HEADS, model.config, model.lm_head)
-    spec = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160, heads=heads,
-                  tree=get_tree("cpu"))
+    plain, spec = plain_and_speculative(real_model, heads, "cpu")
     expected = plain.generate(prompts, params)
     assert spec.generate(prompts, params) == expected
     assert all(len(e) > 5 for e in expected)
@@ -37,10 +43,8 @@ def test_shipped_draft_layer_keeps_greedy_output_and_is_accepted(real_model):
     prompts = [Prompter(tok, chat_template=True).encode(q) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=32)
     model = real_model.model
-    plain = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160)
     drafter = load_drafter(SHIPPED_EAGLE, model.config, model.lm_head)
-    spec = Engine(model, tok, real_model.eos_token_ids, max_batch_size=4, max_total_tokens=160, heads=drafter,
-                  tree=get_tree("eagle-cpu"))
+    plain, spec = plain_and_speculative(real_model, drafter, "eagle-cpu")
     out, tokens, steps = {}, 0, 0
     for i, prompt in enumerate(prompts):
         out[i] = spec.add(i, prompt, params).token_ids
