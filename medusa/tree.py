@@ -35,6 +35,19 @@ class TreeError(ValueError):
     """A tree that cannot be used: malformed choices, an unknown name, or too big for the heads."""
 
 
+# Verifying T nodes holds B x T x V float32 logits, and the sampling rules a few copies of them:
+# 256 nodes of a 49k (SmolLM2) or 128k (Llama 3) vocabulary take 50 or 130 MB per sequence per copy.
+# The largest published trees have 60-128 nodes; past this, a tree only fails the first step, so a
+# bigger one is refused where it is given.
+MAX_TREE_NODES = 256
+
+
+def _check_size(name: str, num_nodes: int) -> None:
+    if num_nodes > MAX_TREE_NODES:
+        raise TreeError(f"tree {name!r} verifies {num_nodes} nodes per sequence, more than the "
+                        f"{MAX_TREE_NODES} a step allows; use a smaller tree (e.g. dynamic:64)")
+
+
 @dataclass(frozen=True)
 class TreeLevel:
     """The nodes at one depth d >= 1, for heads that draft level by level from their parents' paths."""
@@ -117,6 +130,7 @@ class DynamicTree:
             raise TreeError(f"tree {self.name!r}: {self.draft_depth} levels of top-{self.topk} grow only "
                             f"{self.num_candidates} candidates, fewer than the budget's {self.budget - 1}; "
                             "raise topk or depth")
+        _check_size(self.name, self.num_nodes)
 
     @property
     def num_candidates(self) -> int:
@@ -186,6 +200,7 @@ def build_tree(choices: Sequence[Sequence[int]], name: str = "custom", lookup: i
     ordered = sorted(paths, key=lambda p: (len(p), p))
     drafted = len(ordered) + 1  # the root and the head nodes
     T = drafted + lookup
+    _check_size(name, T)
     index = {(): 0} | {p: i + 1 for i, p in enumerate(ordered)}
 
     lookup_parents = [drafted + i - 1 if i else 0 for i in range(lookup)]  # a chain from the root

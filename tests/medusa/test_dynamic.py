@@ -110,6 +110,8 @@ def test_row_buffers_of_a_static_tree_equal_its_own():
     ("dynamic:16,width=3", "write a dynamic tree as dynamic:N"),
     ("dynamic:1", "budget must be >= 2"),
     ("dynamic:64,topk=2,depth=3", "raise topk or depth"),
+    ("dynamic:250,lookup=16", "verifies 266 nodes per sequence, more than the 256"),
+    ("dynamic:100000,topk=400,depth=6", "verifies 100000 nodes per sequence"),
 ])
 def test_bad_dynamic_trees_are_refused_with_a_reason(spec, message):
     with pytest.raises(TreeError, match=message):

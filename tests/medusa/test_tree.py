@@ -9,6 +9,7 @@ import torch
 
 from medusa.tree import (
     BUILTIN_TREES,
+    MAX_TREE_NODES,
     SHIPPED_TREES,
     DynamicTree,
     TreeError,
@@ -81,6 +82,15 @@ def test_candidates_from_topk_picks_rank_of_each_heads_topk() -> None:
 def test_invalid_trees_raise(choices: list[list[int]], message: str) -> None:
     with pytest.raises(TreeError, match=message):
         build_tree(choices)
+
+
+def test_a_tree_past_the_step_limit_is_refused_when_built() -> None:
+    wide = [[rank] for rank in range(MAX_TREE_NODES - 1)]  # with the root: the limit itself
+    assert build_tree(wide).num_nodes == MAX_TREE_NODES
+    with pytest.raises(TreeError, match=f"verifies {MAX_TREE_NODES + 1} nodes per sequence"):
+        build_tree(wide, lookup=1)
+    with pytest.raises(TreeError, match=f"verifies {MAX_TREE_NODES + 1} nodes per sequence"):
+        build_tree([*wide, [0, 0]])
 
 
 def test_check_tree_fits_messages() -> None:
