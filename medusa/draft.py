@@ -66,17 +66,16 @@ def draft_heads(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roo
 
 
 def draft_dynamic(drafter: Drafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
-                  lens: torch.Tensor, roots: torch.Tensor, tree: DynamicTree
+                  lens: torch.Tensor, roots: torch.Tensor, lookup: torch.Tensor, tree: DynamicTree
                   ) -> tuple[torch.Tensor, RowTrees]:
-    """Each row's own tree, grown from the drafter's confidence (`medusa.dynamic`): ([B, T] node
-    tokens -- the lookup branch holds the roots, for the caller to fill -- and the rows' trees).
-    Arguments as `draft`'s."""
+    """Each row's own tree, grown from the drafter's confidence, its lookup guesses ([B, L], -1 where
+    none) first (`medusa.dynamic`): ([B, T] node tokens, the rows' trees). Others as `draft`'s."""
     if isinstance(drafter, EagleDrafter):
         root_logp, expand = dynamic_logp(drafter, model, features, tokens, lens, roots, tree)
     else:
         root_logp, expand = heads_logp(drafter, model, features[:, -1], roots, tree)
     grown = grow(tree, root_logp, expand, drafter.token_ids)
-    return select(tree, roots, *grown)
+    return select(tree, roots, lookup, *grown)
 
 
 def heads_logp(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,

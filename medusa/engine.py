@@ -328,10 +328,9 @@ class Engine:
     def _row(self, seq: _Sequence, speculate: bool) -> Row:
         """What a sequence brings to a step: slot, lengths, parameters, lookup guesses, uniforms."""
         L = self.tree.lookup
-        guess = seq.lookup.propose(L) if L else []
-        # a shorter guess (or none) is padded with the root token: any token is a valid draft
+        guess = seq.lookup.propose(L) if L else []  # up to L tokens; the step knows what to do with fewer
         return Row(seq.slot, len(seq.prompt) + len(seq.generated) - 1, seq.pending, speculate, seq.params,
-                   guess + [seq.pending] * (L - len(guess)), self._uniforms(seq))
+                   guess, self._uniforms(seq))
 
     def _uniforms(self, seq: _Sequence) -> torch.Tensor:
         """[U] uniforms for one step of a sampled request, from its generator: the same number every

@@ -12,6 +12,10 @@ deterministic function of the tokens, so every acceptance rule keeps its guarant
 
 from __future__ import annotations
 
+# the longest suffix matched. 6 accepted as much as 3 (40 Spec-Bench dev prompts, float32, the draft
+# layer, dynamic:32,topk=16,depth=8,lookup=32: 3.115 against 3.113 tokens per step)
+MAX_N = 3
+
 
 class NgramIndex:
     """A sequence's tokens, and where each of its n-grams (n = 1..max_n) last ended.
@@ -21,7 +25,7 @@ class NgramIndex:
     a continuation.
     """
 
-    def __init__(self, tokens: list[int], max_n: int = 3) -> None:
+    def __init__(self, tokens: list[int], max_n: int = MAX_N) -> None:
         assert max_n >= 1
         self.max_n = max_n
         self.tokens = list(tokens)

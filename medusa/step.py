@@ -51,7 +51,7 @@ class Row:
     pending: int  # the token sampled last, not yet in the cache: the tree's root
     speculate: bool  # verify a tree of drafts (else the root alone)
     params: SamplingParams
-    lookup: list[int]  # prompt-lookup guesses for the lookup branch (L of them)
+    lookup: list[int]  # prompt-lookup guesses for the lookup branch (up to L of them)
     uniforms: torch.Tensor  # [U] float64 in [0, 1), from the request's generator
 
 
@@ -208,14 +208,15 @@ class DeviceStep:
         return self.cache.max_len if self.device.type == "cuda" else max_len
 
     def _pad_row(self) -> Row:
-        return Row(self.pad_slot, 0, 0, False, SamplingParams(), [0] * self.tree.lookup,
+        return Row(self.pad_slot, 0, 0, False, SamplingParams(), [],
                    torch.full((self.num_uniforms,), 0.5, dtype=torch.float64))
 
     def _table(self, rows: list[Row]) -> torch.Tensor:
         """[B, 3 + R + L + U] float64 on the host: slot, pending, speculate, RowParams' columns,
-        lookup guesses, uniforms (every integer here is exact in float64)."""
-        head = torch.tensor([[r.slot, r.pending, float(r.speculate), *RowParams.columns(r.params), *r.lookup]
-                             for r in rows], dtype=torch.float64)
+        lookup guesses (-1 past a row's last), uniforms (every integer here is exact in float64)."""
+        L = self.tree.lookup
+        head = torch.tensor([[r.slot, r.pending, float(r.speculate), *RowParams.columns(r.params), *r.lookup,
+                              *[-1] * (L - len(r.lookup))] for r in rows], dtype=torch.float64)
         return torch.cat([head, torch.stack([r.uniforms for r in rows])], dim=1)
 
     def _step(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
@@ -227,7 +228,7 @@ class DeviceStep:
         R, L = ROW_PARAMS_WIDTH, self.tree.lookup
         slots, roots, speculates = table[:, 0].long(), table[:, 1].long(), table[:, 2] > 0  # [B] each
         rows = RowParams.from_columns(table[:, 3:3 + R])
-        lookup, uniforms = table[:, 3 + R:3 + R + L].long(), table[:, 3 + R + L:]  # [B, L], [B, U]
+        lookup, uniforms = table[:, 3 + R:3 + R + L].long(), table[:, 3 + R + L:]  # [B, L] (-1: none), [B, U]
         B, T, V = slots.shape[0], tree.num_nodes, self.model.config.vocab_size
 
         mask = None
@@ -235,12 +236,13 @@ class DeviceStep:
         if T > 1:
             drafter_input = (self.heads, self.model, self.features[slots], self.window_tokens[slots],
                              self.cache.lens[slots], roots)
-            if isinstance(tree, DynamicTree):  # each row grows its own tree
-                candidates, tree = draft_dynamic(*drafter_input, tree)  # [B, T], RowTrees
-            else:
+            if isinstance(tree, DynamicTree):  # each row grows its own tree, its lookup guesses first
+                candidates, tree = draft_dynamic(*drafter_input, lookup, tree)  # [B, T], RowTrees
+            else:  # a fixed lookup branch; a missing guess holds the root (a valid, wasted draft)
                 candidates = draft(*drafter_input, tree)  # [B, T]
-            if L:
-                candidates = torch.cat([candidates[:, :T - L], lookup], dim=1)
+                if L:
+                    guesses = torch.where(lookup >= 0, lookup, roots[:, None])
+                    candidates = torch.cat([candidates[:, :T - L], guesses], dim=1)
             mask = tree.mask  # [T, T], or [B, T, T] for a dynamic tree
         positions = self.cache.lens[slots][:, None] + tree.depths  # [B, T]
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]

@@ -115,7 +115,7 @@ class DynamicTree:
     budget: int  # N: the root and the drafted nodes verified per sequence
     topk: int = DEFAULT_TOPK  # k: children proposed per expanded node, and nodes expanded per level
     draft_depth: int = 0  # D: the depth the drafter grows the tree to
-    lookup: int = 0  # L: a prompt-lookup chain after the drafted nodes
+    lookup: int = 0  # L: nodes more, for a prompt-lookup chain; drafts fill those a row's guesses leave
     name: str = "dynamic"
 
     def __post_init__(self) -> None:
@@ -152,12 +152,9 @@ class DynamicTree:
 
     @property
     def depth(self) -> int:
-        """The longest path below the root: a drafted one or the lookup chain."""
-        return max(min(self.draft_depth, self.budget - 1), self.lookup)
-
-    @property
-    def lookup_nodes(self) -> range:
-        return range(self.budget, self.num_nodes)
+        """The longest path below the root: a drafted one (drafts may fill the lookup's nodes) or the
+        lookup chain."""
+        return max(min(self.draft_depth, self.num_nodes - 1), self.lookup)
 
     def for_drafter(self, max_depth: int) -> DynamicTree:
         """The tree with its draft depth resolved for a drafter that drafts `max_depth` levels."""

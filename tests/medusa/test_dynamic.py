@@ -43,10 +43,10 @@ def drafters(model):
     }
 
 
-def chosen_paths(candidates, trees, b, budget):
-    """Row b's drafted nodes (not the lookup branch) as token paths below the root."""
+def chosen_paths(candidates, trees, b, nodes):
+    """Row b's nodes 1 .. nodes - 1 as token paths below the root."""
     paths = []
-    for node in range(1, budget):
+    for node in range(1, nodes):
         chain = [n for n in trees.retrieve[b, node].tolist() if n >= 0]
         assert chain[0] == 0 and chain[-1] == node  # root .. node
         paths.append(tuple(candidates[b, chain[1:]].tolist()))
@@ -56,35 +56,38 @@ def chosen_paths(candidates, trees, b, budget):
 @pytest.mark.parametrize("kind", ["eagle", "heads", "path-heads"])
 @pytest.mark.parametrize("spec", ["dynamic:12,topk=3,depth=4", "dynamic:20,topk=4,depth=3,lookup=2"])
 def test_grown_trees_equal_the_plain_best_first_growth(model, kind, spec):
-    """Two rows, one with a window only partly filled: each grows its own tree."""
+    """Three rows, one with a window only partly filled: each grows its own tree. With a lookup branch,
+    row 0 has a guess for each of its nodes, row 1 none, row 2 one: a row's guesses become a chain from
+    the root, and its drafts fill every node its guesses leave."""
     drafter = drafters(model)[kind]
     tree = get_tree(spec)
     gen = torch.Generator().manual_seed(0)
-    C, V = model.config.hidden_size, model.config.vocab_size
+    C, V, T, L = model.config.hidden_size, model.config.vocab_size, tree.num_nodes, tree.lookup
     W = 8 if kind == "eagle" else 1
-    features = torch.randn(2, W, C, generator=gen)
-    tokens = torch.randint(0, V, (2, W), generator=gen)
-    lens, roots = torch.tensor([20, 3]), torch.tensor([5, 9])
+    features = torch.randn(3, W, C, generator=gen)
+    tokens = torch.randint(0, V, (3, W), generator=gen)
+    lens, roots = torch.tensor([20, 3, 12]), torch.tensor([5, 9, 4])
+    guesses = [list(range(30, 30 + L)), [], [31]] if L else [[], [], []]
+    lookup = torch.tensor([g + [-1] * (L - len(g)) for g in guesses], dtype=torch.long).view(3, L)
     with torch.no_grad():
-        candidates, trees = draft_dynamic(drafter, model, features, tokens, lens, roots, tree)
+        candidates, trees = draft_dynamic(drafter, model, features, tokens, lens, roots, lookup, tree)
         if kind == "eagle":
             logp_after = reference_logp(drafter, model, features, tokens, lens, roots)
         else:
             logp_after = heads_logp_reference(drafter, model, features[:, -1], roots)
-        T = tree.num_nodes
-        assert candidates.shape == (2, T) and trees.mask.shape == (2, T, T)
-        for b in range(2):
-            expected = reference_grow(tree, logp_after[b], drafter.token_ids)
-            assert sorted(chosen_paths(candidates, trees, b, tree.budget)) == sorted(expected)
-            assert trees.depths[b, 1:tree.budget].tolist() == sorted(len(p) for p in expected)
-        first, second = (chosen_paths(candidates, trees, b, tree.budget) for b in range(2))
+        assert candidates.shape == (3, T) and trees.mask.shape == (3, T, T)
+        for b in range(3):
+            drafted = T - len(guesses[b])  # the root and the drafted nodes, then the guesses
+            expected = reference_grow(tree, logp_after[b], drafter.token_ids, count=drafted - 1)
+            assert sorted(chosen_paths(candidates, trees, b, drafted)) == sorted(expected)
+            assert trees.depths[b, 1:drafted].tolist() == sorted(len(p) for p in expected)
+            chain = list(range(drafted, T))  # the lookup chain: root -> guess 1 -> guess 2 ..
+            assert candidates[b, chain].tolist() == guesses[b]
+            if chain:
+                assert trees.parents[b, chain].tolist() == [0, *chain[:-1]]
+                assert trees.child_table[b, 0, tree.topk] == chain[0]  # the root's child after its drafts
+        first, second = (chosen_paths(candidates, trees, b, T - len(guesses[b])) for b in range(2))
         assert first != second  # each row its own tree
-    # the lookup branch: a chain from the root after the drafted nodes, holding the roots until filled
-    lookup = list(tree.lookup_nodes)
-    if lookup:
-        assert trees.parents[:, lookup].tolist() == [[0, *lookup[:-1]]] * 2
-        assert torch.equal(candidates[:, lookup], roots[:, None].expand(2, len(lookup)))
-        assert (trees.child_table[:, 0] == lookup[0]).sum(-1).tolist() == [1, 1]  # the root's last child
 
 
 def test_row_buffers_of_a_static_tree_equal_its_own():
