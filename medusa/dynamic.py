@@ -116,12 +116,12 @@ def select(tree: DynamicTree, roots: torch.Tensor, lookup: torch.Tensor, tokens:
     # a child's score is at most its parent's; the depth term breaks ties toward the parent (the clamp
     # keeps it from vanishing beside -inf). Drafts key <= 0; a guessed lookup node goes before every draft,
     # one without a guess after every draft (it holds the root: a valid, wasted draft), each in chain order.
-    key = torch.cat([scores.double().clamp(min=-1e9) - 1e-6 * candidate_depths(tree, device),
-                     torch.where(guessed, 1.0 - 1e-6 * j, -1e12 * j.double())], dim=1)  # [B, M + L]
+    depth = torch.cat([candidate_depths(tree, device), j])  # [M + L]
+    key = torch.cat([scores.double().clamp(min=-1e9), torch.where(guessed, 1.0, -1e12 * j.double())],
+                    dim=1) - 1e-6 * depth  # [B, M + L]
     tokens = torch.cat([tokens, torch.where(guessed, lookup, roots[:, None])], dim=1)
     chain = torch.where(j > 1, M + j - 2, -1)  # [L]: each lookup node's parent candidate
     parents = torch.cat([parents, chain.expand(B, L)], dim=1)
-    depth = torch.cat([candidate_depths(tree, device), j])  # [M + L]
     ranks = torch.cat([ranks, torch.where(j > 1, 0, k).expand(B, L)], dim=1)  # the root's lookup child last
     chosen = key.topk(T - 1, dim=-1).indices.sort(dim=-1).values  # [B, T - 1] candidate indices
     node_of = torch.zeros(B, M + L, dtype=torch.long, device=device).scatter(
