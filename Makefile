@@ -48,8 +48,11 @@ train-eagle: model
 		--out runs/distill_s2_1600
 	$(BIN)/python -m training distill --prompt-set varied --passages runs/distill --prompts 2000 \
 		--max-new-tokens 192 --batch-size 64 --seed 2 --out runs/distill_v2_2000
+	$(BIN)/python -m training distill --prompt-set varied --passages runs/distill --prompts 2000 \
+		--max-new-tokens 192 --batch-size 64 --seed 3 --out runs/distill_v3_2000
 	$(BIN)/python -m training eagle --data runs/distill runs/distill_s1_1600 runs/distill_s2_1600 \
-		runs/distill_v2_2000 --depths 5 --epochs 3 --out medusa/weights/smollm2-135m-instruct-eagle
+		runs/distill_v2_2000 runs/distill_v3_2000 --depths 5 --epochs 3 \
+		--out medusa/weights/smollm2-135m-instruct-eagle
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
