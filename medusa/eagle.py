@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medusa.dynamic import DynamicTree, Expand
-from medusa.heads import scored_rows
+from medusa.heads import scored_projection
 from medusa.tree import TreeBuffers
 from runtime.config import ConfigError, ModelConfig
-from runtime.llama import Llama, RMSNorm, apply_rope
+from runtime.llama import NEVER, Linear, Llama, RMSNorm, apply_rope, pack_linears
 
 
 @dataclass(frozen=True)
@@ -95,13 +95,13 @@ class EagleDrafter(nn.Module):
         super().__init__()
         self.config = config
         C, H, Hkv, D = config.hidden_size, config.num_attention_heads, config.num_kv_heads, config.head_dim
-        self.fc = nn.Linear(2 * C, C)
+        self.fc = Linear(2 * C, C)
         self.attn_norm = RMSNorm(C, config.rms_norm_eps) if config.attn_norm else nn.Identity()
-        self.qkv = nn.Linear(C, (H + 2 * Hkv) * D, bias=False)
-        self.o = nn.Linear(H * D, C, bias=False)
+        self.qkv = Linear(C, (H + 2 * Hkv) * D, bias=False)
+        self.o = Linear(H * D, C, bias=False)
         self.mlp_norm = RMSNorm(C, config.rms_norm_eps)
-        self.gate_up = nn.Linear(C, 2 * config.intermediate_size, bias=False)
-        self.down = nn.Linear(config.intermediate_size, C, bias=False)
+        self.gate_up = Linear(C, 2 * config.intermediate_size, bias=False)
+        self.down = Linear(config.intermediate_size, C, bias=False)
         inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # [D/2]
         if config.draft_vocab_size:
@@ -109,16 +109,20 @@ class EagleDrafter(nn.Module):
         else:
             self.draft_vocab = None
         self._serving = False
-        self._projection: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, scored rows)
+        self._projection: tuple[torch.Tensor, Linear] | None = None  # (lm_head weight, its scored rows)
+        self._packed_from_rows = NEVER
 
-    def prepare_for_serving(self) -> EagleDrafter:
-        """Score through a cached (bf16 where the CPU has it) copy of the scored lm_head rows."""
-        self._serving = True
+    def prepare_for_serving(self, packed_from_rows: int = 1) -> EagleDrafter:
+        """Multiply products of at least `packed_from_rows` rows through oneDNN copies of the weights,
+        taken now (`runtime.llama.pack_linears`; the loaders pass the base model's measured answer), and
+        score through a cached (bf16 where the CPU has it) copy of the scored lm_head rows."""
+        self._serving, self._projection, self._packed_from_rows = True, None, packed_from_rows
+        pack_linears(self, packed_from_rows)
         return self
 
     def prepare_for_training(self) -> EagleDrafter:
-        self._serving = False
-        self._projection = None
+        self._serving, self._projection = False, None
+        pack_linears(self, NEVER)
         return self
 
     def forward(self, features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
@@ -156,9 +160,10 @@ class EagleDrafter(nn.Module):
         """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""
         if self._serving:
             if self._projection is None or self._projection[0] is not lm_head.weight:
-                self._projection = (lm_head.weight, scored_rows(lm_head.weight, self.draft_vocab))
-            weight = self._projection[1]
-            return F.linear(states.to(weight.dtype), weight).float()
+                self._projection = (lm_head.weight, scored_projection(lm_head.weight, self.draft_vocab,
+                                                                      self._packed_from_rows))
+            projection = self._projection[1]
+            return projection(states.to(projection.weight.dtype)).float()
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
         return F.linear(states, weight.to(states.dtype)).float()
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.config import ConfigError
+from runtime.llama import NEVER, Linear, pack_linears
 
 # heads this project trained for its embedded default model (training.fit), shipped in the package
 
@@ -80,7 +81,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, hidden_size)
+        self.linear = Linear(hidden_size, hidden_size)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
@@ -104,10 +105,10 @@ class MedusaHeads(nn.Module):
         self.blocks = nn.ModuleList(
             nn.Sequential(*(ResBlock(C) for _ in range(config.num_layers))) for _ in range(K))
         self.projections = None if config.shared_lm_head else nn.ModuleList(
-            nn.Linear(C, V, bias=False) for _ in range(K))
+            Linear(C, V, bias=False) for _ in range(K))
         self.fuse = None
         if config.path_input:  # zero-initialised: a new head ignores the path at first
-            self.fuse = nn.ModuleList(nn.Linear((k + 2) * C, C) for k in range(K))
+            self.fuse = nn.ModuleList(Linear((k + 2) * C, C) for k in range(K))
             for linear in self.fuse:
                 nn.init.zeros_(linear.weight)
                 nn.init.zeros_(linear.bias)
@@ -116,19 +117,24 @@ class MedusaHeads(nn.Module):
         else:
             self.draft_vocab = None
         self._serving = False  # set by prepare_for_serving / prepare_for_training only
-        self._projection: tuple[torch.Tensor, torch.Tensor] | None = None  # (lm_head weight, draft copy)
+        self._projection: tuple[torch.Tensor, Linear] | None = None  # (lm_head weight, its scored rows)
+        self._packed_from_rows = NEVER
 
-    def prepare_for_serving(self) -> MedusaHeads:
-        """Inference from now on: a shared projection scores through `_draft_projection`'s copy of the
-        lm_head rows, with or without autograd enabled. Drafts only propose, so the output of a
-        speculative step does not change, only its cost."""
-        self._serving = True
+    def prepare_for_serving(self, packed_from_rows: int = 1) -> MedusaHeads:
+        """Inference from now on, with or without autograd enabled: products of at least
+        `packed_from_rows` rows multiply through oneDNN copies of the weights, taken now
+        (`runtime.llama.pack_linears`; the loaders pass the base model's measured answer), and a
+        shared projection scores through `_draft_projection`'s copy of the lm_head rows. Drafts only
+        propose, so the output of a speculative step does not change, only its cost."""
+        self._serving, self._projection, self._packed_from_rows = True, None, packed_from_rows
+        pack_linears(self, packed_from_rows)
         return self
 
     def prepare_for_training(self) -> MedusaHeads:
-        """Autograd from now on: a shared projection multiplies by the lm_head rows themselves."""
-        self._serving = False
-        self._projection = None
+        """Autograd from now on: the heads multiply by their weights, and a shared projection by the
+        lm_head rows themselves."""
+        self._serving, self._projection = False, None
+        pack_linears(self, NEVER)
         return self
 
     def hidden_states(self, hidden: torch.Tensor, path_embeds: torch.Tensor | None = None,
@@ -166,8 +172,8 @@ class MedusaHeads(nn.Module):
             projections = self.projections[:states.shape[1]]
             return torch.stack([proj(states[:, i]) for i, proj in enumerate(projections)], dim=1).float()
         if self._serving:
-            weight = self._draft_projection(lm_head.weight)
-            return F.linear(states.to(weight.dtype), weight).float()  # [B, K, V']
+            projection = self._draft_projection(lm_head.weight)
+            return projection(states.to(projection.weight.dtype)).float()  # [B, K, V']
         # gradients flow to the states through a fresh slice of the lm_head rows
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
         return F.linear(states, weight.to(states.dtype)).float()  # [B, K, V']
@@ -176,10 +182,11 @@ class MedusaHeads(nn.Module):
         """Indices into the scored vocabulary (what `forward`'s logits index) -> token ids."""
         return indices if self.draft_vocab is None else self.draft_vocab[indices]
 
-    def _draft_projection(self, lm_weight: torch.Tensor) -> torch.Tensor:
-        """The rows of `lm_head` the heads score (`scored_rows`), copied once per lm_head."""
+    def _draft_projection(self, lm_weight: torch.Tensor) -> Linear:
+        """The rows of `lm_head` the heads score (`scored_projection`), copied once per lm_head."""
         if self._projection is None or self._projection[0] is not lm_weight:
-            self._projection = (lm_weight, scored_rows(lm_weight, self.draft_vocab))
+            projection = scored_projection(lm_weight, self.draft_vocab, self._packed_from_rows)
+            self._projection = (lm_weight, projection)
         return self._projection[1]
 
 
@@ -194,6 +201,19 @@ def scored_rows(lm_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> to
     if weight.device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         weight = weight.to(torch.bfloat16)
     return weight
+
+
+def scored_projection(lm_weight: torch.Tensor, draft_vocab: torch.Tensor | None, packed_from_rows: int
+                      ) -> Linear:
+    """`scored_rows` as a bias-free `Linear`, multiplying through oneDNN's packed copy from
+    `packed_from_rows` rows, or from one row for a bf16 copy of fp32 weights: oneDNN's bf16 products
+    beat MKL's at every size measured on the AMX Xeon (`runtime.llama.Linear`), and the copy is bf16 only
+    where the CPU has them (with the drafters' own products: `medusa.checkpoints._packed_from_rows`)."""
+    weight = scored_rows(lm_weight, draft_vocab)
+    projection = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    projection.weight = nn.Parameter(weight, requires_grad=False)
+    projection.pack(1 if weight.dtype != lm_weight.dtype else packed_from_rows)
+    return projection
 
 
 def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaHeads:

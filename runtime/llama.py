@@ -133,6 +133,14 @@ def measure_packed_from_rows(model: Llama) -> int:
     return start
 
 
+def pack_linears(module: nn.Module, from_rows: int) -> None:
+    """Every `Linear` in `module` multiplies products of at least `from_rows` rows through a oneDNN
+    copy of its weights, taken now (`Linear.pack`); NEVER drops the copies (autograd again)."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.pack(from_rows) if from_rows != NEVER else m.unpack()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -220,20 +228,13 @@ class Llama(nn.Module):
         where that is faster (CPU fp32, and bf16 where the CPU has it; see `Linear`), with or without
         autograd enabled: from `packed_from_rows` rows per product, measured here when None. Call
         once the weights are final and on their device: the copies do not follow later changes."""
-        from_rows = measure_packed_from_rows(self) if packed_from_rows is None else packed_from_rows
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack(from_rows)
-                if from_rows == NEVER:
-                    module.unpack()
+        pack_linears(self, measure_packed_from_rows(self) if packed_from_rows is None else packed_from_rows)
         return self
 
     def prepare_for_training(self) -> Llama:
         """Autograd from now on (training, or evaluating what training computes): the linear layers
         multiply through their weights themselves; drops the copies `prepare_for_serving` made."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.unpack()
+        pack_linears(self, NEVER)
         return self
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:

@@ -144,3 +144,24 @@ def test_an_official_eagle_checkpoint_of_another_shape_is_refused(model, tmp_pat
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(HeadsLoadError, match="missing .'layers.0.mlp.up_proj.weight'"):
         load_drafter(tmp_path, model.config, model.lm_head)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_loaded_drafter_multiplies_like_its_base_model_in_bf16_and_through_mkl_in_fp32(model, tmp_path,
+                                                                                          dtype):
+    """Drafter products through oneDNN's packed copies follow the base model's measured answer in
+    bf16 (the copies, taken at load, give what the weights give); in float32 they stay with MKL."""
+    base = ours_from_hf(tiny_hf_model("llama")).to(dtype).prepare_for_serving(packed_from_rows=1)
+    if not base.lm_head.packable:
+        pytest.skip(f"this CPU does not multiply {dtype} through oneDNN")
+    save_eagle(drafter_for(model), tmp_path)
+    drafter = load_drafter(tmp_path, base.config, base.lm_head, dtype=dtype)
+    linears = [drafter.fc, drafter.qkv, drafter.o, drafter.gate_up, drafter.down]
+    assert all((m.packed_weight is not None) == (dtype == torch.bfloat16) for m in linears)
+    inputs = [torch.randn(3, m.in_features).to(dtype) for m in linears]
+    with torch.no_grad():
+        packed = [m(x) for m, x in zip(linears, inputs, strict=True)]
+        drafter.prepare_for_training()
+        assert all(m.packed_weight is None for m in linears)
+        for m, x, out in zip(linears, inputs, packed, strict=True):
+            torch.testing.assert_close(out, m(x), atol=2e-2, rtol=2e-2)
