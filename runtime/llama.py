@@ -256,10 +256,11 @@ class Llama(nn.Module):
         """
         B, T = tokens.shape
         assert positions.shape == (B, T) and slots.shape == (B,)
-        batch = attention.plan(slots, cache.lens[slots], T, new_mask, max_len, attention_backend)
+        dtype = self.embed.weight.dtype
+        batch = attention.plan(slots, cache.lens[slots], T, new_mask, max_len, attention_backend, dtype=dtype,
+                               groups=self.config.num_heads // self.config.num_kv_heads)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         cos, sin = freqs.cos(), freqs.sin()
-        dtype = self.embed.weight.dtype
         cos = torch.cat([cos, cos], dim=-1)[:, :, None, :].to(dtype)  # [B, T, 1, D]
         sin = torch.cat([-sin, sin], dim=-1)[:, :, None, :].to(dtype)  # [B, T, 1, D]: signed for apply_rope
         x = self.embed(tokens)  # [B, T, C]

@@ -8,13 +8,14 @@ from attention import attend, plan
 from tests.attention.conftest import SHAPES, TOLERANCE, make_case, random_tree_mask
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["mask-per-layer", "mask-folded-in-plan"])
 @pytest.mark.parametrize("slots", ["scattered", "consecutive"])
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_torch_backend_matches_naive(name, slots):
+def test_torch_backend_matches_naive(name, slots, fold):
     lens, T, H, Hkv, D, new_mask = SHAPES[name]
     order = None if slots == "scattered" else list(range(1, 1 + len(lens)))
     case = make_case(lens, T, H, Hkv, D, new_mask, slots=order)
-    batch = plan(case.slots, case.cache_lens, T, new_mask)
+    batch = plan(case.slots, case.cache_lens, T, new_mask, groups=H // Hkv if fold else 1)
     assert batch.backend == "torch"
     one_call = slots == "consecutive" or len(lens) == 1  # else one SDPA call per sequence
     assert (batch.first_slot is not None) == one_call and (batch.seq_views is None) == one_call
@@ -27,7 +28,8 @@ def test_torch_backend_matches_naive(name, slots):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_backend_half_precision(dtype):
     case = make_case([0, 77], 16, 6, 2, 64, random_tree_mask(16, seed=3), dtype=dtype)
-    batch = plan(case.slots, case.cache_lens, 16, case.new_mask)
+    batch = plan(case.slots, case.cache_lens, 16, case.new_mask, dtype=dtype, groups=3)
+    assert batch.bias.dtype == dtype and batch.bias.shape[2] == 3 * 16
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(attend(case.q, case.k_cache, case.v_cache, batch), case.expected(),
                                atol=tol, rtol=tol)
