@@ -159,9 +159,8 @@ class EagleDrafter(nn.Module):
     def project(self, states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""
         if self._serving:
-            if self._projection is None or self._projection[0] is not lm_head.weight:
-                self._projection = (lm_head.weight, scored_projection(lm_head.weight, self.draft_vocab,
-                                                                      self._packed_from_rows))
+            self._projection = scored_projection(self._projection, lm_head.weight, self.draft_vocab,
+                                                 self._packed_from_rows)
             projection = self._projection[1]
             return projection(states.to(projection.weight.dtype)).float()
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]

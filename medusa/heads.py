@@ -184,9 +184,8 @@ class MedusaHeads(nn.Module):
 
     def _draft_projection(self, lm_weight: torch.Tensor) -> Linear:
         """The rows of `lm_head` the heads score (`scored_projection`), copied once per lm_head."""
-        if self._projection is None or self._projection[0] is not lm_weight:
-            projection = scored_projection(lm_weight, self.draft_vocab, self._packed_from_rows)
-            self._projection = (lm_weight, projection)
+        self._projection = scored_projection(self._projection, lm_weight, self.draft_vocab,
+                                             self._packed_from_rows)
         return self._projection[1]
 
 
@@ -203,17 +202,21 @@ def scored_rows(lm_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> to
     return weight
 
 
-def scored_projection(lm_weight: torch.Tensor, draft_vocab: torch.Tensor | None, packed_from_rows: int
-                      ) -> Linear:
-    """`scored_rows` as a bias-free `Linear`, multiplying through oneDNN's packed copy from
-    `packed_from_rows` rows, or from one row for a bf16 copy of fp32 weights: oneDNN's bf16 products
-    beat MKL's at every size measured on the AMX Xeon (`runtime.llama.Linear`), and the copy is bf16 only
-    where the CPU has them (with the drafters' own products: `medusa.checkpoints._packed_from_rows`)."""
+def scored_projection(cached: tuple[torch.Tensor, Linear] | None, lm_weight: torch.Tensor,
+                      draft_vocab: torch.Tensor | None, packed_from_rows: int) -> tuple[torch.Tensor, Linear]:
+    """A serving drafter's (lm_head weight, projection over the rows it scores): `cached` if it was made
+    from this very lm_head weight, else a new one -- `scored_rows` as a bias-free `Linear`, multiplying
+    through oneDNN's packed copy from `packed_from_rows` rows, or from one row for a bf16 copy of fp32
+    weights: oneDNN's bf16 products beat MKL's at every size measured on the AMX Xeon
+    (`runtime.llama.Linear`), and the copy is bf16 only where the CPU has them (with the drafters' own
+    products: `medusa.checkpoints._packed_from_rows`)."""
+    if cached is not None and cached[0] is lm_weight:
+        return cached
     weight = scored_rows(lm_weight, draft_vocab)
     projection = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     projection.weight = nn.Parameter(weight, requires_grad=False)
     projection.pack(1 if weight.dtype != lm_weight.dtype else packed_from_rows)
-    return projection
+    return lm_weight, projection
 
 
 def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaHeads:
