@@ -21,7 +21,7 @@ from torch import nn
 
 import attention
 from runtime.config import ModelConfig, RopeScaling
-from runtime.kv_cache import KVCache
+from runtime.kv_cache import KVCache, Scratch
 
 PACK_ROWS = 16  # rows per product the CPU weight layout is tuned for (decoding: a few per sequence)
 MEASURED_ROWS = (1, 4, 16, 64)  # product sizes timed at load: one token, small trees, a big tree
@@ -197,14 +197,14 @@ class Block(nn.Module):
         self.down = Linear(config.intermediate_size, C, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache, batch: attention.AttentionBatch) -> torch.Tensor:
+                cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(self.attn_norm(x)).view(B, T, H + 2 * Hkv, D)
         qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)  # [B, T, H + Hkv, D]: q and k rotated together
         q, k = qk[:, :, :H], qk[:, :, H:]  # [B, T, H, D], [B, T, Hkv, D]
         v = qkv[:, :, H + Hkv:]  # [B, T, Hkv, D]
-        cache.write(layer, batch.slots, k.transpose(1, 2), v.transpose(1, 2))
+        cache.write(layer, scratch, k.transpose(1, 2), v.transpose(1, 2))
         out = attention.attend(q.transpose(1, 2), cache.k[layer], cache.v[layer], batch)  # [B, H, T, D]
         x = x + self.o(out.transpose(1, 2).reshape(B, T, H * D))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
@@ -264,8 +264,9 @@ class Llama(nn.Module):
         cos = torch.cat([cos, cos], dim=-1)[:, :, None, :].to(dtype)  # [B, T, 1, D]
         sin = torch.cat([-sin, sin], dim=-1)[:, :, None, :].to(dtype)  # [B, T, 1, D]: signed for apply_rope
         x = self.embed(tokens)  # [B, T, C]
+        scratch = cache.scratch(slots, T)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, batch)
+            x = layer(x, cos, sin, i, cache, scratch, batch)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def test_write_fills_the_scratch_positions_of_its_slots_only(slots: list[int]) -
     k_new = torch.randn(B, Hkv, T, D, generator=torch.Generator().manual_seed(0))
     v_new = torch.randn(B, Hkv, T, D, generator=torch.Generator().manual_seed(1))
 
-    cache.write(1, torch.tensor(slots), k_new, v_new)
+    cache.write(1, cache.scratch(torch.tensor(slots), T), k_new, v_new)
 
     expected_k = torch.full((L, N, Hkv, S, D), float("nan"))  # [L, N, Hkv, S_max, D]
     expected_v = expected_k.clone()
@@ -84,5 +84,5 @@ def test_free_empties_one_slot_and_the_next_write_starts_at_zero() -> None:
     cache.free(2)
     assert cache.lens.tolist() == [4, 2, 0, 1]
     k_new = torch.full((1, Hkv, 2, D), 0.5)  # [1, Hkv, T, D]
-    cache.write(0, torch.tensor([2]), k_new, -k_new)
+    cache.write(0, cache.scratch(torch.tensor([2]), 2), k_new, -k_new)
     assert torch.equal(cache.k[0][2, :, :2], k_new[0]) and torch.equal(cache.v[0][2, :, :2], -k_new[0])
