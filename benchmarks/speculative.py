@@ -4,7 +4,8 @@
 
 Prompts are Spec-Bench questions (`benchmarks.spec_bench`), each wrapped in the model's chat
 template when it has one, as the server wraps /generate inputs. Every mode runs on the same prompts
-in this one process, one prompt at a time (batch 1), so the ratios printed are measured in one run.
+in this one process, one prompt at a time (batch 1), so the ratios printed are measured in one run;
+the modes take turns prompt by prompt (`run_each`), so that the machine's drift slows them alike.
 Medusa uses the heads shipped for the embedded model, or random heads for another model (engine
 speed only: random heads rarely guess right); mode "eagle" drafts with the EAGLE-style draft layer
 instead (`medusa.eagle`: the shipped one, or --eagle FOLDER), each with its own default tree.
@@ -28,9 +29,11 @@ the extra "plots"); the JSON's "per_category" holds the same figures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,35 +56,60 @@ class ModeResult:
     steps: list[int] = field(default_factory=list)
 
 
-def run_hf(loaded: LoadedModel, prompts: list[list[int]], max_new: int) -> ModeResult:
+# one mode on one prompt: (tokens, seconds, steps), timed from the prompt to the last token
+Run = Callable[[list[int]], tuple[list[int], float, int]]
+
+
+def run_each(runs: dict[str, Run], prompts: list[list[int]]) -> dict[str, ModeResult]:
+    """Every prompt through every mode, prompt after prompt, each prompt's modes in an order that
+    rotates. Run mode after mode instead, the ratios held the machine's drift: these CPUs' speed moves
+    by 15% within minutes, and a mode timed in a slow minute came out slower than it is."""
+    results = {mode: ModeResult() for mode in runs}
+    modes = list(runs)
+    for i, prompt in enumerate(prompts if modes else []):
+        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+            tokens, seconds, steps = runs[mode](prompt)
+            result = results[mode]
+            result.outputs.append(tokens)
+            result.seconds.append(seconds)
+            result.steps.append(steps)
+    return results
+
+
+def hf_run(loaded: LoadedModel, max_new: int) -> Run:
+    """transformers' generate() on the model's own files, greedy."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.embed.weight.dtype)
     hf = hf.to(loaded.model.embed.weight.device).eval()
-    result = ModeResult()
     eos = list(loaded.eos_token_ids)
-    for prompt in prompts:
+
+    def run(prompt: list[int]) -> tuple[list[int], float, int]:
         ids = torch.tensor([prompt], device=hf.device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                               do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
-        result.seconds.append(time.perf_counter() - start)
-        result.outputs.append(out[0, len(prompt):].tolist())
-        result.steps.append(len(result.outputs[-1]))
-    return result
+        tokens = out[0, len(prompt):].tolist()
+        return tokens, time.perf_counter() - start, len(tokens)
+    return run
+
+
+def engine_run(engine: Engine, max_new: int) -> Run:
+    """Our engine, greedy, one prompt at a time; its steps are the Emitted after the prefill's."""
+    params = SamplingParams(max_new_tokens=max_new)
+    ids = itertools.count()
+
+    def run(prompt: list[int]) -> tuple[list[int], float, int]:
+        start = time.perf_counter()
+        emitted = list(engine.run([(next(ids), prompt, params)]))
+        seconds = time.perf_counter() - start
+        return [token for e in emitted for token in e.token_ids], seconds, len(emitted) - 1
+    return run
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeResult:
-    result = ModeResult()
-    params = SamplingParams(max_new_tokens=max_new)
-    for i, prompt in enumerate(prompts):
-        start = time.perf_counter()
-        emitted = list(engine.run([(i, prompt, params)]))
-        result.seconds.append(time.perf_counter() - start)
-        result.outputs.append([token for e in emitted for token in e.token_ids])
-        result.steps.append(len(emitted) - 1)  # the prefill's Emitted, then one per step
-    return result
+    return run_each({"engine": engine_run(engine, max_new)}, prompts)["engine"]
 
 
 # our engine: plain decoding, Medusa heads, the EAGLE-style layer; "-compiled": the same with compile on,
@@ -112,8 +140,8 @@ def llamacpp_skip_reason(model: str | None) -> str | None:
     return None
 
 
-def run_llamacpp(gguf: Path, prompts: list[list[int]], max_new: int, eos_token_ids: tuple[int, ...],
-                 max_total_tokens: int) -> ModeResult:
+def llamacpp_run(gguf: Path, max_new: int, eos_token_ids: tuple[int, ...], max_total_tokens: int,
+                 first_prompt: list[int]) -> Run:
     """llama.cpp on `gguf`, fed our prompt ids (no tokenizer of its own between), greedy, with torch's
     number of threads; each prompt timed from an empty cache, its prefill included."""
     from llama_cpp import Llama  # the optional extra "llamacpp": llamacpp_skip_reason checked it imports
@@ -121,15 +149,19 @@ def run_llamacpp(gguf: Path, prompts: list[list[int]], max_new: int, eos_token_i
     threads = torch.get_num_threads()
     llm = Llama(model_path=str(gguf), n_ctx=max_total_tokens, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
-    llamacpp_generate(llm, prompts[0], 1, eos_token_ids)  # not timed: pages the mapped weights in
-    result = ModeResult()
-    for prompt in prompts:
+    llamacpp_generate(llm, first_prompt, 1, eos_token_ids)  # not timed: pages the mapped weights in
+
+    def run(prompt: list[int]) -> tuple[list[int], float, int]:
         start = time.perf_counter()
         output = llamacpp_generate(llm, prompt, max_new, eos_token_ids)
-        result.seconds.append(time.perf_counter() - start)
-        result.outputs.append(output)
-        result.steps.append(len(output) - 1)  # one prefill, then one decode per token
-    return result
+        return output, time.perf_counter() - start, len(output) - 1  # one prefill, then a decode per token
+    return run
+
+
+def run_llamacpp(gguf: Path, prompts: list[list[int]], max_new: int, eos_token_ids: tuple[int, ...],
+                 max_total_tokens: int) -> ModeResult:
+    run = llamacpp_run(gguf, max_new, eos_token_ids, max_total_tokens, prompts[0])
+    return run_each({"llamacpp": run}, prompts)["llamacpp"]
 
 
 def llamacpp_generate(llm, prompt: list[int], max_new: int, eos_token_ids: tuple[int, ...]) -> list[int]:
@@ -198,7 +230,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     prompter = Prompter(loaded.tokenizer, chat_template=True)
     prompts = [prompter.encode(q.text) for q in questions]
     max_total = max(len(p) for p in prompts) + args.max_new_tokens
-    results: dict[str, ModeResult] = {}
+    runs: dict[str, Run] = {}
     skipped: dict[str, str] = {}
     notes: dict[str, str] = {}  # drafter mode -> its weights and tree
     warm_up_s: dict[str, float] = {}
@@ -206,7 +238,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     model = loaded.model
     for mode in args.modes.split(","):
         if mode == "hf":
-            results[mode] = run_hf(loaded, prompts, args.max_new_tokens)
+            runs[mode] = hf_run(loaded, args.max_new_tokens)
         elif mode in ENGINE_MODES:
             heads = tree = None
             drafter = mode.removesuffix("-compiled")
@@ -227,15 +259,16 @@ def benchmark(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             engine.warm_up()  # not timed: a server does it before it listens
             warm_up_s[mode] = round(time.perf_counter() - started, 1)
-            results[mode] = run_engine(engine, prompts, args.max_new_tokens)
+            runs[mode] = engine_run(engine, args.max_new_tokens)
         else:  # "llamacpp" (main checked the modes)
             skip_reason = llamacpp_skip_reason(args.model)
             if skip_reason is None:
-                results[mode] = run_llamacpp(gguf_file(args.model), prompts, args.max_new_tokens,
-                                             loaded.eos_token_ids, max_total)
+                runs[mode] = llamacpp_run(gguf_file(args.model), args.max_new_tokens, loaded.eos_token_ids,
+                                          max_total, prompts[0])
             else:
                 print(f"{mode} skipped: {skip_reason}")
                 skipped[mode] = skip_reason
+    results = run_each(runs, prompts)
 
     summary = report(questions, results, notes)
     summary["prompts"] = len(questions)

@@ -105,16 +105,18 @@ def measure_generation(loaded, drafter, trees: dict[int, TreeBuffers | DynamicTr
                        max_new_tokens: int) -> tuple[int, dict]:
     """Greedy generation of `questions`, one at a time, through the whole engine with each tree:
     prints tokens per second and per step for each size; (the fastest size, a record of the runs)."""
-    from benchmarks.speculative import run_engine
+    from benchmarks.speculative import engine_run, run_each
 
     prompter = Prompter(loaded.tokenizer, chat_template=True)
     prompts = [prompter.encode(q) for q in questions]
-    rows = []
+    runs = {}
     for T, tree in trees.items():
         engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
                         max_total_tokens=max(map(len, prompts)) + max_new_tokens, heads=drafter, tree=tree)
-        run_engine(engine, prompts[:1], 8)  # warms caches up, untimed
-        result = run_engine(engine, prompts, max_new_tokens)
+        engine_run(engine, 8)(prompts[0])  # warms caches up, untimed
+        runs[T] = engine_run(engine, max_new_tokens)
+    rows = []
+    for T, result in run_each(runs, prompts).items():  # the sizes take turns prompt by prompt
         tokens = sum(map(len, result.outputs))
         rows.append({"nodes": T, "tokens_per_step": round(tokens / max(1, sum(result.steps)), 3),
                      "tokens_per_s": round(tokens / sum(result.seconds), 1)})

@@ -57,6 +57,26 @@ def test_speculation_gives_the_same_tokens_in_fewer_steps(tiny_llama):
     assert all(steps < plain_steps for steps, plain_steps in zip(medusa.steps, plain.steps, strict=True))
 
 
+def test_the_modes_take_turns_prompt_by_prompt_and_each_keeps_its_prompts_in_order():
+    calls = []
+
+    def mode(name: str) -> speculative.Run:
+        def run(prompt: list[int]) -> tuple[list[int], float, int]:
+            calls.append((name, prompt[0]))
+            return [name, *prompt], 0.5, len(prompt)
+        return run
+
+    prompts = [[1], [2, 2], [3], [4]]
+    results = speculative.run_each({m: mode(m) for m in "abc"}, prompts)
+    # a machine that slows down during the run slows every mode alike, none always first or last
+    assert calls == [("a", 1), ("b", 1), ("c", 1), ("b", 2), ("c", 2), ("a", 2),
+                     ("c", 3), ("a", 3), ("b", 3), ("a", 4), ("b", 4), ("c", 4)]
+    assert list(results) == ["a", "b", "c"]
+    for name, result in results.items():
+        assert result.outputs == [[name, *p] for p in prompts]
+        assert result.steps == [1, 2, 1, 1] and result.seconds == [0.5] * 4
+
+
 # --- mode "llamacpp": llama.cpp on the same GGUF file, a fake llama_cpp in its place ---------------
 
 
