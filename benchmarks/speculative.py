@@ -22,6 +22,10 @@ timed with its prefill. It multiplies the file's quantised weights whatever --dt
 output may differ from ours (`llamacpp_matches_plain` says how often it does not). It is skipped,
 with a line saying why, when llama_cpp is not installed or --model is a folder rather than a GGUF file.
 
+On the CPU, with mode "plain" or "plain-compiled", the run also measures the read bound (`ReadBound`):
+the tok/s that the bytes of the weights a token reads allow at the rate the machine reads memory,
+measured beside each plain prompt; `plain_vs_read_bound` is plain decoding's share of it.
+
 `--plot FILE.png` draws tok/s per Spec-Bench category, a bar per mode (`benchmarks.plots`, matplotlib:
 the extra "plots"); the JSON's "per_category" holds the same figures.
 """
@@ -31,6 +35,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from benchmarks.spec_bench import Question, read_questions
 from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS, load_drafter, load_heads
@@ -45,6 +52,7 @@ from medusa.engine import Engine, use_compile
 from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from medusa.tree import default_tree, get_tree
 from runtime.config import SamplingParams
+from runtime.llama import Llama
 from runtime.loading import LoadedModel, cpu_name, embedded_gguf_path, is_embedded, load_model
 from runtime.prompt import Prompter
 
@@ -110,6 +118,48 @@ def engine_run(engine: Engine, max_new: int) -> Run:
 
 def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeResult:
     return run_each({"engine": engine_run(engine, max_new)}, prompts)["engine"]
+
+
+class ReadBound:
+    """The tok/s that decoding one sequence cannot pass on this CPU: the bytes of the weights each
+    token's products read (every linear layer's, the lm_head's) over the rate the machine reads
+    memory at, measured by summing a buffer of as many bytes (one call; more than the caches hold).
+    These machines' rate moves by a third from minute to minute (17-25 GB/s on the AMX Xeon in one
+    session), so `after` measures it beside each run of a mode, and the bound is their median."""
+
+    def __init__(self, model: Llama) -> None:
+        self.bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                         if isinstance(m, nn.Linear))
+        self.buffer = torch.ones(self.bytes // 2, dtype=torch.bfloat16)  # paged in now, not when timed
+        self.rates: list[float] = []  # bytes per second, one per reading
+
+    def after(self, run: Run) -> Run:
+        """`run`, then a reading of the read rate (not in the run's time)."""
+        def timed(prompt: list[int]) -> tuple[list[int], float, int]:
+            result = run(prompt)
+            best = math.inf
+            with torch.inference_mode():
+                for _ in range(3):
+                    start = time.perf_counter()
+                    self.buffer.sum()
+                    best = min(best, time.perf_counter() - start)
+            self.rates.append(self.bytes / best)
+            return result
+        return timed
+
+    def summary(self, tok_s: dict) -> dict:
+        """The bound and each plain mode's share of it (`tok_s`: the run's summary so far); printed too."""
+        rate = statistics.median(self.rates)
+        bound = rate / self.bytes
+        out = {"read_bound_tok_s": round(bound, 2), "read_gb_s": round(rate / 1e9, 2),
+               "weight_mb_per_token": round(self.bytes / 1e6, 1)}
+        shares = {mode: round(tok_s[f"{mode}_tok_s"] / bound, 3) for mode in ("plain", "plain-compiled")
+                  if f"{mode}_tok_s" in tok_s}
+        out |= {f"{mode.replace('-', '_')}_vs_read_bound": share for mode, share in shares.items()}
+        print(f"read bound: {bound:.1f} tok/s ({out['weight_mb_per_token']} MB of weights a token at "
+              f"{out['read_gb_s']} GB/s, the median of {len(self.rates)} readings beside the plain runs); "
+              + ", ".join(f"{mode} at {share}" for mode, share in shares.items()))
+        return out
 
 
 # our engine: plain decoding, Medusa heads, the EAGLE-style layer; "-compiled": the same with compile on,
@@ -268,12 +318,19 @@ def benchmark(args: argparse.Namespace) -> dict:
             else:
                 print(f"{mode} skipped: {skip_reason}")
                 skipped[mode] = skip_reason
+    bound = None
+    if args.device == "cpu" and runs.keys() & {"plain", "plain-compiled"}:
+        bound = ReadBound(model)
+        for mode in runs.keys() & {"plain", "plain-compiled"}:
+            runs[mode] = bound.after(runs[mode])
     results = run_each(runs, prompts)
 
     summary = report(questions, results, notes)
     summary["prompts"] = len(questions)
     summary |= {"model": loaded.model_id, "dtype": loaded.dtype_name, "max_new_tokens": args.max_new_tokens}
     summary["compile"] = compile
+    if bound is not None:  # plain decoding against what this CPU's memory allows, in this run
+        summary |= bound.summary(summary)
     for mode in ("plain", *SPECULATIVE):  # the same engine compiled, in this run
         if mode in results and f"{mode}-compiled" in results:
             summary[f"{mode}_compiled_vs_eager"] = round(summary[f"{mode}-compiled_tok_s"]

@@ -77,6 +77,24 @@ def test_the_modes_take_turns_prompt_by_prompt_and_each_keeps_its_prompts_in_ord
         assert result.steps == [1, 2, 1, 1] and result.seconds == [0.5] * 4
 
 
+def test_the_read_bound_is_the_bytes_of_the_weights_a_token_reads_over_the_measured_rate(tiny_llama, capsys):
+    bound = speculative.ReadBound(tiny_llama)
+    linear = [tiny_llama.lm_head.weight] + [w for name, w in tiny_llama.named_parameters()
+                                            if name.startswith("layers.") and "norm" not in name]
+    assert bound.bytes == sum(w.numel() * w.element_size() for w in linear)  # the embedding: one row a token
+    assert bound.buffer.numel() * bound.buffer.element_size() == bound.bytes
+
+    run = bound.after(lambda prompt: (prompt, 0.25, 1))
+    assert [run([7]), run([8, 9]), run([1])] == [([7], 0.25, 1), ([8, 9], 0.25, 1), ([1], 0.25, 1)]
+    assert len(bound.rates) == 3 and all(rate > 0 for rate in bound.rates)  # one reading per run
+
+    summary = bound.summary({"plain_tok_s": 30.0, "medusa_tok_s": 60.0})
+    expected = sorted(bound.rates)[1] / bound.bytes  # the median reading
+    assert summary["read_bound_tok_s"] == round(expected, 2)
+    assert summary["plain_vs_read_bound"] == round(30.0 / expected, 3)
+    assert "plain_compiled_vs_read_bound" not in summary and "read bound:" in capsys.readouterr().out
+
+
 # --- mode "llamacpp": llama.cpp on the same GGUF file, a fake llama_cpp in its place ---------------
 
 
