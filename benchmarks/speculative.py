@@ -319,9 +319,10 @@ def benchmark(args: argparse.Namespace) -> dict:
                 print(f"{mode} skipped: {skip_reason}")
                 skipped[mode] = skip_reason
     bound = None
-    if args.device == "cpu" and runs.keys() & {"plain", "plain-compiled"}:
+    plain_modes = [mode for mode in ("plain", "plain-compiled") if mode in runs]
+    if args.device == "cpu" and plain_modes:
         bound = ReadBound(model)
-        for mode in runs.keys() & {"plain", "plain-compiled"}:
+        for mode in plain_modes:
             runs[mode] = bound.after(runs[mode])
     results = run_each(runs, prompts)
 
