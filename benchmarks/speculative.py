@@ -123,14 +123,17 @@ def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeRe
 class ReadBound:
     """The tok/s that decoding one sequence cannot pass on this CPU: the bytes of the weights each
     token's products read (every linear layer's, the lm_head's) over the rate the machine reads
-    memory at, measured by summing a buffer of as many bytes (one call; more than the caches hold).
-    These machines' rate moves by a third from minute to minute (17-25 GB/s on the AMX Xeon in one
-    session), so `after` measures it beside each run of a mode, and the bound is their median."""
+    memory at, measured by one float32 dot product of a buffer of as many bytes with itself (more
+    than the caches hold). Not a bf16 sum: converting each element bounds that one, not memory (AMX
+    Xeon, 2 cores, 269 MB, same run: bf16 sum 17.0 GB/s, fp32 sum 24.0, fp32 dot 28.0; a bound
+    taken with the sum let a decoder that reads at 20 GB/s look as if it beat it). These machines'
+    rate moves by a third from minute to minute (17-31 GB/s on that CPU over two sessions), so
+    `after` measures it beside each run of a mode, and the bound is their median."""
 
     def __init__(self, model: Llama) -> None:
         self.bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                          if isinstance(m, nn.Linear))
-        self.buffer = torch.ones(self.bytes // 2, dtype=torch.bfloat16)  # paged in now, not when timed
+        self.buffer = torch.ones(self.bytes // 4)  # float32, paged in now, not when timed
         self.rates: list[float] = []  # bytes per second, one per reading
 
     def after(self, run: Run) -> Run:
@@ -141,7 +144,7 @@ class ReadBound:
             with torch.inference_mode():
                 for _ in range(3):
                     start = time.perf_counter()
-                    self.buffer.sum()
+                    torch.dot(self.buffer, self.buffer)
                     best = min(best, time.perf_counter() - start)
             self.rates.append(self.bytes / best)
             return result
