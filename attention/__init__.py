@@ -15,7 +15,8 @@ Two backends behind the one `attend`:
   one batched call; scattered slots: one call per sequence over exactly its keys, which needs no
   mask when T = 1); folding each KV head's query heads into rows (GQA without repeating K/V) is
   up to 15% faster than SDPA's enable_gqa when T > 1; a float mask is ~3% faster than a
-  boolean one; one sequence decoding one token needs no mask at all.
+  boolean one; one sequence decoding one token needs no mask at all. In a compiled CPU step, one
+  new token per sequence attends through plain sums and a softmax (`_one_query`), not SDPA.
 
 Legend: B batch, T new tokens, S max_len (cached + new of the longest sequence), H query heads,
 Hkv KV heads, G = H / Hkv, D head dim, N cache slots, S_max positions per slot, W = ceil(T / 32).
@@ -142,6 +143,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor 
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
+    if T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+        return _one_query(q, k, v, bias)
     if T == 1 or G == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=G > 1)
     # GQA by folding: the G query heads of a KV head become G * T rows against that one head
@@ -149,3 +152,20 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor 
     if bias is not None and bias.shape[2] == T:  # not folded by `plan`
         bias = bias.expand(B, G, T, S).reshape(B, 1, G * T, S)
     return F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias).view(B, H, T, D)
+
+
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_sdpa` for one new token per sequence in a compiled CPU step, written as two sums and a
+    softmax (in float32) that inductor fuses into the layer's own loops: SDPA is a call of its own,
+    with its own buffers. Compiled plain decoding, SmolLM2 bf16, AMX Xeon (2 cores), same process,
+    engines taking turns, 8 dev prompts: 23.0 ms a step with SDPA, 19.9 with this.
+    q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; bias: [B, 1, 1, S] or None. Returns [B, H, 1, D]."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    rows = q.float().reshape(B, Hkv, H // Hkv, D)  # [B, Hkv, G, D]: a KV head's G query heads together
+    scores = (rows.unsqueeze(-2) * k.float().unsqueeze(2)).sum(-1) / math.sqrt(D)  # [B, Hkv, G, S]
+    if bias is not None:
+        scores = scores + bias.float()  # [B, 1, 1, S] broadcast over heads
+    p = torch.softmax(scores, dim=-1)
+    out = (p.unsqueeze(-1) * v.float().unsqueeze(2)).sum(-2)  # [B, Hkv, G, D]
+    return out.reshape(B, H, 1, D).to(q.dtype)

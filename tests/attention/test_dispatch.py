@@ -35,6 +35,23 @@ def test_torch_backend_half_precision(dtype):
                                atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("slots", ["scattered", "consecutive"])
+@pytest.mark.parametrize("name", ["decode", "decode-gqa3"])
+def test_one_query_a_sequence_in_a_compiled_step_matches_naive(name, slots):
+    """Compiled on the CPU, one new token attends through sums inductor fuses, not SDPA."""
+    from torch._inductor.utils import run_and_get_code
+
+    lens, T, H, Hkv, D, _ = SHAPES[name]
+    case = make_case(lens, T, H, Hkv, D, None, slots=None if slots == "scattered" else list(range(len(lens))))
+    max_len = max(lens) + 1
+    step = torch.compile(lambda q, k, v, slots, cache_lens: attend(q, k, v, plan(slots, cache_lens, 1,
+                                                                                     max_len=max_len)))
+    k, v = (c.nan_to_num(1e4) for c in case.poisoned_caches())  # as above: hidden keys are masked
+    out, code = run_and_get_code(step, case.q, k, v, case.slots, case.cache_lens)
+    torch.testing.assert_close(out, case.expected(), atol=2e-5, rtol=2e-5)
+    assert "scaled_dot_product" not in "".join(code)
+
+
 def test_scattered_slots_decode_needs_no_mask():
     case = make_case([0, 33, 9], 1, 9, 3, 64)
     batch = plan(case.slots, case.cache_lens, 1)
