@@ -75,11 +75,12 @@ class Linear(nn.Linear):
         self.packed_weight = self.packed_bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+        compiling = torch.compiler.is_compiling()
+        if compiling and x.device.type == "cpu" and x.numel() == x.shape[-1]:
             return one_row_product(x, self.weight, self.bias)
         if self.packed_weight is None or x.numel() < self.packed_from_rows * x.shape[-1]:
             return super().forward(x)
-        if torch.compiler.is_compiling():  # opaque: inductor lowers oneDNN products of its own weights only
+        if compiling:  # opaque: inductor lowers oneDNN products of its own weights only
             return packed_linear(x, self.packed_weight, self.packed_bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, "none", [], "")
 
