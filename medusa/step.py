@@ -96,8 +96,13 @@ class DeviceStep:
             for t in (*self.cache.k, *self.cache.v, self.cache.lens, self.features, self.window_tokens,
                       self.seen):
                 torch._dynamo.mark_static_address(t)
-            mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
-            self._fn = torch.compile(self._step, fullgraph=True, mode=mode)
+            if device.type == "cuda":
+                self._fn = torch.compile(self._step, fullgraph=True, mode="reduce-overhead")  # CUDA graphs
+            else:
+                # A C++ wrapper calls the graph's kernels and our product kernel (runtime.cpu_kernels)
+                # one after another, no Python between them. Compiled plain decoding, SmolLM2 bf16, Intel
+                # Xeon with AMX (2 cores), 8 dev prompts: 48.7 tok/s with Python's wrapper, 69.1 with C++.
+                self._fn = torch.compile(self._step, fullgraph=True, options={"cpp_wrapper": True})
         if compile and heads is not None:  # the heads cache their projection here, not inside a graph
             heads.project(torch.zeros(1, 1, C, dtype=self.features.dtype, device=device), model.lm_head)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attention
+from runtime import cpu_kernels
 from runtime.config import ModelConfig, RopeScaling
 from runtime.kv_cache import KVCache, Scratch
 
@@ -31,7 +32,14 @@ log = logging.getLogger(__name__)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, once `pack`ed, multiplies through oneDNN's blocked weight layout on the CPU.
+    """nn.Linear that, once `pack`ed, multiplies one row through our kernel (`runtime.cpu_kernels`)
+    and more rows through oneDNN's blocked weight layout on the CPU.
+
+    One row, all SmolLM2 layers' products, Intel Xeon with AMX (2 cores), same run: bf16 ours 10.2
+    ms, oneDNN 16.3, MKL 22.0; fp32 ours 18.9, oneDNN 25.8, MKL 19.2 (scratch script; eager plain
+    decoding, 8 dev prompts, engines taking turns: bf16 33.0 -> 40.9 tok/s, fp32 25.5 -> 27.0). On
+    4 rows and more ours loses in bf16 (27.6 against oneDNN's 15.4 ms on 4 rows), so trees keep
+    oneDNN.
 
     On the AMD EPYC CPUs of this project's machines, MKL's fp32 GEMM (what nn.Linear calls) is
     2-4x slower than oneDNN's for the few-row products of decoding (measured: the 49k-word
@@ -53,6 +61,7 @@ class Linear(nn.Linear):
     packed_weight: torch.Tensor | None = None
     packed_bias: torch.Tensor | None = None
     packed_from_rows: int = 1  # products of at least this many rows use the packed copy
+    own_kernel_rows: int = 0  # products of at most this many rows use `cpu_kernels.rows_product`
 
     @property
     def packable(self) -> bool:
@@ -64,20 +73,25 @@ class Linear(nn.Linear):
 
     def pack(self, from_rows: int = 1) -> None:
         """Keep a oneDNN copy of the weights and multiply products of at least `from_rows` rows
-        through it from now on (no-op unless `packable`)."""
+        through it from now on (no-op unless `packable`); one-row products through our kernel
+        where it is built."""
         if self.packable:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
             self.packed_bias = None if self.bias is None else self.bias.detach()
             self.packed_from_rows = from_rows
+        w = self.weight
+        own = w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.built()
+        self.own_kernel_rows = 1 if own else 0
 
     def unpack(self) -> None:
         """Drop the oneDNN copy: multiply through the weights themselves (MKL), with autograd."""
         self.packed_weight = self.packed_bias = None
+        self.own_kernel_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.own_kernel_rows * x.shape[-1]:
+            return cpu_kernels.rows_product(x, self.weight, self.bias)
         compiling = torch.compiler.is_compiling()
-        if compiling and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-            return one_row_product(x, self.weight, self.bias)
         if self.packed_weight is None or x.numel() < self.packed_from_rows * x.shape[-1]:
             return super().forward(x)
         if compiling:  # opaque: inductor lowers oneDNN products of its own weights only
@@ -103,33 +117,11 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_feat
 packed_linear = torch.ops.medusa.packed_linear
 
 
-def one_row_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias for one row x [..., 1 row, in] on the CPU, written as a multiply and a sum
-    over `in` (accumulated in float32) for inductor to compile into one loop over the weight rows.
-
-    A product of one row reads each weight once, so it is bound by memory, and oneDNN spends ~15 us
-    a call before it reads any (measured on a 64 x 64 product, 1 or 2 threads): 1.8 ms of a
-    decoding step's 121 products. Compiled plain decoding, SmolLM2 bf16, Intel Xeon with AMX (2
-    cores), engines taking turns, 8 dev prompts: 34.2 tok/s through oneDNN, 44.1 through this loop.
-    The loop reads one weight at ~16.5 GB/s there (oneDNN ~20.5 GB/s, a float32 dot product 27),
-    so the lm_head's 57 MB would be faster through oneDNN alone, yet not inside the step (51.66
-    against 51.63 tok/s). On two rows or more it is slower than oneDNN, reading the weights once
-    per row (all products on 2 rows: 21.7 against 17.4 ms; 8 rows: 64.1 against 18.1).
-
-    The input is stored before the loop (`force_stride_order` makes inductor realize it): else
-    inductor recomputes what produced it (an RMSNorm, SiLU(gate) * up) once per weight row."""
-    from torch._inductor import inductor_prims  # loaded by now: only compiled code calls this (1 s to import)
-
-    x32 = x.float()
-    x32 = inductor_prims.force_stride_order(x32, x32.stride())
-    y = (x32.unsqueeze(-2) * weight.float()).sum(-1)  # [..., 1, out]
-    return (y if bias is None else y + bias.float()).to(x.dtype)
-
-
 def _seconds(linear: Linear, rows: int, packed: bool, repeats: int = 5) -> float:
     """The best of `repeats` timings of one product of `rows` rows, MKL or the packed copy."""
     x = torch.randn(rows, linear.in_features, dtype=linear.weight.dtype)
     linear.packed_from_rows = 1 if packed else NEVER
+    linear.own_kernel_rows = 0
     best = math.inf
     with torch.no_grad():
         for _ in range(repeats + 1):  # the first one warms up

@@ -89,3 +89,24 @@ def test_batches_past_the_largest_bucket_run_unpadded():
 
     assert [_batch_bucket(n) for n in (1, 3, 8, 9)] == [1, 4, 8, 16]
     assert _batch_bucket(BATCH_BUCKETS[-1] + 1) == BATCH_BUCKETS[-1] + 1
+
+
+@pytest.mark.parametrize("tree", [None, "cpu"], ids=["plain", "shipped-cpu-tree"])
+def test_inductor_compiles_the_served_step_and_gives_the_eager_tokens(tree):
+    """Built by inductor as served on a CPU: one-row products (plain decoding of one sequence, the
+    heads) through our kernel, called from a C++ wrapper."""
+    from torch._inductor.utils import run_and_get_code
+
+    served = ours_from_hf(tiny_hf_model("llama")).prepare_for_serving(packed_from_rows=2)
+    heads = None if tree is None else heads_for(served)
+
+    def engine(compile: bool) -> Engine:
+        return Engine(served, Vocab(), (), max_batch_size=1, max_total_tokens=64, heads=heads,
+                      tree=None if tree is None else get_tree(tree), compile=compile)
+
+    params = SamplingParams(max_new_tokens=10)
+    eager = engine(False).generate([PROMPTS[1]], params)
+    torch._dynamo.reset()
+    compiled, code = run_and_get_code(lambda: engine(True).generate([PROMPTS[1]], params))
+    assert compiled == eager
+    assert 'aoti_torch_call_dispatcher("medusa::rows_product"' in "".join(code)  # from C++, not Python

@@ -102,21 +102,3 @@ def test_the_packed_size_is_measured_on_the_model_and_never_for_what_onednn_cann
     assert measure_packed_from_rows(ours.half()) == NEVER  # oneDNN has no fp16 products on these CPUs
     ours.half().prepare_for_serving()
     assert ours.lm_head.packed_weight is None
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_compiled_product_of_one_row_is_one_loop_of_ours_and_of_more_rows_onednn(dtype):
-    from torch._inductor.utils import run_and_get_code
-
-    torch.manual_seed(0)
-    linear = Linear(64, 96).to(dtype)
-    linear.pack()
-    compiled = torch.compile(lambda x: linear(torch.nn.functional.silu(x)), dynamic=False)
-    with torch.inference_mode():
-        for rows, calls_onednn in ((1, False), (2, True)):
-            x = torch.randn(1, rows, 64, dtype=dtype)
-            out, code = run_and_get_code(compiled, x)
-            expected = F.linear(F.silu(x).double(), linear.weight.double(), linear.bias.double())
-            tol = 1e-5 if dtype == torch.float32 else 1e-2
-            torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=tol)
-            assert ("packed_linear" in "".join(code)) == calls_onednn, rows

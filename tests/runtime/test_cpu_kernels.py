@@ -1,0 +1,120 @@
+"""Our CPU product kernel (`runtime/rows_product.cpp`) against its reference, `F.linear` in float64;
+a row gets the same bits alone or among others; `Linear` uses it for one-row products while
+serving and never for training; and a compiled graph calls it as it is."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime import cpu_kernels
+from runtime.cpu_kernels import rows_product
+from runtime.llama import Linear
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's scale
+
+
+def padded_with_nan(rows: int, cols: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """[rows, cols] random, contiguous, followed in memory by 9 rows of NaN: a kernel that reads past
+    its last row (the blocks of 8 rows, the tails) returns NaN."""
+    buf = torch.full((rows + 9, cols), float("nan"), dtype=dtype)
+    buf[:rows] = torch.randn(rows, cols, generator=gen).to(dtype)
+    return buf[:rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows, out_features, in_features, bias", [
+    (1, 64, 64, False),  # whole blocks, whole vectors
+    (1, 45, 77, True),  # a block's tail (45 = 5 x 8 + 5) and a vector's (77 = 2 x 32 + 13)
+    (5, 130, 576, True),
+    (12, 7, 1536, False),  # fewer rows than a block
+    (3, 9, 5, True),  # shorter than one vector
+    (0, 8, 16, False),
+])
+def test_rows_product_equals_linear_in_float64(dtype, rows, out_features, in_features, bias):
+    assert cpu_kernels.built()  # a C++ compiler is there: torch.compile's CPU kernels need one too
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = padded_with_nan(rows, in_features, dtype, gen)
+    weight = padded_with_nan(out_features, in_features, dtype, gen)
+    b = padded_with_nan(1, out_features, dtype, gen)[0] if bias else None
+    got = rows_product(x, weight, b)
+    assert got.shape == (rows, out_features) and got.dtype == dtype
+    expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    scale = in_features ** 0.5  # the outputs' standard deviation
+    torch.testing.assert_close(got.double(), expected, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_row_gets_the_same_bits_alone_or_among_others(dtype):
+    """One sum per output in a fixed order, whatever the rows and the threads' split: what lets a
+    token decoded alone match the same token verified among a tree's."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 576, generator=gen).to(dtype)  # [B, T, K]: leading dims kept
+    weight = torch.randn(1000, 576, generator=gen).to(dtype)
+    together = rows_product(x, weight, None)  # [2, 6, 1000]
+    assert together.shape == (2, 6, 1000)
+    for i in range(2):
+        for j in range(6):
+            assert torch.equal(rows_product(x[i, j:j + 1], weight, None), together[i, j:j + 1])
+
+
+def test_bad_operands_raise_clear_errors():
+    weight = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="features"):
+        rows_product(torch.randn(1, 15), weight, None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        rows_product(torch.randn(1, 16, dtype=torch.bfloat16), weight, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        rows_product(torch.randn(1, 16), torch.randn(16, 8).t(), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        rows_product(torch.randn(1, 16), weight, torch.randn(7))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        rows_product(torch.randn(1, 16, dtype=torch.float16), weight.half(), None)
+
+
+def test_linear_serves_one_row_through_it_and_trains_without_it():
+    torch.manual_seed(0)
+    linear = Linear(64, 40)
+    x1, x3 = torch.randn(1, 1, 64), torch.randn(1, 3, 64)
+    linear.pack()
+    with torch.no_grad():
+        assert torch.equal(linear(x1), rows_product(x1, linear.weight, linear.bias))
+        assert not torch.equal(linear(x3), rows_product(x3, linear.weight, linear.bias))  # oneDNN or MKL
+    linear.unpack()
+    y = linear(x1)
+    y.sum().backward()  # autograd: `rows_product` has no derivative, so training must not reach it
+    assert linear.weight.grad is not None
+
+
+def test_a_compiled_graph_calls_it_as_it_is():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    linear = Linear(64, 96)
+    linear.pack()
+    compiled = torch.compile(lambda x: linear(F.silu(x)), dynamic=False)
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        out, code = run_and_get_code(compiled, x)
+        assert torch.equal(out, rows_product(F.silu(x), linear.weight, linear.bias))
+    assert "medusa.rows_product" in "".join(code)
+
+
+def test_without_a_compiler_it_warns_and_is_not_used(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++ not found")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    with caplog.at_level(logging.WARNING, logger="runtime.cpu_kernels"):
+        assert cpu_kernels.built.__wrapped__() is False
+    assert "c++ not found" in caplog.text
+    monkeypatch.setattr(cpu_kernels, "built", lambda: False)
+    linear = Linear(64, 40)
+    linear.pack()
+    x = torch.randn(1, 64)
+    assert linear.own_kernel_rows == 0
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias))  # oneDNN or MKL
