@@ -100,9 +100,11 @@ class DeviceStep:
                 self._fn = torch.compile(self._step, fullgraph=True, mode="reduce-overhead")  # CUDA graphs
             else:
                 # A C++ wrapper calls the graph's kernels and our product kernel (runtime.cpu_kernels)
-                # one after another, no Python between them. Compiled plain decoding, SmolLM2 bf16, Intel
-                # Xeon with AMX (2 cores), 8 dev prompts: 48.7 tok/s with Python's wrapper, 69.1 with C++.
-                self._fn = torch.compile(self._step, fullgraph=True, options={"cpp_wrapper": True})
+                # one after another, no Python between them. SmolLM2 bf16, Intel Xeon with AMX (2
+                # cores), 8 dev prompts, engines taking turns: plain decoding 48.7 tok/s with Python's
+                # wrapper, 69.1 with C++ (warm-up 111 -> 145 s); Medusa (`cpu-bf16`) 70.9 -> 74.1, but
+                # its bigger graph took 254 -> 670 s to build, so drafting steps keep Python's.
+                self._fn = torch.compile(self._step, fullgraph=True, options={"cpp_wrapper": heads is None})
         if compile and heads is not None:  # the heads cache their projection here, not inside a graph
             heads.project(torch.zeros(1, 1, C, dtype=self.features.dtype, device=device), model.lm_head)
 
