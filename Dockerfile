@@ -19,13 +19,14 @@ FROM ${BASE_IMAGE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ARG DEVICE=cuda
 
-# gcc and the Python headers: Triton compiles its kernel launchers with the host's C compiler at run time.
+# gcc and the Python headers: Triton compiles its kernel launchers with the host's C compiler at run time;
+# g++: on a CPU, our product kernel (runtime/rows_product.cpp) and torch.compile's kernels are C++ built there.
 # make: the install below is the Makefile's, as in CI. tini: as PID 1 it hands SIGTERM to the server even
 # while the model loads (a PID 1 without a handler ignores it) and reaps compiler processes. curl: the
 # health check.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        python3 python3-venv python3-dev gcc libc6-dev make tini curl ca-certificates \
+        python3 python3-venv python3-dev gcc g++ libc6-dev make tini curl ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 # a fixed uid, so that Kubernetes' runAsNonRoot can check it (ubuntu images already hold uid 1000)
@@ -37,11 +38,12 @@ USER 10001:10001
 
 # One volume for every cache, so that a restart skips the work done before: the embedded model's
 # conversion (converted below, copied into a new named volume at its first mount), hub downloads, Triton's
-# kernels and torch.compile's graphs.
+# kernels, torch.compile's graphs and our CPU kernel's build.
 ENV MEDUSA_CACHE_DIR=/cache/medusa \
     HF_HOME=/cache/huggingface \
     TRITON_CACHE_DIR=/cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/cache/inductor \
+    TORCH_EXTENSIONS_DIR=/cache/torch_extensions \
     PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 

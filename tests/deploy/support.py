@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 # read by the libraries and the runtime, not by Settings: the caches' places, the hub's token, the image's
 RUNTIME_VARIABLES = frozenset({"MEDUSA_CACHE_DIR", "HF_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
-                               "HF_TOKEN", "PATH", "PYTHONUNBUFFERED"})
+                               "TORCH_EXTENSIONS_DIR", "HF_TOKEN", "PATH", "PYTHONUNBUFFERED"})
 SETTINGS_VARIABLES = frozenset(ENVIRONMENT.values())
 
 

@@ -43,11 +43,13 @@ def test_the_base_is_a_cuda_runtime_image():
         re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda[\d.]+-cudnn\d+-runtime", base), base
 
 
-def test_a_c_compiler_and_python_headers_are_installed_for_triton():
-    """Triton builds its kernel launchers at run time with the host's C compiler, against Python.h."""
+def test_c_and_cpp_compilers_and_python_headers_are_installed():
+    """Triton builds its kernel launchers at run time with the host's C compiler, against Python.h; on a
+    CPU, our product kernel (runtime/rows_product.cpp) and inductor's kernels are C++ built there."""
     [install] = [run for run in runs() if "apt-get install" in run]
     packages = set(install.split())
     assert packages & {"gcc", "clang", "build-essential"} and {"python3-dev", "libc6-dev"} <= packages
+    assert packages & {"g++", "clang", "build-essential"}
 
 
 def makefile_prerequisites(target: str) -> set[str]:
@@ -112,7 +114,7 @@ def test_the_caches_are_on_the_volume_and_filled_before_it_is_declared():
     [volume] = only("VOLUME").value
     env = docker_env()
     caches = {name: env[name] for name in ("MEDUSA_CACHE_DIR", "HF_HOME", "TRITON_CACHE_DIR",
-                                           "TORCHINDUCTOR_CACHE_DIR")}
+                                           "TORCHINDUCTOR_CACHE_DIR", "TORCH_EXTENSIONS_DIR")}
     assert all(path.startswith(volume + "/") for path in caches.values()), caches
     order = [c.cmd for c in docker_instructions()]
     assert make_install()[0] < order.index("VOLUME")
