@@ -35,11 +35,11 @@ class Linear(nn.Linear):
     """nn.Linear that, once `pack`ed, multiplies one row through our kernel (`runtime.cpu_kernels`)
     and more rows through oneDNN's blocked weight layout on the CPU.
 
-    One row, all SmolLM2 layers' products, Intel Xeon with AMX (2 cores), same run: bf16 ours 10.2
-    ms, oneDNN 16.3, MKL 22.0; fp32 ours 18.9, oneDNN 25.8, MKL 19.2 (scratch script; eager plain
+    One row through 30 layers of SmolLM2-sized products, Intel Xeon with AMX (2 cores), same run: bf16
+    ours 10.2 ms, oneDNN 16.3, MKL 22.0; fp32 ours 18.9, oneDNN 25.8, MKL 19.2 (scratch script; eager plain
     decoding, 8 dev prompts, engines taking turns: bf16 33.0 -> 40.9 tok/s, fp32 25.5 -> 27.0). On
-    4 rows and more ours loses in bf16 (27.6 against oneDNN's 15.4 ms on 4 rows), so trees keep
-    oneDNN.
+    more rows it is one rule for every CPU, not yet a measurement per machine: in bf16 ours won on 4
+    rows (13.9 against oneDNN's 17.1 ms) and lost on 8 (22.9 against 18.4), so trees keep oneDNN.
 
     On the AMD EPYC CPUs of this project's machines, MKL's fp32 GEMM (what nn.Linear calls) is
     2-4x slower than oneDNN's for the few-row products of decoding (measured: the 49k-word
