@@ -19,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <immintrin.h>
 
@@ -119,7 +120,10 @@ void product_block(const T* x, int64_t M, const T* w, int64_t K, const T* bias, 
 template <typename T>
 void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
   const int64_t blocks = (N + kRows - 1) / kRows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
+  // tiny one is done before a second thread would have started.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, kRows * K * int64_t(sizeof(T))));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i * kRows;
       const T* b = bias == nullptr ? nullptr : bias + n;
