@@ -91,10 +91,9 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.own_kernel_rows * x.shape[-1]:
             return cpu_kernels.rows_product(x, self.weight, self.bias)
-        compiling = torch.compiler.is_compiling()
         if self.packed_weight is None or x.numel() < self.packed_from_rows * x.shape[-1]:
             return super().forward(x)
-        if compiling:  # opaque: inductor lowers oneDNN products of its own weights only
+        if torch.compiler.is_compiling():  # opaque: inductor lowers oneDNN products of its own weights only
             return packed_linear(x, self.packed_weight, self.packed_bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias, "none", [], "")
 

@@ -53,6 +53,7 @@ from transformers import (
 )
 
 from runtime.config import ConfigError, ModelConfig
+from runtime.cpu_kernels import cpuinfo
 from runtime.hub import HubError, HubId, hub_id, snapshot, snapshot_commit
 from runtime.llama import Llama, from_hf_state_dict, measure_packed_from_rows
 
@@ -108,23 +109,16 @@ def is_embedded(spec: str | None) -> bool:
     return spec is None or spec == EMBEDDED
 
 
-def _cpuinfo() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux
-        return ""
-
-
 def cpu_name() -> str:
     """The CPU's model name as lscpu prints it, from /proc/cpuinfo; "unknown CPU" where there is none."""
-    return next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines()
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines()
                  if line.startswith("model name")), "unknown CPU")
 
 
 def cpu_has_bf16_products() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), read from /proc/cpuinfo;
     elsewhere bf16 products are emulated and slower than float32 ones."""
-    flags = _cpuinfo()
+    flags = cpuinfo()
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 

@@ -9,8 +9,8 @@
 // run: one row at a time 16.5 GB/s (inductor's loop reads as fast), 8 rows side by side 15.3 GB/s,
 // 8 rows side by side with the next block prefetched 25.5 GB/s.
 //
-// Each output element is one sum in a fixed order (16 float32 lanes over k, then the lanes in
-// turn, then the tail), whatever M is and however the rows are split among threads: the same row
+// Each output element is one sum in a fixed order (16 float32 lanes over k, then the lanes
+// pairwise, then the tail), whatever M is and however the rows are split among threads: the same row
 // gets the same bits alone or among others.
 
 #include <ATen/Parallel.h>
@@ -131,8 +131,8 @@ void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, co
         const T* next = i + 1 < end && n + 2 * kRows <= N ? w + (n + kRows) * K : nullptr;
         product_block<kRows, T>(x, M, w + n * K, K, b, next, out + n, N);
       } else {  // the last rows of W, fewer than a block
-        for (int64_t r = n; r < N; ++r)
-          product_block<1, T>(x, M, w + r * K, K, bias == nullptr ? nullptr : bias + r, nullptr, out + r, N);
+        for (int64_t r = 0; n + r < N; ++r)
+          product_block<1, T>(x, M, w + (n + r) * K, K, b == nullptr ? nullptr : b + r, nullptr, out + n + r, N);
       }
     }
   });
