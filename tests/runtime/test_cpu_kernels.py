@@ -1,8 +1,10 @@
 """Our CPU product kernel (`runtime/rows_product.cpp`) against its reference, `F.linear` in float64;
-a row gets the same bits alone or among others; `Linear` uses it for one-row products while
-serving and never for training; and a compiled graph calls it as it is."""
+a row gets the same bits alone or among others; `Linear` uses it for products of as many rows as
+the load measured it the faster on, while serving, and never for training; and a compiled graph
+calls it as it is."""
 
 import logging
+import time
 
 import pytest
 import torch
@@ -10,7 +12,8 @@ import torch.nn.functional as F
 
 from runtime import cpu_kernels
 from runtime.cpu_kernels import rows_product
-from runtime.llama import Linear
+from runtime.llama import OWN_MEASURED_ROWS, Linear, measure_own_kernel_rows, pack_linears
+from tests.conftest import ours_from_hf, tiny_hf_model
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's scale
 
@@ -85,6 +88,42 @@ def test_linear_serves_one_row_through_it_and_trains_without_it():
     y = linear(x1)
     y.sum().backward()  # autograd: `rows_product` has no derivative, so training must not reach it
     assert linear.weight.grad is not None
+
+
+def test_the_load_gives_it_the_sizes_it_is_measured_faster_on(monkeypatch):
+    model = ours_from_hf(tiny_hf_model("llama"))
+    pack_linears(model, from_rows=1000)  # products of a few rows: ours or MKL (`F.linear`)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    measured = measure_own_kernel_rows(model)
+    assert measured in (0, *OWN_MEASURED_ROWS)
+    assert {m.own_kernel_rows for m in linears} == {measured}
+
+    # Made slow by fixed waits, the tiny model's products time as the waits say: ours faster up to
+    # 4 rows, then slower than the libraries.
+    ours, mkl = cpu_kernels.rows_product, F.linear
+
+    def ours_slower_from_5_rows(x, weight, bias):
+        time.sleep(0.003 if x.numel() > 4 * x.shape[-1] else 0)
+        return ours(x, weight, bias)
+
+    def slow_mkl(x, weight, bias=None):
+        time.sleep(0.001)
+        return mkl(x, weight, bias)
+
+    monkeypatch.setattr(cpu_kernels, "rows_product", ours_slower_from_5_rows)
+    monkeypatch.setattr(F, "linear", slow_mkl)
+    assert measure_own_kernel_rows(model) == 4
+    assert {m.own_kernel_rows for m in linears} == {4}
+    with torch.no_grad():
+        x4, x5 = torch.randn(4, 64), torch.randn(5, 64)
+        assert torch.equal(model.lm_head(x4), ours(x4, model.lm_head.weight, None))
+        assert not torch.equal(model.lm_head(x5), ours(x5, model.lm_head.weight, None))
+
+    monkeypatch.setattr(cpu_kernels, "rows_product", lambda x, w, b: time.sleep(0.003) or ours(x, w, b))
+    assert measure_own_kernel_rows(model) == 0  # slower even on one row: never used
+    monkeypatch.setattr(cpu_kernels, "built", lambda: False)
+    pack_linears(model, from_rows=1000)
+    assert measure_own_kernel_rows(model) == 0  # not built: not measured
 
 
 def test_a_compiled_graph_calls_it_as_it_is():

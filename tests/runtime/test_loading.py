@@ -350,13 +350,14 @@ def test_embedded_model_onednn_path_close_to_transformers(real_model, hf_referen
     tokens = torch.tensor([real_model.tokenizer(text).input_ids])
     model = real_model.model
     measured = model.lm_head.packed_from_rows if model.lm_head.packed_weight is not None else NEVER
-    model.prepare_for_serving(packed_from_rows=1)
+    own_rows = model.lm_head.own_kernel_rows
+    model.prepare_for_serving(packed_from_rows=1, own_kernel_rows=0)
     try:
         assert model.lm_head.packed_weight is not None
         torch.testing.assert_close(our_logits(model, tokens), hf_logits(hf_reference, tokens),
                                    atol=5e-4, rtol=0)
     finally:
-        model.prepare_for_serving(packed_from_rows=measured)
+        model.prepare_for_serving(packed_from_rows=measured, own_kernel_rows=own_rows)
 
 
 @pytest.mark.slow
@@ -370,16 +371,21 @@ def test_embedded_model_conversion_is_reused(real_model):
 def test_the_matmul_choice_is_measured_once_per_machine_and_model(monkeypatch, tmp_path, tiny_llama):
     monkeypatch.setenv("MEDUSA_CACHE_DIR", str(tmp_path))
     measured = []
-    monkeypatch.setattr(loading, "measure_packed_from_rows", lambda model: measured.append(model) or 4)
-    assert loading.packed_from_rows(tiny_llama) == 4 and len(measured) == 1
-    assert loading.packed_from_rows(tiny_llama) == 4 and len(measured) == 1  # from matmul.json
+    monkeypatch.setattr(loading, "measure_matmul", lambda model: measured.append(model) or (4, 8))
+    assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 1
+    assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 1  # from matmul.json
     (entry,) = json.loads((tmp_path / "matmul.json").read_text()).items()
-    assert entry[1] == 4 and f"torch {torch.__version__}" in entry[0] and "float32" in entry[0]
+    assert entry[1] == {"packed_from_rows": 4, "own_kernel_rows": 8}
+    assert f"torch {torch.__version__}" in entry[0] and "float32" in entry[0]
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)  # another thread count: timed anew
-    assert loading.packed_from_rows(tiny_llama) == 4 and len(measured) == 2
+    assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 2
     assert len(json.loads((tmp_path / "matmul.json").read_text())) == 2
 
     (tmp_path / "matmul.json").write_text("{not json")  # a torn file is measured over, not trusted
-    assert loading.packed_from_rows(tiny_llama) == 4 and len(measured) == 3
+    assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 3
     assert len(json.loads((tmp_path / "matmul.json").read_text())) == 1
+
+    key = next(iter(json.loads((tmp_path / "matmul.json").read_text())))
+    (tmp_path / "matmul.json").write_text(json.dumps({key: 4}))  # an older entry, without our kernel's
+    assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 4
