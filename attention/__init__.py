@@ -14,9 +14,10 @@ Two backends behind the one `attend`:
   gathering them from the slots is 2.4-2.8x faster for 4 sequences decoding (consecutive slots:
   one batched call; scattered slots: one call per sequence over exactly its keys, which needs no
   mask when T = 1); folding each KV head's query heads into rows (GQA without repeating K/V) is
-  up to 15% faster than SDPA's enable_gqa when T > 1; a float mask is ~3% faster than a
-  boolean one; one sequence decoding one token needs no mask at all. In a compiled CPU step, one
-  new token per sequence attends through plain sums and a softmax (`_one_query`), not SDPA.
+  up to 15% faster than SDPA's enable_gqa when T > 1, and 4.8x for one bf16 token; a float mask is
+  ~3% faster than a boolean one; one sequence decoding one token needs no mask at all. In a
+  compiled CPU step, one new token per sequence attends through plain sums and a softmax
+  (`_one_query`), not SDPA.
 
 Legend: B batch, T new tokens, S max_len (cached + new of the longest sequence), H query heads,
 Hkv KV heads, G = H / Hkv, D head dim, N cache slots, S_max positions per slot, W = ceil(T / 32).
@@ -145,9 +146,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor 
     G = H // Hkv
     if T == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
         return _one_query(q, k, v, bias)
-    if T == 1 or G == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=G > 1)
-    # GQA by folding: the G query heads of a KV head become G * T rows against that one head
+    if G == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    # GQA by folding: the G query heads of a KV head become G * T rows against that one head. Also for
+    # one query: SDPA's enable_gqa took 176 us for a bf16 token against 400 keys (SmolLM2's 9 / 3
+    # heads, AMD EPYC Zen 5), folded 37 us, the same bits (float32: 25.7 against 27.9 us)
     q_rows = q.reshape(B, Hkv, G * T, D)  # [B, Hkv, G * T, D], rows head-major
     if bias is not None and bias.shape[2] == T:  # not folded by `plan`
         bias = bias.expand(B, G, T, S).reshape(B, 1, G * T, S)
@@ -158,7 +161,9 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     """`_sdpa` for one new token per sequence in a compiled CPU step, written as two sums and a
     softmax (in float32) that inductor fuses into the layer's own loops: SDPA is a call of its own,
     with its own buffers. Compiled plain decoding, SmolLM2 bf16, AMX Xeon (2 cores), same process,
-    engines taking turns, 8 dev prompts: 23.0 ms a step with SDPA, 19.9 with this.
+    engines taking turns, 8 dev prompts: 23.0 ms a step with SDPA, 19.9 with this. Not for a tree's
+    queries: the 8-node tree's through these sums (G * T rows) made the compiled Medusa step slower
+    (AMD EPYC Zen 5, 2 cores, 4 prompts, runs taking turns: 16.2-16.4 ms against SDPA's 15.1-15.2).
     q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; bias: [B, 1, 1, S] or None. Returns [B, H, 1, D]."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
