@@ -29,6 +29,17 @@ def hidden() -> torch.Tensor:
     return torch.randn(5, C, generator=torch.Generator().manual_seed(1))  # [B, C]
 
 
+def assert_same_heads(a: MedusaHeads, b: MedusaHeads, hidden: torch.Tensor, lm_head: nn.Linear) -> None:
+    """The same weights, and the same drafts once both multiply the same way: a loader prepares heads
+    for the base model it is given (here none: MKL), `random_heads` from one row through oneDNN, and
+    the two libraries sum in different orders (their bits differ on the AMD EPYC, not on the Xeon)."""
+    assert a.config == b.config
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    a.prepare_for_serving(), b.prepare_for_serving()
+    assert torch.equal(a(hidden, lm_head), b(hidden, lm_head))
+
+
 def test_new_heads_are_the_identity(lm_head: nn.Linear, hidden: torch.Tensor) -> None:
     heads = MedusaHeads(MedusaConfig(hidden_size=C, vocab_size=V, num_heads=3, num_layers=2))
     states = heads.hidden_states(hidden)  # [B, K, C]
@@ -69,8 +80,7 @@ def test_our_format_round_trip(tmp_path: Path, shared: bool, hidden: torch.Tenso
     heads = random_heads(config, seed=0)
     save_heads(heads, tmp_path)
     loaded = load_heads(tmp_path, BASE)
-    assert loaded.config == config
-    assert torch.equal(loaded(hidden, lm_head), heads(hidden, lm_head))
+    assert_same_heads(loaded, heads, hidden, lm_head)
 
 
 def test_official_safetensors_round_trip(tmp_path: Path, hidden: torch.Tensor, lm_head: nn.Linear) -> None:
@@ -79,8 +89,7 @@ def test_official_safetensors_round_trip(tmp_path: Path, hidden: torch.Tensor, l
     save_official(heads, tmp_path, base_model_name_or_path="tiny/base")
     assert json.loads((tmp_path / "config.json").read_text())["medusa_num_heads"] == 3
     loaded = load_heads(tmp_path, BASE)
-    assert loaded.config == heads.config
-    assert torch.equal(loaded(hidden, lm_head), heads(hidden, lm_head))
+    assert_same_heads(loaded, heads, hidden, lm_head)
 
 
 def test_official_format_of_shared_heads(tmp_path: Path, hidden: torch.Tensor, lm_head: nn.Linear) -> None:
@@ -104,12 +113,10 @@ def test_official_pt_bf16(tmp_path: Path, hidden: torch.Tensor, lm_head: nn.Line
     torch.save(state, tmp_path / "medusa_lm_head.pt")
     (tmp_path / "config.json").write_text(json.dumps({"medusa_num_heads": 3, "medusa_num_layers": 1}))
     loaded = load_heads(tmp_path, BASE)
-    assert loaded.config == heads.config
     with torch.no_grad():  # the expectation: the same heads with weights rounded to bf16
         for p in heads.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-    heads.prepare_for_serving()  # its packed copies are taken anew from the rounded weights
-    assert torch.equal(loaded(hidden, lm_head), heads(hidden, lm_head))
+    assert_same_heads(loaded, heads, hidden, lm_head)  # packed copies taken anew from the rounded weights
 
 
 def test_pt_with_objects_is_refused(tmp_path: Path) -> None:
