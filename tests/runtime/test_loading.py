@@ -382,10 +382,16 @@ def test_the_matmul_choice_is_measured_once_per_machine_and_model(monkeypatch, t
     assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 2
     assert len(json.loads((tmp_path / "matmul.json").read_text())) == 2
 
-    (tmp_path / "matmul.json").write_text("{not json")  # a torn file is measured over, not trusted
+    changed = tmp_path / "rows_product.cpp"
+    changed.write_text("// our kernel, changed")
+    monkeypatch.setattr(loading, "SOURCE", changed)  # another version of our kernel: timed anew
     assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 3
+    assert len(json.loads((tmp_path / "matmul.json").read_text())) == 3
+
+    (tmp_path / "matmul.json").write_text("{not json")  # a torn file is measured over, not trusted
+    assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 4
     assert len(json.loads((tmp_path / "matmul.json").read_text())) == 1
 
     key = next(iter(json.loads((tmp_path / "matmul.json").read_text())))
     (tmp_path / "matmul.json").write_text(json.dumps({key: 4}))  # an older entry, without our kernel's
-    assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 4
+    assert loading.matmul_choice(tiny_llama) == (4, 8) and len(measured) == 5
