@@ -389,7 +389,7 @@ def matmul_choice(model: Llama) -> tuple[int, int]:
         known = {}
     entry = known.get(key)
     if isinstance(entry, dict) and all(isinstance(entry.get(k), int) for k in MATMUL_CHOICE):
-        return entry["packed_from_rows"], entry["own_kernel_rows"]
+        return tuple(entry[k] for k in MATMUL_CHOICE)
     choice = measure_matmul(model)
     known[key] = dict(zip(MATMUL_CHOICE, choice, strict=True))
     try:

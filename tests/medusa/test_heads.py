@@ -36,7 +36,8 @@ def assert_same_heads(a: MedusaHeads, b: MedusaHeads, hidden: torch.Tensor, lm_h
     assert a.config == b.config
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    a.prepare_for_serving(), b.prepare_for_serving()
+    a.prepare_for_serving()
+    b.prepare_for_serving()
     assert torch.equal(a(hidden, lm_head), b(hidden, lm_head))
 
 
