@@ -1,5 +1,6 @@
-"""Our CPU kernel for the products of decoding: `rows_product(x, weight, bias)` = `F.linear` for a
-few rows, built from `rows_product.cpp` for the machine it runs on.
+"""Our CPU kernels for decoding, built for the machine they run on: `rows_product(x, weight, bias)` =
+`F.linear` for a few rows (`rows_product.cpp`), and `cpu_attend`, attention for a few new tokens per
+sequence over its cache slot (`attention/cpu_attention.cpp`, called through `attention.attend`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
 is the time to read the weights. oneDNN and MKL read them well below the memory's rate on a few
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("rows_product.cpp")
+ATTENTION_SOURCE = Path(__file__).parent.parent / "attention" / "cpu_attention.cpp"
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,20 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 rows_product = torch.ops.medusa.rows_product  # x [..., K], weight [N, K], bias [N] or None -> [..., N]
 
+_library.define("cpu_attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor cache_lens, "
+                "Tensor? new_mask) -> Tensor")
+
+
+@torch.library.register_fake("medusa::cpu_attend")
+def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+      cache_lens: torch.Tensor, new_mask: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+# q [B, H, T, D], k_cache / v_cache [N, Hkv, S_max, D], slots / cache_lens [B] int64, new_mask [T, T] or
+# [B, T, T] bool or None (causal) -> [B, H, T, D]
+cpu_attend = torch.ops.medusa.cpu_attend
+
 
 def cpuinfo() -> str:
     """/proc/cpuinfo's text (what lscpu reads); "" where there is none (not Linux)."""
@@ -50,18 +66,20 @@ def cpuinfo() -> str:
 
 @functools.cache
 def built() -> bool:
-    """Whether `rows_product` runs here: builds it the first time on this machine (~6 s), loads it
-    after; False, with a warning, where it cannot be built."""
+    """Whether our kernels run here: builds them the first time on this machine (~10 s), loads them
+    after; False, with a warning, where they cannot be built."""
     from torch.utils import cpp_extension  # 0.3 s to import; only serving on a CPU needs it
 
     flags = next((line for line in cpuinfo().splitlines() if line.startswith("flags")), "")
     machine = hashlib.sha256(flags.encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
-        cpp_extension.load(f"medusa_rows_product_{machine}", [str(SOURCE)], is_python_module=False,
+        sources = [str(SOURCE), str(ATTENTION_SOURCE)]
+        cpp_extension.load(f"medusa_cpu_kernels_{machine}", sources, is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        log.warning("cannot build our CPU kernel (%s); products go through oneDNN / MKL: %s", SOURCE.name, e)
+        log.warning("cannot build our CPU kernels; products go through oneDNN / MKL, attention through "
+                    "SDPA: %s", e)
         return False
-    log.info("CPU kernel %s ready in %.1f s", SOURCE.name, time.perf_counter() - start)
+    log.info("our CPU kernels ready in %.1f s", time.perf_counter() - start)
     return True

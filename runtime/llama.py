@@ -27,15 +27,17 @@ from runtime.kv_cache import KVCache, Scratch
 PACK_ROWS = 16  # rows per product the CPU weight layout is tuned for (decoding: a few per sequence)
 MEASURED_ROWS = (1, 4, 16, 64)  # product sizes timed at load: one token, small trees, a big tree
 OWN_MEASURED_ROWS = (1, 2, 4, 8, 12, 16)  # sizes our kernel is timed at: a token, a few, CPU trees
+OWN_KERNEL_SLACK = 1.1  # our kernel keeps a size while at most 10% slower (`measure_own_kernel_rows`)
 NEVER = sys.maxsize
+CPU_ATTENTION_MAX_NEW = 64  # new tokens per sequence up to which serving on the CPU attends through ours
 
 log = logging.getLogger(__name__)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, once `pack`ed, multiplies a few rows (as many as the load measured faster)
-    through our kernel (`runtime.cpu_kernels`) and more through oneDNN's blocked weight layout on the
-    CPU.
+    """nn.Linear that, once `pack`ed, multiplies a few rows (as many as the load measured it at most
+    10% slower on, `measure_own_kernel_rows`) through our kernel (`runtime.cpu_kernels`) and more
+    through oneDNN's blocked weight layout on the CPU.
 
     One row through 30 layers of SmolLM2-sized products, Intel Xeon with AMX (2 cores), same run: bf16
     ours 10.2 ms, oneDNN 16.3, MKL 22.0; fp32 ours 18.9, oneDNN 25.8, MKL 19.2 (scratch script; eager plain
@@ -45,8 +47,9 @@ class Linear(nn.Linear):
     against 18.4). On an AMD EPYC (Zen 5, AVX-512 BF16, 2 cores) the same scratch script had ours
     ahead at every size to 12 rows (1 / 8 / 12: 6.3 / 9.1 / 11.2 ms against 7.9 / 10.1 / 12.1), and
     the load's timing, through the modules, up to 4 (8 rows: 10.9 against 10.4 ms): the margins
-    there are within the machine's noise, and on 8 dev prompts neither speed nor bf16 exactness
-    moved with the choice (Medusa 111.6 / 113.9 tok/s with ours to 16 rows, 117.5 / 114.6 to 1).
+    there are within the machine's noise, and on 8 dev prompts speed did not move with the choice
+    (Medusa 111.6 / 113.9 tok/s with ours to 16 rows, 117.5 / 114.6 to 1). What moves is bf16
+    exactness, once attention is ours too: a tree's rows then get a token's bits.
 
     On the AMD EPYC CPUs of this project's machines, MKL's fp32 GEMM (what nn.Linear calls) is
     2-4x slower than oneDNN's for the few-row products of decoding (measured: the 49k-word
@@ -159,9 +162,16 @@ def measure_packed_from_rows(model: Llama) -> int:
 
 def measure_own_kernel_rows(model: Llama) -> int:
     """The most rows (of OWN_MEASURED_ROWS) up to which our kernel multiplies all of this model's
-    products faster than the libraries it is packed for, on this machine; 0 where it never does or
-    is not built. Timed over every product in order, as a step reads them (the weights come from
-    memory, not from the cache, as when decoding): about a second at load for SmolLM2."""
+    products at most OWN_KERNEL_SLACK times as slowly as the libraries it is packed for, on this
+    machine; 0 where it never does or is not built. Timed over every product in order, as a step
+    reads them (the weights come from memory, not from the cache, as when decoding): about a second
+    at load for SmolLM2.
+
+    Why a slack: our kernel gives a row the same bits whatever rows share its call, and so does our
+    attention (`attention`'s "cpu" backend), so where a tree's products are ours too, each tree node
+    gets the bits its token gets decoded alone, and greedy speculation is token-exact in bfloat16 as
+    in float32 (`benchmarks.divergence`: no operation differs, 8 tokens, either dtype, with ours to 16
+    rows; oneDNN's products of 8 rows differ from one row's in layer 0). That is worth a little speed."""
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     if model.lm_head.own_kernel_rows == 0:  # not built, or not our kernel's dtype / device
         return 0
@@ -183,7 +193,7 @@ def measure_own_kernel_rows(model: Llama) -> int:
             ours, libraries = min(times[0::2]), min(times[1::2])
             log.info("linear products (%s), %d rows: ours %.1f ms, oneDNN / MKL %.1f ms",
                      dtype, rows, 1e3 * ours, 1e3 * libraries)
-            if ours > libraries:
+            if ours > OWN_KERNEL_SLACK * libraries:
                 break
             own_rows = rows
     for m in linears:
@@ -289,23 +299,29 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # [D/2]
+        self.cpu_attention = False  # our CPU kernel for a few new tokens (`prepare_for_serving`)
 
     def prepare_for_serving(self, packed_from_rows: int | None = None, own_kernel_rows: int = 1) -> Llama:
         """Inference from now on: the linear layers multiply through oneDNN copies of their weights
         where that is faster (CPU fp32, and bf16 where the CPU has it; see `Linear`), with or without
         autograd enabled: from `packed_from_rows` rows per product, and through our kernel up to
         `own_kernel_rows`; both measured here when `packed_from_rows` is None. Call once the weights
-        are final and on their device: the copies do not follow later changes."""
+        are final and on their device: the copies do not follow later changes. On the CPU, a few new
+        tokens per sequence attend through our kernel from now on (`attention`'s "cpu" backend)."""
         if packed_from_rows is None:
             measure_matmul(self)
         else:
             pack_linears(self, packed_from_rows, own_kernel_rows)
+        w = self.embed.weight
+        self.cpu_attention = (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+                              and self.config.head_dim % 16 == 0 and cpu_kernels.built())
         return self
 
     def prepare_for_training(self) -> Llama:
         """Autograd from now on (training, or evaluating what training computes): the linear layers
         multiply through their weights themselves; drops the copies `prepare_for_serving` made."""
         pack_linears(self, NEVER)
+        self.cpu_attention = False
         return self
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
@@ -328,6 +344,9 @@ class Llama(nn.Module):
         B, T = tokens.shape
         assert positions.shape == (B, T) and slots.shape == (B,)
         dtype = self.embed.weight.dtype
+        if (attention_backend is None and self.cpu_attention and T <= CPU_ATTENTION_MAX_NEW
+                and not torch.compiler.is_compiling()):
+            attention_backend = "cpu"
         batch = attention.plan(slots, cache.lens[slots], T, new_mask, max_len, attention_backend, dtype=dtype,
                                groups=self.config.num_heads // self.config.num_kv_heads)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, D/2]

@@ -1,0 +1,307 @@
+// Attention of a few new queries per sequence over its cache slot, on the CPU: what a decoding step
+// (one token) or a tree's verification (a few) asks of each layer. `attention.cpu_attend` is how
+// Python calls it, and `attention.reference.naive_attention` its reference.
+//
+// Why our own: PyTorch's SDPA gives a query a result that depends on how many queries and keys share
+// its call, so in bfloat16 a token verified in a tree and the same token decoded alone drift apart
+// (`benchmarks.divergence`: layer 0's attention is where they first differ) and greedy speculation is
+// not token-exact. Here each query's result depends only on the keys it sees, in position order:
+//   - scores q.k are one sum per key in a fixed order (`dot`);
+//   - the softmax's sum puts the key at list index i (its position: the prefix first, then the new
+//     tokens the mask shows, in order) into lane i % 16, and adds the lanes in a fixed order at the end;
+//   - the output adds p_i v_i in list order.
+// A key the mask hides adds nothing, and where the prefix ends does not change any lane's order, so a
+// tree node gets the bits the same token gets decoded alone after its ancestors. No multiply-add is
+// contracted (the pragma below): the same sum is the same instructions wherever it is written.
+
+#pragma GCC optimize("fp-contract=off")
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+#include <immintrin.h>
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline f32x16 load16(const c10::BFloat16* p) {  // a bfloat16 is the top half of a float32
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+}
+
+inline float sum16(f32x16 v) {  // halves added pairwise
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// sum16 of 16 vectors at once: lane i of the result is sum16(v[i]), bit for bit (the same additions,
+// in the same order), in 15 vector additions instead of 16 x 7 scalar-ish ones
+inline f32x16 sum16x16(const f32x16* v) {
+  f32x16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: v[2i]'s j + (j + 8); lanes 8-15: v[2i + 1]'s
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)  // four lanes each, j + (j + 4): v[4i], v[4i + 2], v[4i + 1], v[4i + 3]
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // two lanes each, (b0 + b2), (b1 + b3)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const f32x16 d = __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                   __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  // d's lanes hold v[0], v[8], v[4], v[12], v[2], v[10], v[6], v[14], v[1], v[9], ... (bits reversed)
+  return __builtin_shufflevector(d, d, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+// q . k over D (a multiple of 16) in 16 float32 lanes, to be added up by sum16 or sum16x16
+template <typename T>
+inline f32x16 dot_lanes(const T* q, const T* k, int64_t D) {
+  f32x16 acc = {};
+  for (int64_t d = 0; d < D; d += 16) acc += load16(q + d) * load16(k + d);
+  return acc;
+}
+
+#if defined(__AVX512BF16__)
+// bf16 pairs multiplied into float32 sums in one instruction (vdpbf16ps) where the CPU has it
+template <>
+inline f32x16 dot_lanes(const c10::BFloat16* q, const c10::BFloat16* k, int64_t D) {
+  if (D % 32 != 0) {
+    f32x16 acc = {};
+    for (int64_t d = 0; d < D; d += 16) acc += load16(q + d) * load16(k + d);
+    return acc;
+  }
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32)
+    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
+  return (f32x16)acc;
+}
+#endif
+
+// e^x for x <= 0, 16 at a time (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial
+// in r, then 2^n in the exponent bits): relative error ~1e-7. Each lane on its own, so a score gets
+// the same value in any vector.
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 lowest = f32x16{} - 87.0f;  // below, e^x is under float32's smallest normal
+  x = x < lowest ? lowest : x;
+  const f32x16 z = x * 1.44269504088896341f + 0.5f;
+  i32x16 n = __builtin_convertvector(z, i32x16);  // toward zero, then down to floor(z)
+  n += (i32x16)(__builtin_convertvector(n, f32x16) > z);  // a true comparison is -1
+  const f32x16 nf = __builtin_convertvector(n, f32x16);
+  const f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  f32x16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return p * (f32x16)((n + 127) << 23);
+}
+
+inline float exp1(float x) {  // exp16 of one value: the same bits as in a vector
+  f32x16 v = {};
+  v[0] = x;
+  return exp16(v)[0];
+}
+
+template <typename T>
+struct Operands {
+  const T* q;  // [B, H, T, D], rows of D contiguous, strides below
+  int64_t q_stride_b, q_stride_h, q_stride_t;
+  const T* k;  // [N, Hkv, S_max, D] contiguous
+  const T* v;
+  const int64_t* slots;  // [B]
+  const int64_t* lens;  // [B]: cached keys before the new ones
+  const bool* mask;  // [T, T] or [B, T, T], or null: causal
+  int64_t mask_stride_b;  // 0 for one mask for the batch
+  T* out;  // [B, T, H, D] contiguous
+  int64_t H, Hkv, T_new, D, S_max;
+  float scale;
+};
+
+constexpr int kTile = 4;  // query rows whose outputs (D floats each) stay in registers together
+constexpr int kMaxD = 256;
+
+// out_r += w_r * v for the rows of a tile (w: one weight per row, v: D values)
+template <typename T>
+inline void add_weighted(f32x16 (*out)[kMaxD / 16], const float* w, int rows, const T* v, int64_t D) {
+  for (int64_t d = 0; d < D; d += 16) {
+    const f32x16 vd = load16(v + d);
+    for (int r = 0; r < rows; ++r) out[r][d / 16] += w[r] * vd;
+  }
+}
+
+// Rows [r0, r1) of the G * T query rows of sequence b's KV head h (row r: query head h * G + r / T,
+// new token r % T). scores: scratch.
+template <typename T>
+void attend_rows(const Operands<T>& a, int64_t b, int64_t h, int64_t r0, int64_t r1, std::vector<float>& scores) {
+  const int64_t G = a.H / a.Hkv, Tn = a.T_new, D = a.D, R = r1 - r0;
+  const int64_t len = a.lens[b], n = len + Tn;
+  const int64_t slot = a.slots[b];
+  const T* K = a.k + (slot * a.Hkv + h) * a.S_max * D;  // [S_max, D]
+  const T* V = a.v + (slot * a.Hkv + h) * a.S_max * D;
+  const bool* mask = a.mask == nullptr ? nullptr : a.mask + b * a.mask_stride_b;  // [T, T]
+  const int64_t n16 = (n + 15) / 16 * 16;
+  scores.resize(R * n16);
+  auto query = [&](int64_t r) { return a.q + b * a.q_stride_b + (h * G + r / Tn) * a.q_stride_h + (r % Tn) * a.q_stride_t; };
+  auto sees = [&](int64_t t, int64_t j) { return mask == nullptr ? j <= t : mask[t * Tn + j]; };
+
+  // every row's score against every key, the new ones too (the hidden ones are not used), scaled
+  for (int64_t i = 0; i < R; ++i) {
+    const T* qr = query(r0 + i);
+    float* p = scores.data() + i * n16;
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+      f32x16 lanes[16];
+      for (int j = 0; j < 16; ++j) lanes[j] = dot_lanes(qr, K + (s + j) * D, D);
+      const f32x16 sums = sum16x16(lanes) * a.scale;
+      std::memcpy(p + s, &sums, sizeof sums);
+    }
+    for (; s < n; ++s) p[s] = sum16(dot_lanes(qr, K + s * D, D)) * a.scale;
+  }
+
+  // weights e^(score - max): the prefix's 16 at a time (lanes past it are hidden: 0), the new
+  // tokens' one by one; the softmax's sum in 16 lanes by list index
+  std::vector<f32x16> lane_sums(R, f32x16{});
+  std::vector<float> most(R);
+  const int64_t len16 = len / 16 * 16;
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t t = (r0 + i) % Tn;
+    float* p = scores.data() + i * n16;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < len; ++s) m = std::max(m, p[s]);
+    for (int64_t j = 0; j < Tn; ++j)
+      if (sees(t, j)) m = std::max(m, p[len + j]);
+    most[i] = m;
+    f32x16 sums = {};
+    for (int64_t s = 0; s < len16; s += 16) {
+      const f32x16 e = exp16(load16(p + s) - m);
+      std::memcpy(p + s, &e, sizeof e);
+      sums += e;
+    }
+    if (len16 < len) {
+      f32x16 e = exp16(load16(p + len16) - m);
+      for (int64_t s = len; s < len16 + 16; ++s) e[s - len16] = 0.0f;
+      std::memcpy(p + len16, &e, (len - len16) * sizeof(float));  // the new tokens' scores are kept
+      sums += e;
+    }
+    lane_sums[i] = sums;
+  }
+
+  // out = sum of weight x value in list order: the prefix for a tile of rows at once, then each
+  // row's new tokens
+  for (int64_t i0 = 0; i0 < R; i0 += kTile) {
+    const int rows = int(std::min<int64_t>(kTile, R - i0));
+    f32x16 out[kTile][kMaxD / 16] = {};
+    float w[kTile];
+    for (int64_t s = 0; s < len; ++s) {
+      for (int r = 0; r < rows; ++r) w[r] = scores[(i0 + r) * n16 + s];
+      add_weighted(out, w, rows, V + s * D, D);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = r0 + i0 + r, t = row % Tn;
+      const float* p = scores.data() + (i0 + r) * n16;
+      int64_t index = len;  // in the list of keys this row sees
+      for (int64_t j = 0; j < Tn; ++j) {
+        if (!sees(t, j)) continue;
+        const float weight = exp1(p[len + j] - most[i0 + r]);
+        lane_sums[i0 + r][index % 16] += weight;
+        ++index;
+        add_weighted(out + r, &weight, 1, V + (len + j) * D, D);
+      }
+      const float inv = 1.0f / sum16(lane_sums[i0 + r]);
+      T* dst = a.out + ((b * Tn + t) * a.H + h * G + row / Tn) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = T(out[r][d / 16][d % 16] * inv);
+    }
+  }
+}
+
+template <typename T>
+void attend_all(const Operands<T>& a, int64_t B) {
+  const int64_t R = a.H / a.Hkv * a.T_new;  // query rows per KV head
+  const int64_t tiles = (R + 7) / 8;  // tasks of up to 8 rows, so a tree's work splits among threads
+  int64_t most = 0;
+  for (int64_t b = 0; b < B; ++b) most = std::max(most, a.lens[b] + a.T_new);
+  // A second thread pays only for work well above its start-up (~20k query-key pairs)
+  const int64_t grain = std::max<int64_t>(1, 20000 / std::max<int64_t>(1, std::min<int64_t>(R, 8) * most));
+  at::parallel_for(0, B * a.Hkv * tiles, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t tile = i % tiles, bh = i / tiles;
+      attend_rows(a, bh / a.Hkv, bh % a.Hkv, tile * 8, std::min(R, tile * 8 + 8), scores);
+    }
+  });
+}
+
+at::Tensor cpu_attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& slots, const at::Tensor& cache_lens, const std::optional<at::Tensor>& new_mask) {
+  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "cpu_attend: q must be [B, H, T, D] with D contiguous");
+  const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.sizes() == v_cache.sizes(), "cpu_attend: caches must be [N, Hkv, S_max, D], contiguous");
+  const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && D <= kMaxD,
+              "cpu_attend: head dim must match and be a multiple of 16, at most ", kMaxD);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "cpu_attend: query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "cpu_attend: q and caches differ in dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && cache_lens.scalar_type() == at::kLong &&
+              slots.is_contiguous() && cache_lens.is_contiguous() && slots.numel() == B && cache_lens.numel() == B,
+              "cpu_attend: slots and cache_lens must be [B] int64");
+  const int64_t* slot_ptr = slots.const_data_ptr<int64_t>();
+  const int64_t* len_ptr = cache_lens.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(slot_ptr[b] >= 0 && slot_ptr[b] < k_cache.size(0) && len_ptr[b] >= 0 && len_ptr[b] + Tn <= S_max,
+                "cpu_attend: sequence ", b, " is outside the cache");
+  at::Tensor mask;
+  int64_t mask_stride_b = 0;
+  if (new_mask.has_value()) {
+    mask = new_mask->contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(-1) == Tn && mask.size(-2) == Tn &&
+                (mask.dim() == 2 || (mask.dim() == 3 && mask.size(0) == B)),
+                "cpu_attend: new_mask must be [T, T] or [B, T, T] bool");
+    mask_stride_b = mask.dim() == 3 ? Tn * Tn : 0;
+  }
+  at::Tensor out = at::empty({B, Tn, H, D}, q.options());
+  auto run = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    Operands<T> a{q.const_data_ptr<T>(), q.stride(0), q.stride(1), q.stride(2),
+                  k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(), slot_ptr, len_ptr,
+                  mask.defined() ? mask.const_data_ptr<bool>() : nullptr, mask_stride_b,
+                  out.mutable_data_ptr<T>(), H, Hkv, Tn, D, S_max, 1.0f / std::sqrt(float(D))};
+    attend_all(a, B);
+  };
+  if (q.scalar_type() == at::kFloat) {
+    run(static_cast<float*>(nullptr));
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16, "cpu_attend: float32 or bfloat16 only");
+    run(static_cast<c10::BFloat16*>(nullptr));
+  }
+  return out.transpose(1, 2);  // [B, H, T, D]
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medusa, CPU, m) { m.impl("cpu_attend", &cpu_attend); }
