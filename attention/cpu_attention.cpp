@@ -29,33 +29,11 @@
 #include <vector>
 #include <immintrin.h>
 
+#include "cpu_vectors.h"  // runtime/: f32x16, load16, sum16, exp16
+
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline f32x16 load16(const c10::BFloat16* p) {  // a bfloat16 is the top half of a float32
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
-}
-
-inline float sum16(f32x16 v) {  // halves added pairwise
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
+using namespace medusa_cpu;
 
 // sum16 of 16 vectors at once: lane i of the result is sum16(v[i]), bit for bit (the same additions,
 // in the same order), in 15 vector additions instead of 16 x 7 scalar-ish ones
@@ -99,26 +77,6 @@ inline f32x16 dot_lanes(const c10::BFloat16* q, const c10::BFloat16* k, int64_t 
   return (f32x16)acc;
 }
 #endif
-
-// e^x for x <= 0, 16 at a time (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial
-// in r, then 2^n in the exponent bits): relative error ~1e-7. Each lane on its own, so a score gets
-// the same value in any vector.
-inline f32x16 exp16(f32x16 x) {
-  const f32x16 lowest = f32x16{} - 87.0f;  // below, e^x is under float32's smallest normal
-  x = x < lowest ? lowest : x;
-  const f32x16 z = x * 1.44269504088896341f + 0.5f;
-  i32x16 n = __builtin_convertvector(z, i32x16);  // toward zero, then down to floor(z)
-  n += (i32x16)(__builtin_convertvector(n, f32x16) > z);  // a true comparison is -1
-  const f32x16 nf = __builtin_convertvector(n, f32x16);
-  const f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  f32x16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return p * (f32x16)((n + 127) << 23);
-}
 
 inline float exp1(float x) {  // exp16 of one value: the same bits as in a vector
   f32x16 v = {};

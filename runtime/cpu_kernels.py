@@ -1,6 +1,8 @@
 """Our CPU kernels for decoding, built for the machine they run on: `rows_product(x, weight, bias)` =
-`F.linear` for a few rows (`rows_product.cpp`), and `cpu_attend`, attention for a few new tokens per
-sequence over its cache slot (`attention/cpu_attention.cpp`, called through `attention.attend`).
+`F.linear` for a few rows (`rows_product.cpp`); `cpu_attend`, attention for a few new tokens per
+sequence over its cache slot (`attention/cpu_attention.cpp`, called through `attention.attend`); and
+a decoder layer's small steps between its products, `rms_norm`, `rope` and `silu_mul`
+(`layer_ops.cpp`, called by `runtime.llama`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
 is the time to read the weights. oneDNN and MKL read them well below the memory's rate on a few
@@ -27,6 +29,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("rows_product.cpp")
 ATTENTION_SOURCE = Path(__file__).parent.parent / "attention" / "cpu_attention.cpp"
+LAYER_SOURCE = Path(__file__).with_name("layer_ops.cpp")
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,30 @@ def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torc
 # [B, T, T] bool or None (causal) -> [B, H, T, D]
 cpu_attend = torch.ops.medusa.cpu_attend
 
+_library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
+_library.define("silu_mul(Tensor gate_up) -> Tensor")
+
+
+@torch.library.register_fake("medusa::rms_norm")
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("medusa::rope")
+def _(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:2], heads, x.shape[3])
+
+
+@torch.library.register_fake("medusa::silu_mul")
+def _(gate_up: torch.Tensor) -> torch.Tensor:
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+rms_norm = torch.ops.medusa.rms_norm  # x [..., C], weight [C], eps -> [..., C]
+rope = torch.ops.medusa.rope  # x [B, T, heads + ..., D], cos / sin [B, T, 1, D], heads -> [B, T, heads, D]
+silu_mul = torch.ops.medusa.silu_mul  # gate_up [..., 2I] -> silu(gate) * up [..., I]
+
 
 def cpuinfo() -> str:
     """/proc/cpuinfo's text (what lscpu reads); "" where there is none (not Linux)."""
@@ -74,9 +101,10 @@ def built() -> bool:
     machine = hashlib.sha256(flags.encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
-        sources = [str(SOURCE), str(ATTENTION_SOURCE)]
+        sources = [str(SOURCE), str(ATTENTION_SOURCE), str(LAYER_SOURCE)]
         cpp_extension.load(f"medusa_cpu_kernels_{machine}", sources, is_python_module=False,
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                           extra_include_paths=[str(SOURCE.parent)])
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         log.warning("cannot build our CPU kernels; products go through oneDNN / MKL, attention through "
                     "SDPA: %s", e)

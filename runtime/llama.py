@@ -224,7 +224,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ours: bool = False) -> torch.Tensor:
+        """ours: through our CPU kernel (serving on the CPU: see `Block.forward`)."""
+        if ours:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -277,14 +280,24 @@ class Block(nn.Module):
                 cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv(self.attn_norm(x)).view(B, T, H + 2 * Hkv, D)
-        qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)  # [B, T, H + Hkv, D]: q and k rotated together
+        # serving a few tokens on the CPU (the plan chose our attention): the small steps between the
+        # products through our kernels too, one call each (`layer_ops.cpp`); the lines beside them
+        # are their reference
+        ours = batch.backend == "cpu"
+        qkv = self.qkv(self.attn_norm(x, ours)).view(B, T, H + 2 * Hkv, D)
+        if ours:
+            qk = cpu_kernels.rope(qkv, cos, sin, H + Hkv)  # [B, T, H + Hkv, D]
+        else:
+            qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)  # [B, T, H + Hkv, D]: q and k rotated together
         q, k = qk[:, :, :H], qk[:, :, H:]  # [B, T, H, D], [B, T, Hkv, D]
         v = qkv[:, :, H + Hkv:]  # [B, T, Hkv, D]
         cache.write(layer, scratch, k.transpose(1, 2), v.transpose(1, 2))
         out = attention.attend(q.transpose(1, 2), cache.k[layer], cache.v[layer], batch)  # [B, H, T, D]
         x = x + self.o(out.transpose(1, 2).reshape(B, T, H * D))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        gate_up = self.gate_up(self.mlp_norm(x, ours))  # [B, T, 2 * intermediate]
+        if ours:
+            return x + self.down(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
 
 
@@ -357,7 +370,7 @@ class Llama(nn.Module):
         scratch = cache.scratch(slots, T)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, i, cache, scratch, batch)
-        return self.norm(x)
+        return self.norm(x, batch.backend == "cpu")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., C] -> [..., V] in float32."""

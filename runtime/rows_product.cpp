@@ -23,35 +23,13 @@
 #include <cstring>
 #include <immintrin.h>
 
+#include "cpu_vectors.h"  // f32x16, load16, sum16
+
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
+using namespace medusa_cpu;
 
 constexpr int kRows = 8;  // weight rows per block: 4 read 23 GB/s in the measurement above, 8 25.5
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline f32x16 load16(const c10::BFloat16* p) {  // a bfloat16 is the top half of a float32
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
-}
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-
-inline float sum16(f32x16 v) {  // halves added pairwise: 4 vector adds, not 15 scalar ones
-  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
 
 // acc[m][r] += x[m] . w[r] for m < MB, r < R, over k < the returned length (the longest that whole
 // vectors cover); the MB rows of x share each load of w. Also prefetches `next`'s R rows (the next

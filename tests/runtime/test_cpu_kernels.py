@@ -1,7 +1,7 @@
 """Our CPU product kernel (`runtime/rows_product.cpp`) against its reference, `F.linear` in float64;
 a row gets the same bits alone or among others; `Linear` uses it for products of as many rows as
-the load measured it the faster on, while serving, and never for training; and a compiled graph
-calls it as it is."""
+the load measured it at most 10% slower on, while serving, and never for training; a compiled graph
+calls it as it is. The layer's small steps (`runtime/layer_ops.cpp`) against their PyTorch lines."""
 
 import logging
 import time
@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from runtime import cpu_kernels
 from runtime.cpu_kernels import rows_product
-from runtime.llama import OWN_MEASURED_ROWS, Linear, measure_own_kernel_rows, pack_linears
+from runtime.llama import (
+    OWN_MEASURED_ROWS,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    measure_own_kernel_rows,
+    pack_linears,
+)
 from tests.conftest import ours_from_hf, tiny_hf_model
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's scale
@@ -160,3 +167,50 @@ def test_without_a_compiler_it_warns_and_is_not_used(monkeypatch, caplog):
     assert linear.own_kernel_rows == 0
     with torch.no_grad():
         torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias))  # oneDNN or MKL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_layer_steps_equal_their_pytorch_lines_and_keep_a_rows_bits(dtype):
+    """`rms_norm`, `rope`, `silu_mul` (layer_ops.cpp) against the lines of `runtime.llama` they stand
+    for, within a rounding of the dtype; each row the same alone or among others."""
+    assert cpu_kernels.built()
+    gen = torch.Generator().manual_seed(7)
+    tol = {"atol": TOLERANCE[dtype], "rtol": TOLERANCE[dtype]}
+    norm = RMSNorm(77, 1e-5)  # 77: whole vectors and a tail
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(77, generator=gen))
+    norm = norm.to(dtype)
+    x = (3 * torch.randn(2, 5, 77, generator=gen)).to(dtype)
+    qkv = torch.randn(2, 5, 7, 16, generator=gen).to(dtype)  # [B, T, heads, D]: rotate the first 5
+    cos, sin = (torch.randn(2, 5, 1, 16, generator=gen).to(dtype) for _ in range(2))
+    gate_up = (4 * torch.randn(2, 5, 2 * 40, generator=gen)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    # (ours, reference), each over tokens [t0, t1)
+    steps = [(lambda t0, t1: norm(x[:, t0:t1], ours=True), lambda t0, t1: norm(x[:, t0:t1])),
+             (lambda t0, t1: cpu_kernels.rope(*(a[:, t0:t1].contiguous() for a in (qkv, cos, sin)), 5),
+              lambda t0, t1: apply_rope(qkv[:, t0:t1, :5], cos[:, t0:t1], sin[:, t0:t1])),
+             (lambda t0, t1: cpu_kernels.silu_mul(gate_up[:, t0:t1]),
+              lambda t0, t1: F.silu(gate[:, t0:t1]) * up[:, t0:t1])]
+    with torch.no_grad():
+        for ours, reference in steps:
+            got = ours(0, 5)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, reference(0, 5), **tol)
+            for t in range(5):
+                assert torch.equal(ours(t, t + 1), got[:, t:t + 1])
+    assert not torch.equal(cpu_kernels.silu_mul(gate_up), (gate * up))  # negative control: silu is applied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_serving_on_the_cpu_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype):
+    """What makes greedy speculation token-exact in either dtype: with our kernels for the products
+    (as far as they take the tree's rows), the attention and the steps between, no operation's rows
+    depend on how many rows its call had (`benchmarks.divergence`). Negative control: SDPA's do."""
+    from benchmarks import divergence
+
+    model = ours_from_hf(tiny_hf_model("smollm")).to(dtype).prepare_for_serving(1, 16)
+    tokens = torch.arange(3, 23)[None]  # [1, 20]
+    exact = divergence.compare(model, tokens, k=8)
+    assert exact["sources"] == {} and exact["final_equal"]
+    model.prepare_for_training()  # SDPA, and PyTorch everywhere
+    assert divergence.compare(model, tokens, k=8)["sources"]["attend"] == [0]

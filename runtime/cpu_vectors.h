@@ -1,0 +1,61 @@
+// 16 float32 lanes (GCC vector extensions: AVX-512 where the CPU has it, pairs of AVX2 registers
+// otherwise) and what our CPU kernels do with them. Every function here is lane by lane or sums in a
+// fixed order, so the same inputs give the same bits wherever a kernel calls it.
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace medusa_cpu {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline f32x16 load16(const c10::BFloat16* p) {  // a bfloat16 is the top half of a float32
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
+}
+
+inline float sum16(f32x16 v) {  // halves added pairwise: 4 vector adds, not 15 scalar ones
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// e^x, 16 at a time, for x up to 88 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5
+// polynomial in r, then 2^n in the exponent bits): relative error ~1e-7; 0 below -87. Each lane on its
+// own, so a value gets the same result in any vector.
+inline f32x16 exp16(f32x16 x) {
+  const f32x16 lowest = f32x16{} - 87.0f, highest = f32x16{} + 88.0f;
+  x = x < lowest ? lowest : x;
+  x = x > highest ? highest : x;
+  const f32x16 z = x * 1.44269504088896341f + 0.5f;
+  i32x16 n = __builtin_convertvector(z, i32x16);  // toward zero, then down to floor(z)
+  n += (i32x16)(__builtin_convertvector(n, f32x16) > z);  // a true comparison is -1
+  const f32x16 nf = __builtin_convertvector(n, f32x16);
+  const f32x16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  f32x16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  return p * (f32x16)((n + 127) << 23);
+}
+
+}  // namespace medusa_cpu

@@ -1,0 +1,138 @@
+// The small steps of a decoder layer between its products, one call each, for a few rows on the CPU:
+// RMSNorm, the rotary embedding of the queries and keys, and SwiGLU's silu(gate) * up. In PyTorch
+// each is 3-8 operations, and a token through SmolLM2's 30 layers spent ~2 ms of an ~11 ms forward
+// in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values. `runtime.llama` calls
+// them (`RMSNorm`, `apply_rope`, `Block`) while serving on the CPU, and their PyTorch lines there are
+// the reference. Each row is computed on its own in a fixed order, and the roundings to the
+// tensors' dtype are the reference's: a row gets the same bits alone or among others.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "cpu_vectors.h"
+
+namespace {
+
+using namespace medusa_cpu;
+
+template <typename T>
+inline float round_to(float x) {  // x rounded to T, as a PyTorch operation's T result is
+  return float(T(x));
+}
+
+// y = weight * T(x / rms(x)) per row of C: x, y [M, C]
+template <typename T>
+void rms_norm_rows(const T* x, const T* weight, T* y, int64_t M, int64_t C, float eps) {
+  const int64_t C16 = C / 16 * 16;
+  for (int64_t m = 0; m < M; ++m, x += C, y += C) {
+    f32x16 squares = {};
+    for (int64_t c = 0; c < C16; c += 16) {
+      const f32x16 v = load16(x + c);
+      squares += v * v;
+    }
+    float sum = sum16(squares);
+    for (int64_t c = C16; c < C; ++c) sum += float(x[c]) * float(x[c]);
+    const float r = 1.0f / std::sqrt(sum / float(C) + eps);
+    for (int64_t c = 0; c < C; ++c) y[c] = T(float(weight[c]) * round_to<T>(float(x[c]) * r));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == C && weight.is_contiguous(), "rms_norm: weight must be [C]");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "rms_norm: x and weight differ in dtype");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t M = C == 0 ? 0 : x.numel() / C;
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_rows(xc.const_data_ptr<float>(), weight.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M, C, float(eps));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rms_norm: float32 or bfloat16 only");
+    using bf16 = c10::BFloat16;
+    rms_norm_rows(xc.const_data_ptr<bf16>(), weight.const_data_ptr<bf16>(), y.mutable_data_ptr<bf16>(), M, C, float(eps));
+  }
+  return y;
+}
+
+// The first `heads` heads of each token's [heads + ..., D] rotated: pairs (i, i + D/2),
+// x cos + (-x2, x1) sin, the sign in `sin`; a token's cos and sin are [D]. out [M, heads, D].
+template <typename T>
+void rope_rows(const T* x, int64_t x_stride, const T* cos, const T* sin, T* out, int64_t M, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t m = 0; m < M; ++m, x += x_stride, cos += D, sin += D) {
+    for (int64_t h = 0; h < heads; ++h, out += D) {
+      const T* xh = x + h * D;
+      for (int64_t i = 0; i < D; ++i) {
+        const float rotated = float(xh[i < half ? i + half : i - half]);
+        out[i] = T(round_to<T>(float(xh[i]) * float(cos[i])) + round_to<T>(rotated * float(sin[i])));
+      }
+    }
+  }
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "rope: x must be [B, T, heads + ..., D], contiguous");
+  const int64_t B = x.size(0), Tn = x.size(1), D = x.size(3);
+  TORCH_CHECK(heads >= 0 && heads <= x.size(2) && D % 2 == 0, "rope: bad heads or odd head dim");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == B * Tn * D && sin.numel() == B * Tn * D,
+              "rope: cos and sin must be [B, T, 1, D], contiguous");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rope: x, cos and sin differ in dtype");
+  at::Tensor out = at::empty({B, Tn, heads, D}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    rope_rows(x.const_data_ptr<float>(), x.size(2) * D, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(),
+              out.mutable_data_ptr<float>(), B * Tn, heads, D);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rope: float32 or bfloat16 only");
+    using bf16 = c10::BFloat16;
+    rope_rows(x.const_data_ptr<bf16>(), x.size(2) * D, cos.const_data_ptr<bf16>(), sin.const_data_ptr<bf16>(),
+              out.mutable_data_ptr<bf16>(), B * Tn, heads, D);
+  }
+  return out;
+}
+
+// y = T(silu(gate)) * up per row: gate_up [M, 2I] (gate, then up), y [M, I]; silu(g) = g / (1 + e^-g),
+// 16 at a time, the row's last values in a vector padded with zeros
+template <typename T>
+void silu_mul_rows(const T* gate_up, T* y, int64_t M, int64_t I) {
+  for (int64_t m = 0; m < M; ++m, gate_up += 2 * I, y += I) {
+    for (int64_t i = 0; i < I; i += 16) {
+      const int64_t n = std::min<int64_t>(16, I - i);
+      f32x16 g = {};
+      for (int64_t j = 0; j < n; ++j) g[j] = float(gate_up[i + j]);
+      const f32x16 silu = g / (exp16(-g) + 1.0f);
+      for (int64_t j = 0; j < n; ++j) y[i + j] = T(round_to<T>(silu[j]) * float(gate_up[I + i + j]));
+    }
+  }
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  const int64_t I = gate_up.size(-1) / 2;
+  TORCH_CHECK(gate_up.size(-1) % 2 == 0, "silu_mul: gate_up's last dim must be even (gate, then up)");
+  const at::Tensor x = gate_up.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = I;
+  at::Tensor y = at::empty(shape, x.options());
+  const int64_t M = I == 0 ? 0 : x.numel() / (2 * I);
+  if (x.scalar_type() == at::kFloat) {
+    silu_mul_rows(x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M, I);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "silu_mul: float32 or bfloat16 only");
+    silu_mul_rows(x.const_data_ptr<c10::BFloat16>(), y.mutable_data_ptr<c10::BFloat16>(), M, I);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medusa, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+  m.impl("silu_mul", &silu_mul);
+}
