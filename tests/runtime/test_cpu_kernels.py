@@ -205,7 +205,7 @@ def test_the_layer_steps_equal_their_pytorch_lines_and_keep_a_rows_bits(dtype):
 def test_serving_on_the_cpu_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype):
     """What makes greedy speculation token-exact in either dtype: with our kernels for the products
     (as far as they take the tree's rows), the attention and the steps between, no operation's rows
-    depend on how many rows its call had (`benchmarks.divergence`). Negative control: SDPA's do."""
+    depend on how many rows its call had (`benchmarks.divergence`). Negative control: PyTorch's do."""
     from benchmarks import divergence
 
     model = ours_from_hf(tiny_hf_model("smollm")).to(dtype).prepare_for_serving(1, 16)
@@ -213,4 +213,4 @@ def test_serving_on_the_cpu_a_chain_verified_together_gets_the_bits_of_its_token
     exact = divergence.compare(model, tokens, k=8)
     assert exact["sources"] == {} and exact["final_equal"]
     model.prepare_for_training()  # SDPA, and PyTorch everywhere
-    assert divergence.compare(model, tokens, k=8)["sources"]["attend"] == [0]
+    assert not divergence.compare(model, tokens, k=8)["final_equal"]
