@@ -1,8 +1,8 @@
 """Our CPU kernels for decoding, built for the machine they run on: `rows_product(x, weight, bias)` =
 `F.linear` for a few rows (`rows_product.cpp`); `cpu_attend`, attention for a few new tokens per
 sequence over its cache slot (`attention/cpu_attention.cpp`, called through `attention.attend`); and
-a decoder layer's small steps between its products, `rms_norm`, `rope` and `silu_mul`
-(`layer_ops.cpp`, called by `runtime.llama`).
+a decoder layer's small steps between its products, `rms_norm`, `rope` and `silu_mul`, and the
+cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and `runtime.kv_cache`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
 is the time to read the weights. oneDNN and MKL read them well below the memory's rate on a few
@@ -61,6 +61,7 @@ cpu_attend = torch.ops.medusa.cpu_attend
 _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
 _library.define("silu_mul(Tensor gate_up) -> Tensor")
+_library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, Tensor dst) -> ()")
 
 
 @torch.library.register_fake("medusa::rms_norm")
@@ -81,6 +82,8 @@ def _(gate_up: torch.Tensor) -> torch.Tensor:
 rms_norm = torch.ops.medusa.rms_norm  # x [..., C], weight [C], eps -> [..., C]
 rope = torch.ops.medusa.rope  # x [B, T, heads + ..., D], cos / sin [B, T, 1, D], heads -> [B, T, heads, D]
 silu_mul = torch.ops.medusa.silu_mul  # gate_up [..., 2I] -> silu(gate) * up [..., I]
+# caches: [N, Hkv, S_max, D] each; slots [B]; src, dst [B, P] int64: in place, sources read first
+move_positions = torch.ops.medusa.move_positions
 
 
 def cpuinfo() -> str:

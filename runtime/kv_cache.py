@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from runtime import cpu_kernels
+
 # where a forward's new tokens go (`KVCache.scratch`): (slot, first position) as host ints, or slot rows
 # [B, 1] and positions [B, T]
 Scratch = tuple[int, int] | tuple[torch.Tensor, torch.Tensor]
@@ -73,6 +75,10 @@ class KVCache:
         keep = step[None, :] < accepted_len[:, None]  # [B, P]
         src = torch.where(keep, lens[:, None] + path, lens[:, None] + step)  # [B, P]
         dst = lens[:, None] + step  # [B, P]
+        if self.lens.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.built():
+            cpu_kernels.move_positions(self.k + self.v, slots.long().contiguous(), src, dst)  # one call
+            self.lens[slots] = lens + accepted_len
+            return
         rows = slots[:, None]  # [B, 1]
         # gather all sources before writing: a node may move onto another accepted node's place
         for k, v in zip(self.k, self.v, strict=True):

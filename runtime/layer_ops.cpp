@@ -1,5 +1,6 @@
 // The small steps of a decoder layer between its products, one call each, for a few rows on the CPU:
-// RMSNorm, the rotary embedding of the queries and keys, and SwiGLU's silu(gate) * up. In PyTorch
+// RMSNorm, the rotary embedding of the queries and keys, and SwiGLU's silu(gate) * up; and, after a
+// speculative step, the cache's move of the accepted entries. In PyTorch
 // each is 3-8 operations, and a token through SmolLM2's 30 layers spent ~2 ms of an ~11 ms forward
 // in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values. `runtime.llama` calls
 // them (`RMSNorm`, `apply_rope`, `Block`) while serving on the CPU, and their PyTorch lines there are
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu_vectors.h"
@@ -129,9 +131,44 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
+// For each cache [N, Hkv, S_max, D] and each sequence b: the entries at positions src[b, :] move to
+// dst[b, :] of slot slots[b], all read before any is written. What `KVCache.commit` does after a
+// speculative step, in one call instead of four indexing operations per layer (SmolLM2's 30 layers:
+// ~0.8 ms of a ~20 ms step, bf16, AMD EPYC Zen 5).
+void move_positions(at::TensorList caches, const at::Tensor& slots, const at::Tensor& src, const at::Tensor& dst) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong &&
+              slots.is_contiguous() && src.is_contiguous() && dst.is_contiguous() && src.dim() == 2 &&
+              src.sizes() == dst.sizes() && src.size(0) == slots.numel(),
+              "move_positions: slots [B], src and dst [B, P], int64, contiguous");
+  const int64_t B = src.size(0), P = src.size(1);
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  const int64_t* from = src.const_data_ptr<int64_t>();
+  const int64_t* to = dst.const_data_ptr<int64_t>();
+  std::vector<char> moved;
+  for (const at::Tensor& cache : caches) {
+    TORCH_CHECK(cache.dim() == 4 && cache.is_contiguous(), "move_positions: caches must be [N, Hkv, S_max, D], contiguous");
+    const int64_t N = cache.size(0), Hkv = cache.size(1), S = cache.size(2);
+    const int64_t entry = cache.size(3) * cache.element_size();  // bytes of one position's D values
+    char* base = static_cast<char*>(cache.data_ptr());
+    moved.resize(P * entry);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(slot[b] >= 0 && slot[b] < N, "move_positions: slot ", slot[b], " is outside the cache");
+      for (int64_t p = 0; p < P; ++p)
+        TORCH_CHECK(from[b * P + p] >= 0 && from[b * P + p] < S && to[b * P + p] >= 0 && to[b * P + p] < S,
+                    "move_positions: a position is outside the cache");
+      for (int64_t h = 0; h < Hkv; ++h) {
+        char* row = base + ((slot[b] * Hkv + h) * S) * entry;  // [S_max, D] of this slot and head
+        for (int64_t p = 0; p < P; ++p) std::memcpy(moved.data() + p * entry, row + from[b * P + p] * entry, entry);
+        for (int64_t p = 0; p < P; ++p) std::memcpy(row + to[b * P + p] * entry, moved.data() + p * entry, entry);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(medusa, CPU, m) {
+  m.impl("move_positions", &move_positions);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
   m.impl("silu_mul", &silu_mul);

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runtime import cpu_kernels
 from runtime.kv_cache import KVCache
 
 L, N, Hkv, S, D = 2, 4, 2, 10, 3
@@ -61,7 +62,12 @@ def test_advance_keeps_the_scratch_entries_in_place() -> None:
     assert all(map(torch.equal, stacked(cache), (k, v)))
 
 
-def test_commit_moves_the_accepted_nodes_to_contiguous_positions() -> None:
+@pytest.mark.parametrize("ours", [True, False], ids=["our-cpu-kernel", "indexing"])
+def test_commit_moves_the_accepted_nodes_to_contiguous_positions(ours: bool, monkeypatch) -> None:
+    if ours:
+        assert cpu_kernels.built()
+    else:  # as where our kernels cannot be built (and in a compiled step, on any device)
+        monkeypatch.setattr(cpu_kernels, "built", lambda: False)
     cache = numbered_cache([4, 2, 0, 0])
     k, v = stacked(cache)
     slots = torch.tensor([1, 0])  # [B]
