@@ -51,7 +51,8 @@ _library.define("cpu_attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slo
 @torch.library.register_fake("medusa::cpu_attend")
 def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
       cache_lens: torch.Tensor, new_mask: torch.Tensor | None) -> torch.Tensor:
-    return q.new_empty(q.shape)
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2)  # as the kernel lays it out
 
 
 # q [B, H, T, D], k_cache / v_cache [N, Hkv, S_max, D], slots / cache_lens [B] int64, new_mask [T, T] or

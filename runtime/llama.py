@@ -357,6 +357,9 @@ class Llama(nn.Module):
         B, T = tokens.shape
         assert positions.shape == (B, T) and slots.shape == (B,)
         dtype = self.embed.weight.dtype
+        # (not in a compiled step: inductor fuses the steps between the products itself; with ours
+        # there, compiled plain decoding 84.0 against 84.9 tok/s, Medusa 106.2 against 109.1: 4 dev
+        # prompts, SmolLM2 bf16, AMD EPYC Zen 5)
         if (attention_backend is None and self.cpu_attention and T <= CPU_ATTENTION_MAX_NEW
                 and not torch.compiler.is_compiling()):
             attention_backend = "cpu"
