@@ -200,10 +200,12 @@ template <typename T>
 void attend_all(const Operands<T>& a, int64_t B) {
   const int64_t R = a.H / a.Hkv * a.T_new;  // query rows per KV head
   const int64_t tiles = (R + 7) / 8;  // tasks of up to 8 rows, so a tree's work splits among threads
-  int64_t most = 0;
-  for (int64_t b = 0; b < B; ++b) most = std::max(most, a.lens[b] + a.T_new);
-  // A second thread pays only for work well above its start-up (~20k query-key pairs)
-  const int64_t grain = std::max<int64_t>(1, 20000 / std::max<int64_t>(1, std::min<int64_t>(R, 8) * most));
+  int64_t pairs = 0;  // query-key pairs of the whole call
+  for (int64_t b = 0; b < B; ++b) pairs += a.Hkv * R * (a.lens[b] + a.T_new);
+  // A second thread pays only for work well above its start-up; then every task may go to either, so
+  // that the two get halves (an 8-node tree: 9 tasks, 5 and 4, not 6 and 3)
+  const int64_t tasks = B * a.Hkv * tiles;
+  const int64_t grain = pairs < 10000 ? tasks : 1;
   at::parallel_for(0, B * a.Hkv * tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t i = begin; i < end; ++i) {

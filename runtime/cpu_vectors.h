@@ -30,6 +30,25 @@ inline f32x16 load16(const c10::BFloat16* p) {  // a bfloat16 is the top half of
   return (f32x16)(__builtin_convertvector(h, u32x16) << 16);
 }
 
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store16(c10::BFloat16* p, f32x16 v) {  // rounded to nearest even, NaN kept, as c10 rounds one
+  u32x16 bits = (u32x16)v;
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  bits = (u32x16)(v != v) ? u32x16{} + 0x7FC0 : bits;  // a true comparison is all ones
+  const u16x16 h = __builtin_convertvector(bits, u16x16);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// v rounded to T and back: what a PyTorch operation with a T result keeps of a float32 value
+inline f32x16 round16(f32x16 v, const float*) { return v; }
+
+inline f32x16 round16(f32x16 v, const c10::BFloat16*) {
+  c10::BFloat16 h[16];
+  store16(h, v);
+  return load16(h);
+}
+
 inline float sum16(f32x16 v) {  // halves added pairwise: 4 vector adds, not 15 scalar ones
   const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);

@@ -41,7 +41,8 @@ void rms_norm_rows(const T* x, const T* weight, T* y, int64_t M, int64_t C, floa
     float sum = sum16(squares);
     for (int64_t c = C16; c < C; ++c) sum += float(x[c]) * float(x[c]);
     const float r = 1.0f / std::sqrt(sum / float(C) + eps);
-    for (int64_t c = 0; c < C; ++c) y[c] = T(float(weight[c]) * round_to<T>(float(x[c]) * r));
+    for (int64_t c = 0; c < C16; c += 16) store16(y + c, load16(weight + c) * round16(load16(x + c) * r, x));
+    for (int64_t c = C16; c < C; ++c) y[c] = T(float(weight[c]) * round_to<T>(float(x[c]) * r));
   }
 }
 
@@ -70,6 +71,13 @@ void rope_rows(const T* x, int64_t x_stride, const T* cos, const T* sin, T* out,
   for (int64_t m = 0; m < M; ++m, x += x_stride, cos += D, sin += D) {
     for (int64_t h = 0; h < heads; ++h, out += D) {
       const T* xh = x + h * D;
+      if (half % 16 == 0) {
+        for (int64_t i = 0; i < D; i += 16) {
+          const f32x16 rotated = load16(xh + (i < half ? i + half : i - half));
+          store16(out + i, round16(load16(xh + i) * load16(cos + i), x) + round16(rotated * load16(sin + i), x));
+        }
+        continue;
+      }
       for (int64_t i = 0; i < D; ++i) {
         const float rotated = float(xh[i < half ? i + half : i - half]);
         out[i] = T(round_to<T>(float(xh[i]) * float(cos[i])) + round_to<T>(rotated * float(sin[i])));
@@ -102,14 +110,20 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 // y = T(silu(gate)) * up per row: gate_up [M, 2I] (gate, then up), y [M, I]; silu(g) = g / (1 + e^-g),
 // 16 at a time, the row's last values in a vector padded with zeros
 template <typename T>
+inline f32x16 silu_mul16(f32x16 gate, f32x16 up, const T* type) {
+  return round16(gate / (exp16(-gate) + 1.0f), type) * up;
+}
+
+template <typename T>
 void silu_mul_rows(const T* gate_up, T* y, int64_t M, int64_t I) {
+  const int64_t I16 = I / 16 * 16;
   for (int64_t m = 0; m < M; ++m, gate_up += 2 * I, y += I) {
-    for (int64_t i = 0; i < I; i += 16) {
-      const int64_t n = std::min<int64_t>(16, I - i);
-      f32x16 g = {};
-      for (int64_t j = 0; j < n; ++j) g[j] = float(gate_up[i + j]);
-      const f32x16 silu = g / (exp16(-g) + 1.0f);
-      for (int64_t j = 0; j < n; ++j) y[i + j] = T(round_to<T>(silu[j]) * float(gate_up[I + i + j]));
+    for (int64_t i = 0; i < I16; i += 16) store16(y + i, silu_mul16(load16(gate_up + i), load16(gate_up + I + i), y));
+    if (I16 < I) {
+      f32x16 gate = {}, up = {};
+      for (int64_t j = 0; I16 + j < I; ++j) gate[j] = float(gate_up[I16 + j]), up[j] = float(gate_up[I + I16 + j]);
+      const f32x16 out = silu_mul16(gate, up, y);
+      for (int64_t j = 0; I16 + j < I; ++j) y[I16 + j] = T(out[j]);
     }
   }
 }
