@@ -181,8 +181,9 @@ def test_the_layer_steps_equal_their_pytorch_lines_and_keep_a_rows_bits(dtype):
         norm.weight.copy_(torch.randn(77, generator=gen))
     norm = norm.to(dtype)
     x = (3 * torch.randn(2, 5, 77, generator=gen)).to(dtype)
-    qkv = torch.randn(2, 5, 7, 64, generator=gen).to(dtype)  # [B, T, heads, D]: rotate the first 5
-    cos, sin = (torch.randn(2, 5, 1, 64, generator=gen).to(dtype) for _ in range(2))  # (D 16: the tiny models)
+    # [B, T, heads, D]: rotate the first 5 (D 64 in whole vectors; the tiny models have D 16, one by one)
+    qkv = torch.randn(2, 5, 7, 64, generator=gen).to(dtype)
+    cos, sin = (torch.randn(2, 5, 1, 64, generator=gen).to(dtype) for _ in range(2))
     gate_up = (4 * torch.randn(2, 5, 2 * 40, generator=gen)).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     # (ours, reference), each over tokens [t0, t1)
