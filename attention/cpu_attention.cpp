@@ -29,6 +29,7 @@
 #include <vector>
 #include <immintrin.h>
 
+#include "cpu_kernels.h"  // runtime/: AttentionOperands
 #include "cpu_vectors.h"  // runtime/: f32x16, load16, sum16, exp16
 
 namespace {
@@ -84,21 +85,6 @@ inline float exp1(float x) {  // exp16 of one value: the same bits as in a vecto
   return exp16(v)[0];
 }
 
-template <typename T>
-struct Operands {
-  const T* q;  // [B, H, T, D], rows of D contiguous, strides below
-  int64_t q_stride_b, q_stride_h, q_stride_t;
-  const T* k;  // [N, Hkv, S_max, D] contiguous
-  const T* v;
-  const int64_t* slots;  // [B]
-  const int64_t* lens;  // [B]: cached keys before the new ones
-  const bool* mask;  // [T, T] or [B, T, T], or null: causal
-  int64_t mask_stride_b;  // 0 for one mask for the batch
-  T* out;  // [B, T, H, D] contiguous
-  int64_t H, Hkv, T_new, D, S_max;
-  float scale;
-};
-
 constexpr int kTile = 4;  // query rows whose outputs (D floats each) stay in registers together
 constexpr int kMaxD = 256;
 
@@ -114,7 +100,7 @@ inline void add_weighted(f32x16 (*out)[kMaxD / 16], const float* w, int rows, co
 // Rows [r0, r1) of the G * T query rows of sequence b's KV head h (row r: query head h * G + r / T,
 // new token r % T). scores: scratch.
 template <typename T>
-void attend_rows(const Operands<T>& a, int64_t b, int64_t h, int64_t r0, int64_t r1, std::vector<float>& scores) {
+void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0, int64_t r1, std::vector<float>& scores) {
   const int64_t G = a.H / a.Hkv, Tn = a.T_new, D = a.D, R = r1 - r0;
   const int64_t len = a.lens[b], n = len + Tn;
   const int64_t slot = a.slots[b];
@@ -196,8 +182,12 @@ void attend_rows(const Operands<T>& a, int64_t b, int64_t h, int64_t r0, int64_t
   }
 }
 
+}  // namespace
+
+namespace medusa_cpu {
+
 template <typename T>
-void attend_all(const Operands<T>& a, int64_t B) {
+void attend_all(const AttentionOperands<T>& a, int64_t B) {
   const int64_t R = a.H / a.Hkv * a.T_new;  // query rows per KV head
   const int64_t tiles = (R + 7) / 8;  // tasks of up to 8 rows, so a tree's work splits among threads
   int64_t pairs = 0;  // query-key pairs of the whole call
@@ -214,6 +204,13 @@ void attend_all(const Operands<T>& a, int64_t B) {
     }
   });
 }
+
+template void attend_all(const AttentionOperands<float>&, int64_t);
+template void attend_all(const AttentionOperands<c10::BFloat16>&, int64_t);
+
+}  // namespace medusa_cpu
+
+namespace {
 
 at::Tensor cpu_attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& slots, const at::Tensor& cache_lens, const std::optional<at::Tensor>& new_mask) {
@@ -247,7 +244,7 @@ at::Tensor cpu_attend(const at::Tensor& q, const at::Tensor& k_cache, const at::
   at::Tensor out = at::empty({B, Tn, H, D}, q.options());
   auto run = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    Operands<T> a{q.const_data_ptr<T>(), q.stride(0), q.stride(1), q.stride(2),
+    AttentionOperands<T> a{q.const_data_ptr<T>(), q.stride(0), q.stride(1), q.stride(2),
                   k_cache.const_data_ptr<T>(), v_cache.const_data_ptr<T>(), slot_ptr, len_ptr,
                   mask.defined() ? mask.const_data_ptr<bool>() : nullptr, mask_stride_b,
                   out.mutable_data_ptr<T>(), H, Hkv, Tn, D, S_max, 1.0f / std::sqrt(float(D))};

@@ -77,7 +77,7 @@ def run(model, tokens: torch.Tensor, prefix: int, chunks: list[int]):
     with recording(model) as calls:
         for n in chunks:
             hidden.append(model(tokens[:, position:position + n], torch.arange(position, position + n)[None],
-                                cache, slots))
+                                cache, slots, one_call_layers=False))  # step by step, for the hooks
             cache.advance(slots, n)
             position += n
     L = len(model.layers)

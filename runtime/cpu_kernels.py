@@ -63,6 +63,10 @@ _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
 _library.define("silu_mul(Tensor gate_up) -> Tensor")
 _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, Tensor dst) -> ()")
+_library.define("decoder_layer(Tensor x, Tensor attn_norm, Tensor qkv_w, Tensor? qkv_b, Tensor o_w, "
+                "Tensor? o_b, Tensor mlp_norm, Tensor gate_up_w, Tensor? gate_up_b, Tensor down_w, "
+                "Tensor? down_b, float eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+                "Tensor slots, Tensor cache_lens, Tensor? new_mask, int num_heads) -> Tensor")
 
 
 @torch.library.register_fake("medusa::rms_norm")
@@ -85,6 +89,9 @@ rope = torch.ops.medusa.rope  # x [B, T, heads + ..., D], cos / sin [B, T, 1, D]
 silu_mul = torch.ops.medusa.silu_mul  # gate_up [..., 2I] -> silu(gate) * up [..., I]
 # caches: [N, Hkv, S_max, D] each; slots [B]; src, dst [B, P] int64: in place, sources read first
 move_positions = torch.ops.medusa.move_positions
+# x [B, T, C], a `Block`'s weights, its eps, cos / sin [B, T, 1, D], its layer's caches, slots / cache_lens
+# [B], new_mask [T, T] or [B, T, T] or None, num_heads -> [B, T, C]: `Block.forward` in one call
+decoder_layer = torch.ops.medusa.decoder_layer
 
 
 def cpuinfo() -> str:

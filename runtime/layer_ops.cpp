@@ -1,14 +1,16 @@
-// The small steps of a decoder layer between its products, one call each, for a few rows on the CPU:
-// RMSNorm, the rotary embedding of the queries and keys, and SwiGLU's silu(gate) * up; and, after a
-// speculative step, the cache's move of the accepted entries. In PyTorch
-// each is 3-8 operations, and a token through SmolLM2's 30 layers spent ~2 ms of an ~11 ms forward
-// in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values. `runtime.llama` calls
-// them (`RMSNorm`, `apply_rope`, `Block`) while serving on the CPU, and their PyTorch lines there are
-// the reference. Each row is computed on its own in a fixed order, and the roundings to the
-// tensors' dtype are the reference's: a row gets the same bits alone or among others.
+// The small steps of a decoder layer between its products, for a few rows on the CPU: RMSNorm, the
+// rotary embedding of the queries and keys, SwiGLU's silu(gate) * up, the residual additions; the
+// whole layer in one call (`decoder_layer`: these, our product and our attention); and, after a
+// speculative step, the cache's move of the accepted entries. In PyTorch each small step is 3-8
+// operations, and a token through SmolLM2's 30 layers spent ~2 ms of an ~11 ms forward in them (bf16,
+// AMD EPYC Zen 5); their arithmetic is a few thousand values. `runtime.llama` calls them (`RMSNorm`,
+// `Block`) while serving on the CPU, and its PyTorch lines there are the reference. Each row is
+// computed on its own in a fixed order, and the roundings to the tensors' dtype are the reference's:
+// a row gets the same bits alone or among others, and the layer in one call the bits of its steps.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -17,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "cpu_vectors.h"
 
 namespace {
@@ -145,6 +148,131 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
+// y = T(a + b), elementwise over n values: a residual connection, as PyTorch adds two T tensors
+template <typename T>
+void add_into(const T* a, const T* b, T* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(y + i, load16(a + i) + load16(b + i));
+  for (; i < n; ++i) y[i] = T(float(a[i]) + float(b[i]));
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// One decoder layer (`runtime.llama.Block.forward`, whose lines are its reference) for a few new
+// tokens per sequence, every step through the kernels above and our product and attention, so that
+// the layer is one call: x [B, T, C] -> [B, T, C]; the new tokens' K/V written to the caches at
+// cache_lens[b] + t of slots[b].
+template <typename T>
+void decoder_layer_of(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& qkv_w,
+                      const std::optional<at::Tensor>& qkv_b, const at::Tensor& o_w, const std::optional<at::Tensor>& o_b,
+                      const at::Tensor& mlp_norm, const at::Tensor& gate_up_w, const std::optional<at::Tensor>& gate_up_b,
+                      const at::Tensor& down_w, const std::optional<at::Tensor>& down_b, float eps,
+                      const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& slots, const at::Tensor& cache_lens, const at::Tensor& mask, int64_t H,
+                      at::Tensor& out) {
+  const int64_t B = x.size(0), Tn = x.size(1), C = x.size(2), M = B * Tn;
+  const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2), D = k_cache.size(3);
+  const int64_t I = down_w.size(1), QKV = (H + 2 * Hkv) * D;
+  const T* xs = x.const_data_ptr<T>();
+  const auto opts = x.options();
+  at::Tensor h = at::empty({M, C}, opts), qkv = at::empty({M, QKV}, opts), qk = at::empty({M, H + Hkv, D}, opts);
+  at::Tensor attn = at::empty({M, H * D}, opts), proj = at::empty({M, C}, opts), x1 = at::empty({M, C}, opts);
+  at::Tensor gate_up = at::empty({M, 2 * I}, opts), act = at::empty({M, I}, opts);
+  T* hp = h.mutable_data_ptr<T>();
+
+  rms_norm_rows(xs, attn_norm.const_data_ptr<T>(), hp, M, C, eps);
+  rows_product_of(static_cast<const T*>(hp), M, qkv_w.const_data_ptr<T>(), QKV, C, data_or_null<T>(qkv_b),
+                  qkv.mutable_data_ptr<T>());
+  const T* qkvp = qkv.const_data_ptr<T>();
+  T* qkp = qk.mutable_data_ptr<T>();
+  rope_rows(qkvp, QKV, cos.const_data_ptr<T>(), sin.const_data_ptr<T>(), qkp, M, H + Hkv, D);
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  const int64_t* len = cache_lens.const_data_ptr<int64_t>();
+  T* kc = k_cache.mutable_data_ptr<T>();
+  T* vc = v_cache.mutable_data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < Tn; ++t) {
+      const int64_t m = b * Tn + t;
+      for (int64_t g = 0; g < Hkv; ++g) {
+        const int64_t at_pos = ((slot[b] * Hkv + g) * S_max + len[b] + t) * D;
+        std::memcpy(kc + at_pos, qkp + (m * (H + Hkv) + H + g) * D, D * sizeof(T));
+        std::memcpy(vc + at_pos, qkvp + m * QKV + (H + Hkv + g) * D, D * sizeof(T));
+      }
+    }
+  }
+  const int64_t qk_row = (H + Hkv) * D;
+  AttentionOperands<T> a{qkp, Tn * qk_row, D, qk_row, kc, vc, slot, len,
+                         mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+                         mask.defined() && mask.dim() == 3 ? Tn * Tn : 0, attn.mutable_data_ptr<T>(),
+                         H, Hkv, Tn, D, S_max, 1.0f / std::sqrt(float(D))};
+  attend_all(a, B);
+  T* pp = proj.mutable_data_ptr<T>();
+  T* x1p = x1.mutable_data_ptr<T>();
+  rows_product_of(attn.const_data_ptr<T>(), M, o_w.const_data_ptr<T>(), C, H * D, data_or_null<T>(o_b), pp);
+  add_into(xs, static_cast<const T*>(pp), x1p, M * C);
+  rms_norm_rows(static_cast<const T*>(x1p), mlp_norm.const_data_ptr<T>(), hp, M, C, eps);
+  rows_product_of(static_cast<const T*>(hp), M, gate_up_w.const_data_ptr<T>(), 2 * I, C,
+                  data_or_null<T>(gate_up_b), gate_up.mutable_data_ptr<T>());
+  silu_mul_rows(gate_up.const_data_ptr<T>(), act.mutable_data_ptr<T>(), M, I);
+  rows_product_of(act.const_data_ptr<T>(), M, down_w.const_data_ptr<T>(), C, I, data_or_null<T>(down_b), pp);
+  add_into(static_cast<const T*>(x1p), static_cast<const T*>(pp), out.mutable_data_ptr<T>(), M * C);
+}
+
+at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& qkv_w,
+                         const std::optional<at::Tensor>& qkv_b, const at::Tensor& o_w, const std::optional<at::Tensor>& o_b,
+                         const at::Tensor& mlp_norm, const at::Tensor& gate_up_w,
+                         const std::optional<at::Tensor>& gate_up_b, const at::Tensor& down_w,
+                         const std::optional<at::Tensor>& down_b, double eps, const at::Tensor& cos, const at::Tensor& sin,
+                         const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                         const at::Tensor& cache_lens, const std::optional<at::Tensor>& new_mask, int64_t num_heads) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "decoder_layer: x must be [B, T, C], contiguous");
+  const int64_t B = x.size(0), Tn = x.size(1), C = x.size(2);
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.sizes() == v_cache.sizes(), "decoder_layer: caches must be [N, Hkv, S_max, D], contiguous");
+  const int64_t Hkv = k_cache.size(1), D = k_cache.size(3);
+  TORCH_CHECK(num_heads > 0 && Hkv > 0 && num_heads % Hkv == 0 && D % 16 == 0, "decoder_layer: bad heads");
+  const int64_t I = down_w.size(1);
+  for (const at::Tensor* w : {&attn_norm, &qkv_w, &o_w, &mlp_norm, &gate_up_w, &down_w, &cos, &sin, &k_cache, &v_cache})
+    TORCH_CHECK(w->is_contiguous() && w->scalar_type() == x.scalar_type(), "decoder_layer: every tensor must be "
+                "contiguous and of x's dtype");
+  for (const std::optional<at::Tensor>* b : {&qkv_b, &o_b, &gate_up_b, &down_b})
+    TORCH_CHECK(!b->has_value() || ((*b)->is_contiguous() && (*b)->scalar_type() == x.scalar_type()),
+                "decoder_layer: a bias must be contiguous and of x's dtype");
+  TORCH_CHECK(qkv_w.size(0) == (num_heads + 2 * Hkv) * D && qkv_w.size(1) == C && o_w.size(0) == C &&
+              o_w.size(1) == num_heads * D && gate_up_w.size(0) == 2 * I && gate_up_w.size(1) == C &&
+              down_w.size(0) == C && attn_norm.numel() == C && mlp_norm.numel() == C &&
+              cos.numel() == B * Tn * D && sin.numel() == B * Tn * D, "decoder_layer: shapes do not fit");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && cache_lens.scalar_type() == at::kLong && slots.is_contiguous() &&
+              cache_lens.is_contiguous() && slots.numel() == B && cache_lens.numel() == B,
+              "decoder_layer: slots and cache_lens must be [B] int64");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(slots.const_data_ptr<int64_t>()[b] >= 0 && slots.const_data_ptr<int64_t>()[b] < k_cache.size(0) &&
+                cache_lens.const_data_ptr<int64_t>()[b] >= 0 &&
+                cache_lens.const_data_ptr<int64_t>()[b] + Tn <= k_cache.size(2),
+                "decoder_layer: sequence ", b, " is outside the cache");
+  at::Tensor mask;
+  if (new_mask.has_value()) {
+    mask = new_mask->contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(-1) == Tn && mask.size(-2) == Tn &&
+                (mask.dim() == 2 || (mask.dim() == 3 && mask.size(0) == B)),
+                "decoder_layer: new_mask must be [T, T] or [B, T, T] bool");
+  }
+  at::Tensor out = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    decoder_layer_of<float>(x, attn_norm, qkv_w, qkv_b, o_w, o_b, mlp_norm, gate_up_w, gate_up_b, down_w, down_b,
+                            float(eps), cos, sin, k_cache, v_cache, slots, cache_lens, mask, num_heads, out);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "decoder_layer: float32 or bfloat16 only");
+    decoder_layer_of<c10::BFloat16>(x, attn_norm, qkv_w, qkv_b, o_w, o_b, mlp_norm, gate_up_w, gate_up_b, down_w,
+                                    down_b, float(eps), cos, sin, k_cache, v_cache, slots, cache_lens, mask, num_heads,
+                                    out);
+  }
+  return out;
+}
+
 // For each cache [N, Hkv, S_max, D] and each sequence b: the entries at positions src[b, :] move to
 // dst[b, :] of slot slots[b], all read before any is written. What `KVCache.commit` does after a
 // speculative step, in one call instead of four indexing operations per layer (SmolLM2's 30 layers:
@@ -182,6 +310,7 @@ void move_positions(at::TensorList caches, const at::Tensor& slots, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_IMPL(medusa, CPU, m) {
+  m.impl("decoder_layer", &decoder_layer);
   m.impl("move_positions", &move_positions);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);

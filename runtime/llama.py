@@ -277,13 +277,23 @@ class Block(nn.Module):
         self.down = Linear(config.intermediate_size, C, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch) -> torch.Tensor:
+                cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch, one_call: bool = True
+                ) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; the new tokens' K/V written to the cache at `scratch`.
+        one_call: where every step can go through our CPU kernels, the whole layer in one call."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         # serving a few tokens on the CPU (the plan chose our attention): the small steps between the
-        # products through our kernels too, one call each (`layer_ops.cpp`); the lines beside them
-        # are their reference
+        # products through our kernels too (`layer_ops.cpp`), one call each, or, when our kernel takes
+        # every product's rows, the whole layer in one call; the lines below are their reference
         ours = batch.backend == "cpu"
+        products = (self.qkv, self.o, self.gate_up, self.down)
+        if ours and one_call and all(B * T <= m.own_kernel_rows for m in products):
+            n1, n2 = self.attn_norm, self.mlp_norm
+            return cpu_kernels.decoder_layer(
+                x, n1.weight, self.qkv.weight, self.qkv.bias, self.o.weight, self.o.bias, n2.weight,
+                self.gate_up.weight, self.gate_up.bias, self.down.weight, self.down.bias, n1.eps, cos, sin,
+                cache.k[layer], cache.v[layer], batch.slots, batch.cache_lens, batch.new_mask, H)
         qkv = self.qkv(self.attn_norm(x, ours)).view(B, T, H + 2 * Hkv, D)
         if ours:
             qk = cpu_kernels.rope(qkv, cos, sin, H + Hkv)  # [B, T, H + Hkv, D]
@@ -344,13 +354,16 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
                 new_mask: torch.Tensor | None = None, max_len: int | None = None,
-                attention_backend: attention.Backend | None = None) -> torch.Tensor:
+                attention_backend: attention.Backend | None = None, one_call_layers: bool = True
+                ) -> torch.Tensor:
         """Hidden states (after the final norm) of T new tokens for each of B sequences.
 
         tokens, positions: [B, T] (positions drive RoPE: prefix length + depth for a tree);
         slots: [B] cache slots; new_mask: [T, T] or [B, T, T] bool over the new tokens (None = causal);
         max_len: max(cache lens) + T when the caller knows it; attention_backend: None = the
-        default for the device (see `attention.plan`). Returns [B, T, C].
+        default for the device (see `attention.plan`); one_call_layers: serving on the CPU, each layer
+        in one call to our kernels where they take all of it (`Block.forward`), else step by step, as
+        `benchmarks.divergence` watches them (the same kernels: the same bits). Returns [B, T, C].
         K/V of the new tokens land in the cache's scratch positions; the caller keeps them
         with `cache.advance` or `cache.commit`.
         """
@@ -372,7 +385,7 @@ class Llama(nn.Module):
         x = self.embed(tokens)  # [B, T, C]
         scratch = cache.scratch(slots, T)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, scratch, batch)
+            x = layer(x, cos, sin, i, cache, scratch, batch, one_call_layers)
         return self.norm(x, batch.backend == "cpu")
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

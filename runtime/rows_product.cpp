@@ -23,6 +23,7 @@
 #include <cstring>
 #include <immintrin.h>
 
+#include "cpu_kernels.h"
 #include "cpu_vectors.h"  // f32x16, load16, sum16
 
 namespace {
@@ -95,6 +96,10 @@ void product_block(const T* x, int64_t M, const T* w, int64_t K, const T* bias, 
   if (m < M) product_tile<1, R>(x + m * K, w, K, bias, m == 0 ? next : nullptr, out + m * ldo, ldo);
 }
 
+}  // namespace
+
+namespace medusa_cpu {
+
 template <typename T>
 void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
   const int64_t blocks = (N + kRows - 1) / kRows;
@@ -115,6 +120,14 @@ void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, co
     }
   });
 }
+
+template void rows_product_of(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*);
+template void rows_product_of(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t,
+                              const c10::BFloat16*, c10::BFloat16*);
+
+}  // namespace medusa_cpu
+
+namespace {
 
 at::Tensor rows_product(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "rows_product: weight must be [N, K], contiguous");

@@ -215,3 +215,34 @@ def test_serving_on_the_cpu_a_chain_verified_together_gets_the_bits_of_its_token
     assert exact["sources"] == {} and exact["final_equal"]
     model.prepare_for_training()  # SDPA, and PyTorch everywhere
     assert not divergence.compare(model, tokens, k=8)["final_equal"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", ["smollm", "qwen2"])  # qwen2: a QKV bias
+def test_a_layer_in_one_call_gives_the_bits_of_its_steps_one_by_one(family, dtype):
+    """`Block.forward` in one call to our kernels (`decoder_layer`) against the same kernels step by
+    step: equal hidden states and caches, for one token and for trees of two scattered sequences."""
+    assert cpu_kernels.built()
+    model = ours_from_hf(tiny_hf_model(family)).to(dtype).prepare_for_serving(1, 16)
+    gen = torch.Generator().manual_seed(1)
+    parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]])  # two trees of 4 nodes: [B, T]
+    masks = torch.eye(4, dtype=torch.bool).repeat(2, 1, 1)  # [B, T, T] ancestor masks
+    for node in range(1, 4):
+        masks[torch.arange(2), node] |= masks[torch.arange(2), parents[:, node]]
+    results = []
+    for one_call in (True, False):
+        cache = model.new_cache(4, 40)
+        slots = torch.tensor([3, 1])
+        with torch.inference_mode():
+            for slot, n in zip(slots.tolist(), (9, 14), strict=True):  # prompts, through PyTorch (SDPA)
+                one = torch.tensor([slot])
+                model(torch.randint(0, 90, (1, n), generator=gen), torch.arange(n)[None], cache, one)
+                cache.advance(one, n)
+            one = slots[:1]
+            token = model(torch.tensor([[5]]), torch.tensor([[9]]), cache, one, one_call_layers=one_call)
+            depths = (masks.sum(-1) - 1) + cache.lens[slots][:, None]  # [B, T]
+            trees = model(torch.randint(0, 90, (2, 4), generator=gen), depths, cache, slots, masks,
+                          one_call_layers=one_call)
+        results.append([token, trees, *cache.k, *cache.v])
+        gen.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))

@@ -1,0 +1,34 @@
+// What one of our CPU kernel files calls in another (`layer_ops.cpp`'s whole decoder layer calls the
+// product and the attention): declarations; the definitions and their reasons are in
+// `rows_product.cpp` and `attention/cpu_attention.cpp`. T: float or c10::BFloat16.
+
+#pragma once
+
+#include <cstdint>
+
+namespace medusa_cpu {
+
+// out [M, N] = x [M, K] W^T + bias, W [N, K] (bias [N] or null); all contiguous
+template <typename T>
+void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out);
+
+template <typename T>
+struct AttentionOperands {
+  const T* q;  // [B, H, T, D], rows of D contiguous, strides below
+  int64_t q_stride_b, q_stride_h, q_stride_t;
+  const T* k;  // [N, Hkv, S_max, D] contiguous
+  const T* v;
+  const int64_t* slots;  // [B]
+  const int64_t* lens;  // [B]: cached keys before the new ones
+  const bool* mask;  // [T, T] or [B, T, T], or null: causal
+  int64_t mask_stride_b;  // 0 for one mask for the batch
+  T* out;  // [B, T, H, D] contiguous
+  int64_t H, Hkv, T_new, D, S_max;
+  float scale;
+};
+
+// out = softmax(q k^T * scale + mask) v for the B sequences of `a`
+template <typename T>
+void attend_all(const AttentionOperands<T>& a, int64_t B);
+
+}  // namespace medusa_cpu
