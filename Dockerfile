@@ -20,7 +20,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ARG DEVICE=cuda
 
 # gcc and the Python headers: Triton compiles its kernel launchers with the host's C compiler at run time;
-# g++: on a CPU, our product kernel (runtime/rows_product.cpp) and torch.compile's kernels are C++ built there.
+# g++: on a CPU, our kernels (runtime/*.cpp, attention/cpu_attention.cpp) and torch.compile's kernels are C++
+# built there.
 # make: the install below is the Makefile's, as in CI. tini: as PID 1 it hands SIGTERM to the server even
 # while the model loads (a PID 1 without a handler ignores it) and reaps compiler processes. curl: the
 # health check.

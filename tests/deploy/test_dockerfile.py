@@ -45,7 +45,7 @@ def test_the_base_is_a_cuda_runtime_image():
 
 def test_c_and_cpp_compilers_and_python_headers_are_installed():
     """Triton builds its kernel launchers at run time with the host's C compiler, against Python.h; on a
-    CPU, our product kernel (runtime/rows_product.cpp) and inductor's kernels are C++ built there."""
+    CPU, our kernels (runtime/*.cpp, attention/cpu_attention.cpp) and inductor's are C++ built there."""
     [install] = [run for run in runs() if "apt-get install" in run]
     packages = set(install.split())
     assert packages & {"gcc", "clang", "build-essential"} and {"python3-dev", "libc6-dev"} <= packages
