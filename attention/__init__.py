@@ -9,7 +9,7 @@ new tokens' K/V have already been written to the cache at positions `cache_lens[
 Three backends behind the one `attend`:
 - "triton" (the default for CUDA tensors): `attention.triton_kernels`, FlashAttention kernels
   that read K/V straight from the cache slots. Triton is imported on first use only.
-- "cpu": our C++ kernel for a few new tokens per sequence (`attention/cpu_attention.cpp`, built by
+- "cpu": our C++ kernel for a few new tokens per sequence (`attention/cpu.py`, built by
   `runtime.cpu_kernels`), which the model picks when it serves on the CPU (`Llama.prepare_for_serving`).
   A query's result depends only on the keys it sees, not on how many queries share the call, so a
   tree node gets the bits its token gets decoded alone (SDPA's do not: in bfloat16, greedy
@@ -39,6 +39,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from attention.cpu import cpu_attend
 from attention.masks import dense_mask, pack_bits
 
 Backend = Literal["torch", "triton", "cpu"]
@@ -127,8 +128,6 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         return triton_kernels.attend(q, k_cache, v_cache, batch.slots, batch.cache_lens, batch.packed_mask,
                                      batch.max_len, batch.num_splits)
     if batch.backend == "cpu":
-        from runtime.cpu_kernels import cpu_attend
-
         return cpu_attend(q, k_cache, v_cache, batch.slots, batch.cache_lens, batch.new_mask)
     return _attend_torch(q, k_cache, v_cache, batch)
 

@@ -1,6 +1,7 @@
 """Our CPU kernels for decoding, built for the machine they run on: `rows_product(x, weight, bias)` =
-`F.linear` for a few rows (`rows_product.cpp`); `cpu_attend`, attention for a few new tokens per
-sequence over its cache slot (`attention/cpu_attention.cpp`, called through `attention.attend`); and
+`F.linear` for a few rows (`rows_product.cpp`); `attention.cpu.cpu_attend`, attention for a few new
+tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called through
+`attention.attend`); and
 a decoder layer's small steps between its products, `rms_norm`, `rope` and `silu_mul`, and the
 cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and `runtime.kv_cache`).
 
@@ -27,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+import attention.cpu
+
 SOURCE = Path(__file__).with_name("rows_product.cpp")
-ATTENTION_SOURCE = Path(__file__).parent.parent / "attention" / "cpu_attention.cpp"
 LAYER_SOURCE = Path(__file__).with_name("layer_ops.cpp")
 
 log = logging.getLogger(__name__)
@@ -43,21 +45,6 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 rows_product = torch.ops.medusa.rows_product  # x [..., K], weight [N, K], bias [N] or None -> [..., N]
-
-_library.define("cpu_attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor cache_lens, "
-                "Tensor? new_mask) -> Tensor")
-
-
-@torch.library.register_fake("medusa::cpu_attend")
-def _(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-      cache_lens: torch.Tensor, new_mask: torch.Tensor | None) -> torch.Tensor:
-    B, H, T, D = q.shape
-    return q.new_empty(B, T, H, D).transpose(1, 2)  # as the kernel lays it out
-
-
-# q [B, H, T, D], k_cache / v_cache [N, Hkv, S_max, D], slots / cache_lens [B] int64, new_mask [T, T] or
-# [B, T, T] bool or None (causal) -> [B, H, T, D]
-cpu_attend = torch.ops.medusa.cpu_attend
 
 _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
@@ -112,7 +99,7 @@ def built() -> bool:
     machine = hashlib.sha256(flags.encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
-        sources = [str(SOURCE), str(ATTENTION_SOURCE), str(LAYER_SOURCE)]
+        sources = [str(SOURCE), str(attention.cpu.SOURCE), str(LAYER_SOURCE)]
         cpp_extension.load(f"medusa_cpu_kernels_{machine}", sources, is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            extra_include_paths=[str(SOURCE.parent)])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from attention import attend, plan
+from attention.cpu import cpu_attend
 from runtime import cpu_kernels
-from runtime.cpu_kernels import cpu_attend
 from tests.attention.conftest import SHAPES, TOLERANCE, make_case, tree_mask
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
