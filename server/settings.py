@@ -25,7 +25,8 @@ class Settings(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = Field(
         default=None, description="weights: float32, bfloat16, float16, or auto (bfloat16 on CUDA and on "
         "CPUs with native bf16 products, else float32); default: float32 on the CPU (greedy speculation "
-        "is token-exact in float32 only), bfloat16 on CUDA")
+        "is token-exact in float32; in bfloat16 only while our CPU kernels take all of a step's rows, as "
+        "for one sequence and a small tree), bfloat16 on CUDA")
     compile: Literal["auto", "on", "off"] = Field(
         default="auto", description="compile the decoding step with torch.compile, every graph built at "
         "start-up, before the server listens; auto: on for CUDA, off on the CPU")
