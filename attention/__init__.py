@@ -91,8 +91,8 @@ def plan(slots: torch.Tensor, cache_lens: torch.Tensor, num_new: int,
         packed = None if new_mask is None else pack_bits(new_mask.to(slots.device))
         return AttentionBatch(slots, cache_lens, new_mask, T, max_len, backend,
                               packed_mask=packed, num_splits=num_splits)
-    if backend == "cpu":
-        return AttentionBatch(slots, cache_lens, new_mask, T, max_len, backend)
+    if backend == "cpu":  # (the kernel reads slots and lengths as plain arrays)
+        return AttentionBatch(slots.contiguous(), cache_lens.contiguous(), new_mask, T, max_len, backend)
     assert backend == "torch", backend
     first_slot, seq_views = None, None
     needs_mask = True

@@ -71,3 +71,13 @@ def test_bad_operands_raise_clear_errors():
         cpu_attend(q[..., :8], k[..., :8].contiguous(), v[..., :8].contiguous(), slots, lens, None)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         cpu_attend(q.half(), k.half(), v.half(), slots, lens, None)
+
+
+def test_the_plan_hands_the_kernel_plain_arrays():
+    """Slots as the step reads them (a column of its table) are strided: the plan makes them plain."""
+    case = make_case([5, 9], 1, 4, 2, 16, None)
+    table = torch.stack([case.slots, case.cache_lens], dim=1)  # [B, 2]
+    batch = plan(table[:, 0], table[:, 1], 1, backend="cpu")
+    assert not table[:, 0].is_contiguous()
+    torch.testing.assert_close(attend(case.q, case.k_cache, case.v_cache, batch), case.expected(),
+                               atol=2e-5, rtol=2e-5)
