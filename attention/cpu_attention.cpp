@@ -57,21 +57,22 @@ inline f32x16 sum16x16(const f32x16* v) {
 
 // q . k over D (a multiple of 16) in 16 float32 lanes, to be added up by sum16 or sum16x16
 template <typename T>
-inline f32x16 dot_lanes(const T* q, const T* k, int64_t D) {
+inline f32x16 widened_dot_lanes(const T* q, const T* k, int64_t D) {
   f32x16 acc = {};
   for (int64_t d = 0; d < D; d += 16) acc += load16(q + d) * load16(k + d);
   return acc;
+}
+
+template <typename T>
+inline f32x16 dot_lanes(const T* q, const T* k, int64_t D) {
+  return widened_dot_lanes(q, k, D);
 }
 
 #if defined(__AVX512BF16__)
 // bf16 pairs multiplied into float32 sums in one instruction (vdpbf16ps) where the CPU has it
 template <>
 inline f32x16 dot_lanes(const c10::BFloat16* q, const c10::BFloat16* k, int64_t D) {
-  if (D % 32 != 0) {
-    f32x16 acc = {};
-    for (int64_t d = 0; d < D; d += 16) acc += load16(q + d) * load16(k + d);
-    return acc;
-  }
+  if (D % 32 != 0) return widened_dot_lanes(q, k, D);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 32)
     acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(q + d), (__m512bh)_mm512_loadu_si512(k + d));
@@ -208,6 +209,32 @@ void attend_all(const AttentionOperands<T>& a, int64_t B) {
 template void attend_all(const AttentionOperands<float>&, int64_t);
 template void attend_all(const AttentionOperands<c10::BFloat16>&, int64_t);
 
+at::Tensor checked_attention_operands(const char* op, int64_t B, int64_t H, int64_t T, int64_t D,
+                                      const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                                      const at::Tensor& cache_lens, const std::optional<at::Tensor>& new_mask) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+              op, ": caches must be [N, Hkv, S_max, D], contiguous, of one dtype");
+  const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && D <= kMaxD, op,
+              ": head dim must match and be a multiple of 16, at most ", kMaxD);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": query heads must be a multiple of KV heads");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && cache_lens.scalar_type() == at::kLong &&
+              slots.is_contiguous() && cache_lens.is_contiguous() && slots.numel() == B && cache_lens.numel() == B,
+              op, ": slots and cache_lens must be [B] int64");
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  const int64_t* len = cache_lens.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0) && len[b] >= 0 && len[b] + T <= S_max,
+                op, ": sequence ", b, " is outside the cache");
+  if (!new_mask.has_value()) return at::Tensor();
+  const at::Tensor mask = new_mask->contiguous();
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() >= 2 && mask.size(-1) == T && mask.size(-2) == T &&
+              (mask.dim() == 2 || (mask.dim() == 3 && mask.size(0) == B)),
+              op, ": new_mask must be [T, T] or [B, T, T] bool");
+  return mask;
+}
+
 }  // namespace medusa_cpu
 
 namespace {
@@ -216,31 +243,13 @@ at::Tensor cpu_attend(const at::Tensor& q, const at::Tensor& k_cache, const at::
                       const at::Tensor& slots, const at::Tensor& cache_lens, const std::optional<at::Tensor>& new_mask) {
   TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "cpu_attend: q must be [B, H, T, D] with D contiguous");
   const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-              k_cache.sizes() == v_cache.sizes(), "cpu_attend: caches must be [N, Hkv, S_max, D], contiguous");
+  const at::Tensor mask = checked_attention_operands("cpu_attend", B, H, Tn, D, k_cache, v_cache, slots, cache_lens,
+                                                     new_mask);
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "cpu_attend: q and caches differ in dtype");
   const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && D % 16 == 0 && D <= kMaxD,
-              "cpu_attend: head dim must match and be a multiple of 16, at most ", kMaxD);
-  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, "cpu_attend: query heads must be a multiple of KV heads");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "cpu_attend: q and caches differ in dtype");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && cache_lens.scalar_type() == at::kLong &&
-              slots.is_contiguous() && cache_lens.is_contiguous() && slots.numel() == B && cache_lens.numel() == B,
-              "cpu_attend: slots and cache_lens must be [B] int64");
   const int64_t* slot_ptr = slots.const_data_ptr<int64_t>();
   const int64_t* len_ptr = cache_lens.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(slot_ptr[b] >= 0 && slot_ptr[b] < k_cache.size(0) && len_ptr[b] >= 0 && len_ptr[b] + Tn <= S_max,
-                "cpu_attend: sequence ", b, " is outside the cache");
-  at::Tensor mask;
-  int64_t mask_stride_b = 0;
-  if (new_mask.has_value()) {
-    mask = new_mask->contiguous();
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(-1) == Tn && mask.size(-2) == Tn &&
-                (mask.dim() == 2 || (mask.dim() == 3 && mask.size(0) == B)),
-                "cpu_attend: new_mask must be [T, T] or [B, T, T] bool");
-    mask_stride_b = mask.dim() == 3 ? Tn * Tn : 0;
-  }
+  const int64_t mask_stride_b = mask.defined() && mask.dim() == 3 ? Tn * Tn : 0;
   at::Tensor out = at::empty({B, Tn, H, D}, q.options());
   auto run = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;

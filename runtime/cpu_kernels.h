@@ -1,10 +1,13 @@
 // What one of our CPU kernel files calls in another (`layer_ops.cpp`'s whole decoder layer calls the
-// product and the attention): declarations; the definitions and their reasons are in
+// product and the attention, and checks its operands as the attention does): declarations; the definitions and their reasons are in
 // `rows_product.cpp` and `attention/cpu_attention.cpp`. T: float or c10::BFloat16.
 
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <optional>
 
 namespace medusa_cpu {
 
@@ -30,5 +33,12 @@ struct AttentionOperands {
 // out = softmax(q k^T * scale + mask) v for the B sequences of `a`
 template <typename T>
 void attend_all(const AttentionOperands<T>& a, int64_t B);
+
+// Checks what attention over the caches reads, for the op named `op` (B sequences, H query heads, T new
+// tokens, head dim D): caches [N, Hkv, S_max, D], slots and cache_lens [B] int64 inside the cache,
+// new_mask [T, T] or [B, T, T] bool. Returns the mask made contiguous, or an undefined tensor (causal).
+at::Tensor checked_attention_operands(const char* op, int64_t B, int64_t H, int64_t T, int64_t D,
+                                      const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                                      const at::Tensor& cache_lens, const std::optional<at::Tensor>& new_mask);
 
 }  // namespace medusa_cpu

@@ -230,10 +230,10 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attn_norm, const
                          const at::Tensor& cache_lens, const std::optional<at::Tensor>& new_mask, int64_t num_heads) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "decoder_layer: x must be [B, T, C], contiguous");
   const int64_t B = x.size(0), Tn = x.size(1), C = x.size(2);
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-              k_cache.sizes() == v_cache.sizes(), "decoder_layer: caches must be [N, Hkv, S_max, D], contiguous");
-  const int64_t Hkv = k_cache.size(1), D = k_cache.size(3);
-  TORCH_CHECK(num_heads > 0 && Hkv > 0 && num_heads % Hkv == 0 && D % 16 == 0, "decoder_layer: bad heads");
+  const int64_t D = k_cache.dim() == 4 ? k_cache.size(3) : 0;
+  const at::Tensor mask = checked_attention_operands("decoder_layer", B, num_heads, Tn, D, k_cache, v_cache, slots,
+                                                     cache_lens, new_mask);
+  const int64_t Hkv = k_cache.size(1);
   const int64_t I = down_w.size(1);
   for (const at::Tensor* w : {&attn_norm, &qkv_w, &o_w, &mlp_norm, &gate_up_w, &down_w, &cos, &sin, &k_cache, &v_cache})
     TORCH_CHECK(w->is_contiguous() && w->scalar_type() == x.scalar_type(), "decoder_layer: every tensor must be "
@@ -245,21 +245,6 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attn_norm, const
               o_w.size(1) == num_heads * D && gate_up_w.size(0) == 2 * I && gate_up_w.size(1) == C &&
               down_w.size(0) == C && attn_norm.numel() == C && mlp_norm.numel() == C &&
               cos.numel() == B * Tn * D && sin.numel() == B * Tn * D, "decoder_layer: shapes do not fit");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && cache_lens.scalar_type() == at::kLong && slots.is_contiguous() &&
-              cache_lens.is_contiguous() && slots.numel() == B && cache_lens.numel() == B,
-              "decoder_layer: slots and cache_lens must be [B] int64");
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(slots.const_data_ptr<int64_t>()[b] >= 0 && slots.const_data_ptr<int64_t>()[b] < k_cache.size(0) &&
-                cache_lens.const_data_ptr<int64_t>()[b] >= 0 &&
-                cache_lens.const_data_ptr<int64_t>()[b] + Tn <= k_cache.size(2),
-                "decoder_layer: sequence ", b, " is outside the cache");
-  at::Tensor mask;
-  if (new_mask.has_value()) {
-    mask = new_mask->contiguous();
-    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(-1) == Tn && mask.size(-2) == Tn &&
-                (mask.dim() == 2 || (mask.dim() == 3 && mask.size(0) == B)),
-                "decoder_layer: new_mask must be [T, T] or [B, T, T] bool");
-  }
   at::Tensor out = at::empty_like(x);
   if (x.scalar_type() == at::kFloat) {
     decoder_layer_of<float>(x, attn_norm, qkv_w, qkv_b, o_w, o_b, mlp_norm, gate_up_w, gate_up_b, down_w, down_b,

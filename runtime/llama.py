@@ -30,6 +30,7 @@ OWN_MEASURED_ROWS = (1, 2, 4, 8, 12, 16)  # sizes our kernel is timed at: a toke
 OWN_KERNEL_SLACK = 1.1  # our kernel keeps a size while at most 10% slower (`measure_own_kernel_rows`)
 NEVER = sys.maxsize
 CPU_ATTENTION_MAX_NEW = 64  # new tokens per sequence up to which serving on the CPU attends through ours
+CPU_ATTENTION_MAX_HEAD_DIM = 256  # the most our CPU attention keeps in registers (kMaxD in cpu_attention.cpp)
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +337,9 @@ class Llama(nn.Module):
         else:
             pack_linears(self, packed_from_rows, own_kernel_rows)
         w = self.embed.weight
+        D = self.config.head_dim
         self.cpu_attention = (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
-                              and self.config.head_dim % 16 == 0 and cpu_kernels.built())
+                              and D % 16 == 0 and D <= CPU_ATTENTION_MAX_HEAD_DIM and cpu_kernels.built())
         return self
 
     def prepare_for_training(self) -> Llama:
