@@ -11,7 +11,8 @@
 
 namespace medusa_cpu {
 
-// out [M, N] = x [M, K] W^T + bias, W [N, K] (bias [N] or null); all contiguous
+// out [M, N] = x [M, K] W^T + bias, W [N, K] in the kernel's order (`medusa::block_weight`), bias [N]
+// or null; all contiguous
 template <typename T>
 void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out);
 

@@ -1,5 +1,6 @@
-"""Our CPU kernels for decoding, built for the machine they run on: `rows_product(x, weight, bias)` =
-`F.linear` for a few rows (`rows_product.cpp`); `attention.cpu.cpu_attend`, attention for a few new
+"""Our CPU kernels for decoding, built for the machine they run on: `rows_product(x,
+block_weight(weight), bias)` = `F.linear` for a few rows (`rows_product.cpp`: the kernel reads the
+weights in its own order, a copy taken once); `attention.cpu.cpu_attend`, attention for a few new
 tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called through
 `attention.attend`); and
 a decoder layer's small steps between its products, `rms_norm`, `rope` and `silu_mul`, and the
@@ -36,6 +37,7 @@ LAYER_SOURCE = Path(__file__).with_name("layer_ops.cpp")
 log = logging.getLogger(__name__)
 
 _library = torch.library.Library("medusa", "FRAGMENT")
+_library.define("block_weight(Tensor weight) -> Tensor")
 _library.define("rows_product(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 
 
@@ -44,7 +46,8 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-rows_product = torch.ops.medusa.rows_product  # x [..., K], weight [N, K], bias [N] or None -> [..., N]
+block_weight = torch.ops.medusa.block_weight  # weight [N, K] -> [N, K] in the order rows_product reads
+rows_product = torch.ops.medusa.rows_product  # x [..., K], block_weight(weight), bias [N] or None -> [..., N]
 
 _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
@@ -76,8 +79,9 @@ rope = torch.ops.medusa.rope  # x [B, T, heads + ..., D], cos / sin [B, T, 1, D]
 silu_mul = torch.ops.medusa.silu_mul  # gate_up [..., 2I] -> silu(gate) * up [..., I]
 # caches: [N, Hkv, S_max, D] each; slots [B]; src, dst [B, P] int64: in place, sources read first
 move_positions = torch.ops.medusa.move_positions
-# x [B, T, C], a `Block`'s weights, its eps, cos / sin [B, T, 1, D], its layer's caches, slots / cache_lens
-# [B], new_mask [T, T] or [B, T, T] or None, num_heads -> [B, T, C]: `Block.forward` in one call
+# x [B, T, C], a `Block`'s weights (its products' `block_weight` copies), its eps, cos / sin
+# [B, T, 1, D], its layer's caches, slots / cache_lens [B], new_mask [T, T] or [B, T, T] or None,
+# num_heads -> [B, T, C]: `Block.forward` in one call
 decoder_layer = torch.ops.medusa.decoder_layer
 
 

@@ -72,6 +72,7 @@ class Linear(nn.Linear):
     packed_weight: torch.Tensor | None = None
     packed_bias: torch.Tensor | None = None
     packed_from_rows: int = 1  # products of at least this many rows use the packed copy
+    own_weight: torch.Tensor | None = None  # the weights in our kernel's order (`cpu_kernels.block_weight`)
     own_kernel_rows: int = 0  # products of at most this many rows use `cpu_kernels.rows_product`
 
     @property
@@ -85,23 +86,27 @@ class Linear(nn.Linear):
     def pack(self, from_rows: int = 1, own_rows: int = 1) -> None:
         """Keep a oneDNN copy of the weights and multiply products of at least `from_rows` rows
         through it from now on (no-op unless `packable`); products of at most `own_rows` rows
-        through our kernel where it is built."""
+        through our kernel where it is built, which reads a copy of its own (`own_weight`, the
+        weights in its order). Serving on the CPU thus holds a model's linear weights up to three
+        times: as loaded (autograd, the tied embedding), oneDNN's and ours."""
         if self.packable:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
             self.packed_bias = None if self.bias is None else self.bias.detach()
             self.packed_from_rows = from_rows
         w = self.weight
-        own = w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.built()
+        own = (own_rows > 0 and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+               and cpu_kernels.built())
+        self.own_weight = cpu_kernels.block_weight(w.detach()) if own else None
         self.own_kernel_rows = own_rows if own else 0
 
     def unpack(self) -> None:
-        """Drop the oneDNN copy: multiply through the weights themselves (MKL), with autograd."""
-        self.packed_weight = self.packed_bias = None
+        """Drop the copies: multiply through the weights themselves (MKL), with autograd."""
+        self.packed_weight = self.packed_bias = self.own_weight = None
         self.own_kernel_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= self.own_kernel_rows * x.shape[-1]:
-            return cpu_kernels.rows_product(x, self.weight, self.bias)
+            return cpu_kernels.rows_product(x, self.own_weight, self.bias)
         if self.packed_weight is None or x.numel() < self.packed_from_rows * x.shape[-1]:
             return super().forward(x)
         if torch.compiler.is_compiling():  # opaque: inductor lowers oneDNN products of its own weights only
@@ -199,6 +204,7 @@ def measure_own_kernel_rows(model: Llama) -> int:
             own_rows = rows
     for m in linears:
         m.own_kernel_rows = own_rows
+        m.own_weight = m.own_weight if own_rows else None  # never used: not kept
     return own_rows
 
 
@@ -292,9 +298,9 @@ class Block(nn.Module):
         if ours and one_call and all(B * T <= m.own_kernel_rows for m in products):
             n1, n2 = self.attn_norm, self.mlp_norm
             return cpu_kernels.decoder_layer(
-                x, n1.weight, self.qkv.weight, self.qkv.bias, self.o.weight, self.o.bias, n2.weight,
-                self.gate_up.weight, self.gate_up.bias, self.down.weight, self.down.bias, n1.eps, cos, sin,
-                cache.k[layer], cache.v[layer], batch.slots, batch.cache_lens, batch.new_mask, H)
+                x, n1.weight, self.qkv.own_weight, self.qkv.bias, self.o.own_weight, self.o.bias, n2.weight,
+                self.gate_up.own_weight, self.gate_up.bias, self.down.own_weight, self.down.bias, n1.eps, cos,
+                sin, cache.k[layer], cache.v[layer], batch.slots, batch.cache_lens, batch.new_mask, H)
         qkv = self.qkv(self.attn_norm(x, ours)).view(B, T, H + 2 * Hkv, D)
         if ours:
             qk = cpu_kernels.rope(qkv, cos, sin, H + Hkv)  # [B, T, H + Hkv, D]

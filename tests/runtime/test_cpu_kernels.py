@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime import cpu_kernels
-from runtime.cpu_kernels import rows_product
+from runtime.cpu_kernels import block_weight, rows_product
 from runtime.llama import (
     OWN_MEASURED_ROWS,
     Linear,
@@ -33,6 +33,12 @@ def padded_with_nan(rows: int, cols: int, dtype: torch.dtype, gen: torch.Generat
     return buf[:rows]
 
 
+def blocked(weight: torch.Tensor) -> torch.Tensor:
+    """`block_weight(weight)`, followed in memory by NaN as `padded_with_nan` makes it."""
+    out = padded_with_nan(*weight.shape, weight.dtype, torch.Generator())
+    return out.copy_(block_weight(weight))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows, out_features, in_features, bias", [
     (1, 64, 64, False),  # whole blocks, whole vectors
@@ -48,11 +54,14 @@ def test_rows_product_equals_linear_in_float64(dtype, rows, out_features, in_fea
     x = padded_with_nan(rows, in_features, dtype, gen)
     weight = padded_with_nan(out_features, in_features, dtype, gen)
     b = padded_with_nan(1, out_features, dtype, gen)[0] if bias else None
-    got = rows_product(x, weight, b)
+    got = rows_product(x, blocked(weight), b)
     assert got.shape == (rows, out_features) and got.dtype == dtype
     expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
     scale = in_features ** 0.5  # the outputs' standard deviation
     torch.testing.assert_close(got.double(), expected, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
+    if rows and out_features >= 8 and in_features >= 16:  # the kernel reads its own order, not W's
+        misread = rows_product(x, weight, b).double()
+        assert not torch.allclose(misread, expected, atol=TOLERANCE[dtype] * scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -61,7 +70,7 @@ def test_a_row_gets_the_same_bits_alone_or_among_others(dtype):
     token decoded alone match the same token verified among a tree's."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, 576, generator=gen).to(dtype)  # [B, T, K]: leading dims kept
-    weight = torch.randn(1000, 576, generator=gen).to(dtype)
+    weight = block_weight(torch.randn(1000, 576, generator=gen).to(dtype))
     together = rows_product(x, weight, None)  # [2, 6, 1000]
     assert together.shape == (2, 6, 1000)
     for i in range(2):
@@ -81,6 +90,8 @@ def test_bad_operands_raise_clear_errors():
         rows_product(torch.randn(1, 16), weight, torch.randn(7))
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         rows_product(torch.randn(1, 16, dtype=torch.float16), weight.half(), None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        block_weight(weight.half())
 
 
 def test_linear_serves_one_row_through_it_and_trains_without_it():
@@ -89,9 +100,10 @@ def test_linear_serves_one_row_through_it_and_trains_without_it():
     x1, x3 = torch.randn(1, 1, 64), torch.randn(1, 3, 64)
     linear.pack()
     with torch.no_grad():
-        assert torch.equal(linear(x1), rows_product(x1, linear.weight, linear.bias))
-        assert not torch.equal(linear(x3), rows_product(x3, linear.weight, linear.bias))  # oneDNN or MKL
+        assert torch.equal(linear(x1), rows_product(x1, block_weight(linear.weight), linear.bias))
+        assert not torch.equal(linear(x3), rows_product(x3, linear.own_weight, linear.bias))  # oneDNN or MKL
     linear.unpack()
+    assert linear.own_weight is None
     y = linear(x1)
     y.sum().backward()  # autograd: `rows_product` has no derivative, so training must not reach it
     assert linear.weight.grad is not None
@@ -123,8 +135,8 @@ def test_the_load_gives_it_the_sizes_it_is_measured_faster_on(monkeypatch):
     assert {m.own_kernel_rows for m in linears} == {4}
     with torch.no_grad():
         x4, x5 = torch.randn(4, 64), torch.randn(5, 64)
-        assert torch.equal(model.lm_head(x4), ours(x4, model.lm_head.weight, None))
-        assert not torch.equal(model.lm_head(x5), ours(x5, model.lm_head.weight, None))
+        assert torch.equal(model.lm_head(x4), ours(x4, model.lm_head.own_weight, None))
+        assert not torch.equal(model.lm_head(x5), ours(x5, model.lm_head.own_weight, None))
 
     # as slow as the libraries, within the timing's noise (waits long against it): every size, for rows
     # that keep their bits
@@ -134,6 +146,7 @@ def test_the_load_gives_it_the_sizes_it_is_measured_faster_on(monkeypatch):
     monkeypatch.setattr(F, "linear", slow_mkl)
     monkeypatch.setattr(cpu_kernels, "rows_product", lambda x, w, b: time.sleep(0.003) or ours(x, w, b))
     assert measure_own_kernel_rows(model) == 0  # slower even on one row: never used
+    assert {m.own_weight for m in linears} == {None}  # nor its copy kept
     monkeypatch.setattr(cpu_kernels, "built", lambda: False)
     pack_linears(model, from_rows=1000)
     assert measure_own_kernel_rows(model) == 0  # not built: not measured
@@ -149,7 +162,7 @@ def test_a_compiled_graph_calls_it_as_it_is():
     x = torch.randn(1, 1, 64)
     with torch.inference_mode():
         out, code = run_and_get_code(compiled, x)
-        assert torch.equal(out, rows_product(F.silu(x), linear.weight, linear.bias))
+        assert torch.equal(out, rows_product(F.silu(x), linear.own_weight, linear.bias))
     assert "medusa.rows_product" in "".join(code)
 
 
