@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 
 namespace medusa_cpu {
 
@@ -47,6 +48,30 @@ inline f32x16 round16(f32x16 v, const c10::BFloat16*) {
   c10::BFloat16 h[16];
   store16(h, v);
   return load16(h);
+}
+
+// a * b + c rounded once (one fused multiply-add per lane) where the CPU has them; a kernel that calls
+// it gets the same instruction for the same sum wherever it is written, as `fp-contract=off` asks
+inline f32x16 fma16(f32x16 a, f32x16 b, f32x16 c) {
+#if defined(__AVX512F__)
+  return (f32x16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  const f32x8 lo = (f32x8)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                                          (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+                                          (__m256)__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
+  const f32x8 hi = (f32x8)_mm256_fmadd_ps((__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          (__m256)__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return a * b + c;
+#endif
+}
+
+inline float max16(f32x16 v) {  // the largest lane (exact: any order gives it)
+  float m = v[0];
+  for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
+  return m;
 }
 
 inline float sum16(f32x16 v) {  // halves added pairwise: 4 vector adds, not 15 scalar ones

@@ -96,6 +96,7 @@ SHAPES = {
     "tree63": ([0, 45], 63, 4, 2, 64, random_tree_mask(63)),
     "tree63-gqa3": ([70], 63, 6, 2, 64, random_tree_mask(63, seed=1)),  # 189 rows: two query tiles
     "tree16-d128": ([3, 129], 16, 8, 2, 128, random_tree_mask(16, seed=2)),
+    "tree8-d32": ([20, 33], 8, 4, 2, 32, random_tree_mask(8, seed=3)),  # a head dim without its own code
     "tree-per-row": ([3, 0, 64, 70], 24, 6, 2, 64, random_tree_masks(4, 24, seed=7)),  # dynamic trees
     "prefill": ([0], 150, 2, 1, 64, None),  # 300 rows: three query tiles, causal early exit
     "prefill-chunk": ([37], 100, 4, 2, 64, None),

@@ -28,8 +28,9 @@ def test_matches_naive_reading_only_what_each_sequence_sees(name, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("cached", [90, 95, 1])  # the chain's keys cross a block of 16 keys, or do not
-def test_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype, cached):
-    case = make_case([cached], 8, 9, 3, 64, None, dtype=dtype, seed=cached)
+@pytest.mark.parametrize("head_dim", [64, 48])  # the kernel's code for 64, and for any multiple of 16
+def test_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype, cached, head_dim):
+    case = make_case([cached], 8, 9, 3, head_dim, None, dtype=dtype, seed=cached)
     together = cpu_attend(case.q, case.k_cache, case.v_cache, case.slots, case.cache_lens, None)
     for t in range(8):
         alone = cpu_attend(case.q[:, :, t:t + 1], case.k_cache, case.v_cache, case.slots,
