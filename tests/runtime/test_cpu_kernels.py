@@ -45,6 +45,7 @@ def blocked(weight: torch.Tensor) -> torch.Tensor:
     (1, 45, 77, True),  # a block's tail (45 = 5 x 8 + 5) and a vector's (77 = 2 x 32 + 13)
     (5, 130, 576, True),
     (12, 7, 1536, False),  # fewer rows than a block
+    (11, 24, 100, True),  # a block's rows two at a time against 8 rows of x, then 3
     (3, 9, 5, True),  # shorter than one vector
     (0, 8, 16, False),
 ])
