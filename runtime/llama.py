@@ -105,7 +105,7 @@ class Linear(nn.Linear):
         self.own_kernel_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= self.own_kernel_rows * x.shape[-1]:
+        if self.own_weight is not None and x.numel() <= self.own_kernel_rows * x.shape[-1]:
             return cpu_kernels.rows_product(x, self.own_weight, self.bias)
         if self.packed_weight is None or x.numel() < self.packed_from_rows * x.shape[-1]:
             return super().forward(x)
