@@ -199,7 +199,7 @@ namespace medusa_cpu {
 template <typename T>
 void attend_all(const AttentionOperands<T>& a, int64_t B) {
   const int64_t R = a.H / a.Hkv * a.T_new;  // query rows per KV head
-  const int64_t tiles = (R + kTile - 1) / kTile;  // tasks of a tile of rows, so a tree's work splits among threads
+  const int64_t tiles = (R + kTile - 1) / kTile;  // tasks of a tile of rows: a tree's work splits among threads
   int64_t pairs = 0;  // query-key pairs of the whole call
   for (int64_t b = 0; b < B; ++b) pairs += a.Hkv * R * (a.lens[b] + a.T_new);
   // A second thread pays only for work well above its start-up; then every task may go to either, so

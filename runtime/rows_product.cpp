@@ -117,7 +117,7 @@ void product_tile(const T* x, const T* w, int r0, int64_t K, const T* bias, cons
   }
 }
 
-// Rows r0, r0 + 1 of the block against rows [m0, M) of x, up to 8 at a time
+// Rows r0 and r0 + 1 of a block of RB against the M rows of x, up to 8 of them at a time
 template <int RB, typename T>
 void pair_against_rows(const T* x, int64_t M, const T* w, int r0, int64_t K, const T* bias, const T* next,
                        T* out, int64_t ldo) {
