@@ -137,7 +137,7 @@ def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> N
         else:
             assert set(tree.choices) == {tuple(c) for c in spec["choices"]}
     assert default_tree("cuda:0", "bfloat16") == "gpu" and default_tree("cpu") == "cpu"
-    assert default_tree("cpu", "bfloat16") == "cpu-bf16"
+    assert default_tree("cpu", "bfloat16") == "dynamic-cpu-bf16"
     assert default_tree("cpu", "bfloat16", "eagle") == "eagle-dynamic-cpu"
     assert default_tree("cuda", "bfloat16", "eagle") == "eagle-gpu"
 
