@@ -204,7 +204,8 @@ def measure_own_kernel_rows(model: Llama) -> int:
             own_rows = rows
     for m in linears:
         m.own_kernel_rows = own_rows
-        m.own_weight = m.own_weight if own_rows else None  # never used: not kept
+        if own_rows == 0:  # never used: its copy is not kept
+            m.own_weight = None
     return own_rows
 
 
