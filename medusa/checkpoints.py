@@ -169,20 +169,23 @@ def load_drafter(path: str | Path, base_config: ModelConfig, base_lm_head: nn.Li
     if missing or unexpected:
         raise HeadsLoadError(f"the draft layer in {str(folder)!r} does not match its config: "
                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    return drafter.to(device=device, dtype=dtype).eval().prepare_for_serving(_packed_from_rows(base_lm_head))
+    return drafter.to(device=device, dtype=dtype).eval().prepare_for_serving(*_matmul_choice(base_lm_head))
 
 
-def _packed_from_rows(base_lm_head: nn.Linear | None) -> int:
-    """The rows from which a drafter's products go through oneDNN: in bf16 those of the base model's,
-    measured at its load (`runtime.llama.measure_packed_from_rows`); in float32 none. Drafting with the
+def _matmul_choice(base_lm_head: nn.Linear | None) -> tuple[int, int]:
+    """(packed_from_rows, own_kernel_rows) for a drafter's products: in bf16 the base model's,
+    measured at its load (`runtime.llama.measure_matmul`); in float32 MKL's (a bf16 copy of the
+    projection multiplies as `medusa.heads.scored_projection` says). Drafting with the
     layer (`eagle-dynamic-cpu`, Intel Xeon with AMX, the same drafts), its products and its projection's
     through oneDNN against MKL: bf16 7.71 against 9.13 ms a step (heads, `cpu-bf16`: 1.33 against 1.68);
     float32, the layer's products through oneDNN from 4 rows (the base model's answer) and the bf16
     projection's from 1: 10.24 against 10.06 ms with the layer's through MKL (10.92 all MKL). The
-    drafter's small weights stay in the cache, where MKL's fp32 products are the faster."""
+    drafter's small weights stay in the cache, where MKL's fp32 products are the faster. In bf16 our
+    kernel up to the base model's rows, not one: the heads' drafting (`dynamic-cpu-bf16`, a tree's
+    forward between drafts, as in a step), AMD EPYC (Zen 5), 2.43 -> 2.07 ms, the same drafts."""
     if not isinstance(base_lm_head, Linear) or base_lm_head.weight.dtype == torch.float32:
-        return NEVER
-    return base_lm_head.packed_from_rows
+        return NEVER, 1
+    return base_lm_head.packed_from_rows, base_lm_head.own_kernel_rows
 
 
 def resolve_heads(spec: str | Path) -> Path:
@@ -236,7 +239,7 @@ def load_heads(path: str | Path, base_config: ModelConfig, base_lm_head: nn.Line
     if missing or unexpected:
         raise HeadsLoadError(f"Medusa heads in {str(folder)!r} do not match their config: "
                              f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    return heads.to(device=device, dtype=dtype).eval().prepare_for_serving(_packed_from_rows(base_lm_head))
+    return heads.to(device=device, dtype=dtype).eval().prepare_for_serving(*_matmul_choice(base_lm_head))
 
 
 def _read_ours(folder: Path) -> tuple[MedusaConfig, dict[str, torch.Tensor]]:

@@ -110,14 +110,15 @@ class EagleDrafter(nn.Module):
             self.draft_vocab = None
         self._serving = False
         self._projection: tuple[torch.Tensor, Linear] | None = None  # (lm_head weight, its scored rows)
-        self._packed_from_rows = NEVER
+        self._matmul = (NEVER, 0)  # (packed_from_rows, own_kernel_rows) while serving
 
-    def prepare_for_serving(self, packed_from_rows: int = 1) -> EagleDrafter:
+    def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1) -> EagleDrafter:
         """Multiply products of at least `packed_from_rows` rows through oneDNN copies of the weights,
-        taken now (`runtime.llama.pack_linears`; the loaders pass the base model's measured answer), and
-        score through a cached (bf16 where the CPU has it) copy of the scored lm_head rows."""
-        self._serving, self._projection, self._packed_from_rows = True, None, packed_from_rows
-        pack_linears(self, packed_from_rows)
+        taken now, and of at most `own_kernel_rows` through our kernel (`runtime.llama.pack_linears`; the
+        loaders pass the base model's measured answers), and score through a cached (bf16 where the CPU
+        has it) copy of the scored lm_head rows."""
+        self._serving, self._projection, self._matmul = True, None, (packed_from_rows, own_kernel_rows)
+        pack_linears(self, packed_from_rows, own_kernel_rows)
         return self
 
     def prepare_for_training(self) -> EagleDrafter:
@@ -160,7 +161,7 @@ class EagleDrafter(nn.Module):
         """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""
         if self._serving:
             self._projection = scored_projection(self._projection, lm_head.weight, self.draft_vocab,
-                                                 self._packed_from_rows)
+                                                 *self._matmul)
             projection = self._projection[1]
             return projection(states.to(projection.weight.dtype)).float()
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]

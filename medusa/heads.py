@@ -118,16 +118,17 @@ class MedusaHeads(nn.Module):
             self.draft_vocab = None
         self._serving = False  # set by prepare_for_serving / prepare_for_training only
         self._projection: tuple[torch.Tensor, Linear] | None = None  # (lm_head weight, its scored rows)
-        self._packed_from_rows = NEVER
+        self._matmul = (NEVER, 0)  # (packed_from_rows, own_kernel_rows) while serving
 
-    def prepare_for_serving(self, packed_from_rows: int = 1) -> MedusaHeads:
+    def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1) -> MedusaHeads:
         """Inference from now on, with or without autograd enabled: products of at least
-        `packed_from_rows` rows multiply through oneDNN copies of the weights, taken now
-        (`runtime.llama.pack_linears`; the loaders pass the base model's measured answer), and a
-        shared projection scores through `_draft_projection`'s copy of the lm_head rows. Drafts only
-        propose, so the output of a speculative step does not change, only its cost."""
-        self._serving, self._projection, self._packed_from_rows = True, None, packed_from_rows
-        pack_linears(self, packed_from_rows)
+        `packed_from_rows` rows multiply through oneDNN copies of the weights, taken now, and of at
+        most `own_kernel_rows` through our kernel (`runtime.llama.pack_linears`; the loaders pass the
+        base model's measured answers), and a shared projection scores through `_draft_projection`'s
+        copy of the lm_head rows. Drafts only propose, so the output of a speculative step does not
+        change, only its cost."""
+        self._serving, self._projection, self._matmul = True, None, (packed_from_rows, own_kernel_rows)
+        pack_linears(self, packed_from_rows, own_kernel_rows)
         return self
 
     def prepare_for_training(self) -> MedusaHeads:
@@ -184,8 +185,7 @@ class MedusaHeads(nn.Module):
 
     def _draft_projection(self, lm_weight: torch.Tensor) -> Linear:
         """The rows of `lm_head` the heads score (`scored_projection`), copied once per lm_head."""
-        self._projection = scored_projection(self._projection, lm_weight, self.draft_vocab,
-                                             self._packed_from_rows)
+        self._projection = scored_projection(self._projection, lm_weight, self.draft_vocab, *self._matmul)
         return self._projection[1]
 
 
@@ -203,19 +203,22 @@ def scored_rows(lm_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> to
 
 
 def scored_projection(cached: tuple[torch.Tensor, Linear] | None, lm_weight: torch.Tensor,
-                      draft_vocab: torch.Tensor | None, packed_from_rows: int) -> tuple[torch.Tensor, Linear]:
+                      draft_vocab: torch.Tensor | None, packed_from_rows: int, own_kernel_rows: int
+                      ) -> tuple[torch.Tensor, Linear]:
     """A serving drafter's (lm_head weight, projection over the rows it scores): `cached` if it was made
     from this very lm_head weight, else a new one -- `scored_rows` as a bias-free `Linear`, multiplying
-    through oneDNN's packed copy from `packed_from_rows` rows, or from one row for a bf16 copy of fp32
-    weights: oneDNN's bf16 products beat MKL's at every size measured on the AMX Xeon
-    (`runtime.llama.Linear`), and the copy is bf16 only where the CPU has them (with the drafters' own
-    products: `medusa.checkpoints._packed_from_rows`)."""
+    through our kernel up to `own_kernel_rows` rows and oneDNN's packed copy from `packed_from_rows`;
+    for a bf16 copy of fp32 weights, ours for one row and oneDNN's from one: oneDNN's bf16 products
+    beat MKL's at every size measured on the AMX Xeon (`runtime.llama.Linear`), and the copy is bf16
+    only where the CPU has them (with the drafters' own products: `medusa.checkpoints._matmul_choice`)."""
     if cached is not None and cached[0] is lm_weight:
         return cached
     weight = scored_rows(lm_weight, draft_vocab)
     projection = Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     projection.weight = nn.Parameter(weight, requires_grad=False)
-    projection.pack(1 if weight.dtype != lm_weight.dtype else packed_from_rows)
+    if weight.dtype != lm_weight.dtype:
+        packed_from_rows, own_kernel_rows = 1, 1
+    projection.pack(packed_from_rows, own_kernel_rows)
     return lm_weight, projection
 
 

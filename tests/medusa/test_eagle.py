@@ -12,12 +12,15 @@ from medusa.checkpoints import (
     load_drafter,
     official_eagle_state_dict,
     save_eagle,
+    save_heads,
     save_official_eagle,
 )
 from medusa.eagle import EagleConfig, EagleDrafter, draft_tokens, random_drafter, reference_draft
 from medusa.engine import Engine
+from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import build_tree, get_tree
 from runtime.config import SamplingParams
+from runtime.llama import Linear
 from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 
 
@@ -146,22 +149,33 @@ def test_an_official_eagle_checkpoint_of_another_shape_is_refused(model, tmp_pat
         load_drafter(tmp_path, model.config, model.lm_head)
 
 
+@pytest.mark.parametrize("kind", ["eagle", "heads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_loaded_drafter_multiplies_like_its_base_model_in_bf16_and_through_mkl_in_fp32(model, tmp_path,
-                                                                                          dtype):
-    """Drafter products through oneDNN's packed copies follow the base model's measured answer in
-    bf16 (the copies, taken at load, give what the weights give); in float32 they stay with MKL."""
-    base = ours_from_hf(tiny_hf_model("llama")).to(dtype).prepare_for_serving(packed_from_rows=1)
+                                                                                          dtype, kind):
+    """Drafter products, its projection's too, follow the base model's measured answers in bf16: through
+    oneDNN's packed copies from its rows, through our kernel up to its rows (the copies, taken at load,
+    give what the weights give); in float32 they stay with MKL."""
+    base = ours_from_hf(tiny_hf_model("llama")).to(dtype).prepare_for_serving(1, own_kernel_rows=3)
     if not base.lm_head.packable:
         pytest.skip(f"this CPU does not multiply {dtype} through oneDNN")
-    save_eagle(drafter_for(model), tmp_path)
+    C, V = base.config.hidden_size, base.config.vocab_size
+    if kind == "eagle":
+        save_eagle(drafter_for(model), tmp_path)
+    else:
+        save_heads(random_heads(MedusaConfig(C, V, path_input=True, draft_vocab_size=40), seed=0), tmp_path)
     drafter = load_drafter(tmp_path, base.config, base.lm_head, dtype=dtype)
-    linears = [drafter.fc, drafter.qkv, drafter.o, drafter.gate_up, drafter.down]
+    own_rows = base.lm_head.own_kernel_rows if dtype == torch.bfloat16 else 0  # 0 where ours is not built
+    linears = [m for m in drafter.modules() if isinstance(m, Linear)]
     assert all((m.packed_weight is not None) == (dtype == torch.bfloat16) for m in linears)
+    assert all(m.own_kernel_rows == own_rows for m in linears)
+    drafter.project(torch.randn(1, C).to(dtype), base.lm_head)
+    if dtype == torch.bfloat16:
+        assert drafter._projection[1].own_kernel_rows == own_rows
     inputs = [torch.randn(3, m.in_features).to(dtype) for m in linears]
     with torch.no_grad():
         packed = [m(x) for m, x in zip(linears, inputs, strict=True)]
         drafter.prepare_for_training()
-        assert all(m.packed_weight is None for m in linears)
+        assert all(m.packed_weight is None and m.own_weight is None for m in linears)
         for m, x, out in zip(linears, inputs, packed, strict=True):
             torch.testing.assert_close(out, m(x), atol=2e-2, rtol=2e-2)
