@@ -94,7 +94,34 @@ template <int kCols, typename T>
 inline void add_weighted(f32x16 (*out)[kCols], const float* w, int rows, const T* v, int64_t D) {
   for (int64_t d = 0; d < D; d += 16) {
     const f32x16 vd = load16(v + d);
-    for (int r = 0; r < rows; ++r) out[r][d / 16] = fma16(f32x16{} + w[r], vd, out[r][d / 16]);
+    for (int r = 0; r < rows; ++r) out[r][d / 16] = fma16(splat16(w[r]), vd, out[r][d / 16]);
+  }
+}
+
+// out_r = the sum over the prefix's keys s of w_rs v_s, in key order, for `rows` rows (weights: row r's
+// at p + r * n16), where the head dim kD is known when compiling. The sums are locals indexed only by
+// constants, 16 vectors at a time, so the compiler keeps them in registers; in an array indexed at run
+// time (`add_weighted`'s) it stored and reloaded all of them at every key. The same fused multiply-adds
+// in the same order: the same bits. A tree of 8 nodes over 400 keys, SmolLM2's 9 / 3 heads of 64, bf16,
+// AMD EPYC (Zen 5), 2 threads, old and new code taking turns in one process: 55.3 -> 44.0 us (1200 keys:
+// 145.7 -> 114.1; float32: 74.3 -> 57.2); one token 22.3 -> 17.0.
+template <int kD, typename T>
+inline void weigh_prefix(f32x16 (*out)[kD / 16], const float* p, int64_t n16, int rows, int64_t len, const T* V) {
+  constexpr int kCols = kD / 16, kRows = kCols < 16 ? 16 / kCols : 1;
+  for (int r0 = 0; r0 < rows; r0 += kRows) {
+    const float* w[kRows];  // rows past the last repeat row r0: computed, not kept
+    for (int r = 0; r < kRows; ++r) w[r] = p + (r0 + r < rows ? r0 + r : r0) * n16;
+    f32x16 sums[kRows][kCols] = {};
+    for (int64_t s = 0; s < len; ++s) {
+      f32x16 v[kCols];
+      for (int c = 0; c < kCols; ++c) v[c] = load16(V + s * kD + 16 * c);
+      for (int r = 0; r < kRows; ++r) {
+        const f32x16 ws = splat16(w[r][s]);
+        for (int c = 0; c < kCols; ++c) sums[r][c] = fma16(ws, v[c], sums[r][c]);
+      }
+    }
+    for (int r = 0; r < kRows && r0 + r < rows; ++r)
+      for (int c = 0; c < kCols; ++c) out[r0 + r][c] = sums[r][c];
   }
 }
 
@@ -169,10 +196,14 @@ void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0
   for (int64_t i0 = 0; i0 < R; i0 += kTile) {
     const int rows = int(std::min<int64_t>(kTile, R - i0));
     f32x16 out[kTile][(kD ? kD : kMaxD) / 16] = {};
-    float w[kTile] = {};  // rows past the last: weight 0, so the loop's length is known
-    for (int64_t s = 0; s < len; ++s) {
-      for (int r = 0; r < rows; ++r) w[r] = scores[(i0 + r) * n16 + s];
-      add_weighted(out, w, kTile, V + s * D, D);
+    if constexpr (kD != 0) {
+      weigh_prefix<kD>(out, scores.data() + i0 * n16, n16, rows, len, V);
+    } else {
+      float w[kTile] = {};  // rows past the last: weight 0, so the loop's length is known
+      for (int64_t s = 0; s < len; ++s) {
+        for (int r = 0; r < rows; ++r) w[r] = scores[(i0 + r) * n16 + s];
+        add_weighted(out, w, kTile, V + s * D, D);
+      }
     }
     for (int r = 0; r < rows; ++r) {
       const int64_t row = r0 + i0 + r, t = row % Tn;

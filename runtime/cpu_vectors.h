@@ -19,6 +19,10 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
+inline f32x16 splat16(float x) {  // x in every lane: one broadcast (`f32x16{} + x` is an addition too)
+  return f32x16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
+
 inline f32x16 load16(const float* p) {
   f32x16 v;
   std::memcpy(&v, p, sizeof v);
