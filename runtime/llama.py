@@ -284,24 +284,24 @@ class Block(nn.Module):
         self.gate_up = Linear(C, 2 * config.intermediate_size, bias=config.mlp_bias)  # fused
         self.down = Linear(config.intermediate_size, C, bias=config.mlp_bias)
 
+    def kernel_operands(self) -> tuple | None:
+        """The layer's weights as `cpu_kernels.decoder_layer` takes them (the whole layer in one call:
+        `Llama.forward`), or None unless our kernel multiplies every product (`Linear.own_weight`)."""
+        if any(m.own_weight is None for m in (self.qkv, self.o, self.gate_up, self.down)):
+            return None
+        n1, n2 = self.attn_norm, self.mlp_norm
+        return (n1.weight, self.qkv.own_weight, self.qkv.bias, self.o.own_weight, self.o.bias, n2.weight,
+                self.gate_up.own_weight, self.gate_up.bias, self.down.own_weight, self.down.bias, n1.eps)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch, one_call: bool = True
-                ) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]; the new tokens' K/V written to the cache at `scratch`.
-        one_call: where every step can go through our CPU kernels, the whole layer in one call."""
+                cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; the new tokens' K/V written to the cache at `scratch`."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         # serving a few tokens on the CPU (the plan chose our attention): the small steps between the
-        # products through our kernels too (`layer_ops.cpp`), one call each, or, when our kernel takes
-        # every product's rows, the whole layer in one call; the lines below are their reference
+        # products through our kernels too (`layer_ops.cpp`), one call each; these lines are also the
+        # reference of the whole layer in one call (`Llama.forward`)
         ours = batch.backend == "cpu"
-        products = (self.qkv, self.o, self.gate_up, self.down)
-        if ours and one_call and all(B * T <= m.own_kernel_rows for m in products):
-            n1, n2 = self.attn_norm, self.mlp_norm
-            return cpu_kernels.decoder_layer(
-                x, n1.weight, self.qkv.own_weight, self.qkv.bias, self.o.own_weight, self.o.bias, n2.weight,
-                self.gate_up.own_weight, self.gate_up.bias, self.down.own_weight, self.down.bias, n1.eps, cos,
-                sin, cache.k[layer], cache.v[layer], batch.slots, batch.cache_lens, batch.new_mask, H)
         qkv = self.qkv(self.attn_norm(x, ours)).view(B, T, H + 2 * Hkv, D)
         if ours:
             qk = cpu_kernels.rope(qkv, cos, sin, H + Hkv)  # [B, T, H + Hkv, D]
@@ -331,6 +331,9 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # [D/2]
         self.cpu_attention = False  # our CPU kernel for a few new tokens (`prepare_for_serving`)
+        # serving on the CPU where our kernels take every layer's products: each layer's operands for
+        # one call (`Block.kernel_operands`) and the most rows a call takes (`prepare_for_serving`)
+        self.layer_kernels: tuple[list[tuple], int] | None = None
 
     def prepare_for_serving(self, packed_from_rows: int | None = None, own_kernel_rows: int = 1) -> Llama:
         """Inference from now on: the linear layers multiply through oneDNN copies of their weights
@@ -347,6 +350,11 @@ class Llama(nn.Module):
         D = self.config.head_dim
         self.cpu_attention = (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
                               and D % 16 == 0 and D <= CPU_ATTENTION_MAX_HEAD_DIM and cpu_kernels.built())
+        operands = [layer.kernel_operands() for layer in self.layers]
+        rows = min(m.own_kernel_rows for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up,
+                                                                           layer.down))
+        ready = self.cpu_attention and rows > 0 and all(o is not None for o in operands)
+        self.layer_kernels = (operands, rows) if ready else None
         return self
 
     def prepare_for_training(self) -> Llama:
@@ -354,6 +362,7 @@ class Llama(nn.Module):
         multiply through their weights themselves; drops the copies `prepare_for_serving` made."""
         pack_linears(self, NEVER)
         self.cpu_attention = False
+        self.layer_kernels = None
         return self
 
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
@@ -371,8 +380,9 @@ class Llama(nn.Module):
         slots: [B] cache slots; new_mask: [T, T] or [B, T, T] bool over the new tokens (None = causal);
         max_len: max(cache lens) + T when the caller knows it; attention_backend: None = the
         default for the device (see `attention.plan`); one_call_layers: serving on the CPU, each layer
-        in one call to our kernels where they take all of it (`Block.forward`), else step by step, as
-        `benchmarks.divergence` watches them (the same kernels: the same bits). Returns [B, T, C].
+        in one call to our kernels where they take all of it (`cpu_kernels.decoder_layer`), else step by
+        step (`Block.forward`), as `benchmarks.divergence` watches them (the same kernels: the same
+        bits). Returns [B, T, C].
         K/V of the new tokens land in the cache's scratch positions; the caller keeps them
         with `cache.advance` or `cache.commit`.
         """
@@ -392,10 +402,20 @@ class Llama(nn.Module):
         cos = torch.cat([cos, cos], dim=-1)[:, :, None, :].to(dtype)  # [B, T, 1, D]
         sin = torch.cat([-sin, sin], dim=-1)[:, :, None, :].to(dtype)  # [B, T, 1, D]: signed for apply_rope
         x = self.embed(tokens)  # [B, T, C]
-        scratch = cache.scratch(slots, T)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, i, cache, scratch, batch, one_call_layers)
-        return self.norm(x, batch.backend == "cpu")
+        ours = batch.backend == "cpu"
+        if ours and one_call_layers and self.layer_kernels is not None and B * T <= self.layer_kernels[1]:
+            # straight to the kernel, not through the modules (their calls and attribute lookups took
+            # ~30 us a layer): SmolLM2 bf16, a token over 400 keys, AMD EPYC (Zen 5), taking turns in
+            # one process, a forward 6.98 ms through the modules, 6.13 ms straight
+            H = self.config.num_heads
+            for i, operands in enumerate(self.layer_kernels[0]):
+                x = cpu_kernels.decoder_layer(x, *operands, cos, sin, cache.k[i], cache.v[i], batch.slots,
+                                              batch.cache_lens, batch.new_mask, H)
+        else:
+            scratch = cache.scratch(slots, T)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, i, cache, scratch, batch)
+        return self.norm(x, ours)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., C] -> [..., V] in float32."""

@@ -243,10 +243,12 @@ def test_serving_on_the_cpu_a_chain_verified_together_gets_the_bits_of_its_token
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["smollm", "qwen2"])  # qwen2: a QKV bias
 def test_a_layer_in_one_call_gives_the_bits_of_its_steps_one_by_one(family, dtype):
-    """`Block.forward` in one call to our kernels (`decoder_layer`) against the same kernels step by
-    step: equal hidden states and caches, for one token and for trees of two scattered sequences."""
+    """Each layer in one call to our kernels (`decoder_layer`) against the same kernels step by step
+    (`Block.forward`): equal hidden states and caches, for one token and for trees of two scattered
+    sequences."""
     assert cpu_kernels.built()
     model = ours_from_hf(tiny_hf_model(family)).to(dtype).prepare_for_serving(1, 16)
+    assert model.layer_kernels is not None and model.layer_kernels[1] == 16  # else one call never runs
     gen = torch.Generator().manual_seed(1)
     parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]])  # two trees of 4 nodes: [B, T]
     masks = torch.eye(4, dtype=torch.bool).repeat(2, 1, 1)  # [B, T, T] ancestor masks
