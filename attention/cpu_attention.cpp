@@ -104,24 +104,34 @@ inline void add_weighted(f32x16 (*out)[kCols], const float* w, int rows, const T
 // time (`add_weighted`'s) it stored and reloaded all of them at every key. The same fused multiply-adds
 // in the same order: the same bits. A tree of 8 nodes over 400 keys, SmolLM2's 9 / 3 heads of 64, bf16,
 // AMD EPYC (Zen 5), 2 threads, old and new code taking turns in one process: 55.3 -> 44.0 us (1200 keys:
-// 145.7 -> 114.1; float32: 74.3 -> 57.2); one token 22.3 -> 17.0.
+// 145.7 -> 114.1; float32: 74.3 -> 57.2); one token 22.3 -> 17.0. A tile's last rows (a token has 3
+// rows a KV head) go as few rows, not as a full tile of repeats.
+template <int kD, int kRows, typename T>
+inline void weigh_prefix_rows(f32x16 (*out)[kD / 16], const float* p, int64_t n16, int64_t len, const T* V) {
+  constexpr int kCols = kD / 16;
+  f32x16 sums[kRows][kCols] = {};
+  for (int64_t s = 0; s < len; ++s) {
+    f32x16 v[kCols];
+    for (int c = 0; c < kCols; ++c) v[c] = load16(V + s * kD + 16 * c);
+    for (int r = 0; r < kRows; ++r) {
+      const f32x16 w = splat16(p[r * n16 + s]);
+      for (int c = 0; c < kCols; ++c) sums[r][c] = fma16(w, v[c], sums[r][c]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int c = 0; c < kCols; ++c) out[r][c] = sums[r][c];
+}
+
 template <int kD, typename T>
 inline void weigh_prefix(f32x16 (*out)[kD / 16], const float* p, int64_t n16, int rows, int64_t len, const T* V) {
-  constexpr int kCols = kD / 16, kRows = kCols < 16 ? 16 / kCols : 1;
-  for (int r0 = 0; r0 < rows; r0 += kRows) {
-    const float* w[kRows];  // rows past the last repeat row r0: computed, not kept
-    for (int r = 0; r < kRows; ++r) w[r] = p + (r0 + r < rows ? r0 + r : r0) * n16;
-    f32x16 sums[kRows][kCols] = {};
-    for (int64_t s = 0; s < len; ++s) {
-      f32x16 v[kCols];
-      for (int c = 0; c < kCols; ++c) v[c] = load16(V + s * kD + 16 * c);
-      for (int r = 0; r < kRows; ++r) {
-        const f32x16 ws = splat16(w[r][s]);
-        for (int c = 0; c < kCols; ++c) sums[r][c] = fma16(ws, v[c], sums[r][c]);
-      }
-    }
-    for (int r = 0; r < kRows && r0 + r < rows; ++r)
-      for (int c = 0; c < kCols; ++c) out[r0 + r][c] = sums[r][c];
+  constexpr int kMost = kD <= 64 ? 4 : kD <= 128 ? 2 : 1;  // rows whose sums fill 16 registers
+  int r = 0;
+  for (; r + kMost <= rows; r += kMost) weigh_prefix_rows<kD, kMost>(out + r, p + r * n16, n16, len, V);
+  switch (rows - r) {  // the rest: 0 .. kMost - 1 rows
+    case 3: weigh_prefix_rows<kD, 3>(out + r, p + r * n16, n16, len, V); break;
+    case 2: weigh_prefix_rows<kD, 2>(out + r, p + r * n16, n16, len, V); break;
+    case 1: weigh_prefix_rows<kD, 1>(out + r, p + r * n16, n16, len, V); break;
+    default: break;
   }
 }
 
@@ -233,10 +243,12 @@ void attend_all(const AttentionOperands<T>& a, int64_t B) {
   const int64_t tiles = (R + kTile - 1) / kTile;  // tasks of a tile of rows: a tree's work splits among threads
   int64_t pairs = 0;  // query-key pairs of the whole call
   for (int64_t b = 0; b < B; ++b) pairs += a.Hkv * R * (a.lens[b] + a.T_new);
-  // A second thread pays only for work well above its start-up; then every task may go to either, so
-  // that the two get halves (an 8-node tree: 18 tasks, 9 and 9)
+  // A second thread pays from ~1000 query-key pairs (a token over ~110 keys of SmolLM2's); then every
+  // task may go to either, so that the two get halves (an 8-node tree: 18 tasks, 9 and 9). From 10000
+  // pairs before: a token over 1100 keys 36.7 -> 24.8 us, over 300 keys 14.0 -> 11.7, a tree of 8
+  // over 30 keys 29.6 -> 18.5 (bf16, AMD EPYC (Zen 5), taking turns in one process).
   const int64_t tasks = B * a.Hkv * tiles;
-  const int64_t grain = pairs < 10000 ? tasks : 1;
+  const int64_t grain = pairs < 1000 ? tasks : 1;
   at::parallel_for(0, B * a.Hkv * tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t i = begin; i < end; ++i) {
