@@ -62,15 +62,15 @@ def _along_paths(values: torch.Tensor, retrieve: torch.Tensor) -> torch.Tensor:
     return values.gather(1, retrieve.clamp(min=0).reshape(B, R * P)).view(B, R, P)
 
 
-def accept_greedy(candidates: torch.Tensor, target_logits: torch.Tensor, tree: Tree) -> Decision:
+def accept_greedy(candidates: torch.Tensor, best: torch.Tensor, tree: Tree) -> Decision:
     """Greedy verification: keep the longest chain of nodes that are the target's argmax at their
-    parent. candidates: [B, T] long, the node tokens; target_logits: [B, T, V]. The next token is
-    the target's argmax at the last accepted node.
+    parent. candidates: [B, T] long, the node tokens; best: [B, T] long, the target's argmax after
+    each node (`runtime.sampling.argmax_logsumexp`). The next token is the target's argmax at the last
+    accepted node.
     """
     B, T = candidates.shape
-    assert target_logits.shape[:2] == (B, T), (tuple(candidates.shape), tuple(target_logits.shape))
+    assert best.shape == (B, T), (tuple(candidates.shape), tuple(best.shape))
     tree = RowTrees.of(tree, B)
-    best = target_logits.argmax(dim=-1)  # [B, T]: the target's token after each node
     parent_best = best.gather(1, tree.parents.clamp(min=0))  # [B, T] (root: its own, unused)
     correct = candidates == parent_best  # [B, T]
     correct[:, 0] = True  # the root was emitted already

@@ -141,9 +141,10 @@ class DeviceStep:
         seen = self.seen[slot, None, None, :-1] if needs.penalise else None  # [1, 1, V]
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
         target = sampling.process(logits, rows, seen, needs)[:, 0]  # [1, V]
-        token = sampling.next_tokens(target, rows, uniforms[:1].to(self.device), needs)  # [1]
+        best, lse = sampling.argmax_logsumexp(target)  # [1] each
+        token = sampling.next_tokens(target, best, rows, uniforms[:1].to(self.device), needs)  # [1]
         self.seen[slot, token] = True
-        return int(token), float(target.log_softmax(-1)[0, token])
+        return int(token), float(target[0, token] - lse[0])
 
     # ---------------------------------------------------------------- one step
 
@@ -255,12 +256,14 @@ class DeviceStep:
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
         seen = self._seen_at_nodes(slots, candidates, tree) if needs.penalise else None
         target = sampling.process(self.model.logits(hidden), rows, seen, needs)  # [B, T, V]
+        best, lse = sampling.argmax_logsumexp(target)  # [B, T] each: the argmax after each node, logsumexp
 
         accepted_len = torch.ones_like(slots)  # [B]
         path = torch.zeros(B, tree.depth + 1, dtype=torch.long, device=slots.device)  # [B, P]
-        next_token = sampling.next_tokens(target[:, 0], rows, uniforms[:, 0], needs)  # [B]: plain rows'
+        # [B]: plain rows' next token
+        next_token = sampling.next_tokens(target[:, 0], best[:, 0], rows, uniforms[:, 0], needs)
         if T > 1:
-            decision = acceptance.accept_greedy(candidates, target, tree)
+            decision = acceptance.accept_greedy(candidates, best, tree)
             if needs.sample:
                 probs = sampling.probabilities(target)  # [B, T, V]
                 for mode, rule in (("typical", lambda: acceptance.accept_typical(
@@ -279,8 +282,8 @@ class DeviceStep:
         on_path = torch.arange(P, device=slots.device) < accepted_len[:, None]  # [B, P]
         tokens = torch.cat([candidates.gather(1, path[:, 1:]), path[:, :1]], dim=1)  # [B, P]
         tokens = tokens.scatter(1, (accepted_len - 1)[:, None], next_token[:, None])  # then the next token
-        node_target = target.gather(1, path[..., None].expand(B, P, V))  # [B, P, V] along the path
-        logprobs = node_target.gather(-1, tokens[..., None])[..., 0] - node_target.logsumexp(-1)  # [B, P]
+        logit = target.reshape(B, T * V).gather(1, path * V + tokens)  # [B, P]: each token's, at its node
+        logprobs = logit - lse.gather(1, path)  # [B, P]
 
         # keep the accepted nodes: K/V, their hidden states and tokens in the window; the emitted tokens
         # count as seen

@@ -53,6 +53,7 @@ _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
 _library.define("silu_mul(Tensor gate_up) -> Tensor")
 _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, Tensor dst) -> ()")
+_library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
 _library.define("decoder_layer(Tensor x, Tensor attn_norm, Tensor qkv_w, Tensor? qkv_b, Tensor o_w, "
                 "Tensor? o_b, Tensor mlp_norm, Tensor gate_up_w, Tensor? gate_up_b, Tensor down_w, "
                 "Tensor? down_b, float eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -74,6 +75,11 @@ def _(gate_up: torch.Tensor) -> torch.Tensor:
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
+@torch.library.register_fake("medusa::argmax_logsumexp")
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[:-1], dtype=torch.long), x.new_empty(x.shape[:-1])
+
+
 rms_norm = torch.ops.medusa.rms_norm  # x [..., C], weight [C], eps -> [..., C]
 rope = torch.ops.medusa.rope  # x [B, T, heads + ..., D], cos / sin [B, T, 1, D], heads -> [B, T, heads, D]
 silu_mul = torch.ops.medusa.silu_mul  # gate_up [..., 2I] -> silu(gate) * up [..., I]
@@ -83,6 +89,8 @@ move_positions = torch.ops.medusa.move_positions
 # [B, T, 1, D], its layer's caches, slots / cache_lens [B], new_mask [T, T] or [B, T, T] or None,
 # num_heads -> [B, T, C]: `Block.forward` in one call
 decoder_layer = torch.ops.medusa.decoder_layer
+# x [..., V] float32 -> (argmax [...] int64, the first of equal maxima, NaN never; logsumexp [...])
+argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
 
 
 def cpuinfo() -> str:

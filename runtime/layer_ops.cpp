@@ -8,6 +8,7 @@
 // computed on its own in a fixed order, and the roundings to the tensors' dtype are the reference's:
 // a row gets the same bits alone or among others, and the layer in one call the bits of its steps.
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -17,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <tuple>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -292,9 +295,65 @@ void move_positions(at::TensorList caches, const at::Tensor& slots, const at::Te
   }
 }
 
+// Each row's argmax (the first of equal maxima; NaN counts as -inf, so it is never chosen) and
+// logsumexp, in two passes over the row: what a greedy step reads of the logits (the tokens after
+// every tree node, and their log-probabilities). In PyTorch these were a copy per path node and three
+// reductions, each slow over a vocabulary: 8 rows of SmolLM2's 49152, AMD EPYC Zen 5, argmax 124 us,
+// logsumexp of 3 of them 75 us.
+void argmax_logsumexp_row(const float* x, int64_t V, int64_t* best, float* lse) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const int64_t V16 = V / 16 * 16;
+  f32x16 top = splat16(-inf);
+  i32x16 at = {}, index = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int64_t v = 0; v < V16; v += 16, index += 16) {  // per lane: the first of its largest
+    const f32x16 xv = load16(x + v);
+    const auto above = xv > top;  // false for NaN
+    top = above ? xv : top;
+    at = above ? index : at;
+  }
+  float m = -inf;
+  int64_t arg = 0;
+  for (int i = 0; i < 16 && V16 > 0; ++i)
+    if (top[i] > m || (top[i] == m && at[i] < arg)) m = top[i], arg = at[i];
+  if (V16 > 0 && m == -inf) arg = 0;  // all -inf (or NaN): the first
+  for (int64_t v = V16; v < V; ++v)
+    if (x[v] > m) m = x[v], arg = v;
+  *best = arg;
+  if (m == -inf || m == inf) {  // nothing finite to weigh, or an infinite logit: PyTorch's answers
+    *lse = m;
+    return;
+  }
+  f32x16 sums = {};
+  for (int64_t v = 0; v < V16; v += 16) {
+    const f32x16 xv = load16(x + v);
+    sums += exp16((xv == xv ? xv : splat16(-inf)) - m);  // exp16 is 0 below -87
+  }
+  float total = sum16(sums);
+  for (int64_t v = V16; v < V; ++v)
+    if (x[v] == x[v]) total += std::exp(x[v] - m);
+  *lse = m + std::log(total);
+}
+
+std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) > 0,
+              "argmax_logsumexp: x must be float32 [..., V], V > 0");
+  const at::Tensor xc = x.contiguous();
+  const int64_t V = x.size(-1), M = x.numel() / V;
+  const auto rows = x.sizes().slice(0, x.dim() - 1);
+  at::Tensor best = at::empty(rows, x.options().dtype(at::kLong)), lse = at::empty(rows, x.options());
+  const float* data = xc.const_data_ptr<float>();
+  int64_t* b = best.mutable_data_ptr<int64_t>();
+  float* l = lse.mutable_data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) argmax_logsumexp_row(data + m * V, V, b + m, l + m);
+  });
+  return {best, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(medusa, CPU, m) {
+  m.impl("argmax_logsumexp", &argmax_logsumexp);
   m.impl("decoder_layer", &decoder_layer);
   m.impl("move_positions", &move_positions);
   m.impl("rms_norm", &rms_norm);

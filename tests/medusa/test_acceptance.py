@@ -32,15 +32,7 @@ def emitted_tokens(candidates: torch.Tensor, decision: Decision) -> list[list[in
             for b, n_acc in enumerate(accepted_len.tolist())]
 
 
-def one_hot_logits(best: list[list[int]], V: int) -> torch.Tensor:
-    """[B, T, V] logits whose argmax at node t of sequence b is best[b][t]."""
-    logits = torch.randn(len(best), len(best[0]), V, generator=torch.Generator().manual_seed(0))
-    logits.scatter_(2, torch.tensor(best)[:, :, None], 10.0)
-    return logits
-
-
 def test_greedy_three_sequences() -> None:
-    V = 10
     #                 node: 0  1  2  3  4  5  6
     candidates = torch.tensor([
         [5, 1, 2, 3, 4, 5, 6],  # seq 0: target says 9 after the root; neither 1 nor 2 -> nothing
@@ -52,7 +44,7 @@ def test_greedy_three_sequences() -> None:
         [2, 3, 7, 6, 0, 0, 0],  # node 3 and 6 are "right" below node 1, but node 1 is wrong
         [1, 3, 0, 6, 0, 0, 8],
     ]
-    accepted_len, path, next_token = accept_greedy(candidates, one_hot_logits(best, V), SMALL)
+    accepted_len, path, next_token = accept_greedy(candidates, torch.tensor(best), SMALL)
     assert accepted_len.tolist() == [1, 2, 4]
     assert path.tolist() == [[0, 0, 0, 0], [0, 2, 0, 0], [0, 1, 3, 6]]
     assert next_token.tolist() == [9, 7, 8]
@@ -66,7 +58,7 @@ def test_greedy_matches_a_per_node_reference() -> None:
     topk = torch.stack([torch.randperm(V, generator=gen)[:2] for _ in range(B * 3)]).view(B, 3, 2)
     candidates = candidates_from_topk(torch.randint(V, (B,), generator=gen), topk, SMALL)
     logits = torch.randn(B, T, V, generator=gen)
-    accepted_len, path, next_token = accept_greedy(candidates, logits, SMALL)
+    accepted_len, path, next_token = accept_greedy(candidates, logits.argmax(-1), SMALL)
     for b in range(B):
         node, walk = 0, [0]
         while True:
@@ -235,13 +227,13 @@ def test_per_row_trees_agree_with_each_rows_own_static_tree() -> None:
     probs = (torch.randn(B, T, V, generator=gen) * 3).softmax(-1)
     uniforms = torch.rand(B, T, generator=gen, dtype=torch.float64)
     accepted_len, path, next_token = accept_lossless(candidates, probs, rows, uniforms)
-    greedy = accept_greedy(candidates, probs.log(), rows)
+    greedy = accept_greedy(candidates, probs.argmax(-1), rows)
     assert accepted_len.max() >= 3 and greedy[0].max() >= 3  # deep walks were exercised
     for b, tree in enumerate(trees):
         walk = lossless_walk(candidates[b], probs[b], tree, uniforms[b])
         assert path[b, :int(accepted_len[b])].tolist() == walk.path
         assert int(next_token[b]) == walk.next_token
-        alone = accept_greedy(candidates[b:b + 1], probs[b:b + 1].log(), tree)
+        alone = accept_greedy(candidates[b:b + 1], probs[b:b + 1].argmax(-1), tree)
         n = int(alone[0][0])
         assert int(greedy[0][b]) == n and greedy[1][b, :n].tolist() == alone[1][0, :n].tolist()
         assert int(greedy[2][b]) == int(alone[2][0])

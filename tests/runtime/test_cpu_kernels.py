@@ -219,6 +219,27 @@ def test_the_layer_steps_equal_their_pytorch_lines_and_keep_a_rows_bits(dtype):
     assert not torch.equal(cpu_kernels.silu_mul(gate_up), (gate * up))  # negative control: silu is applied
 
 
+def test_argmax_logsumexp_is_pytorchs_and_never_picks_nan():
+    """Each row's argmax, the first of equal maxima wherever they lie (one vector lane, two lanes, the
+    tail past the last whole vector), and its logsumexp; NaN counts as -inf."""
+    assert cpu_kernels.built()
+    inf, nan = float("inf"), float("nan")
+    x = 4 * torch.randn(3, 6, 1007, generator=torch.Generator().manual_seed(0))  # 1007 = 62 * 16 + 15
+    for row, (a, b) in enumerate([(16, 32), (33, 17), (995, 1000), (3, 1003), (500, 10)]):
+        x[0, row, [a, b]] = 50.0
+    x[1, 0] = -inf  # nothing finite: index 0, logsumexp -inf
+    x[1, 1] = nan
+    x[1, 2, ::2] = nan  # NaN is never the argmax nor in the sum
+    x[1, 3, 7] = inf
+    best, lse = cpu_kernels.argmax_logsumexp(x)
+    clean = x.nan_to_num(nan=-inf, posinf=inf, neginf=-inf)
+    assert torch.equal(best, clean.argmax(-1))
+    assert best[0, :5].tolist() == [16, 17, 995, 3, 10]
+    torch.testing.assert_close(lse, clean.logsumexp(-1), rtol=1e-6, atol=1e-5)
+    assert lse[1, :2].tolist() == [-inf, -inf] and lse[1, 3] == inf
+    assert not torch.equal(best, x.argmax(-1))  # negative control: PyTorch's argmax picks a NaN
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_serving_on_the_cpu_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype):
     """What makes greedy speculation token-exact in either dtype: with our kernels for the products
