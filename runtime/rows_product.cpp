@@ -2,21 +2,21 @@
 // read once per step and the time is the time to read it. `runtime.cpu_kernels` builds this file
 // for the machine it runs on and documents why it exists; `F.linear` is its reference.
 //
-// Memory order, not arithmetic, sets the speed. Each thread walks its share of W in blocks of
-// kRows rows, works on the rows of a block side by side (kRows independent sums), and asks the
-// cache for the next block's rows while it works on this one. A scratch C benchmark of these loops
-// over all SmolLM2 layers' bf16 weights (212 MB), 2 threads, Intel Xeon with AMX, same run: one row
-// at a time 16.5 GB/s (inductor's loop reads as fast), 8 rows side by side 15.3 GB/s, 8 rows side by
-// side with the next block prefetched 25.5 GB/s.
+// The kernel reads W in its own order (`block_weight`, a copy taken once): blocks of 16 rows, each
+// one stream through memory, in which one vector holds the 16 rows' weights at the same k (a pair of
+// k in bf16, which vdpbf16ps multiplies at once). So a vector of sums is 16 outputs, each lane its
+// own: a row of x, broadcast one k (or pair) at a time, multiplies a whole block with no horizontal
+// additions, and the outputs are stored 16 at a time. Each row of x gets its own vector of sums, and
+// tasks of one block (three from 9 rows) split among threads.
 //
-// The kernel reads W in its own order (`block_weight`): a block's rows chunk by chunk, [k / kChunk]
-// [kRows][kChunk], so that a block is one stream through memory instead of kRows streams. All
-// SmolLM2 products, bf16, 2 threads, AMD EPYC (Zen 5), best of 8 in one process: 1 row 33.4 -> 39.0
-// GB/s, 8 rows 26.7 -> 29.8 GB/s (a `.sum()` over 512 MB read 43-46 GB/s there); the same bits.
+// Before, a vector held 16 (or 32) k of one weight row, and each output was a horizontal sum of
+// its lanes: with few k per row (SmolLM2's 576) those sums cost as much as the products from 8
+// rows of x. All SmolLM2 products, bf16, 2 threads, AMD EPYC (Zen 5), taking turns in one process:
+// 1 row 30.8 -> 36.9 GB/s, 8 rows 25.4 -> 35.3, 12 rows 19.7 -> 29.6, 16 rows 16.1 -> 25.9;
+// float32 (same run of another minute) 1 row 43.6 -> 45.5, 8 rows 33.7 -> 41.5.
 //
-// Each output element is one sum in a fixed order (16 float32 lanes over k, then the lanes
-// pairwise, then the tail), whatever M is and however the rows are split among threads: the same row
-// gets the same bits alone or among others.
+// Each output element is one sum in a fixed order (over k, from the first), whatever M is and however
+// the rows are split among threads: the same row gets the same bits alone or among others.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,132 +30,139 @@
 #include <immintrin.h>
 
 #include "cpu_kernels.h"
-#include "cpu_vectors.h"  // f32x16, load16, sum16
+#include "cpu_vectors.h"  // f32x16, load16, store16, splat16, fma16
 
 namespace {
 
 using namespace medusa_cpu;
 
-constexpr int kRows = 8;  // weight rows per block: 4 read 23 GB/s in the measurement above, 8 25.5
+constexpr int kCols = 16;  // weight rows per block: the 16 lanes of one vector of outputs
 
-// Elements of a weight row that one load takes: 32 bf16 where the CPU multiplies bf16 pairs in one
-// instruction (below), 16 otherwise (widened to 16 float32 lanes)
+// k elements of a weight row one lane multiplies per instruction: bf16 pairs where the CPU has
+// vdpbf16ps (AVX-512 BF16), else one (widened to float32, a fused multiply-add)
 template <typename T>
-constexpr int64_t kChunk = 16;
+constexpr int64_t kPair = 1;
 #if defined(__AVX512BF16__)
 template <>
-constexpr int64_t kChunk<c10::BFloat16> = 32;
+constexpr int64_t kPair<c10::BFloat16> = 2;
 #endif
 
-// A block of R weight rows [R, K] in the kernel's order: [K / kChunk][R][kChunk] (the chunks that
-// whole vectors cover), then [R][K % kChunk]. One row (R = 1) is in its own order.
-template <int R, typename T>
-inline const T* chunk_of(const T* w, int64_t k, int r) {  // row r's kChunk elements from k
-  return w + k * R + r * kChunk<T>;
+// A block of 16 weight rows in the kernel's order: for each of the K / kPair whole groups of k, the
+// 16 rows' kPair elements ([K / kPair][16][kPair]: one vector), then the rows' last K % kPair
+// ([16][K % kPair]). The N % 16 rows after the last block stay as they are.
+template <typename T>
+inline int64_t paired(int64_t K) {
+  return K / kPair<T> * kPair<T>;
 }
 
-template <int R, typename T>
-inline const T* tail_of(const T* w, int64_t K, int r) {  // row r's last K % kChunk elements
-  const int64_t KC = K / kChunk<T> * kChunk<T>;
-  return w + R * KC + r * (K - KC);
-}
-
-// acc[m][r] += x[m] . w[r0 + r] for m < MB, r < R, over k < the returned length (the longest that
-// whole chunks cover); the MB rows of x share each load of w. Also prefetches the same rows of `next`
-// (the next block) unless it is null. Rows of x are ldx apart; w and next are blocks of RB rows in the
-// kernel's order.
-template <int MB, int R, int RB, typename T>
-int64_t accumulate(const T* x, int64_t ldx, const T* w, int r0, int64_t K, const T* next, f32x16 (*acc)[R]) {
-  const int64_t K16 = K / 16 * 16;
-  for (int64_t k = 0; k < K16; k += 16) {
-    f32x16 xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = load16(x + m * ldx + k);
-    for (int r = 0; r < R; ++r) {
-      const f32x16 wv = load16(chunk_of<RB>(w, k, r0 + r));
-      for (int m = 0; m < MB; ++m) acc[m][r] += xv[m] * wv;
-    }
+// acc[m][c] += x[m] . (rows of block c), lane r of block c's vector being its row r, for MB rows of x
+// (ldx apart) and NB blocks (each K * 16 elements after the last); prefetches the NB blocks after them
+// unless `next` is null. Each lane is one sum over k in order: the same for any MB and NB.
+template <int MB, int NB, typename T>
+void accumulate(const T* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16 (*acc)[NB]) {
+  const int64_t stride = K * kCols;  // elements of one block
+  for (int64_t k = 0; k < K; ++k) {
+    f32x16 wv[NB];
+    for (int c = 0; c < NB; ++c) wv[c] = load16(w + c * stride + k * kCols);
     if (next != nullptr)
-      for (int r = 0; r < R; ++r) __builtin_prefetch(chunk_of<RB>(next, k, r0 + r));
+      for (int c = 0; c < NB; ++c) __builtin_prefetch(next + c * stride + k * kCols);
+    for (int m = 0; m < MB; ++m) {
+      const f32x16 xv = splat16(float(x[m * ldx + k]));
+      for (int c = 0; c < NB; ++c) acc[m][c] = fma16(xv, wv[c], acc[m][c]);
+    }
   }
-  return K16;
 }
 
 #if defined(__AVX512BF16__)
-// Where the CPU multiplies bf16 pairs into float32 sums in one instruction (vdpbf16ps, AVX-512
-// BF16) the weights need no widening: same measurement, 25.5 -> 29-30 GB/s.
-template <int MB, int R, int RB>
-int64_t accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int r0, int64_t K,
-                   const c10::BFloat16* next, f32x16 (*acc)[R]) {
-  const int64_t K32 = K / 32 * 32;
-  for (int64_t k = 0; k < K32; k += 32) {
-    __m512bh xv[MB];
-    for (int m = 0; m < MB; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
-    for (int r = 0; r < R; ++r) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(chunk_of<RB>(w, k, r0 + r));
-      for (int m = 0; m < MB; ++m) acc[m][r] = (f32x16)_mm512_dpbf16_ps((__m512)acc[m][r], xv[m], wv);
-    }
+template <int MB, int NB>
+void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int64_t K, const c10::BFloat16* next,
+                f32x16 (*acc)[NB]) {
+  const int64_t stride = K * kCols, KP = paired<c10::BFloat16>(K);
+  for (int64_t k = 0; k < KP; k += 2) {
+    __m512bh wv[NB];
+    for (int c = 0; c < NB; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * stride + k * kCols);
     if (next != nullptr)
-      for (int r = 0; r < R; ++r) __builtin_prefetch(chunk_of<RB>(next, k, r0 + r));
+      for (int c = 0; c < NB; ++c) __builtin_prefetch(next + c * stride + k * kCols);
+    for (int m = 0; m < MB; ++m) {
+      int32_t pair;  // x[m, k] and x[m, k + 1], in every lane
+      std::memcpy(&pair, x + m * ldx + k, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int c = 0; c < NB; ++c) acc[m][c] = (f32x16)_mm512_dpbf16_ps((__m512)acc[m][c], xv, wv[c]);
+    }
   }
-  return K32;
+  if (KP < K) {  // the last k of an odd K: 16 rows' elements, widened
+    for (int c = 0; c < NB; ++c) {
+      const f32x16 wv = load16(w + c * stride + KP * kCols);
+      for (int m = 0; m < MB; ++m) acc[m][c] = fma16(splat16(float(x[m * ldx + KP])), wv, acc[m][c]);
+    }
+  }
 }
 #endif
 
-// out[m, r] = x[m] . w[r0 + r] + bias[r] for m < MB, r < R; rows of x and out are K and ldo apart, w
-// is a block of RB rows in the kernel's order.
-template <int MB, int R, int RB, typename T>
-void product_tile(const T* x, const T* w, int r0, int64_t K, const T* bias, const T* next, T* out, int64_t ldo) {
-  f32x16 acc[MB][R] = {};
-  const int64_t done = accumulate<MB, R, RB>(x, K, w, r0, K, next, acc);
-  for (int m = 0; m < MB; ++m) {
-    for (int r = 0; r < R; ++r) {
-      float s = sum16(acc[m][r]);
-      const T* tail = tail_of<RB>(w, K, r0 + r);
-      for (int64_t k = done; k < K; ++k) s += float(x[m * K + k]) * float(tail[k - done]);
-      out[m * ldo + r] = T(bias == nullptr ? s : s + float(bias[r]));
-    }
-  }
+// out[m, c * 16 + r] = x[m] . w_c[r] + bias[c * 16 + r] for m < MB, the NB blocks from w
+template <int MB, int NB, typename T>
+void product_tile(const T* x, int64_t K, const T* w, const T* bias, const T* next, T* out, int64_t ldo) {
+  f32x16 acc[MB][NB] = {};
+  accumulate<MB, NB>(x, K, w, K, next, acc);
+  for (int m = 0; m < MB; ++m)
+    for (int c = 0; c < NB; ++c)
+      store16(out + m * ldo + c * kCols, bias == nullptr ? acc[m][c] : acc[m][c] + load16(bias + c * kCols));
 }
 
-// Rows r0 and r0 + 1 of a block of RB against the M rows of x, up to 8 of them at a time
-template <int RB, typename T>
-void pair_against_rows(const T* x, int64_t M, const T* w, int r0, int64_t K, const T* bias, const T* next,
-                       T* out, int64_t ldo) {
-  const T* b = bias == nullptr ? nullptr : bias + r0;
+// NB blocks against the M rows of x, 8 at a time
+template <int NB, typename T>
+void product_blocks(const T* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next, T* out, int64_t ldo) {
   for (int64_t m = 0; m < M; m += 8) {
     const T* pf = m == 0 ? next : nullptr;
     const T* xm = x + m * K;
-    T* o = out + m * ldo + r0;
+    T* o = out + m * ldo;
     switch (std::min<int64_t>(8, M - m)) {
-      case 8: product_tile<8, 2, RB>(xm, w, r0, K, b, pf, o, ldo); break;
-      case 7: product_tile<7, 2, RB>(xm, w, r0, K, b, pf, o, ldo); break;
-      case 6: product_tile<6, 2, RB>(xm, w, r0, K, b, pf, o, ldo); break;
-      case 5: product_tile<5, 2, RB>(xm, w, r0, K, b, pf, o, ldo); break;
-      case 4: product_tile<4, 2, RB>(xm, w, r0, K, b, pf, o, ldo); break;
-      case 3: product_tile<3, 2, RB>(xm, w, r0, K, b, pf, o, ldo); break;
-      case 2: product_tile<2, 2, RB>(xm, w, r0, K, b, pf, o, ldo); break;
-      default: product_tile<1, 2, RB>(xm, w, r0, K, b, pf, o, ldo); break;
+      case 8: product_tile<8, NB>(xm, K, w, bias, pf, o, ldo); break;
+      case 7: product_tile<7, NB>(xm, K, w, bias, pf, o, ldo); break;
+      case 6: product_tile<6, NB>(xm, K, w, bias, pf, o, ldo); break;
+      case 5: product_tile<5, NB>(xm, K, w, bias, pf, o, ldo); break;
+      case 4: product_tile<4, NB>(xm, K, w, bias, pf, o, ldo); break;
+      case 3: product_tile<3, NB>(xm, K, w, bias, pf, o, ldo); break;
+      case 2: product_tile<2, NB>(xm, K, w, bias, pf, o, ldo); break;
+      default: product_tile<1, NB>(xm, K, w, bias, pf, o, ldo); break;
     }
   }
 }
 
-// out[m, r] = x[m] . w[r] + bias[r] for m < M, r < RB; `next`: the next block to prefetch, or null.
-// One or two rows of x go against the whole block at once; more, the block's rows two at a time
-// against up to 8 rows of x, so that the block is read from memory during all of its work, not the
-// first pass only: all SmolLM2 bf16 products, AMD EPYC (Zen 5), 2 threads, one process, best of 10,
-// 8 rows 27.4 -> 33.6 GB/s, 12 rows 23.8 -> 29.2 (4 rows the same; the block's rows four at a time
-// against 4 rows of x were no faster). Each output is the same sum in any tile.
-template <int RB, typename T>
-void product_block(const T* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next,
-                   T* out, int64_t ldo) {
-  if (M > 2 && RB % 2 == 0) {
-    for (int r0 = 0; r0 < RB; r0 += 2) pair_against_rows<RB>(x, M, w, r0, K, bias, next, out, ldo);
-    return;
+// A weight row after the last whole block, as it is: one sum over k in order
+template <typename T>
+void product_row(const T* x, int64_t M, const T* w, int64_t K, const T* bias, T* out, int64_t ldo) {
+  for (int64_t m = 0; m < M; ++m) {
+    float s = 0.0f;
+    for (int64_t k = 0; k < K; ++k) s += float(x[m * K + k]) * float(w[k]);
+    out[m * ldo] = T(bias == nullptr ? s : s + float(*bias));
   }
-  int64_t m = 0;
-  for (; m + 2 <= M; m += 2)
-    product_tile<2, RB, RB>(x + m * K, w, 0, K, bias, m == 0 ? next : nullptr, out + m * ldo, ldo);
-  if (m < M) product_tile<1, RB, RB>(x + m * K, w, 0, K, bias, m == 0 ? next : nullptr, out + m * ldo, ldo);
+}
+
+// Tasks of NB blocks side by side: of one block up to 8 rows of x, of three from 9 (two threads, all
+// SmolLM2 products, bf16, AMD EPYC (Zen 5), same process: 12 rows 32.2 GB/s with one, 39.2 with three;
+// 8 rows 54.2 with one, 48.5 with three)
+template <int NB, typename T>
+void product_tasks(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
+  const int64_t tasks = N / (kCols * NB), blocks = N / kCols;
+  const int64_t task = kCols * NB * K;  // elements of a task's weights
+  // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
+  // tiny one is done before a second thread would have started.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, task * int64_t(sizeof(T))));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* next = i + 1 < end ? w + (i + 1) * task : nullptr;
+      const int64_t n = i * kCols * NB;
+      product_blocks<NB>(x, M, w + i * task, K, bias == nullptr ? nullptr : bias + n, next, out + n, N);
+    }
+  });
+  for (int64_t b = tasks * NB; b < blocks; ++b) {  // blocks left over
+    const int64_t n = b * kCols;
+    product_blocks<1>(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, static_cast<const T*>(nullptr),
+                      out + n, N);
+  }
+  for (int64_t n = blocks * kCols; n < N; ++n)
+    product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N);
 }
 
 }  // namespace
@@ -164,23 +171,11 @@ namespace medusa_cpu {
 
 template <typename T>
 void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
-  // tiny one is done before a second thread would have started.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, kRows * K * int64_t(sizeof(T))));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i * kRows;
-      const T* b = bias == nullptr ? nullptr : bias + n;
-      if (n + kRows <= N) {
-        const T* next = i + 1 < end && n + 2 * kRows <= N ? w + (n + kRows) * K : nullptr;
-        product_block<kRows, T>(x, M, w + n * K, K, b, next, out + n, N);
-      } else {  // the last rows of W, fewer than a block
-        for (int64_t r = 0; n + r < N; ++r)
-          product_block<1, T>(x, M, w + (n + r) * K, K, b == nullptr ? nullptr : b + r, nullptr, out + n + r, N);
-      }
-    }
-  });
+  if (M <= 8) {
+    product_tasks<1>(x, M, w, N, K, bias, out);
+  } else {
+    product_tasks<3>(x, M, w, N, K, bias, out);
+  }
 }
 
 template void rows_product_of(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*);
@@ -191,19 +186,18 @@ template void rows_product_of(const c10::BFloat16*, int64_t, const c10::BFloat16
 
 namespace {
 
-// W [N, K] in the kernel's order: each whole block of kRows rows as `chunk_of` and `tail_of` read
-// it, the last N % kRows rows as they are
+// W [N, K] in the kernel's order: each whole block of 16 rows as `accumulate` reads it, the last
+// N % 16 rows as they are
 template <typename T>
 void block_rows(const T* w, int64_t N, int64_t K, T* out) {
-  const int64_t KC = K / kChunk<T> * kChunk<T>;
+  const int64_t P = kPair<T>, KP = paired<T>(K);
   int64_t n = 0;
-  for (; n + kRows <= N; n += kRows) {
+  for (; n + kCols <= N; n += kCols) {
     const T* rows = w + n * K;
     T* block = out + n * K;
-    for (int r = 0; r < kRows; ++r) {
-      for (int64_t k = 0; k < KC; k += kChunk<T>)
-        std::memcpy(const_cast<T*>(chunk_of<kRows>(block, k, r)), rows + r * K + k, kChunk<T> * sizeof(T));
-      std::memcpy(const_cast<T*>(tail_of<kRows>(block, K, r)), rows + r * K + KC, (K - KC) * sizeof(T));
+    for (int64_t r = 0; r < kCols; ++r) {
+      for (int64_t k = 0; k < KP; ++k) block[(k / P * kCols + r) * P + k % P] = rows[r * K + k];
+      for (int64_t k = KP; k < K; ++k) block[KP * kCols + r * (K - KP) + (k - KP)] = rows[r * K + k];
     }
   }
   std::memcpy(out + n * K, w + n * K, (N - n) * K * sizeof(T));

@@ -41,11 +41,12 @@ def blocked(weight: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows, out_features, in_features, bias", [
-    (1, 64, 64, False),  # whole blocks, whole vectors
-    (1, 45, 77, True),  # a block's tail (45 = 5 x 8 + 5) and a vector's (77 = 2 x 32 + 13)
+    (1, 64, 64, False),  # whole blocks of 16 rows
+    (1, 45, 77, True),  # rows after the last block (45 = 2 x 16 + 13), an odd K (a bf16 pair's tail)
     (5, 130, 576, True),
     (12, 7, 1536, False),  # fewer rows than a block
-    (11, 24, 100, True),  # a block's rows two at a time against 8 rows of x, then 3
+    (11, 24, 100, True),  # 8 rows of x against a block, then 3
+    (12, 80, 31, True),  # from 9 rows, tasks of three blocks (80 = 3 x 16 + 2 blocks left), odd K
     (3, 9, 5, True),  # shorter than one vector
     (0, 8, 16, False),
 ])
@@ -60,7 +61,7 @@ def test_rows_product_equals_linear_in_float64(dtype, rows, out_features, in_fea
     expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
     scale = in_features ** 0.5  # the outputs' standard deviation
     torch.testing.assert_close(got.double(), expected, atol=TOLERANCE[dtype] * scale, rtol=TOLERANCE[dtype])
-    if rows and out_features >= 8 and in_features >= 16:  # the kernel reads its own order, not W's
+    if rows and out_features >= 16 and in_features >= 16:  # the kernel reads its own order, not W's
         misread = rows_product(x, weight, b).double()
         assert not torch.allclose(misread, expected, atol=TOLERANCE[dtype] * scale)
 
