@@ -6,14 +6,16 @@
 // one stream through memory, in which one vector holds the 16 rows' weights at the same k (a pair of
 // k in bf16, which vdpbf16ps multiplies at once). So a vector of sums is 16 outputs, each lane its
 // own: a row of x, broadcast one k (or pair) at a time, multiplies a whole block with no horizontal
-// additions, and the outputs are stored 16 at a time. Each row of x gets its own vector of sums, and
-// tasks of one block (three from 9 rows) split among threads.
+// additions, and the outputs are stored 16 at a time. Up to 16 rows of x go through a block at once,
+// each with its own vector of sums in a register; blocks split among threads.
 //
 // Before, a vector held 16 (or 32) k of one weight row, and each output was a horizontal sum of
 // its lanes: with few k per row (SmolLM2's 576) those sums cost as much as the products from 8
 // rows of x. All SmolLM2 products, bf16, 2 threads, AMD EPYC (Zen 5), taking turns in one process:
-// 1 row 30.8 -> 36.9 GB/s, 8 rows 25.4 -> 35.3, 12 rows 19.7 -> 29.6, 16 rows 16.1 -> 25.9;
-// float32 (same run of another minute) 1 row 43.6 -> 45.5, 8 rows 33.7 -> 41.5.
+// 1 row 38.8 -> 40.8 GB/s, 8 rows 32.2 -> 38.9, 12 rows 25.8 -> 37.0, 16 rows 21.3 -> 34.4; float32
+// (another run) 1 row 43.6 -> 45.5, 8 rows 33.7 -> 41.5. Blocks side by side (2, 3, 4 per task)
+// were no faster on 1-8 rows, and 3 with 8 rows of x at a time slower from 12 rows (32.4 and 30.1
+// GB/s on 12 and 16 rows).
 //
 // Each output element is one sum in a fixed order (over k, from the first), whatever M is and however
 // the rows are split among threads: the same row gets the same bits alone or among others.
@@ -55,76 +57,70 @@ inline int64_t paired(int64_t K) {
   return K / kPair<T> * kPair<T>;
 }
 
-// acc[m][c] += x[m] . (rows of block c), lane r of block c's vector being its row r, for MB rows of x
-// (ldx apart) and NB blocks (each K * 16 elements after the last); prefetches the NB blocks after them
-// unless `next` is null. Each lane is one sum over k in order: the same for any MB and NB.
-template <int MB, int NB, typename T>
-void accumulate(const T* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16 (*acc)[NB]) {
-  const int64_t stride = K * kCols;  // elements of one block
+// acc[m] += x[m] . (the block's rows), lane r being row r, for MB rows of x (ldx apart); prefetches
+// the next block unless `next` is null. Each lane is one sum over k in order: the same for any MB.
+template <int MB, typename T>
+void accumulate(const T* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16* acc) {
   for (int64_t k = 0; k < K; ++k) {
-    f32x16 wv[NB];
-    for (int c = 0; c < NB; ++c) wv[c] = load16(w + c * stride + k * kCols);
-    if (next != nullptr)
-      for (int c = 0; c < NB; ++c) __builtin_prefetch(next + c * stride + k * kCols);
-    for (int m = 0; m < MB; ++m) {
-      const f32x16 xv = splat16(float(x[m * ldx + k]));
-      for (int c = 0; c < NB; ++c) acc[m][c] = fma16(xv, wv[c], acc[m][c]);
-    }
+    const f32x16 wv = load16(w + k * kCols);
+    if (next != nullptr) __builtin_prefetch(next + k * kCols);
+    for (int m = 0; m < MB; ++m) acc[m] = fma16(splat16(float(x[m * ldx + k])), wv, acc[m]);
   }
 }
 
 #if defined(__AVX512BF16__)
-template <int MB, int NB>
+template <int MB>
 void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int64_t K, const c10::BFloat16* next,
-                f32x16 (*acc)[NB]) {
-  const int64_t stride = K * kCols, KP = paired<c10::BFloat16>(K);
+                f32x16* acc) {
+  const int64_t KP = paired<c10::BFloat16>(K);
   for (int64_t k = 0; k < KP; k += 2) {
-    __m512bh wv[NB];
-    for (int c = 0; c < NB; ++c) wv[c] = (__m512bh)_mm512_loadu_si512(w + c * stride + k * kCols);
-    if (next != nullptr)
-      for (int c = 0; c < NB; ++c) __builtin_prefetch(next + c * stride + k * kCols);
+    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k * kCols);
+    if (next != nullptr) __builtin_prefetch(next + k * kCols);
     for (int m = 0; m < MB; ++m) {
       int32_t pair;  // x[m, k] and x[m, k + 1], in every lane
       std::memcpy(&pair, x + m * ldx + k, sizeof pair);
-      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
-      for (int c = 0; c < NB; ++c) acc[m][c] = (f32x16)_mm512_dpbf16_ps((__m512)acc[m][c], xv, wv[c]);
+      acc[m] = (f32x16)_mm512_dpbf16_ps((__m512)acc[m], (__m512bh)_mm512_set1_epi32(pair), wv);
     }
   }
-  if (KP < K) {  // the last k of an odd K: 16 rows' elements, widened
-    for (int c = 0; c < NB; ++c) {
-      const f32x16 wv = load16(w + c * stride + KP * kCols);
-      for (int m = 0; m < MB; ++m) acc[m][c] = fma16(splat16(float(x[m * ldx + KP])), wv, acc[m][c]);
-    }
+  if (KP < K) {  // the last k of an odd K: the 16 rows' elements, widened
+    const f32x16 wv = load16(w + KP * kCols);
+    for (int m = 0; m < MB; ++m) acc[m] = fma16(splat16(float(x[m * ldx + KP])), wv, acc[m]);
   }
 }
 #endif
 
-// out[m, c * 16 + r] = x[m] . w_c[r] + bias[c * 16 + r] for m < MB, the NB blocks from w
-template <int MB, int NB, typename T>
+// out[m, r] = x[m] . w[r] + bias[r] for m < MB and the block's 16 rows r
+template <int MB, typename T>
 void product_tile(const T* x, int64_t K, const T* w, const T* bias, const T* next, T* out, int64_t ldo) {
-  f32x16 acc[MB][NB] = {};
-  accumulate<MB, NB>(x, K, w, K, next, acc);
-  for (int m = 0; m < MB; ++m)
-    for (int c = 0; c < NB; ++c)
-      store16(out + m * ldo + c * kCols, bias == nullptr ? acc[m][c] : acc[m][c] + load16(bias + c * kCols));
+  f32x16 acc[MB] = {};
+  accumulate<MB>(x, K, w, K, next, acc);
+  for (int m = 0; m < MB; ++m) store16(out + m * ldo, bias == nullptr ? acc[m] : acc[m] + load16(bias));
 }
 
-// NB blocks against the M rows of x, 8 at a time
-template <int NB, typename T>
-void product_blocks(const T* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next, T* out, int64_t ldo) {
-  for (int64_t m = 0; m < M; m += 8) {
+// A block against the M rows of x, 16 at a time: the 16 sums of each in registers
+template <typename T>
+void product_block(const T* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next, T* out, int64_t ldo) {
+  for (int64_t m = 0; m < M; m += 16) {
     const T* pf = m == 0 ? next : nullptr;
     const T* xm = x + m * K;
     T* o = out + m * ldo;
-    switch (std::min<int64_t>(8, M - m)) {
-      case 8: product_tile<8, NB>(xm, K, w, bias, pf, o, ldo); break;
-      case 7: product_tile<7, NB>(xm, K, w, bias, pf, o, ldo); break;
-      case 6: product_tile<6, NB>(xm, K, w, bias, pf, o, ldo); break;
-      case 5: product_tile<5, NB>(xm, K, w, bias, pf, o, ldo); break;
-      case 4: product_tile<4, NB>(xm, K, w, bias, pf, o, ldo); break;
-      case 3: product_tile<3, NB>(xm, K, w, bias, pf, o, ldo); break;
-      case 2: product_tile<2, NB>(xm, K, w, bias, pf, o, ldo); break;
-      default: product_tile<1, NB>(xm, K, w, bias, pf, o, ldo); break;
+    switch (std::min<int64_t>(16, M - m)) {
+      case 16: product_tile<16>(xm, K, w, bias, pf, o, ldo); break;
+      case 15: product_tile<15>(xm, K, w, bias, pf, o, ldo); break;
+      case 14: product_tile<14>(xm, K, w, bias, pf, o, ldo); break;
+      case 13: product_tile<13>(xm, K, w, bias, pf, o, ldo); break;
+      case 12: product_tile<12>(xm, K, w, bias, pf, o, ldo); break;
+      case 11: product_tile<11>(xm, K, w, bias, pf, o, ldo); break;
+      case 10: product_tile<10>(xm, K, w, bias, pf, o, ldo); break;
+      case 9: product_tile<9>(xm, K, w, bias, pf, o, ldo); break;
+      case 8: product_tile<8>(xm, K, w, bias, pf, o, ldo); break;
+      case 7: product_tile<7>(xm, K, w, bias, pf, o, ldo); break;
+      case 6: product_tile<6>(xm, K, w, bias, pf, o, ldo); break;
+      case 5: product_tile<5>(xm, K, w, bias, pf, o, ldo); break;
+      case 4: product_tile<4>(xm, K, w, bias, pf, o, ldo); break;
+      case 3: product_tile<3>(xm, K, w, bias, pf, o, ldo); break;
+      case 2: product_tile<2>(xm, K, w, bias, pf, o, ldo); break;
+      default: product_tile<1>(xm, K, w, bias, pf, o, ldo); break;
     }
   }
 }
@@ -139,43 +135,25 @@ void product_row(const T* x, int64_t M, const T* w, int64_t K, const T* bias, T*
   }
 }
 
-// Tasks of NB blocks side by side: of one block up to 8 rows of x, of three from 9 (two threads, all
-// SmolLM2 products, bf16, AMD EPYC (Zen 5), same process: 12 rows 32.2 GB/s with one, 39.2 with three;
-// 8 rows 54.2 with one, 48.5 with three)
-template <int NB, typename T>
-void product_tasks(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
-  const int64_t tasks = N / (kCols * NB), blocks = N / kCols;
-  const int64_t task = kCols * NB * K;  // elements of a task's weights
-  // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
-  // tiny one is done before a second thread would have started.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, task * int64_t(sizeof(T))));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const T* next = i + 1 < end ? w + (i + 1) * task : nullptr;
-      const int64_t n = i * kCols * NB;
-      product_blocks<NB>(x, M, w + i * task, K, bias == nullptr ? nullptr : bias + n, next, out + n, N);
-    }
-  });
-  for (int64_t b = tasks * NB; b < blocks; ++b) {  // blocks left over
-    const int64_t n = b * kCols;
-    product_blocks<1>(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, static_cast<const T*>(nullptr),
-                      out + n, N);
-  }
-  for (int64_t n = blocks * kCols; n < N; ++n)
-    product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N);
-}
-
 }  // namespace
 
 namespace medusa_cpu {
 
 template <typename T>
 void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
-  if (M <= 8) {
-    product_tasks<1>(x, M, w, N, K, bias, out);
-  } else {
-    product_tasks<3>(x, M, w, N, K, bias, out);
-  }
+  const int64_t blocks = N / kCols, block = kCols * K;  // whole blocks, elements of one
+  // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
+  // tiny one is done before a second thread would have started.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, block * int64_t(sizeof(T))));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i * kCols;
+      product_block(x, M, w + i * block, K, bias == nullptr ? nullptr : bias + n, i + 1 < end ? w + (i + 1) * block : nullptr,
+                    out + n, N);
+    }
+  });
+  for (int64_t n = blocks * kCols; n < N; ++n)
+    product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N);
 }
 
 template void rows_product_of(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*);

@@ -45,8 +45,8 @@ def blocked(weight: torch.Tensor) -> torch.Tensor:
     (1, 45, 77, True),  # rows after the last block (45 = 2 x 16 + 13), an odd K (a bf16 pair's tail)
     (5, 130, 576, True),
     (12, 7, 1536, False),  # fewer rows than a block
-    (11, 24, 100, True),  # 8 rows of x against a block, then 3
-    (12, 80, 31, True),  # from 9 rows, tasks of three blocks (80 = 3 x 16 + 2 blocks left), odd K
+    (11, 24, 100, True),  # 11 rows of x against a block at once
+    (17, 80, 31, True),  # 16 rows of x at once, then 1; an odd K
     (3, 9, 5, True),  # shorter than one vector
     (0, 8, 16, False),
 ])
