@@ -56,7 +56,7 @@ from transformers import (
 from runtime.config import ConfigError, ModelConfig
 from runtime.cpu_kernels import SOURCE, cpuinfo
 from runtime.hub import HubError, HubId, hub_id, snapshot, snapshot_commit
-from runtime.llama import Llama, from_hf_state_dict, measure_matmul
+from runtime.llama import OWN_MEASURED_ROWS, Llama, from_hf_state_dict, measure_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -372,12 +372,13 @@ def _build_llama(config: ModelConfig, weights: dict[str, torch.Tensor], device: 
 def matmul_choice(model: Llama) -> tuple[int, int]:
     """`runtime.llama.measure_matmul` (packed_from_rows, own_kernel_rows), measured once per machine:
     the answer is kept in matmul.json in the cache folder, keyed by CPU, threads, torch, our kernel's
-    source, dtype and the model's shapes, so that a restart neither spends the timing again nor draws
-    a different answer from a noisy one."""
+    source and the sizes it is timed at, dtype and the model's shapes, so that a restart neither spends
+    the timing again nor draws a different answer from a noisy one."""
     c = model.config
     kernel = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     key = (f"{cpu_name()}; bf16 products: {cpu_has_bf16_products()}; {torch.get_num_threads()} threads; "
-           f"torch {torch.__version__}; our kernel {kernel}; {model.embed.weight.dtype}; "
+           f"torch {torch.__version__}; our kernel {kernel}, timed on {OWN_MEASURED_ROWS} rows; "
+           f"{model.embed.weight.dtype}; "
            f"hidden {c.hidden_size}, mlp {c.intermediate_size}, heads {c.num_heads}/{c.num_kv_heads}x"
            f"{c.head_dim}, vocab {c.vocab_size}, layers {c.num_layers}")
     path = default_cache_dir() / "matmul.json"
