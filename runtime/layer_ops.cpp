@@ -312,10 +312,9 @@ void argmax_logsumexp_row(const float* x, int64_t V, int64_t* best, float* lse) 
     at = above ? index : at;
   }
   float m = -inf;
-  int64_t arg = 0;
-  for (int i = 0; i < 16 && V16 > 0; ++i)
+  int64_t arg = 0;  // all -inf (or NaN): the first
+  for (int i = 0; i < 16; ++i)
     if (top[i] > m || (top[i] == m && at[i] < arg)) m = top[i], arg = at[i];
-  if (V16 > 0 && m == -inf) arg = 0;  // all -inf (or NaN): the first
   for (int64_t v = V16; v < V; ++v)
     if (x[v] > m) m = x[v], arg = v;
   *best = arg;
