@@ -57,13 +57,24 @@ inline int64_t paired(int64_t K) {
   return K / kPair<T> * kPair<T>;
 }
 
+// The next block's lines are fetched into L2 (prefetcht1), not L1 (prefetcht0, `__builtin_prefetch`'s
+// default): L1 holds the block being read and the hardware brings each line on from L2. On 8 rows
+// the L1 prefetch made the products 1.5x slower than one row; into L2 they cost what one row does.
+// SmolLM2's 30 layers of products, bf16, AMD EPYC (Zen 4, family 25), 2 threads, taking turns in one
+// process, ms: 1 row 7.96 -> 7.92, 4 rows 8.88 -> 8.24, 8 rows 11.59 -> 7.88, 12 rows 12.15 ->
+// 10.01, 16 rows 13.71 -> 12.99; float32, 8 rows 23.71 -> 17.14, 12 rows 26.04 -> 18.08.
+template <typename T>
+inline void prefetch_l2(const T* p) {
+  __builtin_prefetch(p, 0, 2);
+}
+
 // acc[m] += x[m] . (the block's rows), lane r being row r, for MB rows of x (ldx apart); prefetches
 // the next block unless `next` is null. Each lane is one sum over k in order: the same for any MB.
 template <int MB, typename T>
 void accumulate(const T* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16* acc) {
   for (int64_t k = 0; k < K; ++k) {
     const f32x16 wv = load16(w + k * kCols);
-    if (next != nullptr) __builtin_prefetch(next + k * kCols);
+    if (next != nullptr) prefetch_l2(next + k * kCols);
     for (int m = 0; m < MB; ++m) acc[m] = fma16(splat16(float(x[m * ldx + k])), wv, acc[m]);
   }
 }
@@ -75,7 +86,7 @@ void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int
   const int64_t KP = paired<c10::BFloat16>(K);
   for (int64_t k = 0; k < KP; k += 2) {
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k * kCols);
-    if (next != nullptr) __builtin_prefetch(next + k * kCols);
+    if (next != nullptr) prefetch_l2(next + k * kCols);
     for (int m = 0; m < MB; ++m) {
       int32_t pair;  // x[m, k] and x[m, k + 1], in every lane
       std::memcpy(&pair, x + m * ldx + k, sizeof pair);
