@@ -114,7 +114,7 @@ void product_tile(const T* x, int64_t K, const T* w, const T* bias, const T* nex
 template <typename T>
 void product_block(const T* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next, T* out, int64_t ldo) {
   for (int64_t m = 0; m < M; m += 16) {
-    const T* pf = m == 0 && M >= 4 ? next : nullptr;  // (fewer rows: see prefetch_l2)
+    const T* pf = m == 0 ? next : nullptr;
     const T* xm = x + m * K;
     T* o = out + m * ldo;
     switch (std::min<int64_t>(16, M - m)) {
@@ -158,11 +158,12 @@ void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, co
   // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
   // tiny one is done before a second thread would have started.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, block * int64_t(sizeof(T))));
+  const bool prefetch = M >= 4;  // fewer rows read faster on the hardware's prefetch alone (prefetch_l2)
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i * kCols;
-      product_block(x, M, w + i * block, K, bias == nullptr ? nullptr : bias + n, i + 1 < end ? w + (i + 1) * block : nullptr,
-                    out + n, N);
+      const T* next = prefetch && i + 1 < end ? w + (i + 1) * block : nullptr;
+      product_block(x, M, w + i * block, K, bias == nullptr ? nullptr : bias + n, next, out + n, N);
     }
   });
   for (int64_t n = blocks * kCols; n < N; ++n)
