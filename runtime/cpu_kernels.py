@@ -54,6 +54,8 @@ _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
 _library.define("silu_mul(Tensor gate_up) -> Tensor")
 _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, Tensor dst) -> ()")
 _library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
+_library.define("accept_greedy(Tensor candidates, Tensor best, Tensor parents, Tensor retrieve) "
+                "-> (Tensor, Tensor, Tensor)")
 _library.define("decoder_layer(Tensor x, Tensor attn_norm, Tensor qkv_w, Tensor? qkv_b, Tensor o_w, "
                 "Tensor? o_b, Tensor mlp_norm, Tensor gate_up_w, Tensor? gate_up_b, Tensor down_w, "
                 "Tensor? down_b, float eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -80,6 +82,13 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape[:-1], dtype=torch.long), x.new_empty(x.shape[:-1])
 
 
+@torch.library.register_fake("medusa::accept_greedy")
+def _(candidates: torch.Tensor, best: torch.Tensor, parents: torch.Tensor, retrieve: torch.Tensor
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, P = retrieve.shape[0], retrieve.shape[2]
+    return candidates.new_empty(B), candidates.new_empty(B, P), candidates.new_empty(B)
+
+
 rms_norm = torch.ops.medusa.rms_norm  # x [..., C], weight [C], eps -> [..., C]
 rope = torch.ops.medusa.rope  # x [B, T, heads + ..., D], cos / sin [B, T, 1, D], heads -> [B, T, heads, D]
 silu_mul = torch.ops.medusa.silu_mul  # gate_up [..., 2I] -> silu(gate) * up [..., I]
@@ -91,6 +100,9 @@ move_positions = torch.ops.medusa.move_positions
 decoder_layer = torch.ops.medusa.decoder_layer
 # x [..., V] float32 -> (argmax [...] int64, the first of equal maxima, NaN never; logsumexp [...])
 argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
+# candidates, best, parents [B, T], retrieve [B, R, P] int64 -> (accepted_len [B], path [B, P], next
+# token [B]): `medusa.acceptance.accept_greedy` in one call
+accept_greedy = torch.ops.medusa.accept_greedy
 
 
 def cpuinfo() -> str:

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -349,9 +350,56 @@ std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x) {
   return {best, lse};
 }
 
+
+// Greedy acceptance of B trees in one call: `medusa.acceptance.accept_greedy`'s PyTorch lines are the
+// reference, and this reads the same way. A node is correct if it is its parent's argmax (the root
+// always); the kept path is the retrieve row with the longest correct prefix, the first of equal ones;
+// the next token is the argmax at its last node. Those lines are ~25 operations on a few dozen
+// numbers, and after a verification forward has streamed the weights through the caches each one runs
+// cold: SmolLM2 bf16, AMD EPYC Zen 5, the reference took 0.32 ms a step in real steps (median), ~0.06
+// when called again at once.
+// candidates, best, parents [B, T]; retrieve [B, R, P] (-1 padded); int64, any strides (a static
+// tree's are expanded) -> accepted_len [B], path [B, P] (0 past accepted_len), next token [B]
+std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_greedy(const at::Tensor& candidates, const at::Tensor& best,
+                                                             const at::Tensor& parents, const at::Tensor& retrieve) {
+  TORCH_CHECK(candidates.scalar_type() == at::kLong && best.scalar_type() == at::kLong &&
+              parents.scalar_type() == at::kLong && retrieve.scalar_type() == at::kLong && candidates.dim() == 2 &&
+              best.sizes() == candidates.sizes() && parents.sizes() == candidates.sizes() && retrieve.dim() == 3 &&
+              retrieve.size(0) == candidates.size(0) && candidates.size(1) > 0,
+              "accept_greedy: candidates, best, parents [B, T] and retrieve [B, R, P], int64");
+  const int64_t B = candidates.size(0), T = candidates.size(1), R = retrieve.size(1), P = retrieve.size(2);
+  const auto cand = candidates.accessor<int64_t, 2>(), top = best.accessor<int64_t, 2>(),
+             parent = parents.accessor<int64_t, 2>();
+  const auto paths = retrieve.accessor<int64_t, 3>();
+  const auto options = candidates.options();
+  at::Tensor accepted = at::empty({B}, options), path = at::zeros({B, P}, options), next = at::empty({B}, options);
+  int64_t* accepted_len = accepted.mutable_data_ptr<int64_t>();
+  int64_t* kept = path.mutable_data_ptr<int64_t>();
+  int64_t* next_token = next.mutable_data_ptr<int64_t>();
+  std::vector<char> correct(T);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t up = parent[b][t];
+      TORCH_CHECK(up < T, "accept_greedy: a parent is outside the tree");
+      correct[t] = t == 0 || cand[b][t] == top[b][std::max<int64_t>(up, 0)];
+    }
+    int64_t longest = 0, row = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      int64_t n = 0;
+      while (n < P && paths[b][r][n] >= 0 && paths[b][r][n] < T && correct[paths[b][r][n]]) ++n;
+      if (n > longest) longest = n, row = r;
+    }
+    TORCH_CHECK(longest > 0, "accept_greedy: no path starts at the root");
+    accepted_len[b] = longest;
+    for (int64_t p = 0; p < longest; ++p) kept[b * P + p] = paths[b][row][p];
+    next_token[b] = top[b][kept[b * P + longest - 1]];
+  }
+  return {accepted, path, next};
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(medusa, CPU, m) {
+  m.impl("accept_greedy", &accept_greedy);
   m.impl("argmax_logsumexp", &argmax_logsumexp);
   m.impl("decoder_layer", &decoder_layer);
   m.impl("move_positions", &move_positions);

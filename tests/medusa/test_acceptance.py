@@ -12,6 +12,7 @@ from scipy.stats import chisquare
 from medusa.acceptance import Decision, accept_greedy, accept_lossless, accept_typical, lossless_walk
 from medusa.dynamic import rows_of
 from medusa.tree import TreeBuffers, build_tree, candidates_from_topk, get_tree
+from runtime import cpu_kernels
 
 # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0]   (see test_tree.py)
 SMALL = build_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])
@@ -237,3 +238,29 @@ def test_per_row_trees_agree_with_each_rows_own_static_tree() -> None:
         n = int(alone[0][0])
         assert int(greedy[0][b]) == n and greedy[1][b, :n].tolist() == alone[1][0, :n].tolist()
         assert int(greedy[2][b]) == int(alone[2][0])
+
+
+@pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
+def test_greedy_in_one_call_decides_as_its_pytorch_lines(monkeypatch) -> None:
+    """On the CPU greedy acceptance is one call of our kernel; its PyTorch lines are the reference:
+    the same decisions for per-row trees and a shared static tree, ties between equal-length paths
+    (siblings with one token, as a lookup guess beside a draft) going to the same path."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, V = 300, 9, 3  # 3 tokens: siblings often share one, and many paths tie
+    trees = [random_tree(T, gen) for _ in range(B)]
+    rows = rows_of(torch.stack([t.parents for t in trees]), torch.stack([t.depths for t in trees]),
+                   torch.stack([t.rank_index.clamp(min=0) for t in trees]), 4, max(t.depth for t in trees))
+    static = get_tree("cpu")
+    cases = [(rows, torch.randint(V, (B, T), generator=gen), torch.randint(V, (B, T), generator=gen)),
+             (static, torch.randint(V, (B, static.num_nodes), generator=gen),
+              torch.randint(V, (B, static.num_nodes), generator=gen))]
+    for tree, candidates, best in cases:
+        ours = accept_greedy(candidates, best, tree)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "built", lambda: False)
+            reference = accept_greedy(candidates, best, tree)
+        assert reference[0].max() >= 3  # deep paths were exercised
+        for a, b in zip(ours, reference, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="accept_greedy: candidates, best, parents"):
+        cpu_kernels.accept_greedy(candidates, best[:, :2], rows.parents, rows.retrieve)
