@@ -72,7 +72,7 @@ def accept_greedy(candidates: torch.Tensor, best: torch.Tensor, tree: Tree) -> D
     B, T = candidates.shape
     assert best.shape == (B, T), (tuple(candidates.shape), tuple(best.shape))
     tree = RowTrees.of(tree, B)
-    if candidates.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.built():
+    if cpu_kernels.eager_cpu(candidates):
         # the lines below in one call of our kernel (runtime/layer_ops.cpp, where its measurement is)
         return cpu_kernels.accept_greedy(candidates, best, tree.parents, tree.retrieve)
     parent_best = best.gather(1, tree.parents.clamp(min=0))  # [B, T] (root: its own, unused)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from medusa.dynamic import DynamicTree, Expand, RowTrees, grow, select
-from medusa.eagle import EagleDrafter, draft_tokens, dynamic_logp
+from medusa.eagle import EagleDrafter, draft_tokens, dynamic_logits
 from medusa.heads import MedusaHeads
 from medusa.tree import TreeBuffers, candidates_from_topk
 from runtime.llama import Llama
@@ -71,31 +71,31 @@ def draft_dynamic(drafter: Drafter, model: Llama, features: torch.Tensor, tokens
     """Each row's own tree, grown from the drafter's confidence, its lookup guesses ([B, L], -1 where
     none) first (`medusa.dynamic`): ([B, T] node tokens, the rows' trees). Others as `draft`'s."""
     if isinstance(drafter, EagleDrafter):
-        root_logp, expand = dynamic_logp(drafter, model, features, tokens, lens, roots, tree)
+        root_logits, expand = dynamic_logits(drafter, model, features, tokens, lens, roots, tree)
     else:
-        root_logp, expand = heads_logp(drafter, model, features[:, -1], roots, tree)
-    grown = grow(tree, root_logp, expand, drafter.token_ids)
+        root_logits, expand = heads_logits(drafter, model, features[:, -1], roots, tree)
+    grown = grow(tree, root_logits, expand, drafter.token_ids)
     return select(tree, roots, lookup, *grown)
 
 
-def heads_logp(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
-               tree: DynamicTree) -> tuple[torch.Tensor, Expand]:
-    """Medusa heads as a dynamic tree's drafter: head d's log-probabilities for the children of
-    depth-d nodes -- the same for every node, unless the heads read the path to the node."""
+def heads_logits(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
+                 tree: DynamicTree) -> tuple[torch.Tensor, Expand]:
+    """Medusa heads as a dynamic tree's drafter: head d's logits for the children of depth-d nodes --
+    the same for every node, unless the heads read the path to the node."""
     B, C = hidden_last.shape
     if not heads.config.path_input:
-        logp = heads(hidden_last, model.lm_head, num_heads=tree.draft_depth).log_softmax(-1)  # [B, K, V']
+        logits = heads(hidden_last, model.lm_head, num_heads=tree.draft_depth)  # [B, K, V']
 
         def expand(d: int, nodes: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor
                    ) -> torch.Tensor:
-            return logp[:, d, None].expand(B, nodes.shape[1], logp.shape[-1])
-        return logp[:, 0], expand
+            return logits[:, d, None].expand(B, nodes.shape[1], logits.shape[-1])
+        return logits[:, 0], expand
 
-    def head_logp(d: int, path: torch.Tensor) -> torch.Tensor:
+    def head_logits(d: int, path: torch.Tensor) -> torch.Tensor:
         """path: [B, n, d + 1] tokens root..node of n nodes at depth d -> [B, n, V']."""
         n = path.shape[1]
         state = heads.head_state(d, hidden_last.repeat_interleave(n, dim=0), model.embed(path.flatten(0, 1)))
-        return heads.project(state[:, None], model.lm_head)[:, 0].view(B, n, -1).log_softmax(-1)
+        return heads.project(state[:, None], model.lm_head)[:, 0].view(B, n, -1)
 
     def expand(d: int, nodes: torch.Tensor, node_tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         path, node = [], nodes  # walk up from the nodes to the root's children
@@ -103,6 +103,6 @@ def heads_logp(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, root
             path.append(node_tokens.gather(1, node))
             node = parents.gather(1, node).clamp(min=0)
         path.append(roots[:, None].expand_as(nodes))
-        return head_logp(d, torch.stack(path[::-1], dim=-1))  # [B, k, V']
+        return head_logits(d, torch.stack(path[::-1], dim=-1))  # [B, k, V']
 
-    return head_logp(0, roots[:, None, None])[:, 0], expand
+    return head_logits(0, roots[:, None, None])[:, 0], expand

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from medusa.tree import DynamicTree, TreeBuffers
+from runtime import cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -64,19 +65,28 @@ class RowTrees:
 Expand = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def grow(tree: DynamicTree, root_logp: torch.Tensor, expand: Expand, token_ids: Callable
+def top_logp(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest log-probabilities of softmax(logits) over the last dim and their indices, [..., k]
+    each, best first: on the CPU one call of our kernel (`runtime/tree_ops.cpp`), which does not
+    write the V' log-probabilities."""
+    if cpu_kernels.eager_cpu(logits):
+        return cpu_kernels.top_logp(logits, k)
+    return logits.log_softmax(-1).topk(k, dim=-1)
+
+
+def grow(tree: DynamicTree, root_logits: torch.Tensor, expand: Expand, token_ids: Callable
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The M candidates of every row: (tokens, parent candidate (-1: the root), score, rank among
     the parent's top-k), each [B, M], in level order.
 
-    root_logp: [B, V'] the drafter's log-probabilities of the root's children; expand(d, nodes,
-    tokens, parents): the log-probabilities [B, k, V'] of the children of `nodes` ([B, k]
-    candidate indices, all at depth d), given every candidate so far (tokens, parents [B, M_d]);
-    token_ids maps scored-vocabulary indices to token ids.
+    root_logits: [B, V'] the drafter's float32 logits for the root's children; expand(d, nodes,
+    tokens, parents): the logits [B, k, V'] for the children of `nodes` ([B, k] candidate indices,
+    all at depth d), given every candidate so far (tokens, parents [B, M_d]); token_ids maps
+    scored-vocabulary indices to token ids.
     """
     k = tree.topk
-    B, device = root_logp.shape[0], root_logp.device
-    score, index = root_logp.topk(k, dim=-1)  # [B, k]
+    B, device = root_logits.shape[0], root_logits.device
+    score, index = top_logp(root_logits, k)  # [B, k]
     tokens, scores = token_ids(index), score
     parents = torch.full((B, k), -1, dtype=torch.long, device=device)
     ranks = torch.arange(k, device=device).expand(B, k)
@@ -84,8 +94,7 @@ def grow(tree: DynamicTree, root_logp: torch.Tensor, expand: Expand, token_ids: 
     for d in range(1, tree.draft_depth):
         best, at = scores[:, level_start:].topk(k, dim=-1)  # [B, k]: the level's nodes to expand
         nodes = level_start + at
-        logp = expand(d, nodes, tokens, parents)  # [B, k, V']
-        child_score, child_index = logp.topk(k, dim=-1)  # [B, k, k]
+        child_score, child_index = top_logp(expand(d, nodes, tokens, parents), k)  # [B, k, k]
         level_start = tokens.shape[1]
         tokens = torch.cat([tokens, token_ids(child_index).flatten(1)], dim=1)
         scores = torch.cat([scores, (best[..., None] + child_score).flatten(1)], dim=1)
@@ -110,6 +119,10 @@ def select(tree: DynamicTree, roots: torch.Tensor, lookup: torch.Tensor, tokens:
     drafter). Node order is candidate order, drafted ones first, so parents come before their children.
     """
     (B, M), L, k, T = tokens.shape, tree.lookup, tree.topk, tree.num_nodes
+    if cpu_kernels.eager_cpu(tokens):  # the lines below and rows_of in one call (runtime/tree_ops.cpp)
+        candidates, depths, parents, mask, retrieve, child_table = cpu_kernels.select_tree(
+            tokens, parents, scores, ranks, roots, lookup, T, k, tree.depth)
+        return candidates, RowTrees(mask, depths, parents, retrieve, child_table, tree.depth)
     device = tokens.device
     j = torch.arange(1, L + 1, device=device)  # a lookup node's depth
     guessed = lookup >= 0  # [B, L]

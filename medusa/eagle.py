@@ -224,10 +224,10 @@ def draft_tokens(drafter: EagleDrafter, model: Llama, features: torch.Tensor, to
     return candidates
 
 
-def dynamic_logp(drafter: EagleDrafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
-                 lens: torch.Tensor, roots: torch.Tensor, tree: DynamicTree) -> tuple[torch.Tensor, Expand]:
-    """The layer as a dynamic tree's drafter (`medusa.dynamic.grow`): the log-probabilities of the
-    root's children [B, V'], and `expand`, which runs the layer on the k nodes a level expands.
+def dynamic_logits(drafter: EagleDrafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
+                   lens: torch.Tensor, roots: torch.Tensor, tree: DynamicTree) -> tuple[torch.Tensor, Expand]:
+    """The layer as a dynamic tree's drafter (`medusa.dynamic.grow`): the logits for the root's
+    children [B, V'], and `expand`, which runs the layer on the k nodes a level expands.
 
     As in `draft_tokens`: the window's call guesses the root's feature; an expanded node's pair is
     (its parent's guessed feature, its token), and it attends to the window and to its expanded
@@ -266,9 +266,9 @@ def dynamic_logp(drafter: EagleDrafter, model: Llama, features: torch.Tensor, to
         guessed = guessed.index_copy(1, rows, out)
         ancestors = ancestors.index_copy(1, rows, sees)
         row_of = row_of.scatter(1, nodes, rows.expand(B, k))
-        return drafter.project(out, model.lm_head).log_softmax(-1)  # [B, k, V']
+        return drafter.project(out, model.lm_head)  # [B, k, V']
 
-    return drafter.project(root_feature, model.lm_head).log_softmax(-1), expand
+    return drafter.project(root_feature, model.lm_head), expand
 
 
 @torch.no_grad()

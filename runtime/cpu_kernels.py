@@ -2,9 +2,10 @@
 block_weight(weight), bias)` = `F.linear` for a few rows (`rows_product.cpp`: the kernel reads the
 weights in its own order, a copy taken once); `attention.cpu.cpu_attend`, attention for a few new
 tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called through
-`attention.attend`); and
-a decoder layer's small steps between its products, `rms_norm`, `rope` and `silu_mul`, and the
-cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and `runtime.kv_cache`).
+`attention.attend`); a decoder layer's small steps between its products, `rms_norm`, `rope` and
+`silu_mul`, and the cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and
+`runtime.kv_cache`); and a dynamic tree's `top_logp` and `select_tree` (`tree_ops.cpp`, called by
+`medusa.dynamic`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
 is the time to read the weights. oneDNN and MKL read them well below the memory's rate on a few
@@ -33,6 +34,7 @@ import attention.cpu
 
 SOURCE = Path(__file__).with_name("rows_product.cpp")
 LAYER_SOURCE = Path(__file__).with_name("layer_ops.cpp")
+TREE_SOURCE = Path(__file__).with_name("tree_ops.cpp")
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,10 @@ _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, T
 _library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
 _library.define("accept_greedy(Tensor candidates, Tensor best, Tensor parents, Tensor retrieve) "
                 "-> (Tensor, Tensor, Tensor)")
+_library.define("top_logp(Tensor logits, int k) -> (Tensor, Tensor)")
+_library.define("select_tree(Tensor tokens, Tensor parents, Tensor scores, Tensor ranks, Tensor roots, "
+                "Tensor lookup, int num_nodes, int topk, int depth) "
+                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 _library.define("decoder_layer(Tensor x, Tensor attn_norm, Tensor qkv_w, Tensor? qkv_b, Tensor o_w, "
                 "Tensor? o_b, Tensor mlp_norm, Tensor gate_up_w, Tensor? gate_up_b, Tensor down_w, "
                 "Tensor? down_b, float eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
@@ -89,6 +95,22 @@ def _(candidates: torch.Tensor, best: torch.Tensor, parents: torch.Tensor, retri
     return candidates.new_empty(B), candidates.new_empty(B, P), candidates.new_empty(B)
 
 
+@torch.library.register_fake("medusa::top_logp")
+def _(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (*logits.shape[:-1], k)
+    return logits.new_empty(shape), logits.new_empty(shape, dtype=torch.long)
+
+
+@torch.library.register_fake("medusa::select_tree")
+def _(tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, ranks: torch.Tensor,
+      roots: torch.Tensor, lookup: torch.Tensor, num_nodes: int, topk: int, depth: int
+      ) -> tuple[torch.Tensor, ...]:
+    B, T, width = tokens.shape[0], num_nodes, topk + (lookup.shape[1] > 0)
+    return (tokens.new_empty(B, T), tokens.new_empty(B, T), tokens.new_empty(B, T),
+            tokens.new_empty(B, T, T, dtype=torch.bool), tokens.new_empty(B, T, depth + 1),
+            tokens.new_empty(B, T, width))
+
+
 rms_norm = torch.ops.medusa.rms_norm  # x [..., C], weight [C], eps -> [..., C]
 rope = torch.ops.medusa.rope  # x [B, T, heads + ..., D], cos / sin [B, T, 1, D], heads -> [B, T, heads, D]
 silu_mul = torch.ops.medusa.silu_mul  # gate_up [..., 2I] -> silu(gate) * up [..., I]
@@ -103,6 +125,12 @@ argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
 # candidates, best, parents [B, T], retrieve [B, R, P] int64 -> (accepted_len [B], path [B, P], next
 # token [B]): `medusa.acceptance.accept_greedy` in one call
 accept_greedy = torch.ops.medusa.accept_greedy
+# logits [..., V] float32, k -> (the k largest log_softmax values [..., k], best first; indices [..., k])
+top_logp = torch.ops.medusa.top_logp
+# `medusa.dynamic.select` and `rows_of` in one call: tokens, parents, ranks [B, M] int64, scores [B, M]
+# float32, roots [B], lookup [B, L], T, k, depth -> candidates, depths, parents [B, T], mask [B, T, T],
+# retrieve [B, T, P], child_table [B, T, k + (L > 0)]
+select_tree = torch.ops.medusa.select_tree
 
 
 def cpuinfo() -> str:
@@ -111,6 +139,12 @@ def cpuinfo() -> str:
         return Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
+
+
+def eager_cpu(t: torch.Tensor) -> bool:
+    """Whether a step's work on t goes through our kernels: t is on the CPU, no graph is being
+    compiled (a compiled step keeps the PyTorch lines, which the compiler fuses), and they are built."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and built()
 
 
 @functools.cache
@@ -123,7 +157,7 @@ def built() -> bool:
     machine = hashlib.sha256(flags.encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
-        sources = [str(SOURCE), str(attention.cpu.SOURCE), str(LAYER_SOURCE)]
+        sources = [str(SOURCE), str(attention.cpu.SOURCE), str(LAYER_SOURCE), str(TREE_SOURCE)]
         cpp_extension.load(f"medusa_cpu_kernels_{machine}", sources, is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            extra_include_paths=[str(SOURCE.parent)])

@@ -75,7 +75,7 @@ class KVCache:
         keep = step[None, :] < accepted_len[:, None]  # [B, P]
         src = torch.where(keep, lens[:, None] + path, lens[:, None] + step)  # [B, P]
         dst = lens[:, None] + step  # [B, P]
-        if self.lens.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.built():
+        if cpu_kernels.eager_cpu(self.lens):
             cpu_kernels.move_positions(self.k + self.v, slots.long().contiguous(), src, dst)  # one call
             self.lens[slots] = lens + accepted_len
             return

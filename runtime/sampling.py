@@ -185,7 +185,7 @@ def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits (no NaN) -> [...] long, [...] float32: on the CPU one call of our kernel
     (`runtime.cpu_kernels.argmax_logsumexp`: 8 rows of a 49k vocabulary in ~90 us, ~320 in
     PyTorch)."""
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.built():
+    if cpu_kernels.eager_cpu(logits):
         return cpu_kernels.argmax_logsumexp(logits)
     return logits.argmax(-1), logits.logsumexp(-1)
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from medusa.draft import draft_dynamic
-from medusa.dynamic import RowTrees, reference_grow, rows_of
+from medusa.dynamic import RowTrees, grow, reference_grow, rows_of, select, top_logp
 from medusa.eagle import EagleConfig, random_drafter, reference_logp
 from medusa.heads import MedusaConfig, random_heads
 from medusa.step import ROOT_ONLY, DeviceStep
 from medusa.tree import DynamicTree, TreeError, get_tree
+from runtime import cpu_kernels
 from tests.conftest import ours_from_hf, tiny_hf_model
 
 
@@ -88,6 +89,47 @@ def test_grown_trees_equal_the_plain_best_first_growth(model, kind, spec):
                 assert trees.child_table[b, 0, tree.topk] == chain[0]  # the root's child after its drafts
         first, second = (chosen_paths(candidates, trees, b, T - len(guesses[b])) for b in range(2))
         assert first != second  # each row its own tree
+
+
+@pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
+@pytest.mark.parametrize("spec", ["dynamic:24,topk=4,depth=4,lookup=3", "dynamic:7,topk=2,depth=2,lookup=3"])
+def test_tree_glue_in_one_call_matches_its_pytorch_lines(monkeypatch, spec):
+    """On the CPU a dynamic tree's top-k log-probabilities and its choice of nodes are calls of our
+    kernels; their PyTorch lines are the reference: the same tokens, trees and buffers, for rows with
+    all, some and none of their lookup guesses (in the small tree, more nodes than drafts and guesses:
+    unguessed lookup nodes hold the root), and log-probabilities within rounding."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5, 1003, generator=gen) * 4  # 1003: a vocabulary that is not whole vectors
+    logits[0, 0, 500:] = float("-inf")
+    tree = get_tree(spec)
+    B, V, L = 40, 300, tree.lookup
+    levels = [torch.randn(B, tree.topk, V, generator=gen) * 3 for _ in range(tree.draft_depth)]
+    roots = torch.randint(V, (B,), generator=gen)
+    lookup = torch.randint(V, (B, L), generator=gen)
+    lookup[torch.arange(L) >= torch.randint(L + 1, (B, 1), generator=gen)] = -1  # a prefix of guesses
+
+    def run():
+        tops = [top_logp(logits, k) for k in (1, 4, 16)]
+        grown = grow(tree, levels[0][:, 0], lambda d, nodes, tokens, parents: levels[d], lambda i: i)
+        return tops, grown, select(tree, roots, lookup, *grown)
+
+    ours = run()
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "built", lambda: False)
+        reference = run()
+    for (values, indices), (ref_values, ref_indices) in zip(ours[0], reference[0], strict=True):
+        assert torch.equal(indices, ref_indices)
+        torch.testing.assert_close(values, ref_values, rtol=0, atol=1e-5)
+    for a, b in zip(ours[1], reference[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    (candidates, trees), (ref_candidates, ref_trees) = ours[2], reference[2]
+    assert torch.equal(candidates, ref_candidates)
+    for field in ("mask", "depths", "parents", "retrieve", "child_table"):
+        assert torch.equal(getattr(trees, field), getattr(ref_trees, field)), field
+    assert trees.depths.max() == tree.depth and set((lookup >= 0).sum(1).tolist()) == set(range(L + 1))
+    with pytest.raises(RuntimeError, match="select_tree: tokens, parents, ranks"):
+        cpu_kernels.select_tree(ours[1][0][:, :3], *ours[1][1:], roots, lookup, tree.num_nodes, tree.topk,
+                                tree.depth)
 
 
 def test_row_buffers_of_a_static_tree_equal_its_own():
