@@ -32,6 +32,7 @@ from torch import nn
 from medusa.dynamic import DynamicTree, Expand
 from medusa.heads import scored_projection
 from medusa.tree import TreeBuffers
+from runtime import cpu_kernels
 from runtime.config import ConfigError, ModelConfig
 from runtime.llama import NEVER, Linear, Llama, RMSNorm, apply_rope, pack_linears
 
@@ -111,6 +112,7 @@ class EagleDrafter(nn.Module):
         self._serving = False
         self._projection: tuple[torch.Tensor, Linear] | None = None  # (lm_head weight, its scored rows)
         self._matmul = (NEVER, 0)  # (packed_from_rows, own_kernel_rows) while serving
+        self._one_call: tuple[torch.Tensor, ...] | None = None  # serving on the CPU: `_in_one_call`'s weights
 
     def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1) -> EagleDrafter:
         """Multiply products of at least `packed_from_rows` rows through oneDNN copies of the weights,
@@ -119,10 +121,17 @@ class EagleDrafter(nn.Module):
         has it) copy of the scored lm_head rows."""
         self._serving, self._projection, self._matmul = True, None, (packed_from_rows, own_kernel_rows)
         pack_linears(self, packed_from_rows, own_kernel_rows)
+        linears = (self.fc, self.qkv, self.o, self.gate_up, self.down)
+        w = self.fc.weight
+        self._one_call = None
+        if (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
+                and self.config.head_dim % 16 == 0 and cpu_kernels.built()):
+            self._one_call = tuple(cpu_kernels.block_weight(m.weight.detach()) if m.own_weight is None
+                                   else m.own_weight for m in linears)
         return self
 
     def prepare_for_training(self) -> EagleDrafter:
-        self._serving, self._projection = False, None
+        self._serving, self._projection, self._one_call = False, None, None
         pack_linears(self, NEVER)
         return self
 
@@ -138,6 +147,9 @@ class EagleDrafter(nn.Module):
         B, S, _ = features.shape
         H, Hkv, D = self.config.num_attention_heads, self.config.num_kv_heads, self.config.head_dim
         dtype = self.fc.weight.dtype  # the layer's own, which may differ from the base model's
+        if self._one_call is not None and cpu_kernels.eager_cpu(features) and (past is None) == (at is None):
+            return self._in_one_call(features.to(dtype), embeds.to(dtype), positions, mask, past, at)
+
         x = self.fc(torch.cat([features.to(dtype), embeds.to(dtype)], dim=-1))  # [B, S, C]
         freqs = positions[..., None].float() * self.inv_freq  # [B, S, D/2]
         cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)[:, :, None].to(x.dtype)  # [B, S, 1, D]
@@ -156,6 +168,22 @@ class EagleDrafter(nn.Module):
         x = x + self.o(out.transpose(1, 2).reshape(B, S, H * D))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up), k, v
+
+    def _in_one_call(self, features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+                     mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
+                     at: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward`'s lines above in one call of our kernel (`runtime/layer_ops.cpp`: `draft_layer`),
+        serving on the CPU (its measurement is there). Its attention sums in float32 in its own order: drafts only propose,
+        so their rounding changes which tokens are drafted, never which are accepted."""
+        fc, qkv, o, gate_up, down = self._one_call
+        past_k, past_v = (None, None) if past is None else (past[0].contiguous(), past[1].contiguous())
+        norm = self.attn_norm.weight if self.config.attn_norm else None
+        c = self.config
+        return cpu_kernels.draft_layer(
+            features.contiguous(), embeds.contiguous(), positions.contiguous(), mask.contiguous(), past_k,
+            past_v, None if at is None else at.contiguous(), fc, self.fc.bias, norm, qkv, o,
+            self.mlp_norm.weight, gate_up, down, self.inv_freq.float(), c.rms_norm_eps, c.num_attention_heads,
+            c.num_kv_heads)
 
     def project(self, states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""

@@ -58,6 +58,10 @@ _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, T
 _library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
 _library.define("accept_greedy(Tensor candidates, Tensor best, Tensor parents, Tensor retrieve) "
                 "-> (Tensor, Tensor, Tensor)")
+_library.define("draft_layer(Tensor features, Tensor embeds, Tensor positions, Tensor mask, Tensor? past_k, "
+                "Tensor? past_v, Tensor? at, Tensor fc_w, Tensor? fc_b, Tensor? attn_norm, Tensor qkv_w, "
+                "Tensor o_w, Tensor mlp_norm, Tensor gate_up_w, Tensor down_w, Tensor inv_freq, float eps, "
+                "int num_heads, int num_kv_heads) -> (Tensor, Tensor, Tensor)")
 _library.define("top_logp(Tensor logits, int k) -> (Tensor, Tensor)")
 _library.define("select_tree(Tensor tokens, Tensor parents, Tensor scores, Tensor ranks, Tensor roots, "
                 "Tensor lookup, int num_nodes, int topk, int depth) "
@@ -95,6 +99,16 @@ def _(candidates: torch.Tensor, best: torch.Tensor, parents: torch.Tensor, retri
     return candidates.new_empty(B), candidates.new_empty(B, P), candidates.new_empty(B)
 
 
+@torch.library.register_fake("medusa::draft_layer")
+def _(features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, *rest
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    past_k, num_heads, num_kv_heads = rest[0], rest[-2], rest[-1]
+    B, S, C = features.shape
+    K = S if past_k is None else past_k.shape[2]
+    kv = features.new_empty(B, num_kv_heads, K, C // num_heads)
+    return features.new_empty(features.shape), kv, kv.new_empty(kv.shape)
+
+
 @torch.library.register_fake("medusa::top_logp")
 def _(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (*logits.shape[:-1], k)
@@ -125,6 +139,10 @@ argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
 # candidates, best, parents [B, T], retrieve [B, R, P] int64 -> (accepted_len [B], path [B, P], next
 # token [B]): `medusa.acceptance.accept_greedy` in one call
 accept_greedy = torch.ops.medusa.accept_greedy
+# `medusa.eagle.EagleDrafter.forward` in one call: features, embeds [B, S, C], positions [B, S], mask
+# [B, S, K], past_k / past_v [B, Hkv, K, D] and at [S] (or None), the layer's `block_weight` copies,
+# fc's bias, attn_norm's weight (or None), inv_freq, eps, heads, KV heads -> (out [B, S, C], keys, values)
+draft_layer = torch.ops.medusa.draft_layer
 # logits [..., V] float32, k -> (the k largest log_softmax values [..., k], best first; indices [..., k])
 top_logp = torch.ops.medusa.top_logp
 # `medusa.dynamic.select` and `rows_of` in one call: tokens, parents, ranks [B, M] int64, scores [B, M]

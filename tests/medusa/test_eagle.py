@@ -19,6 +19,7 @@ from medusa.eagle import EagleConfig, EagleDrafter, draft_tokens, random_drafter
 from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import build_tree, get_tree
+from runtime import cpu_kernels
 from runtime.config import SamplingParams
 from runtime.llama import Linear
 from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
@@ -50,6 +51,41 @@ def test_fixed_shape_drafting_equals_one_sequence_per_node(model, tree, draft_vo
     assert fast[:, 0].tolist() == [5, 9]
     assert torch.equal(fast, slow)
     assert len(set(fast[0, 1:].tolist())) > 3  # the drafts do differ from node to node
+
+
+@pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layer_in_one_call_computes_its_pytorch_lines(model, dtype):
+    """Serving on the CPU the draft layer is one call of our kernel; its PyTorch lines are the
+    reference, within rounding (its attention sums in another order): a window's call, then a call
+    that writes its keys among earlier ones under a mask that hides some of them; a query that sees
+    no key gets no attention (both give the residual alone)."""
+    drafter = drafter_for(model).to(dtype).prepare_for_serving()
+    assert drafter._one_call is not None
+    gen = torch.Generator().manual_seed(4)
+    B, W, S, C = 2, 6, 3, model.config.hidden_size
+    features, embeds = torch.randn(B, W + S, C, generator=gen), torch.randn(B, W + S, C, generator=gen)
+    positions = torch.arange(W + S).expand(B, W + S).contiguous()
+    causal = torch.ones(W, W, dtype=torch.bool).tril().expand(B, W, W).contiguous()
+    later = torch.rand(B, S, W + S, generator=gen) < 0.6
+    later[:, :, W:] = torch.eye(S, dtype=torch.bool)  # each new pair sees itself and some of the window
+    later[1, 2] = False  # and one sees nothing: zeros, not NaN
+    at = torch.arange(W, W + S)
+
+    def run():
+        out_w, k, v = drafter(features[:, :W], embeds[:, :W], positions[:, :W], causal)
+        past = (torch.cat([k, torch.zeros_like(k[:, :, :S])], 2), torch.cat([v, torch.zeros_like(v[:, :, :S])], 2))
+        return (out_w, k, v, *drafter(features[:, W:], embeds[:, W:], positions[:, W:], later, past, at))
+
+    with torch.no_grad():
+        ours = run()
+        one_call, drafter._one_call = drafter._one_call, None
+        reference = run()
+        drafter._one_call = one_call
+    tolerance = {"atol": 2e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    for a, b in zip(ours, reference, strict=True):
+        assert a.dtype == b.dtype == dtype and not a.isnan().any()
+        torch.testing.assert_close(a, b, **tolerance)
 
 
 def test_unfilled_window_positions_are_not_read(model):
