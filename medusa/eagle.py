@@ -173,8 +173,8 @@ class EagleDrafter(nn.Module):
                      mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
                      at: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward`'s lines above in one call of our kernel (`runtime/layer_ops.cpp`: `draft_layer`),
-        serving on the CPU (its measurement is there). Its attention sums in float32 in its own order: drafts only propose,
-        so their rounding changes which tokens are drafted, never which are accepted."""
+        serving on the CPU (its measurement is there). Its attention sums in float32 in its own order:
+        drafts only propose, so their rounding changes which tokens are drafted, never which are accepted."""
         fc, qkv, o, gate_up, down = self._one_call
         past_k, past_v = (None, None) if past is None else (past[0].contiguous(), past[1].contiguous())
         norm = self.attn_norm.weight if self.config.attn_norm else None

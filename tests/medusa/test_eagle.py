@@ -74,7 +74,7 @@ def test_the_layer_in_one_call_computes_its_pytorch_lines(model, dtype):
 
     def run():
         out_w, k, v = drafter(features[:, :W], embeds[:, :W], positions[:, :W], causal)
-        past = (torch.cat([k, torch.zeros_like(k[:, :, :S])], 2), torch.cat([v, torch.zeros_like(v[:, :, :S])], 2))
+        past = tuple(torch.cat([t, torch.zeros_like(t[:, :, :S])], 2) for t in (k, v))
         return (out_w, k, v, *drafter(features[:, W:], embeds[:, W:], positions[:, W:], later, past, at))
 
     with torch.no_grad():
