@@ -15,6 +15,7 @@ from medusa.dynamic import DynamicTree, Expand, RowTrees, grow, select
 from medusa.eagle import EagleDrafter, draft_tokens, dynamic_logits
 from medusa.heads import MedusaHeads
 from medusa.tree import TreeBuffers, candidates_from_topk
+from runtime import cpu_kernels
 from runtime.llama import Llama
 
 Drafter = MedusaHeads | EagleDrafter
@@ -72,10 +73,23 @@ def draft_dynamic(drafter: Drafter, model: Llama, features: torch.Tensor, tokens
     none) first (`medusa.dynamic`): ([B, T] node tokens, the rows' trees). Others as `draft`'s."""
     if isinstance(drafter, EagleDrafter):
         root_logits, expand = dynamic_logits(drafter, model, features, tokens, lens, roots, tree)
+        grown = grow(tree, root_logits, expand, drafter.token_ids)
     else:
-        root_logits, expand = heads_logits(drafter, model, features[:, -1], roots, tree)
-    grown = grow(tree, root_logits, expand, drafter.token_ids)
+        grown = heads_grow(drafter, model, features[:, -1], roots, tree)
     return select(tree, roots, lookup, *grown)
+
+
+def heads_grow(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,
+               tree: DynamicTree) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`grow` over the heads (`heads_logits`): on the CPU, path-input heads in one call of our kernel
+    (`runtime/tree_ops.cpp`: `heads_draft`, where its measurement is)."""
+    operands = heads.kernel_operands(model.lm_head) if cpu_kernels.eager_cpu(hidden_last) else None
+    if operands is not None and hidden_last.dtype == model.embed.weight.dtype == operands[-1][0].dtype:
+        fuse_w, fuse_b, block_w, block_b, (projection,) = operands
+        return cpu_kernels.heads_draft(hidden_last.contiguous(), roots.contiguous(), model.embed.weight,
+                                       fuse_w, fuse_b, block_w, block_b, projection, heads.draft_vocab,
+                                       tree.topk, tree.draft_depth)
+    return grow(tree, *heads_logits(heads, model, hidden_last, roots, tree), heads.token_ids)
 
 
 def heads_logits(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,

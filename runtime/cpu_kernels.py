@@ -4,8 +4,8 @@ weights in its own order, a copy taken once); `attention.cpu.cpu_attend`, attent
 tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called through
 `attention.attend`); a decoder layer's small steps between its products, `rms_norm`, `rope` and
 `silu_mul`, and the cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and
-`runtime.kv_cache`); and a dynamic tree's `top_logp` and `select_tree` (`tree_ops.cpp`, called by
-`medusa.dynamic`).
+`runtime.kv_cache`); and a dynamic tree's `top_logp`, `heads_draft` and `select_tree` (`tree_ops.cpp`,
+called by `medusa.dynamic` and `medusa.draft`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
 is the time to read the weights. oneDNN and MKL read them well below the memory's rate on a few
@@ -62,6 +62,9 @@ _library.define("draft_layer(Tensor features, Tensor embeds, Tensor positions, T
                 "Tensor? past_v, Tensor? at, Tensor fc_w, Tensor? fc_b, Tensor? attn_norm, Tensor qkv_w, "
                 "Tensor o_w, Tensor mlp_norm, Tensor gate_up_w, Tensor down_w, Tensor inv_freq, float eps, "
                 "int num_heads, int num_kv_heads) -> (Tensor, Tensor, Tensor)")
+_library.define("heads_draft(Tensor hidden, Tensor roots, Tensor embed, Tensor[] fuse_w, Tensor[] fuse_b, "
+                "Tensor[] block_w, Tensor[] block_b, Tensor proj_w, Tensor? draft_vocab, int topk, "
+                "int depth) -> (Tensor, Tensor, Tensor, Tensor)")
 _library.define("top_logp(Tensor logits, int k) -> (Tensor, Tensor)")
 _library.define("select_tree(Tensor tokens, Tensor parents, Tensor scores, Tensor ranks, Tensor roots, "
                 "Tensor lookup, int num_nodes, int topk, int depth) "
@@ -109,6 +112,15 @@ def _(features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor, mas
     return features.new_empty(features.shape), kv, kv.new_empty(kv.shape)
 
 
+@torch.library.register_fake("medusa::heads_draft")
+def _(hidden: torch.Tensor, roots: torch.Tensor, embed: torch.Tensor, *rest) -> tuple[torch.Tensor, ...]:
+    topk, depth = rest[-2], rest[-1]
+    M = topk + (depth - 1) * topk * topk
+    B = hidden.shape[0]
+    return (roots.new_empty(B, M), roots.new_empty(B, M), hidden.new_empty(B, M, dtype=torch.float32),
+            roots.new_empty(B, M))
+
+
 @torch.library.register_fake("medusa::top_logp")
 def _(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (*logits.shape[:-1], k)
@@ -145,6 +157,10 @@ accept_greedy = torch.ops.medusa.accept_greedy
 draft_layer = torch.ops.medusa.draft_layer
 # logits [..., V] float32, k -> (the k largest log_softmax values [..., k], best first; indices [..., k])
 top_logp = torch.ops.medusa.top_logp
+# `medusa.dynamic.grow` over path-input heads in one call: hidden [B, C], roots [B], embed [V, C], each
+# head's fuse weight and bias, its blocks' (head-major), the scored lm_head rows (all `block_weight`
+# copies), draft_vocab [V'] or None, topk, depth -> tokens, parents, scores (float32), ranks [B, M]
+heads_draft = torch.ops.medusa.heads_draft
 # `medusa.dynamic.select` and `rows_of` in one call: tokens, parents, ranks [B, M] int64, scores [B, M]
 # float32, roots [B], lookup [B, L], T, k, depth -> candidates, depths, parents [B, T], mask [B, T, T],
 # retrieve [B, T, P], child_table [B, T, k + (L > 0)]

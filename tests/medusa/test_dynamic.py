@@ -4,7 +4,7 @@ best-first growth gives, and its buffers say what a static tree's would."""
 import pytest
 import torch
 
-from medusa.draft import draft_dynamic
+from medusa.draft import draft_dynamic, heads_grow
 from medusa.dynamic import RowTrees, grow, reference_grow, rows_of, select, top_logp
 from medusa.eagle import EagleConfig, random_drafter, reference_logp
 from medusa.heads import MedusaConfig, random_heads
@@ -130,6 +130,41 @@ def test_tree_glue_in_one_call_matches_its_pytorch_lines(monkeypatch, spec):
     with pytest.raises(RuntimeError, match="select_tree: tokens, parents, ranks"):
         cpu_kernels.select_tree(ours[1][0][:, :3], *ours[1][1:], roots, lookup, tree.num_nodes, tree.topk,
                                 tree.depth)
+
+
+@pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_heads_grow_in_one_call_as_their_pytorch_lines(monkeypatch, dtype):
+    """On the CPU path-input heads grow a dynamic tree's candidates in one call of our kernel; their
+    PyTorch lines (`grow` over `heads_logits`) are the reference: the same tokens, parents and ranks,
+    and scores within rounding, for rows with their own roots and hidden states, heads of two blocks."""
+    model = ours_from_hf(tiny_hf_model("llama")).to(dtype)
+    c = model.config
+    config = MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_heads=4, num_layers=2,
+                          path_input=True, draft_vocab_size=40)
+    heads = random_heads(config, seed=1).to(dtype).prepare_for_serving()
+    if heads.kernel_operands(model.lm_head) is None:  # a bf16 projection of fp32 heads: not ours to take
+        assert dtype == torch.float32
+        projection = heads._projection[1]
+        projection.weight = torch.nn.Parameter(projection.weight.float(), requires_grad=False)
+        projection.pack(1, 1)
+    assert heads.kernel_operands(model.lm_head) is not None
+    tree = get_tree("dynamic:20,topk=3,depth=4,lookup=2")
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(5, c.hidden_size, generator=gen).to(dtype)
+    roots = torch.randint(c.vocab_size, (5,), generator=gen)
+    with torch.no_grad():
+        ours = heads_grow(heads, model, hidden, roots, tree)
+        with monkeypatch.context() as m:
+            m.setattr(heads, "kernel_operands", lambda lm_head: None)
+            reference = heads_grow(heads, model, hidden, roots, tree)
+    for name, a, b in zip(("tokens", "parents", "scores", "ranks"), ours, reference, strict=True):
+        assert a.shape == b.shape == (5, tree.num_candidates), name
+        if name == "scores":
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-4 if dtype == torch.float32 else 2e-2)
+        else:
+            assert torch.equal(a, b), name
+    assert len(set(ours[0][:, 0].tolist())) > 1  # rows drafted apart
 
 
 def test_row_buffers_of_a_static_tree_equal_its_own():
