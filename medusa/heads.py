@@ -179,7 +179,7 @@ class MedusaHeads(nn.Module):
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
         return F.linear(states, weight.to(states.dtype)).float()  # [B, K, V']
 
-    def kernel_operands(self, lm_head: nn.Linear) -> tuple[list[torch.Tensor], ...] | None:
+    def kernel_operands(self, lm_head: nn.Linear) -> tuple | None:
         """What `runtime.cpu_kernels.heads_draft` multiplies by, serving path-input heads on the CPU: each
         head's fuse weight and bias, its blocks' weights and biases (head-major), and the scored lm_head
         rows, the weights in our kernel's order; None where our kernel does not take them all (not
@@ -192,7 +192,7 @@ class MedusaHeads(nn.Module):
         if any(m.own_weight is None for m in linears) or len({m.weight.dtype for m in linears}) > 1:
             return None
         return ([m.own_weight for m in self.fuse], [m.bias for m in self.fuse],
-                [m.own_weight for m in blocks], [m.bias for m in blocks], [projection.own_weight])
+                [m.own_weight for m in blocks], [m.bias for m in blocks], projection.own_weight)
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices into the scored vocabulary (what `forward`'s logits index) -> token ids."""
