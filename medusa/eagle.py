@@ -12,6 +12,9 @@ Li et al. 2024).
 The window is recomputed every step from the last W features and tokens of each sequence, which
 the step keeps per slot (`medusa.step`), so the drafter has no cache of its own to grow, compact
 or free: W = 32 pairs through one 4M-parameter layer is little beside the base model's verification.
+Measured (SmolLM2 bf16, AMD EPYC Zen 5, the layer in one call): the window's call ~0.53 ms of an ~11 ms
+step; the same layer read with W = 16 or 8 gave the same speed within 1.5% on 9 dev prompts, taking
+turns (2.43 / 2.41 / 2.40 tokens per step).
 
 `draft_tokens` is the fixed-shape drafting the step compiles; `reference_draft` drafts the same
 tokens the plain way, one explicit sequence per node, for tests.
