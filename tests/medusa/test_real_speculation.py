@@ -1,11 +1,14 @@
 """Medusa on the real embedded model with the shipped heads: greedy output equals plain greedy."""
 
 import pytest
+import torch
 
 from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS, load_drafter, load_heads
 from medusa.engine import Engine
-from medusa.tree import get_tree
+from medusa.tree import default_tree, get_tree
+from runtime import cpu_kernels
 from runtime.config import SamplingParams
+from runtime.loading import load_model
 from runtime.prompt import Prompter
 
 pytestmark = pytest.mark.slow
@@ -45,6 +48,33 @@ def test_shipped_draft_layer_keeps_greedy_output_and_is_accepted(real_model):
     model = real_model.model
     drafter = load_drafter(SHIPPED_EAGLE, model.config, model.lm_head)
     plain, spec = plain_and_speculative(real_model, drafter, "eagle-cpu")
+    out, tokens, steps = {}, 0, 0
+    for i, prompt in enumerate(prompts):
+        out[i] = spec.add(i, prompt, params).token_ids
+    while spec.running:
+        for e in spec.step():
+            out[e.request_id] += e.token_ids
+            tokens, steps = tokens + len(e.token_ids), steps + 1
+    assert [out[i] for i in range(len(prompts))] == plain.generate(prompts, params)
+    assert tokens / steps > 1.4
+
+
+@pytest.mark.skipif(not cpu_kernels.built(), reason="bf16 exactness rests on our CPU kernels")
+@pytest.mark.parametrize("kind", ["heads", "eagle"])
+def test_the_default_bf16_cpu_speculation_keeps_greedy_output(kind):
+    """What `--dtype bfloat16` serves on the CPU by default: each shipped drafter with its dynamic tree
+    (grown by our drafting kernels), four requests batched: plain greedy's tokens, in bfloat16 too,
+    and more than one token per step."""
+    loaded = load_model(device="cpu", dtype="bfloat16")
+    model = loaded.model
+    load = load_heads if kind == "heads" else load_drafter
+    drafter = load(SHIPPED_HEADS if kind == "heads" else SHIPPED_EAGLE, model.config, model.lm_head,
+                   dtype=torch.bfloat16)
+    tree = default_tree("cpu", "bfloat16", kind)
+    assert get_tree(tree).__class__.__name__ == "DynamicTree"
+    plain, spec = plain_and_speculative(loaded, drafter, tree)
+    prompts = [Prompter(loaded.tokenizer, chat_template=True).encode(q) for q in QUESTIONS]
+    params = SamplingParams(max_new_tokens=32)
     out, tokens, steps = {}, 0, 0
     for i, prompt in enumerate(prompts):
         out[i] = spec.add(i, prompt, params).token_ids
