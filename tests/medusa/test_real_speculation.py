@@ -26,6 +26,19 @@ def plain_and_speculative(real_model, drafter, tree: str) -> tuple[Engine, Engin
     return engine(), engine(heads=drafter, tree=get_tree(tree))
 
 
+def batched(spec: Engine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], float]:
+    """All prompts through one speculative engine together: each one's tokens, and the tokens a
+    request got per step."""
+    out, tokens, steps = {}, 0, 0
+    for i, prompt in enumerate(prompts):
+        out[i] = spec.add(i, prompt, params).token_ids
+    while spec.running:
+        for e in spec.step():
+            out[e.request_id] += e.token_ids
+            tokens, steps = tokens + len(e.token_ids), steps + 1
+    return [out[i] for i in range(len(prompts))], tokens / steps
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_medusa_greedy_equals_plain_greedy(real_model, batch):
     tok = real_model.tokenizer
@@ -48,15 +61,9 @@ def test_shipped_draft_layer_keeps_greedy_output_and_is_accepted(real_model):
     model = real_model.model
     drafter = load_drafter(SHIPPED_EAGLE, model.config, model.lm_head)
     plain, spec = plain_and_speculative(real_model, drafter, "eagle-cpu")
-    out, tokens, steps = {}, 0, 0
-    for i, prompt in enumerate(prompts):
-        out[i] = spec.add(i, prompt, params).token_ids
-    while spec.running:
-        for e in spec.step():
-            out[e.request_id] += e.token_ids
-            tokens, steps = tokens + len(e.token_ids), steps + 1
-    assert [out[i] for i in range(len(prompts))] == plain.generate(prompts, params)
-    assert tokens / steps > 1.4
+    outputs, per_step = batched(spec, prompts, params)
+    assert outputs == plain.generate(prompts, params)
+    assert per_step > 1.4
 
 
 @pytest.mark.skipif(not cpu_kernels.built(), reason="bf16 exactness rests on our CPU kernels")
@@ -75,12 +82,6 @@ def test_the_default_bf16_cpu_speculation_keeps_greedy_output(kind):
     plain, spec = plain_and_speculative(loaded, drafter, tree)
     prompts = [Prompter(loaded.tokenizer, chat_template=True).encode(q) for q in QUESTIONS]
     params = SamplingParams(max_new_tokens=32)
-    out, tokens, steps = {}, 0, 0
-    for i, prompt in enumerate(prompts):
-        out[i] = spec.add(i, prompt, params).token_ids
-    while spec.running:
-        for e in spec.step():
-            out[e.request_id] += e.token_ids
-            tokens, steps = tokens + len(e.token_ids), steps + 1
-    assert [out[i] for i in range(len(prompts))] == plain.generate(prompts, params)
-    assert tokens / steps > 1.4
+    outputs, per_step = batched(spec, prompts, params)
+    assert outputs == plain.generate(prompts, params)
+    assert per_step > 1.4
