@@ -180,8 +180,8 @@ class EagleDrafter(nn.Module):
         drafts only propose, so their rounding changes which tokens are drafted, never which are accepted."""
         fc, qkv, o, gate_up, down = self._one_call
         past_k, past_v = (None, None) if past is None else (past[0].contiguous(), past[1].contiguous())
-        norm = self.attn_norm.weight if self.config.attn_norm else None
         c = self.config
+        norm = self.attn_norm.weight if c.attn_norm else None
         return cpu_kernels.draft_layer(
             features.contiguous(), embeds.contiguous(), positions.contiguous(), mask.contiguous(), past_k,
             past_v, None if at is None else at.contiguous(), fc, self.fc.bias, norm, qkv, o,

@@ -430,7 +430,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer(
               inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2,
               "draft_layer: shapes do not fit");
   at::Tensor out = at::empty_like(features);
-  at::Tensor k = at::zeros({B, Hkv, K, D}, features.options()), v = at::zeros({B, Hkv, K, D}, features.options());
+  // every key is written: past's, then this call's over them (without past, this call's are all of them)
+  at::Tensor k = at::empty({B, Hkv, K, D}, features.options()), v = at::empty({B, Hkv, K, D}, features.options());
   auto run = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     draft_layer_of<T>(features, embeds, positions, mask, past_k.has_value() ? past_k->const_data_ptr<T>() : nullptr,

@@ -1,8 +1,8 @@
 // A dynamic tree's drafting glue on the CPU, each in one call: the k best log-probabilities of a
 // drafter's rows (`top_logp`), path-input heads' growth of the candidates (`heads_draft`), and the choice
 // of each row's tree from its candidates (`select_tree`).
-// `medusa.dynamic` calls them while serving on the CPU, and its PyTorch lines there are the reference
-// (`top_logp`, `select` and `rows_of`). Those lines are ~240 operations on a few hundred numbers a step,
+// `medusa.dynamic` and `medusa.draft` call them while serving on the CPU, and their PyTorch lines there are
+// the reference (`top_logp`, `heads_logits` under `grow`, `select` and `rows_of`). Those lines are ~240 operations on a few hundred numbers a step,
 // and after a verification forward has streamed the weights through the caches each runs cold (as
 // `accept_greedy`, layer_ops.cpp, measured). SmolLM2 bf16 with its heads and `dynamic-cpu-bf16`, AMD EPYC
 // (Zen 5), 12 dev prompts, the two taking turns: drafting 1.218 -> 0.934 ms a step (median), 201.4 ->
@@ -95,6 +95,14 @@ std::tuple<at::Tensor, at::Tensor> top_logp(const at::Tensor& logits, int64_t k)
   return {values, indices};
 }
 
+// order's first k: the indices of the k largest keys, best first (ties: the lower index first)
+template <typename Key>
+void best_first(std::vector<int64_t>& order, int64_t k, const Key& key) {
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t i, int64_t j) {
+    return key[i] > key[j] || (key[i] == key[j] && i < j);
+  });
+}
+
 // Path-input Medusa heads grow a dynamic tree's candidates (`medusa.dynamic.grow` over
 // `medusa.draft.heads_logits`, whose lines are the reference) in one call. Level 0: head 0 reads the hidden
 // state and the root's embedding, and its k best tokens are the root's children; level d: the k best-scored
@@ -112,8 +120,8 @@ std::tuple<at::Tensor, at::Tensor> top_logp(const at::Tensor& logits, int64_t k)
 // and scores [B, M] float32, M = k + (depth - 1) k^2, in level order
 template <typename T>
 void heads_draft_of(const T* hidden, const int64_t* roots, const T* embed, int64_t V, int64_t C,
-                    const std::vector<at::Tensor>& fuse_w, const std::vector<at::Tensor>& fuse_b,
-                    const std::vector<at::Tensor>& block_w, const std::vector<at::Tensor>& block_b, int64_t layers,
+                    at::TensorList fuse_w, at::TensorList fuse_b, at::TensorList block_w, at::TensorList block_b,
+                    int64_t layers,
                     const T* proj, int64_t Vd, const int64_t* vocab, int64_t B, int64_t k, int64_t depth,
                     int64_t* tokens, int64_t* parents, float* scores, int64_t* ranks) {
   const int64_t M = k + (depth - 1) * k * k;
@@ -133,9 +141,7 @@ void heads_draft_of(const T* hidden, const int64_t* roots, const T* embed, int64
       if (d > 0) {  // the level's k best candidates (ties: the first), best first
         std::vector<int64_t> order(level_size);
         std::iota(order.begin(), order.end(), level_start);
-        std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t i, int64_t j) {
-          return sc[i] > sc[j] || (sc[i] == sc[j] && i < j);
-        });
+        best_first(order, k, sc);
         for (int64_t i = 0; i < k; ++i) nodes[i] = order[i], best[i] = sc[order[i]];
       }
       const int64_t width = (d + 2) * C;
@@ -212,12 +218,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> heads_draft(
   const auto options = roots.options();
   at::Tensor tokens = at::empty({B, M}, options), parents = at::empty({B, M}, options), ranks = at::empty({B, M}, options);
   at::Tensor scores = at::empty({B, M}, options.dtype(at::kFloat));
-  const std::vector<at::Tensor> fw(fuse_w.begin(), fuse_w.end()), fb(fuse_b.begin(), fuse_b.end()),
-      bw(block_w.begin(), block_w.end()), bb(block_b.begin(), block_b.end());
   auto run = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     heads_draft_of<T>(hidden.const_data_ptr<T>(), roots.const_data_ptr<int64_t>(), embed.const_data_ptr<T>(), V, C,
-                      fw, fb, bw, bb, layers, proj_w.const_data_ptr<T>(), Vd, vocab, B, k, depth,
+                      fuse_w, fuse_b, block_w, block_b, layers, proj_w.const_data_ptr<T>(), Vd, vocab, B, k, depth,
                       tokens.mutable_data_ptr<int64_t>(), parents.mutable_data_ptr<int64_t>(),
                       scores.mutable_data_ptr<float>(), ranks.mutable_data_ptr<int64_t>());
   };
@@ -280,9 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     for (int64_t j = 1; j <= L; ++j)
       key[M + j - 1] = (guess[b][j - 1] >= 0 ? 1.0 : -1e12 * double(j)) - 1e-6 * double(j);
     std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + (T - 1), order.end(), [&](int64_t i, int64_t j) {
-      return key[i] > key[j] || (key[i] == key[j] && i < j);
-    });
+    best_first(order, T - 1, key);
     std::sort(order.begin(), order.begin() + (T - 1));  // candidate order: parents before children
     std::fill(node_of.begin(), node_of.end(), 0);
     for (int64_t n = 1; n < T; ++n) node_of[order[n - 1]] = n;
