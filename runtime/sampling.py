@@ -111,8 +111,15 @@ def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def process(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None, needs: Needs) -> torch.Tensor:
     """The processed logits each row's tokens come from: [B, N, V] -> [B, N, V] float32
-    (-inf = excluded). seen: [B, N, V] bool (tokens already in the text), needed iff needs.penalise."""
-    logits = logits.float().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN: never drawn
+    (-inf = excluded; on the CPU a batch of greedy rows keeps NaN, which our argmax reads as -inf).
+    seen: [B, N, V] bool (tokens already in the text), needed iff needs.penalise."""
+    logits = logits.float()
+    if needs.sample or not cpu_kernels.eager_cpu(logits):
+        # NaN: never drawn. Greedy rows on the CPU skip this pass over the vocabulary: our
+        # argmax_logsumexp, what they read, takes NaN as -inf itself, and the one logit they read
+        # after it is the argmax's (SmolLM2 bf16, 8 tree nodes, AMD EPYC Zen 5, 12 dev prompts,
+        # the two taking turns: 8.58 -> 8.42 ms a step, the same tokens).
+        logits = logits.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     if needs.penalise:
         assert seen is not None
         penalty = _per_row(rows.penalty, logits)

@@ -2,6 +2,7 @@
 token, and lossless sampling keeps the base model's distribution."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -74,6 +75,32 @@ def test_greedy_speculation_with_a_repetition_penalty_equals_plain(model, tree_n
             accepted += len(e.token_ids) - 1
     assert [out[i] for i in range(len(PROMPTS))] == plain
     assert accepted >= 40  # of 160 tokens: deep nodes were accepted
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_never_emits_a_token_whose_logit_is_nan(penalty):
+    """A token whose every logit is NaN (its lm_head row poisoned) is never emitted, by plain or
+    speculative greedy decoding, which still agree, and every logprob stays finite: on the CPU a
+    greedy batch leaves NaN in its logits (`sampling.process`) for our argmax to pass over."""
+    model = ours_from_hf(tiny_hf_model("llama"))
+    params = SamplingParams(max_new_tokens=24, repetition_penalty=penalty)
+    clean = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(PROMPTS, params)
+    poison = max(range(model.config.vocab_size), key=[t for out in clean for t in out].count)
+    with torch.no_grad():
+        model.lm_head.weight[poison] = float("nan")
+    outputs = []
+    for heads, tree in ((None, None), (heads_for(model), get_tree("mc_sim_7b_63")),
+                        (eagle_for(model), get_tree("dynamic:16"))):
+        engine = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64, heads=heads, tree=tree)
+        out = {i: ([], []) for i in range(len(PROMPTS))}
+        for e in engine.run(zip(range(len(PROMPTS)), PROMPTS, [params] * len(PROMPTS))):
+            out[e.request_id][0].extend(e.token_ids)
+            out[e.request_id][1].extend(e.logprobs)
+        outputs.append([out[i][0] for i in out])
+        assert all(math.isfinite(lp) for _, logprobs in out.values() for lp in logprobs)
+    assert outputs[0] != clean  # the poisoned token was in the output before
+    assert all(poison not in tokens for tokens in outputs[0])
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
 
 
 def test_lookup_branch_accepts_repeats_with_the_same_output(model):
