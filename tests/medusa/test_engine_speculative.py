@@ -93,7 +93,7 @@ def test_greedy_never_emits_a_token_whose_logit_is_nan(penalty):
                         (eagle_for(model), get_tree("dynamic:16"))):
         engine = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64, heads=heads, tree=tree)
         out = {i: ([], []) for i in range(len(PROMPTS))}
-        for e in engine.run(zip(range(len(PROMPTS)), PROMPTS, [params] * len(PROMPTS))):
+        for e in engine.run(zip(range(len(PROMPTS)), PROMPTS, [params] * len(PROMPTS), strict=True)):
             out[e.request_id][0].extend(e.token_ids)
             out[e.request_id][1].extend(e.logprobs)
         outputs.append([out[i][0] for i in out])
