@@ -203,6 +203,8 @@ class SpeculationInfo(BaseModel):
     num_heads: int  # Medusa heads; 0 without heads (and for the draft layer)
     tree: str | None  # name of the candidate tree
     tree_nodes: int  # verified tokens per step, root included
+    # with more running requests than this, all greedy, steps decode plainly; None: no limit
+    max_speculative_batch: int | None = None
 
 
 class Info(BaseModel):

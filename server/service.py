@@ -151,7 +151,9 @@ class Service:
                                         drafter=drafter_kind(heads) if heads is not None else None,
                                         num_heads=num_heads,
                                         tree=engine.tree.name if heads is not None else None,
-                                        tree_nodes=engine.tree.num_nodes if heads is not None else 1))
+                                        tree_nodes=engine.tree.num_nodes if heads is not None else 1,
+                                        max_speculative_batch=None if heads is None
+                                        else engine.max_speculative_batch))
 
 
 class ClientGone(Exception):

@@ -13,6 +13,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The most running greedy requests at which a speculative step still paid on 2 CPU cores, by drafter,
+# each with its default trees. `python -m benchmarks.crossover --batches 1,2,3,4 --rounds 6`, 64 new
+# tokens, AMD EPYC (Zen 5), speculative / plain tok/s at batch 1 / 2 / 3 / 4: the heads 1.38 / 1.31 /
+# 0.95 / 0.73 in float32, 1.42 / 1.13 / 0.96 / 0.84 in bfloat16; the draft layer, whose drafting grows
+# with the batch, 1.32 / 1.04 / 0.80 / 0.54 in float32, 1.14 / 0.87 / 0.72 in bfloat16 (--rounds 4).
+# Shorter runs (2-4 rounds) put the heads' batch 3 at 0.81-1.05 and the layer's batch 2 at 0.79-0.87.
+# The heads on an AMX Xeon (benchmarks.serving, float32, before our CPU kernels): 1.09x / 1.01x / 0.98x
+# / 0.84x the plain throughput at 1 / 2 / 4 / 8 clients.
+CPU_SPECULATIVE_BATCH = {"heads": 2, "eagle": 1}
+
 
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -74,7 +84,8 @@ class Settings(BaseModel):
         "any); default: none (CORS off)")
     max_speculative_batch: int | None = Field(
         default=None, ge=0, description="when more requests than this run and all of them are greedy, decode "
-        "plainly (same output, less work); default: 3 on the CPU (measured crossover), no limit on CUDA")
+        "plainly (same output, less work); default on the CPU: the measured crossover, 2 with the heads and "
+        "1 with the draft layer (python -m benchmarks.crossover measures a machine's); no limit on CUDA")
 
     @model_validator(mode="after")
     def _keys_given(self) -> Settings:
@@ -129,12 +140,9 @@ class Settings(BaseModel):
 
     @property
     def speculative_batch_limit(self) -> int | None:
-        """Measured with the shipped heads on 2 CPU cores (benchmarks.serving, 64 tokens, float32,
-        speculation on vs off): AMX Xeon 1.09x throughput at 1 client, 1.01x at 2, 0.98x at 4, 0.84x at 8;
-        AMD EPYC 1.47x, 1.28x, 0.97x, 0.74x."""
         if self.max_speculative_batch is not None:
             return self.max_speculative_batch
-        return None if self.device.startswith("cuda") else 3
+        return None if self.device.startswith("cuda") else CPU_SPECULATIVE_BATCH[self.drafter]
 
     def tree_for(self, dtype: str) -> str:
         """The candidate tree to use with the drafter: the one asked for, or the one shipped for the

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import serving, speculative
+from benchmarks import crossover, serving, speculative
 from benchmarks.spec_bench import Question, read_questions
 from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
@@ -205,3 +205,23 @@ def test_real_llama_cpp_on_float32_weights_gives_our_greedy_tokens(gguf_run, mon
     pytest.importorskip("llama_cpp", reason="the optional extra 'llamacpp' is not installed")
     summary = run_main(gguf_run, monkeypatch, "plain,llamacpp")
     assert summary["llamacpp_matches_plain"] == 1.0  # the same ids in; no quantisation in this file
+
+
+def test_crossover_measures_both_engines_at_each_batch_and_names_the_last_that_paid(gguf_run, monkeypatch,
+                                                                                    capsys):
+    gguf, prompts, cache = gguf_run
+    monkeypatch.setenv("MEDUSA_CACHE_DIR", str(cache))
+    summary = crossover.main(["--prompts", str(prompts), "--model", str(gguf), "--batches", "1,2",
+                              "--rounds", "2", "--max-new-tokens", "6", "--json"])
+    assert [row["batch"] for row in summary["rows"]] == [1, 2] and summary["drafter"] == "heads"
+    for row in summary["rows"]:
+        assert row["plain_tok_s"] > 0 and row["spec_tok_s"] > 0
+        assert row["spec_vs_plain"] == pytest.approx(row["spec_tok_s"] / row["plain_tok_s"], abs=2e-3)
+    assert summary["largest_paying_batch"] == crossover.largest_paying(summary["rows"])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == summary
+
+
+@pytest.mark.parametrize("ratios, largest", [([1.4, 1.1, 0.9, 1.2], 2), ([0.9, 1.3], 0), ([1.2, 1.0], 2)])
+def test_the_largest_paying_batch_is_the_last_before_the_first_loss(ratios, largest):
+    rows = [{"batch": b, "spec_vs_plain": r} for b, r in enumerate(ratios, start=1)]
+    assert crossover.largest_paying(rows) == largest

@@ -124,7 +124,7 @@ def test_health_info_and_docs(client):
     assert info["model_id"] == "tiny-random-llama"
     assert (info["max_input_tokens"], info["max_total_tokens"], info["max_batch_size"]) == (64, 128, 4)
     assert info["speculation"] == {"enabled": False, "drafter": None, "num_heads": 0, "tree": None,
-                                   "tree_nodes": 1}
+                                   "tree_nodes": 1, "max_speculative_batch": None}
     assert "version" in info
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]

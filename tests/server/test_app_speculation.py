@@ -39,6 +39,7 @@ def test_info_describes_the_heads_and_tree(medusa_client):
     speculation = medusa_client.get("/info").json()["speculation"]
     assert speculation["enabled"] and speculation["num_heads"] == 4
     assert speculation["tree"] == "cpu" and speculation["tree_nodes"] > 1
+    assert speculation["max_speculative_batch"] == 2  # the CPU default with heads, the engine's limit
 
 
 def test_greedy_speculation_changes_nothing_but_the_step_count(medusa_client, client):

@@ -93,7 +93,8 @@ def healthy(url: str) -> bool:
 
 
 def test_speculation_backs_off_in_big_cpu_batches_unless_told():
-    assert settings_from([], {}).speculative_batch_limit == 3  # CPU default: the measured crossover
+    assert settings_from([], {}).speculative_batch_limit == 2  # CPU defaults: the measured crossovers
+    assert settings_from(["--drafter", "eagle"], {}).speculative_batch_limit == 1
     assert settings_from(["--device", "cuda"], {}).speculative_batch_limit is None
     assert settings_from(["--max-speculative-batch", "8"], {}).speculative_batch_limit == 8
 
