@@ -8,19 +8,21 @@ import torch
 from safetensors.torch import save_file
 
 from medusa.checkpoints import (
+    CPU_SCORED_VOCAB,
     HeadsLoadError,
     load_drafter,
     official_eagle_state_dict,
     save_eagle,
     save_heads,
     save_official_eagle,
+    scored_on,
 )
 from medusa.eagle import EagleConfig, EagleDrafter, draft_tokens, random_drafter, reference_draft
 from medusa.engine import Engine
 from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import build_tree, get_tree
 from runtime import cpu_kernels
-from runtime.config import SamplingParams
+from runtime.config import ModelConfig, SamplingParams
 from runtime.llama import Linear
 from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
 
@@ -215,3 +217,26 @@ def test_a_loaded_drafter_multiplies_like_its_base_model_in_bf16_and_through_mkl
         assert all(m.packed_weight is None and m.own_weight is None for m in linears)
         for m, x, out in zip(linears, inputs, packed, strict=True):
             torch.testing.assert_close(out, m(x), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["heads", "eagle"])
+def test_on_the_cpu_a_drafter_scores_the_first_tokens_of_its_draft_vocabulary(tmp_path, kind):
+    """The most frequent ones, as training lists them (`CPU_SCORED_VOCAB`); on another device it
+    scores them all, and a draft vocabulary no larger stays as it is."""
+    n = CPU_SCORED_VOCAB
+    base = ModelConfig(vocab_size=n + 500, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16)
+    for size in (n + 300, n):
+        if kind == "eagle":
+            drafter = random_drafter(EagleConfig.for_base(base, window=8, draft_vocab_size=size), seed=0)
+            save_eagle(drafter, tmp_path)
+        else:
+            config = MedusaConfig(64, base.vocab_size, path_input=True, draft_vocab_size=size)
+            drafter = random_heads(config, seed=0)
+            save_heads(drafter, tmp_path)
+        loaded = load_drafter(tmp_path, base)
+        assert loaded.config.draft_vocab_size == n == loaded.draft_vocab.numel()
+        assert torch.equal(loaded.draft_vocab, drafter.draft_vocab[:n])
+    assert scored_on(drafter, "cuda") is drafter and drafter.config.draft_vocab_size == n  # untouched
+    wide = random_heads(MedusaConfig(64, base.vocab_size, path_input=True, draft_vocab_size=n + 300), seed=1)
+    assert scored_on(wide, "cuda").draft_vocab.numel() == n + 300
