@@ -39,7 +39,7 @@ from runtime.sampling import MODES, ROW_PARAMS_WIDTH, Needs, RowParams
 
 ROOT_ONLY = build_tree([])
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-ALL = Needs(sample=True, filter=True, penalise=True)
+ALL = Needs(sample=True, filter=True, penalise=True, typical=True)
 
 
 @dataclass(frozen=True)

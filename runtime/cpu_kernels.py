@@ -4,8 +4,9 @@ weights in its own order, a copy taken once); `attention.cpu.cpu_attend`, attent
 tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called through
 `attention.attend`); a decoder layer's small steps between its products, `rms_norm`, `rope` and
 `silu_mul`, and the cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and
-`runtime.kv_cache`); and a dynamic tree's `top_logp`, `heads_draft` and `select_tree` (`tree_ops.cpp`,
-called by `medusa.dynamic` and `medusa.draft`).
+`runtime.kv_cache`); a dynamic tree's `top_logp`, `heads_draft` and `select_tree` (`tree_ops.cpp`,
+called by `medusa.dynamic` and `medusa.draft`); and the sampling filters `top_k_top_p_`
+(`sampling_ops.cpp`, called by `runtime.sampling`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
 is the time to read the weights. oneDNN and MKL read them well below the memory's rate on a few
@@ -35,6 +36,7 @@ import attention.cpu
 SOURCE = Path(__file__).with_name("rows_product.cpp")
 LAYER_SOURCE = Path(__file__).with_name("layer_ops.cpp")
 TREE_SOURCE = Path(__file__).with_name("tree_ops.cpp")
+SAMPLING_SOURCE = Path(__file__).with_name("sampling_ops.cpp")
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
 _library.define("silu_mul(Tensor gate_up) -> Tensor")
 _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, Tensor dst) -> ()")
 _library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
+_library.define("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()")
 _library.define("accept_greedy(Tensor candidates, Tensor best, Tensor parents, Tensor retrieve) "
                 "-> (Tensor, Tensor, Tensor)")
 _library.define("draft_layer(Tensor features, Tensor embeds, Tensor positions, Tensor mask, Tensor? past_k, "
@@ -148,6 +151,9 @@ move_positions = torch.ops.medusa.move_positions
 decoder_layer = torch.ops.medusa.decoder_layer
 # x [..., V] float32 -> (argmax [...] int64, the first of equal maxima, NaN never; logsumexp [...])
 argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
+# logits [M, V] float32 contiguous, top_k [M] int64 (0: off), top_p [M] float32 (1: off): in place, the
+# logits top-k then top-p drop to -inf (`runtime.sampling._top_k_top_p`; sampling_ops.cpp)
+top_k_top_p_ = torch.ops.medusa.top_k_top_p_
 # candidates, best, parents [B, T], retrieve [B, R, P] int64 -> (accepted_len [B], path [B, P], next
 # token [B]): `medusa.acceptance.accept_greedy` in one call
 accept_greedy = torch.ops.medusa.accept_greedy
@@ -191,7 +197,8 @@ def built() -> bool:
     machine = hashlib.sha256(flags.encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
-        sources = [str(SOURCE), str(attention.cpu.SOURCE), str(LAYER_SOURCE), str(TREE_SOURCE)]
+        sources = [str(path) for path in (SOURCE, attention.cpu.SOURCE, LAYER_SOURCE, TREE_SOURCE,
+                                          SAMPLING_SOURCE)]
         cpp_extension.load(f"medusa_cpu_kernels_{machine}", sources, is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            extra_include_paths=[str(SOURCE.parent)])

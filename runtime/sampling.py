@@ -94,14 +94,16 @@ class Needs:
     needs (each processor leaves a row whose parameter is off unchanged), never with less."""
 
     sample: bool = False  # some row samples: temperature and acceptance by typical or lossless rules
-    filter: bool = False  # some row has top-k, top-p or typical-p
+    filter: bool = False  # some row has top-k or top-p
     penalise: bool = False  # some row has a repetition penalty
+    typical: bool = False  # some row has typical-p
 
     @staticmethod
     def of(params: list[SamplingParams]) -> Needs:
-        return Needs(sample=any(not p.greedy for p in params),
-                     filter=any(not p.greedy and (p.top_k or p.top_p < 1 or p.typical_p < 1) for p in params),
-                     penalise=any(p.repetition_penalty != 1.0 for p in params))
+        sampled = [p for p in params if not p.greedy]
+        return Needs(sample=bool(sampled), filter=any(p.top_k or p.top_p < 1 for p in sampled),
+                     penalise=any(p.repetition_penalty != 1.0 for p in params),
+                     typical=any(p.typical_p < 1 for p in sampled))
 
 
 def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -129,18 +131,31 @@ def process(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None, ne
         return logits
     warped = logits / _per_row(rows.temperature, logits)
     if needs.filter:
-        warped = _filter(warped, rows)
+        warped = _top_k_top_p(warped, rows)
+    if needs.typical:
+        warped = _typical(warped, rows)
     return torch.where(_per_row(rows.greedy, logits), logits, warped)
 
 
-def _filter(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
-    """Top-k, then top-p, then typical-p, each only on the rows that ask for it. [B, N, V]."""
-    V = logits.shape[-1]
-    values, order = logits.sort(dim=-1, descending=True)  # [B, N, V]
+def _top_k_top_p(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """Top-k, then top-p, each only on the rows that ask for it: [B, N, V] -> [B, N, V], on the CPU in
+    place, one call of our kernel, which sorts no vocabulary (`runtime/sampling_ops.cpp`, where its
+    measurement is)."""
+    B, N, V = logits.shape
+    if cpu_kernels.eager_cpu(logits):
+        logits = logits.contiguous()
+        cpu_kernels.top_k_top_p_(logits.view(B * N, V), rows.top_k.repeat_interleave(N),
+                                 rows.top_p.repeat_interleave(N))
+        return logits
+    values, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, N, V]; ties by index, as ours
     k = _per_row(rows.top_k, logits)
     kth = values.gather(-1, torch.where((k > 0) & (k < V), k - 1, V - 1).expand(*logits.shape[:-1], 1))
     logits = logits.masked_fill(logits < kth, -math.inf)  # top-k keeps the descending order
-    logits = _keep_smallest_set(logits, order, _per_row(rows.top_p, logits))
+    return _keep_smallest_set(logits, order, _per_row(rows.top_p, logits))
+
+
+def _typical(logits: torch.Tensor, rows: RowParams) -> torch.Tensor:
+    """Typical-p on the rows that ask for it. [B, N, V]."""
     log_probs = logits.log_softmax(dim=-1)
     entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1, keepdim=True)  # [B, N, 1]
     surprise_gap = (-log_probs - entropy).abs()  # [B, N, V]; excluded tokens are +inf

@@ -12,6 +12,7 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
+from runtime import cpu_kernels, sampling
 from runtime.config import SamplingParams
 from runtime.sampling import Needs, RowParams, draw, process, warp
 
@@ -22,8 +23,19 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["our kernels", "pytorch lines"])
+def filters(request, monkeypatch):
+    """Top-k and top-p through our CPU kernel (`runtime/sampling_ops.cpp`), or through the PyTorch
+    lines a GPU and a compiled step run."""
+    if request.param == "pytorch lines":
+        monkeypatch.setattr(cpu_kernels, "eager_cpu", lambda t: False)
+    else:
+        assert cpu_kernels.built()
+    return request.param
+
+
 @pytest.mark.parametrize("params,warpers", CASES)
-def test_warpers_keep_the_same_tokens_as_transformers(params, warpers):
+def test_warpers_keep_the_same_tokens_as_transformers(params, warpers, filters):
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     expected = logits.clone()
     for w in warpers:
@@ -45,7 +57,7 @@ def test_repetition_penalty_matches_transformers():
     torch.testing.assert_close(got, expected)
 
 
-def test_each_row_of_a_mixed_batch_is_processed_with_its_own_parameters():
+def test_each_row_of_a_mixed_batch_is_processed_with_its_own_parameters(filters):
     """One call for greedy, penalised, top-k, top-p and typical rows gives each row what it gives
     alone: a parameter that is off leaves a row unchanged, whatever the batch needs."""
     params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), *(p for p, _ in CASES),
@@ -58,6 +70,35 @@ def test_each_row_of_a_mixed_batch_is_processed_with_its_own_parameters():
         alone = process(logits[b:b + 1], RowParams.of([p]), seen[b:b + 1], Needs.of([p]))[0]
         assert torch.equal(got[b], alone), b
     assert not torch.equal(got[1], logits[1]) and torch.equal(got[0], logits[0])
+
+
+def test_top_k_top_p_in_one_call_keeps_what_the_sorting_lines_keep(monkeypatch):
+    """Our kernel, which sorts no vocabulary, against the PyTorch lines that sort each row: peaked and
+    flat rows of a large vocabulary, ties at the k-th value, -inf entries, a row of -inf, a row with
+    +inf, k of 1, V and past it, p tiny and 1; what is kept keeps its value."""
+    assert cpu_kernels.built()
+    settings = [(0, 0.9), (1, 1.0), (50, 0.8), (3000, 0.5), (3010, 0.95), (0, 1e-30), (7, 1e-9), (20, 1.0),
+                (0, 0.999)]
+    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p) for k, p in settings]
+    B, N, V = len(params), 3, 3000
+    g = torch.Generator().manual_seed(4)
+    scale = torch.tensor([8.0, 0.5, 3.0])[None, :, None]  # peaked, flat, between
+    logits = torch.randn(B, N, V, generator=g) * scale
+    logits[[1, 7], :, 100:110] = logits[[1, 7], :, 100:101] + 60  # ten tied maxima, in top-k rows alone: at
+    # a top-p cut, equal tokens make the mass before one land on p itself, where roundings decide
+    logits[2, 1, ::3] = -torch.inf
+    logits[3, 0] = -torch.inf
+    logits[4, 2, 5] = torch.inf
+    rows = RowParams.of(params)
+    ours = sampling._top_k_top_p(logits.clone(), rows)
+    monkeypatch.setattr(cpu_kernels, "eager_cpu", lambda t: False)
+    reference = sampling._top_k_top_p(logits.clone(), rows)
+    assert torch.equal(ours.isinf(), reference.isinf())
+    assert torch.equal(ours[~ours.isinf()], logits[~ours.isinf()])
+    kept = (~ours.isinf()).sum(-1)  # [B, N]
+    assert kept[1].tolist() == [10, 10, 10] and kept[5].tolist() == [1, 1, 1]  # k = 1 keeps ties; p ~ 0
+    assert kept[7].tolist() == [20, 20, 20]
+    assert (kept[0] < V).all() and (kept[0] > 1).any()  # p = 0.9 dropped some, kept more than one
 
 
 def test_draw_follows_the_weights_and_never_draws_a_zero():
