@@ -5,7 +5,7 @@ tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called t
 `attention.attend`); a decoder layer's small steps between its products, `rms_norm`, `rope` and
 `silu_mul`, and the cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and
 `runtime.kv_cache`); a dynamic tree's `top_logp`, `heads_draft` and `select_tree` (`tree_ops.cpp`,
-called by `medusa.dynamic` and `medusa.draft`); and the sampling filters `top_k_top_p_`
+called by `medusa.dynamic` and `medusa.draft`); and sampling's `top_k_top_p_` and `probabilities`
 (`sampling_ops.cpp`, called by `runtime.sampling`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
@@ -59,6 +59,7 @@ _library.define("silu_mul(Tensor gate_up) -> Tensor")
 _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, Tensor dst) -> ()")
 _library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
 _library.define("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()")
+_library.define("probabilities(Tensor logits) -> Tensor")
 _library.define("accept_greedy(Tensor candidates, Tensor best, Tensor parents, Tensor retrieve) "
                 "-> (Tensor, Tensor, Tensor)")
 _library.define("draft_layer(Tensor features, Tensor embeds, Tensor positions, Tensor mask, Tensor? past_k, "
@@ -96,6 +97,11 @@ def _(gate_up: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("medusa::argmax_logsumexp")
 def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape[:-1], dtype=torch.long), x.new_empty(x.shape[:-1])
+
+
+@torch.library.register_fake("medusa::probabilities")
+def _(logits: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty(logits.shape)
 
 
 @torch.library.register_fake("medusa::accept_greedy")
@@ -154,6 +160,8 @@ argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
 # logits [M, V] float32 contiguous, top_k [M] int64 (0: off), top_p [M] float32 (1: off): in place, the
 # logits top-k then top-p drop to -inf (`runtime.sampling._top_k_top_p`; sampling_ops.cpp)
 top_k_top_p_ = torch.ops.medusa.top_k_top_p_
+# logits [..., V] float32 -> `runtime.sampling.probabilities` (sampling_ops.cpp)
+probabilities = torch.ops.medusa.probabilities
 # candidates, best, parents [B, T], retrieve [B, R, P] int64 -> (accepted_len [B], path [B, P], next
 # token [B]): `medusa.acceptance.accept_greedy` in one call
 accept_greedy = torch.ops.medusa.accept_greedy

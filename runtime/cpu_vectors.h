@@ -86,8 +86,9 @@ inline float sum16(f32x16 v) {  // halves added pairwise: 4 vector adds, not 15 
 }
 
 // e^x, 16 at a time, for x up to 88 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5
-// polynomial in r, then 2^n in the exponent bits): relative error ~1e-7; 0 below -87. Each lane on its
-// own, so a value gets the same result in any vector.
+// polynomial in r, then 2^n in the exponent bits): relative error ~1e-7. x below -87, -inf too, counts
+// as -87: about 1e-38, not 0 (a sum beside a term of 1 does not see it; a probability would). Each lane
+// on its own, so a value gets the same result in any vector.
 inline f32x16 exp16(f32x16 x) {
   const f32x16 lowest = f32x16{} - 87.0f, highest = f32x16{} + 88.0f;
   x = x < lowest ? lowest : x;

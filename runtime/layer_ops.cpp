@@ -518,7 +518,7 @@ void argmax_logsumexp_row(const float* x, int64_t V, int64_t* best, float* lse) 
   f32x16 sums = {};
   for (int64_t v = 0; v < V16; v += 16) {
     const f32x16 xv = load16(x + v);
-    sums += exp16((xv == xv ? xv : splat16(-inf)) - m);  // exp16 is 0 below -87
+    sums += exp16((xv == xv ? xv : splat16(-inf)) - m);  // ~1e-38 below -87: nothing beside 1
   }
   float total = sum16(sums);
   for (int64_t v = V16; v < V; ++v)

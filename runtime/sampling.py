@@ -97,13 +97,15 @@ class Needs:
     filter: bool = False  # some row has top-k or top-p
     penalise: bool = False  # some row has a repetition penalty
     typical: bool = False  # some row has typical-p
+    typical_acceptance: bool = False  # some row accepts drafts by the typical rule (others: lossless)
 
     @staticmethod
     def of(params: list[SamplingParams]) -> Needs:
         sampled = [p for p in params if not p.greedy]
         return Needs(sample=bool(sampled), filter=any(p.top_k or p.top_p < 1 for p in sampled),
                      penalise=any(p.repetition_penalty != 1.0 for p in params),
-                     typical=any(p.typical_p < 1 for p in sampled))
+                     typical=any(p.typical_p < 1 for p in sampled),
+                     typical_acceptance=any(acceptance_mode(p) == "typical" for p in sampled))
 
 
 def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -182,7 +184,10 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Processed logits -> probabilities, [..., V] -> [..., V]. A row without a finite distribution
     (every logit -inf, or +inf ones) becomes one-hot at its argmax, so a draw from it is well defined;
-    decided on the device, without a host synchronisation."""
+    decided on the device, without a host synchronisation. On the CPU one call of our kernel
+    (`runtime/sampling_ops.cpp`)."""
+    if cpu_kernels.eager_cpu(logits):
+        return cpu_kernels.probabilities(logits)
     p = logits.softmax(dim=-1)
     ok = p.isfinite().all(dim=-1, keepdim=True) & (p.sum(dim=-1, keepdim=True) > 0)
     fallback = torch.zeros_like(p).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)

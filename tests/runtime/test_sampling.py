@@ -110,3 +110,33 @@ def test_draw_follows_the_weights_and_never_draws_a_zero():
     assert chisquare(counts[[1, 3, 4]].numpy(), expected.numpy()).pvalue > 1e-3
     ends = draw(weights[:2], torch.tensor([0.0, 1 - 1e-12], dtype=torch.float64))  # the extreme uniforms
     assert ends.tolist() == [4, 1]  # still tokens of nonzero weight
+
+
+def test_a_batch_needs_what_its_rows_ask_for_and_no_more():
+    greedy, lossless = SamplingParams(), SamplingParams(temperature=0.8)
+    typical = SamplingParams(temperature=0.8, acceptance="typical", typical_p=0.9)
+    filtered = SamplingParams(temperature=0.8, top_p=0.9)
+    assert Needs.of([greedy]) == Needs()
+    assert Needs.of([greedy, lossless]) == Needs(sample=True)
+    assert Needs.of([lossless, typical]) == Needs(sample=True, typical=True, typical_acceptance=True)
+    assert Needs.of([filtered, SamplingParams(repetition_penalty=1.2)]) == Needs(sample=True, filter=True,
+                                                                                  penalise=True)
+    # a greedy row's sampling parameters are not used
+    assert Needs.of([SamplingParams(top_k=5, acceptance="typical")]) == Needs()
+
+
+def test_probabilities_in_one_call_are_the_softmax_or_one_hot_at_the_argmax(monkeypatch):
+    """Our kernel against `probabilities`' PyTorch lines: softmax rows (with -inf entries, a length
+    past the last whole vector of 16), a row of -inf (one-hot at index 0), a row with two +inf (one-hot
+    at the first)."""
+    assert cpu_kernels.built()
+    logits = torch.randn(2, 3, 1003, generator=torch.Generator().manual_seed(5)) * 4
+    logits[0, 1, ::2] = -torch.inf
+    logits[1, 0] = -torch.inf
+    logits[1, 2, [7, 900]] = torch.inf
+    ours = sampling.probabilities(logits)
+    monkeypatch.setattr(cpu_kernels, "eager_cpu", lambda t: False)
+    reference = sampling.probabilities(logits)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-9)
+    assert ours[1, 0, 0] == 1 and ours[1, 2, 7] == 1 and ours[1, 2].sum() == 1
+    assert (ours[0, 1, ::2] == 0).all()
