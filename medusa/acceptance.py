@@ -131,6 +131,9 @@ def accept_lossless(candidates: torch.Tensor, target_probs: torch.Tensor, tree: 
     B, T, V = target_probs.shape
     assert candidates.shape == (B, T)
     tree = RowTrees.of(tree, B)
+    if cpu_kernels.eager_cpu(candidates):  # one call of our kernel (runtime/sampling_ops.cpp)
+        return cpu_kernels.accept_lossless(candidates, target_probs.float(), tree.child_table,
+                                           uniforms.double(), tree.depth)
     device = candidates.device
     residual = target_probs[:, 0].double()  # [B, V], unnormalised: rejections zero it
     node = torch.zeros(B, dtype=torch.long, device=device)  # [B]: the last accepted node

@@ -5,7 +5,8 @@ tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called t
 `attention.attend`); a decoder layer's small steps between its products, `rms_norm`, `rope` and
 `silu_mul`, and the cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and
 `runtime.kv_cache`); a dynamic tree's `top_logp`, `heads_draft` and `select_tree` (`tree_ops.cpp`,
-called by `medusa.dynamic` and `medusa.draft`); and sampling's `top_k_top_p_` and `probabilities`
+called by `medusa.dynamic` and `medusa.draft`); and sampling's `top_k_top_p_`, `probabilities` and
+`accept_lossless`
 (`sampling_ops.cpp`, called by `runtime.sampling`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
@@ -60,6 +61,8 @@ _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, T
 _library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
 _library.define("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()")
 _library.define("probabilities(Tensor logits) -> Tensor")
+_library.define("accept_lossless(Tensor candidates, Tensor probs, Tensor child_table, Tensor uniforms, "
+                "int depth) -> (Tensor, Tensor, Tensor)")
 _library.define("accept_greedy(Tensor candidates, Tensor best, Tensor parents, Tensor retrieve) "
                 "-> (Tensor, Tensor, Tensor)")
 _library.define("draft_layer(Tensor features, Tensor embeds, Tensor positions, Tensor mask, Tensor? past_k, "
@@ -102,6 +105,13 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.library.register_fake("medusa::probabilities")
 def _(logits: torch.Tensor) -> torch.Tensor:
     return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("medusa::accept_lossless")
+def _(candidates: torch.Tensor, probs: torch.Tensor, child_table: torch.Tensor, uniforms: torch.Tensor,
+      depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B = candidates.shape[0]
+    return candidates.new_empty(B), candidates.new_empty(B, depth + 1), candidates.new_empty(B)
 
 
 @torch.library.register_fake("medusa::accept_greedy")
@@ -162,6 +172,9 @@ argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
 top_k_top_p_ = torch.ops.medusa.top_k_top_p_
 # logits [..., V] float32 -> `runtime.sampling.probabilities` (sampling_ops.cpp)
 probabilities = torch.ops.medusa.probabilities
+# candidates [B, T], probs [B, T, V] float32, child_table [B, T, c], uniforms [B, T] float64, depth ->
+# (accepted_len [B], path [B, depth + 1], next token [B]): `medusa.acceptance.accept_lossless` in one call
+accept_lossless = torch.ops.medusa.accept_lossless
 # candidates, best, parents [B, T], retrieve [B, R, P] int64 -> (accepted_len [B], path [B, P], next
 # token [B]): `medusa.acceptance.accept_greedy` in one call
 accept_greedy = torch.ops.medusa.accept_greedy

@@ -128,6 +128,17 @@ LOSSLESS_PROBS = torch.tensor([
 ])
 
 
+@pytest.fixture(params=["our kernel", "pytorch lines"])
+def lossless_rule(request, monkeypatch):
+    """Lossless acceptance through our CPU kernel (`runtime/sampling_ops.cpp`), or through the PyTorch
+    lines a GPU and a compiled step run: each must keep the distribution and walk as the reference."""
+    if request.param == "pytorch lines":
+        monkeypatch.setattr(cpu_kernels, "built", lambda: False)
+    elif not cpu_kernels.built():
+        pytest.skip("no C++ compiler to build our CPU kernels")
+    return request.param
+
+
 def many(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The lossless case repeated n times, each row with its own uniforms."""
     T = LOSSLESS_TREE.num_nodes
@@ -135,7 +146,7 @@ def many(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return LOSSLESS_CANDIDATES.expand(n, T), LOSSLESS_PROBS.expand(n, T, 5), uniforms
 
 
-def test_lossless_keeps_the_target_distribution() -> None:
+def test_lossless_keeps_the_target_distribution(lossless_rule) -> None:
     candidates, probs, uniforms = many(20000, 1234)
     first: Counter[int] = Counter()
     second: dict[int, Counter[int]] = {2: Counter(), 0: Counter()}  # first token -> second token counts
@@ -169,7 +180,7 @@ def test_the_check_notices_a_lossy_rule() -> None:
     assert chisquare(observed, expected).pvalue < 1e-3
 
 
-def test_lossless_accepts_certain_tokens_and_leaves_probs_alone() -> None:
+def test_lossless_accepts_certain_tokens_and_leaves_probs_alone(lossless_rule) -> None:
     V, T = 5, LOSSLESS_TREE.num_nodes
     probs = torch.zeros(1, T, V, dtype=torch.float64)
     # the target is certain of each candidate along 0 -> 1 -> 4, then of token 2
@@ -184,7 +195,7 @@ def test_lossless_accepts_certain_tokens_and_leaves_probs_alone() -> None:
 
 @pytest.mark.parametrize("tree", [LOSSLESS_TREE, SMALL, get_tree("mc_sim_7b_63"), get_tree("cpu")],
                          ids=["lossless", "small", "mc_sim_7b_63", "cpu"])
-def test_lossless_batch_agrees_with_the_reference_walk(tree: TreeBuffers) -> None:
+def test_lossless_batch_agrees_with_the_reference_walk(tree: TreeBuffers, lossless_rule) -> None:
     """Every row of the batched rule takes exactly the reference walk's path and token on the same
     uniforms (peaked targets over 4 tokens, so that walks go deep)."""
     gen = torch.Generator().manual_seed(7)
@@ -213,7 +224,7 @@ def random_tree(num_nodes: int, gen: torch.Generator) -> TreeBuffers:
     return build_tree(paths)
 
 
-def test_per_row_trees_agree_with_each_rows_own_static_tree() -> None:
+def test_per_row_trees_agree_with_each_rows_own_static_tree(lossless_rule) -> None:
     """Greedy and lossless on a batch where every row has its own tree (`RowTrees`, as a dynamic
     tree gives) decide each row as that row's tree alone does: lossless as the reference walk."""
     gen = torch.Generator().manual_seed(11)
