@@ -6,6 +6,9 @@ Prompts are Spec-Bench questions (`benchmarks.spec_bench`), each wrapped in the 
 template when it has one, as the server wraps /generate inputs. Every mode runs on the same prompts
 in this one process, one prompt at a time (batch 1), so the ratios printed are measured in one run;
 the modes take turns prompt by prompt (`run_each`), so that the machine's drift slows them alike.
+Greedy unless --temperature says otherwise: with it every mode samples (top-p as --top-p, top-k off,
+each prompt seeded with --seed), speculation accepting losslessly; outputs then differ between modes,
+so the summary gives no exact_match, and the llama.cpp anchor is skipped.
 Medusa uses the heads shipped for the embedded model, or random heads for another model (engine
 speed only: random heads rarely guess right); mode "eagle" drafts with the EAGLE-style draft layer
 instead (`medusa.eagle`: the shipped one, or --eagle FOLDER), each with its own default tree.
@@ -33,6 +36,7 @@ the extra "plots"); the JSON's "per_category" holds the same figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -84,8 +88,9 @@ def run_each(runs: dict[str, Run], prompts: list[list[int]]) -> dict[str, ModeRe
     return results
 
 
-def hf_run(loaded: LoadedModel, max_new: int) -> Run:
-    """transformers' generate() on the model's own files, greedy."""
+def hf_run(loaded: LoadedModel, max_new: int, sampling: SamplingParams | None = None) -> Run:
+    """transformers' generate() on the model's own files: greedy, or sampling as `sampling` says (its
+    temperature and top-p; top-k off, as ours)."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=loaded.model.embed.weight.dtype)
@@ -97,15 +102,24 @@ def hf_run(loaded: LoadedModel, max_new: int) -> Run:
         start = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                              do_sample=False, eos_token_id=eos, pad_token_id=eos[0])
+                              eos_token_id=eos, pad_token_id=eos[0], **hf_sampling(sampling))
         tokens = out[0, len(prompt):].tolist()
         return tokens, time.perf_counter() - start, len(tokens)
     return run
 
 
-def engine_run(engine: Engine, max_new: int) -> Run:
-    """Our engine, greedy, one prompt at a time; its steps are the Emitted after the prefill's."""
-    params = SamplingParams(max_new_tokens=max_new)
+def hf_sampling(sampling: SamplingParams | None) -> dict:
+    """generate()'s arguments for our sampling parameters (greedy without them)."""
+    if sampling is None or sampling.greedy:
+        return {"do_sample": False}
+    torch.manual_seed(sampling.seed or 0)
+    return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+
+
+def engine_run(engine: Engine, max_new: int, sampling: SamplingParams | None = None) -> Run:
+    """Our engine, one prompt at a time, greedy or with `sampling`'s parameters; its steps are the
+    Emitted after the prefill's."""
+    params = dataclasses.replace(sampling or SamplingParams(), max_new_tokens=max_new)
     ids = itertools.count()
 
     def run(prompt: list[int]) -> tuple[list[int], float, int]:
@@ -182,8 +196,10 @@ def gguf_file(model: str | None) -> Path | None:
     return path if path.suffix == ".gguf" else None
 
 
-def llamacpp_skip_reason(model: str | None) -> str | None:
+def llamacpp_skip_reason(model: str | None, sampled: bool = False) -> str | None:
     """Why mode "llamacpp" cannot run for this model spec here, or None when it can."""
+    if sampled:
+        return "the anchor decodes greedily only (--temperature 0)"
     try:
         import llama_cpp  # noqa: F401  (only asked whether it imports)
     except ImportError:
@@ -258,6 +274,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                     help="our engine's step through torch.compile, its graphs built before timing "
                          "(auto: on for CUDA, off on the CPU)")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (0: greedy); the llama.cpp anchor decodes greedily only")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass, with --temperature")
+    ap.add_argument("--seed", type=int, default=0, help="each prompt's sampling seed, the same in every mode")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", type=Path, help="write a chart of tok/s per category and mode to this PNG")
     args = ap.parse_args(argv)
@@ -289,9 +309,11 @@ def benchmark(args: argparse.Namespace) -> dict:
     warm_up_s: dict[str, float] = {}
     compile = use_compile(args.compile, args.device)
     model = loaded.model
+    sampling = (SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+                if args.temperature > 0 else None)
     for mode in args.modes.split(","):
         if mode == "hf":
-            runs[mode] = hf_run(loaded, args.max_new_tokens)
+            runs[mode] = hf_run(loaded, args.max_new_tokens, sampling)
         elif mode in ENGINE_MODES:
             heads = tree = None
             drafter = mode.removesuffix("-compiled")
@@ -312,9 +334,9 @@ def benchmark(args: argparse.Namespace) -> dict:
             started = time.perf_counter()
             engine.warm_up()  # not timed: a server does it before it listens
             warm_up_s[mode] = round(time.perf_counter() - started, 1)
-            runs[mode] = engine_run(engine, args.max_new_tokens)
+            runs[mode] = engine_run(engine, args.max_new_tokens, sampling)
         else:  # "llamacpp" (main checked the modes)
-            skip_reason = llamacpp_skip_reason(args.model)
+            skip_reason = llamacpp_skip_reason(args.model, sampled=sampling is not None)
             if skip_reason is None:
                 runs[mode] = llamacpp_run(gguf_file(args.model), args.max_new_tokens, loaded.eos_token_ids,
                                           max_total, prompts[0])
@@ -332,6 +354,9 @@ def benchmark(args: argparse.Namespace) -> dict:
     summary = report(questions, results, notes)
     summary["prompts"] = len(questions)
     summary |= {"model": loaded.model_id, "dtype": loaded.dtype_name, "max_new_tokens": args.max_new_tokens}
+    if sampling is not None:  # outputs differ from mode to mode: each spends its uniforms its own way
+        summary = {k: v for k, v in summary.items() if not k.endswith(("exact_match", "matches_hf"))}
+        summary |= {"temperature": args.temperature, "top_p": args.top_p}
     summary["compile"] = compile
     if bound is not None:  # plain decoding against what this CPU's memory allows, in this run
         summary |= bound.summary(summary)

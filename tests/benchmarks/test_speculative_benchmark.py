@@ -225,3 +225,26 @@ def test_crossover_measures_both_engines_at_each_batch_and_names_the_last_that_p
 def test_the_largest_paying_batch_is_the_last_before_the_first_loss(ratios, largest):
     rows = [{"batch": b, "spec_vs_plain": r} for b, r in enumerate(ratios, start=1)]
     assert crossover.largest_paying(rows) == largest
+
+
+def test_with_a_temperature_every_mode_samples_and_no_exact_match_is_claimed(gguf_run, monkeypatch, capsys):
+    gguf, prompts, cache = gguf_run
+    monkeypatch.setenv("MEDUSA_CACHE_DIR", str(cache))
+    argv = ["--prompts", str(prompts), "--model", str(gguf), "--max-new-tokens", "6", "--json"]
+    greedy = speculative.main([*argv, "--modes", "plain,medusa"])
+    sampled = speculative.main([*argv, "--modes", "plain,medusa,llamacpp", "--temperature", "1.5",
+                                "--top-p", "0.9", "--seed", "3"])
+    assert "exact_match" in greedy and "exact_match" not in sampled and "temperature" not in greedy
+    assert (sampled["temperature"], sampled["top_p"]) == (1.5, 0.9) and sampled["plain_tok_s"] > 0
+    assert "greedily only" in sampled["skipped"]["llamacpp"]
+    params = speculative.hf_sampling(SamplingParams(temperature=1.5, top_p=0.9, seed=3))
+    assert params == {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "top_k": 0}
+    assert speculative.hf_sampling(None) == {"do_sample": False}
+
+
+def test_a_sampled_engine_run_draws_its_tokens_from_its_seed(tiny_llama):
+    sampling = SamplingParams(temperature=1.5, seed=3)
+    greedy = speculative.run_engine(engine(tiny_llama), PROMPTS, max_new=12).outputs
+    runs = [speculative.run_each({"engine": speculative.engine_run(engine(tiny_llama), 12, sampling)},
+                                 PROMPTS)["engine"].outputs for _ in range(2)]
+    assert runs[0] == runs[1] != greedy
