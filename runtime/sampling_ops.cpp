@@ -33,7 +33,9 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_vectors.h"  // f32x16, load16, store16, exp16, sum16
+#include <immintrin.h>
+
+#include "cpu_vectors.h"  // f32x16, load16, store16, exp16, sum16, max16
 
 namespace {
 
@@ -55,12 +57,18 @@ void top_k_top_p_row(float* y, int64_t V, int64_t k, float p, Scratch& s) {
       if (y[v] < kth) y[v] = -inf;
   }
   if (!(p < 1.0f)) return;
-  const float most = *std::max_element(y, y + V);
+  const int64_t V16 = V / 16 * 16;
+  f32x16 tops = splat16(-inf);
+  for (int64_t v = 0; v < V16; v += 16) {
+    const f32x16 yv = load16(y + v);
+    tops = yv > tops ? yv : tops;
+  }
+  float most = max16(tops);
+  for (int64_t v = V16; v < V; ++v) most = std::max(most, y[v]);
   if (!std::isfinite(most)) return;
   s.values.resize(V + 16);
   float* e = s.values.data();
   double total = 0;
-  const int64_t V16 = V / 16 * 16;
   for (int64_t v = 0; v < V16; v += 16) {
     const f32x16 ev = exp16(load16(y + v) - most);  // ~1e-38 for -inf: below the bound
     store16(e + v, ev);
@@ -69,7 +77,14 @@ void top_k_top_p_row(float* y, int64_t V, int64_t k, float p, Scratch& s) {
   for (int64_t v = V16; v < V; ++v) total += e[v] = std::exp(y[v] - most);
   const float bound = static_cast<float>((1.0 - p) / (2.0 * V) * total);  // a probability times total
   s.kept.clear();
-  for (int64_t v = 0; v < V; ++v)
+  int64_t v = 0;
+#if defined(__AVX512F__)
+  for (; v < V16; v += 16)  // 16 at a time: most vectors hold no candidate
+    for (__mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(e + v), _mm512_set1_ps(bound), _CMP_GE_OQ); hit;
+         hit &= hit - 1)
+      s.kept.push_back(v + __builtin_ctz(hit));
+#endif
+  for (; v < V; ++v)
     if (e[v] >= bound) s.kept.push_back(v);
   if (s.kept.empty()) return;  // not for numbers: the largest is e^0 = 1, above the bound
   std::sort(s.kept.begin(), s.kept.end(), [&](int64_t a, int64_t b) { return y[a] > y[b] || (y[a] == y[b] && a < b); });
