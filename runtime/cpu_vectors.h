@@ -78,6 +78,19 @@ inline float max16(f32x16 v) {  // the largest lane (exact: any order gives it)
   return m;
 }
 
+inline float max_of(const float* x, int64_t n) {  // the largest of x[0 .. n), 16 at a time; NaN passed over
+  const float inf = __builtin_inff();
+  const int64_t n16 = n / 16 * 16;
+  f32x16 top = splat16(-inf);
+  for (int64_t i = 0; i < n16; i += 16) {
+    const f32x16 v = load16(x + i);
+    top = v > top ? v : top;
+  }
+  float m = max16(top);
+  for (int64_t i = n16; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
 inline float sum16(f32x16 v) {  // halves added pairwise: 4 vector adds, not 15 scalar ones
   const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);

@@ -35,7 +35,7 @@
 
 #include <immintrin.h>
 
-#include "cpu_vectors.h"  // f32x16, load16, store16, exp16, sum16, max16
+#include "cpu_vectors.h"  // f32x16, load16, store16, exp16, sum16, max_of
 
 namespace {
 
@@ -58,13 +58,7 @@ void top_k_top_p_row(float* y, int64_t V, int64_t k, float p, Scratch& s) {
   }
   if (!(p < 1.0f)) return;
   const int64_t V16 = V / 16 * 16;
-  f32x16 tops = splat16(-inf);
-  for (int64_t v = 0; v < V16; v += 16) {
-    const f32x16 yv = load16(y + v);
-    tops = yv > tops ? yv : tops;
-  }
-  float most = max16(tops);
-  for (int64_t v = V16; v < V; ++v) most = std::max(most, y[v]);
+  const float most = max_of(y, V);
   if (!std::isfinite(most)) return;
   s.values.resize(V + 16);
   float* e = s.values.data();

@@ -38,13 +38,7 @@ using namespace medusa_cpu;
 void top_logp_row(const float* x, int64_t V, int64_t k, float* values, int64_t* indices) {
   const float inf = std::numeric_limits<float>::infinity();
   const int64_t V16 = V / 16 * 16;
-  f32x16 top = splat16(-inf);
-  for (int64_t v = 0; v < V16; v += 16) {
-    const f32x16 xv = load16(x + v);
-    top = xv > top ? xv : top;
-  }
-  float m = max16(top);
-  for (int64_t v = V16; v < V; ++v) m = std::max(m, x[v]);
+  const float m = max_of(x, V);
   int64_t count = 0;  // values[0 .. count) sorted, best first
   auto offer = [&](int64_t v) {
     const float xv = x[v];
