@@ -5,8 +5,8 @@ tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called t
 `attention.attend`); a decoder layer's small steps between its products, `rms_norm`, `rope` and
 `silu_mul`, and the cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and
 `runtime.kv_cache`); a dynamic tree's `top_logp`, `heads_draft` and `select_tree` (`tree_ops.cpp`,
-called by `medusa.dynamic` and `medusa.draft`); and sampling's `top_k_top_p_`, `probabilities` and
-`accept_lossless`
+called by `medusa.dynamic` and `medusa.draft`); and sampling's `top_k_top_p_`, `probabilities`, `draw`
+and `accept_lossless`
 (`sampling_ops.cpp`, called by `runtime.sampling`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
@@ -61,6 +61,7 @@ _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, T
 _library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
 _library.define("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()")
 _library.define("probabilities(Tensor logits) -> Tensor")
+_library.define("draw(Tensor weights, Tensor uniforms) -> Tensor")
 _library.define("accept_lossless(Tensor candidates, Tensor probs, Tensor child_table, Tensor uniforms, "
                 "int depth) -> (Tensor, Tensor, Tensor)")
 _library.define("accept_greedy(Tensor candidates, Tensor best, Tensor parents, Tensor retrieve) "
@@ -105,6 +106,11 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.library.register_fake("medusa::probabilities")
 def _(logits: torch.Tensor) -> torch.Tensor:
     return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("medusa::draw")
+def _(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    return weights.new_empty(weights.shape[0], dtype=torch.long)
 
 
 @torch.library.register_fake("medusa::accept_lossless")
@@ -172,6 +178,8 @@ argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
 top_k_top_p_ = torch.ops.medusa.top_k_top_p_
 # logits [..., V] float32 -> `runtime.sampling.probabilities` (sampling_ops.cpp)
 probabilities = torch.ops.medusa.probabilities
+# weights [B, V] float32 / float64, uniforms [B] float64 -> [B] int64: `runtime.sampling.draw` in one call
+draw = torch.ops.medusa.draw
 # candidates [B, T], probs [B, T, V] float32, child_table [B, T, c], uniforms [B, T] float64, depth ->
 # (accepted_len [B], path [B, depth + 1], next token [B]): `medusa.acceptance.accept_lossless` in one call
 accept_lossless = torch.ops.medusa.accept_lossless

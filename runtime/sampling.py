@@ -201,6 +201,8 @@ def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     A token of weight 0 is never drawn: the threshold (1 - u) * total is above 0 (kept so where
     1 - u rounds to 0 in the weights' dtype).
     """
+    if cpu_kernels.eager_cpu(weights):  # one call of our kernel (runtime/sampling_ops.cpp), these lines
+        return cpu_kernels.draw(weights, uniforms.double())
     cdf = weights.cumsum(-1)  # [B, V]
     above_zero = (1 - uniforms.to(cdf.dtype)).clamp(min=torch.finfo(cdf.dtype).tiny)  # [B] in (0, 1]
     threshold = above_zero * cdf[:, -1]  # [B] in (0, total]

@@ -1,5 +1,5 @@
-// Sampling's work over a vocabulary on the CPU: `probabilities` and the lossless acceptance rule (after
-// the filters), and the filters top-k then top-p for rows of processed logits, without sorting a vocabulary: `runtime.sampling._top_k_top_p` calls it while serving on the CPU, and its PyTorch
+// Sampling's work over a vocabulary on the CPU: `probabilities`, `draw` and the lossless acceptance rule
+// (after the filters), and the filters top-k then top-p for rows of processed logits, without sorting a vocabulary: `runtime.sampling._top_k_top_p` calls it while serving on the CPU, and its PyTorch
 // lines (a sort of each row, then a softmax and a cumulative sum in that order) are the reference.
 // Sorting is what those lines cost: 8 tree nodes of SmolLM2's 49152, AMD EPYC (Zen 5), 2 threads, the
 // sort alone 12.4 ms, the whole of `process` with top-p 21.0 ms, against ~0.16 ms without a filter.
@@ -155,18 +155,39 @@ at::Tensor probabilities(const at::Tensor& logits) {
   return p;
 }
 
-// The first token of weights w [V] (doubles >= 0, not all 0) at which their running sum reaches
-// (1 - u) * total: `runtime.sampling.draw`, whose cumulative sum in double is this one, in this order.
-int64_t draw_row(const double* w, int64_t V, double u) {
-  double total = 0;
-  for (int64_t v = 0; v < V; ++v) total += w[v];
-  const double threshold = std::max(1.0 - u, std::numeric_limits<double>::min()) * total;
+// The first token of weights w [V] (>= 0, not all 0) at which their running sum reaches (1 - u) * total,
+// as `runtime.sampling.draw` computes it: PyTorch's cumulative sum on the CPU adds in double and rounds
+// each partial sum to T; the threshold is T's (1 - u, at least T's smallest normal) times the total.
+template <typename T>
+int64_t draw_row(const T* w, int64_t V, double u) {
+  double sum = 0;
+  for (int64_t v = 0; v < V; ++v) sum += w[v];
+  const T above = std::max(static_cast<T>(1) - static_cast<T>(u), std::numeric_limits<T>::min());
+  const T threshold = above * static_cast<T>(sum);
   double cdf = 0;
   for (int64_t v = 0; v < V; ++v) {
     cdf += w[v];
-    if (!(cdf < threshold)) return v;
+    if (!(static_cast<T>(cdf) < threshold)) return v;
   }
   return V - 1;
+}
+
+// weights [B, V] float32 or float64, uniforms [B] float64 -> [B] int64: `runtime.sampling.draw`'s lines
+// (a cumulative sum of the whole [B, V], a comparison, a count) in one pass a row. Plain decoding, bf16,
+// temperature 0.7, top-p 0.95, 8 dev prompts, taking turns, the same tokens: 117.5 -> 123.2 tok/s.
+at::Tensor draw(const at::Tensor& weights, const at::Tensor& uniforms) {
+  TORCH_CHECK((weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble) && weights.dim() == 2 &&
+                  uniforms.scalar_type() == at::kDouble && uniforms.numel() == weights.size(0),
+              "draw: weights [B, V] float32 or float64, uniforms [B] float64");
+  const at::Tensor w = weights.contiguous(), u = uniforms.contiguous();
+  const int64_t B = w.size(0), V = w.size(1);
+  at::Tensor out = at::empty({B}, w.options().dtype(at::kLong));
+  int64_t* token = out.mutable_data_ptr<int64_t>();
+  const double* us = u.const_data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b)
+    token[b] = w.scalar_type() == at::kFloat ? draw_row(w.const_data_ptr<float>() + b * V, V, us[b])
+                                             : draw_row(w.const_data_ptr<double>() + b * V, V, us[b]);
+  return out;
 }
 
 // Lossless acceptance of B trees in one call: `medusa.acceptance.accept_lossless`, whose PyTorch lines
@@ -243,4 +264,5 @@ TORCH_LIBRARY_IMPL(medusa, CPU, m) {
   m.impl("accept_lossless", &accept_lossless);
   m.impl("top_k_top_p_", &top_k_top_p_);
   m.impl("probabilities", &probabilities);
+  m.impl("draw", &draw);
 }

@@ -25,8 +25,8 @@ CASES = [
 
 @pytest.fixture(params=["our kernels", "pytorch lines"])
 def filters(request, monkeypatch):
-    """Top-k and top-p through our CPU kernel (`runtime/sampling_ops.cpp`), or through the PyTorch
-    lines a GPU and a compiled step run."""
+    """Top-k, top-p and draws through our CPU kernels (`runtime/sampling_ops.cpp`), or through the
+    PyTorch lines a GPU and a compiled step run."""
     if request.param == "pytorch lines":
         monkeypatch.setattr(cpu_kernels, "eager_cpu", lambda t: False)
     else:
@@ -101,7 +101,7 @@ def test_top_k_top_p_in_one_call_keeps_what_the_sorting_lines_keep(monkeypatch):
     assert (kept[0] < V).all() and (kept[0] > 1).any()  # p = 0.9 dropped some, kept more than one
 
 
-def test_draw_follows_the_weights_and_never_draws_a_zero():
+def test_draw_follows_the_weights_and_never_draws_a_zero(filters):
     weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 4.0, 0.0]]).expand(40000, 6)  # unnormalised
     u = torch.rand(40000, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     counts = torch.bincount(draw(weights, u), minlength=6)
@@ -140,3 +140,18 @@ def test_probabilities_in_one_call_are_the_softmax_or_one_hot_at_the_argmax(monk
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-9)
     assert ours[1, 0, 0] == 1 and ours[1, 2, 7] == 1 and ours[1, 2].sum() == 1
     assert (ours[0, 1, ::2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_draw_in_one_call_draws_what_its_lines_draw(dtype, monkeypatch):
+    """The same token for every row as the cumulative-sum lines: unnormalised weights with zeros over a
+    large vocabulary, uniforms anywhere in [0, 1), 0 and just below 1 among them."""
+    assert cpu_kernels.built()
+    g = torch.Generator().manual_seed(6)
+    weights = (torch.rand(64, 5000, generator=g) ** 8 * (torch.rand(64, 5000, generator=g) < 0.7)).to(dtype)
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[:2] = torch.tensor([0.0, 1 - 1e-12])
+    ours = draw(weights, u)
+    monkeypatch.setattr(cpu_kernels, "eager_cpu", lambda t: False)
+    assert torch.equal(ours, draw(weights, u))
+    assert (weights.gather(1, ours[:, None]) > 0).all()
