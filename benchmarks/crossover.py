@@ -50,6 +50,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        args.batches = []
+    if not args.batches or min(args.batches) < 1 or args.rounds < 1 or args.max_new_tokens < 1:
+        ap.error("--batches takes positive integers separated by commas; --rounds and --max-new-tokens "
+                 "must be at least 1")
     with torch.no_grad():
         summary = crossover(args)
     if args.json:
@@ -75,7 +82,7 @@ def crossover(args: argparse.Namespace) -> dict:
     print(f"{where}, {loaded.dtype_name}, drafter {args.drafter}, tree {tree_name} ({tree.num_nodes} nodes), "
           f"{args.max_new_tokens} new tokens")
     rows = []
-    for B in (int(b) for b in args.batches.split(",")):
+    for B in args.batches:
         engines = {"plain": Engine(model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=B,
                                    max_total_tokens=max_total),
                    "spec": Engine(model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=B,

@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--plot", type=Path, help="write a chart of tok/s per category and mode to this PNG")
     args = ap.parse_args(argv)
+    if not (0 <= args.temperature < math.inf and 0 < args.top_p <= 1):
+        ap.error("--temperature must be a finite number >= 0 and --top-p in (0, 1]")
     unknown = sorted(set(args.modes.split(",")) - set(MODES))
     if unknown:
         ap.error(f"unknown mode {', '.join(unknown)} (choose from {', '.join(MODES)})")

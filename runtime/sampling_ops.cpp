@@ -119,11 +119,10 @@ void top_k_top_p_(at::Tensor& logits, const at::Tensor& top_k, const at::Tensor&
 // sampled step. Each row's exponentials are float32 (`exp16`) over a double sum.
 void probabilities_row(const float* x, float* p, int64_t V) {
   const float inf = std::numeric_limits<float>::infinity();
-  const float* top = std::max_element(x, x + V);
-  const float most = *top;
+  const float most = max_of(x, V);
   if (most == inf || most == -inf) {
     std::fill(p, p + V, 0.0f);
-    p[top - x] = 1.0f;  // max_element gives the first of equal maxima
+    p[std::find(x, x + V, most) - x] = 1.0f;  // the first of equal maxima
     return;
   }
   const int64_t V16 = V / 16 * 16;

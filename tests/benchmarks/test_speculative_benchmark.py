@@ -248,3 +248,15 @@ def test_a_sampled_engine_run_draws_its_tokens_from_its_seed(tiny_llama):
     runs = [speculative.run_each({"engine": speculative.engine_run(engine(tiny_llama), 12, sampling)},
                                  PROMPTS)["engine"].outputs for _ in range(2)]
     assert runs[0] == runs[1] != greedy
+
+
+@pytest.mark.parametrize("main, argv", [(speculative.main, ["--temperature", "nan"]),
+                                        (speculative.main, ["--temperature", "-1"]),
+                                        (speculative.main, ["--top-p", "0"]),
+                                        (crossover.main, ["--batches", "1,x"]),
+                                        (crossover.main, ["--batches", "0"]),
+                                        (crossover.main, ["--rounds", "0"])])
+def test_bad_benchmark_arguments_stop_with_a_usage_error(main, argv, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--prompts", str(tmp_path / "none.jsonl"), *argv])
+    assert stopped.value.code == 2
