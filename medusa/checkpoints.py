@@ -206,7 +206,7 @@ def _matmul_choice(base_lm_head: nn.Linear | None) -> tuple[int, int]:
     kernel up to the base model's rows, not one: the heads' drafting (`dynamic-cpu-bf16`, a tree's
     forward between drafts, as in a step), AMD EPYC (Zen 5), 2.43 -> 2.07 ms, the same drafts."""
     if not isinstance(base_lm_head, Linear) or base_lm_head.weight.dtype == torch.float32:
-        return NEVER, 1
+        return NEVER, 0
     return base_lm_head.packed_from_rows, base_lm_head.own_kernel_rows
 
 

@@ -135,7 +135,7 @@ class EagleDrafter(nn.Module):
 
     def prepare_for_training(self) -> EagleDrafter:
         self._serving, self._projection, self._one_call = False, None, None
-        pack_linears(self, NEVER)
+        pack_linears(self, NEVER, 0)
         return self
 
     def forward(self, features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,

@@ -135,7 +135,7 @@ class MedusaHeads(nn.Module):
         """Autograd from now on: the heads multiply by their weights, and a shared projection by the
         lm_head rows themselves."""
         self._serving, self._projection = False, None
-        pack_linears(self, NEVER)
+        pack_linears(self, NEVER, 0)
         return self
 
     def hidden_states(self, hidden: torch.Tensor, path_embeds: torch.Tensor | None = None,
@@ -239,7 +239,8 @@ def scored_projection(cached: tuple[torch.Tensor, Linear] | None, lm_weight: tor
 
 def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaHeads:
     """For tests and benchmarks: heads whose blocks are not the identity, so each head guesses
-    differently; prepared for serving, as `load_heads` returns them.
+    differently; prepared for serving, as `load_heads` returns float32 heads (MKL's products from 2
+    rows, `medusa.checkpoints._matmul_choice`: oneDNN's packed ones round differently on an AVX2 CPU).
 
     Block weights and biases are drawn from N(0, (scale / sqrt(C))^2); own projections (if any)
     from N(0, 1 / C).
@@ -254,4 +255,4 @@ def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaH
         if heads.draft_vocab is not None:  # a random subset of the vocabulary, in random order
             subset = torch.randperm(config.vocab_size, generator=gen)[:config.draft_vocab_size]
             heads.draft_vocab.copy_(subset)
-    return heads.prepare_for_serving()
+    return heads.prepare_for_serving(NEVER, 0)

@@ -18,6 +18,8 @@ typedef float f32x4 __attribute__((vector_size(16)));
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
 
 inline f32x16 splat16(float x) {  // x in every lane: one broadcast (`f32x16{} + x` is an addition too)
   return f32x16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};

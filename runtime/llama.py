@@ -92,7 +92,10 @@ class Linear(nn.Linear):
         through our kernel where it is built, which reads a copy of its own (`own_weight`, the
         weights in its order). Serving on the CPU thus holds a model's linear weights up to three
         times: as loaded (autograd, the tied embedding), oneDNN's and ours."""
-        if self.packable:
+        # not packable: no copy, not even one taken before the weights changed dtype (a stale float32
+        # copy of weights since cast to bfloat16 failed in oneDNN on a CPU without bf16 products)
+        self.packed_weight = self.packed_bias = None
+        if self.packable and from_rows != NEVER:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
             self.packed_bias = None if self.bias is None else self.bias.detach()
             self.packed_from_rows = from_rows
@@ -222,11 +225,13 @@ def measure_matmul(model: Llama) -> tuple[int, int]:
 
 def pack_linears(module: nn.Module, from_rows: int, own_rows: int = 1) -> None:
     """Every `Linear` in `module` multiplies products of at least `from_rows` rows through a oneDNN
-    copy of its weights, taken now, and of at most `own_rows` through our kernel (`Linear.pack`);
-    NEVER drops the copies (autograd again)."""
+    copy of its weights, taken now (none for NEVER), and of at most `own_rows` through our kernel
+    (`Linear.pack`); NEVER and 0 drop the copies (autograd again). Our kernel does not need oneDNN:
+    where it cannot multiply bf16 (a CPU without AVX-512) ours still reads bf16 weights, half the bytes
+    of float32 ones."""
     for m in module.modules():
         if isinstance(m, Linear):
-            m.pack(from_rows, own_rows) if from_rows != NEVER else m.unpack()
+            m.pack(from_rows, own_rows) if from_rows != NEVER or own_rows > 0 else m.unpack()
 
 
 class RMSNorm(nn.Module):
@@ -363,7 +368,7 @@ class Llama(nn.Module):
     def prepare_for_training(self) -> Llama:
         """Autograd from now on (training, or evaluating what training computes): the linear layers
         multiply through their weights themselves; drops the copies `prepare_for_serving` made."""
-        pack_linears(self, NEVER)
+        pack_linears(self, NEVER, 0)
         self.cpu_attention = False
         self.layer_kernels = None
         return self
