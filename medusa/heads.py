@@ -239,8 +239,7 @@ def scored_projection(cached: tuple[torch.Tensor, Linear] | None, lm_weight: tor
 
 def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaHeads:
     """For tests and benchmarks: heads whose blocks are not the identity, so each head guesses
-    differently; prepared for serving, as `load_heads` returns float32 heads (MKL's products from 2
-    rows, `medusa.checkpoints._matmul_choice`: oneDNN's packed ones round differently on an AVX2 CPU).
+    differently; prepared for serving, as `load_heads` returns them.
 
     Block weights and biases are drawn from N(0, (scale / sqrt(C))^2); own projections (if any)
     from N(0, 1 / C).
@@ -255,4 +254,4 @@ def random_heads(config: MedusaConfig, seed: int, scale: float = 1.0) -> MedusaH
         if heads.draft_vocab is not None:  # a random subset of the vocabulary, in random order
             subset = torch.randperm(config.vocab_size, generator=gen)[:config.draft_vocab_size]
             heads.draft_vocab.copy_(subset)
-    return heads.prepare_for_serving(NEVER, 0)
+    return heads.prepare_for_serving()

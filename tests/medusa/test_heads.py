@@ -12,6 +12,7 @@ from torch import nn
 from medusa.checkpoints import HeadsLoadError, load_heads, official_state_dict, save_heads, save_official
 from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from runtime.config import ModelConfig
+from runtime.llama import NEVER
 
 C, V = 64, 97
 BASE = ModelConfig(vocab_size=V, hidden_size=C, intermediate_size=112, num_layers=2, num_heads=4,
@@ -98,7 +99,8 @@ def test_official_format_of_shared_heads(tmp_path: Path, hidden: torch.Tensor, l
     with pytest.raises(ValueError, match="pass it"):
         save_official(heads, tmp_path)
     save_official(heads, tmp_path, lm_head=lm_head)  # each head gets a copy of lm_head
-    as_shared = load_heads(tmp_path, BASE, base_lm_head=lm_head)
+    heads.prepare_for_serving(NEVER, 0)  # as load_heads prepares float32 heads: oneDNN's copies round
+    as_shared = load_heads(tmp_path, BASE, base_lm_head=lm_head)  # differently on a CPU without AVX-512
     as_own = load_heads(tmp_path, BASE)
     assert as_shared.config.shared_lm_head and not as_own.config.shared_lm_head
     assert torch.equal(as_shared(hidden, lm_head), heads(hidden, lm_head))
@@ -182,7 +184,8 @@ def test_path_input_heads_read_exactly_the_tokens_before_their_target(hidden: to
 def test_draft_vocabulary_heads_score_a_slice_and_round_trip(tmp_path: Path, hidden: torch.Tensor,
                                                              lm_head: nn.Linear) -> None:
     config = MedusaConfig(hidden_size=C, vocab_size=V, num_heads=2, path_input=True, draft_vocab_size=10)
-    heads = random_heads(config, seed=0)  # prepared for serving: scores through a bf16 copy where fast
+    heads = random_heads(config, seed=0).prepare_for_serving(NEVER, 0)  # as load_heads prepares float32
+    # heads: scoring through a bf16 copy where the CPU multiplies it fast
     path = torch.randn(5, 2, C)
     logits = heads(hidden, lm_head, path)  # [B, K, V']
     assert logits.shape == (5, 2, 10)
