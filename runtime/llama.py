@@ -175,7 +175,8 @@ def measure_packed_from_rows(model: Llama) -> int:
 def measure_own_kernel_rows(model: Llama) -> int:
     """The most rows (of OWN_MEASURED_ROWS) up to which our kernel multiplies all of this model's
     products at most OWN_KERNEL_SLACK times as slowly as the libraries it is packed for, on this
-    machine; 0 where it never does or is not built. Timed over every product in order, as a step
+    machine (NEVER, every size, where the libraries only emulate bf16 and ours keeps up at every
+    size timed); 0 where it never does or is not built. Timed over every product in order, as a step
     reads them (the weights come from memory, not from the cache, as when decoding): about a second
     at load for SmolLM2.
 
@@ -208,6 +209,11 @@ def measure_own_kernel_rows(model: Llama) -> int:
             if ours > OWN_KERNEL_SLACK * libraries:
                 break
             own_rows = rows
+    if own_rows == OWN_MEASURED_ROWS[-1] and dtype == torch.bfloat16 and not model.lm_head.packable:
+        # bf16 the libraries only emulate (no oneDNN copy: a CPU without AVX-512): ours at every size,
+        # a prefill too. All SmolLM2 products, AMD EPYC (Zen 3, AVX2), ms a row: MKL 13.6 at 1 to 64
+        # rows, ours 3.2 at 64; a prompt of ~100 tokens took 924 ms of MKL's products to prefill
+        own_rows = NEVER
     for m in linears:
         m.own_kernel_rows = own_rows
         if own_rows == 0:  # never used: its copy is not kept

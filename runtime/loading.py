@@ -377,7 +377,8 @@ def matmul_choice(model: Llama) -> tuple[int, int]:
     c = model.config
     kernel = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     key = (f"{cpu_name()}; bf16 products: {cpu_has_bf16_products()}; {torch.get_num_threads()} threads; "
-           f"torch {torch.__version__}; our kernel {kernel}, timed on {OWN_MEASURED_ROWS} rows; "
+           f"torch {torch.__version__}; our kernel {kernel}, timed on {OWN_MEASURED_ROWS} rows "
+           "(bf16 emulated: ours past them); "
            f"{model.embed.weight.dtype}; "
            f"hidden {c.hidden_size}, mlp {c.intermediate_size}, heads {c.num_heads}/{c.num_kv_heads}x"
            f"{c.head_dim}, vocab {c.vocab_size}, layers {c.num_layers}")

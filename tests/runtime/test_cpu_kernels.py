@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from runtime import cpu_kernels
 from runtime.cpu_kernels import block_weight, rows_product
 from runtime.llama import (
+    NEVER,
     OWN_MEASURED_ROWS,
     Linear,
     RMSNorm,
@@ -153,6 +154,30 @@ def test_the_load_gives_it_the_sizes_it_is_measured_faster_on(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "built", lambda: False)
     pack_linears(model, from_rows=1000)
     assert measure_own_kernel_rows(model) == 0  # not built: not measured
+
+
+@pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
+def test_where_the_libraries_emulate_bf16_ours_takes_every_size_it_keeps_up_at(monkeypatch):
+    """bf16 without a oneDNN copy (a CPU without AVX-512): ours past the sizes timed, a prefill too,
+    once it kept up at all of them; not where it fell behind, nor in float32 or beside oneDNN."""
+    mkl = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: time.sleep(0.002) or mkl(x, w, b))  # slow libraries
+
+    def measured(dtype, packable: bool) -> int:
+        model = ours_from_hf(tiny_hf_model("llama")).to(dtype)
+        monkeypatch.setattr(Linear, "packable", property(lambda self: packable))
+        pack_linears(model, from_rows=NEVER)  # products through ours or MKL
+        return measure_own_kernel_rows(model)
+
+    assert measured(torch.bfloat16, packable=False) == NEVER
+    assert measured(torch.bfloat16, packable=True) == OWN_MEASURED_ROWS[-1]
+    assert measured(torch.float32, packable=False) == OWN_MEASURED_ROWS[-1]
+    ours = cpu_kernels.rows_product
+    def ours_behind_from_5_rows(x, w, b):  # then it keeps the sizes it kept up at
+        return time.sleep(0.006 if x.numel() > 4 * x.shape[-1] else 0) or ours(x, w, b)
+
+    monkeypatch.setattr(cpu_kernels, "rows_product", ours_behind_from_5_rows)
+    assert measured(torch.bfloat16, packable=False) == 4
 
 
 def test_a_compiled_graph_calls_it_as_it_is():
