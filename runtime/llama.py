@@ -211,8 +211,8 @@ def measure_own_kernel_rows(model: Llama) -> int:
             own_rows = rows
     if own_rows == OWN_MEASURED_ROWS[-1] and dtype == torch.bfloat16 and not model.lm_head.packable:
         # bf16 the libraries only emulate (no oneDNN copy: a CPU without AVX-512): ours at every size,
-        # a prefill too. All SmolLM2 products, AMD EPYC (Zen 3, AVX2), ms a row: MKL 13.6 at 1 to 64
-        # rows, ours 3.2 at 64; a prompt of ~100 tokens took 924 ms of MKL's products to prefill
+        # a prefill too. All SmolLM2 products, AMD EPYC (Zen 3, AVX2), ms: MKL 17.4 on one row and 13.5
+        # a row on 64, ours 14.4 and 3.2; a prompt of ~100 tokens took 924 ms of MKL's products to prefill
         own_rows = NEVER
     for m in linears:
         m.own_kernel_rows = own_rows
