@@ -74,6 +74,38 @@ inline f32x16 fma16(f32x16 a, f32x16 b, f32x16 c) {
 #endif
 }
 
+// 8 lanes, one AVX2 register: where the CPU lacks AVX-512, GCC keeps an f32x16 in memory (it has no
+// register for one) and copies it piece by piece at every use, so the hot loops there hold their
+// 16 lanes as two of these (`rows_product.cpp`, `attention/cpu_attention.cpp`), the same operation per lane
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline f32x8 load8(const c10::BFloat16* p) {  // a bfloat16 is the top half of a float32
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  return (f32x8)(__builtin_convertvector(h, u32x8) << 16);
+}
+
+inline f32x8 splat8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+
+inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // fma16's instruction on 8 lanes
+#if defined(__FMA__)
+  return (f32x8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// sum16 of the 16 lanes lo then hi, bit for bit: the same additions in the same order
+inline float sum8x2(f32x8 lo, f32x8 hi) {
+  const f32x8 a = lo + hi;
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
 inline float max16(f32x16 v) {  // the largest lane (exact: any order gives it)
   float m = v[0];
   for (int i = 1; i < 16; ++i) m = v[i] > m ? v[i] : m;
