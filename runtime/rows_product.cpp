@@ -29,6 +29,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 #include <immintrin.h>
 
 #include "cpu_kernels.h"
@@ -75,8 +77,8 @@ inline void prefetch_l2(const T* p) {
 #if defined(__AVX512F__)
 constexpr int kTileRows = 16;  // rows of x through a block at once: 16 vectors of sums, of 32 registers
 
-template <int MB, typename T>
-void accumulate(const T* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16* acc) {
+template <int MB, typename X, typename T>
+void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16* acc) {
   for (int64_t k = 0; k < K; ++k) {
     const f32x16 wv = load16(w + k * kCols);
     if (next != nullptr) prefetch_l2(next + k * kCols);
@@ -94,8 +96,8 @@ void accumulate(const T* x, int64_t ldx, const T* w, int64_t K, const T* next, f
 // 18.7 / 22.6 / 30.5 / 43.7, 17.9 / 22.0 / 31.2 / 40.4; bfloat16 8 rows 54.3, 45.6, 40.2, 45.1.
 constexpr int kTileRows = 8;
 
-template <int MB, typename T>
-void accumulate(const T* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16* acc) {
+template <int MB, typename X, typename T>
+void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16* acc) {
   f32x8 lo[MB], hi[MB];
   for (int m = 0; m < MB; ++m) {
     std::memcpy(&lo[m], &acc[m], sizeof lo[m]);
@@ -139,19 +141,19 @@ void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int
 #endif
 
 // out[m, r] = x[m] . w[r] + bias[r] for m < MB and the block's 16 rows r
-template <int MB, typename T>
-void product_tile(const T* x, int64_t K, const T* w, const T* bias, const T* next, T* out, int64_t ldo) {
+template <int MB, typename X, typename T>
+void product_tile(const X* x, int64_t K, const T* w, const T* bias, const T* next, T* out, int64_t ldo) {
   f32x16 acc[MB] = {};
   accumulate<MB>(x, K, w, K, next, acc);
   for (int m = 0; m < MB; ++m) store16(out + m * ldo, bias == nullptr ? acc[m] : acc[m] + load16(bias));
 }
 
 // A block against the M rows of x, kTileRows at a time: the 16 sums of each in registers
-template <typename T>
-void product_block(const T* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next, T* out, int64_t ldo) {
+template <typename X, typename T>
+void product_block(const X* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next, T* out, int64_t ldo) {
   for (int64_t m = 0; m < M; m += kTileRows) {
     const T* pf = m == 0 ? next : nullptr;
-    const T* xm = x + m * K;
+    const X* xm = x + m * K;
     T* o = out + m * ldo;
     switch (std::min<int64_t>(kTileRows, M - m)) {
       case 16: product_tile<16>(xm, K, w, bias, pf, o, ldo); break;
@@ -175,8 +177,8 @@ void product_block(const T* x, int64_t M, const T* w, int64_t K, const T* bias, 
 }
 
 // A weight row after the last whole block, as it is: one sum over k in order
-template <typename T>
-void product_row(const T* x, int64_t M, const T* w, int64_t K, const T* bias, T* out, int64_t ldo) {
+template <typename X, typename T>
+void product_row(const X* x, int64_t M, const T* w, int64_t K, const T* bias, T* out, int64_t ldo) {
   for (int64_t m = 0; m < M; ++m) {
     float s = 0.0f;
     for (int64_t k = 0; k < K; ++k) s += float(x[m * K + k]) * float(w[k]);
@@ -184,12 +186,8 @@ void product_row(const T* x, int64_t M, const T* w, int64_t K, const T* bias, T*
   }
 }
 
-}  // namespace
-
-namespace medusa_cpu {
-
-template <typename T>
-void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
+template <typename X, typename T>
+void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
   const int64_t blocks = N / kCols, block = kCols * K;  // whole blocks, elements of one
   // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
   // tiny one is done before a second thread would have started.
@@ -204,6 +202,25 @@ void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, co
   });
   for (int64_t n = blocks * kCols; n < N; ++n)
     product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N);
+}
+
+}  // namespace
+
+namespace medusa_cpu {
+
+template <typename T>
+void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
+#if !defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, float>) {
+    // bf16 x widened to float32 once, not at every use: a row's broadcast of one k was 4 instructions
+    // (a load, a shift, a move to a vector register, the broadcast) beside the block's 2 multiply-adds
+    std::vector<float> wide(M * K);
+    for (int64_t i = 0; i < M * K; ++i) wide[i] = float(x[i]);
+    products(wide.data(), M, w, N, K, bias, out);
+    return;
+  }
+#endif
+  products(x, M, w, N, K, bias, out);
 }
 
 template void rows_product_of(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*);
