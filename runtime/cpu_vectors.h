@@ -1,6 +1,7 @@
-// 16 float32 lanes (GCC vector extensions: AVX-512 where the CPU has it, pairs of AVX2 registers
-// otherwise) and what our CPU kernels do with them. Every function here is lane by lane or sums in a
-// fixed order, so the same inputs give the same bits wherever a kernel calls it.
+// 16 float32 lanes (GCC vector extensions: one AVX-512 register where the CPU has it; otherwise GCC
+// keeps one in memory, so hot loops there hold two 8-lane halves: `load8` and below) and what our CPU
+// kernels do with them. Every function here is lane by lane or sums in a fixed order, so the same
+// inputs give the same bits wherever a kernel calls it.
 
 #pragma once
 
