@@ -30,7 +30,7 @@
 #include <immintrin.h>
 
 #include "cpu_kernels.h"  // runtime/: AttentionOperands
-#include "cpu_vectors.h"  // runtime/: f32x16, load16, sum16, max16, fma16, exp16
+#include "cpu_vectors.h"  // runtime/: f32x16 and f32xN, load16 and loadN, sum16, Sum16, fma16, exp_lanes
 
 namespace {
 
@@ -94,10 +94,10 @@ inline float dot8x2(const T* q, const T* k, int64_t D) {
 }
 #endif
 
-inline float exp1(float x) {  // exp16 of one value: the same bits as in a vector
-  f32x16 v = {};
+inline float exp1(float x) {  // exp_lanes of one value: the same bits as in a vector
+  f32xN v = {};
   v[0] = x;
-  return exp16(v)[0];
+  return exp_lanes(v)[0];
 }
 
 constexpr int kTile = 4;  // query rows whose outputs (D floats each) stay in registers together
@@ -247,29 +247,33 @@ void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0
   for (int64_t i = 0; i < R; ++i) {
     const int64_t t = (r0 + i) % Tn;
     float* p = scores.data() + i * n16;
-    f32x16 lanes = f32x16{} - std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s + 16 <= len; s += 16) {
-      const f32x16 v = load16(p + s);
+    f32xN lanes = splatN(-std::numeric_limits<float>::infinity());
+    for (int64_t s = 0; s + kLanes <= len; s += kLanes) {
+      const f32xN v = loadN(p + s);
       lanes = v > lanes ? v : lanes;
     }
-    float m = max16(lanes);
-    for (int64_t s = len / 16 * 16; s < len; ++s) m = std::max(m, p[s]);
+    float m = lanes[0];
+    for (int j = 1; j < kLanes; ++j) m = std::max(m, lanes[j]);
+    for (int64_t s = len / kLanes * kLanes; s < len; ++s) m = std::max(m, p[s]);
     for (int64_t j = 0; j < Tn; ++j)
       if (sees(t, j)) m = std::max(m, p[len + j]);
     most[i] = m;
-    f32x16 sums = {};
+    Sum16 sums;  // in registers on either kind of CPU: cpu_vectors.h
     for (int64_t s = 0; s < len16; s += 16) {
-      const f32x16 e = exp16(load16(p + s) - m);
-      std::memcpy(p + s, &e, sizeof e);
-      sums += e;
+      for (int j = 0; j < 16 / kLanes; ++j) {
+        const f32xN e = exp_lanes(loadN(p + s + j * kLanes) - m);
+        store_lanes(p + s + j * kLanes, e);
+        sums.part[j] += e;
+      }
     }
     if (len16 < len) {
-      f32x16 e = exp16(load16(p + len16) - m);
-      for (int64_t s = len; s < len16 + 16; ++s) e[s - len16] = 0.0f;
-      std::memcpy(p + len16, &e, (len - len16) * sizeof(float));  // the new tokens' scores are kept
-      sums += e;
+      float e[16];
+      for (int j = 0; j < 16 / kLanes; ++j) store_lanes(e + j * kLanes, exp_lanes(loadN(p + len16 + j * kLanes) - m));
+      std::fill(e + (len - len16), e + 16, 0.0f);
+      std::memcpy(p + len16, e, (len - len16) * sizeof(float));  // the new tokens' scores are kept
+      sums.add(e, [](f32xN v) { return v; });
     }
-    lane_sums[i] = sums;
+    std::memcpy(&lane_sums[i], sums.part, sizeof lane_sums[i]);
   }
 
   // out = sum of weight x value in list order: the prefix for a tile of rows at once, then each

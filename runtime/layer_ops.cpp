@@ -41,15 +41,12 @@ template <typename T>
 void rms_norm_rows(const T* x, const T* weight, T* y, int64_t M, int64_t C, float eps) {
   const int64_t C16 = C / 16 * 16;
   for (int64_t m = 0; m < M; ++m, x += C, y += C) {
-    f32x16 squares = {};
-    for (int64_t c = 0; c < C16; c += 16) {
-      const f32x16 v = load16(x + c);
-      squares += v * v;
-    }
-    float sum = sum16(squares);
+    Sum16 squares;
+    for (int64_t c = 0; c < C16; c += 16) squares.add(x + c, [](f32xN v) { return v * v; });
+    float sum = squares.total();
     for (int64_t c = C16; c < C; ++c) sum += float(x[c]) * float(x[c]);
     const float r = 1.0f / std::sqrt(sum / float(C) + eps);
-    for (int64_t c = 0; c < C16; c += 16) store16(y + c, load16(weight + c) * round16(load16(x + c) * r, x));
+    for (int64_t c = 0; c < C16; c += kLanes) store_lanes(y + c, loadN(weight + c) * round_lanes(loadN(x + c) * r, x));
     for (int64_t c = C16; c < C; ++c) y[c] = T(float(weight[c]) * round_to<T>(float(x[c]) * r));
   }
 }
@@ -80,9 +77,9 @@ void rope_rows(const T* x, int64_t x_stride, const T* cos, const T* sin, T* out,
     for (int64_t h = 0; h < heads; ++h, out += D) {
       const T* xh = x + h * D;
       if (half % 16 == 0) {
-        for (int64_t i = 0; i < D; i += 16) {
-          const f32x16 rotated = load16(xh + (i < half ? i + half : i - half));
-          store16(out + i, round16(load16(xh + i) * load16(cos + i), x) + round16(rotated * load16(sin + i), x));
+        for (int64_t i = 0; i < D; i += kLanes) {
+          const f32xN rotated = loadN(xh + (i < half ? i + half : i - half));
+          store_lanes(out + i, round_lanes(loadN(xh + i) * loadN(cos + i), x) + round_lanes(rotated * loadN(sin + i), x));
         }
         continue;
       }
@@ -116,22 +113,23 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 }
 
 // y = T(silu(gate)) * up per row: gate_up [M, 2I] (gate, then up), y [M, I]; silu(g) = g / (1 + e^-g),
-// 16 at a time, the row's last values in a vector padded with zeros
+// a register's lanes at a time, the row's last values in a vector padded with zeros
 template <typename T>
-inline f32x16 silu_mul16(f32x16 gate, f32x16 up, const T* type) {
-  return round16(gate / (exp16(-gate) + 1.0f), type) * up;
+inline f32xN silu_mul_lanes(f32xN gate, f32xN up, const T* type) {
+  return round_lanes(gate / (exp_lanes(-gate) + 1.0f), type) * up;
 }
 
 template <typename T>
 void silu_mul_rows(const T* gate_up, T* y, int64_t M, int64_t I) {
-  const int64_t I16 = I / 16 * 16;
+  const int64_t In = I / kLanes * kLanes;
   for (int64_t m = 0; m < M; ++m, gate_up += 2 * I, y += I) {
-    for (int64_t i = 0; i < I16; i += 16) store16(y + i, silu_mul16(load16(gate_up + i), load16(gate_up + I + i), y));
-    if (I16 < I) {
-      f32x16 gate = {}, up = {};
-      for (int64_t j = 0; I16 + j < I; ++j) gate[j] = float(gate_up[I16 + j]), up[j] = float(gate_up[I + I16 + j]);
-      const f32x16 out = silu_mul16(gate, up, y);
-      for (int64_t j = 0; I16 + j < I; ++j) y[I16 + j] = T(out[j]);
+    for (int64_t i = 0; i < In; i += kLanes)
+      store_lanes(y + i, silu_mul_lanes(loadN(gate_up + i), loadN(gate_up + I + i), y));
+    if (In < I) {
+      f32xN gate = {}, up = {};
+      for (int64_t j = 0; In + j < I; ++j) gate[j] = float(gate_up[In + j]), up[j] = float(gate_up[I + In + j]);
+      const f32xN out = silu_mul_lanes(gate, up, y);
+      for (int64_t j = 0; In + j < I; ++j) y[In + j] = T(out[j]);
     }
   }
 }
@@ -157,7 +155,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 template <typename T>
 void add_into(const T* a, const T* b, T* y, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) store16(y + i, load16(a + i) + load16(b + i));
+  for (; i + kLanes <= n; i += kLanes) store_lanes(y + i, loadN(a + i) + loadN(b + i));
   for (; i < n; ++i) y[i] = T(float(a[i]) + float(b[i]));
 }
 
@@ -494,19 +492,21 @@ void move_positions(at::TensorList caches, const at::Tensor& slots, const at::Te
 // reductions, each slow over a vocabulary: 8 rows of SmolLM2's 49152, AMD EPYC Zen 5, argmax 124 us,
 // logsumexp of 3 of them 75 us.
 void argmax_logsumexp_row(const float* x, int64_t V, int64_t* best, float* lse) {
+  using I = Lanes<f32xN>::i32;
   const float inf = std::numeric_limits<float>::infinity();
   const int64_t V16 = V / 16 * 16;
-  f32x16 top = splat16(-inf);
-  i32x16 at = {}, index = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  for (int64_t v = 0; v < V16; v += 16, index += 16) {  // per lane: the first of its largest
-    const f32x16 xv = load16(x + v);
+  f32xN top = splatN(-inf);
+  I at = {}, index = {};
+  for (int i = 0; i < kLanes; ++i) index[i] = i;
+  for (int64_t v = 0; v < V16; v += kLanes, index += kLanes) {  // per lane: the first of its largest
+    const f32xN xv = loadN(x + v);
     const auto above = xv > top;  // false for NaN
     top = above ? xv : top;
     at = above ? index : at;
   }
   float m = -inf;
   int64_t arg = 0;  // all -inf (or NaN): the first
-  for (int i = 0; i < 16; ++i)
+  for (int i = 0; i < kLanes; ++i)
     if (top[i] > m || (top[i] == m && at[i] < arg)) m = top[i], arg = at[i];
   for (int64_t v = V16; v < V; ++v)
     if (x[v] > m) m = x[v], arg = v;
@@ -515,12 +515,9 @@ void argmax_logsumexp_row(const float* x, int64_t V, int64_t* best, float* lse) 
     *lse = m;
     return;
   }
-  f32x16 sums = {};
-  for (int64_t v = 0; v < V16; v += 16) {
-    const f32x16 xv = load16(x + v);
-    sums += exp16((xv == xv ? xv : splat16(-inf)) - m);  // ~1e-38 below -87: nothing beside 1
-  }
-  float total = sum16(sums);
+  Sum16 sums;
+  for (int64_t v = 0; v < V16; v += 16) sums.add(x + v, [m](f32xN xv) { return exp_from(xv, m); });
+  float total = sums.total();
   for (int64_t v = V16; v < V; ++v)
     if (x[v] == x[v]) total += std::exp(x[v] - m);
   *lse = m + std::log(total);

@@ -91,7 +91,7 @@ void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f
 // MKL reads 18.2 (AMD EPYC, Zen 3, AVX2). So here each 16 lanes are summed as two halves of 8, in
 // registers, the same fused multiply-add per lane and k in the same order. 8 rows of x at a time:
 // 16 vectors of sums, the weights' 2 and the broadcast x are 19 for 16 registers, yet faster than
-// tiles that fit. All SmolLM2 products, Zen 3, 2 threads, taking turns, ms at 1 / 8 / 12 / 16 rows,
+// tiles that fit (in bf16 each half of the block goes alone from 4 rows: below). All SmolLM2 products, Zen 3, 2 threads, taking turns, ms at 1 / 8 / 12 / 16 rows,
 // tiles of 4, 6, 8 and 12 rows: float32 19.5 / 28.0 / 38.0 / 48.6, 19.4 / 26.0 / 29.6 / 39.7,
 // 18.7 / 22.6 / 30.5 / 43.7, 17.9 / 22.0 / 31.2 / 40.4; bfloat16 8 rows 54.3, 45.6, 40.2, 45.1.
 constexpr int kTileRows = 8;
@@ -103,13 +103,29 @@ void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f
     std::memcpy(&lo[m], &acc[m], sizeof lo[m]);
     std::memcpy(&hi[m], reinterpret_cast<const char*>(&acc[m]) + sizeof lo[m], sizeof hi[m]);
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const f32x8 wl = load8(w + k * kCols), wh = load8(w + k * kCols + 8);
-    if (next != nullptr) prefetch_l2(next + k * kCols);
-    for (int m = 0; m < MB; ++m) {
-      const f32x8 xv = splat8(float(x[m * ldx + k]));
-      lo[m] = fma8(xv, wl, lo[m]);
-      hi[m] = fma8(xv, wh, hi[m]);
+  if constexpr (MB < 4 || std::is_same_v<T, float>) {  // both halves at once: two chains of multiply-adds a row
+    for (int64_t k = 0; k < K; ++k) {
+      const f32x8 wl = load8(w + k * kCols), wh = load8(w + k * kCols + 8);
+      if (next != nullptr) prefetch_l2(next + k * kCols);
+      for (int m = 0; m < MB; ++m) {
+        const f32x8 xv = splat8(float(x[m * ldx + k]));
+        lo[m] = fma8(xv, wl, lo[m]);
+        hi[m] = fma8(xv, wh, hi[m]);
+      }
+    }
+  } else {
+    // a half at a time: MB sums, a weight and a broadcast in 16 registers, the block read again from L1.
+    // Both halves at once keep 16 sums, 2 weights and a broadcast, and GCC moved 3 sums through the
+    // stack at every k: all SmolLM2 bf16 products on 8 rows, Zen 3, 2 threads, taking turns, 20.88 ->
+    // 17.54 and 21.36 -> 18.71 ms (two runs). Not in float32: its 36 KB block is not in L1, 22.2 -> 29.3.
+    for (int64_t k = 0; k < K; ++k) {
+      const f32x8 wl = load8(w + k * kCols);
+      if (next != nullptr) prefetch_l2(next + k * kCols);
+      for (int m = 0; m < MB; ++m) lo[m] = fma8(splat8(float(x[m * ldx + k])), wl, lo[m]);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const f32x8 wh = load8(w + k * kCols + 8);
+      for (int m = 0; m < MB; ++m) hi[m] = fma8(splat8(float(x[m * ldx + k])), wh, hi[m]);
     }
   }
   for (int m = 0; m < MB; ++m) {

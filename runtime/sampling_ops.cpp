@@ -35,7 +35,7 @@
 
 #include <immintrin.h>
 
-#include "cpu_vectors.h"  // f32x16, load16, store16, exp16, sum16, max_of
+#include "cpu_vectors.h"  // f32xN, loadN, store_lanes, exp_lanes, Sum16, max_of
 
 namespace {
 
@@ -64,9 +64,12 @@ void top_k_top_p_row(float* y, int64_t V, int64_t k, float p, Scratch& s) {
   float* e = s.values.data();
   double total = 0;
   for (int64_t v = 0; v < V16; v += 16) {
-    const f32x16 ev = exp16(load16(y + v) - most);  // ~1e-38 for -inf: below the bound
-    store16(e + v, ev);
-    total += sum16(ev);
+    Sum16 ev;
+    for (int j = 0; j < 16 / kLanes; ++j) {
+      ev.part[j] = exp_lanes(loadN(y + v + j * kLanes) - most);  // ~1e-38 for -inf: below the bound
+      store_lanes(e + v + j * kLanes, ev.part[j]);
+    }
+    total += ev.total();
   }
   for (int64_t v = V16; v < V; ++v) total += e[v] = std::exp(y[v] - most);
   const float bound = static_cast<float>((1.0 - p) / (2.0 * V) * total);  // a probability times total
@@ -116,7 +119,7 @@ void top_k_top_p_(at::Tensor& logits, const at::Tensor& top_k, const at::Tensor&
 // distribution (its largest logit -inf or +inf) one-hot at its argmax, the first of equal maxima. Those
 // lines are six operations over the whole [B, T, V] (a softmax, a check that every value is finite, a
 // sum, an argmax, a scatter, a choice): 0.56 ms for 8 rows of SmolLM2's 49152 (AMD EPYC Zen 5), twice a
-// sampled step. Each row's exponentials are float32 (`exp16`) over a double sum.
+// sampled step. Each row's exponentials are float32 (`exp_lanes`) over a double sum.
 void probabilities_row(const float* x, float* p, int64_t V) {
   const float inf = std::numeric_limits<float>::infinity();
   const float most = max_of(x, V);
@@ -128,14 +131,17 @@ void probabilities_row(const float* x, float* p, int64_t V) {
   const int64_t V16 = V / 16 * 16;
   double total = 0;
   for (int64_t v = 0; v < V16; v += 16) {
-    const f32x16 xv = load16(x + v);
-    const f32x16 e = xv > -inf ? exp16(xv - most) : f32x16{};  // exp16 gives ~1e-38, not 0, at -inf
-    store16(p + v, e);
-    total += sum16(e);
+    Sum16 e;
+    for (int j = 0; j < 16 / kLanes; ++j) {
+      const f32xN xv = loadN(x + v + j * kLanes);
+      e.part[j] = xv > -inf ? exp_lanes(xv - most) : f32xN{};  // exp_lanes gives ~1e-38, not 0, at -inf
+      store_lanes(p + v + j * kLanes, e.part[j]);
+    }
+    total += e.total();
   }
   for (int64_t v = V16; v < V; ++v) total += p[v] = std::exp(x[v] - most);
   const float scale = static_cast<float>(1.0 / total);
-  for (int64_t v = 0; v < V16; v += 16) store16(p + v, load16(p + v) * scale);
+  for (int64_t v = 0; v < V16; v += kLanes) store_lanes(p + v, loadN(p + v) * scale);
   for (int64_t v = V16; v < V; ++v) p[v] *= scale;
 }
 

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <numeric>
 #include <tuple>
 #include <vector>
@@ -34,9 +33,8 @@ using namespace medusa_cpu;
 
 // The k largest of row x [V] under log_softmax, best first (ties: the lower index first; NaN never
 // before a number), in two passes: the max, then the sum of e^(x - max) and the running top k, which
-// a vector of 16 passes by with one comparison unless a lane beats the k-th so far.
+// 16 values pass by with a comparison a register unless a lane beats the k-th so far.
 void top_logp_row(const float* x, int64_t V, int64_t k, float* values, int64_t* indices) {
-  const float inf = std::numeric_limits<float>::infinity();
   const int64_t V16 = V / 16 * 16;
   const float m = max_of(x, V);
   int64_t count = 0;  // values[0 .. count) sorted, best first
@@ -51,19 +49,18 @@ void top_logp_row(const float* x, int64_t V, int64_t k, float* values, int64_t* 
     values[at] = xv, indices[at] = v;
     count = std::min(count + 1, k);
   };
-  f32x16 sums = {};
+  Sum16 sums;
   for (int64_t v = 0; v < V16; v += 16) {
-    const f32x16 xv = load16(x + v);
-    sums += exp16((xv == xv ? xv : splat16(-inf)) - m);  // ~1e-38 below -87: nothing beside 1
+    sums.add(x + v, [m](f32xN xv) { return exp_from(xv, m); });
     bool any = count < k;
-    if (!any) {
-      const auto beats = xv > splat16(values[k - 1]);
-      for (int i = 0; i < 16; ++i) any |= beats[i] != 0;
+    for (int j = 0; j < 16 / kLanes && !any; ++j) {
+      const auto beats = loadN(x + v + j * kLanes) > splatN(values[k - 1]);
+      for (int i = 0; i < kLanes; ++i) any |= beats[i] != 0;
     }
     if (any)
       for (int i = 0; i < 16; ++i) offer(v + i);
   }
-  float total = sum16(sums);
+  float total = sums.total();
   for (int64_t v = V16; v < V; ++v) {
     if (x[v] == x[v]) total += std::exp(x[v] - m);
     offer(v);
