@@ -91,8 +91,8 @@ void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f
 // MKL reads 18.2 (AMD EPYC, Zen 3, AVX2). So here each 16 lanes are summed as two halves of 8, in
 // registers, the same fused multiply-add per lane and k in the same order. 8 rows of x at a time:
 // 16 vectors of sums, the weights' 2 and the broadcast x are 19 for 16 registers, yet faster than
-// tiles that fit (in bf16 each half of the block goes alone from 4 rows: below). All SmolLM2 products, Zen 3, 2 threads, taking turns, ms at 1 / 8 / 12 / 16 rows,
-// tiles of 4, 6, 8 and 12 rows: float32 19.5 / 28.0 / 38.0 / 48.6, 19.4 / 26.0 / 29.6 / 39.7,
+// tiles that fit (in bf16 each half of the block goes alone from 4 rows: below). All SmolLM2
+// products, Zen 3, 2 threads, taking turns, ms at 1 / 8 / 12 / 16 rows, tiles of 4, 6, 8 and 12 rows: float32 19.5 / 28.0 / 38.0 / 48.6, 19.4 / 26.0 / 29.6 / 39.7,
 // 18.7 / 22.6 / 30.5 / 43.7, 17.9 / 22.0 / 31.2 / 40.4; bfloat16 8 rows 54.3, 45.6, 40.2, 45.1.
 constexpr int kTileRows = 8;
 
