@@ -208,7 +208,14 @@ void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* 
   // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
   // tiny one is done before a second thread would have started.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, block * int64_t(sizeof(T))));
-  const bool prefetch = M >= 4;  // fewer rows read faster on the hardware's prefetch alone (prefetch_l2)
+  // fewer rows read faster on the hardware's prefetch alone (prefetch_l2), except bf16 without AVX-512:
+  // all SmolLM2 bf16 products on one row, Zen 3, 2 threads, taking turns, 11.81 -> 10.46 ms with it
+  // (float32 22.74 -> 25.11)
+#if defined(__AVX512F__)
+  const bool prefetch = M >= 4;
+#else
+  const bool prefetch = M >= 4 || sizeof(T) == 2;
+#endif
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i * kCols;
