@@ -6,8 +6,9 @@
 // one stream through memory, in which one vector holds the 16 rows' weights at the same k (a pair of
 // k in bf16, which vdpbf16ps multiplies at once). So a vector of sums is 16 outputs, each lane its
 // own: a row of x, broadcast one k (or pair) at a time, multiplies a whole block with no horizontal
-// additions, and the outputs are stored 16 at a time. Up to 16 rows of x go through a block at once,
-// each with its own vector of sums in a register; blocks split among threads.
+// additions, and the outputs are stored 16 at a time. A tile of rows of x (up to 16 with AVX-512, 6
+// or 8 without) goes through a block at once, each with its own vector of sums in a register; blocks
+// split among threads.
 //
 // Before, a vector held 16 (or 32) k of one weight row, and each output was a horizontal sum of
 // its lanes: with few k per row (SmolLM2's 576) those sums cost as much as the products from 8
@@ -72,16 +73,32 @@ inline void prefetch_l2(const T* p) {
   __builtin_prefetch(p, 0, 2);
 }
 
+// One tile's share of the next block: at its k-th step a tile of T fetches the line at k / T of its
+// share (a line T steps in a row: the 2nd to the T-th cost a load each and fetch nothing), so the T
+// tiles of a block read the next block while all of them run, not only while the first does. All
+// SmolLM2 products, Zen 3, 2 threads, taking turns, against the first tile fetching all of it: float32
+// 12 rows 40.18 -> 31.00 ms, 16 rows 52.20 -> 41.26; bf16 8 rows 19.95 -> 18.00, 12 rows no change.
+struct NextBlock {
+  const char* share;  // null: nothing to fetch
+  int64_t bytes;  // on from `share` per step: the bytes a step of k reads / T
+  void at(int64_t k) const {
+    if (share != nullptr) prefetch_l2(share + k * bytes);
+  }
+};
+
 // acc[m] += x[m] . (the block's rows), lane r being row r, for MB rows of x (ldx apart); prefetches
-// the next block unless `next` is null. Each lane is one sum over k in order: the same for any MB.
+// its share of the next block (`NextBlock`). Each lane is one sum over k in order: the same for any MB.
 #if defined(__AVX512F__)
-constexpr int kTileRows = 16;  // rows of x through a block at once: 16 vectors of sums, of 32 registers
+// rows of x through a block at once: 16 vectors of sums, of 32 registers (kTileRows: float32 on up
+// to that many rows; kSplitRows: the rest, below)
+constexpr int kTileRows = 16;
+constexpr int kSplitRows = 16;
 
 template <int MB, typename X, typename T>
-void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16* acc) {
+void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, NextBlock next, f32x16* acc) {
   for (int64_t k = 0; k < K; ++k) {
     const f32x16 wv = load16(w + k * kCols);
-    if (next != nullptr) prefetch_l2(next + k * kCols);
+    next.at(k);
     for (int m = 0; m < MB; ++m) acc[m] = fma16(splat16(float(x[m * ldx + k])), wv, acc[m]);
   }
 }
@@ -89,43 +106,33 @@ void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f
 // Without AVX-512 GCC has no register for a 16-lane vector and keeps each in memory, copied piece by
 // piece at every use: the loop above read SmolLM2's float32 products at 4.3 GB/s on one row where
 // MKL reads 18.2 (AMD EPYC, Zen 3, AVX2). So here each 16 lanes are summed as two halves of 8, in
-// registers, the same fused multiply-add per lane and k in the same order. 8 rows of x at a time:
-// 16 vectors of sums, the weights' 2 and the broadcast x are 19 for 16 registers, yet faster than
-// tiles that fit (in bf16 each half of the block goes alone from 4 rows: below). All SmolLM2
-// products, Zen 3, 2 threads, taking turns, ms at 1 / 8 / 12 / 16 rows, tiles of 4, 6, 8 and 12 rows: float32 19.5 / 28.0 / 38.0 / 48.6, 19.4 / 26.0 / 29.6 / 39.7,
-// 18.7 / 22.6 / 30.5 / 43.7, 17.9 / 22.0 / 31.2 / 40.4; bfloat16 8 rows 54.3, 45.6, 40.2, 45.1.
+// registers, the same fused multiply-add per lane and k in the same order.
+//
+// A tile has at most 6 rows of x: 12 vectors of sums, the weights' 2 and the broadcast x fit in 16
+// registers, and the multiply-adds run near the core's rate (one thread, float32, blocks in L2, Zen 3:
+// 84-92 GFLOP/s 6 rows at a time, 53 with 8, whose 16 sums spill; the peak is 95). All SmolLM2 bf16
+// products, Zen 3, 2 threads, taking turns, tiles of at most 6 against one tile of up to 8 summed a
+// half of the block at a time (8 sums in registers): 4 rows 24.56 -> 18.42 ms, 6 rows 24.36 -> 16.66,
+// 8 rows (4 + 4) 19.46 -> 16.91, 16 rows (6 + 5 + 5) 55.80 -> 46.56. Only float32 on up to 8 rows
+// stays one tile, sums spilled: its 36 KB block does not stay in L1 for a second tile (8 rows as
+// 4 + 4, 35.96 -> 40.19 ms), and the products there take what reading the weights takes.
 constexpr int kTileRows = 8;
+constexpr int kSplitRows = 6;
 
 template <int MB, typename X, typename T>
-void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f32x16* acc) {
+void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, NextBlock next, f32x16* acc) {
   f32x8 lo[MB], hi[MB];
   for (int m = 0; m < MB; ++m) {
     std::memcpy(&lo[m], &acc[m], sizeof lo[m]);
     std::memcpy(&hi[m], reinterpret_cast<const char*>(&acc[m]) + sizeof lo[m], sizeof hi[m]);
   }
-  if constexpr (MB < 4 || std::is_same_v<T, float>) {  // both halves at once: two chains of multiply-adds a row
-    for (int64_t k = 0; k < K; ++k) {
-      const f32x8 wl = load8(w + k * kCols), wh = load8(w + k * kCols + 8);
-      if (next != nullptr) prefetch_l2(next + k * kCols);
-      for (int m = 0; m < MB; ++m) {
-        const f32x8 xv = splat8(float(x[m * ldx + k]));
-        lo[m] = fma8(xv, wl, lo[m]);
-        hi[m] = fma8(xv, wh, hi[m]);
-      }
-    }
-  } else {
-    // a half at a time: MB sums, a weight and a broadcast in 16 registers, the block read again from L1.
-    // Both halves at once keep 16 sums, 2 weights and a broadcast, and GCC moved 3 sums through the
-    // stack at every k: all SmolLM2 bf16 products on 8 rows, Zen 3, 2 threads, taking turns, 20.88 ->
-    // 17.54 and 21.36 -> 18.71 ms (two runs). Not in float32: its 36 KB block is not in L1, 22.2 -> 29.3.
-    for (int64_t k = 0; k < K; ++k) {
-      const f32x8 wl = load8(w + k * kCols);
-      if (next != nullptr) prefetch_l2(next + k * kCols);
-      for (int m = 0; m < MB; ++m) lo[m] = fma8(splat8(float(x[m * ldx + k])), wl, lo[m]);
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      const f32x8 wh = load8(w + k * kCols + 8);
-      for (int m = 0; m < MB; ++m) hi[m] = fma8(splat8(float(x[m * ldx + k])), wh, hi[m]);
+  for (int64_t k = 0; k < K; ++k) {
+    const f32x8 wl = load8(w + k * kCols), wh = load8(w + k * kCols + 8);
+    next.at(k);
+    for (int m = 0; m < MB; ++m) {
+      const f32x8 xv = splat8(float(x[m * ldx + k]));
+      lo[m] = fma8(xv, wl, lo[m]);
+      hi[m] = fma8(xv, wh, hi[m]);
     }
   }
   for (int m = 0; m < MB; ++m) {
@@ -137,12 +144,12 @@ void accumulate(const X* x, int64_t ldx, const T* w, int64_t K, const T* next, f
 
 #if defined(__AVX512BF16__)
 template <int MB>
-void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int64_t K, const c10::BFloat16* next,
+void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int64_t K, NextBlock next,
                 f32x16* acc) {
   const int64_t KP = paired<c10::BFloat16>(K);
   for (int64_t k = 0; k < KP; k += 2) {
     const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k * kCols);
-    if (next != nullptr) prefetch_l2(next + k * kCols);
+    next.at(k / 2);  // the k-th pair
     for (int m = 0; m < MB; ++m) {
       int32_t pair;  // x[m, k] and x[m, k + 1], in every lane
       std::memcpy(&pair, x + m * ldx + k, sizeof pair);
@@ -158,20 +165,25 @@ void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int
 
 // out[m, r] = x[m] . w[r] + bias[r] for m < MB and the block's 16 rows r
 template <int MB, typename X, typename T>
-void product_tile(const X* x, int64_t K, const T* w, const T* bias, const T* next, T* out, int64_t ldo) {
+void product_tile(const X* x, int64_t K, const T* w, const T* bias, NextBlock next, T* out, int64_t ldo) {
   f32x16 acc[MB] = {};
   accumulate<MB>(x, K, w, K, next, acc);
   for (int m = 0; m < MB; ++m) store16(out + m * ldo, bias == nullptr ? acc[m] : acc[m] + load16(bias));
 }
 
-// A block against the M rows of x, kTileRows at a time: the 16 sums of each in registers
+// A block against the M rows of x, in tiles of rows: the 16 sums of each in registers
 template <typename X, typename T>
 void product_block(const X* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next, T* out, int64_t ldo) {
-  for (int64_t m = 0; m < M; m += kTileRows) {
-    const T* pf = m == 0 ? next : nullptr;
+  const int64_t most = std::is_same_v<T, float> && M <= kTileRows ? kTileRows : kSplitRows;  // rows a tile
+  const int tiles = int((M + most - 1) / most);
+  const int64_t step = kCols * kPair<T> * int64_t(sizeof(T)), steps = (K + kPair<T> - 1) / kPair<T>;
+  const int64_t share = (steps + tiles - 1) / tiles * step;  // bytes of the next block a tile fetches
+  for (int64_t tile = 0, m = 0, rows = 0; tile < tiles; ++tile, m += rows) {
+    rows = (M - m + (tiles - tile) - 1) / (tiles - tile);  // the rows left, evenly over the tiles left
+    const NextBlock pf{next == nullptr ? nullptr : reinterpret_cast<const char*>(next) + tile * share, step / tiles};
     const X* xm = x + m * K;
     T* o = out + m * ldo;
-    switch (std::min<int64_t>(kTileRows, M - m)) {
+    switch (rows) {
       case 16: product_tile<16>(xm, K, w, bias, pf, o, ldo); break;
       case 15: product_tile<15>(xm, K, w, bias, pf, o, ldo); break;
       case 14: product_tile<14>(xm, K, w, bias, pf, o, ldo); break;
