@@ -80,20 +80,6 @@ inline f32x16 dot_lanes(const c10::BFloat16* q, const c10::BFloat16* k, int64_t 
 }
 #endif
 
-#if !defined(__AVX512F__)
-// q . k as widened_dot_lanes' 16 lanes, held as two halves of 8 (a 16-lane vector has no register
-// without AVX-512: cpu_vectors.h), and added up as sum16 adds them: the same bits
-template <typename Q, typename T>
-inline float dot8x2(const Q* q, const T* k, int64_t D) {
-  f32x8 lo = {}, hi = {};
-  for (int64_t d = 0; d < D; d += 16) {
-    lo += load8(q + d) * load8(k + d);
-    hi += load8(q + d + 8) * load8(k + d + 8);
-  }
-  return sum8x2(lo, hi);
-}
-#endif
-
 inline float exp1(float x) {  // exp_lanes of one value: the same bits as in a vector
   f32xN v = {};
   v[0] = x;
@@ -102,6 +88,62 @@ inline float exp1(float x) {  // exp_lanes of one value: the same bits as in a v
 
 constexpr int kTile = 4;  // query rows whose outputs (D floats each) stay in registers together
 constexpr int kMaxD = 256;
+
+#if !defined(__AVX512F__)
+// p[r * n16 + s] = q_r . k_s * scale for N rows and the n keys: widened_dot_lanes' 16 lanes held as two
+// halves of 8 (a 16-lane vector has no register without AVX-512: cpu_vectors.h) and added up as sum16
+// adds them, the same bits. The N rows share each key's loads (in bf16 its widening too): 2N sums, 2
+// key halves and a query's load in 16 registers, and a tree's rows add up 8 keys' lanes at once
+// (sum8x8). A tree of 8 nodes over 300 keys, SmolLM2's 9 / 3 heads of 64, AMD EPYC (Zen 3), one
+// thread, old and new code taking turns in one process (rows alone, each key's sum by sum8x2): bf16
+// 310.5 -> 238.8 us and 404.9 -> 312.8, float32 268.6 -> 251.9 and 325.4 -> 304.5; 2 threads, bf16
+// 209.1 -> 163.7. One token's rows go alone (a task each) as before, at the same speed.
+constexpr int kScoreRows = 4;
+
+// sum8 of 8 keys' lanes at once: lane j of the result is sum8(a[j]) (a[j] = lo_j + hi_j: sum8x2), bit for
+// bit (the same additions, in the same order), in 7 vector additions instead of 8 x 3 with extractions
+inline f32x8 sum8x8(const f32x8* a) {
+  f32x8 b[4], c[2];
+  for (int i = 0; i < 4; ++i)  // lanes 0-3: a[2i]'s j + (j + 4); lanes 4-7: a[2i + 1]'s
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)  // per key, lane 0 + lane 2 and lane 1 + lane 3 of its four
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+template <int N, typename T>
+inline void score_rows(const float (*q)[kMaxD], const T* K, int64_t D, int64_t n, float scale, float* p, int64_t n16) {
+  auto lanes = [&](int64_t s, f32x8* a, int64_t stride) {  // a[r * stride] = lo + hi of row r's dot with key s
+    const T* k = K + s * D;
+    f32x8 lo[N] = {}, hi[N] = {};
+    for (int64_t d = 0; d < D; d += 16) {
+      const f32x8 kl = load8(k + d), kh = load8(k + d + 8);
+      for (int r = 0; r < N; ++r) {
+        lo[r] += load8(q[r] + d) * kl;
+        hi[r] += load8(q[r] + d + 8) * kh;
+      }
+    }
+    for (int r = 0; r < N; ++r) a[r * stride] = lo[r] + hi[r];
+  };
+  int64_t s = 0;
+  for (; N > 1 && s + 8 <= n; s += 8) {  // 8 keys' sums added up at once (for one row no faster)
+    f32x8 a[N][8];
+    for (int j = 0; j < 8; ++j) lanes(s + j, &a[0][j], 8);
+    for (int r = 0; r < N; ++r) {
+      const f32x8 scores = sum8x8(a[r]) * scale;
+      std::memcpy(p + r * n16 + s, &scores, sizeof scores);
+    }
+  }
+  for (; s < n; ++s) {
+    f32x8 a[N];
+    lanes(s, a, 1);
+    for (int r = 0; r < N; ++r) p[r * n16 + s] = sum8(a[r]) * scale;
+  }
+}
+#endif
 
 // out_r += w_r * v for the rows of a tile (w: one weight per row, v: D values, out: kCols vectors a row)
 template <int kCols, typename T>
@@ -197,11 +239,18 @@ void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0
   // same sums): a tree of 8 over 400 keys 72.5 -> 62.5 us, head dim 128 88.3 -> 73.4 (bf16, AMD EPYC
   // (Zen 5), taking turns in one process)
 #if !defined(__AVX512F__)
-  for (int64_t i = 0; i < R; ++i) {  // key by key, each sum in registers (dot8x2): the same bits
-    float q[kMaxD];  // the query widened once (exactly), not at every key
-    for (int64_t d = 0; d < D; ++d) q[d] = float(query(r0 + i)[d]);
+  for (int64_t i = 0; i < R; i += kScoreRows) {  // key by key, kScoreRows rows sharing each key's loads
+    float q[kScoreRows][kMaxD];  // the queries widened once (exactly), not at every key
+    const int rows = int(std::min<int64_t>(kScoreRows, R - i));
+    for (int j = 0; j < rows; ++j)
+      for (int64_t d = 0; d < D; ++d) q[j][d] = float(query(r0 + i + j)[d]);
     float* p = scores.data() + i * n16;
-    for (int64_t s = 0; s < n; ++s) p[s] = dot8x2(q, K + s * D, D) * a.scale;
+    switch (rows) {
+      case 4: score_rows<4>(q, K, D, n, a.scale, p, n16); break;
+      case 3: score_rows<3>(q, K, D, n, a.scale, p, n16); break;
+      case 2: score_rows<2>(q, K, D, n, a.scale, p, n16); break;
+      default: score_rows<1>(q, K, D, n, a.scale, p, n16); break;
+    }
   }
 #else
   int64_t i = 0;
@@ -319,11 +368,11 @@ void attend_all(const AttentionOperands<T>& a, int64_t B) {
 #if defined(__AVX512F__)
   constexpr int64_t kTask = kTile;  // rows of a task: a tile, whose rows share each key's loads
 #else
-  // a row, which shares nothing with the others here (dot8x2, weigh_prefix's kMost), so that a token's
-  // 3 rows a KV head are 9 tasks for two threads, not 3. Its attention over 300 keys, bf16, Zen 3, 2
-  // threads, taking turns: 31.1 -> 27.8 us with the query widened once (dot8x2's caller), -> 24.0
-  // with this too (30.2 before both in that run; a tree of 8 nodes 161.0 -> 142.1; float32 27.3 -> 24.4)
-  constexpr int64_t kTask = 1;
+  // a token's: a row, so that its 3 rows a KV head are 9 tasks for two threads, not 3. Its attention
+  // over 300 keys, bf16, Zen 3, 2 threads, taking turns: 31.1 -> 27.8 us with the query widened once
+  // (score_rows' caller), -> 24.0 with this too (30.2 before both in that run; float32 27.3 -> 24.4).
+  // A tree's: score_rows' rows, which share each key's loads (the tree's 24 rows a KV head: 18 tasks).
+  const int64_t kTask = a.T_new == 1 ? 1 : kScoreRows;
 #endif
   const int64_t tiles = (R + kTask - 1) / kTask;  // tasks of kTask rows: a tree's work splits among threads
   int64_t pairs = 0;  // query-key pairs of the whole call

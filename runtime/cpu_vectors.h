@@ -135,11 +135,15 @@ inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // fma16's instruction on 8 lane
 #endif
 }
 
-// sum16 of the 16 lanes lo then hi, bit for bit: the same additions in the same order
-inline float sum8x2(f32x8 lo, f32x8 hi) {
-  const f32x8 a = lo + hi;
+// sum16's last steps, on the 8 lanes its first addition leaves
+inline float sum8(f32x8 a) {
   const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// sum16 of the 16 lanes lo then hi, bit for bit: the same additions in the same order
+inline float sum8x2(f32x8 lo, f32x8 hi) {
+  return sum8(lo + hi);
 }
 
 inline float sum16(f32x16 v) {  // halves added pairwise: 4 vector adds, not 15 scalar ones
