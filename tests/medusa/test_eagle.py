@@ -189,11 +189,10 @@ def test_an_official_eagle_checkpoint_of_another_shape_is_refused(model, tmp_pat
 
 @pytest.mark.parametrize("kind", ["eagle", "heads"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_loaded_drafter_multiplies_like_its_base_model_in_bf16_and_through_mkl_in_fp32(model, tmp_path,
-                                                                                          dtype, kind):
-    """Drafter products, its projection's too, follow the base model's measured answers in bf16: through
-    oneDNN's packed copies from its rows, through our kernel up to its rows (the copies, taken at load,
-    give what the weights give); in float32 they stay with MKL."""
+def test_a_loaded_drafter_multiplies_like_its_base_model(model, tmp_path, dtype, kind):
+    """Drafter products, its projection's too, follow the base model's measured answers in either dtype:
+    through oneDNN's packed copies from its rows, through our kernel up to its rows (the copies, taken at
+    load, give what the weights give)."""
     base = ours_from_hf(tiny_hf_model("llama")).to(dtype).prepare_for_serving(1, own_kernel_rows=3)
     if not base.lm_head.packable:
         pytest.skip(f"this CPU does not multiply {dtype} through oneDNN")
@@ -203,9 +202,9 @@ def test_a_loaded_drafter_multiplies_like_its_base_model_in_bf16_and_through_mkl
     else:
         save_heads(random_heads(MedusaConfig(C, V, path_input=True, draft_vocab_size=40), seed=0), tmp_path)
     drafter = load_drafter(tmp_path, base.config, base.lm_head, dtype=dtype)
-    own_rows = base.lm_head.own_kernel_rows if dtype == torch.bfloat16 else 0  # 0 where ours is not built
+    own_rows = base.lm_head.own_kernel_rows  # 0 where ours is not built
     linears = [m for m in drafter.modules() if isinstance(m, Linear)]
-    assert all((m.packed_weight is not None) == (dtype == torch.bfloat16) for m in linears)
+    assert all(m.packed_weight is not None for m in linears)
     assert all(m.own_kernel_rows == own_rows for m in linears)
     drafter.project(torch.randn(1, C).to(dtype), base.lm_head)
     if dtype == torch.bfloat16:
