@@ -233,16 +233,6 @@ template <int kD, typename T>
 inline void weigh_prefix(f32x16 (*out)[kD / 16], const float* p, int64_t n16, int rows, int64_t len, const T* V) {
 #if defined(__AVX512F__)
   constexpr int kMost = kD <= 64 ? 4 : kD <= 128 ? 2 : 1;  // rows whose sums fill 16 of 32 registers
-#else
-  if (rows > 1) {
-    switch (rows) {
-      case 4: weigh_prefix_columns<kD, 4>(out, p, n16, len, V); return;
-      case 3: weigh_prefix_columns<kD, 3>(out, p, n16, len, V); return;
-      default: weigh_prefix_columns<kD, 2>(out, p, n16, len, V); return;
-    }
-  }
-  constexpr int kMost = 1;  // a row's sums of 64 lanes fill 8 of 16 registers
-#endif
   int r = 0;
   for (; r + kMost <= rows; r += kMost) weigh_prefix_rows<kD, kMost>(out + r, p + r * n16, n16, len, V);
   switch (rows - r) {  // the rest: 0 .. kMost - 1 rows
@@ -251,6 +241,15 @@ inline void weigh_prefix(f32x16 (*out)[kD / 16], const float* p, int64_t n16, in
     case 1: weigh_prefix_rows<kD, 1>(out + r, p + r * n16, n16, len, V); break;
     default: break;
   }
+#else
+  switch (rows) {  // a token's row alone (its sums of 64 lanes fill 8 of 16 registers), a tree's together
+    case 4: weigh_prefix_columns<kD, 4>(out, p, n16, len, V); break;
+    case 3: weigh_prefix_columns<kD, 3>(out, p, n16, len, V); break;
+    case 2: weigh_prefix_columns<kD, 2>(out, p, n16, len, V); break;
+    case 1: weigh_prefix_rows<kD, 1>(out, p, n16, len, V); break;
+    default: break;
+  }
+#endif
 }
 
 // Rows [r0, r1) of the G * T query rows of sequence b's KV head h (row r: query head h * G + r / T,
