@@ -319,20 +319,24 @@ SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 def default_tree(device: str, dtype: str = "float32", drafter: str = "heads") -> str:
     """The shipped tree calibrated for a drafter ('heads' or the 'eagle' layer), a device and
     the weights' dtype. Heads: 'gpu' on CUDA; on the CPU 'dynamic-cpu-bf16' for bfloat16 weights,
-    else 'cpu'. Each was measured in its dtype (NAME.calibration.json): on the AMX Xeon, generating in
-    bf16, static trees of 8 nodes gave 68.9 tok/s, 12 68.4, 16 62.9, 32 54.3, so the CPU trees have 8
-    nodes. In bf16 the heads' dynamic tree of 8 nodes, grown 2 levels deep, accepts more than the
-    static 'cpu-bf16' at the same cost of verification (2.29 against 2.13 tokens per step): AMD EPYC,
-    10 prompts, calibrations of each taking turns three times, 163.1 / 161.1 / 151.7 tok/s against
-    149.9 / 157.9 / 144.6 (grown 4 levels deep, its drafting cost more than it gained). The draft
-    layer: 'eagle-gpu' on CUDA; on the CPU its dynamic tree 'eagle-dynamic-cpu' (12 nodes, 4 levels):
-    63.4 tok/s in its calibration against 59.9 for the best static tree ('eagle-cpu', 8 nodes), and
-    1.37x plain decoding against 1.27x on 40 prompts (README)."""
+    else 'dynamic-cpu' (the same shape, calibrated in float32). Each was measured in its dtype
+    (NAME.calibration.json): on the AMX Xeon, generating in bf16, static trees of 8 nodes gave 68.9
+    tok/s, 12 68.4, 16 62.9, 32 54.3, so the CPU trees have 8 nodes. In bf16 the heads' dynamic tree
+    of 8 nodes, grown 2 levels deep, accepts more than the static 'cpu-bf16' at the same cost of
+    verification (2.29 against 2.13 tokens per step): AMD EPYC, 10 prompts, calibrations of each
+    taking turns three times, 163.1 / 161.1 / 151.7 tok/s against 149.9 / 157.9 / 144.6 (grown 4
+    levels deep, its drafting cost more than it gained). In float32 the two tied on Zen 5 then; on
+    Zen 3, with the code of 2026-12-04, the dynamic tree won against the static 'cpu', the engines
+    taking turns prompt by prompt: 1.591x plain against 1.510x on 20 prompts (2.22 against 2.09
+    tokens per step), 1.612x against 1.539x on 40 (2.23 against 2.12). The draft layer: 'eagle-gpu'
+    on CUDA; on the CPU its dynamic tree 'eagle-dynamic-cpu' (12 nodes, 4 levels): 63.4 tok/s in its
+    calibration against 59.9 for the best static tree ('eagle-cpu', 8 nodes), and 1.37x plain
+    decoding against 1.27x on 40 prompts (README)."""
     if drafter == "eagle":
         return "eagle-gpu" if device.startswith("cuda") else "eagle-dynamic-cpu"
     if device.startswith("cuda"):
         return "gpu"
-    return "dynamic-cpu-bf16" if dtype == "bfloat16" else "cpu"
+    return "dynamic-cpu-bf16" if dtype == "bfloat16" else "dynamic-cpu"
 
 
 def tree_names() -> list[str]:

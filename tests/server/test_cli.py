@@ -110,7 +110,7 @@ def test_the_embedded_model_gets_the_shipped_heads_and_the_chat_template(model, 
 
 
 def test_the_default_tree_is_the_one_shipped_for_the_device():
-    assert settings_from([], {}).tree_for("float32") == "cpu"
+    assert settings_from([], {}).tree_for("float32") == "dynamic-cpu"
     assert settings_from([], {}).tree_for("bfloat16") == "dynamic-cpu-bf16"
     assert settings_from(["--device", "cuda:1"], {}).tree_for("bfloat16") == "gpu"
     assert settings_from(["--device", "cuda", "--tree", "chain"], {}).tree_for("bfloat16") == "chain"
