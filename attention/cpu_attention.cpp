@@ -170,7 +170,7 @@ inline void add_weighted(f32x16 (*out)[kCols], const float* w, int rows, const T
 template <typename T>
 inline void add_weighted_row(f32x16* out, float w, const T* v, int64_t D) {
 #if defined(__AVX512F__)
-  add_weighted<1>(reinterpret_cast<f32x16(*)[1]>(out), &w, 1, v, D);  // (one 16-lane vector at a time)
+  for (int64_t d = 0; d < D; d += 16) out[d / 16] = fma16(splat16(w), load16(v + d), out[d / 16]);
 #else
   float* o = reinterpret_cast<float*>(out);
   const f32x8 wv = splat8(w);
