@@ -167,10 +167,10 @@ inline void add_weighted(f32x16 (*out)[kCols], const float* w, int rows, const T
 // row's output on AVX2 no longer go through 16-lane vectors that GCC copies piece by piece: a tree of 8
 // over 300 keys, Zen 3, 2 threads, taking turns, same bits: float32 104.9 -> 86.6 us, bf16 97.8 ->
 // 85.7; over 30 keys 37.8 -> 27.4 and 46.6 -> 30.9
-template <typename T>
-inline void add_weighted_row(f32x16* out, float w, const T* v, int64_t D) {
+template <int kCols, typename T>
+inline void add_weighted_row(f32x16 (&out)[kCols], float w, const T* v, int64_t D) {
 #if defined(__AVX512F__)
-  for (int64_t d = 0; d < D; d += 16) out[d / 16] = fma16(splat16(w), load16(v + d), out[d / 16]);
+  add_weighted(&out, &w, 1, v, D);
 #else
   float* o = reinterpret_cast<float*>(out);
   const f32x8 wv = splat8(w);
