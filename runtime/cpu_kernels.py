@@ -69,7 +69,7 @@ _library.define("accept_greedy(Tensor candidates, Tensor best, Tensor parents, T
 _library.define("draft_layer(Tensor features, Tensor embeds, Tensor positions, Tensor mask, Tensor? past_k, "
                 "Tensor? past_v, Tensor? at, Tensor fc_w, Tensor? fc_b, Tensor? attn_norm, Tensor qkv_w, "
                 "Tensor o_w, Tensor mlp_norm, Tensor gate_up_w, Tensor down_w, Tensor inv_freq, float eps, "
-                "int num_heads, int num_kv_heads) -> (Tensor, Tensor, Tensor)")
+                "int num_heads, int num_kv_heads, int queries) -> (Tensor, Tensor, Tensor)")
 _library.define("heads_draft(Tensor hidden, Tensor roots, Tensor embed, Tensor[] fuse_w, Tensor[] fuse_b, "
                 "Tensor[] block_w, Tensor[] block_b, Tensor proj_w, Tensor? draft_vocab, int topk, "
                 "int depth) -> (Tensor, Tensor, Tensor, Tensor)")

@@ -319,7 +319,7 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
                     const std::optional<at::Tensor>& attn_norm, const at::Tensor& qkv_w, const at::Tensor& o_w,
                     const at::Tensor& mlp_norm, const at::Tensor& gate_up_w, const at::Tensor& down_w,
                     const at::Tensor& inv_freq, float eps, int64_t H, at::Tensor& out) {
-  const int64_t B = features.size(0), S = features.size(1), C = features.size(2), M = B * S;
+  const int64_t B = features.size(0), S = features.size(1), C = features.size(2), M = B * S, Q = out.size(1);
   const int64_t Hkv = k.size(1), K = k.size(2), D = k.size(3), I = down_w.size(1), QKV = (H + 2 * Hkv) * D;
   const auto opts = features.options();
   at::Tensor pairs = at::empty({M, 2 * C}, opts), x = at::empty({M, C}, opts), h = at::empty({M, C}, opts);
@@ -366,31 +366,46 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
         std::memcpy(kp + key, qkp + (m * (H + Hkv) + H + g) * D, D * sizeof(T));
         std::memcpy(vp + key, qkvp + m * QKV + (H + Hkv + g) * D, D * sizeof(T));
       }
+  // past the keys, only the last Q pairs of each row (those whose guesses are read) go on: moved to the
+  // front, row after row, with their masks, so the rest runs on MQ rows
+  const bool* sees = mask.const_data_ptr<bool>();
+  at::Tensor some_sees;
+  if (Q < S) {
+    some_sees = at::empty({B, Q, K}, mask.options());
+    bool* ssp = some_sees.mutable_data_ptr<bool>();
+    for (int64_t b = 0; b < B; ++b) {
+      std::memmove(qkp + b * Q * (H + Hkv) * D, qkp + (b * S + S - Q) * (H + Hkv) * D, Q * (H + Hkv) * D * sizeof(T));
+      std::memmove(xp + b * Q * C, xp + (b * S + S - Q) * C, Q * C * sizeof(T));
+      std::memcpy(ssp + b * Q * K, sees + (b * S + S - Q) * K, Q * K * sizeof(bool));
+    }
+    sees = ssp;
+  }
+  const int64_t MQ = B * Q;
   T* ap = attn.mutable_data_ptr<T>();
   masked_attention(static_cast<const T*>(qkp), (H + Hkv) * D, static_cast<const T*>(kp), static_cast<const T*>(vp),
-                   mask.const_data_ptr<bool>(), ap, B, S, K, H, Hkv, D);
+                   sees, ap, B, Q, K, H, Hkv, D);
   T* prp = proj.mutable_data_ptr<T>();
-  rows_product_of(static_cast<const T*>(ap), M, o_w.const_data_ptr<T>(), C, H * D, static_cast<const T*>(nullptr), prp);
-  add_into(static_cast<const T*>(xp), static_cast<const T*>(prp), xp, M * C);
-  rms_norm_rows(static_cast<const T*>(xp), mlp_norm.const_data_ptr<T>(), hp, M, C, eps);
-  rows_product_of(static_cast<const T*>(hp), M, gate_up_w.const_data_ptr<T>(), 2 * I, C, static_cast<const T*>(nullptr),
+  rows_product_of(static_cast<const T*>(ap), MQ, o_w.const_data_ptr<T>(), C, H * D, static_cast<const T*>(nullptr), prp);
+  add_into(static_cast<const T*>(xp), static_cast<const T*>(prp), xp, MQ * C);
+  rms_norm_rows(static_cast<const T*>(xp), mlp_norm.const_data_ptr<T>(), hp, MQ, C, eps);
+  rows_product_of(static_cast<const T*>(hp), MQ, gate_up_w.const_data_ptr<T>(), 2 * I, C, static_cast<const T*>(nullptr),
                   gate_up.mutable_data_ptr<T>());
-  silu_mul_rows(gate_up.const_data_ptr<T>(), act.mutable_data_ptr<T>(), M, I);
-  rows_product_of(act.const_data_ptr<T>(), M, down_w.const_data_ptr<T>(), C, I, static_cast<const T*>(nullptr), prp);
-  add_into(static_cast<const T*>(xp), static_cast<const T*>(prp), out.mutable_data_ptr<T>(), M * C);
+  silu_mul_rows(gate_up.const_data_ptr<T>(), act.mutable_data_ptr<T>(), MQ, I);
+  rows_product_of(act.const_data_ptr<T>(), MQ, down_w.const_data_ptr<T>(), C, I, static_cast<const T*>(nullptr), prp);
+  add_into(static_cast<const T*>(xp), static_cast<const T*>(prp), out.mutable_data_ptr<T>(), MQ * C);
 }
 
 // features, embeds [B, S, C] (the layer's dtype); positions [B, S] int64; mask [B, S, K] bool; past_k / past_v
 // [B, Hkv, K, D] and at [S] int64 (this call's key indices), or none of them (K = S); the layer's weights
-// in our product's order (`block_weight`), fc's bias, attn_norm's weight or none; inv_freq [D/2] float32
-// -> (out [B, S, C], keys, values [B, Hkv, K, D])
+// in our product's order (`block_weight`), fc's bias, attn_norm's weight or none; inv_freq [D/2] float32;
+// queries Q <= S -> (out [B, Q, C]: the last Q pairs' guesses, keys, values [B, Hkv, K, D]: every pair's)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer(
     const at::Tensor& features, const at::Tensor& embeds, const at::Tensor& positions, const at::Tensor& mask,
     const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
     const std::optional<at::Tensor>& key_at, const at::Tensor& fc_w, const std::optional<at::Tensor>& fc_b,
     const std::optional<at::Tensor>& attn_norm, const at::Tensor& qkv_w, const at::Tensor& o_w,
     const at::Tensor& mlp_norm, const at::Tensor& gate_up_w, const at::Tensor& down_w, const at::Tensor& inv_freq,
-    double eps, int64_t num_heads, int64_t num_kv_heads) {
+    double eps, int64_t num_heads, int64_t num_kv_heads, int64_t queries) {
   TORCH_CHECK(features.dim() == 3 && embeds.sizes() == features.sizes() && features.is_contiguous() &&
               embeds.is_contiguous() && embeds.scalar_type() == features.scalar_type(),
               "draft_layer: features and embeds must be [B, S, C], contiguous, of one dtype");
@@ -427,7 +442,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer(
               gate_up_w.size(1) == C && down_w.size(0) == C && mlp_norm.numel() == C &&
               inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2,
               "draft_layer: shapes do not fit");
-  at::Tensor out = at::empty_like(features);
+  TORCH_CHECK(queries >= 1 && queries <= S, "draft_layer: queries must be in [1, S]");
+  at::Tensor out = at::empty({B, queries, C}, features.options());
   // every key is written: past's, then this call's over them (without past, this call's are all of them)
   at::Tensor k = at::empty({B, Hkv, K, D}, features.options()), v = at::empty({B, Hkv, K, D}, features.options());
   auto run = [&](auto* type) {

@@ -89,6 +89,17 @@ def test_the_layer_in_one_call_computes_its_pytorch_lines(model, dtype):
         assert a.dtype == b.dtype == dtype and not a.isnan().any()
         torch.testing.assert_close(a, b, **tolerance)
 
+    # a window's call that reads the last two guesses: their bits, and every key and value, as before
+    with torch.no_grad():
+        last = drafter(features[:, :W], embeds[:, :W], positions[:, :W], causal, last=2)
+        drafter._one_call = None
+        last_reference = drafter(features[:, :W], embeds[:, :W], positions[:, :W], causal, last=2)
+        drafter._one_call = one_call
+    assert last[0].shape == (B, 2, C)
+    assert torch.equal(last[0], ours[0][:, -2:]) and torch.equal(last[1], ours[1]) and torch.equal(last[2], ours[2])
+    torch.testing.assert_close(last_reference[0], reference[0][:, -2:], **tolerance)
+    assert torch.equal(last_reference[1], reference[1]) and torch.equal(last_reference[2], reference[2])
+
 
 def test_unfilled_window_positions_are_not_read(model):
     """A row with 3 cached tokens drafts the same whatever its 5 unfilled window entries hold."""
