@@ -96,7 +96,8 @@ def test_the_layer_in_one_call_computes_its_pytorch_lines(model, dtype):
         last_reference = drafter(features[:, :W], embeds[:, :W], positions[:, :W], causal, last=2)
         drafter._one_call = one_call
     assert last[0].shape == (B, 2, C)
-    assert torch.equal(last[0], ours[0][:, -2:]) and torch.equal(last[1], ours[1]) and torch.equal(last[2], ours[2])
+    assert torch.equal(last[0], ours[0][:, -2:])
+    assert torch.equal(last[1], ours[1]) and torch.equal(last[2], ours[2])
     torch.testing.assert_close(last_reference[0], reference[0][:, -2:], **tolerance)
     assert torch.equal(last_reference[1], reference[1]) and torch.equal(last_reference[2], reference[2])
 
