@@ -210,6 +210,13 @@ def cpuinfo() -> str:
         return ""
 
 
+def cpu_has_bf16_products() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), read from /proc/cpuinfo;
+    elsewhere bf16 products are emulated and slower than float32 ones."""
+    flags = cpuinfo()
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 def eager_cpu(t: torch.Tensor) -> bool:
     """Whether a step's work on t goes through our kernels: t is on the CPU, no graph is being
     compiled (a compiled step keeps the PyTorch lines, which the compiler fuses), and they are built."""

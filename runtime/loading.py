@@ -54,7 +54,7 @@ from transformers import (
 )
 
 from runtime.config import ConfigError, ModelConfig
-from runtime.cpu_kernels import SOURCE, cpuinfo
+from runtime.cpu_kernels import SOURCE, cpu_has_bf16_products, cpuinfo
 from runtime.hub import HubError, HubId, hub_id, snapshot, snapshot_commit
 from runtime.llama import OWN_MEASURED_ROWS, Llama, from_hf_state_dict, measure_matmul
 
@@ -115,13 +115,6 @@ def cpu_name() -> str:
     """The CPU's model name as lscpu prints it, from /proc/cpuinfo; "unknown CPU" where there is none."""
     return next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines()
                  if line.startswith("model name")), "unknown CPU")
-
-
-def cpu_has_bf16_products() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), read from /proc/cpuinfo;
-    elsewhere bf16 products are emulated and slower than float32 ones."""
-    flags = cpuinfo()
-    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def torch_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.dtype:

@@ -71,7 +71,9 @@ class Settings(BaseModel):
                              "list), a JSON file, or dynamic:N (each sequence's own tree of N nodes, grown "
                              "from the drafter's confidence; options ,topk=K ,depth=D ,lookup=L); "
                              "default, for heads: the shipped 'gpu' tree on CUDA, "
-                             "'dynamic-cpu-bf16' for bfloat16 weights on the CPU, 'dynamic-cpu' otherwise; "
+                             "'dynamic-cpu-bf16' for bfloat16 weights on a CPU with native bf16 products "
+                             "(AMX or AVX-512 BF16), 'dynamic-cpu-bf16-emulated' on one without, "
+                             "'dynamic-cpu' otherwise; "
                              "for the draft layer: 'eagle-gpu' on CUDA, 'eagle-dynamic-cpu' otherwise")
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on every "
                                 "route but /health, /metrics and the playground page; several keys "

@@ -20,6 +20,7 @@ from medusa.tree import (
     get_tree,
     tree_names,
 )
+from runtime.cpu_kernels import cpu_has_bf16_products
 
 # Hand-worked tree, given out of order on purpose. Sorted by (depth, path) the nodes are
 #   0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0]
@@ -125,7 +126,7 @@ def test_builtins() -> None:
 
 def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> None:
     static = ["cpu", "cpu-bf16", "eagle-cpu", "eagle-gpu", "gpu"]
-    dynamic = ["dynamic-cpu", "dynamic-cpu-bf16", "eagle-dynamic-cpu"]
+    dynamic = ["dynamic-cpu", "dynamic-cpu-bf16", "dynamic-cpu-bf16-emulated", "eagle-dynamic-cpu"]
     assert tree_names() == [*BUILTIN_TREES, *sorted(static + dynamic)]  # not the *.calibration.json records
     for name in static + dynamic:
         spec = json.loads((SHIPPED_TREES / f"{name}.json").read_text())
@@ -137,7 +138,10 @@ def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> N
         else:
             assert set(tree.choices) == {tuple(c) for c in spec["choices"]}
     assert default_tree("cuda:0", "bfloat16") == "gpu" and default_tree("cpu") == "dynamic-cpu"
-    assert default_tree("cpu", "bfloat16") == "dynamic-cpu-bf16"
+    assert default_tree("cpu", "bfloat16", bf16_native=True) == "dynamic-cpu-bf16"
+    assert default_tree("cpu", "bfloat16", bf16_native=False) == "dynamic-cpu-bf16-emulated"
+    here = cpu_has_bf16_products()
+    assert default_tree("cpu", "bfloat16") == default_tree("cpu", "bfloat16", bf16_native=here)
     assert default_tree("cpu", "bfloat16", "eagle") == "eagle-dynamic-cpu"
     assert default_tree("cuda", "bfloat16", "eagle") == "eagle-gpu"
 
@@ -147,6 +151,7 @@ def test_tree_from_json_file_and_unknown_name(tmp_path) -> None:
     path.write_text(json.dumps([[0], [1], [0, 0]]))
     assert get_tree(str(path)).choices == ((0,), (1,), (0, 0))
     with pytest.raises(TreeError, match="mc_sim_7b_63, chain, cpu, cpu-bf16, dynamic-cpu, dynamic-cpu-bf16, "
+                                        "dynamic-cpu-bf16-emulated, "
                                         "eagle-cpu, eagle-dynamic-cpu, eagle-gpu, gpu"):
         get_tree("no-such-tree")
     path.write_text("{not json")

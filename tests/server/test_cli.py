@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from runtime import cpu_kernels
 from server.app import build_engine
 from server.cli import flag, main, parser, settings_from, settings_table
 from server.settings import ENVIRONMENT, TGI_VARIABLES, Settings
@@ -109,9 +110,11 @@ def test_the_embedded_model_gets_the_shipped_heads_and_the_chat_template(model, 
     assert settings_from([*model, "--medusa-heads", "none"], {}).heads_path is None
 
 
-def test_the_default_tree_is_the_one_shipped_for_the_device():
+def test_the_default_tree_is_the_one_shipped_for_the_device(monkeypatch):
     assert settings_from([], {}).tree_for("float32") == "dynamic-cpu"
-    assert settings_from([], {}).tree_for("bfloat16") == "dynamic-cpu-bf16"
+    for native, tree in ((True, "dynamic-cpu-bf16"), (False, "dynamic-cpu-bf16-emulated")):
+        monkeypatch.setattr(cpu_kernels, "cpu_has_bf16_products", lambda native=native: native)
+        assert settings_from([], {}).tree_for("bfloat16") == tree
     assert settings_from(["--device", "cuda:1"], {}).tree_for("bfloat16") == "gpu"
     assert settings_from(["--device", "cuda", "--tree", "chain"], {}).tree_for("bfloat16") == "chain"
 
