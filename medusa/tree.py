@@ -318,40 +318,46 @@ BUILTIN_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
 SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 
 
+# The shipped tree each drafter uses by default, per device and dtype; on the CPU bf16 is "native" with
+# AMX or AVX-512 BF16 and "emulated" without (widened to float32 in registers). `default_tree` has why.
+DEFAULT_TREES = {
+    "heads": {"cuda": "gpu", "float32": "dynamic-cpu", "bf16 native": "dynamic-cpu-bf16",
+              "bf16 emulated": "dynamic-cpu-bf16-emulated"},
+    "eagle": {"cuda": "eagle-gpu", "float32": "eagle-dynamic-cpu-float32", "bf16 native": "eagle-dynamic-cpu",
+              "bf16 emulated": "eagle-dynamic-cpu-bf16-emulated"},
+}
+
+
 def default_tree(device: str, dtype: str = "float32", drafter: str = "heads", bf16_native: bool | None = None
                  ) -> str:
-    """The shipped tree calibrated for a drafter ('heads' or the 'eagle' layer), a device and
-    the weights' dtype. Heads: 'gpu' on CUDA; on the CPU 'dynamic-cpu-bf16' for bfloat16 weights
-    where the CPU multiplies bf16 natively (`bf16_native`; None: ask /proc/cpuinfo),
-    'dynamic-cpu-bf16-emulated' where it does not, else 'dynamic-cpu' (the first's shape, calibrated
-    in float32).
+    """The shipped tree calibrated for a drafter ('heads' or the 'eagle' layer), a device and the
+    weights' dtype (`DEFAULT_TREES`); bf16 on the CPU by whether it multiplies bf16 natively
+    (`bf16_native`; None: ask /proc/cpuinfo). Each was calibrated in its dtype, the CPU trees by
+    measured generation (`training calibrate --dynamic`; NAME.calibration.json).
 
-    Emulated, bf16 products on AVX2 go in tiles of at most 6 rows, and a row more costs much: on
-    AMD EPYC (Zen 3), the 30 layers and lm_head took 1.43x one row's time on 6 rows, 1.90x on 7,
-    2.17x on 8. So its tree has 5 nodes (grown 2 levels deep from top-3, a lookup branch of up to 2;
-    calibrated there: 4 nodes 91.4 tok/s, 5 94.4, 6 90.6, 7 82.1); 20 dev prompts, the engines taking
-    turns prompt by prompt: 1.549x plain decoding against 1.267x for 'dynamic-cpu-bf16' (1.97 against
-    2.23 tokens per step). Each was measured in its dtype
-    (NAME.calibration.json): on the AMX Xeon, generating in bf16, static trees of 8 nodes gave 68.9
-    tok/s, 12 68.4, 16 62.9, 32 54.3, so the CPU trees have 8 nodes. In bf16 the heads' dynamic tree
-    of 8 nodes, grown 2 levels deep, accepts more than the static 'cpu-bf16' at the same cost of
-    verification (2.29 against 2.13 tokens per step): AMD EPYC, 10 prompts, calibrations of each
-    taking turns three times, 163.1 / 161.1 / 151.7 tok/s against 149.9 / 157.9 / 144.6 (grown 4
-    levels deep, its drafting cost more than it gained). In float32 the two tied on Zen 5 then; on
-    Zen 3, with the code of 2026-12-04, the dynamic tree won against the static 'cpu', the engines
-    taking turns prompt by prompt: 1.591x plain against 1.510x on 20 prompts (2.22 against 2.09
-    tokens per step), 1.612x against 1.539x on 40 (2.23 against 2.12). The draft layer: 'eagle-gpu'
-    on CUDA; on the CPU its dynamic tree 'eagle-dynamic-cpu' (12 nodes, 4 levels): 63.4 tok/s in its
-    calibration against 59.9 for the best static tree ('eagle-cpu', 8 nodes), and 1.37x plain
-    decoding against 1.27x on 40 prompts (README)."""
-    if drafter == "eagle":
-        return "eagle-gpu" if device.startswith("cuda") else "eagle-dynamic-cpu"
+    Native bf16 and float32: on the AMX Xeon, generating in bf16, static trees of 8 nodes gave 68.9
+    tok/s, 12 68.4, 16 62.9, 32 54.3. The heads' dynamic tree of 8 nodes, grown 2 levels deep,
+    accepts more than the static 'cpu-bf16' at the same cost of verification (2.29 against 2.13
+    tokens per step): AMD EPYC (Zen 5), bf16, 10 prompts, calibrations taking turns three times,
+    163.1 / 161.1 / 151.7 tok/s against 149.9 / 157.9 / 144.6. In float32 on Zen 3 it won against
+    the static 'cpu', the engines taking turns prompt by prompt: 1.612x plain against 1.539x on 40
+    prompts. The draft layer's 'eagle-dynamic-cpu' (12 nodes, 4 levels; AMX Xeon, bf16): 63.4 tok/s
+    in its calibration against 59.9 for the best static tree. In float32 on Zen 3 its own, 8 nodes
+    grown 3 levels deep: 1.427x plain against 1.319x for 'eagle-dynamic-cpu' (20 prompts, taking turns).
+
+    Emulated bf16: products on AVX2 go in tiles of at most 6 rows, and a row more costs much: on AMD
+    EPYC (Zen 3) the 30 layers and lm_head took 1.43x one row's time on 6 rows, 1.90x on 7, 2.17x on
+    8. So both trees have 5 nodes (calibrated there: heads 4 nodes 91.4 tok/s, 5 94.4, 6 90.6, 7
+    82.1); 20 dev prompts, taking turns: heads 1.549x plain against 1.267x for 'dynamic-cpu-bf16', the
+    draft layer 1.282x against 0.961x for 'eagle-dynamic-cpu'."""
     if device.startswith("cuda"):
-        return "gpu"
-    if dtype != "bfloat16":
-        return "dynamic-cpu"
-    native = cpu_kernels.cpu_has_bf16_products() if bf16_native is None else bf16_native
-    return "dynamic-cpu-bf16" if native else "dynamic-cpu-bf16-emulated"
+        kind = "cuda"
+    elif dtype != "bfloat16":
+        kind = "float32"
+    else:
+        native = cpu_kernels.cpu_has_bf16_products() if bf16_native is None else bf16_native
+        kind = "bf16 native" if native else "bf16 emulated"
+    return DEFAULT_TREES[drafter][kind]
 
 
 def tree_names() -> list[str]:

@@ -71,10 +71,11 @@ class Settings(BaseModel):
                              "list), a JSON file, or dynamic:N (each sequence's own tree of N nodes, grown "
                              "from the drafter's confidence; options ,topk=K ,depth=D ,lookup=L); "
                              "default, for heads: the shipped 'gpu' tree on CUDA, "
-                             "'dynamic-cpu-bf16' for bfloat16 weights on a CPU with native bf16 products "
-                             "(AMX or AVX-512 BF16), 'dynamic-cpu-bf16-emulated' on one without, "
-                             "'dynamic-cpu' otherwise; "
-                             "for the draft layer: 'eagle-gpu' on CUDA, 'eagle-dynamic-cpu' otherwise")
+                             "'dynamic-cpu' for float32 weights on the CPU, 'dynamic-cpu-bf16' for bfloat16 "
+                             "on a CPU with native bf16 products (AMX or AVX-512 BF16), "
+                             "'dynamic-cpu-bf16-emulated' on one without; for the draft layer: 'eagle-gpu', "
+                             "'eagle-dynamic-cpu-float32', 'eagle-dynamic-cpu', "
+                             "'eagle-dynamic-cpu-bf16-emulated' in the same cases")
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on every "
                                 "route but /health, /metrics and the playground page; several keys "
                                 "separated by commas")

@@ -126,7 +126,8 @@ def test_builtins() -> None:
 
 def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> None:
     static = ["cpu", "cpu-bf16", "eagle-cpu", "eagle-gpu", "gpu"]
-    dynamic = ["dynamic-cpu", "dynamic-cpu-bf16", "dynamic-cpu-bf16-emulated", "eagle-dynamic-cpu"]
+    dynamic = ["dynamic-cpu", "dynamic-cpu-bf16", "dynamic-cpu-bf16-emulated", "eagle-dynamic-cpu",
+               "eagle-dynamic-cpu-bf16-emulated", "eagle-dynamic-cpu-float32"]
     assert tree_names() == [*BUILTIN_TREES, *sorted(static + dynamic)]  # not the *.calibration.json records
     for name in static + dynamic:
         spec = json.loads((SHIPPED_TREES / f"{name}.json").read_text())
@@ -142,7 +143,9 @@ def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> N
     assert default_tree("cpu", "bfloat16", bf16_native=False) == "dynamic-cpu-bf16-emulated"
     here = cpu_has_bf16_products()
     assert default_tree("cpu", "bfloat16") == default_tree("cpu", "bfloat16", bf16_native=here)
-    assert default_tree("cpu", "bfloat16", "eagle") == "eagle-dynamic-cpu"
+    assert default_tree("cpu", "float32", "eagle") == "eagle-dynamic-cpu-float32"
+    assert default_tree("cpu", "bfloat16", "eagle", bf16_native=True) == "eagle-dynamic-cpu"
+    assert default_tree("cpu", "bfloat16", "eagle", bf16_native=False) == "eagle-dynamic-cpu-bf16-emulated"
     assert default_tree("cuda", "bfloat16", "eagle") == "eagle-gpu"
 
 
@@ -152,7 +155,8 @@ def test_tree_from_json_file_and_unknown_name(tmp_path) -> None:
     assert get_tree(str(path)).choices == ((0,), (1,), (0, 0))
     with pytest.raises(TreeError, match="mc_sim_7b_63, chain, cpu, cpu-bf16, dynamic-cpu, dynamic-cpu-bf16, "
                                         "dynamic-cpu-bf16-emulated, "
-                                        "eagle-cpu, eagle-dynamic-cpu, eagle-gpu, gpu"):
+                                        "eagle-cpu, eagle-dynamic-cpu, eagle-dynamic-cpu-bf16-emulated, "
+                                        "eagle-dynamic-cpu-float32, eagle-gpu, gpu"):
         get_tree("no-such-tree")
     path.write_text("{not json")
     with pytest.raises(TreeError, match="not valid JSON"):
