@@ -320,12 +320,13 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
                     const at::Tensor& mlp_norm, const at::Tensor& gate_up_w, const at::Tensor& down_w,
                     const at::Tensor& inv_freq, float eps, int64_t H, at::Tensor& out) {
   const int64_t B = features.size(0), S = features.size(1), C = features.size(2), M = B * S, Q = out.size(1);
+  const int64_t MQ = B * Q;  // the rows whose guesses are read: past the keys, only they go on
   const int64_t Hkv = k.size(1), K = k.size(2), D = k.size(3), I = down_w.size(1), QKV = (H + 2 * Hkv) * D;
   const auto opts = features.options();
   at::Tensor pairs = at::empty({M, 2 * C}, opts), x = at::empty({M, C}, opts), h = at::empty({M, C}, opts);
-  at::Tensor qkv = at::empty({M, QKV}, opts), qk = at::empty({M, H + Hkv, D}, opts), attn = at::empty({M, H * D}, opts);
+  at::Tensor qkv = at::empty({M, QKV}, opts), qk = at::empty({M, H + Hkv, D}, opts), attn = at::empty({MQ, H * D}, opts);
   at::Tensor cos = at::empty({M, D}, opts), sin = at::empty({M, D}, opts);
-  at::Tensor proj = at::empty({M, C}, opts), gate_up = at::empty({M, 2 * I}, opts), act = at::empty({M, I}, opts);
+  at::Tensor proj = at::empty({MQ, C}, opts), gate_up = at::empty({MQ, 2 * I}, opts), act = at::empty({MQ, I}, opts);
   T* pp = pairs.mutable_data_ptr<T>();
   const T* f = features.const_data_ptr<T>();
   const T* e = embeds.const_data_ptr<T>();
@@ -380,7 +381,6 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
     }
     sees = ssp;
   }
-  const int64_t MQ = B * Q;
   T* ap = attn.mutable_data_ptr<T>();
   masked_attention(static_cast<const T*>(qkp), (H + Hkv) * D, static_cast<const T*>(kp), static_cast<const T*>(vp),
                    sees, ap, B, Q, K, H, Hkv, D);
