@@ -77,10 +77,11 @@ _library.define("top_logp(Tensor logits, int k) -> (Tensor, Tensor)")
 _library.define("select_tree(Tensor tokens, Tensor parents, Tensor scores, Tensor ranks, Tensor roots, "
                 "Tensor lookup, int num_nodes, int topk, int depth) "
                 "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-_library.define("decoder_layer(Tensor x, Tensor attn_norm, Tensor qkv_w, Tensor? qkv_b, Tensor o_w, "
-                "Tensor? o_b, Tensor mlp_norm, Tensor gate_up_w, Tensor? gate_up_b, Tensor down_w, "
-                "Tensor? down_b, float eps, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-                "Tensor slots, Tensor cache_lens, Tensor? new_mask, int num_heads) -> Tensor")
+_library.define("decoder_layers(Tensor x, Tensor[] attn_norm, Tensor[] qkv_w, Tensor?[] qkv_b, Tensor[] o_w, "
+                "Tensor?[] o_b, Tensor[] mlp_norm, Tensor[] gate_up_w, Tensor?[] gate_up_b, Tensor[] down_w, "
+                "Tensor?[] down_b, float eps, Tensor cos, Tensor sin, Tensor(a!)[] k_cache, "
+                "Tensor(b!)[] v_cache, Tensor slots, Tensor cache_lens, Tensor? new_mask, int num_heads) "
+                "-> Tensor")
 
 
 @torch.library.register_fake("medusa::rms_norm")
@@ -167,10 +168,10 @@ rope = torch.ops.medusa.rope  # x [B, T, heads + ..., D], cos / sin [B, T, 1, D]
 silu_mul = torch.ops.medusa.silu_mul  # gate_up [..., 2I] -> silu(gate) * up [..., I]
 # caches: [N, Hkv, S_max, D] each; slots [B]; src, dst [B, P] int64: in place, sources read first
 move_positions = torch.ops.medusa.move_positions
-# x [B, T, C], a `Block`'s weights (its products' `block_weight` copies), its eps, cos / sin
-# [B, T, 1, D], its layer's caches, slots / cache_lens [B], new_mask [T, T] or [B, T, T] or None,
-# num_heads -> [B, T, C]: `Block.forward` in one call
-decoder_layer = torch.ops.medusa.decoder_layer
+# x [B, T, C], each layer's weights as lists over the layers (`Block.kernel_operands`: its products'
+# `block_weight` copies), eps, cos / sin [B, T, 1, D], the layers' caches, slots / cache_lens [B],
+# new_mask [T, T] or [B, T, T] or None, num_heads -> [B, T, C]: every `Block.forward` in one call
+decoder_layers = torch.ops.medusa.decoder_layers
 # x [..., V] float32 -> (argmax [...] int64, the first of equal maxima, NaN never; logsumexp [...])
 argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
 # logits [M, V] float32 contiguous, top_k [M] int64 (0: off), top_p [M] float32 (1: off): in place, the

@@ -1,10 +1,10 @@
 // The small steps of a decoder layer between its products, for a few rows on the CPU: RMSNorm, the rotary
-// embedding of the queries and keys, SwiGLU's silu(gate) * up, the residual additions; the whole layer in one
-// call (`decoder_layer`: these, our product and our attention), and the EAGLE-style draft layer in one call
-// (`draft_layer`); and, after the forward of a step, each node's argmax and logsumexp, greedy acceptance,
-// and the cache's move of the accepted entries. In PyTorch each
-// small step is 3-8 operations, and a token through SmolLM2's 30 layers spent ~2 ms of an ~11 ms forward in
-// them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values. `runtime.llama` calls them
+// embedding of the queries and keys, SwiGLU's silu(gate) * up, the residual additions; the whole layer
+// (`decoder_layer`: these, our product and our attention), every layer of the model in one call
+// (`decoder_layers`), and the EAGLE-style draft layer in one call (`draft_layer`); and, after the forward
+// of a step, each node's argmax and logsumexp, greedy acceptance, and the cache's move of the accepted
+// entries. In PyTorch each small step is 3-8 operations, and a token through SmolLM2's 30 layers spent ~2
+// ms of an ~11 ms forward in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values. `runtime.llama` calls them
 // (`RMSNorm`, `Block`) while serving on the CPU, and its PyTorch lines there are the reference. Each row is
 // computed on its own in a fixed order, and the roundings to the tensors' dtype are the reference's: a row
 // gets the same bits alone or among others, and the layer in one call the bits of its steps.
@@ -259,6 +259,29 @@ at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attn_norm, const
                                     out);
   }
   return out;
+}
+
+// Every layer of the model in one call: `decoder_layer` for each in turn, its output the next one's
+// input (`cpu_kernels.decoder_layers`). One call from Python a step, not one a layer: each took ~10 us
+// to pass its 20 operands (`Llama.forward` has the measurement).
+at::Tensor decoder_layers(const at::Tensor& x, at::TensorList attn_norm, at::TensorList qkv_w,
+                          const c10::List<std::optional<at::Tensor>>& qkv_b, at::TensorList o_w,
+                          const c10::List<std::optional<at::Tensor>>& o_b, at::TensorList mlp_norm,
+                          at::TensorList gate_up_w, const c10::List<std::optional<at::Tensor>>& gate_up_b,
+                          at::TensorList down_w, const c10::List<std::optional<at::Tensor>>& down_b, double eps,
+                          const at::Tensor& cos, const at::Tensor& sin, at::TensorList k_cache, at::TensorList v_cache,
+                          const at::Tensor& slots, const at::Tensor& cache_lens,
+                          const std::optional<at::Tensor>& new_mask, int64_t num_heads) {
+  const size_t L = attn_norm.size();
+  TORCH_CHECK(qkv_w.size() == L && qkv_b.size() == L && o_w.size() == L && o_b.size() == L && mlp_norm.size() == L &&
+              gate_up_w.size() == L && gate_up_b.size() == L && down_w.size() == L && down_b.size() == L &&
+              k_cache.size() == L && v_cache.size() == L, "decoder_layers: one of each operand a layer");
+  at::Tensor h = x;
+  for (size_t i = 0; i < L; ++i)
+    h = decoder_layer(h, attn_norm[i], qkv_w[i], qkv_b[i], o_w[i], o_b[i], mlp_norm[i], gate_up_w[i], gate_up_b[i],
+                      down_w[i], down_b[i], eps, cos, sin, k_cache[i], v_cache[i], slots, cache_lens, new_mask,
+                      num_heads);
+  return h;
 }
 
 // softmax(q k^T / sqrt(D) under mask) v for S queries of a few sequences over their own K keys each,
@@ -606,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_greedy(const at::Tensor& c
 TORCH_LIBRARY_IMPL(medusa, CPU, m) {
   m.impl("accept_greedy", &accept_greedy);
   m.impl("argmax_logsumexp", &argmax_logsumexp);
-  m.impl("decoder_layer", &decoder_layer);
+  m.impl("decoder_layers", &decoder_layers);
   m.impl("draft_layer", &draft_layer);
   m.impl("move_positions", &move_positions);
   m.impl("rms_norm", &rms_norm);

@@ -299,13 +299,13 @@ class Block(nn.Module):
         self.down = Linear(config.intermediate_size, C, bias=config.mlp_bias)
 
     def kernel_operands(self) -> tuple | None:
-        """The layer's weights as `cpu_kernels.decoder_layer` takes them (the whole layer in one call:
-        `Llama.forward`), or None unless our kernel multiplies every product (`Linear.own_weight`)."""
+        """The layer's weights as `cpu_kernels.decoder_layers` takes each layer's (every layer in one
+        call: `Llama.forward`), or None unless our kernel multiplies every product (`Linear.own_weight`)."""
         if any(m.own_weight is None for m in (self.qkv, self.o, self.gate_up, self.down)):
             return None
-        n1, n2 = self.attn_norm, self.mlp_norm
-        return (n1.weight, self.qkv.own_weight, self.qkv.bias, self.o.own_weight, self.o.bias, n2.weight,
-                self.gate_up.own_weight, self.gate_up.bias, self.down.own_weight, self.down.bias, n1.eps)
+        return (self.attn_norm.weight, self.qkv.own_weight, self.qkv.bias, self.o.own_weight, self.o.bias,
+                self.mlp_norm.weight, self.gate_up.own_weight, self.gate_up.bias, self.down.own_weight,
+                self.down.bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch) -> torch.Tensor:
@@ -345,9 +345,10 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # [D/2]
         self.cpu_attention = False  # our CPU kernel for a few new tokens (`prepare_for_serving`)
-        # serving on the CPU where our kernels take every layer's products: each layer's operands for
-        # one call (`Block.kernel_operands`) and the most rows a call takes (`prepare_for_serving`)
-        self.layer_kernels: tuple[list[tuple], int] | None = None
+        # serving on the CPU where our kernels take every layer's products: the layers' operands for
+        # one call, as lists over the layers (`Block.kernel_operands`), and the most rows a call takes
+        # (`prepare_for_serving`)
+        self.layer_kernels: tuple[list[list], int] | None = None
 
     def prepare_for_serving(self, packed_from_rows: int | None = None, own_kernel_rows: int = 1) -> Llama:
         """Inference from now on: the linear layers multiply through oneDNN copies of their weights
@@ -368,7 +369,7 @@ class Llama(nn.Module):
         rows = min(m.own_kernel_rows for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up,
                                                                            layer.down))
         ready = self.cpu_attention and rows > 0 and all(o is not None for o in operands)
-        self.layer_kernels = (operands, rows) if ready else None
+        self.layer_kernels = ([list(o) for o in zip(*operands, strict=True)], rows) if ready else None
         return self
 
     def prepare_for_training(self) -> Llama:
@@ -394,7 +395,7 @@ class Llama(nn.Module):
         slots: [B] cache slots; new_mask: [T, T] or [B, T, T] bool over the new tokens (None = causal);
         max_len: max(cache lens) + T when the caller knows it; attention_backend: None = the
         default for the device (see `attention.plan`); one_call_layers: serving on the CPU, each layer
-        in one call to our kernels where they take all of it (`cpu_kernels.decoder_layer`), else step by
+        in one call to our kernels where they take all of it (`cpu_kernels.decoder_layers`), else step by
         step (`Block.forward`), as `benchmarks.divergence` watches them (the same kernels: the same
         bits). Returns [B, T, C].
         K/V of the new tokens land in the cache's scratch positions; the caller keeps them
@@ -420,11 +421,12 @@ class Llama(nn.Module):
         if ours and one_call_layers and self.layer_kernels is not None and B * T <= self.layer_kernels[1]:
             # straight to the kernel, not through the modules (their calls and attribute lookups took
             # ~30 us a layer): SmolLM2 bf16, a token over 400 keys, AMD EPYC (Zen 5), taking turns in
-            # one process, a forward 6.98 ms through the modules, 6.13 ms straight
-            H = self.config.num_heads
-            for i, operands in enumerate(self.layer_kernels[0]):
-                x = cpu_kernels.decoder_layer(x, *operands, cos, sin, cache.k[i], cache.v[i], batch.slots,
-                                              batch.cache_lens, batch.new_mask, H)
+            # one process, a forward 6.98 ms through the modules, 6.13 ms straight. Every layer in
+            # one call, not a call a layer (each passed its 20 operands in ~10 us): 30 layers over 300
+            # keys, bf16, AMD EPYC (Zen 4), taking turns, 6.80 -> 6.51 ms
+            x = cpu_kernels.decoder_layers(x, *self.layer_kernels[0], self.config.rms_norm_eps, cos, sin,
+                                           cache.k, cache.v, batch.slots, batch.cache_lens, batch.new_mask,
+                                           self.config.num_heads)
         else:
             scratch = cache.scratch(slots, T)
             for i, layer in enumerate(self.layers):

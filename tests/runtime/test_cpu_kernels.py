@@ -291,7 +291,7 @@ def test_serving_on_the_cpu_a_chain_verified_together_gets_the_bits_of_its_token
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("family", ["smollm", "qwen2"])  # qwen2: a QKV bias
 def test_a_layer_in_one_call_gives_the_bits_of_its_steps_one_by_one(family, dtype):
-    """Each layer in one call to our kernels (`decoder_layer`) against the same kernels step by step
+    """Every layer in one call to our kernels (`decoder_layers`) against the same kernels step by step
     (`Block.forward`): equal hidden states and caches, for one token and for trees of two scattered
     sequences."""
     assert cpu_kernels.built()
