@@ -318,22 +318,24 @@ BUILTIN_TREES: dict[str, tuple[tuple[int, ...], ...]] = {
 SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 
 
-# The shipped tree each drafter uses by default, per device and dtype; on the CPU bf16 is "native" with
-# AMX or AVX-512 BF16 and "emulated" without (widened to float32 in registers). `default_tree` has why.
+# The shipped tree each drafter uses by default, per device and dtype; on the CPU bf16 by how the CPU
+# multiplies it (`cpu_kernels.cpu_bf16_products`): AMX tiles, AVX-512 BF16 pairs, or emulated (widened
+# to float32 in registers). `default_tree` has why.
 DEFAULT_TREES = {
-    "heads": {"cuda": "gpu", "float32": "dynamic-cpu", "bf16 native": "dynamic-cpu-bf16",
-              "bf16 emulated": "dynamic-cpu-bf16-emulated"},
-    "eagle": {"cuda": "eagle-gpu", "float32": "eagle-dynamic-cpu-float32", "bf16 native": "eagle-dynamic-cpu",
+    "heads": {"cuda": "gpu", "float32": "dynamic-cpu", "bf16 amx": "dynamic-cpu-bf16",
+              "bf16 avx512": "dynamic-cpu-bf16", "bf16 emulated": "dynamic-cpu-bf16-emulated"},
+    "eagle": {"cuda": "eagle-gpu", "float32": "eagle-dynamic-cpu-float32", "bf16 amx": "eagle-dynamic-cpu",
+              "bf16 avx512": "eagle-dynamic-cpu-bf16-avx512",
               "bf16 emulated": "eagle-dynamic-cpu-bf16-emulated"},
 }
 
 
-def default_tree(device: str, dtype: str = "float32", drafter: str = "heads", bf16_native: bool | None = None
+def default_tree(device: str, dtype: str = "float32", drafter: str = "heads", bf16_products: str | None = None
                  ) -> str:
     """The shipped tree calibrated for a drafter ('heads' or the 'eagle' layer), a device and the
-    weights' dtype (`DEFAULT_TREES`); bf16 on the CPU by whether it multiplies bf16 natively
-    (`bf16_native`; None: ask /proc/cpuinfo). Each was calibrated in its dtype, the CPU trees by
-    measured generation (`training calibrate --dynamic`; NAME.calibration.json).
+    weights' dtype (`DEFAULT_TREES`); bf16 on the CPU by how it multiplies bf16 (`bf16_products`:
+    "amx", "avx512" or "emulated"; None: ask /proc/cpuinfo). Each was calibrated in its dtype, the CPU
+    trees by measured generation (`training calibrate --dynamic`; NAME.calibration.json).
 
     Native bf16 and float32: on the AMX Xeon, generating in bf16, static trees of 8 nodes gave 68.9
     tok/s, 12 68.4, 16 62.9, 32 54.3. The heads' dynamic tree of 8 nodes, grown 2 levels deep,
@@ -349,14 +351,19 @@ def default_tree(device: str, dtype: str = "float32", drafter: str = "heads", bf
     EPYC (Zen 3) the 30 layers and lm_head took 1.43x one row's time on 6 rows, 1.90x on 7, 2.17x on
     8. So both trees have 5 nodes (calibrated there: heads 4 nodes 91.4 tok/s, 5 94.4, 6 90.6, 7
     82.1); 20 dev prompts, taking turns: heads 1.549x plain against 1.267x for 'dynamic-cpu-bf16', the
-    draft layer 1.282x against 0.961x for 'eagle-dynamic-cpu'."""
+    draft layer 1.282x against 0.961x for 'eagle-dynamic-cpu'.
+
+    AVX-512 BF16 (AMD EPYC): a tree's rows cost more than on AMX, and the draft layer's 12 nodes were
+    slower than plain decoding on Zen 4 (0.985x, 40 dev prompts). Calibrated there, 3 levels deep: 6
+    nodes 151.8 tok/s, 7 154.9, 8 146.6, 12 118.0 ('eagle-dynamic-cpu-bf16-avx512', 7 nodes); on Zen 5
+    a smaller tree also paid (10 prompts, taking turns: 4 drafted nodes 1.45x plain, 'eagle-dynamic-cpu'
+    1.30x). The heads' 8 nodes were Zen 4's best too (6 / 8 / 12 nodes 125.2 / 128.1 / 115.8 tok/s)."""
     if device.startswith("cuda"):
         kind = "cuda"
     elif dtype != "bfloat16":
         kind = "float32"
     else:
-        native = cpu_kernels.cpu_has_bf16_products() if bf16_native is None else bf16_native
-        kind = "bf16 native" if native else "bf16 emulated"
+        kind = f"bf16 {cpu_kernels.cpu_bf16_products() if bf16_products is None else bf16_products}"
     return DEFAULT_TREES[drafter][kind]
 
 

@@ -211,11 +211,17 @@ def cpuinfo() -> str:
         return ""
 
 
-def cpu_has_bf16_products() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16), read from /proc/cpuinfo;
-    elsewhere bf16 products are emulated and slower than float32 ones."""
+def cpu_bf16_products() -> str:
+    """How this CPU multiplies bfloat16, read from /proc/cpuinfo: "amx" (AMX tiles), "avx512" (AVX-512
+    BF16's pairs) or "emulated" (widened to float32: slower than float32 products)."""
     flags = cpuinfo()
-    return " amx_bf16" in flags or " avx512_bf16" in flags
+    return "amx" if " amx_bf16" in flags else "avx512" if " avx512_bf16" in flags else "emulated"
+
+
+def cpu_has_bf16_products() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16); elsewhere bf16 products
+    are emulated and slower than float32 ones."""
+    return cpu_bf16_products() != "emulated"
 
 
 def eager_cpu(t: torch.Tensor) -> bool:

@@ -74,7 +74,8 @@ class Settings(BaseModel):
                              "'dynamic-cpu' for float32 weights on the CPU, 'dynamic-cpu-bf16' for bfloat16 "
                              "on a CPU with native bf16 products (AMX or AVX-512 BF16), "
                              "'dynamic-cpu-bf16-emulated' on one without; for the draft layer: 'eagle-gpu', "
-                             "'eagle-dynamic-cpu-float32', 'eagle-dynamic-cpu', "
+                             "'eagle-dynamic-cpu-float32', 'eagle-dynamic-cpu' (AMX), "
+                             "'eagle-dynamic-cpu-bf16-avx512' (AVX-512 BF16), "
                              "'eagle-dynamic-cpu-bf16-emulated' in the same cases")
     api_key: str | None = Field(default=None, description="require 'Authorization: Bearer KEY' on every "
                                 "route but /health, /metrics and the playground page; several keys "

@@ -20,7 +20,7 @@ from medusa.tree import (
     get_tree,
     tree_names,
 )
-from runtime.cpu_kernels import cpu_has_bf16_products
+from runtime.cpu_kernels import cpu_bf16_products
 
 # Hand-worked tree, given out of order on purpose. Sorted by (depth, path) the nodes are
 #   0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0]
@@ -127,7 +127,8 @@ def test_builtins() -> None:
 def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> None:
     static = ["cpu", "cpu-bf16", "eagle-cpu", "eagle-gpu", "gpu"]
     dynamic = ["dynamic-cpu", "dynamic-cpu-bf16", "dynamic-cpu-bf16-emulated", "eagle-dynamic-cpu",
-               "eagle-dynamic-cpu-bf16-emulated", "eagle-dynamic-cpu-float32"]
+               "eagle-dynamic-cpu-bf16-avx512", "eagle-dynamic-cpu-bf16-emulated",
+               "eagle-dynamic-cpu-float32"]
     assert tree_names() == [*BUILTIN_TREES, *sorted(static + dynamic)]  # not the *.calibration.json records
     for name in static + dynamic:
         spec = json.loads((SHIPPED_TREES / f"{name}.json").read_text())
@@ -139,13 +140,14 @@ def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> N
         else:
             assert set(tree.choices) == {tuple(c) for c in spec["choices"]}
     assert default_tree("cuda:0", "bfloat16") == "gpu" and default_tree("cpu") == "dynamic-cpu"
-    assert default_tree("cpu", "bfloat16", bf16_native=True) == "dynamic-cpu-bf16"
-    assert default_tree("cpu", "bfloat16", bf16_native=False) == "dynamic-cpu-bf16-emulated"
-    here = cpu_has_bf16_products()
-    assert default_tree("cpu", "bfloat16") == default_tree("cpu", "bfloat16", bf16_native=here)
+    for products in ("amx", "avx512"):
+        assert default_tree("cpu", "bfloat16", bf16_products=products) == "dynamic-cpu-bf16"
+    assert default_tree("cpu", "bfloat16", bf16_products="emulated") == "dynamic-cpu-bf16-emulated"
+    here = cpu_bf16_products()
+    assert default_tree("cpu", "bfloat16") == default_tree("cpu", "bfloat16", bf16_products=here)
     assert default_tree("cpu", "float32", "eagle") == "eagle-dynamic-cpu-float32"
-    assert default_tree("cpu", "bfloat16", "eagle", bf16_native=True) == "eagle-dynamic-cpu"
-    assert default_tree("cpu", "bfloat16", "eagle", bf16_native=False) == "eagle-dynamic-cpu-bf16-emulated"
+    for products, tree in (("amx", ""), ("avx512", "-bf16-avx512"), ("emulated", "-bf16-emulated")):
+        assert default_tree("cpu", "bfloat16", "eagle", bf16_products=products) == f"eagle-dynamic-cpu{tree}"
     assert default_tree("cuda", "bfloat16", "eagle") == "eagle-gpu"
 
 
@@ -155,7 +157,8 @@ def test_tree_from_json_file_and_unknown_name(tmp_path) -> None:
     assert get_tree(str(path)).choices == ((0,), (1,), (0, 0))
     with pytest.raises(TreeError, match="mc_sim_7b_63, chain, cpu, cpu-bf16, dynamic-cpu, dynamic-cpu-bf16, "
                                         "dynamic-cpu-bf16-emulated, "
-                                        "eagle-cpu, eagle-dynamic-cpu, eagle-dynamic-cpu-bf16-emulated, "
+                                        "eagle-cpu, eagle-dynamic-cpu, eagle-dynamic-cpu-bf16-avx512, "
+                                        "eagle-dynamic-cpu-bf16-emulated, "
                                         "eagle-dynamic-cpu-float32, eagle-gpu, gpu"):
         get_tree("no-such-tree")
     path.write_text("{not json")

@@ -112,8 +112,8 @@ def test_the_embedded_model_gets_the_shipped_heads_and_the_chat_template(model, 
 
 def test_the_default_tree_is_the_one_shipped_for_the_device(monkeypatch):
     assert settings_from([], {}).tree_for("float32") == "dynamic-cpu"
-    for native, tree in ((True, "dynamic-cpu-bf16"), (False, "dynamic-cpu-bf16-emulated")):
-        monkeypatch.setattr(cpu_kernels, "cpu_has_bf16_products", lambda native=native: native)
+    for products, tree in (("amx", "dynamic-cpu-bf16"), ("emulated", "dynamic-cpu-bf16-emulated")):
+        monkeypatch.setattr(cpu_kernels, "cpu_bf16_products", lambda products=products: products)
         assert settings_from([], {}).tree_for("bfloat16") == tree
     assert settings_from(["--device", "cuda:1"], {}).tree_for("bfloat16") == "gpu"
     assert settings_from(["--device", "cuda", "--tree", "chain"], {}).tree_for("bfloat16") == "chain"
