@@ -319,3 +319,29 @@ def test_a_layer_in_one_call_gives_the_bits_of_its_steps_one_by_one(family, dtyp
         results.append([token, trees, *cache.k, *cache.v])
         gen.manual_seed(1)
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_the_layers_in_one_call_refuse_operand_lists_of_unequal_lengths():
+    """`decoder_layers` loops over its lists together: one that is a layer short is a clear error, not
+    a read past its end."""
+    assert cpu_kernels.built()
+    model = ours_from_hf(tiny_hf_model("smollm")).prepare_for_serving(1, 16)
+    lists, _ = model.layer_kernels
+    cache = model.new_cache(2, 16)
+    C, D = model.config.hidden_size, model.config.head_dim
+    cos, sin = torch.ones(1, 1, 1, D), torch.zeros(1, 1, 1, D)
+    short = [list(o) for o in lists]
+    short[3] = short[3][:-1]  # the o projections: one fewer than the layers
+    slots = lens = torch.tensor([0])
+    with pytest.raises(RuntimeError, match="one of each operand a layer"):
+        cpu_kernels.decoder_layers(torch.randn(1, 1, C), *short, model.config.rms_norm_eps, cos, sin, cache.k,
+                                   cache.v, slots, lens, None, model.config.num_heads)
+
+
+@pytest.mark.parametrize("flags, products", [("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
+                                             ("fpu avx512f avx512_bf16 avx512_vnni", "avx512"),
+                                             ("fpu avx2 fma f16c", "emulated")])
+def test_how_the_cpu_multiplies_bf16_comes_from_its_flags(monkeypatch, flags, products):
+    monkeypatch.setattr(cpu_kernels, "cpuinfo", lambda: f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert cpu_kernels.cpu_bf16_products() == products
+    assert cpu_kernels.cpu_has_bf16_products() == (products != "emulated")
