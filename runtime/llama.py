@@ -394,10 +394,10 @@ class Llama(nn.Module):
         tokens, positions: [B, T] (positions drive RoPE: prefix length + depth for a tree);
         slots: [B] cache slots; new_mask: [T, T] or [B, T, T] bool over the new tokens (None = causal);
         max_len: max(cache lens) + T when the caller knows it; attention_backend: None = the
-        default for the device (see `attention.plan`); one_call_layers: serving on the CPU, each layer
-        in one call to our kernels where they take all of it (`cpu_kernels.decoder_layers`), else step by
-        step (`Block.forward`), as `benchmarks.divergence` watches them (the same kernels: the same
-        bits). Returns [B, T, C].
+        default for the device (see `attention.plan`); one_call_layers: serving on the CPU, all the
+        layers in one call to our kernels where they take all of them (`cpu_kernels.decoder_layers`),
+        else step by step (`Block.forward`), as `benchmarks.divergence` watches them (the same kernels:
+        the same bits). Returns [B, T, C].
         K/V of the new tokens land in the cache's scratch positions; the caller keeps them
         with `cache.advance` or `cache.commit`.
         """
