@@ -103,10 +103,11 @@ inline void prefetch_l2(const T* p) {
 // not kept in L2 or L3 once evicted), so that the weights a token streams (269 MB in bf16) do not push
 // out what the step reads again: the KV cache, the activations, the code of its other operations. Plain
 // decoding, SmolLM2, AMD EPYC (Zen 4), steps with and without it taking turns in one process (blocks of
-// 15), time with / without: bf16 0.92-0.99 in four runs (0.91-0.93 where memory read ~50 GB/s, the
-// fixed costs then weighing most), float32 0.94 and 0.97; prefetcht0 at the same distance 1.01. A
-// tree's steps, with the L2 fetch of the next block too, were 1.09-1.10 with it, so they keep that alone.
-constexpr int64_t kStreamAhead = 4;  // lines; 2 / 3 / 6 / 8 were no better, 16 slower (1.08)
+// 15), time with / without, five runs: bf16 0.95, 0.94, 0.92 where a step took ~8.3 ms (memory read
+// fast, so the fixed costs weighed most) and 0.99, 0.97 where it took 10-11 ms; float32 0.97 and 0.94;
+// prefetcht0 at the same distance 1.01. A tree's steps, with the L2 fetch of the next block too, were
+// 1.09-1.10 with it, so they keep that alone.
+constexpr int64_t kStreamAhead = 4;  // lines; 2 / 3 / 6 / 8 within the runs' noise of it, 16 slower (1.08)
 
 struct NextBlock {
   const char* share;  // null: nothing to fetch
