@@ -4,10 +4,11 @@
 // (`decoder_layers`), and the EAGLE-style draft layer in one call (`draft_layer`); and, after the forward
 // of a step, each node's argmax and logsumexp, greedy acceptance, and the cache's move of the accepted
 // entries. In PyTorch each small step is 3-8 operations, and a token through SmolLM2's 30 layers spent ~2
-// ms of an ~11 ms forward in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values. `runtime.llama` calls them
-// (`RMSNorm`, `Block`) while serving on the CPU, and its PyTorch lines there are the reference. Each row is
-// computed on its own in a fixed order, and the roundings to the tensors' dtype are the reference's: a row
-// gets the same bits alone or among others, and the layer in one call the bits of its steps.
+// ms of an ~11 ms forward in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values.
+// `runtime.llama` calls them (`RMSNorm`, `Block`) while serving on the CPU, and its PyTorch lines there
+// are the reference. Each row is computed on its own in a fixed order, and the roundings to the tensors'
+// dtype are the reference's: a row gets the same bits alone or among others, and the layer in one call
+// the bits of its steps.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
