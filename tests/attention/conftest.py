@@ -88,6 +88,18 @@ def make_case(cache_lens: list[int], num_new: int, num_heads: int, num_kv_heads:
     return Case(q, k_cache, v_cache, torch.tensor(slots), torch.tensor(cache_lens), new_mask)
 
 
+def cancelling(case: Case) -> Case:
+    """The case with each odd position's key equal to the even one's before it and its value negated:
+    every such pair of keys gets equal weights and adds up to 0, so the output is little more than the
+    rounding of its sums and changes with their order. A bfloat16 output keeps the bits of an order
+    change that random values round away."""
+    k, v = case.k_cache.clone(), case.v_cache.clone()
+    odd = torch.arange(1, k.shape[2], 2)
+    k[:, :, odd] = k[:, :, odd - 1]
+    v[:, :, odd] = -v[:, :, odd - 1]
+    return Case(case.q, k, v, case.slots, case.cache_lens, case.new_mask)
+
+
 # (cache_lens, T, H, Hkv, D, new_mask): ragged lengths, 0, and lengths around the 64-key tile
 SHAPES = {
     "decode": ([0, 1, 17, 100], 1, 4, 4, 64, None),

@@ -8,7 +8,7 @@ import torch
 from attention import attend, plan
 from attention.cpu import cpu_attend
 from runtime import cpu_kernels
-from tests.attention.conftest import SHAPES, TOLERANCE, make_case, tree_mask
+from tests.attention.conftest import SHAPES, TOLERANCE, cancelling, make_case, tree_mask
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
 
@@ -29,8 +29,10 @@ def test_matches_naive_reading_only_what_each_sequence_sees(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("cached", [90, 95, 1])  # the chain's keys cross a block of 16 keys, or do not
 @pytest.mark.parametrize("head_dim", [64, 48])  # the kernel's code for 64, and for any multiple of 16
-def test_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype, cached, head_dim):
+@pytest.mark.parametrize("values", ["random", "cancelling"])
+def test_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype, cached, head_dim, values):
     case = make_case([cached], 8, 9, 3, head_dim, None, dtype=dtype, seed=cached)
+    case = cancelling(case) if values == "cancelling" else case
     together = cpu_attend(case.q, case.k_cache, case.v_cache, case.slots, case.cache_lens, None)
     for t in range(8):
         alone = cpu_attend(case.q[:, :, t:t + 1], case.k_cache, case.v_cache, case.slots,
@@ -39,11 +41,13 @@ def test_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_tree_node_gets_the_bits_of_its_path_decoded_as_a_chain(dtype):
+@pytest.mark.parametrize("cached", [29, 28])  # bf16 values pair keys by list index: odd and even prefixes
+@pytest.mark.parametrize("values", ["random", "cancelling"])
+def test_a_tree_node_gets_the_bits_of_its_path_decoded_as_a_chain(dtype, cached, values):
     parents = [-1, 0, 0, 1, 1, 2, 3, 6, 4]  # node 7's path: 0, 1, 3, 6, 7
     mask = tree_mask(parents)
-    cached = 29
     tree = make_case([cached], len(parents), 9, 3, 64, mask, dtype=dtype, seed=5)
+    tree = cancelling(tree) if values == "cancelling" else tree
     verified = cpu_attend(tree.q, tree.k_cache, tree.v_cache, tree.slots, tree.cache_lens, mask)
     for node in range(len(parents)):
         path = [j for j in range(len(parents)) if mask[node, j]]
