@@ -102,3 +102,24 @@ def test_the_packed_size_is_measured_on_the_model_and_never_for_what_onednn_cann
     assert measure_packed_from_rows(ours.half()) == NEVER  # oneDNN has no fp16 products on these CPUs
     ours.half().prepare_for_serving()
     assert ours.lm_head.packed_weight is None
+
+
+def test_the_rope_table_holds_each_positions_rotation_and_follows_the_cache_and_dtype():
+    """A step looks its positions' cos and signed sin up (`Llama.rope_table`): the bits that computing
+    them at those positions gives, for a longer cache after a shorter one, and in the weights' dtype."""
+    ours = ours_from_hf(tiny_hf_model("llama"))
+
+    def computed(positions: torch.Tensor) -> torch.Tensor:
+        freqs = positions[:, None].float() * ours.inv_freq
+        cos, sin = freqs.cos(), freqs.sin()
+        both = torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)])
+        return both.to(ours.embed.weight.dtype)
+
+    short = ours.rope_table(40)
+    assert short.shape[1] >= 40 and torch.equal(short[:, :40], computed(torch.arange(40)))
+    ours.new_cache(num_slots=1, max_len=100)  # a longer cache: the table grows with it
+    longer = ours._rope_table
+    assert longer.shape[1] >= 100 and torch.equal(longer[:, [0, 39, 99]], computed(torch.tensor([0, 39, 99])))
+    ours.to(torch.bfloat16)
+    table = ours.rope_table(10)
+    assert table.dtype == torch.bfloat16 and torch.equal(table[:, :10], computed(torch.arange(10)))
