@@ -28,7 +28,7 @@ def test_matches_naive_reading_only_what_each_sequence_sees(name, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("cached", [90, 95, 1])  # the chain's keys cross a block of 16 keys, or do not
-@pytest.mark.parametrize("head_dim", [64, 48])  # the kernel's code for 64, and for any multiple of 16
+@pytest.mark.parametrize("head_dim", [64, 128, 48])  # code of its own for 64 and 128; any multiple of 16
 @pytest.mark.parametrize("values", ["random", "cancelling"])
 def test_a_chain_verified_together_gets_the_bits_of_its_tokens_one_by_one(dtype, cached, head_dim, values):
     case = make_case([cached], 8, 9, 3, head_dim, None, dtype=dtype, seed=cached)
