@@ -322,8 +322,8 @@ inline c10::BFloat16 bf16_weight(float w) {  // rounded as the prefix's weights 
   return out;
 }
 
-// sums[r][c] += the pairs of the prefix's keys 0 .. len_even for kRows rows (row r's bfloat16 weights at
-// w + r * n16), sums in the columns' paired order
+// out[r] += the pairs of the prefix's keys 0 .. len_even for kRows rows (row r's bfloat16 weights at
+// w + r * n16), in the columns' paired order
 template <int kD, int kRows>
 inline void weigh_prefix_pairs(f32x16 (*out)[kD / 16], const c10::BFloat16* w, int64_t n16, int64_t len_even,
                                const c10::BFloat16* V) {
