@@ -1,13 +1,15 @@
 """Attention benchmark: our dispatch against SDPA with an explicit mask and against the naive version.
 
     python -m benchmarks.attention [--tiny] [--device cuda|cpu] [--dtype bfloat16|float16|float32] [--json]
+    python -m benchmarks.attention --device cpu --backend cpu --dtype bfloat16   # our CPU kernel
     python -m benchmarks.attention --check    # correctness of our kernels vs naive; exit status 1 on a FAIL
     python -m benchmarks.attention --sweep    # launch configurations of the Triton kernel
 
 Each case: B sequences, each with `context` cached tokens in its own slot, verifying T new tokens
 (T = 1: plain decoding, causal; T > 1: a random tree mask). Implementations:
-  ours   attention.attend (Triton on CUDA, the PyTorch path on the CPU); like sdpa's mask, the
-         plan is built once per forward for all layers, so it is outside the timing
+  ours   attention.attend (Triton on CUDA, the PyTorch path on the CPU, or `--backend cpu`: our CPU
+         kernel, what serving on a CPU attends with); like sdpa's mask, the plan is built once per
+         forward for all layers, so it is outside the timing
   sdpa   F.scaled_dot_product_attention with a dense boolean mask [B, 1, T, S], K/V as views of
          consecutive slots (its best case: no gather)
   naive  attention.reference.naive_attention (float32)
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from attention import attend, plan
 from attention.masks import dense_mask
 from attention.reference import naive_attention
+from runtime import cpu_kernels
 from runtime.loading import DTYPES, torch_dtype
 
 PEAK_BYTES_PER_S = 4.3e12  # H200 HBM3e
@@ -151,24 +154,31 @@ def run_case(case: Case, device: str, impls: tuple[str, ...] = ("ours", "sdpa", 
         yield row
 
 
-def bench_cases(tiny: bool, dtype: str) -> list[Case]:
+def bench_cases(tiny: bool, dtype: str, backend: str | None = None) -> list[Case]:
     if tiny:
         shapes = itertools.product(TINY_MODELS, (1, 2), (64,), (1, 4))
         return [Case(m, b, c, t, dtype) for m, b, c, t in shapes]
+    if backend == "cpu":  # what a CPU serves: the embedded model, a token or a CPU tree, a few sequences
+        return [Case("smollm2-135m", b, c, t, dtype)
+                for b, c, t in itertools.product((1, 4), (300, 1000, 2000), (1, 8))]
     return [Case(m, b, c, t, dtype)
             for m, b, c, t in itertools.product(MODELS, (1, 8, 32), (512, 2048, 8192), (1, 16, 64))]
 
 
-def check_cases(tiny: bool) -> list[tuple[Case, dict]]:
+def check_cases(tiny: bool, backend: str | None = None) -> list[tuple[Case, dict]]:
     """Correctness on the device: dtypes, head dims, GQA, tree and causal masks, ragged lengths
-    (0 included) in scattered slots, forced splits, and a prefill of many query tiles."""
+    (0 included) in scattered slots, forced splits (Triton's), and a prefill of many query tiles.
+    Our CPU kernel takes float32 and bfloat16 only."""
     contexts = (77,) if tiny else (77, 1000)
+    dtypes = ("float32", "bfloat16") if backend == "cpu" else DTYPES
+    splits = {} if backend == "cpu" else {"num_splits": 3}
     cases = []
-    for dtype, model, context, T in itertools.product(DTYPES, MODELS, contexts, (1, 7, 63)):
+    for dtype, model, context, T in itertools.product(dtypes, MODELS, contexts, (1, 7, 63)):
         for mask in ("tree", "causal") if T > 1 else ("causal",):
             cases.append((Case(model, 3, context, T, dtype, mask, ragged=True), {}))
-        cases.append((Case(model, 3, context, T, dtype, ragged=True), {"num_splits": 3}))
-    for dtype in DTYPES:
+        if splits:
+            cases.append((Case(model, 3, context, T, dtype, ragged=True), splits))
+    for dtype in dtypes:
         cases.append((Case("smollm2-135m", 1, 0, 130 if tiny else 1000, dtype, "causal"), {}))
         cases.append((Case("llama2-7b", 2, 40, 130 if tiny else 1000, dtype, "causal"), {}))
     return cases
@@ -224,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--tiny", action="store_true", help="a few small shapes: a dry run in seconds")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    parser.add_argument("--backend", choices=("torch", "triton"), default=None,
-                        help="ours: default triton on cuda, torch on cpu (triton on cpu: TRITON_INTERPRET=1)")
+    parser.add_argument("--backend", choices=("torch", "triton", "cpu"), default=None,
+                        help="ours: default triton on cuda, torch on cpu (triton on cpu: TRITON_INTERPRET=1; "
+                             "cpu: our CPU kernel)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="correctness vs naive on the device")
     mode.add_argument("--sweep", action="store_true",
                       help="Triton launch configurations (cuda; on the cpu only under TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
+    if args.backend == "cpu" and not cpu_kernels.built():  # (built on first use, ~1 min)
+        parser.error("--backend cpu: our CPU kernels could not be built on this machine")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     torch.manual_seed(0)
 
@@ -242,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.check:
         failed = 0
-        for case, kernel_args in check_cases(args.tiny):
+        for case, kernel_args in check_cases(args.tiny, args.backend):
             rows = run_case(case, args.device, ("ours",), time_it=False, backend=args.backend, **kernel_args)
             for row in rows:
                 passed = row["max_rel_err"] <= TOLERANCE[case.dtype]  # False for NaN too
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         for case, kernel_args in sweep_cases(args.tiny, dtype):
             emit(run_tuned(case, args.device, **kernel_args))
     else:
-        for case in bench_cases(args.tiny, dtype):
+        for case in bench_cases(args.tiny, dtype, args.backend):
             rows = list(run_case(case, args.device, backend=args.backend))
             for row in rows:
                 emit(row)

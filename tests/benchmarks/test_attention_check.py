@@ -6,7 +6,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from benchmarks import attention as attention_benchmark
+from runtime import cpu_kernels
 
 CHECK = ["--check", "--tiny", "--device", "cpu", "--json"]  # the PyTorch path: seconds on the CPU
 GPU_CHECK = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
@@ -20,6 +23,17 @@ def test_check_exits_0_when_every_result_matches(capsys):
     assert attention_benchmark.main(CHECK) == 0
     rows = check_rows(capsys)
     assert rows and {row["check"] for row in rows} == {"pass"}
+
+
+def test_check_runs_our_cpu_kernel_in_its_dtypes(capsys):
+    """`--backend cpu`: our CPU kernel itself (what serving on a CPU attends with), in float32 and
+    bfloat16, the dtypes it takes."""
+    if not cpu_kernels.built():
+        pytest.skip("no C++ compiler to build our CPU kernels")
+    assert attention_benchmark.main([*CHECK, "--backend", "cpu"]) == 0
+    rows = check_rows(capsys)
+    assert {row["backend"] for row in rows} == {"cpu"} and {row["check"] for row in rows} == {"pass"}
+    assert {row["dtype"] for row in rows} == {"float32", "bfloat16"}
 
 
 def test_check_exits_1_when_a_result_is_off(monkeypatch, capsys):
