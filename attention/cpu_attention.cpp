@@ -545,28 +545,28 @@ void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0
     for (int r = 0; r < rows; ++r) {
       const int64_t row = r0 + i0 + r, t = row % Tn;
       const float* p = scores.data() + (i0 + r) * n16;
-      int64_t index = len;  // in the list of keys this row sees
-#if defined(__AVX512BF16__)
-      if constexpr (kPaired) {
-        RowPairs<kD> pairs;
-        if (len % 2 == 1) pairs.add(out[r], paired[(i0 + r) * n16 + len - 1], V + (len - 1) * D);
+      // the new tokens this row sees, in list order: each one's weight into the softmax's lanes, then
+      // to `weigh` with its value
+      auto new_keys = [&](auto&& weigh) {
+        int64_t index = len;  // in the list of keys this row sees
         for (int64_t j = 0; j < Tn; ++j) {
           if (!sees(t, j)) continue;
           const float weight = exp1(p[len + j] - most[i0 + r]);
           lane_sums[i0 + r][index % 16] += weight;
           ++index;
-          pairs.add(out[r], bf16_weight(weight), V + (len + j) * D);
+          weigh(weight, V + (len + j) * D);
         }
+      };
+#if defined(__AVX512BF16__)
+      if constexpr (kPaired) {
+        RowPairs<kD> pairs;
+        if (len % 2 == 1) pairs.add(out[r], paired[(i0 + r) * n16 + len - 1], V + (len - 1) * D);
+        new_keys([&](float weight, const T* value) { pairs.add(out[r], bf16_weight(weight), value); });
         pairs.finish(out[r]);
       }
 #endif
-      for (int64_t j = 0; !kPaired && j < Tn; ++j) {
-        if (!sees(t, j)) continue;
-        const float weight = exp1(p[len + j] - most[i0 + r]);
-        lane_sums[i0 + r][index % 16] += weight;
-        ++index;
-        add_weighted_row(out[r], weight, V + (len + j) * D, D);
-      }
+      if constexpr (!kPaired)
+        new_keys([&](float weight, const T* value) { add_weighted_row(out[r], weight, value, D); });
       const float inv = 1.0f / sum16(lane_sums[i0 + r]);
       T* dst = a.out + ((b * Tn + t) * a.H + h * G + row / Tn) * D;
       scaled_store(dst, out[r], inv, D);
