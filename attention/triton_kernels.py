@@ -75,6 +75,7 @@ def _attend_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes a Python float as fp64, Triton as fp32
     tile = tl.program_id(0)
     b = tl.program_id(1) // num_kv_heads
     kv_head = tl.program_id(1) % num_kv_heads
