@@ -37,6 +37,24 @@ SAFE_RANGE = (1e-6, 1e6)  # temperature and repetition_penalty are clamped into 
 MODES = ("greedy", "typical", "lossless")  # acceptance rule of a row, by index (`RowParams.mode`)
 
 
+# A running sum over the vocabulary, as one operation a compiled graph calls as it is. Inductor
+# builds a scan this long as a "split scan" and, before torch 2.13, could fuse a reduction over the
+# same rows (an argmax, a softmax's sum) into it, then failed to build that kernel ("NYI
+# TritonSplitDimKernel reductions": the first compiled step on an H200, torch 2.11). As its own
+# operation it runs PyTorch's scan kernel, inside the CUDA graph all the same.
+_library = torch.library.Library("medusa", "FRAGMENT")
+_library.define("cumsum_last(Tensor x) -> Tensor")
+_library.impl("cumsum_last", lambda x: x.cumsum(-1), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("medusa::cumsum_last")
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+cumsum_last = torch.ops.medusa.cumsum_last  # [..., V] -> [..., V]: x.cumsum(-1)
+
+
 def _clamp(value: float) -> float:
     return min(max(value, SAFE_RANGE[0]), SAFE_RANGE[1])
 
@@ -168,7 +186,7 @@ def _keep_smallest_set(logits: torch.Tensor, order: torch.Tensor, mass: torch.Te
     """Keep the shortest prefix of `order` whose probability reaches `mass` (at least one token);
     rows with mass >= 1 keep everything. mass: broadcast against logits' rows."""
     probs = logits.softmax(dim=-1).gather(-1, order)  # [..., V] in `order`
-    before = probs.cumsum(-1) - probs  # mass of the tokens ranked before each one
+    before = cumsum_last(probs) - probs  # mass of the tokens ranked before each one
     drop_sorted = (before >= mass) & (mass < 1)
     drop_sorted[..., 0] = False  # a mass below float32's smallest number must still keep one token
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
@@ -203,7 +221,7 @@ def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """
     if cpu_kernels.eager_cpu(weights):  # one call of our kernel (runtime/sampling_ops.cpp), these lines
         return cpu_kernels.draw(weights, uniforms.double())
-    cdf = weights.cumsum(-1)  # [B, V]
+    cdf = cumsum_last(weights)  # [B, V]
     above_zero = (1 - uniforms.to(cdf.dtype)).clamp(min=torch.finfo(cdf.dtype).tiny)  # [B] in (0, 1]
     threshold = above_zero * cdf[:, -1]  # [B] in (0, total]
     return (cdf < threshold[:, None]).sum(-1).clamp(max=weights.shape[-1] - 1)

@@ -155,3 +155,29 @@ def test_draw_in_one_call_draws_what_its_lines_draw(dtype, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "eager_cpu", lambda t: False)
     assert torch.equal(ours, draw(weights, u))
     assert (weights.gather(1, ours[:, None]) > 0).all()
+
+
+def test_a_compiled_graph_scans_the_vocabulary_only_through_cumsum_last():
+    """Inductor before torch 2.13 failed to build a vocabulary-long scan fused with a reduction (on an
+    H200, torch 2.11), so the graphs of `draw` and of top-p/typical filtering hand it no scan of their
+    own: their running sums are `medusa::cumsum_last`, which it calls as it is."""
+    graphs = []
+
+    def recorded(gm: torch.fx.GraphModule, example_inputs) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    weights, uniforms = torch.rand(2, 50), torch.rand(2)
+    logits = torch.randn(2, 3, 50)
+    torch._dynamo.reset()
+    drawn = torch.compile(sampling.draw, backend=recorded, fullgraph=True)(weights, uniforms)
+    kept = torch.compile(sampling._keep_smallest_set, backend=recorded, fullgraph=True)(
+        logits, logits.argsort(-1, descending=True), torch.full((2, 1, 1), 0.9))
+    calls = [str(node.target) for gm in graphs for node in gm.graph.nodes
+             if node.op in ("call_function", "call_method")]
+    assert sum("cumsum_last" in call for call in calls) == 2
+    assert not [call for call in calls if "cum" in call and "cumsum_last" not in call]
+    cdf = weights.cumsum(-1)
+    assert torch.equal(drawn, (cdf < ((1 - uniforms) * cdf[:, -1])[:, None]).sum(-1))
+    assert (kept.isinf() == sampling._keep_smallest_set(logits, logits.argsort(-1, descending=True),
+                                                        torch.full((2, 1, 1), 0.9)).isinf()).all()
