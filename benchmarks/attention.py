@@ -165,12 +165,12 @@ def bench_cases(tiny: bool, dtype: str, backend: str | None = None) -> list[Case
             for m, b, c, t in itertools.product(MODELS, (1, 8, 32), (512, 2048, 8192), (1, 16, 64))]
 
 
-def check_cases(tiny: bool, backend: str | None = None) -> list[tuple[Case, dict]]:
-    """Correctness on the device: dtypes, head dims, GQA, tree and causal masks, ragged lengths
-    (0 included) in scattered slots, forced splits (Triton's), and a prefill of many query tiles.
-    Our CPU kernel takes float32 and bfloat16 only."""
+def check_cases(tiny: bool, backend: str | None = None, dtype: str | None = None) -> list[tuple[Case, dict]]:
+    """Correctness on the device: dtypes (all, or `dtype`), head dims, GQA, tree and causal masks,
+    ragged lengths (0 included) in scattered slots, forced splits (Triton's), and a prefill of many
+    query tiles. Our CPU kernel takes float32 and bfloat16 only."""
     contexts = (77,) if tiny else (77, 1000)
-    dtypes = ("float32", "bfloat16") if backend == "cpu" else DTYPES
+    dtypes = (dtype,) if dtype else ("float32", "bfloat16") if backend == "cpu" else DTYPES
     cases = []
     for dtype, model, context, T in itertools.product(dtypes, MODELS, contexts, (1, 7, 63)):
         for mask in ("tree", "causal") if T > 1 else ("causal",):
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="default: bfloat16 on cuda, float32 on cpu")
+                        help="default: bfloat16 on cuda, float32 on cpu; --check: every dtype unless given")
     parser.add_argument("--tiny", action="store_true", help="a few small shapes: a dry run in seconds")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--backend", choices=("torch", "triton", "cpu"), default=None,
@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--sweep", action="store_true",
                       help="Triton launch configurations (cuda; on the cpu only under TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
+    if args.backend == "cpu" and args.dtype == "float16":
+        parser.error("--backend cpu takes float32 and bfloat16")
     if args.backend == "cpu" and not cpu_kernels.built():  # (built on first use, ~1 min)
         parser.error("--backend cpu: our CPU kernels could not be built on this machine")
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.check:
         failed = 0
-        for case, kernel_args in check_cases(args.tiny, args.backend):
+        for case, kernel_args in check_cases(args.tiny, args.backend, args.dtype):
             rows = run_case(case, args.device, ("ours",), time_it=False, backend=args.backend, **kernel_args)
             for row in rows:
                 passed = row["max_rel_err"] <= TOLERANCE[case.dtype]  # False for NaN too

@@ -55,7 +55,8 @@ def fake_python(tmp_path: Path, check_status: int) -> Path:
 
 
 def run_gpu_check(tmp_path: Path, check_status: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": str(fake_python(tmp_path, check_status))}
+    env = {**os.environ, "PYTHON": str(fake_python(tmp_path, check_status)),
+           "GPU_CHECK_CARRY": "/nonexistent"}  # nothing carried: not a .carry/ prepared in this checkout
     return subprocess.run(["bash", str(GPU_CHECK), "--device", "cpu", "--tiny"], capture_output=True,
                           text=True, env=env)
 

@@ -4,6 +4,7 @@ part says "skipped" when its files are missing."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,10 @@ TINY = ["--device", "cpu", "--tiny", "--json"]
 
 
 def gpu_check(env: dict[str, str] | None = None, timeout: int = 300) -> tuple[int, list[dict]]:
+    """The dry run; nothing carried unless env says (not a .carry/ prepared in this checkout)."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_CARRY": "/nonexistent-carry", **(env or {})}
     result = subprocess.run(["bash", str(GPU_CHECK), "--device", "cpu", "--tiny"], capture_output=True,
-                            text=True, env={**os.environ, "PYTHON": sys.executable, **(env or {})},
-                            timeout=timeout)
+                            text=True, env=env, timeout=timeout)
     return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -29,7 +31,9 @@ def positive(row: dict, *keys: str) -> bool:
 
 @pytest.mark.slow
 def test_the_dry_run_gives_every_reading():
-    status, rows = gpu_check()
+    every_part = ("env check bench decode-llama2-7b decode-llama3-8b speculative speculative-compiled "
+                  "speculative-dynamic step")
+    status, rows = gpu_check({"GPU_CHECK_PARTS": every_part})
     assert [row for row in rows if "error" in row] == []
     assert status == 0
     parts = {row.get("part") for row in rows}
@@ -55,6 +59,7 @@ def test_the_dry_run_gives_every_reading():
     assert sorted(row["T"] for row in syncs) == [1, 16, 64]
     assert {row["syncs_per_step"] for row in syncs} == {"n/a"}  # counted on CUDA only
 
+    assert {"part": "speculative-compiled", "skipped": "CUDA only"} in rows
     [speculative] = [row for row in rows if row.get("part") == "speculative"]
     assert "skipped" in speculative or positive(speculative, "hf_tok_s", "plain_tok_s", "medusa_tok_s")
     if "skipped" not in speculative:  # the same drafters with a dynamic tree
@@ -94,3 +99,46 @@ def test_a_failing_case_is_reported_and_the_part_goes_on(monkeypatch, capsys):
     assert [row for row in rows if row["part"] == "decode_ratio"] == [  # no ratio without ours
         {"part": "decode_ratio", "shape": "llama2-7b", "batch": 1},
         {"part": "decode_ratio", "shape": "llama2-7b", "batch": 2}]
+
+
+def test_the_model_travels_in_three_parts_and_is_joined_once_all_came(tmp_path):
+    """`gpu_carry.sh prepare` splits the GGUF for three device runs; each run's gpu_check.sh stores the
+    part it carried, and the third joins them, checks the sha256 and uses the file. A damaged part is
+    a failed "carry" row, not a model."""
+    gguf, prompts = tmp_path / "model.gguf", tmp_path / "prompts.jsonl"
+    gguf.write_bytes(os.urandom(10_001))
+    prompts.write_text('{"question_id": 0, "category": "writing", "turns": ["Hello?"]}\n')
+    prepared = tmp_path / "prepared"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_CARRY": str(prepared), "GPU_CARRY_WHEELS": "0",
+           "SMOLLM2_GGUF": str(gguf), "SPEC_BENCH_PROMPTS": str(prompts)}
+    result = subprocess.run(["bash", str(GPU_CHECK.with_name("gpu_carry.sh")), "prepare"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "model3" in result.stdout
+    assert (prepared / "data" / "prompts.jsonl").read_text() == prompts.read_text()
+
+    store = tmp_path / "store"
+    for i in (1, 2, 3):  # each run carries one part, as the device runs do
+        carried = tmp_path / f"run{i}"
+        carried.mkdir()
+        shutil.copytree(prepared / "data", carried / "data")
+        shutil.copytree(prepared / f"model{i}", carried / f"model{i}")
+        status, rows = gpu_check({"GPU_CHECK_PARTS": "none", "GPU_CHECK_CARRY": str(carried),
+                                  "GPU_CHECK_STORE": str(store)})
+        assert status == 0
+        joined = str(store / "model.gguf") if i == 3 else None
+        assert rows[0] == {"part": "carry", "model_parts": i, "of": 3, "model": joined}
+    assert (store / "model.gguf").read_bytes() == gguf.read_bytes()
+    status, rows = gpu_check({"GPU_CHECK_PARTS": "speculative", "GPU_CHECK_CARRY": str(carried),
+                              "GPU_CHECK_STORE": str(store), "SMOLLM2_GGUF": "/nonexistent.gguf"})
+    assert rows[1] == {"part": "speculative",  # past the prompts' check: the carried ones were found
+                       "skipped": "SMOLLM2_GGUF=/nonexistent.gguf is not a file"}
+
+    damaged = bytearray((store / "model2.part").read_bytes())
+    damaged[0] ^= 1
+    (store / "model2.part").write_bytes(bytes(damaged))
+    status, rows = gpu_check({"GPU_CHECK_PARTS": "none", "GPU_CHECK_CARRY": str(tmp_path / "run3"),
+                              "GPU_CHECK_STORE": str(store)})
+    assert status == 1
+    assert rows[0]["part"] == "carry" and "error" in rows[0]
+    assert rows[-1]["failed_parts"] == ["carry"]
