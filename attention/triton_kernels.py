@@ -121,8 +121,8 @@ def _attend_kernel(
             new_hi = tl.minimum(num_new, ((tile + 1) * BLOCK_M - 1) // GROUP + 1)
         else:
             new_hi = num_new
-        for start in range(0, new_hi, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)  # [N]: index among the new tokens
+        for first in range(0, new_hi, BLOCK_N):  # (not `start`: its type may differ from the loop's above)
+            j = first + tl.arange(0, BLOCK_N)  # [N]: index among the new tokens
             j_ok = j < num_new
             keys = cache_len + j
             k = tl.load(k_base + keys[None, :] * stride_ks + d[:, None], mask=j_ok[None, :], other=0.0)

@@ -85,35 +85,37 @@ def test_num_splits_fill_the_gpu_only_when_needed():
 
 
 _BUILD_FOR_HOPPER = """
-import sys
+import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from attention import triton_kernels as tk
 
-split = sys.argv[1] == "split"
 kernel = tk._attend_kernel
-pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*fp32" if split else "*bf16",
-            "lse_ptr": "*fp32", "slots_ptr": "*i64", "lens_ptr": "*i64", "mask_ptr": "*i32"}
-constants = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=64, CAUSAL=False, SPLIT=split,
-                 DOT_PRECISION="tf32", DOT_UPCAST=False)
-signature = {name: pointers.get(name, "constexpr" if name in constants else "fp64" if name == "qk_scale"
-                                else "i32") for name in kernel.arg_names}
-constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
-source = ASTSource(kernel, signature, constexprs=constexprs)
-print(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"])
+for split, causal, ints in itertools.product((False, True), (False, True), ("i32", "i64")):
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "lse_ptr": "*fp32", "slots_ptr": "*i64",
+                "lens_ptr": "*i64", "mask_ptr": "*i32", "out_ptr": "*fp32" if split else "*bf16"}
+    constants = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=16, BLOCK_N=64, CAUSAL=causal, SPLIT=split,
+                     DOT_PRECISION="tf32", DOT_UPCAST=False)
+    signature = {name: pointers.get(name, "constexpr" if name in constants else "fp64" if name == "qk_scale"
+                                    else ints) for name in kernel.arg_names}
+    constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+    source = ASTSource(kernel, signature, constexprs=constexprs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    print(split, causal, ints, ".entry _attend_kernel" in ptx)
 """
 
 
-@pytest.mark.parametrize("split", ["split", "whole"])
-def test_builds_for_a_gpu_with_scalars_typed_as_torch_compile_types_them(split):
+def test_builds_for_a_gpu_with_scalars_typed_as_torch_compile_types_them():
     """Under torch.compile, Inductor launches our kernel with a Python float typed fp64 (Triton's own
-    launcher says fp32). An fp64 scale once turned the online softmax's loop-carried max fp64, and
-    the build failed on the H200 at the first compiled step. Triton builds for a Hopper target
-    without a GPU (not under the interpreter: a process of its own), so that signature is built
-    here, for sm_90, down to PTX."""
+    launcher says fp32), and an int it cannot bound typed i64. An fp64 scale once turned the online
+    softmax's loop-carried max fp64, and the build failed on the H200 at the first compiled step; an
+    i64 count of new tokens made a loop variable change type. Triton builds for a Hopper target
+    without a GPU (not under the interpreter: a process of its own), so each such signature is built
+    here, for sm_90, down to PTX: split or not, causal or tree mask, ints i32 or i64."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    built = subprocess.run([sys.executable, "-c", _BUILD_FOR_HOPPER, split], env=env, capture_output=True,
-                           text=True, cwd=Path(__file__).parents[2], timeout=300)
+    built = subprocess.run([sys.executable, "-c", _BUILD_FOR_HOPPER], env=env, capture_output=True, text=True,
+                           cwd=Path(__file__).parents[2], timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
-    assert ".entry _attend_kernel" in built.stdout
+    assert built.stdout.split("\n")[:-1] == [f"{split} {causal} {ints} True" for split in (False, True)
+                                             for causal in (False, True) for ints in ("i32", "i64")]
