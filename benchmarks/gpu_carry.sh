@@ -42,11 +42,11 @@ prepare() {
     cat <<EOF
 Prepared $carry from $gguf ($(du -sh "$carry" | cut -f1)). Three device runs, each started within
 30 s of the last one's end (the machine keeps /root only while warm):
-  1. carry [".carry/whl", ".carry/data", ".carry/model1"], timeout_s 200:
+  1. carry [".carry/whl", ".carry/data", ".carry/model1"], timeout_s 170:
      GPU_CHECK_PARTS="env check bench" bash benchmarks/gpu_check.sh 2>&1 | tee \$OUT/gpu1.log
-  2. carry [".carry/whl", ".carry/data", ".carry/model2"], timeout_s 280:
+  2. carry [".carry/whl", ".carry/data", ".carry/model2"], timeout_s 240:
      GPU_CHECK_PARTS="decode-llama2-7b" bash benchmarks/gpu_check.sh 2>&1 | tee \$OUT/gpu2.log
-  3. carry [".carry/whl", ".carry/data", ".carry/model3"], timeout_s 440:
+  3. carry [".carry/whl", ".carry/data", ".carry/model3"], timeout_s 500:
      GPU_CHECK_PARTS="speculative speculative-compiled" bash benchmarks/gpu_check.sh 2>&1 | tee \$OUT/gpu3.log
 Each command starts with: export PYTHONUNBUFFERED=1; set -o pipefail;
 Left out for lack of time: step (compiled engines' syncs per step), decode-llama3-8b,

