@@ -114,3 +114,34 @@ def test_inductor_compiles_the_served_step_and_gives_the_eager_tokens(tree):
     from_cpp = 'aoti_torch_call_dispatcher("medusa::rows_product"' in code
     from_python = "medusa.rows_product.default(" in code
     assert (from_cpp, from_python) == ((True, False) if tree is None else (False, True))
+
+
+@pytest.mark.parametrize("attention_length", ["cpu", "gpu"])
+@pytest.mark.parametrize("tree", [None, "cpu"], ids=["plain", "shipped-cpu-tree"])
+def test_warm_up_builds_every_graph_that_serving_runs(model, monkeypatch, tree, attention_length):
+    """No graph is built while a request waits: after `warm_up`, a mixed load (greedy, sampled,
+    penalised and non-speculating rows; batches of 1 to 5, padded to their buckets; prompts of
+    several lengths) runs on the graphs it built. "gpu": the attention length a GPU compiles with
+    (the whole cache), simulated here; "cpu": the length itself, symbolic after the second."""
+    from medusa.step import DeviceStep
+
+    if attention_length == "gpu":
+        monkeypatch.setattr(DeviceStep, "_len_bucket", lambda self, max_len: self.cache.max_len)
+    heads = None if tree is None else heads_for(model)
+    engine = Engine(model, Vocab(), (), max_batch_size=5, max_total_tokens=64, heads=heads,
+                    tree=None if tree is None else get_tree(tree), compile=True)
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = engine.device_step
+    step._fn = torch.compile(step._step, fullgraph=True, backend=count_graphs)
+    engine.warm_up()
+    built = len(graphs)
+    assert built >= 2  # greedy and the rest
+    for batch in (1, 3, 5, 2):
+        list(engine.run(zip(range(batch), PROMPTS[:batch], PARAMS[:batch], strict=True)))
+    assert len(graphs) == built
