@@ -49,7 +49,7 @@ Prepared $carry from $gguf ($(du -sh "$carry" | cut -f1)). Three device runs, ea
   3. carry [".carry/whl", ".carry/data", ".carry/model3"], timeout_s 500:
      GPU_CHECK_PARTS="speculative speculative-compiled" bash benchmarks/gpu_check.sh 2>&1 | tee \$OUT/gpu3.log
 Each command starts with: export PYTHONUNBUFFERED=1; set -o pipefail;
-Left out for lack of time: step (compiled engines' syncs per step), decode-llama3-8b,
+Left out for lack of time: step (verification cost by tree size on 7B shapes), decode-llama3-8b,
 speculative-dynamic, sweep; a later run can name them.
 EOF
 }

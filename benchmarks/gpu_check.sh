@@ -12,7 +12,8 @@
 #                     benchmarks.speculative, transformers vs our plain decoding vs Medusa heads vs the
 #                     EAGLE-style draft layer, each drafter with its own 'gpu' tree
 #   speculative-compiled   the same with compile on (CUDA only), plain and heads: what compiling
-#                     gives, and its warm-up (every graph a server builds before it listens)
+#                     gives, its warm-up (every graph a server builds before it listens), and each
+#                     engine's host synchronisations per step (syncs_per_step; one by design)
 #   speculative-dynamic    both drafters with a dynamic tree of 64 nodes (dynamic:48,lookup=16)
 #   step              benchmarks.engine, verify and syncs: one verification of T = 1/16/64 tree nodes
 #                     (forward, engine step) and host synchronisations per engine step

@@ -25,6 +25,9 @@ timed with its prefill. It multiplies the file's quantised weights whatever --dt
 output may differ from ours (`llamacpp_matches_plain` says how often it does not). It is skipped,
 with a line saying why, when llama_cpp is not installed or --model is a folder rather than a GGUF file.
 
+On CUDA, the summary's "syncs_per_step" counts each engine's host synchronisations per step over 8
+steps of the first prompt, after the timed runs (one by design: the step's results).
+
 On the CPU, with mode "plain" or "plain-compiled", the run also measures the read bound (`ReadBound`):
 the tok/s that the bytes of the weights a token reads allow at the rate the machine reads memory,
 measured beside each plain prompt; `plain_vs_read_bound` is plain decoding's share of it.
@@ -50,6 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks import engine as engine_benchmark
 from benchmarks.spec_bench import Question, read_questions
 from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS, load_drafter, load_heads
 from medusa.engine import Engine, use_compile
@@ -128,6 +132,16 @@ def engine_run(engine: Engine, max_new: int, sampling: SamplingParams | None = N
         seconds = time.perf_counter() - start
         return [token for e in emitted for token in e.token_ids], seconds, len(emitted) - 1
     return run
+
+
+def syncs_per_step(engine: Engine, prompt: list[int], max_new: int, steps: int = 8) -> float:
+    """Host synchronisations per step of one sequence's decoding, as CUDA's sync debug mode reports
+    them (CUDA only): one by design, the copy of the step's results to the host."""
+    engine.add("syncs", prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True))  # prefilled
+    per_step = engine_benchmark.syncs_per_step(engine, steps)
+    while engine.running:
+        engine.step()
+    return per_step
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], max_new: int) -> ModeResult:
@@ -306,6 +320,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     prompts = [prompter.encode(q.text) for q in questions]
     max_total = max(len(p) for p in prompts) + args.max_new_tokens
     runs: dict[str, Run] = {}
+    engines: dict[str, Engine] = {}
     skipped: dict[str, str] = {}
     notes: dict[str, str] = {}  # drafter mode -> its weights and tree
     warm_up_s: dict[str, float] = {}
@@ -337,6 +352,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             engine.warm_up()  # not timed: a server does it before it listens
             warm_up_s[mode] = round(time.perf_counter() - started, 1)
             runs[mode] = engine_run(engine, args.max_new_tokens, sampling)
+            engines[mode] = engine
         else:  # "llamacpp" (main checked the modes)
             skip_reason = llamacpp_skip_reason(args.model, sampled=sampling is not None)
             if skip_reason is None:
@@ -369,6 +385,9 @@ def benchmark(args: argparse.Namespace) -> dict:
             summary[f"{mode}_compiled_matches_eager"] = same_share(results[mode], results[f"{mode}-compiled"])
     if any(warm_up_s.values()):
         summary["warm_up_s"] = warm_up_s
+    if args.device.startswith("cuda"):
+        summary["syncs_per_step"] = {mode: syncs_per_step(engine, prompts[0], args.max_new_tokens)
+                                     for mode, engine in engines.items()}
     if skipped:
         summary["skipped"] = skipped
     return summary

@@ -57,6 +57,24 @@ def test_speculation_gives_the_same_tokens_in_fewer_steps(tiny_llama):
     assert all(steps < plain_steps for steps, plain_steps in zip(medusa.steps, plain.steps, strict=True))
 
 
+def test_syncs_are_counted_over_steps_of_a_decoding_sequence_which_then_finishes(tiny_llama, monkeypatch):
+    """The count itself is CUDA's (`benchmarks.engine.syncs_per_step`); here, that it sees a prefilled
+    sequence decode for its steps, and that the engine is left empty for the next mode."""
+    seen = []
+
+    def counted(e: Engine, steps: int) -> float:
+        for _ in range(steps):
+            seen.append(e.running)
+            e.step()
+        return 1.0
+
+    monkeypatch.setattr(speculative.engine_benchmark, "syncs_per_step", counted)
+    e = engine(tiny_llama)
+    assert speculative.syncs_per_step(e, PROMPTS[1], max_new=20, steps=8) == 1.0
+    assert seen == [1] * 8
+    assert e.running == 0
+
+
 def test_the_modes_take_turns_prompt_by_prompt_and_each_keeps_its_prompts_in_order():
     calls = []
 
