@@ -49,8 +49,9 @@ Prepared $carry from $gguf ($(du -sh "$carry" | cut -f1)). Three device runs, ea
   3. carry [".carry/whl", ".carry/data", ".carry/model3"], timeout_s 500:
      GPU_CHECK_PARTS="speculative speculative-compiled" bash benchmarks/gpu_check.sh 2>&1 | tee \$OUT/gpu3.log
 Each command starts with: export PYTHONUNBUFFERED=1; set -o pipefail;
-Left out for lack of time: step (verification cost by tree size on 7B shapes), decode-llama3-8b,
-speculative-dynamic, sweep; a later run can name them.
+Left out for lack of time: speculative-float32 (greedy exactness on the GPU: the first to add if
+time is left, 80 s, in run 3), step (verification cost by tree size on 7B shapes), decode-llama3-8b,
+speculative-dynamic, sweep.
 EOF
 }
 

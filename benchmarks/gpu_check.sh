@@ -15,11 +15,14 @@
 #                     gives, its warm-up (every graph a server builds before it listens), and each
 #                     engine's host synchronisations per step (syncs_per_step; one by design)
 #   speculative-dynamic    both drafters with a dynamic tree of 64 nodes (dynamic:48,lookup=16)
+#   speculative-float32    plain decoding and both drafters in float32, compile off: whether greedy
+#                     speculation gives plain decoding's tokens on the GPU (exact_match; bf16 is not
+#                     expected to: one row's products and many rows' round differently there)
 #   step              benchmarks.engine, verify and syncs: one verification of T = 1/16/64 tree nodes
 #                     (forward, engine step) and host synchronisations per engine step
 #   sweep             Triton launch configurations (CUDA only)
 # GPU_CHECK_PARTS names the parts to run ("none": the carry alone); by default all but
-# decode-llama3-8b, speculative-dynamic and sweep. Each part has its own time limit, sized for a cold
+# decode-llama3-8b, speculative-dynamic, speculative-float32 and sweep. Each part has its own time limit, sized for a cold
 # H200 (the first Triton and Inductor builds included), so one hang cannot eat the session, and a part
 # that fails (a FAIL in the check, a failed case, an error, a timeout) does not stop the next; the
 # last row sums up (seconds taken, failed parts), and the script then exits 1.
@@ -141,6 +144,7 @@ else
     speculative speculative-compiled 360 --compile on --modes plain,medusa --limit 3
 fi
 speculative speculative-dynamic 100 --compile off --modes medusa,eagle --tree dynamic:48,lookup=16
+speculative speculative-float32 80 --compile off --modes plain,medusa,eagle --dtype float32 --limit 3
 run 120 step "$PY" -m benchmarks.engine --json --parts verify,syncs --shapes llama2-7b "${ARGS[@]}"
 if [ "$DEVICE" != cpu ]; then  # the sweep times Triton launches: CUDA only
     run 150 sweep "$PY" -m benchmarks.attention --json --sweep "${ARGS[@]}"
