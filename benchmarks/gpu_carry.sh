@@ -21,6 +21,10 @@ prepare() {
     local prompts=${SPEC_BENCH_PROMPTS:-../shared/data/spec_bench_dev.jsonl} gguf=${SMOLLM2_GGUF:-}
     [ -n "$gguf" ] || gguf=$("$py" -c 'from runtime.loading import embedded_gguf_path; print(embedded_gguf_path())') ||
         return 1
+    if [ -e "$carry" ] && [ ! -f "$carry/data/prompts.jsonl" ]; then  # never remove what prepare did not write
+        echo "$carry exists and is not a carry folder: remove it, or set GPU_CHECK_CARRY to another" >&2
+        return 1
+    fi
     rm -rf "$carry" && mkdir -p "$carry/data" || return 1
     if [ "$carry" = .carry ] && ! grep -qsx '/.carry/' .git/info/exclude; then
         mkdir -p .git/info && echo '/.carry/' >> .git/info/exclude

@@ -107,18 +107,29 @@ def test_a_failing_case_is_reported_and_the_part_goes_on(monkeypatch, capsys):
 def test_the_model_travels_in_three_parts_and_is_joined_once_all_came(tmp_path):
     """`gpu_carry.sh prepare` splits the GGUF for three device runs; each run's gpu_check.sh stores the
     part it carried, and the third joins them, checks the sha256 and uses the file. A damaged part is
-    a failed "carry" row, not a model."""
+    a failed "carry" row, not a model; prepare refuses to replace a folder it did not write."""
     gguf, prompts = tmp_path / "model.gguf", tmp_path / "prompts.jsonl"
     gguf.write_bytes(os.urandom(10_001))
     prompts.write_text('{"question_id": 0, "category": "writing", "turns": ["Hello?"]}\n')
     prepared = tmp_path / "prepared"
     env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_CARRY": str(prepared), "GPU_CARRY_WHEELS": "0",
            "SMOLLM2_GGUF": str(gguf), "SPEC_BENCH_PROMPTS": str(prompts)}
-    result = subprocess.run(["bash", str(GPU_CHECK.with_name("gpu_carry.sh")), "prepare"],
-                            capture_output=True, text=True, timeout=60, env=env)
+
+    def prepare(**settings: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(GPU_CHECK.with_name("gpu_carry.sh")), "prepare"],
+                              capture_output=True, text=True, timeout=60, env={**env, **settings})
+
+    result = prepare()
     assert result.returncode == 0, result.stderr
     assert "model3" in result.stdout
     assert (prepared / "data" / "prompts.jsonl").read_text() == prompts.read_text()
+    assert prepare().returncode == 0  # again, over the folder it wrote
+    other = tmp_path / "other"  # a folder it did not write is never removed
+    other.mkdir()
+    (other / "keep").write_text("not ours")
+    refused = prepare(GPU_CHECK_CARRY=str(other))
+    assert refused.returncode == 1 and "not a carry folder" in refused.stderr
+    assert (other / "keep").read_text() == "not ours"
 
     store = tmp_path / "store"
     for i in (1, 2, 3):  # each run carries one part, as the device runs do
