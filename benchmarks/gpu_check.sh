@@ -22,10 +22,10 @@
 #                     (forward, engine step) and host synchronisations per engine step
 #   sweep             Triton launch configurations (CUDA only)
 # GPU_CHECK_PARTS names the parts to run ("none": the carry alone); by default all but
-# decode-llama3-8b, speculative-dynamic, speculative-float32 and sweep. Each part has its own time limit, sized for a cold
-# H200 (the first Triton and Inductor builds included), so one hang cannot eat the session, and a part
-# that fails (a FAIL in the check, a failed case, an error, a timeout) does not stop the next; the
-# last row sums up (seconds taken, failed parts), and the script then exits 1.
+# decode-llama3-8b, speculative-dynamic, speculative-float32 and sweep. Each part has its own time
+# limit, sized for a cold H200 (the first Triton and Inductor builds included), so one hang cannot eat
+# the session, and a part that fails (a FAIL in the check, a failed case, an error, a timeout) does not
+# stop the next; the last row sums up (seconds taken, failed parts), and the script then exits 1.
 # Arguments go to every benchmarks.attention and benchmarks.engine part: --device, --dtype, --tiny.
 #
 #   bash benchmarks/gpu_carry.sh prepare         # here, first: .carry/ and the three device runs to make
