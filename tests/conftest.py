@@ -57,6 +57,18 @@ def ours_from_hf(hf_model: transformers.PreTrainedModel) -> Llama:
     return model.eval()
 
 
+class GraphRecorder:
+    """A torch.compile backend that keeps each graph it is given and runs it as traced (nothing is
+    built): `graphs` says how many graphs a function compiled into, and what they call."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs) -> object:
+        self.graphs.append(gm)
+        return gm.forward
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> Llama:
     return ours_from_hf(tiny_hf_model("smollm"))

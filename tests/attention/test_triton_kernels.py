@@ -83,7 +83,6 @@ def test_num_splits_fill_the_gpu_only_when_needed():
     assert tk.choose_num_splits(num_programs=1, max_cached=8192, num_sms=132) == 32  # MIN_SPLIT_LEN keys each
 
 
-
 _BUILD_FOR_HOPPER = """
 import itertools
 import triton

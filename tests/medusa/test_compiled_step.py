@@ -11,7 +11,7 @@ import torch
 from medusa.engine import Engine
 from medusa.tree import get_tree
 from runtime.config import SamplingParams
-from tests.conftest import Vocab, ours_from_hf, tiny_hf_model
+from tests.conftest import GraphRecorder, Vocab, ours_from_hf, tiny_hf_model
 from tests.medusa.test_engine_speculative import eagle_for, heads_for
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1], [9, 9]]
@@ -50,16 +50,12 @@ def test_the_step_compiles_as_one_graph_with_the_eager_outputs(model, tree, draf
     eager = run(engine(False))
     compiled_engine = engine(True)  # padding to a batch bucket, attention length rounded up
     step = compiled_engine.device_step
-    graphs = []
-
-    def count_graphs(gm, example_inputs):  # a graph break would make a second graph, or raise
-        graphs.append(gm)
-        return gm.forward
+    recorder = GraphRecorder()  # a graph break would make a second graph, or raise
 
     torch._dynamo.reset()
-    step._fn = torch.compile(step._step, fullgraph=True, backend=count_graphs)
+    step._fn = torch.compile(step._step, fullgraph=True, backend=recorder)
     compiled = run(compiled_engine)
-    assert graphs, "the step did not go through torch.compile"
+    assert recorder.graphs, "the step did not go through torch.compile"
     assert compiled.keys() == eager.keys()
     for i in eager:
         assert [t for t, _ in compiled[i]] == [t for t, _ in eager[i]], PARAMS[i]
@@ -130,18 +126,13 @@ def test_warm_up_builds_every_graph_that_serving_runs(model, monkeypatch, tree, 
     heads = None if tree is None else heads_for(model)
     engine = Engine(model, Vocab(), (), max_batch_size=5, max_total_tokens=64, heads=heads,
                     tree=None if tree is None else get_tree(tree), compile=True)
-    graphs = []
-
-    def count_graphs(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    recorder = GraphRecorder()
     torch._dynamo.reset()
     step = engine.device_step
-    step._fn = torch.compile(step._step, fullgraph=True, backend=count_graphs)
+    step._fn = torch.compile(step._step, fullgraph=True, backend=recorder)
     engine.warm_up()
-    built = len(graphs)
+    built = len(recorder.graphs)
     assert built >= 2  # greedy and the rest
     for batch in (1, 3, 5, 2):
         list(engine.run(zip(range(batch), PROMPTS[:batch], PARAMS[:batch], strict=True)))
-    assert len(graphs) == built
+    assert len(recorder.graphs) == built

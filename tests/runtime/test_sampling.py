@@ -15,6 +15,7 @@ from transformers import (
 from runtime import cpu_kernels, sampling
 from runtime.config import SamplingParams
 from runtime.sampling import Needs, RowParams, draw, process, warp
+from tests.conftest import GraphRecorder
 
 CASES = [
     (SamplingParams(temperature=0.7, top_k=5), [TemperatureLogitsWarper(0.7), TopKLogitsWarper(5)]),
@@ -161,19 +162,14 @@ def test_a_compiled_graph_scans_the_vocabulary_only_through_cumsum_last():
     """Inductor before torch 2.13 failed to build a vocabulary-long scan fused with a reduction (on an
     H200, torch 2.11), so the graphs of `draw` and of top-p/typical filtering hand it no scan of their
     own: their running sums are `medusa::cumsum_last`, which it calls as it is."""
-    graphs = []
-
-    def recorded(gm: torch.fx.GraphModule, example_inputs) -> object:
-        graphs.append(gm)
-        return gm.forward
-
+    recorded = GraphRecorder()
     weights, uniforms = torch.rand(2, 50), torch.rand(2)
     logits = torch.randn(2, 3, 50)
     torch._dynamo.reset()
     drawn = torch.compile(sampling.draw, backend=recorded, fullgraph=True)(weights, uniforms)
     kept = torch.compile(sampling._keep_smallest_set, backend=recorded, fullgraph=True)(
         logits, logits.argsort(-1, descending=True), torch.full((2, 1, 1), 0.9))
-    calls = [str(node.target) for gm in graphs for node in gm.graph.nodes
+    calls = [str(node.target) for gm in recorded.graphs for node in gm.graph.nodes
              if node.op in ("call_function", "call_method")]
     assert sum("cumsum_last" in call for call in calls) == 2
     assert not [call for call in calls if "cum" in call and "cumsum_last" not in call]
