@@ -119,7 +119,8 @@ class Engine:
     def __init__(self, model: Llama, tokenizer, eos_token_ids: Iterable[int], *, max_batch_size: int = 8,
                  max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
                  tree: TreeBuffers | DynamicTree | None = None, keep_hidden: bool = False,
-                 max_speculative_batch: int | None = None, compile: bool = False) -> None:
+                 max_speculative_batch: int | None = None, compile: bool = False,
+                 eager_if_compile_fails: bool = False) -> None:
         """max_speculative_batch: a step with more running sequences than this, all of those that
         speculate greedy, decodes plainly (None: no limit). A tree multiplies the rows of a step; once
         the batch alone fills the machine (a CPU), extra rows cost more than the drafts they accept.
@@ -127,7 +128,9 @@ class Engine:
         request's random stream, and so its output, does not depend on the load.
 
         compile: run the step's device work through torch.compile (`use_compile` decides the default);
-        `warm_up` builds its graphs before serving.
+        `warm_up` builds its graphs before serving. eager_if_compile_fails: should that fail, warm-up
+        logs why and the engine steps eagerly (`compile` turns False; --compile auto), instead of
+        raising (--compile on).
 
         Raises ConfigError for what could not be exact: heads without a tree, or max_total_tokens past
         the model's positions or sliding window."""
@@ -152,6 +155,7 @@ class Engine:
         # room for a whole tree of scratch entries after the longest allowed sequence
         self.device_step = DeviceStep(model, heads, tree, max_batch_size, max_total_tokens + tree.num_nodes,
                                       compile)
+        self.eager_if_compile_fails = eager_if_compile_fails
         self._free = list(range(max_batch_size - 1, -1, -1))
         self._running: dict[Hashable, _Sequence] = {}
         self._prefilling: dict[Hashable, _Prefill] = {}
@@ -159,8 +163,8 @@ class Engine:
     @torch.inference_mode()  # as `step`: a graph built with autograd on would not serve it
     def warm_up(self) -> None:
         """Build every compiled graph and kernel variant a step can need, so that none is built
-        while serving (a no-op without `compile`)."""
-        self.device_step.warm_up(self.num_slots, self.heads is not None)
+        while serving (a no-op without `compile`); where that fails, see `eager_if_compile_fails`."""
+        self.device_step.warm_up(self.num_slots, self.heads is not None, self.eager_if_compile_fails)
 
     @property
     def cache(self) -> KVCache:

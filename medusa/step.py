@@ -24,6 +24,7 @@ U uniforms per row (= T of the engine's tree), L lookup-branch nodes.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,8 @@ from runtime import sampling
 from runtime.config import SamplingParams
 from runtime.llama import Llama
 from runtime.sampling import MODES, ROW_PARAMS_WIDTH, Needs, RowParams
+
+log = logging.getLogger(__name__)
 
 ROOT_ONLY = build_tree([])
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -173,10 +176,15 @@ class DeviceStep:
             results.append(StepResult(n, [int(t) for t in row[1:1 + n]], row[1 + P:1 + P + n]))
         return results, hidden[:B].clone() if keep_hidden else None  # (a CUDA graph's output is reused)
 
-    def warm_up(self, max_batch: int, speculative: bool) -> None:
+    def warm_up(self, max_batch: int, speculative: bool, eager_if_compile_fails: bool = False) -> None:
         """Run every graph `run` can use -- batch buckets up to max_batch's, any attention length,
         plain and speculative trees, greedy and sampling -- on padding rows, so that none is
-        compiled while serving (no-op without compile)."""
+        compiled while serving (no-op without compile).
+
+        eager_if_compile_fails: where building a graph raises, log why and run the step eagerly from
+        now on (`compile` turns False), instead of raising. The first GPU session met three such
+        failures, in torch's code generation for a GPU that no test here can reach: a server left to
+        choose (--compile auto) should serve slower rather than not at all."""
         if self.device.type == "cuda":
             self.warm_up_prefill()
         if not self.compile:
@@ -184,9 +192,16 @@ class DeviceStep:
         batches = sorted({_batch_bucket(b) for b in range(1, max_batch + 1)})
         # two lengths: Dynamo compiles the second one for any length
         lengths = {self._len_bucket(self.tree.num_nodes + n) for n in (1, 2)}
-        for B, max_len, speculate, needs in itertools.product(batches, sorted(lengths), {False, speculative},
-                                                              (Needs(), ALL)):
-            self._call(self._table([self._pad_row()] * B), speculate, needs, max_len)
+        try:
+            for B, max_len, speculate, needs in itertools.product(batches, sorted(lengths),
+                                                                  {False, speculative}, (Needs(), ALL)):
+                self._call(self._table([self._pad_row()] * B), speculate, needs, max_len)
+        except Exception:
+            if not eager_if_compile_fails:
+                raise
+            log.warning("building the compiled step failed; serving with the eager step instead "
+                        "(--compile on makes this an error)", exc_info=True)
+            self.compile, self._fn = False, self._step
 
     def warm_up_prefill(self) -> None:
         """Prefill chunks of 1, 2, 4, ..., 128 tokens into the padding slot, after an empty cache and

@@ -91,7 +91,8 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,
                   max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens,
                   max_speculative_batch=settings.speculative_batch_limit,
-                  compile=use_compile(settings.compile, settings.device))
+                  compile=use_compile(settings.compile, settings.device),
+                  eager_if_compile_fails=settings.compile == "auto")
 
 
 def load_engine(settings: Settings, loaded: LoadedModel | None = None) -> tuple[LoadedModel, Engine]:

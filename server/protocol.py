@@ -224,6 +224,8 @@ class Info(BaseModel):
     version: str
     sha: str | None = None
     docker_label: str | None = None
+    # the decoding step runs through torch.compile (--compile; false where auto's build failed)
+    compiled: bool
     speculation: SpeculationInfo
 
 

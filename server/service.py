@@ -146,7 +146,7 @@ class Service:
             model_device_type=torch.device(s.device).type,
             max_concurrent_requests=s.max_batch_size + s.max_queue, max_input_tokens=s.max_input_tokens,
             max_input_length=s.max_input_tokens, max_total_tokens=s.max_total_tokens,
-            max_batch_size=s.max_batch_size, max_queue=s.max_queue, version=VERSION,
+            max_batch_size=s.max_batch_size, max_queue=s.max_queue, version=VERSION, compiled=engine.compile,
             speculation=SpeculationInfo(enabled=heads is not None,
                                         drafter=drafter_kind(heads) if heads is not None else None,
                                         num_heads=num_heads,

@@ -39,7 +39,8 @@ class Settings(BaseModel):
         "for one sequence and a small tree), bfloat16 on CUDA")
     compile: Literal["auto", "on", "off"] = Field(
         default="auto", description="compile the decoding step with torch.compile, every graph built at "
-        "start-up, before the server listens; auto: on for CUDA, off on the CPU")
+        "start-up, before the server listens; auto: on for CUDA, off on the CPU, and should a graph fail to "
+        "build, the log says why and the server runs the step eagerly (on: that failure stops the start-up)")
     host: str = Field(default="127.0.0.1", description="address to bind; 0.0.0.0 exposes the server")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on; 0: any free port")
     max_batch_size: int = Field(default=8, ge=1, description="sequences decoded together (KV-cache slots)")

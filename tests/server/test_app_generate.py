@@ -125,7 +125,7 @@ def test_health_info_and_docs(client):
     assert (info["max_input_tokens"], info["max_total_tokens"], info["max_batch_size"]) == (64, 128, 4)
     assert info["speculation"] == {"enabled": False, "drafter": None, "num_heads": 0, "tree": None,
                                    "tree_nodes": 1, "max_speculative_batch": None}
-    assert "version" in info
+    assert "version" in info and info["compiled"] is False  # --compile auto on the CPU
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/generate", "/generate_stream", "/", "/health", "/info"} <= set(paths)

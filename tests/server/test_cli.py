@@ -125,16 +125,17 @@ def test_compile_comes_from_the_flag_over_medusa_compile_over_auto():
     assert settings_from(["--compile", "on"], {"MEDUSA_COMPILE": "off"}).compile == "on"
 
 
-@pytest.mark.parametrize("argv, compiled", [
-    ([], False),  # auto on the CPU
-    (["--compile", "on"], True),
-    (["--device", "cuda", "--compile", "off"], False),
-    (["--device", "cuda:1"], True),  # auto on CUDA; the tiny model's weights stay on the CPU
+@pytest.mark.parametrize("argv, compiled, eager_if_compile_fails", [
+    ([], False, True),  # auto on the CPU
+    (["--compile", "on"], True, False),  # asked for: a failed build stops the start-up
+    (["--device", "cuda", "--compile", "off"], False, False),
+    (["--device", "cuda:1"], True, True),  # auto on CUDA; the tiny model's weights stay on the CPU
 ])
-def test_the_compile_setting_reaches_the_engine(argv, compiled):
+def test_the_compile_setting_reaches_the_engine(argv, compiled, eager_if_compile_fails):
     settings = settings_from([*argv, "--medusa-heads", "none", "--max-total-tokens", "128",
                               "--max-input-tokens", "64"], {})
-    assert build_engine(settings, tiny_loaded()).compile is compiled
+    engine = build_engine(settings, tiny_loaded())
+    assert (engine.compile, engine.eager_if_compile_fails) == (compiled, eager_if_compile_fails)
 
 
 def test_dtype_defaults_to_the_devices_own_at_load():
