@@ -116,7 +116,7 @@ def load_engine(settings: Settings, loaded: LoadedModel | None = None) -> tuple[
 
 async def generate_response(service: Service, job: Job, request: Request
                             ) -> tuple[GenerateResponse, dict[str, str]]:
-    generation, headers = await generate(service, job, request)
+    (generation,), headers = await generate(service, [job], request)
     response = GenerateResponse(generated_text=generation.text(job),
                                 details=generation.details(job) if job.details else None)
     return response, headers

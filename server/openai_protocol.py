@@ -2,11 +2,15 @@
 /v1/models, and OpenAI's error shape.
 
 Fields follow OpenAI's API, so that the `openai` SDK works unchanged; unknown fields are ignored.
-Parameters this server does not implement accept only their no-op values (`n` 1, `presence_penalty`
-and `frequency_penalty` 0, `top_logprobs` 0 and a completion's `logprobs` 0: the engine reports the
-chosen token's logprob only); any other value is a 400 saying it is not supported. Semantics are
+Parameters this server does not implement accept only their no-op values (`presence_penalty` and
+`frequency_penalty` 0, `top_logprobs` 0 and a completion's `logprobs` 0: the engine reports the
+chosen token's logprob only; no `tools` or `functions`, a `response_format` of text, no `logit_bias`,
+a completion's `best_of` 1 and no `suffix`); any other value is a 400 saying it is not supported, so
+that a client never takes an answer that ignored what it asked for. Semantics are
 OpenAI's: `temperature` defaults to 1 (sampling) and 0 decodes greedily; a stop sequence ends the
-text and is not part of it.
+text and is not part of it; `n` choices per prompt, and a completion's `prompt` may be a list of
+prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to the engine (with a
+`seed`, choice j of a prompt samples with seed + j), at most MAX_CHOICES in all.
 
 Extension: a `medusa` entry on each response (the last stream chunk's too), the request's speculation
 figures (null when the server has no heads).
@@ -20,12 +24,13 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.protocol import MAX_STOP_SEQUENCES, ErrorResponse, Logprob, Speculation, Text, only_no_op_values
 
 OPENAI_PREFIX = "/v1/"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_CHOICES = 128  # choices (prompts x n) of one request; OpenAI's most for n
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}  # TGI's -> OpenAI's
 
 # A TGI error_type -> OpenAI's error type and code on the /v1 routes; the status is the TGI route's, but
@@ -91,6 +96,14 @@ class StreamOptions(_Body):
 Stop = Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)]
 
 
+Empty = Annotated[list, Field(max_length=0)]  # a list a request may send only empty
+
+
+def _refused(what: str):
+    """A field with only no-op values, whose description (`what`) is the 400's message otherwise."""
+    return Field(default=None, description=f"{what} not supported by this server")
+
+
 class _Request(_Body):
     model: str | None = None  # any name: this server serves one model, named in the response
     max_tokens: int | None = Field(default=None, gt=0)
@@ -98,18 +111,32 @@ class _Request(_Body):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: Stop | None = None
-    n: int | None = _only(1, "several choices per request are not supported by this server")
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)  # choices per prompt; null: 1
     presence_penalty: float | None = _only(0, "presence_penalty is not supported by this server")
     frequency_penalty: float | None = _only(0, "frequency_penalty is not supported by this server")
+    logit_bias: Annotated[dict, Field(max_length=0)] | None = _refused("only null or {}: logit_bias is")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    _unsupported = only_no_op_values("n", "presence_penalty", "frequency_penalty")
+    _unsupported = only_no_op_values("presence_penalty", "frequency_penalty", "logit_bias")
 
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts, each answered by n choices: a chat's one conversation (its text, which
+        `prepare` renders) or a completion's prompt(s)."""
+        return ["\n".join(m.text() for m in self.messages)] if isinstance(self, ChatCompletionRequest) \
+            else [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+    @model_validator(mode="after")
+    def _few_enough_choices(self):
+        if len(self.prompts) * (self.n or 1) > MAX_CHOICES:
+            raise ValueError(f"prompts x n must be at most {MAX_CHOICES}, the choices of one request")
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -130,23 +157,35 @@ class ChatMessage(_Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class TextFormat(_Body):
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = _only(0, "top_logprobs is not supported, this server reports the chosen "
                                         "token's logprob only")
+    tools: Empty | None = _refused("only null or []: tools (function calling) are")
+    tool_choice: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': choosing a tool is")
+    functions: Empty | None = _refused("only null or []: functions (function calling) are")
+    function_call: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': function_call is")
+    response_format: TextFormat | None = _refused("only null or {'type': 'text'}: a response format is")
 
-    _unsupported_top_logprobs = only_no_op_values("top_logprobs")
+    _unsupported_chat = only_no_op_values("top_logprobs", "tools", "tool_choice", "functions",
+                                          "function_call", "response_format")
 
 
 class CompletionRequest(_Request):
-    prompt: Text
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
     logprobs: int | None = _only(0, "alternative tokens are not reported, this server reports the chosen "
                                     "token's logprob only")
     echo: bool | None = False
+    best_of: int | None = _only(1, "best_of is not supported by this server")
+    suffix: Literal[""] | None = _refused("only null or '': a suffix is")
 
-    _unsupported_logprobs = only_no_op_values("logprobs")
+    _unsupported_completion = only_no_op_values("logprobs", "best_of", "suffix")
 
 
 # ---------------------------------------------------------------- responses

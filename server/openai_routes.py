@@ -5,14 +5,19 @@ limits, deadlines, cancellation on disconnect and metrics are the same; only the
 the bodies coming out differ (`server.openai_protocol`). A chat's messages go through the model's
 chat template; a completion's prompt is tokenized as it is.
 
-Streaming: one `data: {chunk}` event per engine step (several tokens under speculation), the last
-one with finish_reason and the `medusa` figures, then a usage chunk when `stream_options.include_usage`,
-then `data: [DONE]`. A stop sequence is not sent: text that could begin one is held back until the
-next step shows whether it does.
+Several choices (`n`, a list of prompts) are requests of their own to the engine, run side by side
+(continuous batching takes them together) and answered together; a refusal or failure of one ends all.
+
+Streaming: one `data: {chunk}` event per engine step of a choice (several tokens under speculation),
+the choice's `index` in it, its last one with its finish_reason and `medusa` figures; then a usage
+chunk when `stream_options.include_usage`, then `data: [DONE]`. A stop sequence is not sent: text that
+could begin one is held back until the next step shows whether it does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +27,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 
+from medusa.engine import Emitted
 from runtime.prompt import PromptError
 from server.openai_protocol import (
     DEFAULT_COMPLETION_TOKENS,
@@ -46,9 +52,9 @@ from server.openai_protocol import (
     Usage,
     openai_error,
 )
-from server.protocol import GenerateRequest, Parameters, Token, event_stream
+from server.protocol import GenerateRequest, Parameters, Speculation, Token, event_stream
 from server.scheduler import RequestFailed, RequestStream
-from server.service import Generation, Service, generate
+from server.service import Generation, Service, generate, submit_all
 from server.validation import Job
 
 ERROR_RESPONSES = {status: {"model": OpenAIErrorResponse, "description": text} for status, text in {
@@ -85,33 +91,41 @@ class Reply:
                    model=service.loaded.model_id, chat=chat, stops=body.stops,
                    logprobs=body.logprobs is not None and body.logprobs is not False)
 
-    def body(self, text: str, tokens: list[Token], finish_reason: str, usage: Usage, medusa
+    def body(self, choices: list[tuple[str, list[Token], str]], usage: Usage, medusa
              ) -> ChatCompletion | Completion:
-        finish = FINISH_REASONS[finish_reason]
+        """The whole response: each choice's (text, tokens, finish_reason), in index order."""
+        head = {"id": self.id, "created": self.created, "model": self.model, "usage": usage, "medusa": medusa}
         if self.chat:
-            choice = ChatChoice(message=ChatMessageOut(content=text), finish_reason=finish,
-                                logprobs=self.chat_logprobs(tokens))
-            return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice],
-                                  usage=usage, medusa=medusa)
-        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, medusa=medusa,
-                          choices=[CompletionChoice(text=text, finish_reason=finish,
-                                                    logprobs=self.completion_logprobs(tokens))])
+            return ChatCompletion(**head, choices=[
+                ChatChoice(index=i, message=ChatMessageOut(content=text), finish_reason=FINISH_REASONS[end],
+                           logprobs=self.chat_logprobs(tokens))
+                for i, (text, tokens, end) in enumerate(choices)])
+        return Completion(**head, choices=[
+            CompletionChoice(index=i, text=text, finish_reason=FINISH_REASONS[end],
+                             logprobs=self.completion_logprobs(tokens))
+            for i, (text, tokens, end) in enumerate(choices)])
 
-    def chunk(self, text: str | None, tokens: list[Token], finish_reason: str | None = None, *,
-              role: bool = False, usage: Usage | None = None, medusa=None, last_usage: bool = False) -> str:
-        """One SSE event; `last_usage`: the usage chunk, with no choices."""
+    def chunk(self, index: int, text: str | None, tokens: list[Token], finish_reason: str | None = None, *,
+              role: bool = False, medusa=None) -> str:
+        """One SSE event of choice `index`."""
         finish = FINISH_REASONS[finish_reason] if finish_reason else None
         if self.chat:
-            choices = [] if last_usage else [ChatChunkChoice(
-                delta=ChatDelta(role="assistant" if role else None, content=text), finish_reason=finish,
-                logprobs=self.chat_logprobs(tokens))]
-            chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
-                                        usage=usage, medusa=medusa)
+            delta = ChatDelta(role="assistant" if role else None, content=text)
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish,
+                                     logprobs=self.chat_logprobs(tokens))
+            chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
+                                        medusa=medusa)
         else:
-            choices = [] if last_usage else [CompletionChoice(text=text or "", finish_reason=finish,
-                                                              logprobs=self.completion_logprobs(tokens))]
-            chunk = Completion(id=self.id, created=self.created, model=self.model, choices=choices,
-                               usage=usage, medusa=medusa)
+            choice = CompletionChoice(index=index, text=text or "", finish_reason=finish,
+                                      logprobs=self.completion_logprobs(tokens))
+            chunk = Completion(id=self.id, created=self.created, model=self.model, choices=[choice],
+                               medusa=medusa)
+        return f"data: {chunk.model_dump_json()}\n\n"
+
+    def usage_chunk(self, usage: Usage) -> str:
+        """The stream's usage chunk, with no choices."""
+        kind = ChatCompletionChunk if self.chat else Completion
+        chunk = kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
         return f"data: {chunk.model_dump_json()}\n\n"
 
     def chat_logprobs(self, tokens: list[Token]) -> ChoiceLogprobs | None:
@@ -194,25 +208,47 @@ def completion_encoder(service: Service):
     return encode
 
 
-async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequest) -> Job:
-    if isinstance(body, ChatCompletionRequest):
-        # the messages' text stands for the prompt in the length check before tokenizing: the rendered
-        # template holds all of it
-        inputs = "\n".join(m.text() for m in body.messages)
+async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequest) -> list[Job]:
+    """The request's choices, in index order: n for each prompt, choice j of a sampled prompt with its
+    seed + j (so that they differ, and each is reproducible)."""
+    chat = isinstance(body, ChatCompletionRequest)
+    if chat:
         encode = chat_encoder(service, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
     else:
-        inputs, encode, max_tokens = body.prompt, completion_encoder(service), body.max_tokens
-    request = GenerateRequest.model_construct(inputs=inputs, parameters=parameters(body, max_tokens),
-                                              stream=False)
-    # a chat without max_tokens may use what the context leaves, as OpenAI's does
-    return await service.prepare(request, stream=bool(body.stream), encode=encode,
-                                 fill_context=isinstance(body, ChatCompletionRequest) and max_tokens is None)
+        encode, max_tokens = completion_encoder(service), body.max_tokens
+    jobs = []
+    for prompt in body.prompts:
+        # a chat's messages' text stands for the prompt in the length check before tokenizing: the
+        # rendered template holds all of it
+        request = GenerateRequest.model_construct(inputs=prompt, parameters=parameters(body, max_tokens),
+                                                  stream=False)
+        # a chat without max_tokens may use what the context leaves, as OpenAI's does
+        jobs.append(await service.prepare(request, stream=bool(body.stream), encode=encode,
+                                          fill_context=chat and max_tokens is None))
+    def choice(job: Job, j: int) -> Job:
+        if j == 0 or job.params.greedy:
+            return job
+        seed = (job.params.seed + j) % 2**64
+        return dataclasses.replace(job, params=dataclasses.replace(job.params, seed=seed))
+
+    return [choice(job, j) for job in jobs for j in range(body.n or 1)]
 
 
-def usage(job: Job, generation: Generation) -> Usage:
-    prompt, completion = len(job.prompt_ids), len(generation.tokens)
+def usage(jobs: list[Job], generations: list[Generation], n: int) -> Usage:
+    """OpenAI's usage: each prompt counted once however many choices it has; every choice's tokens."""
+    prompt = sum(len(job.prompt_ids) for job in jobs[::n])
+    completion = sum(len(g.tokens) for g in generations)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def speculation(generations: list[Generation]) -> Speculation | None:
+    """The speculation figures of all the choices together."""
+    if not generations or generations[0].speculation is None:
+        return None
+    steps, accepted = sum(g.spec_steps for g in generations), sum(g.accepted_tokens for g in generations)
+    return Speculation(steps=steps, accepted_tokens=accepted,
+                       mean_accepted_len=1.0 + accepted / steps if steps else 1.0)
 
 
 def visible(tokens: list[Token]) -> list[Token]:
@@ -222,46 +258,84 @@ def visible(tokens: list[Token]) -> list[Token]:
 async def respond(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
     service: Service = request.app.state.service
     reply = Reply.of(service, body)
-    job = await prepare(service, body)
+    jobs = await prepare(service, body)
+    n = body.n or 1
     if body.stream:
-        stream = service.submit(job)  # before the response starts, so that 429 is a real status
-        return StreamingResponse(events(service, reply, job, stream, include_usage=body.include_usage),
+        streams = submit_all(service, jobs)  # before the response starts, so that 429 is a real status
+        return StreamingResponse(events(service, reply, jobs, streams, n, include_usage=body.include_usage),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-    generation, headers = await generate(service, job, request)
-    text = generation.text(job)
-    if generation.finish_reason == "stop_sequence":
-        text = cut_at_stop(text, reply.stops)
-    if isinstance(body, CompletionRequest) and body.echo:
-        text = body.prompt + text
-    response = reply.body(text, visible(generation.tokens), generation.finish_reason, usage(job, generation),
-                          generation.speculation)
+    generations, headers = await generate(service, jobs, request)
+    choices = []
+    for i, (job, generation) in enumerate(zip(jobs, generations, strict=True)):
+        text = generation.text(job)
+        if generation.finish_reason == "stop_sequence":
+            text = cut_at_stop(text, reply.stops)
+        if isinstance(body, CompletionRequest) and body.echo:
+            text = body.prompts[i // n] + text
+        choices.append((text, visible(generation.tokens), generation.finish_reason))
+    response = reply.body(choices, usage(jobs, generations, n), speculation(generations))
     return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
 
-async def events(service: Service, reply: Reply, job: Job, stream: RequestStream, *, include_usage: bool
-                 ) -> AsyncIterator[str]:
-    generation = service.generation()
-    hold = StopHold(reply.stops)
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Emitted]]:
+    """(index, Emitted) from every stream as each comes; a stream's failure is raised."""
+    if len(streams) == 1:
+        async for emitted in streams[0]:
+            yield 0, emitted
+        return
+    queue: asyncio.Queue[tuple[int, Emitted | None, Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        try:
+            async for emitted in stream:
+                queue.put_nowait((index, emitted, None))
+        except Exception as e:  # RequestFailed, for the response to report
+            queue.put_nowait((index, None, e))
+        queue.put_nowait((index, None, None))
+
+    pumps = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(streams)
+        while running:
+            index, emitted, error = await queue.get()
+            if error is not None:
+                raise error
+            if emitted is None:
+                running -= 1
+            else:
+                yield index, emitted
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def events(service: Service, reply: Reply, jobs: list[Job], streams: list[RequestStream], n: int, *,
+                 include_usage: bool) -> AsyncIterator[str]:
+    generations = [service.generation() for _ in jobs]
+    holds = [StopHold(reply.stops) for _ in jobs]
     try:
         if reply.chat:
-            yield reply.chunk("", [], role=True)
-        async for emitted in stream:
+            for index in range(len(jobs)):
+                yield reply.chunk(index, "", [], role=True)
+        async for index, emitted in merged(streams):
+            generation, hold = generations[index], holds[index]
             tokens = visible(generation.add(emitted))
             text = hold.push("".join(t.text for t in tokens))
             if emitted.finish_reason is not None:
                 text += hold.finish()
-                yield reply.chunk(text, tokens, emitted.finish_reason, medusa=generation.speculation)
+                yield reply.chunk(index, text, tokens, emitted.finish_reason, medusa=generation.speculation)
             elif text or (reply.logprobs and tokens):
-                yield reply.chunk(text, tokens)
+                yield reply.chunk(index, text, tokens)
         if include_usage:
-            yield reply.chunk(None, [], usage=usage(job, generation), last_usage=True)
+            yield reply.usage_chunk(usage(jobs, generations, n))
         yield "data: [DONE]\n\n"
     except RequestFailed as e:
         error = openai_error(500, str(e), e.error_type)
         yield f"data: {error.body.decode()}\n\n"
     finally:
-        stream.cancel()  # the client went away mid-stream: free the slot at the next step
+        for stream in streams:
+            stream.cancel()  # the client went away mid-stream, or a choice failed: free the slots
 
 
 @openai_router.post("/chat/completions", response_model=ChatCompletion,

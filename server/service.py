@@ -160,43 +160,69 @@ class ClientGone(Exception):
     """The client of a non-streaming request disconnected before its response was ready."""
 
 
-async def cancel_on_disconnect(request: Request, stream: RequestStream) -> None:
-    """Wait for the client to go away, then cancel its request: a queued one leaves the queue, a
+async def cancel_on_disconnect(request: Request, streams: list[RequestStream]) -> None:
+    """Wait for the client to go away, then cancel its requests: a queued one leaves the queue, a
     running one frees its slot at the next step. (A streaming response does this by itself.)"""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    stream.cancel()
+    for stream in streams:
+        stream.cancel()
 
 
-async def generate(service: Service, job: Job, request: Request) -> tuple[Generation, dict[str, str]]:
-    """Run `job` to its end, cancelled if the client disconnects; its generation and timing headers."""
-    start = time.perf_counter()
-    stream = service.submit(job)
-    generation = service.generation()
-    watcher = asyncio.create_task(cancel_on_disconnect(request, stream))
+def submit_all(service: Service, jobs: list[Job]) -> list[RequestStream]:
+    """Queue every job, or none: where one is refused (QueueFull, SchedulerUnavailable), those queued
+    before it are cancelled and the refusal raised."""
+    streams: list[RequestStream] = []
     try:
+        for job in jobs:
+            streams.append(service.submit(job))
+    except Exception:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams
+
+
+async def generate(service: Service, jobs: list[Job], request: Request
+                   ) -> tuple[list[Generation], dict[str, str]]:
+    """Run the jobs of one request (an OpenAI request's choices; a TGI request's one) side by side to
+    their end, all cancelled if the client disconnects or one fails; their generations and the
+    request's timing headers."""
+    start = time.perf_counter()
+    streams = submit_all(service, jobs)
+    generations = [service.generation() for _ in jobs]
+
+    async def collect(stream: RequestStream, generation: Generation) -> None:
         async for emitted in stream:
             generation.add(emitted)
+
+    watcher = asyncio.create_task(cancel_on_disconnect(request, streams))
+    tasks = [asyncio.ensure_future(collect(s, g)) for s, g in zip(streams, generations, strict=True)]
+    try:
+        await asyncio.gather(*tasks)
     finally:
         watcher.cancel()
-        stream.cancel()  # no-op once finished; frees the slot if this handler was cancelled
-    if generation.finish_reason is None:
+        for task, stream in zip(tasks, streams, strict=True):
+            task.cancel()
+            stream.cancel()  # no-op once finished; frees the slot if this handler was cancelled
+    if any(g.finish_reason is None for g in generations):
         raise ClientGone()
-    return generation, timing_headers(job, generation, stream, start)
+    return generations, timing_headers(jobs, generations, streams, start)
 
 
-def timing_headers(job: Job, generation: Generation, stream: RequestStream, start: float) -> dict[str, str]:
+def timing_headers(jobs: list[Job], generations: list[Generation], streams: list[RequestStream], start: float
+                   ) -> dict[str, str]:
     end = time.perf_counter()
-    admitted = stream.admitted_at or end
+    admitted = min((s.admitted_at or end) for s in streams)
     inference_ms = (end - admitted) * 1000
-    generated = len(generation.tokens)
+    generated = sum(len(g.tokens) for g in generations)
     return {
         "x-compute-time": f"{end - start:.6f}",
-        "x-compute-characters": str(len(job.inputs)),
+        "x-compute-characters": str(sum(len(job.inputs) for job in jobs)),
         "x-total-time": str(round((end - start) * 1000)),
-        "x-queue-time": str(round((admitted - stream.queued_at) * 1000)),
+        "x-queue-time": str(round((admitted - min(s.queued_at for s in streams)) * 1000)),
         "x-inference-time": str(round(inference_ms)),
         "x-time-per-token": str(round(inference_ms / max(generated, 1))),
-        "x-prompt-tokens": str(len(job.prompt_ids)),
+        "x-prompt-tokens": str(sum(len(job.prompt_ids) for job in jobs)),
         "x-generated-tokens": str(generated),
     }

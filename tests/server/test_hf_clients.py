@@ -107,8 +107,8 @@ def test_server_refusals_reach_the_client_as_its_errors(tgi, chat):
         tgi.text_generation(PROMPT, max_new_tokens=1000)
     with pytest.raises(ValidationError, match="top_n_tokens"):
         tgi.text_generation(PROMPT, max_new_tokens=4, details=True, top_n_tokens=2)
-    with pytest.raises(BadRequestError, match="'param': 'n'"):
-        chat.chat_completion(MESSAGES, max_tokens=4, n=2)
+    with pytest.raises(BadRequestError, match="'param': 'presence_penalty'"):
+        chat.chat_completion(MESSAGES, max_tokens=4, presence_penalty=0.5)
 
 
 def test_chat_completion_whole_and_streamed_agree(chat):

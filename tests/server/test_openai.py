@@ -6,6 +6,8 @@ import pytest
 
 from server.app import create_app
 from server.openai_routes import StopHold
+from server.scheduler import QueueFull
+from server.service import submit_all
 from tests.server.support import metric_values, serve, tiny_settings
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital?"}]
@@ -73,10 +75,48 @@ def test_seeded_sampling_repeats(sdk):
     assert sample(7) == sample(7) != sample(8)
 
 
+def test_n_choices_for_each_of_a_list_of_prompts_are_what_each_alone_gets(sdk):
+    prompts = [PROMPT, "Once upon a time"]
+    whole = sdk.completions.create(model="m", prompt=prompts, n=2, max_tokens=8, temperature=0)
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]  # prompt i's choice j: i * n + j
+    alone = [sdk.completions.create(model="m", prompt=p, max_tokens=8, temperature=0) for p in prompts]
+    assert [c.text for c in whole.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    # each prompt counted once, as OpenAI counts it; every choice's tokens
+    assert whole.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert whole.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+
+
+def test_sampled_choices_differ_and_choice_j_samples_with_seed_plus_j(sdk):
+    def chat(seed: int, n: int) -> list[str]:
+        reply = sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=12, temperature=1.0,
+                                            seed=seed, n=n)
+        return [c.message.content for c in sorted(reply.choices, key=lambda c: c.index)]
+
+    three = chat(7, 3)
+    assert three == [chat(7 + j, 1)[0] for j in range(3)]
+    assert len(set(three)) > 1
+
+
+def test_streamed_choices_carry_their_index_and_add_up_to_the_whole(sdk):
+    kwargs = {"model": "m", "messages": MESSAGES, "max_tokens": 10, "temperature": 1.0, "seed": 3, "n": 2}
+    whole = sdk.chat.completions.create(**kwargs)
+    chunks = list(sdk.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert mine[0].delta.role == "assistant"
+        # (a stream never sends half a character: the whole text's last one, cut by max_tokens, is
+        # U+FFFD there and left out of the stream)
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content.rstrip("\ufffd")
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
 def test_invalid_requests_raise_bad_request(sdk):
     with pytest.raises(openai.BadRequestError) as refused:
-        sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10, n=2)
+        sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=10, n=129)
     assert refused.value.body["param"] == "n" and refused.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="at most 128"):
+        sdk.completions.create(model="m", prompt=[PROMPT] * 65, n=2, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="max_total_tokens|must be"):
         sdk.completions.create(model="m", prompt=PROMPT, max_tokens=1000)
 
@@ -99,13 +139,38 @@ def error_of(response, status: int) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize("field, value", [("n", 3), ("top_logprobs", 2), ("presence_penalty", 0.5),
-                                          ("temperature", 2.5), ("max_tokens", 0)])
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n", 129), ("top_logprobs", 2), ("presence_penalty", 0.5), ("temperature", 2.5), ("max_tokens", 0),
+    # what this server cannot do is refused, not ignored: an answer without the tool call or the JSON
+    # the client asked for would look like one that honoured it
+    ("tools", [TOOL]), ("tool_choice", "required"), ("functions", [TOOL["function"]]),
+    ("function_call", {"name": "weather"}), ("response_format", {"type": "json_object"}),
+    ("logit_bias", {"50": 100})])
 def test_unsupported_or_out_of_range_parameters_are_400(client, field, value):
     body = {"model": "m", "messages": MESSAGES, field: value}
     error = error_of(client.post("/v1/chat/completions", json=body), 400)
     assert error["param"] == field and error["type"] == "invalid_request_error"
     assert field in error["message"]
+
+
+@pytest.mark.parametrize("route, field, value", [
+    ("chat", "tools", []), ("chat", "tool_choice", "auto"), ("chat", "tool_choice", "none"),
+    ("chat", "response_format", {"type": "text"}), ("chat", "logit_bias", {}), ("chat", "n", 1),
+    ("completions", "best_of", 1), ("completions", "suffix", "")])
+def test_the_no_op_values_of_unsupported_parameters_are_taken(client, route, field, value):
+    body = {"messages": MESSAGES} if route == "chat" else {"prompt": PROMPT}
+    response = client.post(f"/v1/{route}/completions" if route == "chat" else "/v1/completions",
+                           json={**body, "max_tokens": 2, field: value})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("suffix", " the end"), ("logprobs", 3)])
+def test_unsupported_completion_parameters_are_400(client, field, value):
+    error = error_of(client.post("/v1/completions", json={"prompt": PROMPT, field: value}), 400)
+    assert error["param"] == field and field in error["message"]
 
 
 def test_malformed_json_and_missing_fields_are_400(client):
@@ -139,3 +204,25 @@ def test_openai_requests_count_in_the_same_metrics(client):
     assert client.post("/v1/completions", json={"prompt": PROMPT * 80}).status_code == 400  # too long
     after = counts()
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1]
+
+
+def test_a_requests_choices_are_queued_all_or_none():
+    class Stream:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class Service:  # its queue takes two requests
+        streams: list[Stream] = []
+
+        def submit(self, job) -> Stream:
+            if len(self.streams) == 2:
+                raise QueueFull("Model is overloaded")
+            self.streams.append(Stream())
+            return self.streams[-1]
+
+    service = Service()
+    with pytest.raises(QueueFull):
+        submit_all(service, [None] * 4)
+    assert len(service.streams) == 2 and all(s.cancelled for s in service.streams)
