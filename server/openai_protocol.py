@@ -10,7 +10,8 @@ that a client never takes an answer that ignored what it asked for. Semantics ar
 OpenAI's: `temperature` defaults to 1 (sampling) and 0 decodes greedily; a stop sequence ends the
 text and is not part of it; `n` choices per prompt, and a completion's `prompt` may be a list of
 prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to the engine (with a
-`seed`, choice j of a prompt samples with seed + j), at most MAX_CHOICES in all.
+`seed`, choice j of a prompt samples with seed + j), at most MAX_CHOICES in all; a completion's
+prompt may also be token ids (a list of them, or a list of such lists), taken as they are.
 
 Extension: a `medusa` entry on each response (the last stream chunk's too), the request's speculation
 figures (null when the server has no heads).
@@ -126,11 +127,13 @@ class _Request(_Body):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
-    def prompts(self) -> list[str]:
+    def prompts(self) -> list[str | list[int]]:
         """The prompts, each answered by n choices: a chat's one conversation (its text, which
-        `prepare` renders) or a completion's prompt(s)."""
-        return ["\n".join(m.text() for m in self.messages)] if isinstance(self, ChatCompletionRequest) \
-            else [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        `prepare` renders) or a completion's prompt(s), text or token ids."""
+        if isinstance(self, ChatCompletionRequest):
+            return ["\n".join(m.text() for m in self.messages)]
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if one else self.prompt
 
     @model_validator(mode="after")
     def _few_enough_choices(self):
@@ -177,8 +180,12 @@ class ChatCompletionRequest(_Request):
                                           "function_call", "response_format")
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_Request):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
+    prompt: (Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)])
     logprobs: int | None = _only(0, "alternative tokens are not reported, this server reports the chosen "
                                     "token's logprob only")
     echo: bool | None = False

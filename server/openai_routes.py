@@ -201,9 +201,16 @@ def chat_encoder(service: Service, messages: list[ChatMessage]):
     return encode
 
 
-def completion_encoder(service: Service):
+def completion_encoder(service: Service, prompt: str | list[int]):
+    """The prompt's ids: a text tokenized as it is; token ids taken as they are (PromptError for one
+    outside the vocabulary)."""
     def encode(text: str, _truncate: int | None) -> list[int]:
-        return service.tokenizer.encode(text)
+        if isinstance(prompt, str):
+            return service.tokenizer.encode(text)
+        vocab = service.scheduler.engine.model.config.vocab_size
+        if outside := [t for t in prompt if t >= vocab]:
+            raise PromptError(f"`prompt`: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
+        return list(prompt)
 
     return encode
 
@@ -212,16 +219,14 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
     """The request's choices, in index order: n for each prompt, choice j of a sampled prompt with its
     seed + j (so that they differ, and each is reproducible)."""
     chat = isinstance(body, ChatCompletionRequest)
-    if chat:
-        encode = chat_encoder(service, body.messages)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-    else:
-        encode, max_tokens = completion_encoder(service), body.max_tokens
+    max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     jobs = []
     for prompt in body.prompts:
-        # a chat's messages' text stands for the prompt in the length check before tokenizing: the
-        # rendered template holds all of it
-        request = GenerateRequest.model_construct(inputs=prompt, parameters=parameters(body, max_tokens),
+        encode = chat_encoder(service, body.messages) if chat else completion_encoder(service, prompt)
+        # a chat's messages' text stands for the prompt in the length check before tokenizing (the
+        # rendered template holds all of it); token ids, their text (for echo)
+        text = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt)
+        request = GenerateRequest.model_construct(inputs=text, parameters=parameters(body, max_tokens),
                                                   stream=False)
         # a chat without max_tokens may use what the context leaves, as OpenAI's does
         jobs.append(await service.prepare(request, stream=bool(body.stream), encode=encode,
@@ -267,12 +272,12 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     generations, headers = await generate(service, jobs, request)
     choices = []
-    for i, (job, generation) in enumerate(zip(jobs, generations, strict=True)):
+    for job, generation in zip(jobs, generations, strict=True):
         text = generation.text(job)
         if generation.finish_reason == "stop_sequence":
             text = cut_at_stop(text, reply.stops)
         if isinstance(body, CompletionRequest) and body.echo:
-            text = body.prompts[i // n] + text
+            text = job.inputs + text
         choices.append((text, visible(generation.tokens), generation.finish_reason))
     response = reply.body(choices, usage(jobs, generations, n), speculation(generations))
     return JSONResponse(response.model_dump(mode="json"), headers=headers)

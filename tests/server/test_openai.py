@@ -86,6 +86,17 @@ def test_n_choices_for_each_of_a_list_of_prompts_are_what_each_alone_gets(sdk):
     assert whole.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
 
 
+def test_a_prompt_of_token_ids_is_what_its_text_gets(sdk, loaded):
+    ids = loaded.tokenizer.encode(PROMPT)
+    text = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
+    whole = sdk.completions.create(model="m", prompt=[ids, ids[1:]], max_tokens=6, temperature=0, echo=True)
+    assert whole.choices[0].text == loaded.tokenizer.decode(ids) + text
+    assert whole.usage.prompt_tokens == 2 * len(ids) - 1
+    assert sdk.completions.create(model="m", prompt=ids, max_tokens=6, temperature=0).choices[0].text == text
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        sdk.completions.create(model="m", prompt=[5, loaded.model.config.vocab_size], max_tokens=2)
+
+
 def test_sampled_choices_differ_and_choice_j_samples_with_seed_plus_j(sdk):
     def chat(seed: int, n: int) -> list[str]:
         reply = sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=12, temperature=1.0,
