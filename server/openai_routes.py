@@ -237,7 +237,9 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
         seed = (job.params.seed + j) % 2**64
         return dataclasses.replace(job, params=dataclasses.replace(job.params, seed=seed))
 
-    return [choice(job, j) for job in jobs for j in range(body.n or 1)]
+    n = body.n or 1
+    service.metrics.requests.inc(len(jobs) * (n - 1))  # each choice counts, as it succeeds or fails alone
+    return [choice(job, j) for job in jobs for j in range(n)]
 
 
 def usage(jobs: list[Job], generations: list[Generation], n: int) -> Usage:

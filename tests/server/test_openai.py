@@ -215,6 +215,10 @@ def test_openai_requests_count_in_the_same_metrics(client):
     assert client.post("/v1/completions", json={"prompt": PROMPT * 80}).status_code == 400  # too long
     after = counts()
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1]
+    # each choice is a request that succeeds (or fails) on its own
+    choices = {"prompt": [PROMPT, PROMPT[:9]], "n": 2, "max_tokens": 2, "temperature": 0}
+    assert client.post("/v1/completions", json=choices).status_code == 200
+    assert [a - b for a, b in zip(counts(), after, strict=True)] == [4, 4, 0]
 
 
 def test_a_requests_choices_are_queued_all_or_none():
