@@ -194,6 +194,12 @@ class CompletionRequest(_Request):
 
     _unsupported_completion = only_no_op_values("logprobs", "best_of", "suffix")
 
+    @model_validator(mode="after")
+    def _echoed_logprobs_whole(self):
+        if self.stream and self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (the prompt's logprobs) is not supported when streaming")
+        return self
+
 
 # ---------------------------------------------------------------- responses
 

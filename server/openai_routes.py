@@ -52,7 +52,7 @@ from server.openai_protocol import (
     Usage,
     openai_error,
 )
-from server.protocol import GenerateRequest, Parameters, Speculation, Token, event_stream
+from server.protocol import GenerateRequest, Parameters, PrefillToken, Speculation, Token, event_stream
 from server.scheduler import RequestFailed, RequestStream
 from server.service import Generation, Service, generate, submit_all
 from server.validation import Job
@@ -106,8 +106,8 @@ class Reply:
             for i, (text, tokens, end) in enumerate(choices)])
 
     def chunk(self, index: int, text: str | None, tokens: list[Token], finish_reason: str | None = None, *,
-              role: bool = False, medusa=None) -> str:
-        """One SSE event of choice `index`."""
+              role: bool = False, medusa=None, offset: int = 0) -> str:
+        """One SSE event of choice `index` (`offset`: the length of the choice's text sent before)."""
         finish = FINISH_REASONS[finish_reason] if finish_reason else None
         if self.chat:
             delta = ChatDelta(role="assistant" if role else None, content=text)
@@ -117,7 +117,7 @@ class Reply:
                                         medusa=medusa)
         else:
             choice = CompletionChoice(index=index, text=text or "", finish_reason=finish,
-                                      logprobs=self.completion_logprobs(tokens))
+                                      logprobs=self.completion_logprobs(tokens, offset))
             chunk = Completion(id=self.id, created=self.created, model=self.model, choices=[choice],
                                medusa=medusa)
         return f"data: {chunk.model_dump_json()}\n\n"
@@ -134,10 +134,13 @@ class Reply:
         return ChoiceLogprobs(content=[
             TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode())) for t in tokens])
 
-    def completion_logprobs(self, tokens: list[Token]) -> CompletionLogprobs | None:
+    def completion_logprobs(self, tokens: list[Token | PrefillToken], start: int = 0
+                            ) -> CompletionLogprobs | None:
+        """The tokens' logprobs, each token's text_offset in the choice's text (`start`: the offset of
+        the first: a stream's text sent before it)."""
         if not self.logprobs or not tokens:
             return None
-        offsets, offset = [], 0
+        offsets, offset = [], start
         for t in tokens:
             offsets.append(offset)
             offset += len(t.text)
@@ -175,13 +178,19 @@ class StopHold:
 
 
 def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> Parameters:
-    """OpenAI's sampling semantics in TGI's parameters: temperature 1 unless given, 0 greedy."""
+    """OpenAI's sampling semantics in TGI's parameters: temperature 1 unless given, 0 greedy; a
+    completion echoed with logprobs has its prompt tokens' logprobs too."""
     temperature = 1.0 if body.temperature is None else body.temperature
     sampled = temperature > 0
     return Parameters(do_sample=sampled, max_new_tokens=max_tokens or DEFAULT_COMPLETION_TOKENS,
                       temperature=temperature if sampled else None,
                       top_p=body.top_p if sampled and body.top_p is not None and body.top_p < 1 else None,
-                      seed=body.seed if sampled else None, stop=body.stops)
+                      seed=body.seed if sampled else None, stop=body.stops,
+                      decoder_input_details=echoed_logprobs(body))
+
+
+def echoed_logprobs(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return isinstance(body, CompletionRequest) and bool(body.echo) and body.logprobs is not None
 
 
 def chat_encoder(service: Service, messages: list[ChatMessage]):
@@ -269,7 +278,9 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
     n = body.n or 1
     if body.stream:
         streams = submit_all(service, jobs)  # before the response starts, so that 429 is a real status
-        return StreamingResponse(events(service, reply, jobs, streams, n, include_usage=body.include_usage),
+        echo = isinstance(body, CompletionRequest) and bool(body.echo)
+        return StreamingResponse(events(service, reply, jobs, streams, n, include_usage=body.include_usage,
+                                        echo=echo),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     generations, headers = await generate(service, jobs, request)
@@ -278,9 +289,13 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
         text = generation.text(job)
         if generation.finish_reason == "stop_sequence":
             text = cut_at_stop(text, reply.stops)
+        tokens = visible(generation.tokens)
         if isinstance(body, CompletionRequest) and body.echo:
             text = job.inputs + text
-        choices.append((text, visible(generation.tokens), generation.finish_reason))
+            if echoed_logprobs(body):  # the prompt's tokens first, as OpenAI lists them
+                prompt = generation.details(job).prefill
+                tokens = [t for t in prompt if t.id not in service.special_ids] + tokens
+        choices.append((text, tokens, generation.finish_reason))
     response = reply.body(choices, usage(jobs, generations, n), speculation(generations))
     return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
@@ -318,22 +333,29 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Emitt
 
 
 async def events(service: Service, reply: Reply, jobs: list[Job], streams: list[RequestStream], n: int, *,
-                 include_usage: bool) -> AsyncIterator[str]:
+                 include_usage: bool, echo: bool) -> AsyncIterator[str]:
+    """The stream of a response; `echo`: each completion's prompt first, a chunk of its own."""
     generations = [service.generation() for _ in jobs]
     holds = [StopHold(reply.stops) for _ in jobs]
+    sent = [0] * len(jobs)  # the length of each choice's text so far: its next token's text_offset
     try:
-        if reply.chat:
-            for index in range(len(jobs)):
+        for index, job in enumerate(jobs):
+            if reply.chat:
                 yield reply.chunk(index, "", [], role=True)
+            elif echo:
+                yield reply.chunk(index, job.inputs, [])
+                sent[index] = len(job.inputs)
         async for index, emitted in merged(streams):
             generation, hold = generations[index], holds[index]
             tokens = visible(generation.add(emitted))
             text = hold.push("".join(t.text for t in tokens))
             if emitted.finish_reason is not None:
                 text += hold.finish()
-                yield reply.chunk(index, text, tokens, emitted.finish_reason, medusa=generation.speculation)
+                yield reply.chunk(index, text, tokens, emitted.finish_reason, medusa=generation.speculation,
+                                  offset=sent[index])
             elif text or (reply.logprobs and tokens):
-                yield reply.chunk(index, text, tokens)
+                yield reply.chunk(index, text, tokens, offset=sent[index])
+            sent[index] += sum(len(t.text) for t in tokens)
         if include_usage:
             yield reply.usage_chunk(usage(jobs, generations, n))
         yield "data: [DONE]\n\n"

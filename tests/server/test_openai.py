@@ -97,6 +97,40 @@ def test_a_prompt_of_token_ids_is_what_its_text_gets(sdk, loaded):
         sdk.completions.create(model="m", prompt=[5, loaded.model.config.vocab_size], max_tokens=2)
 
 
+def test_an_echoed_completion_lists_its_prompt_tokens_first_with_their_logprobs(sdk, client):
+    whole = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                   logprobs=0)
+    choice = whole.choices[0]
+    logprobs = choice.logprobs
+    tokens = logprobs.tokens
+    assert choice.text.startswith(PROMPT) and "".join(tokens) == choice.text
+    assert logprobs.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    # the prompt's logprobs are those TGI's decoder_input_details gives; the first has nothing before it
+    tgi = client.post("/generate", json={"inputs": PROMPT, "parameters": {
+        "max_new_tokens": 1, "decoder_input_details": True}}).json()["details"]["prefill"]
+    prompt = len(tokens) - whole.usage.completion_tokens
+    assert prompt == whole.usage.prompt_tokens and logprobs.token_logprobs[0] is None
+    assert logprobs.token_logprobs[:prompt] == [t["logprob"] for t in tgi]
+
+    chunks = list(sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                         stream=True))
+    assert chunks[0].choices[0].text == PROMPT and "".join(c.choices[0].text for c in chunks) == choice.text
+    with pytest.raises(openai.BadRequestError, match="not supported when streaming"):
+        sdk.completions.create(model="m", prompt=PROMPT, max_tokens=2, echo=True, logprobs=0, stream=True)
+
+
+def test_streamed_logprobs_give_each_token_its_offset_in_the_whole_text(sdk):
+    chunks = list(sdk.completions.create(model="m", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=0,
+                                         stream=True))
+    text = ""
+    for chunk in chunks:
+        logprobs = chunk.choices[0].logprobs
+        if logprobs is not None:
+            assert logprobs.text_offset[0] == len(text)
+            text += "".join(logprobs.tokens)
+    assert text == "".join(c.choices[0].text for c in chunks)
+
+
 def test_sampled_choices_differ_and_choice_j_samples_with_seed_plus_j(sdk):
     def chat(seed: int, n: int) -> list[str]:
         reply = sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=12, temperature=1.0,
