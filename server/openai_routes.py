@@ -52,10 +52,10 @@ from server.openai_protocol import (
     Usage,
     openai_error,
 )
-from server.protocol import GenerateRequest, Parameters, PrefillToken, Speculation, Token, event_stream
+from server.protocol import GenerateRequest, Parameters, PrefillToken, Token, event_stream
 from server.scheduler import RequestFailed, RequestStream
-from server.service import Generation, Service, generate, submit_all
-from server.validation import Job
+from server.service import Generation, Service, generate, speculation_of, submit_all
+from server.validation import InputError, Job
 
 ERROR_RESPONSES = {status: {"model": OpenAIErrorResponse, "description": text} for status, text in {
     400: "A malformed body, a parameter out of range or not supported, or a prompt over the server's limits "
@@ -211,17 +211,21 @@ def chat_encoder(service: Service, messages: list[ChatMessage]):
 
 
 def completion_encoder(service: Service, prompt: str | list[int]):
-    """The prompt's ids: a text tokenized as it is; token ids taken as they are (PromptError for one
-    outside the vocabulary)."""
+    """The prompt's ids: a text tokenized as it is, token ids taken as they are."""
     def encode(text: str, _truncate: int | None) -> list[int]:
-        if isinstance(prompt, str):
-            return service.tokenizer.encode(text)
-        vocab = service.scheduler.engine.model.config.vocab_size
-        if outside := [t for t in prompt if t >= vocab]:
-            raise PromptError(f"`prompt`: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
-        return list(prompt)
+        return service.tokenizer.encode(text) if isinstance(prompt, str) else list(prompt)
 
     return encode
+
+
+def prompt_text(service: Service, prompt: str | list[int]) -> str:
+    """The prompt as text: token ids decoded (InputError for one outside the vocabulary)."""
+    if isinstance(prompt, str):
+        return prompt
+    vocab = service.scheduler.engine.model.config.vocab_size
+    if outside := [t for t in prompt if t >= vocab]:
+        raise InputError(f"`prompt`: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
+    return service.tokenizer.decode(prompt)
 
 
 async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequest) -> list[Job]:
@@ -234,12 +238,12 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
         encode = chat_encoder(service, body.messages) if chat else completion_encoder(service, prompt)
         # a chat's messages' text stands for the prompt in the length check before tokenizing (the
         # rendered template holds all of it); token ids, their text (for echo)
-        text = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt)
-        request = GenerateRequest.model_construct(inputs=text, parameters=parameters(body, max_tokens),
-                                                  stream=False)
+        request = GenerateRequest.model_construct(inputs=prompt_text(service, prompt),
+                                                  parameters=parameters(body, max_tokens), stream=False)
         # a chat without max_tokens may use what the context leaves, as OpenAI's does
         jobs.append(await service.prepare(request, stream=bool(body.stream), encode=encode,
                                           fill_context=chat and max_tokens is None))
+
     def choice(job: Job, j: int) -> Job:
         if j == 0 or job.params.greedy:
             return job
@@ -256,15 +260,6 @@ def usage(jobs: list[Job], generations: list[Generation], n: int) -> Usage:
     prompt = sum(len(job.prompt_ids) for job in jobs[::n])
     completion = sum(len(g.tokens) for g in generations)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def speculation(generations: list[Generation]) -> Speculation | None:
-    """The speculation figures of all the choices together."""
-    if not generations or generations[0].speculation is None:
-        return None
-    steps, accepted = sum(g.spec_steps for g in generations), sum(g.accepted_tokens for g in generations)
-    return Speculation(steps=steps, accepted_tokens=accepted,
-                       mean_accepted_len=1.0 + accepted / steps if steps else 1.0)
 
 
 def visible(tokens: list[Token]) -> list[Token]:
@@ -296,7 +291,7 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
                 prompt = generation.details(job).prefill
                 tokens = [t for t in prompt if t.id not in service.special_ids] + tokens
         choices.append((text, tokens, generation.finish_reason))
-    response = reply.body(choices, usage(jobs, generations, n), speculation(generations))
+    response = reply.body(choices, usage(jobs, generations, n), speculation_of(generations))
     return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
 

@@ -68,11 +68,7 @@ class Generation:
 
     @property
     def speculation(self) -> Speculation | None:
-        if not self.speculative:
-            return None
-        steps, accepted = self.spec_steps, self.accepted_tokens
-        return Speculation(steps=steps, accepted_tokens=accepted,
-                           mean_accepted_len=1.0 + accepted / steps if steps else 1.0)
+        return speculation_of([self])
 
     def text(self, job: Job) -> str:
         """The generated text without special tokens, after the prompt when return_full_text."""
@@ -92,6 +88,17 @@ class Generation:
     def stream_details(self, job: Job) -> StreamDetails:
         return StreamDetails(finish_reason=self.finish_reason, generated_tokens=len(self.tokens),
                              seed=job.seed, input_length=len(job.prompt_ids), speculation=self.speculation)
+
+
+def speculation_of(generations: list[Generation]) -> Speculation | None:
+    """The speculation figures of these generations together (one request's, or an OpenAI request's
+    choices); None when the server does not speculate."""
+    if not generations or not generations[0].speculative:
+        return None
+    steps = sum(g.spec_steps for g in generations)
+    accepted = sum(g.accepted_tokens for g in generations)
+    return Speculation(steps=steps, accepted_tokens=accepted,
+                       mean_accepted_len=1.0 + accepted / steps if steps else 1.0)
 
 
 class Service:

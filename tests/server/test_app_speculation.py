@@ -107,3 +107,17 @@ def test_a_drafter_of_another_kind_than_asked_is_refused(eagle_folder):
     with pytest.raises(HeadsLoadError, match="--drafter eagle"):
         with TestClient(create_app(settings, tiny_loaded())):
             pass
+
+
+def test_an_openai_responses_speculation_figures_add_up_its_choices(medusa_client):
+    def figures(**fields) -> dict:
+        body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, **fields}
+        response = medusa_client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["medusa"]
+
+    one, two = figures(), figures(prompt=[PROMPT, "Hello there"])
+    other = figures(prompt="Hello there")
+    assert two["steps"] == one["steps"] + other["steps"]
+    assert two["accepted_tokens"] == one["accepted_tokens"] + other["accepted_tokens"]
+    assert two["mean_accepted_len"] == pytest.approx(1 + two["accepted_tokens"] / two["steps"])
