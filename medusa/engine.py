@@ -61,6 +61,8 @@ class Emitted:
     speculated: bool = False  # this step verified a tree of drafts for the request
     accepted: int = 0  # drafted tokens this step accepted and emitted (<= len(token_ids))
     prefill_logprobs: list[float | None] | None = None
+    # with params.top_n: each token's most likely tokens there, (id, logprob), most likely first
+    top_tokens: list[list[tuple[int, float]]] | None = None
     # [n, C] with keep_hidden: final hidden states of the tokens this call put in the cache (the
     # last prompt token for `add`, the accepted path for `step`): self-distillation data for heads
     hidden: torch.Tensor | None = None
@@ -265,12 +267,13 @@ class Engine:
         generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
         seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator,
                         lookup=NgramIndex(pre.prompt) if self.tree.lookup else None)
-        token, logprob = self.device_step.first_token(pre.slot, hidden[-1], params, self._uniforms(seq))
+        token, logprob, top = self.device_step.first_token(pre.slot, hidden[-1], params, self._uniforms(seq))
         del self._prefilling[pre.request_id]
         self._running[pre.request_id] = seq
         prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
         return self._emit(seq, [token], [logprob], prefill_logprobs=prefill_logprobs,
-                          hidden=hidden[-1:] if self.keep_hidden else None)
+                          hidden=hidden[-1:] if self.keep_hidden else None,
+                          top=None if top is None else [top])
 
     def cancel(self, request_id: Hashable) -> None:
         """Drop a running or prefilling request and free its slot (no-op for an unknown id)."""
@@ -324,7 +327,8 @@ class Engine:
             try:
                 out.append(self._emit(seq, result.tokens, result.logprobs, speculated=row.speculate,
                                       drafted=result.accepted_len - 1,
-                                      hidden=None if hidden is None else hidden[b, :result.accepted_len]))
+                                      hidden=None if hidden is None else hidden[b, :result.accepted_len],
+                                      top=result.top))
             except Exception as e:
                 out.append(self._fail(seq, f"emitting its tokens failed: {e}"))
         return out
@@ -351,7 +355,8 @@ class Engine:
 
     def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float], *, speculated: bool = False,
               drafted: int = 0, prefill_logprobs: list[float | None] | None = None,
-              hidden: torch.Tensor | None = None) -> Emitted:
+              hidden: torch.Tensor | None = None, top: list[list[tuple[int, float]]] | None = None
+              ) -> Emitted:
         """Append tokens one by one; stop exactly at EOS, a stop sequence or max_new_tokens.
 
         tokens: `drafted` accepted drafts, then the token sampled after them; a stop inside the drafts
@@ -371,7 +376,7 @@ class Engine:
             self._release(seq.request_id)
         return Emitted(seq.request_id, tokens[:kept], logprobs[:kept], reason, speculated=speculated,
                        accepted=min(drafted, kept), prefill_logprobs=prefill_logprobs,
-                       hidden=hidden)
+                       hidden=hidden, top_tokens=None if top is None else top[:kept])
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         params = seq.params

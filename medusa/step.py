@@ -34,7 +34,7 @@ from medusa.draft import Drafter, draft, draft_dynamic, window_size
 from medusa.dynamic import DynamicTree, RowTrees
 from medusa.tree import TreeBuffers, build_tree
 from runtime import sampling
-from runtime.config import SamplingParams
+from runtime.config import MAX_TOP_N, SamplingParams
 from runtime.llama import Llama
 from runtime.sampling import MODES, ROW_PARAMS_WIDTH, Needs, RowParams
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 ROOT_ONLY = build_tree([])
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-ALL = Needs(sample=True, filter=True, penalise=True, typical=True, typical_acceptance=True)
+ALL = Needs(sample=True, filter=True, penalise=True, typical=True, typical_acceptance=True, top_n=True)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,21 @@ class StepResult:
     accepted_len: int  # tree nodes kept, root included (>= 1)
     tokens: list[int]  # accepted drafts, then the next pending token (accepted_len tokens)
     logprobs: list[float]  # of each token, under the request's processed distribution
+    top: list[list[tuple[int, float]]] | None = None  # with params.top_n: each token's most likely tokens
+
+
+def most_likely(target: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The MAX_TOP_N most likely tokens of each of P distributions, as the step packs them:
+    target [B, P, V] (processed logits), lse [B, P] (their logsumexp) -> [B, P * 2K] float64, each
+    position's K token ids then their K logprobs, most likely first."""
+    values, ids = target.topk(MAX_TOP_N, dim=-1)  # [B, P, K] each
+    return torch.cat([ids.double(), (values - lse[..., None]).double()], dim=-1).flatten(1)
+
+
+def top_of(packed: list[float], n: int, top_n: int) -> list[list[tuple[int, float]]]:
+    """The first n positions' top_n (token id, logprob) pairs, from `most_likely`'s row on the host."""
+    K = MAX_TOP_N
+    return [[(int(packed[2 * K * p + k]), packed[2 * K * p + K + k]) for k in range(top_n)] for p in range(n)]
 
 
 def _batch_bucket(n: int) -> int:
@@ -141,8 +156,9 @@ class DeviceStep:
         return hidden[0]
 
     def first_token(self, slot: int, hidden_last: torch.Tensor, params: SamplingParams,
-                    uniforms: torch.Tensor) -> tuple[int, float]:
-        """Sample the token after a whole prompt from its last hidden state [C]: (token, logprob)."""
+                    uniforms: torch.Tensor) -> tuple[int, float, list[tuple[int, float]] | None]:
+        """Sample the token after a whole prompt from its last hidden state [C]: (token, logprob, and
+        with params.top_n the most likely tokens there)."""
         rows, needs = RowParams.of([params], self.device), Needs.of([params])
         seen = self.seen[slot, None, None, :-1] if needs.penalise else None  # [1, 1, V]
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
@@ -150,7 +166,9 @@ class DeviceStep:
         best, lse = sampling.argmax_logsumexp(target)  # [1] each
         token = sampling.next_tokens(target, best, rows, uniforms[:1].to(self.device), needs)  # [1]
         self.seen[slot, token] = True
-        return int(token), float(target[0, token] - lse[0])
+        top = top_of(most_likely(target[:, None], lse[:, None])[0].tolist(), 1, params.top_n)[0] \
+            if params.top_n else None
+        return int(token), float(target[0, token] - lse[0]), top
 
     # ---------------------------------------------------------------- one step
 
@@ -171,9 +189,10 @@ class DeviceStep:
         host = packed[:B].cpu().tolist()  # the step's one host synchronisation
         P = tree.depth + 1
         results = []
-        for row in host:
-            n = int(row[0])
-            results.append(StepResult(n, [int(t) for t in row[1:1 + n]], row[1 + P:1 + P + n]))
+        for row, values in zip(rows[:B], host, strict=True):
+            n = int(values[0])
+            top = top_of(values[1 + 2 * P:], n, row.params.top_n) if row.params.top_n else None
+            results.append(StepResult(n, [int(t) for t in values[1:1 + n]], values[1 + P:1 + P + n], top))
         return results, hidden[:B].clone() if keep_hidden else None  # (a CUDA graph's output is reused)
 
     def warm_up(self, max_batch: int, speculative: bool, eager_if_compile_fails: bool = False) -> None:
@@ -302,6 +321,8 @@ class DeviceStep:
         tokens = tokens.scatter(1, (accepted_len - 1)[:, None], next_token[:, None])  # then the next token
         logit = target.reshape(B, T * V).gather(1, path * V + tokens)  # [B, P]: each token's, at its node
         logprobs = logit - lse.gather(1, path)  # [B, P]
+        top = most_likely(target.gather(1, path[..., None].expand(B, P, V)), lse.gather(1, path)) \
+            if needs.top_n else None  # [B, P * 2K]
 
         # keep the accepted nodes: K/V, their hidden states and tokens in the window; the emitted tokens
         # count as seen
@@ -322,7 +343,8 @@ class DeviceStep:
             self.window_tokens[slots] = tokens_then.gather(1, shift)
         self.seen[slots[:, None], torch.where(on_path, tokens, V)] = True
 
-        packed = torch.cat([accepted_len[:, None].double(), tokens.double(), logprobs.double()], dim=1)
+        packed = torch.cat([accepted_len[:, None].double(), tokens.double(), logprobs.double(),
+                            *([top] if top is not None else [])], dim=1)
         return packed, torch.where(on_path[..., None], path_hidden, 0)
 
     def _seen_at_nodes(self, slots: torch.Tensor, candidates: torch.Tensor, tree: TreeBuffers | RowTrees

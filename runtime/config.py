@@ -127,6 +127,9 @@ _ARCH_BY_MODEL_TYPE = {
 }
 
 
+MAX_TOP_N = 20  # alternatives a token may report (OpenAI's most for top_logprobs)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request turns logits into tokens, and when it stops.
@@ -149,6 +152,7 @@ class SamplingParams:
     typical_epsilon: float = 0.09
     typical_delta: float = 0.3
     speculate: bool = True
+    top_n: int = 0  # the most likely tokens, with their logprobs, reported beside each token (<= MAX_TOP_N)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -167,6 +171,8 @@ class SamplingParams:
             raise ConfigError("acceptance must be 'auto', 'lossless' or 'typical'")
         if not 0 <= self.typical_epsilon <= 1 or not 0 <= self.typical_delta < math.inf:
             raise ConfigError("typical_epsilon must be in [0, 1] and typical_delta a finite number >= 0")
+        if not 0 <= self.top_n <= MAX_TOP_N:
+            raise ConfigError(f"top_n must be in [0, {MAX_TOP_N}]")
         if not all(self.stop):
             raise ConfigError("stop sequences must not be empty (an empty one would stop at once)")
 

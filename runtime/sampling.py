@@ -116,6 +116,7 @@ class Needs:
     penalise: bool = False  # some row has a repetition penalty
     typical: bool = False  # some row has typical-p
     typical_acceptance: bool = False  # some row accepts drafts by the typical rule (others: lossless)
+    top_n: bool = False  # some row reports the most likely tokens beside each of its tokens
 
     @staticmethod
     def of(params: list[SamplingParams]) -> Needs:
@@ -123,7 +124,8 @@ class Needs:
         return Needs(sample=bool(sampled), filter=any(p.top_k or p.top_p < 1 for p in sampled),
                      penalise=any(p.repetition_penalty != 1.0 for p in params),
                      typical=any(p.typical_p < 1 for p in sampled),
-                     typical_acceptance=any(acceptance_mode(p) == "typical" for p in sampled))
+                     typical_acceptance=any(acceptance_mode(p) == "typical" for p in sampled),
+                     top_n=any(p.top_n for p in params))
 
 
 def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from tests.medusa.test_engine_speculative import eagle_for, heads_for
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1], [9, 9]]
 PARAMS = [SamplingParams(max_new_tokens=12),
-          SamplingParams(max_new_tokens=12, temperature=0.8, seed=5),
+          SamplingParams(max_new_tokens=12, temperature=0.8, seed=5, top_n=3),
           SamplingParams(max_new_tokens=12, temperature=1.2, top_k=20, top_p=0.9, seed=6,
                          acceptance="typical"),
           SamplingParams(max_new_tokens=12, repetition_penalty=1.3),
@@ -30,11 +30,14 @@ def model():
 
 
 def run(engine: Engine) -> dict[int, list[tuple[list[int], list[float]]]]:
-    """Each request's (tokens, logprobs) per call, all requests in one batch."""
+    """Each request's (tokens, logprobs) per call, all requests in one batch; the most likely tokens'
+    logprobs follow a token's where its request asks for them (top_n)."""
     out: dict[int, list[tuple[list[int], list[float]]]] = {i: [] for i in range(len(PROMPTS))}
     for e in engine.run(zip(range(len(PROMPTS)), PROMPTS, PARAMS, strict=True)):
         assert e.error is None, e.error
-        out[e.request_id].append((e.token_ids, e.logprobs))
+        assert (e.top_tokens is not None) == (PARAMS[e.request_id].top_n > 0)
+        tops = [(t, lp) for top in e.top_tokens or [] for t, lp in top]
+        out[e.request_id].append((e.token_ids + [t for t, _ in tops], e.logprobs + [lp for _, lp in tops]))
     return out
 
 
