@@ -123,7 +123,8 @@ async def generate_response(service: Service, job: Job, request: Request
 
 
 def sse(event: StreamResponse | ErrorResponse) -> str:
-    return f"data:{event.model_dump_json()}\n\n"
+    unasked = isinstance(event, StreamResponse) and event.top_tokens is None
+    return f"data:{event.model_dump_json(exclude={'top_tokens'} if unasked else None)}\n\n"
 
 
 async def stream_events(service: Service, job: Job, stream: RequestStream) -> AsyncIterator[str]:
@@ -140,7 +141,8 @@ async def stream_events(service: Service, job: Job, stream: RequestStream) -> As
                 yield sse(StreamResponse(
                     index=index, token=token, step=step,
                     generated_text=generation.text(job) if last else None,
-                    details=generation.stream_details(job) if last and job.details else None))
+                    details=generation.stream_details(job) if last and job.details else None,
+                    top_tokens=generation.top_tokens[index - 1] if job.params.top_n else None))
     except RequestFailed as e:
         yield sse(ErrorResponse(error=str(e), error_type=e.error_type))
     finally:
@@ -260,8 +262,11 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
 
 
 def dump(response: GenerateResponse) -> dict:
-    """TGI leaves `details` out when it was not asked for."""
-    return response.model_dump(mode="json", exclude={"details"} if response.details is None else None)
+    """TGI leaves `details` out when it was not asked for, and `top_tokens` without top_n_tokens."""
+    if response.details is None:
+        return response.model_dump(mode="json", exclude={"details"})
+    unasked = response.details.top_tokens is None
+    return response.model_dump(mode="json", exclude={"details": {"top_tokens"}} if unasked else None)
 
 
 # ---------------------------------------------------------------- errors as {"error", "error_type"}

@@ -3,10 +3,11 @@
 
 Fields follow OpenAI's API, so that the `openai` SDK works unchanged; unknown fields are ignored.
 Parameters this server does not implement accept only their no-op values (`presence_penalty` and
-`frequency_penalty` 0, `top_logprobs` 0 and a completion's `logprobs` 0: the engine reports the
-chosen token's logprob only; no `tools` or `functions`, a `response_format` of text, no `logit_bias`,
-a completion's `best_of` 1 and no `suffix`); any other value is a 400 saying it is not supported, so
-that a client never takes an answer that ignored what it asked for. Semantics are
+`frequency_penalty` 0; no `tools` or `functions`, a `response_format` of text, no `logit_bias`, a
+completion's `best_of` 1 and no `suffix`); any other value is a 400 saying it is not supported, so
+that a client never takes an answer that ignored what it asked for. A chat's `top_logprobs` (up to
+20, with `logprobs`) and a completion's `logprobs` (up to 5) give each generated token's most likely
+tokens (an echoed prompt's tokens have none: null). Semantics are
 OpenAI's: `temperature` defaults to 1 (sampling) and 0 decodes greedily; a stop sequence ends the
 text and is not part of it; `n` choices per prompt, and a completion's `prompt` may be a list of
 prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to the engine (with a
@@ -27,6 +28,7 @@ from typing import Annotated, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from runtime.config import MAX_TOP_N
 from server.protocol import MAX_STOP_SEQUENCES, ErrorResponse, Logprob, Speculation, Text, only_no_op_values
 
 OPENAI_PREFIX = "/v1/"
@@ -168,16 +170,25 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
-    top_logprobs: int | None = _only(0, "top_logprobs is not supported, this server reports the chosen "
-                                        "token's logprob only")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_N)  # with logprobs
     tools: Empty | None = _refused("only null or []: tools (function calling) are")
     tool_choice: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': choosing a tool is")
     functions: Empty | None = _refused("only null or []: functions (function calling) are")
     function_call: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': function_call is")
     response_format: TextFormat | None = _refused("only null or {'type': 'text'}: a response format is")
 
-    _unsupported_chat = only_no_op_values("top_logprobs", "tools", "tool_choice", "functions",
-                                          "function_call", "response_format")
+    _unsupported_chat = only_no_op_values("tools", "tool_choice", "functions", "function_call",
+                                          "response_format")
+
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_n(self) -> int:
+        return self.top_logprobs or 0
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -186,13 +197,16 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 class CompletionRequest(_Request):
     prompt: (Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)])
-    logprobs: int | None = _only(0, "alternative tokens are not reported, this server reports the chosen "
-                                    "token's logprob only")
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # each token's most likely tokens, as OpenAI's
     echo: bool | None = False
     best_of: int | None = _only(1, "best_of is not supported by this server")
     suffix: Literal[""] | None = _refused("only null or '': a suffix is")
 
-    _unsupported_completion = only_no_op_values("logprobs", "best_of", "suffix")
+    _unsupported_completion = only_no_op_values("best_of", "suffix")
+
+    @property
+    def top_n(self) -> int:
+        return self.logprobs or 0
 
     @model_validator(mode="after")
     def _echoed_logprobs_whole(self):
@@ -209,11 +223,14 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class TokenLogprob(BaseModel):
+class TopLogprob(BaseModel):
     token: str
     logprob: Logprob
     bytes: list[int]
-    top_logprobs: list[dict] = []  # always empty: alternatives are not reported
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []  # with top_logprobs: the most likely tokens there
 
 
 class ChoiceLogprobs(BaseModel):
@@ -223,7 +240,7 @@ class ChoiceLogprobs(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[Logprob]
-    top_logprobs: list[dict] | None = None
+    top_logprobs: list[dict[str, Logprob] | None] | None = None  # with logprobs > 0: text -> logprob
     text_offset: list[int]
 
 

@@ -49,6 +49,7 @@ from server.openai_protocol import (
     ModelList,
     OpenAIErrorResponse,
     TokenLogprob,
+    TopLogprob,
     Usage,
     openai_error,
 )
@@ -83,17 +84,18 @@ class Reply:
     chat: bool
     stops: list[str]
     logprobs: bool
+    top_n: int  # the most likely tokens reported beside each token
 
     @classmethod
     def of(cls, service: Service, body: ChatCompletionRequest | CompletionRequest) -> Reply:
         chat = isinstance(body, ChatCompletionRequest)
         return cls(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
                    model=service.loaded.model_id, chat=chat, stops=body.stops,
-                   logprobs=body.logprobs is not None and body.logprobs is not False)
+                   logprobs=body.logprobs is not None and body.logprobs is not False, top_n=body.top_n)
 
-    def body(self, choices: list[tuple[str, list[Token], str]], usage: Usage, medusa
+    def body(self, choices: list[tuple[str, list[Scored], str]], usage: Usage, medusa
              ) -> ChatCompletion | Completion:
-        """The whole response: each choice's (text, tokens, finish_reason), in index order."""
+        """The whole response: each choice's (text, scored tokens, finish_reason), in index order."""
         head = {"id": self.id, "created": self.created, "model": self.model, "usage": usage, "medusa": medusa}
         if self.chat:
             return ChatCompletion(**head, choices=[
@@ -105,7 +107,7 @@ class Reply:
                              logprobs=self.completion_logprobs(tokens))
             for i, (text, tokens, end) in enumerate(choices)])
 
-    def chunk(self, index: int, text: str | None, tokens: list[Token], finish_reason: str | None = None, *,
+    def chunk(self, index: int, text: str | None, tokens: list[Scored], finish_reason: str | None = None, *,
               role: bool = False, medusa=None, offset: int = 0) -> str:
         """One SSE event of choice `index` (`offset`: the length of the choice's text sent before)."""
         finish = FINISH_REASONS[finish_reason] if finish_reason else None
@@ -128,23 +130,30 @@ class Reply:
         chunk = kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
         return f"data: {chunk.model_dump_json()}\n\n"
 
-    def chat_logprobs(self, tokens: list[Token]) -> ChoiceLogprobs | None:
+    def chat_logprobs(self, tokens: list[Scored]) -> ChoiceLogprobs | None:
         if not self.logprobs or not tokens:
             return None
-        return ChoiceLogprobs(content=[
-            TokenLogprob(token=t.text, logprob=t.logprob, bytes=list(t.text.encode())) for t in tokens])
+        def scored(t: Token | PrefillToken) -> dict:
+            return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
 
-    def completion_logprobs(self, tokens: list[Token | PrefillToken], start: int = 0
-                            ) -> CompletionLogprobs | None:
+        return ChoiceLogprobs(content=[
+            TokenLogprob(**scored(t), top_logprobs=[TopLogprob(**scored(a)) for a in top or []])
+            for t, top in tokens])
+
+    def completion_logprobs(self, tokens: list[Scored], start: int = 0) -> CompletionLogprobs | None:
         """The tokens' logprobs, each token's text_offset in the choice's text (`start`: the offset of
-        the first: a stream's text sent before it)."""
+        the first: a stream's text sent before it), and with logprobs > 0 the most likely tokens."""
         if not self.logprobs or not tokens:
             return None
         offsets, offset = [], start
-        for t in tokens:
+        for t, _ in tokens:
             offsets.append(offset)
             offset += len(t.text)
-        return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
+        # text -> logprob: where two tokens have one text (parts of characters), the likelier one's
+        top = [None if alternatives is None else {a.text: a.logprob for a in reversed(alternatives)}
+               for _, alternatives in tokens] if self.top_n else None
+        return CompletionLogprobs(tokens=[t.text for t, _ in tokens],
+                                  token_logprobs=[t.logprob for t, _ in tokens], top_logprobs=top,
                                   text_offset=offsets)
 
 
@@ -186,7 +195,7 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
                       temperature=temperature if sampled else None,
                       top_p=body.top_p if sampled and body.top_p is not None and body.top_p < 1 else None,
                       seed=body.seed if sampled else None, stop=body.stops,
-                      decoder_input_details=echoed_logprobs(body))
+                      decoder_input_details=echoed_logprobs(body), top_n_tokens=body.top_n)
 
 
 def echoed_logprobs(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -262,8 +271,16 @@ def usage(jobs: list[Job], generations: list[Generation], n: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def visible(tokens: list[Token]) -> list[Token]:
-    return [t for t in tokens if not t.special]
+# a token with its most likely alternatives where they were asked for (None: not asked, or a prompt token)
+Scored = tuple[Token | PrefillToken, list[Token] | None]
+
+
+def visible(generation: Generation, tokens: list[Token]) -> list[Scored]:
+    """The tokens that are text (not special), each with its alternatives where they were asked for;
+    `tokens`: the generation's last ones."""
+    first = len(generation.tokens) - len(tokens)
+    tops = generation.top_tokens[first:] if generation.top_tokens else [None] * len(tokens)
+    return [(t, top) for t, top in zip(tokens, tops, strict=True) if not t.special]
 
 
 async def respond(body: ChatCompletionRequest | CompletionRequest, request: Request) -> Response:
@@ -284,12 +301,12 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
         text = generation.text(job)
         if generation.finish_reason == "stop_sequence":
             text = cut_at_stop(text, reply.stops)
-        tokens = visible(generation.tokens)
+        tokens = visible(generation, generation.tokens)
         if isinstance(body, CompletionRequest) and body.echo:
             text = job.inputs + text
             if echoed_logprobs(body):  # the prompt's tokens first, as OpenAI lists them
                 prompt = generation.details(job).prefill
-                tokens = [t for t in prompt if t.id not in service.special_ids] + tokens
+                tokens = [(t, None) for t in prompt if t.id not in service.special_ids] + tokens
         choices.append((text, tokens, generation.finish_reason))
     response = reply.body(choices, usage(jobs, generations, n), speculation_of(generations))
     return JSONResponse(response.model_dump(mode="json"), headers=headers)
@@ -342,15 +359,15 @@ async def events(service: Service, reply: Reply, jobs: list[Job], streams: list[
                 sent[index] = len(job.inputs)
         async for index, emitted in merged(streams):
             generation, hold = generations[index], holds[index]
-            tokens = visible(generation.add(emitted))
-            text = hold.push("".join(t.text for t in tokens))
+            tokens = visible(generation, generation.add(emitted))
+            text = hold.push("".join(t.text for t, _ in tokens))
             if emitted.finish_reason is not None:
                 text += hold.finish()
                 yield reply.chunk(index, text, tokens, emitted.finish_reason, medusa=generation.speculation,
                                   offset=sent[index])
             elif text or (reply.logprobs and tokens):
                 yield reply.chunk(index, text, tokens, offset=sent[index])
-            sent[index] += sum(len(t.text) for t in tokens)
+            sent[index] += sum(len(t.text) for t, _ in tokens)
         if include_usage:
             yield reply.usage_chunk(usage(jobs, generations, n))
         yield "data: [DONE]\n\n"

@@ -8,8 +8,8 @@ fails with error_type 'timeout'), a `speculation` entry in `details` (the stream
 `/info`, and a `step` on each streamed token.
 
 TGI parameters this server does not implement accept only their no-op values (`best_of` 1,
-`top_n_tokens` 0, `frequency_penalty` 0, `watermark` false, `grammar` null); the schema states so,
-and any other value is a 422 saying it is not supported.
+`frequency_penalty` 0, `watermark` false, `grammar` null); the schema states so, and any other value
+is a 422 saying it is not supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default limit is 5).
 
 Validation that needs only the body lives here (types, ranges, valid Unicode text, finite numbers: a
 422 naming the field); validation that needs the tokenizer or the server's limits lives in
@@ -36,6 +36,8 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from runtime.config import MAX_TOP_N
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -101,9 +103,8 @@ class Parameters(_Body):
     best_of: int | None = Field(default=None, ge=1, le=MAX_BEST_OF,
                                 description=f"only 1 or null: best_of > {MAX_BEST_OF} is not supported "
                                             "by this server")
-    top_n_tokens: int | None = Field(default=None, ge=0, le=0,
-                                     description="only 0 or null: top_n_tokens is not supported, this server "
-                                                 "does not report alternative tokens")
+    # the most likely tokens and their logprobs beside each token (details.top_tokens, a stream event's)
+    top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_TOP_N)
     frequency_penalty: float | None = Field(default=None, ge=0, le=0,
                                             description="only 0 or null: frequency_penalty is not supported; "
                                                         "use repetition_penalty")
@@ -116,7 +117,7 @@ class Parameters(_Body):
     acceptance: Literal["lossless", "typical"] | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; at most the server's request_timeout
 
-    _unsupported = only_no_op_values("best_of", "top_n_tokens", "frequency_penalty", "watermark", "grammar")
+    _unsupported = only_no_op_values("best_of", "frequency_penalty", "watermark", "grammar")
 
 
 class GenerateRequest(_Body):
@@ -167,6 +168,7 @@ class Details(BaseModel):
     prefill: list[PrefillToken]  # empty unless decoder_input_details
     tokens: list[Token]
     speculation: Speculation | None = None
+    top_tokens: list[list[Token]] | None = None  # with top_n_tokens: each token's (left out otherwise)
 
 
 class GenerateResponse(BaseModel):
@@ -190,6 +192,7 @@ class StreamResponse(BaseModel):
     # extension, after TGI's fields: the engine call that emitted the token, 1 for the prefill's token;
     # the tokens one speculative step accepted share it, so a client can show how many each step gave
     step: int | None = None
+    top_tokens: list[Token] | None = None  # with top_n_tokens (left out otherwise)
 
 
 class ErrorResponse(BaseModel):

@@ -48,6 +48,7 @@ class Generation:
         self.special_ids = special_ids
         self.decoder = IncrementalDecoder(tokenizer)
         self.tokens: list[Token] = []
+        self.top_tokens: list[list[Token]] = []  # each token's most likely tokens, where the request asks
         self.prefill_logprobs: list[float | None] | None = None
         self.finish_reason: str | None = None
         self.speculative = speculative
@@ -59,6 +60,10 @@ class Generation:
         new = [Token(id=t, text=self.decoder.push(t), logprob=logprob, special=t in self.special_ids)
                for t, logprob in zip(emitted.token_ids, emitted.logprobs, strict=True)]
         self.tokens += new
+        if emitted.top_tokens is not None:  # each alternative's text on its own, as TGI gives it
+            self.top_tokens += [[Token(id=t, text=self.tokenizer.decode([t]), logprob=logprob,
+                                       special=t in self.special_ids) for t, logprob in top]
+                                for top in emitted.top_tokens]
         if emitted.prefill_logprobs is not None:
             self.prefill_logprobs = emitted.prefill_logprobs
         self.spec_steps += emitted.speculated
@@ -83,7 +88,8 @@ class Generation:
             prefill = [PrefillToken(id=t, text=text, logprob=lp)
                        for t, text, lp in zip(job.prompt_ids, texts, logprobs, strict=True)]
         return Details(finish_reason=self.finish_reason, generated_tokens=len(self.tokens), seed=job.seed,
-                       prefill=prefill, tokens=self.tokens, speculation=self.speculation)
+                       prefill=prefill, tokens=self.tokens, speculation=self.speculation,
+                       top_tokens=self.top_tokens if job.params.top_n else None)
 
     def stream_details(self, job: Job) -> StreamDetails:
         return StreamDetails(finish_reason=self.finish_reason, generated_tokens=len(self.tokens),

@@ -90,6 +90,7 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
             stop=tuple(p.stop),
             acceptance=p.acceptance or "auto",
             speculate=p.speculate,
+            top_n=p.top_n_tokens or 0,
         )
     except ConfigError as e:
         raise InputError(str(e)) from e

@@ -1,5 +1,7 @@
 """POST /generate and POST /: the TGI response body, details, finish reasons, headers, seeds."""
 
+import json
+
 import transformers
 from fastapi.testclient import TestClient
 
@@ -147,3 +149,19 @@ def test_info_reports_the_dtype_auto_chose(loaded):
     settings = tiny_settings(dtype="auto")
     with TestClient(create_app(settings, loaded)) as client:
         assert client.get("/info").json()["model_dtype"] == "float32"  # the tiny model's weights
+
+
+def test_top_n_tokens_gives_each_token_its_most_likely_tokens_whole_and_streamed(client):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "details": True, "top_n_tokens": 3}}
+    details = client.post("/generate", json=body).json()["details"]
+    assert len(details["top_tokens"]) == len(details["tokens"]) == 6
+    for token, top in zip(details["tokens"], details["top_tokens"], strict=True):
+        # greedy: the token is the most likely one (its text on its own: a token holding part of a
+        # character adds "" to the text, and alone decodes to U+FFFD)
+        assert len(top) == 3 and (top[0]["id"], top[0]["logprob"]) == (token["id"], token["logprob"])
+        assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+    events = [json.loads(line[5:]) for line in client.post("/generate_stream", json=body).text.splitlines()
+              if line.startswith("data:")]
+    assert [e["top_tokens"] for e in events] == details["top_tokens"]
+    plain = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True}}
+    assert "top_tokens" not in client.post("/generate", json=plain).json()["details"]  # TGI's: unless asked

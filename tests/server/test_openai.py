@@ -131,6 +131,20 @@ def test_streamed_logprobs_give_each_token_its_offset_in_the_whole_text(sdk):
     assert text == "".join(c.choices[0].text for c in chunks)
 
 
+def test_top_logprobs_give_each_token_its_most_likely_tokens(sdk):
+    chat = sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=8, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    for entry in chat.choices[0].logprobs.content:  # greedy: the token is the most likely one
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == entry.logprob
+    completion = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.top_logprobs) == len(logprobs.tokens)
+    for logprob, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert 1 <= len(top) <= 2 and max(top.values()) == logprob
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2, top_logprobs=2)
+
+
 def test_sampled_choices_differ_and_choice_j_samples_with_seed_plus_j(sdk):
     def chat(seed: int, n: int) -> list[str]:
         reply = sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=12, temperature=1.0,
@@ -188,7 +202,7 @@ TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n", 129), ("top_logprobs", 2), ("presence_penalty", 0.5), ("temperature", 2.5), ("max_tokens", 0),
+    ("n", 129), ("top_logprobs", 21), ("presence_penalty", 0.5), ("temperature", 2.5), ("max_tokens", 0),
     # what this server cannot do is refused, not ignored: an answer without the tool call or the JSON
     # the client asked for would look like one that honoured it
     ("tools", [TOOL]), ("tool_choice", "required"), ("functions", [TOOL["function"]]),
@@ -212,7 +226,7 @@ def test_the_no_op_values_of_unsupported_parameters_are_taken(client, route, fie
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 2), ("suffix", " the end"), ("logprobs", 3)])
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("suffix", " the end"), ("logprobs", 6)])
 def test_unsupported_completion_parameters_are_400(client, field, value):
     error = error_of(client.post("/v1/completions", json={"prompt": PROMPT, field: value}), 400)
     assert error["param"] == field and field in error["message"]

@@ -19,6 +19,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from runtime.config import MAX_TOP_N
 from server.app import create_app
 from server.openai_protocol import ChatCompletionChunk, Completion, OpenAIErrorResponse
 from server.protocol import (
@@ -70,11 +71,11 @@ def test_unsupported_parameters_declare_their_only_values():
         return number["minimum"], number["maximum"]
 
     assert bounds("best_of") == (1, MAX_BEST_OF)
-    assert bounds("top_n_tokens") == (0, 0)
+    assert bounds("top_n_tokens") == (0, MAX_TOP_N)
     assert bounds("frequency_penalty") == (0, 0)
     assert properties["watermark"]["const"] is False
     assert properties["grammar"]["type"] == "null"
-    for name in ("best_of", "top_n_tokens", "frequency_penalty", "watermark", "grammar"):
+    for name in ("best_of", "frequency_penalty", "watermark", "grammar"):
         assert "not supported" in properties[name]["description"]
 
 
