@@ -61,6 +61,7 @@ class Emitted:
     speculated: bool = False  # this step verified a tree of drafts for the request
     accepted: int = 0  # drafted tokens this step accepted and emitted (<= len(token_ids))
     prefill_logprobs: list[float | None] | None = None
+    prefill_top_tokens: list[list[tuple[int, float]] | None] | None = None  # with both: the prompt's
     # with params.top_n: each token's most likely tokens there, (id, logprob), most likely first
     top_tokens: list[list[tuple[int, float]]] | None = None
     # [n, C] with keep_hidden: final hidden states of the tokens this call put in the cache (the
@@ -94,6 +95,8 @@ class _Prefill:
     prompt_logprobs: bool
     done: int = 0  # prompt tokens already in the cache
     logprobs: list[float | None] = field(default_factory=lambda: [None])  # per prompt token scored so far
+    # with params.top_n: each prompt token's most likely tokens where it stands (none for the first)
+    top: list[list[tuple[int, float]] | None] = field(default_factory=lambda: [None])
 
 
 def _check_max_total_tokens(config: ModelConfig, max_total_tokens: int) -> None:
@@ -259,6 +262,10 @@ class Engine:
             targets = torch.tensor(pre.prompt[begin + 1:end + 1], device=self.device)  # [n] or [n-1]
             logp = self.model.logits(hidden[:len(targets)]).log_softmax(-1)  # [n or n-1, V]
             pre.logprobs += logp.gather(-1, targets[:, None])[:, 0].tolist()
+            if pre.params.top_n:
+                values, ids = logp.topk(pre.params.top_n, dim=-1)  # [n or n-1, top_n] each
+                pre.top += [list(zip(i, v, strict=True))
+                            for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
         if end < len(pre.prompt):
             return None
 
@@ -271,7 +278,9 @@ class Engine:
         del self._prefilling[pre.request_id]
         self._running[pre.request_id] = seq
         prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
+        prefill_top = pre.top if pre.prompt_logprobs and params.top_n else None
         return self._emit(seq, [token], [logprob], prefill_logprobs=prefill_logprobs,
+                          prefill_top=prefill_top,
                           hidden=hidden[-1:] if self.keep_hidden else None,
                           top=None if top is None else [top])
 
@@ -355,6 +364,7 @@ class Engine:
 
     def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float], *, speculated: bool = False,
               drafted: int = 0, prefill_logprobs: list[float | None] | None = None,
+              prefill_top: list[list[tuple[int, float]] | None] | None = None,
               hidden: torch.Tensor | None = None, top: list[list[tuple[int, float]]] | None = None
               ) -> Emitted:
         """Append tokens one by one; stop exactly at EOS, a stop sequence or max_new_tokens.
@@ -376,6 +386,7 @@ class Engine:
             self._release(seq.request_id)
         return Emitted(seq.request_id, tokens[:kept], logprobs[:kept], reason, speculated=speculated,
                        accepted=min(drafted, kept), prefill_logprobs=prefill_logprobs,
+                       prefill_top_tokens=prefill_top,
                        hidden=hidden, top_tokens=None if top is None else top[:kept])
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:

@@ -7,7 +7,7 @@ Parameters this server does not implement accept only their no-op values (`prese
 completion's `best_of` 1 and no `suffix`); any other value is a 400 saying it is not supported, so
 that a client never takes an answer that ignored what it asked for. A chat's `top_logprobs` (up to
 20, with `logprobs`) and a completion's `logprobs` (up to 5) give each generated token's most likely
-tokens (an echoed prompt's tokens have none: null). Semantics are
+tokens (an echoed prompt's tokens too, under the model's raw distribution; the first has none). Semantics are
 OpenAI's: `temperature` defaults to 1 (sampling) and 0 decodes greedily; a stop sequence ends the
 text and is not part of it; `n` choices per prompt, and a completion's `prompt` may be a list of
 prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to the engine (with a

@@ -297,7 +297,7 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     generations, headers = await generate(service, jobs, request)
     choices = []
-    for job, generation in zip(jobs, generations, strict=True):
+    for i, (job, generation) in enumerate(zip(jobs, generations, strict=True)):
         text = generation.text(job)
         if generation.finish_reason == "stop_sequence":
             text = cut_at_stop(text, reply.stops)
@@ -306,7 +306,11 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
             text = job.inputs + text
             if echoed_logprobs(body):  # the prompt's tokens first, as OpenAI lists them
                 prompt = generation.details(job).prefill
-                tokens = [(t, None) for t in prompt if t.id not in service.special_ids] + tokens
+                scored = zip(prompt, generation.prefill_top or [None] * len(prompt), strict=True)
+                # every token of a prompt of token ids (its text, decoded, holds special ones: a client
+                # slices them by its own count); a text's special ones (a BOS) are not in its text
+                ids = not isinstance(body.prompts[i // n], str)
+                tokens = [(t, top) for t, top in scored if ids or t.id not in service.special_ids] + tokens
         choices.append((text, tokens, generation.finish_reason))
     response = reply.body(choices, usage(jobs, generations, n), speculation_of(generations))
     return JSONResponse(response.model_dump(mode="json"), headers=headers)

@@ -49,6 +49,7 @@ class Generation:
         self.decoder = IncrementalDecoder(tokenizer)
         self.tokens: list[Token] = []
         self.top_tokens: list[list[Token]] = []  # each token's most likely tokens, where the request asks
+        self.prefill_top: list[list[Token] | None] | None = None  # the prompt's, with its logprobs
         self.prefill_logprobs: list[float | None] | None = None
         self.finish_reason: str | None = None
         self.speculative = speculative
@@ -60,16 +61,22 @@ class Generation:
         new = [Token(id=t, text=self.decoder.push(t), logprob=logprob, special=t in self.special_ids)
                for t, logprob in zip(emitted.token_ids, emitted.logprobs, strict=True)]
         self.tokens += new
-        if emitted.top_tokens is not None:  # each alternative's text on its own, as TGI gives it
-            self.top_tokens += [[Token(id=t, text=self.tokenizer.decode([t]), logprob=logprob,
-                                       special=t in self.special_ids) for t, logprob in top]
-                                for top in emitted.top_tokens]
+        if emitted.top_tokens is not None:
+            self.top_tokens += [self._alternatives(top) for top in emitted.top_tokens]
+        if emitted.prefill_top_tokens is not None:
+            self.prefill_top = [None if top is None else self._alternatives(top)
+                                for top in emitted.prefill_top_tokens]
         if emitted.prefill_logprobs is not None:
             self.prefill_logprobs = emitted.prefill_logprobs
         self.spec_steps += emitted.speculated
         self.accepted_tokens += emitted.accepted
         self.finish_reason = emitted.finish_reason
         return new
+
+    def _alternatives(self, top: list[tuple[int, float]]) -> list[Token]:
+        """(id, logprob) pairs as tokens, each one's text on its own, as TGI gives it."""
+        return [Token(id=t, text=self.tokenizer.decode([t]), logprob=logprob, special=t in self.special_ids)
+                for t, logprob in top]
 
     @property
     def speculation(self) -> Speculation | None:

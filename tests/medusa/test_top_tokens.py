@@ -66,3 +66,21 @@ def test_without_top_n_no_alternatives_are_reported_and_top_n_is_bounded(model):
     assert all(e.top_tokens is None for e in engine.run([(0, PROMPTS[0], SamplingParams(max_new_tokens=4))]))
     with pytest.raises(ConfigError, match="top_n"):
         SamplingParams(top_n=21)
+
+
+def test_a_prompts_logprobs_come_with_its_most_likely_tokens_where_asked(model):
+    engine = Engine(model, Vocab(), (), max_total_tokens=64)
+    prompt = PROMPTS[1]
+    params = SamplingParams(max_new_tokens=1, top_n=3)
+    with torch.inference_mode():
+        first = engine.add(0, prompt, params, prompt_logprobs=True)
+        expected = reference(model, prompt[:1], prompt[1:], 0.0, 3)  # the raw distribution at each position
+    assert first.prefill_top_tokens[0] is None  # nothing before the first prompt token
+    scored = zip(first.prefill_top_tokens[1:], expected, first.prefill_logprobs[1:], strict=True)
+    for got, want, logprob in scored:
+        assert [t for t, _ in got] == [t for t, _ in want]
+        torch.testing.assert_close(torch.tensor([lp for _, lp in got]), torch.tensor([lp for _, lp in want]),
+                                   atol=1e-4, rtol=0)
+        assert got[0][1] >= logprob
+    assert Engine(model, Vocab(), (), max_total_tokens=64).add(
+        0, prompt, SamplingParams(max_new_tokens=1), prompt_logprobs=True).prefill_top_tokens is None

@@ -95,6 +95,12 @@ def test_a_prompt_of_token_ids_is_what_its_text_gets(sdk, loaded):
     assert sdk.completions.create(model="m", prompt=ids, max_tokens=6, temperature=0).choices[0].text == text
     with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
         sdk.completions.create(model="m", prompt=[5, loaded.model.config.vocab_size], max_tokens=2)
+    # echoed with logprobs, a prompt of ids lists every one of them, a special one too: the client
+    # slices the list by its own count (lm-evaluation-harness does)
+    special = [loaded.tokenizer.all_special_ids[0], *ids]
+    echoed = sdk.completions.create(model="m", prompt=special, max_tokens=2, temperature=0, echo=True,
+                                    logprobs=1)
+    assert len(echoed.choices[0].logprobs.tokens) == len(special) + echoed.usage.completion_tokens
 
 
 def test_an_echoed_completion_lists_its_prompt_tokens_first_with_their_logprobs(sdk, client):
@@ -111,6 +117,14 @@ def test_an_echoed_completion_lists_its_prompt_tokens_first_with_their_logprobs(
     prompt = len(tokens) - whole.usage.completion_tokens
     assert prompt == whole.usage.prompt_tokens and logprobs.token_logprobs[0] is None
     assert logprobs.token_logprobs[:prompt] == [t["logprob"] for t in tgi]
+
+    # with alternatives too (as lm-eval's loglikelihood asks: is each prompt token the most likely there?)
+    top = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                 logprobs=2).choices[0].logprobs
+    assert top.tokens == tokens and top.token_logprobs == logprobs.token_logprobs
+    assert top.top_logprobs[0] is None  # nothing before the first prompt token
+    for logprob, alternatives in zip(top.token_logprobs[1:], top.top_logprobs[1:], strict=True):
+        assert 1 <= len(alternatives) <= 2 and max(alternatives.values()) >= logprob
 
     chunks = list(sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
                                          stream=True))
