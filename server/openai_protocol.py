@@ -29,7 +29,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from runtime.config import MAX_TOP_N
-from server.protocol import MAX_STOP_SEQUENCES, ErrorResponse, Logprob, Speculation, Text, only_no_op_values
+from server.protocol import (
+    MAX_STOP_SEQUENCES,
+    ErrorResponse,
+    Logprob,
+    Speculation,
+    Text,
+    described_when_invalid,
+)
 
 OPENAI_PREFIX = "/v1/"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -122,7 +129,7 @@ class _Request(_Body):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    _unsupported = only_no_op_values("presence_penalty", "frequency_penalty", "logit_bias")
+    _unsupported = described_when_invalid("presence_penalty", "frequency_penalty", "logit_bias")
 
     @property
     def stops(self) -> list[str]:
@@ -177,7 +184,7 @@ class ChatCompletionRequest(_Request):
     function_call: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': function_call is")
     response_format: TextFormat | None = _refused("only null or {'type': 'text'}: a response format is")
 
-    _unsupported_chat = only_no_op_values("tools", "tool_choice", "functions", "function_call",
+    _unsupported_chat = described_when_invalid("tools", "tool_choice", "functions", "function_call",
                                           "response_format")
 
     @model_validator(mode="after")
@@ -196,13 +203,15 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 class CompletionRequest(_Request):
     prompt: (Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=MAX_CHOICES)]
-             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)])
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]) = Field(
+        description=f"must be a non-empty text, token ids (integers >= 0), or a list of 1 to {MAX_CHOICES} "
+                    f"non-empty texts or of 1 to {MAX_CHOICES} lists of token ids")
     logprobs: int | None = Field(default=None, ge=0, le=5)  # each token's most likely tokens, as OpenAI's
     echo: bool | None = False
     best_of: int | None = _only(1, "best_of is not supported by this server")
     suffix: Literal[""] | None = _refused("only null or '': a suffix is")
 
-    _unsupported_completion = only_no_op_values("best_of", "suffix")
+    _unsupported_completion = described_when_invalid("prompt", "best_of", "suffix")
 
     @property
     def top_n(self) -> int:

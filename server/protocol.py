@@ -66,9 +66,10 @@ def _strict_bool(value: object) -> object:
     return value
 
 
-def only_no_op_values(*fields: str):
-    """A validator for fields that accept only their no-op values: any other value fails with the
-    field's description as the message."""
+def described_when_invalid(*fields: str):
+    """A validator for fields whose invalid values fail with the field's description as the message:
+    those that accept only their no-op values, and those of several shapes, where pydantic's message
+    would name one shape's first complaint."""
 
     def check(cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> object:
         try:
@@ -117,7 +118,7 @@ class Parameters(_Body):
     acceptance: Literal["lossless", "typical"] | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; at most the server's request_timeout
 
-    _unsupported = only_no_op_values("best_of", "frequency_penalty", "watermark", "grammar")
+    _unsupported = described_when_invalid("best_of", "frequency_penalty", "watermark", "grammar")
 
 
 class GenerateRequest(_Body):

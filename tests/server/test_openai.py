@@ -303,3 +303,14 @@ def test_a_requests_choices_are_queued_all_or_none():
     with pytest.raises(QueueFull):
         submit_all(service, [None] * 4)
     assert len(service.streams) == 2 and all(s.cancelled for s in service.streams)
+
+
+MALFORMED_PROMPTS = {"empty list": [], "empty ids": [[]], "empty text": [""], "negative id": [-1, 5],
+                     "fractional id": [1.5, 5], "mixed": [5, "a"], "mixed lists": [[5], "a"],
+                     "129 prompts": ["a"] * 129, "object": {"a": 1}}
+
+
+@pytest.mark.parametrize("prompt", MALFORMED_PROMPTS.values(), ids=MALFORMED_PROMPTS.keys())
+def test_a_malformed_prompt_is_400_saying_what_a_prompt_may_be(client, prompt):
+    error = error_of(client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2}), 400)
+    assert error["param"] == "prompt" and "token ids (integers >= 0)" in error["message"]
