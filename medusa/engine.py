@@ -61,7 +61,8 @@ class Emitted:
     speculated: bool = False  # this step verified a tree of drafts for the request
     accepted: int = 0  # drafted tokens this step accepted and emitted (<= len(token_ids))
     prefill_logprobs: list[float | None] | None = None
-    prefill_top_tokens: list[list[tuple[int, float]] | None] | None = None  # with both: the prompt's
+    # with prefill_logprobs and params.top_n: each prompt token's most likely tokens (None for the first)
+    prefill_top_tokens: list[list[tuple[int, float]] | None] | None = None
     # with params.top_n: each token's most likely tokens there, (id, logprob), most likely first
     top_tokens: list[list[tuple[int, float]]] | None = None
     # [n, C] with keep_hidden: final hidden states of the tokens this call put in the cache (the

@@ -137,12 +137,8 @@ class _Request(_Body):
 
     @property
     def prompts(self) -> list[str | list[int]]:
-        """The prompts, each answered by n choices: a chat's one conversation (its text, which
-        `prepare` renders) or a completion's prompt(s), text or token ids."""
-        if isinstance(self, ChatCompletionRequest):
-            return ["\n".join(m.text() for m in self.messages)]
-        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
-        return [self.prompt] if one else self.prompt
+        """The prompts, each answered by n choices (each request kind says what they are)."""
+        raise NotImplementedError
 
     @model_validator(mode="after")
     def _few_enough_choices(self):
@@ -197,6 +193,11 @@ class ChatCompletionRequest(_Request):
     def top_n(self) -> int:
         return self.top_logprobs or 0
 
+    @property
+    def prompts(self) -> list[str]:
+        """The one conversation, as its text (`prepare` renders it through the chat template)."""
+        return ["\n".join(m.text() for m in self.messages)]
+
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
@@ -216,6 +217,12 @@ class CompletionRequest(_Request):
     @property
     def top_n(self) -> int:
         return self.logprobs or 0
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s), text or token ids."""
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if one else self.prompt
 
     @model_validator(mode="after")
     def _echoed_logprobs_whole(self):

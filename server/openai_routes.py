@@ -288,9 +288,9 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
     reply = Reply.of(service, body)
     jobs = await prepare(service, body)
     n = body.n or 1
+    echo = isinstance(body, CompletionRequest) and bool(body.echo)
     if body.stream:
         streams = submit_all(service, jobs)  # before the response starts, so that 429 is a real status
-        echo = isinstance(body, CompletionRequest) and bool(body.echo)
         return StreamingResponse(events(service, reply, jobs, streams, n, include_usage=body.include_usage,
                                         echo=echo),
                                  media_type="text/event-stream",
@@ -302,7 +302,7 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
         if generation.finish_reason == "stop_sequence":
             text = cut_at_stop(text, reply.stops)
         tokens = visible(generation, generation.tokens)
-        if isinstance(body, CompletionRequest) and body.echo:
+        if echo:
             text = job.inputs + text
             if echoed_logprobs(body):  # the prompt's tokens first, as OpenAI lists them
                 prompt = generation.details(job).prefill
