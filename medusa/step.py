@@ -13,8 +13,10 @@ captured as CUDA graphs on a GPU.
 The state a step reads and writes lives here, one tensor per fact, indexed by slot: the cache and
 its lengths, the drafter's input -- `features` and `window_tokens`, the final hidden states and
 tokens of each sequence's last W cached positions (W = 1 for Medusa heads, which read the last
-hidden state; the EAGLE layer's window) -- and `seen` (the tokens of each sequence's text, for the
-repetition penalty). The engine owns which
+hidden state; the EAGLE layer's window) -- `seen` (the tokens of each sequence's text, for the
+repetition penalty) and `counts` (how often each token is in its generated text, for the frequency
+and presence penalties), both kept up to date only for sequences with a penalty: a penalised row
+makes each step it is in keep them. The engine owns which
 request holds which slot; this class does not know requests.
 
 Legend: B rows, T tree nodes, P = tree depth + 1, C hidden size, V vocabulary, N slots, W window,
@@ -36,7 +38,7 @@ from medusa.tree import TreeBuffers, build_tree
 from runtime import sampling
 from runtime.config import MAX_TOP_N, SamplingParams
 from runtime.llama import Llama
-from runtime.sampling import MODES, ROW_PARAMS_WIDTH, Needs, RowParams
+from runtime.sampling import MODES, ROW_PARAMS_WIDTH, Needs, RowParams, Text
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +110,14 @@ class DeviceStep:
         self.window_tokens = torch.zeros(num_slots + 1, W, dtype=torch.long, device=device)  # [N+1, W]
         # [N+1, V+1] bool; column V takes the writes of tokens past a row's accepted ones
         self.seen = torch.zeros(num_slots + 1, V + 1, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(num_slots + 1, V + 1, dtype=torch.float32, device=device)  # [N+1, V+1]
         self.compile = compile
         self._fn = self._step
         if compile:
             # the state a step writes keeps its address: CUDA graphs replay on it instead of
             # skipping graphs with mutated inputs
             for t in (*self.cache.k, *self.cache.v, self.cache.lens, self.features, self.window_tokens,
-                      self.seen):
+                      self.seen, self.counts):
                 torch._dynamo.mark_static_address(t)
             if device.type == "cuda":
                 self._fn = torch.compile(self._step, fullgraph=True, mode="reduce-overhead")  # CUDA graphs
@@ -135,10 +138,11 @@ class DeviceStep:
     # ---------------------------------------------------------------- prefill (eager)
 
     def start(self, slot: int, prompt: list[int]) -> None:
-        """Empty a slot for a new prompt; its tokens count as seen."""
+        """Empty a slot for a new prompt; its tokens count as seen (not as generated)."""
         self.cache.free(slot)
         self.seen[slot] = False
         self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+        self.counts[slot] = 0
 
     def prefill(self, slot: int, tokens: list[int], begin: int) -> torch.Tensor:
         """Put prompt tokens begin .. begin + n of a slot in the cache, and the last W of them with their
@@ -160,12 +164,15 @@ class DeviceStep:
         """Sample the token after a whole prompt from its last hidden state [C]: (token, logprob, and
         with params.top_n the most likely tokens there)."""
         rows, needs = RowParams.of([params], self.device), Needs.of([params])
-        seen = self.seen[slot, None, None, :-1] if needs.penalise else None  # [1, 1, V]
+        text = Text(self.seen[slot, None, None, :-1], self.counts[slot, None, None, :-1]) \
+            if needs.penalise else None  # [1, 1, V] each
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
-        target = sampling.process(logits, rows, seen, needs)[:, 0]  # [1, V]
+        target = sampling.process(logits, rows, text, needs)[:, 0]  # [1, V]
         best, lse = sampling.argmax_logsumexp(target)  # [1] each
         token = sampling.next_tokens(target, best, rows, uniforms[:1].to(self.device), needs)  # [1]
-        self.seen[slot, token] = True
+        if needs.penalise:
+            self.seen[slot, token] = True
+            self.counts[slot, token] += 1
         top = top_of(most_likely(target[:, None], lse[:, None])[0].tolist(), 1, params.top_n)[0] \
             if params.top_n else None
         return int(token), float(target[0, token] - lse[0]), top
@@ -291,8 +298,8 @@ class DeviceStep:
             mask = tree.mask  # [T, T], or [B, T, T] for a dynamic tree
         positions = self.cache.lens[slots][:, None] + tree.depths  # [B, T]
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
-        seen = self._seen_at_nodes(slots, candidates, tree) if needs.penalise else None
-        target = sampling.process(self.model.logits(hidden), rows, seen, needs)  # [B, T, V]
+        text = self._text_at_nodes(slots, candidates, tree) if needs.penalise else None
+        target = sampling.process(self.model.logits(hidden), rows, text, needs)  # [B, T, V]
         best, lse = sampling.argmax_logsumexp(target)  # [B, T] each: the argmax after each node, logsumexp
 
         accepted_len = torch.ones_like(slots)  # [B]
@@ -325,7 +332,7 @@ class DeviceStep:
             if needs.top_n else None  # [B, P * 2K]
 
         # keep the accepted nodes: K/V, their hidden states and tokens in the window; the emitted tokens
-        # count as seen
+        # count as seen and generated
         kept = torch.where(slots == self.pad_slot, 0, accepted_len)  # padding rows keep nothing
         if T > 1:
             self.cache.commit(slots, path, kept)
@@ -341,20 +348,26 @@ class DeviceStep:
             path_tokens = candidates.gather(1, path)  # [B, P]: root first
             tokens_then = torch.cat([self.window_tokens[slots], path_tokens], 1)  # [B, W + P]
             self.window_tokens[slots] = tokens_then.gather(1, shift)
-        self.seen[slots[:, None], torch.where(on_path, tokens, V)] = True
+        if needs.penalise:  # only what a penalty reads: every batch with a penalised row keeps it
+            emitted = torch.where(on_path, tokens, V)  # [B, P]: a token, or the spare column
+            self.seen[slots[:, None], emitted] = True
+            self.counts.index_put_((slots[:, None].expand(B, P), emitted), self.counts.new_ones(B, P),
+                                   accumulate=True)  # a token emitted twice in a step counts twice
 
         packed = torch.cat([accepted_len[:, None].double(), tokens.double(), logprobs.double(),
                             *([top] if top is not None else [])], dim=1)
         return packed, torch.where(on_path[..., None], path_hidden, 0)
 
-    def _seen_at_nodes(self, slots: torch.Tensor, candidates: torch.Tensor, tree: TreeBuffers | RowTrees
-                       ) -> torch.Tensor:
-        """[B, T, V] bool: the tokens each tree node's text holds: its sequence's (prompt, generated,
-        pending) and its ancestors' drafts."""
+    def _text_at_nodes(self, slots: torch.Tensor, candidates: torch.Tensor, tree: TreeBuffers | RowTrees
+                       ) -> Text:
+        """What each tree node's text holds ([B, T, V] each): its sequence's tokens (prompt, generated,
+        pending) and the drafts on its path, the node's own included."""
         B, T = candidates.shape
         V = self.seen.shape[1] - 1
         ancestors = tree.mask.clone()  # [T, T] or [B, T, T]
-        ancestors[..., 0] = False  # the root is the pending token, already in `seen`
+        ancestors[..., 0] = False  # the root is the pending token, already in `seen` and `counts`
         drafts = torch.where(ancestors, candidates[:, None, :], V)  # [B, T, T]: token or the spare column
-        on_path = torch.zeros(B, T, V + 1, dtype=torch.bool, device=slots.device).scatter_(2, drafts, True)
-        return (self.seen[slots][:, None] | on_path)[..., :V]
+        on_path = torch.zeros(B, T, V + 1, device=slots.device).scatter_add_(
+            2, drafts, torch.ones(B, T, T, device=slots.device))  # [B, T, V + 1]: a draft's count on the path
+        return Text(seen=(self.seen[slots][:, None] | (on_path > 0))[..., :V],
+                    counts=(self.counts[slots][:, None] + on_path)[..., :V])

@@ -128,6 +128,7 @@ _ARCH_BY_MODEL_TYPE = {
 
 
 MAX_TOP_N = 20  # alternatives a token may report (OpenAI's most for top_logprobs)
+MAX_ADDED_PENALTY = 2.0  # frequency and presence penalties lie in [-2, 2], as OpenAI's
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,11 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     typical_p: float = 1.0  # 1.0 = off
-    repetition_penalty: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; over the whole text, prompt included
+    # OpenAI's: each logit less frequency_penalty x the token's count in the generated text, and
+    # presence_penalty if it is there at all (the prompt does not count); 0 = off
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -167,6 +172,10 @@ class SamplingParams:
             raise ConfigError("typical_p must be in (0, 1]")
         if not 0 < self.repetition_penalty < math.inf:
             raise ConfigError("repetition_penalty must be a finite number > 0")
+        if not all(-MAX_ADDED_PENALTY <= x <= MAX_ADDED_PENALTY for x in (self.frequency_penalty,
+                                                                        self.presence_penalty)):
+            raise ConfigError(f"frequency_penalty and presence_penalty must be in [-{MAX_ADDED_PENALTY}, "
+                              f"{MAX_ADDED_PENALTY}]")
         if self.acceptance not in ("auto", "lossless", "typical"):
             raise ConfigError("acceptance must be 'auto', 'lossless' or 'typical'")
         if not 0 <= self.typical_epsilon <= 1 or not 0 <= self.typical_delta < math.inf:

@@ -5,9 +5,10 @@ row), so a batch with greedy, sampled and penalised requests is processed by one
 operations, without a host synchronisation: what a compiled step needs. Which processors run at
 all is fixed per call by flags (`process`), so a batch of greedy requests pays for none of them.
 
-Order of the processors (as in `transformers`): repetition penalty on the raw logits, then
-temperature, then top-k, top-p (nucleus) and typical-p filtering. Greedy rows use only the
-repetition penalty and take the argmax.
+Order of the processors (as in `transformers`, with vLLM's place for OpenAI's penalties): the
+repetition penalty on the raw logits, then the frequency and presence penalties, then temperature,
+then top-k, top-p (nucleus) and typical-p filtering. Greedy rows use only the penalties and take the
+argmax.
 
 Nothing here raises on a request's parameters, however extreme (one request's parameters must
 never fail a batch): temperature and repetition penalty are clamped to [1e-6, 1e6] (`SAFE_RANGE`:
@@ -75,7 +76,9 @@ class RowParams:
     top_k: torch.Tensor  # long, 0 = off
     top_p: torch.Tensor  # float32, 1 = off
     typical_p: torch.Tensor  # float32, 1 = off
-    penalty: torch.Tensor  # float32, clamped, 1 = off
+    penalty: torch.Tensor  # float32, clamped, 1 = off: the repetition penalty
+    frequency: torch.Tensor  # float32, 0 = off: the frequency penalty
+    presence: torch.Tensor  # float32, 0 = off: the presence penalty
     mode: torch.Tensor  # long, index into MODES
     typical_epsilon: torch.Tensor  # float32
     typical_delta: torch.Tensor  # float32
@@ -85,7 +88,8 @@ class RowParams:
         """One request's row of the host table `from_columns` reads, in field order."""
         penalty = 1.0 if params.repetition_penalty == 1.0 else _clamp(params.repetition_penalty)
         return [float(params.greedy), 1.0 if params.greedy else _clamp(params.temperature), params.top_k,
-                params.top_p, params.typical_p, penalty, MODES.index(acceptance_mode(params)),
+                params.top_p, params.typical_p, penalty, params.frequency_penalty, params.presence_penalty,
+                MODES.index(acceptance_mode(params)),
                 params.typical_epsilon, params.typical_delta]
 
     @staticmethod
@@ -94,8 +98,8 @@ class RowParams:
         c = table.unbind(-1)
         f32 = [x.float() for x in c]
         return RowParams(greedy=c[0] > 0, temperature=f32[1], top_k=c[2].long(), top_p=f32[3],
-                         typical_p=f32[4], penalty=f32[5], mode=c[6].long(), typical_epsilon=f32[7],
-                         typical_delta=f32[8])
+                         typical_p=f32[4], penalty=f32[5], frequency=f32[6], presence=f32[7],
+                         mode=c[8].long(), typical_epsilon=f32[9], typical_delta=f32[10])
 
     @staticmethod
     def of(params: list[SamplingParams], device: torch.device | str = "cpu") -> RowParams:
@@ -113,7 +117,7 @@ class Needs:
 
     sample: bool = False  # some row samples: temperature and acceptance by typical or lossless rules
     filter: bool = False  # some row has top-k or top-p
-    penalise: bool = False  # some row has a repetition penalty
+    penalise: bool = False  # some row has a repetition, frequency or presence penalty
     typical: bool = False  # some row has typical-p
     typical_acceptance: bool = False  # some row accepts drafts by the typical rule (others: lossless)
     top_n: bool = False  # some row reports the most likely tokens beside each of its tokens
@@ -122,7 +126,7 @@ class Needs:
     def of(params: list[SamplingParams]) -> Needs:
         sampled = [p for p in params if not p.greedy]
         return Needs(sample=bool(sampled), filter=any(p.top_k or p.top_p < 1 for p in sampled),
-                     penalise=any(p.repetition_penalty != 1.0 for p in params),
+                     penalise=any(penalised(p) for p in params),
                      typical=any(p.typical_p < 1 for p in sampled),
                      typical_acceptance=any(acceptance_mode(p) == "typical" for p in sampled),
                      top_n=any(p.top_n for p in params))
@@ -133,10 +137,22 @@ def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.view(-1, *[1] * (like.dim() - 1))
 
 
-def process(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None, needs: Needs) -> torch.Tensor:
+def penalised(params: SamplingParams) -> bool:
+    return (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Text:
+    """What the text before each position holds, as the penalties read it ([B, N, V] each)."""
+
+    seen: torch.Tensor  # bool: the token is in the text, prompt included (the repetition penalty)
+    counts: torch.Tensor  # float32: its count in the generated text (the frequency and presence penalties)
+
+
+def process(logits: torch.Tensor, rows: RowParams, text: Text | None, needs: Needs) -> torch.Tensor:
     """The processed logits each row's tokens come from: [B, N, V] -> [B, N, V] float32
     (-inf = excluded; on the CPU a batch of greedy rows keeps NaN, which our argmax reads as -inf).
-    seen: [B, N, V] bool (tokens already in the text), needed iff needs.penalise."""
+    text: what each position's text holds, needed iff needs.penalise."""
     logits = logits.float()
     if needs.sample or not cpu_kernels.eager_cpu(logits):
         # NaN: never drawn. Greedy rows on the CPU skip this pass over the vocabulary: our
@@ -145,10 +161,13 @@ def process(logits: torch.Tensor, rows: RowParams, seen: torch.Tensor | None, ne
         # the two taking turns: 8.58 -> 8.42 ms a step, the same tokens).
         logits = logits.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     if needs.penalise:
-        assert seen is not None
+        assert text is not None
         penalty = _per_row(rows.penalty, logits)
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)  # exact for penalty 1
-        logits = torch.where(seen, penalised, logits)
+        logits = torch.where(text.seen, penalised, logits)
+        # exact for penalties 0 (counts are finite); a logit of +-inf keeps its value
+        logits = logits - (_per_row(rows.frequency, logits) * text.counts
+                           + _per_row(rows.presence, logits) * (text.counts > 0))
     if not needs.sample:
         return logits
     warped = logits / _per_row(rows.temperature, logits)

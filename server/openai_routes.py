@@ -195,6 +195,7 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
                       temperature=temperature if sampled else None,
                       top_p=body.top_p if sampled and body.top_p is not None and body.top_p < 1 else None,
                       seed=body.seed if sampled else None, stop=body.stops,
+                      frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                       decoder_input_details=echoed_logprobs(body), top_n_tokens=body.top_n)
 
 

@@ -4,12 +4,14 @@ Field names, defaults, ranges and JSON shapes follow TGI's router, so that TGI's
 (`text-generation`, `huggingface_hub.InferenceClient`) work unchanged. Extensions, all optional:
 `parameters.speculate` (turn Medusa speculation off for one request), `parameters.acceptance` (the
 rule that accepts speculated tokens when sampling), `parameters.timeout` (seconds before the request
-fails with error_type 'timeout'), a `speculation` entry in `details` (the stream's too) and in
-`/info`, and a `step` on each streamed token.
+fails with error_type 'timeout'), `parameters.presence_penalty` (OpenAI's), a `speculation` entry
+in `details` (the stream's too) and in `/info`, and a `step` on each streamed token.
 
-TGI parameters this server does not implement accept only their no-op values (`best_of` 1,
-`frequency_penalty` 0, `watermark` false, `grammar` null); the schema states so, and any other value
-is a 422 saying it is not supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default limit is 5).
+`frequency_penalty` follows OpenAI's definition (each logit less the penalty times its token's count
+in the generated text), not TGI's, which divides that count by the length of the whole text. TGI
+parameters this server does not implement accept only their no-op values (`best_of` 1, `watermark`
+false, `grammar` null); the schema states so, and any other value is a 422 saying it is not
+supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default limit is 5).
 
 Validation that needs only the body lives here (types, ranges, valid Unicode text, finite numbers: a
 422 naming the field); validation that needs the tokenizer or the server's limits lives in
@@ -37,7 +39,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from runtime.config import MAX_TOP_N
+from runtime.config import MAX_ADDED_PENALTY, MAX_TOP_N
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -106,19 +108,21 @@ class Parameters(_Body):
                                             "by this server")
     # the most likely tokens and their logprobs beside each token (details.top_tokens, a stream event's)
     top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_TOP_N)
-    frequency_penalty: float | None = Field(default=None, ge=0, le=0,
-                                            description="only 0 or null: frequency_penalty is not supported; "
-                                                        "use repetition_penalty")
+    # OpenAI's definition, not TGI's (which divides the count by the text's length): each logit less
+    # frequency_penalty times its token's count in the generated text
+    frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
     watermark: Annotated[Literal[False], BeforeValidator(_strict_bool)] = Field(
         default=False, description="only false: watermark is not supported by this server")
     grammar: None = Field(default=None, description="only null: grammar-constrained generation is not "
                                                     "supported by this server")
     # extensions
+    # OpenAI's: each logit less presence_penalty where its token is in the generated text
+    presence_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
     speculate: bool = True
     acceptance: Literal["lossless", "typical"] | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; at most the server's request_timeout
 
-    _unsupported = described_when_invalid("best_of", "frequency_penalty", "watermark", "grammar")
+    _unsupported = described_when_invalid("best_of", "watermark", "grammar")
 
 
 class GenerateRequest(_Body):

@@ -86,6 +86,8 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
             top_p=p.top_p or 1.0,
             typical_p=p.typical_p or 1.0,
             repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            presence_penalty=p.presence_penalty or 0.0,
             seed=(p.seed if p.seed is not None else random.randrange(2**63)) if sampling else None,
             stop=tuple(p.stop),
             acceptance=p.acceptance or "auto",

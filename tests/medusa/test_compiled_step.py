@@ -16,10 +16,11 @@ from tests.medusa.test_engine_speculative import eagle_for, heads_for
 
 PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1], [9, 9]]
 PARAMS = [SamplingParams(max_new_tokens=12),
-          SamplingParams(max_new_tokens=12, temperature=0.8, seed=5, top_n=3),
+          SamplingParams(max_new_tokens=12, temperature=0.8, seed=5, top_n=3, presence_penalty=-0.5),
           SamplingParams(max_new_tokens=12, temperature=1.2, top_k=20, top_p=0.9, seed=6,
                          acceptance="typical"),
-          SamplingParams(max_new_tokens=12, repetition_penalty=1.3),
+          SamplingParams(max_new_tokens=12, repetition_penalty=1.3, frequency_penalty=0.4,
+                         presence_penalty=0.3),
           SamplingParams(max_new_tokens=12, temperature=0.7, typical_p=0.8, repetition_penalty=0.8, seed=7,
                          speculate=False)]
 
@@ -70,11 +71,13 @@ def test_warming_up_the_prefill_kernels_leaves_every_sequence_as_it_was(model):
     engine = Engine(model, Vocab(), (), max_batch_size=2, max_total_tokens=256)
     tokens = engine.add("a", PROMPTS[1], PARAMS[0]).token_ids
     step = engine.device_step
-    state = (*step.cache.k, *step.cache.v, step.cache.lens, step.features, step.window_tokens, step.seen)
+    state = (*step.cache.k, *step.cache.v, step.cache.lens, step.features, step.window_tokens, step.seen,
+             step.counts)
     before = [t.clone() for t in state]
     with torch.inference_mode():
         step.warm_up_prefill()
-    after = (*step.cache.k, *step.cache.v, step.cache.lens, step.features, step.window_tokens, step.seen)
+    after = (*step.cache.k, *step.cache.v, step.cache.lens, step.features, step.window_tokens, step.seen,
+             step.counts)
     pad = step.pad_slot
     assert all(torch.equal(a[:pad], b[:pad]) for a, b in zip(after, before, strict=True))
     assert step.cache.lens[pad] == 0

@@ -206,22 +206,26 @@ def test_dynamic_tree_spec_reads_its_options():
     assert get_tree("dynamic:16").for_drafter(8).draft_depth == 6  # capped
 
 
-def test_each_node_counts_its_own_rows_drafts_above_it_as_seen(model):
-    """The repetition penalty's view of a node's text in a dynamic tree: its sequence's tokens, then
-    the drafts on its own row's path down to it (the root, the pending token, is already seen)."""
+def test_each_node_counts_its_own_rows_drafts_above_it_in_its_text(model):
+    """The penalties' view of a node's text in a dynamic tree: its sequence's tokens, then the drafts
+    on its own row's path down to it (the root, the pending token, is already counted); a draft that
+    repeats a token on the path, or one the sequence generated, counts again."""
     step = DeviceStep(model, None, ROOT_ONLY, num_slots=2, max_len=16)
     V = model.config.vocab_size
-    step.seen[1, [3, 4]] = True
+    step.seen[1, [3, 4, 10]] = True
+    step.counts[1, [4, 10]] = torch.tensor([2.0, 1.0])  # generated; 3 is the prompt's
     parents = torch.tensor([[-1, 0, 0, 1, 3, 2], [-1, 0, 1, 2, 0, 4]])
     depths = torch.tensor([[0, 1, 1, 2, 3, 2], [0, 1, 2, 3, 1, 2]])
     ranks = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0]])
     rows = rows_of(parents, depths, ranks, 2, 3)
-    candidates = torch.tensor([[9, 10, 11, 12, 13, 14], [20, 21, 22, 23, 24, 25]])
-    got = step._seen_at_nodes(torch.tensor([1, 0]), candidates, rows)  # [2, 6, V]
+    candidates = torch.tensor([[9, 10, 11, 10, 13, 14], [20, 21, 22, 21, 24, 25]])
+    got = step._text_at_nodes(torch.tensor([1, 0]), candidates, rows)  # [2, 6, V] each
+    assert got.counts[0, 4, 10] == 3  # generated once, then drafted at nodes 1 and 3 on its path
     for b, slot in enumerate([1, 0]):
         for node in range(6):
-            expected, n = set(step.seen[slot, :V].nonzero().flatten().tolist()), node
+            expected, n = step.counts[slot, :V].clone(), node
             while n > 0:
-                expected.add(int(candidates[b, n]))
+                expected[candidates[b, n]] += 1
                 n = int(parents[b, n])
-            assert set(got[b, node].nonzero().flatten().tolist()) == expected, (b, node)
+            assert torch.equal(got.counts[b, node], expected), (b, node)
+            assert torch.equal(got.seen[b, node], step.seen[slot, :V] | (expected > 0)), (b, node)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from medusa.engine import Engine, EngineError
 from runtime.config import SamplingParams
@@ -104,6 +105,36 @@ def test_repetition_penalty_changes_greedy_output(hf_and_ours):
     expected = hf.generate(torch.tensor([PROMPTS[3]]), max_new_tokens=12, do_sample=False,
                            repetition_penalty=1.8, min_new_tokens=12, pad_token_id=0)[0, 6:]
     assert got == expected.tolist()
+
+
+class _OpenAIPenalties(LogitsProcessor):
+    """OpenAI's frequency and presence penalties written out for transformers' generate: each
+    logit less frequency x its token's count in the generated text, less presence if it is there."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float):
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, input_ids[:, self.prompt_len:], torch.ones_like(scores[:, :1]).expand(
+            -1, input_ids.shape[1] - self.prompt_len))
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+@pytest.mark.parametrize("frequency, presence", [(0.1, 0.0), (0.0, 1.5), (-0.8, 0.5)])
+def test_frequency_and_presence_penalties_count_the_generated_tokens(hf_and_ours, frequency, presence):
+    """Against transformers' greedy generate with the penalties written out: the prompt's tokens do
+    not count, a generated token counts each time it appears (at 0.1 a loop of two tokens goes on
+    until their counts reach 2 or 3, not at once or forever)."""
+    hf, ours = hf_and_ours
+    prompt = PROMPTS[3]
+    params = SamplingParams(max_new_tokens=40, frequency_penalty=frequency, presence_penalty=presence)
+    got = engine(ours).generate([prompt], params)[0]
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, min_new_tokens=40,
+                           pad_token_id=0, logits_processor=LogitsProcessorList(
+                               [_OpenAIPenalties(len(prompt), frequency, presence)]))[0, len(prompt):]
+    assert got == expected.tolist()
+    assert got != engine(ours).generate([prompt], SamplingParams(max_new_tokens=40))[0]
 
 
 def test_too_long_and_full_are_clear_errors(hf_and_ours):

@@ -59,12 +59,19 @@ def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch, kind):
     assert spec.generate(prompts, params) == plain
 
 
+PENALTIES = {"repetition": {"repetition_penalty": 0.5}, "frequency": {"frequency_penalty": -0.3},
+             # a token there is favoured, less so each time: loops that end once their counts grow
+             "both": {"frequency_penalty": 0.1, "presence_penalty": -0.3}}
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
 @pytest.mark.parametrize("tree_name", ["mc_sim_7b_63+lookup", "dynamic:24,topk=3,lookup=4"])
-def test_greedy_speculation_with_a_repetition_penalty_equals_plain(model, tree_name):
+def test_greedy_speculation_with_a_penalty_equals_plain(model, tree_name, penalty):
     """Each node is penalised for the tokens of its own text: its sequence's and its ancestors' drafts
-    (in a dynamic tree, its own row's ancestors). A penalty below 1 favours seen tokens, so the text
-    loops and the lookup branch accepts long chains, whose nodes' targets then decide the output."""
-    params = SamplingParams(max_new_tokens=40, repetition_penalty=0.5)
+    (in a dynamic tree, its own row's ancestors), a draft repeated on the path counted each time. A
+    penalty that favours tokens already there makes the text loop, and the lookup branch accepts long
+    chains, whose nodes' targets then decide the output."""
+    params = SamplingParams(max_new_tokens=40, **PENALTIES[penalty])
     plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(PROMPTS, params)
     engine = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64,
                     heads=DRAFTERS["eagle"](model), tree=TREES[tree_name])
@@ -74,7 +81,7 @@ def test_greedy_speculation_with_a_repetition_penalty_equals_plain(model, tree_n
             out[e.request_id] += e.token_ids
             accepted += len(e.token_ids) - 1
     assert [out[i] for i in range(len(PROMPTS))] == plain
-    assert accepted >= 40  # of 160 tokens: deep nodes were accepted
+    assert accepted >= 30  # of 160 tokens: deep nodes were accepted
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
@@ -229,25 +236,32 @@ def test_tree_deeper_than_heads_is_refused(model):
                tree=get_tree("chain"))
 
 
-def exact_pair_distribution(model, prompt, temperature):
-    """p(t2, t3 | prompt) for the 2nd and 3rd generated tokens, summing over the 1st."""
+def exact_pair_distribution(model, prompt, temperature, frequency=0.0, presence=0.0):
+    """p(t2, t3 | prompt) for the 2nd and 3rd generated tokens, summing over the 1st, with OpenAI's
+    frequency and presence penalties on the tokens generated before each."""
     V = model.config.vocab_size
     seqs = torch.tensor([prompt + [a, b, c] for a, b, c in itertools.product(range(V), repeat=3)])
     cache = model.new_cache(len(seqs), len(prompt) + 3)
     with torch.no_grad():
         logits = model.logits(model(seqs, torch.arange(seqs.shape[1]).expand_as(seqs), cache,
                                     torch.arange(len(seqs))))
-    logp = (logits / temperature).log_softmax(-1)  # [N, S, V]
     n = len(prompt)
+    generated = torch.nn.functional.one_hot(seqs, V).float()  # [N, S, V]
+    generated[:, :n] = 0
+    counts = generated.cumsum(1)  # [N, S, V]: each token's count in the generated text up to each position
+    logits = logits - frequency * counts - presence * (counts > 0)
+    logp = (logits / temperature).log_softmax(-1)  # [N, S, V]
     a, b, c = seqs[:, n], seqs[:, n + 1], seqs[:, n + 2]
     idx = torch.arange(len(seqs))
     joint = logp[idx, n - 1, a] + logp[idx, n, b] + logp[idx, n + 1, c]
     return joint.exp().view(V, V, V).sum(0)  # [V, V] over (t2, t3)
 
 
-@pytest.mark.parametrize("drafter, tree_name", [("medusa", "static"), ("eagle", "static"),
-                                               ("eagle", "dynamic:6,topk=2,depth=3,lookup=2")])
-def test_lossless_sampling_keeps_the_distribution(drafter, tree_name):
+@pytest.mark.parametrize("drafter, tree_name, penalties", [
+    ("medusa", "static", {}), ("eagle", "static", {}),
+    # each node's text counts the drafts above it
+    ("eagle", "dynamic:6,topk=2,depth=3,lookup=2", {"frequency_penalty": 1.5, "presence_penalty": -0.5})])
+def test_lossless_sampling_keeps_the_distribution(drafter, tree_name, penalties):
     torch.manual_seed(0)
     V = 6
     model = Llama(ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
@@ -255,7 +269,8 @@ def test_lossless_sampling_keeps_the_distribution(drafter, tree_name):
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # peaked enough that drafts are often accepted
     prompt, temperature = [1, 2, 3], 0.9
-    expected = exact_pair_distribution(model, prompt, temperature).flatten()
+    expected = exact_pair_distribution(model, prompt, temperature, penalties.get("frequency_penalty", 0.0),
+                                       penalties.get("presence_penalty", 0.0)).flatten()
     if drafter == "eagle":  # a draft layer drafts as deep as the tree
         heads = eagle_for(model, seed=0, window=4)
     else:
@@ -271,7 +286,7 @@ def test_lossless_sampling_keeps_the_distribution(drafter, tree_name):
         rows = {}
         for slot in range(64):
             first = engine.add(slot, prompt, SamplingParams(max_new_tokens=3, temperature=temperature,
-                                                            seed=next(seeds)))
+                                                            seed=next(seeds), **penalties))
             rows[slot] = list(first.token_ids)
         while engine.running:
             for e in engine.step():

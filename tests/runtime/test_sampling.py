@@ -14,7 +14,7 @@ from transformers import (
 
 from runtime import cpu_kernels, sampling
 from runtime.config import SamplingParams
-from runtime.sampling import Needs, RowParams, draw, process, warp
+from runtime.sampling import Needs, RowParams, Text, draw, process, warp
 from tests.conftest import GraphRecorder
 
 CASES = [
@@ -54,23 +54,47 @@ def test_repetition_penalty_matches_transformers():
     seen[0, history[0]] = True
     expected = RepetitionPenaltyLogitsProcessor(1.5)(history, logits.clone())
     params = SamplingParams(repetition_penalty=1.5)
-    got = process(logits[None], RowParams.of([params]), seen[None], Needs.of([params]))[0]
+    text = Text(seen[None, None], torch.zeros(1, 1, 30))
+    got = process(logits[None, None], RowParams.of([params]), text, Needs.of([params]))[0, 0]
     torch.testing.assert_close(got, expected)
+
+
+def test_frequency_and_presence_penalties_follow_openais_formula():
+    """logit - count x frequency_penalty - (count > 0) x presence_penalty, after the repetition
+    penalty, written out token by token; counts are of the generated text, `seen` of the whole."""
+    V = 12
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(5)) * 3
+    counts = torch.tensor([0, 1, 3, 0, 2, 0, 0, 1, 0, 0, 5, 0], dtype=torch.float32)
+    seen = (counts > 0) | (torch.arange(V) == 3)  # token 3 only in the prompt
+    params = SamplingParams(repetition_penalty=1.2, frequency_penalty=0.7, presence_penalty=-0.4)
+    got = process(logits[None, None], RowParams.of([params]), Text(seen[None, None], counts[None, None]),
+                  Needs.of([params]))[0, 0]
+    expected = []
+    for logit, count, in_text in zip(logits.tolist(), counts.tolist(), seen.tolist(), strict=True):
+        if in_text:
+            logit = logit / 1.2 if logit > 0 else logit * 1.2
+        expected.append(logit - count * 0.7 - (-0.4 if count > 0 else 0.0))
+    torch.testing.assert_close(got, torch.tensor(expected))
+    assert got[3] != logits[3] and got[6] == logits[6]  # the prompt's token: the repetition penalty alone
 
 
 def test_each_row_of_a_mixed_batch_is_processed_with_its_own_parameters(filters):
     """One call for greedy, penalised, top-k, top-p and typical rows gives each row what it gives
     alone: a parameter that is off leaves a row unchanged, whatever the batch needs."""
     params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), *(p for p, _ in CASES),
-              SamplingParams(temperature=0.5, top_k=3, top_p=0.9, typical_p=0.8, repetition_penalty=0.7)]
+              SamplingParams(temperature=0.5, top_k=3, top_p=0.9, typical_p=0.8, repetition_penalty=0.7),
+              SamplingParams(frequency_penalty=0.5), SamplingParams(temperature=0.9, presence_penalty=-1.0)]
     B, N, V = len(params), 4, 50
     logits = torch.randn(B, N, V, generator=torch.Generator().manual_seed(2)) * 3
-    seen = torch.rand(B, N, V, generator=torch.Generator().manual_seed(3)) < 0.2
-    got = process(logits, RowParams.of(params), seen, Needs.of(params))
+    counts = torch.randint(0, 3, (B, N, V), generator=torch.Generator().manual_seed(3)).float()
+    text = Text(counts > 0, counts)
+    got = process(logits, RowParams.of(params), text, Needs.of(params))
     for b, p in enumerate(params):
-        alone = process(logits[b:b + 1], RowParams.of([p]), seen[b:b + 1], Needs.of([p]))[0]
+        alone = process(logits[b:b + 1], RowParams.of([p]), Text(text.seen[b:b + 1], counts[b:b + 1]),
+                        Needs.of([p]))[0]
         assert torch.equal(got[b], alone), b
     assert not torch.equal(got[1], logits[1]) and torch.equal(got[0], logits[0])
+    assert not torch.equal(got[-2], logits[-2])
 
 
 def test_top_k_top_p_in_one_call_keeps_what_the_sorting_lines_keep(monkeypatch):

@@ -25,10 +25,11 @@ PROMPTS = ["Hello world!", "The quick brown fox", "What is the capital of France
            "Numbers 0 1 2 3", "Speculative decoding verifies", "Paris is", "symbols: , . ;"]
 
 # per-request parameters that must coexist in one batch: greedy with and without speculation,
-# seeded sampling under both acceptance rules, a repetition penalty
+# seeded sampling under both acceptance rules, a repetition penalty, frequency and presence penalties
 MIXED = [{}, {"speculate": False}, {"do_sample": True, "seed": 1},
          {"do_sample": True, "seed": 2, "acceptance": "typical", "temperature": 0.8},
-         {"repetition_penalty": 1.5}, {"top_k": 20, "seed": 3}, {},
+         {"repetition_penalty": 1.5}, {"top_k": 20, "seed": 3},
+         {"frequency_penalty": 0.4, "presence_penalty": -0.5},
          {"speculate": False, "top_p": 0.9, "seed": 4}]
 
 

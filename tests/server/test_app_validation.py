@@ -39,7 +39,9 @@ CASES = {
     "truncate zero": (params(truncate=0), "truncate"),
     "truncate above max_input_tokens": (params(truncate=1000), "truncate"),
     "top_n_tokens above 20": (params(top_n_tokens=21), "top_n_tokens"),
-    "frequency_penalty": (params(frequency_penalty=0.5), "frequency_penalty"),
+    "frequency_penalty above 2": (params(frequency_penalty=2.5), "frequency_penalty"),
+    "presence_penalty below -2": (params(presence_penalty=-2.5), "presence_penalty"),
+    "presence_penalty a string": (params(presence_penalty="0.5"), "presence_penalty"),
     "watermark": (params(watermark=True), "watermark"),
     "watermark 0 for false": (params(watermark=0), "watermark"),
     "grammar": (params(grammar={"type": "json", "value": {"type": "object"}}), "grammar"),
@@ -49,7 +51,7 @@ CASES = {
 }
 
 
-UNSUPPORTED = {"best_of above one", "frequency_penalty", "watermark", "watermark 0 for false", "grammar"}
+UNSUPPORTED = {"best_of above one", "watermark", "watermark 0 for false", "grammar"}
 
 
 def post(client, route, body):
@@ -89,8 +91,7 @@ def test_malformed_json_is_400(client, case, route):
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_no_op_values_of_unsupported_parameters_are_accepted(client, route):
-    body = params(max_new_tokens=2, best_of=1, top_n_tokens=0, frequency_penalty=0.0, watermark=False,
-                  grammar=None)
+    body = params(max_new_tokens=2, best_of=1, top_n_tokens=0, watermark=False, grammar=None)
     assert client.post(route, json=body).status_code == 200
 
 

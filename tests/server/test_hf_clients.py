@@ -108,7 +108,7 @@ def test_server_refusals_reach_the_client_as_its_errors(tgi, chat):
     with pytest.raises(ValidationError, match="top_n_tokens"):
         tgi.text_generation(PROMPT, max_new_tokens=4, details=True, top_n_tokens=21)
     with pytest.raises(BadRequestError, match="'param': 'presence_penalty'"):
-        chat.chat_completion(MESSAGES, max_tokens=4, presence_penalty=0.5)
+        chat.chat_completion(MESSAGES, max_tokens=4, presence_penalty=2.5)
 
 
 def test_chat_completion_whole_and_streamed_agree(chat):

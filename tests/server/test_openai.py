@@ -4,6 +4,8 @@ error shapes through the test client."""
 import openai
 import pytest
 
+from medusa.engine import Engine
+from runtime.config import SamplingParams
 from server.app import create_app
 from server.openai_routes import StopHold
 from server.scheduler import QueueFull
@@ -84,6 +86,31 @@ def test_n_choices_for_each_of_a_list_of_prompts_are_what_each_alone_gets(sdk):
     # each prompt counted once, as OpenAI counts it; every choice's tokens
     assert whole.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
     assert whole.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+
+
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_penalties_reach_the_engine_and_count_the_generated_tokens(sdk, loaded, route):
+    """OpenAI's frequency and presence penalties: the route's tokens are the engine's under the same
+    penalties, and differ from the text without them."""
+    def create(**penalties):
+        if route == "chat":
+            reply = sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=24, temperature=0,
+                                                **penalties)
+            return reply.choices[0].message.content, reply.usage
+        reply = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=24, temperature=0, **penalties)
+        return reply.choices[0].text, reply.usage
+
+    penalties = {"frequency_penalty": 0.3, "presence_penalty": 1.2}
+    text, usage = create(**penalties)
+    tokenizer = loaded.tokenizer
+    prompt = tokenizer.encode(PROMPT) if route == "completions" else tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True)
+    assert len(prompt) == usage.prompt_tokens
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_total_tokens=256)
+    expected = engine.generate([prompt], SamplingParams(max_new_tokens=24, **penalties))[0]
+    assert usage.completion_tokens == len(expected)
+    assert text == loaded.tokenizer.decode(expected, skip_special_tokens=True)
+    assert text != create()[0]
 
 
 def test_a_prompt_of_token_ids_is_what_its_text_gets(sdk, loaded):
@@ -216,7 +243,8 @@ TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n", 129), ("top_logprobs", 21), ("presence_penalty", 0.5), ("temperature", 2.5), ("max_tokens", 0),
+    ("n", 129), ("top_logprobs", 21), ("presence_penalty", 2.5), ("frequency_penalty", -3),
+    ("temperature", 2.5), ("max_tokens", 0),
     # what this server cannot do is refused, not ignored: an answer without the tool call or the JSON
     # the client asked for would look like one that honoured it
     ("tools", [TOOL]), ("tool_choice", "required"), ("functions", [TOOL["function"]]),

@@ -63,7 +63,7 @@ def test_null_parameters_are_allowed_by_the_schema():
     assert {"type": "null"} in SCHEMAS["GenerateRequest"]["properties"]["parameters"]["anyOf"]
 
 
-def test_unsupported_parameters_declare_their_only_values():
+def test_penalties_declare_their_range_and_unsupported_parameters_their_only_values():
     properties = SCHEMAS["Parameters"]["properties"]
 
     def bounds(name: str) -> tuple:
@@ -72,10 +72,10 @@ def test_unsupported_parameters_declare_their_only_values():
 
     assert bounds("best_of") == (1, MAX_BEST_OF)
     assert bounds("top_n_tokens") == (0, MAX_TOP_N)
-    assert bounds("frequency_penalty") == (0, 0)
+    assert bounds("frequency_penalty") == (-2, 2) and bounds("presence_penalty") == (-2, 2)
     assert properties["watermark"]["const"] is False
     assert properties["grammar"]["type"] == "null"
-    for name in ("best_of", "frequency_penalty", "watermark", "grammar"):
+    for name in ("best_of", "watermark", "grammar"):
         assert "not supported" in properties[name]["description"]
 
 
