@@ -235,12 +235,15 @@ class Engine:
         if n + params.max_new_tokens > self.max_total_tokens:
             raise EngineError(f"prompt ({n} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                               f"max_total_tokens ({self.max_total_tokens})")
+        V = self.model.config.vocab_size
+        if outside := [t for t, _ in params.logit_bias if t >= V]:
+            raise EngineError(f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {V - 1})")
         if request_id in self._running or request_id in self._prefilling:
             raise EngineError(f"request {request_id!r} is already running")
         if not self._free:
             raise EngineError("no free cache slot")
         slot = self._free.pop()
-        self.device_step.start(slot, prompt_ids)
+        self.device_step.start(slot, prompt_ids, params.logit_bias)
         self._prefilling[request_id] = _Prefill(request_id, slot, params, list(prompt_ids), prompt_logprobs)
 
     @torch.inference_mode()

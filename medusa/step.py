@@ -16,7 +16,8 @@ tokens of each sequence's last W cached positions (W = 1 for Medusa heads, which
 hidden state; the EAGLE layer's window) -- `seen` (the tokens of each sequence's text, for the
 repetition penalty) and `counts` (how often each token is in its generated text, for the frequency
 and presence penalties), both kept up to date only for sequences with a penalty: a penalised row
-makes each step it is in keep them. The engine owns which
+makes each step it is in keep them -- and each sequence's logit bias (`bias_tokens`, `bias_values`),
+set when its slot is taken. The engine owns which
 request holds which slot; this class does not know requests.
 
 Legend: B rows, T tree nodes, P = tree depth + 1, C hidden size, V vocabulary, N slots, W window,
@@ -36,15 +37,16 @@ from medusa.draft import Drafter, draft, draft_dynamic, window_size
 from medusa.dynamic import DynamicTree, RowTrees
 from medusa.tree import TreeBuffers, build_tree
 from runtime import sampling
-from runtime.config import MAX_TOP_N, SamplingParams
+from runtime.config import MAX_LOGIT_BIAS, MAX_TOP_N, SamplingParams
 from runtime.llama import Llama
-from runtime.sampling import MODES, ROW_PARAMS_WIDTH, Needs, RowParams, Text
+from runtime.sampling import MODES, ROW_PARAMS_WIDTH, LogitBias, Needs, RowParams, Text
 
 log = logging.getLogger(__name__)
 
 ROOT_ONLY = build_tree([])
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-ALL = Needs(sample=True, filter=True, penalise=True, typical=True, typical_acceptance=True, top_n=True)
+ALL = Needs(sample=True, filter=True, penalise=True, typical=True, typical_acceptance=True, top_n=True,
+            bias=True)
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,16 @@ class DeviceStep:
         # [N+1, V+1] bool; column V takes the writes of tokens past a row's accepted ones
         self.seen = torch.zeros(num_slots + 1, V + 1, dtype=torch.bool, device=device)
         self.counts = torch.zeros(num_slots + 1, V + 1, dtype=torch.float32, device=device)  # [N+1, V+1]
+        # [N+1, K] each: a slot's logit bias as (token, bias) pairs, (0, 0.0) past its last
+        self.bias_tokens = torch.zeros(num_slots + 1, MAX_LOGIT_BIAS, dtype=torch.long, device=device)
+        self.bias_values = torch.zeros(num_slots + 1, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
         self.compile = compile
         self._fn = self._step
         if compile:
             # the state a step writes keeps its address: CUDA graphs replay on it instead of
             # skipping graphs with mutated inputs
             for t in (*self.cache.k, *self.cache.v, self.cache.lens, self.features, self.window_tokens,
-                      self.seen, self.counts):
+                      self.seen, self.counts, self.bias_tokens, self.bias_values):
                 torch._dynamo.mark_static_address(t)
             if device.type == "cuda":
                 self._fn = torch.compile(self._step, fullgraph=True, mode="reduce-overhead")  # CUDA graphs
@@ -137,12 +142,16 @@ class DeviceStep:
 
     # ---------------------------------------------------------------- prefill (eager)
 
-    def start(self, slot: int, prompt: list[int]) -> None:
+    def start(self, slot: int, prompt: list[int], logit_bias: tuple[tuple[int, float], ...] = ()) -> None:
         """Empty a slot for a new prompt; its tokens count as seen (not as generated)."""
         self.cache.free(slot)
         self.seen[slot] = False
         self.seen[slot, torch.tensor(prompt, device=self.device)] = True
         self.counts[slot] = 0
+        pairs = torch.tensor(logit_bias, dtype=torch.float64).view(-1, 2)  # [n, 2]; ids exact in float64
+        self.bias_tokens[slot], self.bias_values[slot] = 0, 0.0
+        self.bias_tokens[slot, :len(pairs)] = pairs[:, 0].long().to(self.device)
+        self.bias_values[slot, :len(pairs)] = pairs[:, 1].float().to(self.device)
 
     def prefill(self, slot: int, tokens: list[int], begin: int) -> torch.Tensor:
         """Put prompt tokens begin .. begin + n of a slot in the cache, and the last W of them with their
@@ -167,7 +176,8 @@ class DeviceStep:
         text = Text(self.seen[slot, None, None, :-1], self.counts[slot, None, None, :-1]) \
             if needs.penalise else None  # [1, 1, V] each
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
-        target = sampling.process(logits, rows, text, needs)[:, 0]  # [1, V]
+        bias = self._bias([slot]) if needs.bias else None
+        target = sampling.process(logits, rows, text, needs, bias)[:, 0]  # [1, V]
         best, lse = sampling.argmax_logsumexp(target)  # [1] each
         token = sampling.next_tokens(target, best, rows, uniforms[:1].to(self.device), needs)  # [1]
         if needs.penalise:
@@ -299,7 +309,8 @@ class DeviceStep:
         positions = self.cache.lens[slots][:, None] + tree.depths  # [B, T]
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
         text = self._text_at_nodes(slots, candidates, tree) if needs.penalise else None
-        target = sampling.process(self.model.logits(hidden), rows, text, needs)  # [B, T, V]
+        bias = self._bias(slots) if needs.bias else None
+        target = sampling.process(self.model.logits(hidden), rows, text, needs, bias)  # [B, T, V]
         best, lse = sampling.argmax_logsumexp(target)  # [B, T] each: the argmax after each node, logsumexp
 
         accepted_len = torch.ones_like(slots)  # [B]
@@ -357,6 +368,9 @@ class DeviceStep:
         packed = torch.cat([accepted_len[:, None].double(), tokens.double(), logprobs.double(),
                             *([top] if top is not None else [])], dim=1)
         return packed, torch.where(on_path[..., None], path_hidden, 0)
+
+    def _bias(self, slots: torch.Tensor | list[int]) -> LogitBias:
+        return LogitBias(self.bias_tokens[slots], self.bias_values[slots])  # [B, K] each
 
     def _text_at_nodes(self, slots: torch.Tensor, candidates: torch.Tensor, tree: TreeBuffers | RowTrees
                        ) -> Text:

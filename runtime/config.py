@@ -129,6 +129,8 @@ _ARCH_BY_MODEL_TYPE = {
 
 MAX_TOP_N = 20  # alternatives a token may report (OpenAI's most for top_logprobs)
 MAX_ADDED_PENALTY = 2.0  # frequency and presence penalties lie in [-2, 2], as OpenAI's
+MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's limit)
+MAX_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,8 @@ class SamplingParams:
     # presence_penalty if it is there at all (the prompt does not count); 0 = off
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    # (token, bias) pairs, each bias added to its token's logit after the penalties (OpenAI's logit_bias)
+    logit_bias: tuple[tuple[int, float], ...] = ()
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -180,6 +184,12 @@ class SamplingParams:
             raise ConfigError("acceptance must be 'auto', 'lossless' or 'typical'")
         if not 0 <= self.typical_epsilon <= 1 or not 0 <= self.typical_delta < math.inf:
             raise ConfigError("typical_epsilon must be in [0, 1] and typical_delta a finite number >= 0")
+        tokens = [t for t, _ in self.logit_bias]
+        if len(tokens) > MAX_LOGIT_BIAS or len(set(tokens)) < len(tokens):
+            raise ConfigError(f"logit_bias must name at most {MAX_LOGIT_BIAS} tokens, each once")
+        if not all(t >= 0 and -MAX_BIAS <= b <= MAX_BIAS for t, b in self.logit_bias):
+            raise ConfigError(f"logit_bias must map token ids >= 0 to biases in [-{MAX_BIAS:g}, "
+                              f"{MAX_BIAS:g}]")
         if not 0 <= self.top_n <= MAX_TOP_N:
             raise ConfigError(f"top_n must be in [0, {MAX_TOP_N}]")
         if not all(self.stop):

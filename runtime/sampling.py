@@ -6,9 +6,9 @@ operations, without a host synchronisation: what a compiled step needs. Which pr
 all is fixed per call by flags (`process`), so a batch of greedy requests pays for none of them.
 
 Order of the processors (as in `transformers`, with vLLM's place for OpenAI's penalties): the
-repetition penalty on the raw logits, then the frequency and presence penalties, then temperature,
-then top-k, top-p (nucleus) and typical-p filtering. Greedy rows use only the penalties and take the
-argmax.
+repetition penalty on the raw logits, then the frequency and presence penalties, then the logit
+bias, then temperature, then top-k, top-p (nucleus) and typical-p filtering. Greedy rows use only
+the penalties and the bias, and take the argmax.
 
 Nothing here raises on a request's parameters, however extreme (one request's parameters must
 never fail a batch): temperature and repetition penalty are clamped to [1e-6, 1e6] (`SAFE_RANGE`:
@@ -121,6 +121,7 @@ class Needs:
     typical: bool = False  # some row has typical-p
     typical_acceptance: bool = False  # some row accepts drafts by the typical rule (others: lossless)
     top_n: bool = False  # some row reports the most likely tokens beside each of its tokens
+    bias: bool = False  # some row has a logit bias
 
     @staticmethod
     def of(params: list[SamplingParams]) -> Needs:
@@ -129,7 +130,7 @@ class Needs:
                      penalise=any(penalised(p) for p in params),
                      typical=any(p.typical_p < 1 for p in sampled),
                      typical_acceptance=any(acceptance_mode(p) == "typical" for p in sampled),
-                     top_n=any(p.top_n for p in params))
+                     top_n=any(p.top_n for p in params), bias=any(p.logit_bias for p in params))
 
 
 def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -149,10 +150,19 @@ class Text:
     counts: torch.Tensor  # float32: its count in the generated text (the frequency and presence penalties)
 
 
-def process(logits: torch.Tensor, rows: RowParams, text: Text | None, needs: Needs) -> torch.Tensor:
+@dataclass(frozen=True)
+class LogitBias:
+    """Each row's logit bias as K (token, bias) pairs ([B, K] each); unused pairs are (0, 0.0)."""
+
+    tokens: torch.Tensor  # long
+    values: torch.Tensor  # float32
+
+
+def process(logits: torch.Tensor, rows: RowParams, text: Text | None, needs: Needs,
+            bias: LogitBias | None = None) -> torch.Tensor:
     """The processed logits each row's tokens come from: [B, N, V] -> [B, N, V] float32
     (-inf = excluded; on the CPU a batch of greedy rows keeps NaN, which our argmax reads as -inf).
-    text: what each position's text holds, needed iff needs.penalise."""
+    text: what each position's text holds, needed iff needs.penalise; bias, needed iff needs.bias."""
     logits = logits.float()
     if needs.sample or not cpu_kernels.eager_cpu(logits):
         # NaN: never drawn. Greedy rows on the CPU skip this pass over the vocabulary: our
@@ -168,6 +178,12 @@ def process(logits: torch.Tensor, rows: RowParams, text: Text | None, needs: Nee
         # exact for penalties 0 (counts are finite); a logit of +-inf keeps its value
         logits = logits - (_per_row(rows.frequency, logits) * text.counts
                            + _per_row(rows.presence, logits) * (text.counts > 0))
+    if needs.bias:
+        assert bias is not None
+        B, N, K = *logits.shape[:2], bias.tokens.shape[1]
+        # an unused pair adds 0.0 to token 0: exact
+        logits = logits.scatter_add(-1, bias.tokens[:, None].expand(B, N, K),
+                                    bias.values[:, None].expand(B, N, K))
     if not needs.sample:
         return logits
     warped = logits / _per_row(rows.temperature, logits)

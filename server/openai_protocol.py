@@ -3,10 +3,11 @@
 
 Fields follow OpenAI's API, so that the `openai` SDK works unchanged; unknown fields are ignored.
 Parameters this server does not implement accept only their no-op values (no `tools` or
-`functions`, a `response_format` of text, no `logit_bias`, a completion's `best_of` 1 and no
-`suffix`); any other value is a 400 saying it is not supported, so that a client never takes an
-answer that ignored what it asked for. `presence_penalty` and `frequency_penalty` (-2 to 2) count
-the generated tokens, as OpenAI's (the prompt's do not count). A chat's `top_logprobs` (up to
+`functions`, a `response_format` of text, a completion's `best_of` 1 and no `suffix`); any other
+value is a 400 saying it is not supported, so that a client never takes an answer that ignored what
+it asked for. `presence_penalty` and `frequency_penalty` (-2 to 2) count the generated tokens, as
+OpenAI's (the prompt's do not count); `logit_bias` maps up to MAX_LOGIT_BIAS token ids to biases
+added to their logits. A chat's `top_logprobs` (up to
 20, with `logprobs`) and a completion's `logprobs` (up to 5) give each generated token's most likely
 tokens (an echoed prompt's tokens too, under the model's raw distribution; the first has none). Semantics are
 OpenAI's: `temperature` defaults to 1 (sampling) and 0 decodes greedily; a stop sequence ends the
@@ -29,7 +30,7 @@ from typing import Annotated, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from runtime.config import MAX_ADDED_PENALTY, MAX_TOP_N
+from runtime.config import MAX_ADDED_PENALTY, MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_N
 from server.protocol import (
     MAX_STOP_SEQUENCES,
     ErrorResponse,
@@ -125,12 +126,16 @@ class _Request(_Body):
     n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)  # choices per prompt; null: 1
     presence_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
     frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
-    logit_bias: Annotated[dict, Field(max_length=0)] | None = _refused("only null or {}: logit_bias is")
+    logit_bias: dict[Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,11})$")],
+                     Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS,
+        description=f"a map of at most {MAX_LOGIT_BIAS} token ids (decimal strings) to biases from "
+                    f"{-MAX_BIAS:g} to {MAX_BIAS:g}, each added to its token's logit")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    _unsupported = described_when_invalid("logit_bias")
+    _described = described_when_invalid("logit_bias")
 
     @property
     def stops(self) -> list[str]:

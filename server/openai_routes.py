@@ -228,13 +228,18 @@ def completion_encoder(service: Service, prompt: str | list[int]):
     return encode
 
 
+def in_vocabulary(service: Service, ids: list[int], field: str) -> None:
+    """InputError, naming `field`, for a token id outside the model's vocabulary."""
+    vocab = service.scheduler.engine.model.config.vocab_size
+    if outside := [t for t in ids if t >= vocab]:
+        raise InputError(f"`{field}`: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
+
+
 def prompt_text(service: Service, prompt: str | list[int]) -> str:
     """The prompt as text: token ids decoded (InputError for one outside the vocabulary)."""
     if isinstance(prompt, str):
         return prompt
-    vocab = service.scheduler.engine.model.config.vocab_size
-    if outside := [t for t in prompt if t >= vocab]:
-        raise InputError(f"`prompt`: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
+    in_vocabulary(service, prompt, "prompt")
     return service.tokenizer.decode(prompt)
 
 
@@ -243,6 +248,8 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
     seed + j (so that they differ, and each is reproducible)."""
     chat = isinstance(body, ChatCompletionRequest)
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    bias = tuple((int(token), bias) for token, bias in (body.logit_bias or {}).items())
+    in_vocabulary(service, [t for t, _ in bias], "logit_bias")
     jobs = []
     for prompt in body.prompts:
         encode = chat_encoder(service, body.messages) if chat else completion_encoder(service, prompt)
@@ -251,8 +258,9 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
         request = GenerateRequest.model_construct(inputs=prompt_text(service, prompt),
                                                   parameters=parameters(body, max_tokens), stream=False)
         # a chat without max_tokens may use what the context leaves, as OpenAI's does
-        jobs.append(await service.prepare(request, stream=bool(body.stream), encode=encode,
-                                          fill_context=chat and max_tokens is None))
+        job = await service.prepare(request, stream=bool(body.stream), encode=encode,
+                                    fill_context=chat and max_tokens is None)
+        jobs.append(dataclasses.replace(job, params=dataclasses.replace(job.params, logit_bias=bias)))
 
     def choice(job: Job, j: int) -> Job:
         if j == 0 or job.params.greedy:

@@ -18,7 +18,7 @@ PROMPTS = [[5, 6, 7], [11, 3, 9, 2, 40, 41, 42, 1, 17], [60], [8, 8, 8, 8, 8, 1]
 PARAMS = [SamplingParams(max_new_tokens=12),
           SamplingParams(max_new_tokens=12, temperature=0.8, seed=5, top_n=3, presence_penalty=-0.5),
           SamplingParams(max_new_tokens=12, temperature=1.2, top_k=20, top_p=0.9, seed=6,
-                         acceptance="typical"),
+                         acceptance="typical", logit_bias=((5, 1.0), (8, -2.0))),
           SamplingParams(max_new_tokens=12, repetition_penalty=1.3, frequency_penalty=0.4,
                          presence_penalty=0.3),
           SamplingParams(max_new_tokens=12, temperature=0.7, typical_p=0.8, repetition_penalty=0.8, seed=7,

@@ -137,6 +137,23 @@ def test_frequency_and_presence_penalties_count_the_generated_tokens(hf_and_ours
     assert got != engine(ours).generate([prompt], SamplingParams(max_new_tokens=40))[0]
 
 
+def test_a_logit_bias_is_transformers_sequence_bias_of_single_tokens(hf_and_ours):
+    hf, ours = hf_and_ours
+    prompt, free = PROMPTS[1], engine(ours).generate([PROMPTS[1]], SamplingParams(max_new_tokens=16))[0]
+    bias = ((free[0], -100.0), (free[3], -3.0), (50, 4.0))  # the first token banned, two others moved
+    got = engine(ours).generate([prompt], SamplingParams(max_new_tokens=16, logit_bias=bias))[0]
+    expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, min_new_tokens=16,
+                           pad_token_id=0, sequence_bias={(t,): b for t, b in bias})[0, len(prompt):]
+    assert got == expected.tolist()
+    assert free[0] not in got and got != free
+    one_slot = engine(ours, max_batch_size=1)
+    one_slot.generate([prompt], SamplingParams(max_new_tokens=16, logit_bias=bias))
+    # the slot's next request, whose one pair moves nothing, reads none of the bias before it
+    assert one_slot.generate([prompt], SamplingParams(max_new_tokens=16, logit_bias=((50, 0.0),)))[0] == free
+    with pytest.raises(EngineError, match="logit_bias: token id 128 is outside"):
+        engine(ours).add("x", prompt, SamplingParams(logit_bias=((128, 1.0),)))
+
+
 def test_too_long_and_full_are_clear_errors(hf_and_ours):
     _, ours = hf_and_ours
     e = engine(ours, max_batch_size=1)

@@ -61,7 +61,8 @@ def test_greedy_speculation_equals_plain_greedy(model, tree_name, batch, kind):
 
 PENALTIES = {"repetition": {"repetition_penalty": 0.5}, "frequency": {"frequency_penalty": -0.3},
              # a token there is favoured, less so each time: loops that end once their counts grow
-             "both": {"frequency_penalty": 0.1, "presence_penalty": -0.3}}
+             "both": {"frequency_penalty": 0.1, "presence_penalty": -0.3},
+             "logit bias": {"logit_bias": ((7, 2.5), (11, -100.0))}}
 
 
 @pytest.mark.parametrize("penalty", PENALTIES)
@@ -236,9 +237,10 @@ def test_tree_deeper_than_heads_is_refused(model):
                tree=get_tree("chain"))
 
 
-def exact_pair_distribution(model, prompt, temperature, frequency=0.0, presence=0.0):
+def exact_pair_distribution(model, prompt, temperature, frequency_penalty=0.0, presence_penalty=0.0,
+                            logit_bias=()):
     """p(t2, t3 | prompt) for the 2nd and 3rd generated tokens, summing over the 1st, with OpenAI's
-    frequency and presence penalties on the tokens generated before each."""
+    frequency and presence penalties on the tokens generated before each, and a logit bias."""
     V = model.config.vocab_size
     seqs = torch.tensor([prompt + [a, b, c] for a, b, c in itertools.product(range(V), repeat=3)])
     cache = model.new_cache(len(seqs), len(prompt) + 3)
@@ -249,7 +251,9 @@ def exact_pair_distribution(model, prompt, temperature, frequency=0.0, presence=
     generated = torch.nn.functional.one_hot(seqs, V).float()  # [N, S, V]
     generated[:, :n] = 0
     counts = generated.cumsum(1)  # [N, S, V]: each token's count in the generated text up to each position
-    logits = logits - frequency * counts - presence * (counts > 0)
+    logits = logits - frequency_penalty * counts - presence_penalty * (counts > 0)
+    for token, bias in logit_bias:
+        logits[..., token] += bias
     logp = (logits / temperature).log_softmax(-1)  # [N, S, V]
     a, b, c = seqs[:, n], seqs[:, n + 1], seqs[:, n + 2]
     idx = torch.arange(len(seqs))
@@ -258,10 +262,12 @@ def exact_pair_distribution(model, prompt, temperature, frequency=0.0, presence=
 
 
 @pytest.mark.parametrize("drafter, tree_name, penalties", [
-    ("medusa", "static", {}), ("eagle", "static", {}),
+    ("medusa", "static", {"logit_bias": ((2, 1.5), (4, -2.0))}), ("eagle", "static", {}),
     # each node's text counts the drafts above it
     ("eagle", "dynamic:6,topk=2,depth=3,lookup=2", {"frequency_penalty": 1.5, "presence_penalty": -0.5})])
 def test_lossless_sampling_keeps_the_distribution(drafter, tree_name, penalties):
+    """Tree speculative sampling draws from the model's processed distribution, checked by chi-square
+    against the exact distribution of two tokens; `penalties`: what processes it."""
     torch.manual_seed(0)
     V = 6
     model = Llama(ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=2,
@@ -269,8 +275,7 @@ def test_lossless_sampling_keeps_the_distribution(drafter, tree_name, penalties)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # peaked enough that drafts are often accepted
     prompt, temperature = [1, 2, 3], 0.9
-    expected = exact_pair_distribution(model, prompt, temperature, penalties.get("frequency_penalty", 0.0),
-                                       penalties.get("presence_penalty", 0.0)).flatten()
+    expected = exact_pair_distribution(model, prompt, temperature, **penalties).flatten()
     if drafter == "eagle":  # a draft layer drafts as deep as the tree
         heads = eagle_for(model, seed=0, window=4)
     else:

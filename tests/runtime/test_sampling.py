@@ -14,7 +14,7 @@ from transformers import (
 
 from runtime import cpu_kernels, sampling
 from runtime.config import SamplingParams
-from runtime.sampling import Needs, RowParams, Text, draw, process, warp
+from runtime.sampling import LogitBias, Needs, RowParams, Text, draw, process, warp
 from tests.conftest import GraphRecorder
 
 CASES = [
@@ -78,23 +78,39 @@ def test_frequency_and_presence_penalties_follow_openais_formula():
     assert got[3] != logits[3] and got[6] == logits[6]  # the prompt's token: the repetition penalty alone
 
 
+def test_a_logit_bias_is_added_after_the_penalties():
+    V = 12
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(6)) * 3
+    counts = torch.zeros(V)
+    counts[[2, 5]] = 1
+    params = SamplingParams(presence_penalty=0.5, logit_bias=((5, 2.0), (0, -100.0), (7, 0.25)))
+    bias = LogitBias(torch.tensor([[5, 0, 7, 0]]), torch.tensor([[2.0, -100.0, 0.25, 0.0]]))  # a spare pair
+    text = Text(counts[None, None] > 0, counts[None, None])
+    got = process(logits[None, None], RowParams.of([params]), text, Needs.of([params]), bias)[0, 0]
+    expected = logits - 0.5 * counts + torch.tensor([-100.0, 0, 0, 0, 0, 2.0, 0, 0.25, 0, 0, 0, 0])
+    torch.testing.assert_close(got, expected)
+
+
 def test_each_row_of_a_mixed_batch_is_processed_with_its_own_parameters(filters):
     """One call for greedy, penalised, top-k, top-p and typical rows gives each row what it gives
     alone: a parameter that is off leaves a row unchanged, whatever the batch needs."""
     params = [SamplingParams(), SamplingParams(repetition_penalty=1.3), *(p for p, _ in CASES),
               SamplingParams(temperature=0.5, top_k=3, top_p=0.9, typical_p=0.8, repetition_penalty=0.7),
-              SamplingParams(frequency_penalty=0.5), SamplingParams(temperature=0.9, presence_penalty=-1.0)]
+              SamplingParams(frequency_penalty=0.5), SamplingParams(temperature=0.9, presence_penalty=-1.0),
+              SamplingParams(logit_bias=((3, 5.0), (9, -1.5)))]
     B, N, V = len(params), 4, 50
     logits = torch.randn(B, N, V, generator=torch.Generator().manual_seed(2)) * 3
     counts = torch.randint(0, 3, (B, N, V), generator=torch.Generator().manual_seed(3)).float()
     text = Text(counts > 0, counts)
-    got = process(logits, RowParams.of(params), text, Needs.of(params))
+    bias = LogitBias(torch.zeros(B, 2, dtype=torch.long), torch.zeros(B, 2))  # unused pairs elsewhere
+    bias.tokens[-1], bias.values[-1] = torch.tensor([3, 9]), torch.tensor([5.0, -1.5])
+    got = process(logits, RowParams.of(params), text, Needs.of(params), bias)
     for b, p in enumerate(params):
         alone = process(logits[b:b + 1], RowParams.of([p]), Text(text.seen[b:b + 1], counts[b:b + 1]),
-                        Needs.of([p]))[0]
+                        Needs.of([p]), LogitBias(bias.tokens[b:b + 1], bias.values[b:b + 1]))[0]
         assert torch.equal(got[b], alone), b
     assert not torch.equal(got[1], logits[1]) and torch.equal(got[0], logits[0])
-    assert not torch.equal(got[-2], logits[-2])
+    assert not torch.equal(got[-3], logits[-3]) and not torch.equal(got[-1], logits[-1])
 
 
 def test_top_k_top_p_in_one_call_keeps_what_the_sorting_lines_keep(monkeypatch):

@@ -113,6 +113,22 @@ def test_penalties_reach_the_engine_and_count_the_generated_tokens(sdk, loaded, 
     assert text != create()[0]
 
 
+def test_a_logit_bias_moves_tokens_as_it_does_in_the_engine(sdk, loaded):
+    free = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0)
+    ids = loaded.tokenizer.encode(PROMPT)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_total_tokens=256)
+    first = engine.generate([ids], SamplingParams(max_new_tokens=1))[0][0]
+    bias = {str(first): -100, "17": 7.5}  # the first token banned, another favoured
+    whole = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, logit_bias=bias)
+    params = SamplingParams(max_new_tokens=12, logit_bias=((first, -100.0), (17, 7.5)))
+    expected = engine.generate([ids], params)
+    assert whole.choices[0].text == loaded.tokenizer.decode(expected[0], skip_special_tokens=True)
+    assert whole.choices[0].text != free.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="logit_bias.*outside the vocabulary"):
+        sdk.completions.create(model="m", prompt=PROMPT, max_tokens=2,
+                               logit_bias={str(loaded.model.config.vocab_size): 1})
+
+
 def test_a_prompt_of_token_ids_is_what_its_text_gets(sdk, loaded):
     ids = loaded.tokenizer.encode(PROMPT)
     text = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
@@ -249,7 +265,9 @@ TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type
     # the client asked for would look like one that honoured it
     ("tools", [TOOL]), ("tool_choice", "required"), ("functions", [TOOL["function"]]),
     ("function_call", {"name": "weather"}), ("response_format", {"type": "json_object"}),
-    ("logit_bias", {"50": 100})])
+    # a logit bias: token ids as decimal strings, biases in [-100, 100], at most 300 of them
+    ("logit_bias", {"50": 101}), ("logit_bias", {"x": 1}), ("logit_bias", {"05": 1}),
+    ("logit_bias", {"5": "1"}), ("logit_bias", {str(t): 1 for t in range(301)}), ("logit_bias", [1])])
 def test_unsupported_or_out_of_range_parameters_are_400(client, field, value):
     body = {"model": "m", "messages": MESSAGES, field: value}
     error = error_of(client.post("/v1/chat/completions", json=body), 400)
