@@ -46,6 +46,7 @@ from server.protocol import (
     GenerateResponse,
     Health,
     Info,
+    SimpleToken,
     StreamResponse,
     event_stream,
 )
@@ -231,6 +232,18 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
         job = await service.prepare(body, stream=False)
         response, headers = await generate_response(service, job, request)
         return JSONResponse([dump(response)], headers=headers)
+
+    @app.post("/tokenize", response_model=list[SimpleToken],
+              responses={status: ERROR_RESPONSES[status] for status in (400, 413, 422)})
+    async def tokenize(body: GenerateRequest, request: Request) -> Response:
+        """TGI's: the prompt's tokens as /generate feeds them to the model (chat template and `truncate`
+        applied), each with its text and that text's span in the prompt (characters); nothing is
+        generated, and a prompt over max_input_tokens is counted all the same."""
+        try:
+            tokens = await service_of(request).tokenize(body)
+        except InputError as e:  # not a generation request: the requests' metrics do not count it
+            return error_response(422, f"Input validation error: {e}", "validation", request=request)
+        return JSONResponse([t.model_dump() for t in tokens])
 
     @app.get("/health", response_model=Health,
              responses={503: {"model": ErrorResponse, "description": "Draining after SIGTERM (error_type "

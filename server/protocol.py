@@ -158,6 +158,15 @@ class Token(BaseModel):
     special: bool
 
 
+class SimpleToken(BaseModel):
+    """A prompt token of /tokenize: its text, and where that text lies in the prompt's (characters)."""
+
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
 class Speculation(BaseModel):
     """Medusa speculation for one request (extension; null when the server has no heads)."""
 

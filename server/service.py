@@ -24,6 +24,7 @@ from server.protocol import (
     GenerateRequest,
     Info,
     PrefillToken,
+    SimpleToken,
     Speculation,
     SpeculationInfo,
     StreamDetails,
@@ -148,6 +149,23 @@ class Service:
             request = request.model_copy(update={
                 "parameters": request.parameters.model_copy(update={"max_new_tokens": room})})
         return validate(request, prompt_ids, self.settings)
+
+    async def tokenize(self, request: GenerateRequest) -> list[SimpleToken]:
+        """The prompt's tokens as generation would feed them to the model (chat template and `truncate`
+        applied), each with the text it adds to the prompt's decoded text and that text's span there
+        (a token inside a character adds "", the one that completes it the character). The prompt's
+        length is not held to the server's limits: a client may ask how far over them it is."""
+        check_before_tokenizing(request, self.prompter.max_token_chars, self.settings, stream=False)
+        try:
+            ids = await asyncio.to_thread(self.prompter.encode, request.inputs, request.parameters.truncate)
+        except PromptError as e:
+            raise InputError(str(e)) from e
+        decoder, tokens, start = IncrementalDecoder(self.tokenizer), [], 0
+        for t in ids:
+            text = decoder.push(t)
+            tokens.append(SimpleToken(id=t, text=text, start=start, stop=start + len(text)))
+            start += len(text)
+        return tokens
 
     def generation(self) -> Generation:
         speculative = self.scheduler.engine.heads is not None

@@ -39,3 +39,13 @@ def test_stream_has_one_event_per_generated_token(real_client):
     text = "".join(e["token"]["text"] for e in events if not e["token"]["special"])
     assert text == events[-1]["generated_text"]
     assert len(text.split()) >= 3
+
+
+def test_tokenize_gives_the_prompt_in_its_chat_template(real_client):
+    tokens = real_client.post("/tokenize", json={"inputs": "Caf\u00e9 \u2603"}).json()
+    text = "".join(t["text"] for t in tokens)
+    assert text.startswith("<|im_start|>") and "user\nCaf\u00e9 \u2603<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    body = {"inputs": "Caf\u00e9 \u2603", "parameters": {"max_new_tokens": 1, "decoder_input_details": True}}
+    prefill = real_client.post("/generate", json=body).json()["details"]["prefill"]
+    assert [t["id"] for t in tokens] == [t["id"] for t in prefill]
