@@ -10,7 +10,8 @@ def tokenize(client, inputs=PROMPT, **parameters):
 
 
 def prefill_ids(client, inputs=PROMPT, **parameters):
-    body = {"inputs": inputs, "parameters": {"max_new_tokens": 1, "decoder_input_details": True, **parameters}}
+    parameters = {"max_new_tokens": 1, "decoder_input_details": True, **parameters}
+    body = {"inputs": inputs, "parameters": parameters}
     response = client.post("/generate", json=body)
     assert response.status_code == 200, response.text
     return [t["id"] for t in response.json()["details"]["prefill"]]
