@@ -31,6 +31,14 @@ class IncrementalDecoder:
             return text[len(prefix_text):]
         return ""
 
+    def flush(self) -> str:
+        """The text `push` still holds back, an incomplete last character as U+FFFD (what decoding the
+        whole text gives), for the end of a stream."""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        text = self._decode(self.token_ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+        return text[len(prefix_text):]
+
     def _decode(self, token_ids: list[int]) -> str:
         # special tokens keep their text here, as in TGI's token events
         return self.tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -373,13 +373,15 @@ async def events(service: Service, reply: Reply, jobs: list[Job], streams: list[
         async for index, emitted in merged(streams):
             generation, hold = generations[index], holds[index]
             tokens = visible(generation, generation.add(emitted))
-            text = hold.push("".join(t.text for t, _ in tokens))
-            if emitted.finish_reason is not None:
-                text += hold.finish()
+            text = "".join(t.text for t, _ in tokens)
+            if emitted.finish_reason is None:
+                text = hold.push(text)
+                if text or (reply.logprobs and tokens):
+                    yield reply.chunk(index, text, tokens, offset=sent[index])
+            else:  # a last character cut short ends the text as U+FFFD, as it ends the whole text
+                text = hold.push(text + generation.decoder.flush()) + hold.finish()
                 yield reply.chunk(index, text, tokens, emitted.finish_reason, medusa=generation.speculation,
                                   offset=sent[index])
-            elif text or (reply.logprobs and tokens):
-                yield reply.chunk(index, text, tokens, offset=sent[index])
             sent[index] += sum(len(t.text) for t, _ in tokens)
         if include_usage:
             yield reply.usage_chunk(usage(jobs, generations, n))

@@ -28,3 +28,15 @@ def test_special_tokens_keep_their_text():
     decoder = IncrementalDecoder(tokenizer)
     ids = tokenizer.encode("Hello") + [tokenizer.eos_token_id]
     assert "".join(decoder.push(t) for t in ids) == "Hello<|im_end|>"
+
+
+def test_flush_gives_what_push_holds_back_as_the_whole_text_decodes_it():
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer.encode("ok \u2603")[:-1]  # the snowman's last byte cut off
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(t) for t in ids]
+    assert pieces[-2:] == ["", ""]
+    rest = decoder.flush()
+    assert rest.startswith(REPLACEMENT_CHAR)
+    assert "".join(pieces) + rest == tokenizer.decode(ids)
+    assert decoder.flush() == ""  # given once
