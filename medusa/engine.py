@@ -37,6 +37,7 @@ from medusa.lookup import NgramIndex
 from medusa.step import ROOT_ONLY, DeviceStep, Row
 from medusa.tree import DynamicTree, TreeBuffers, check_tree_fits
 from runtime.config import ConfigError, ModelConfig, SamplingParams
+from runtime.grammar import Constraint, GrammarError, Grammars
 from runtime.kv_cache import KVCache
 from runtime.llama import Llama
 
@@ -79,6 +80,7 @@ class _Sequence:
     generator: torch.Generator  # on the host: draws the uniforms of the request's steps
     generated: list[int] = field(default_factory=list)  # includes the pending token (last)
     lookup: NgramIndex | None = None  # prompt + generated, for a tree with a lookup branch
+    constraint: Constraint | None = None  # with params.grammar: what it allows next
 
     @property
     def pending(self) -> int:
@@ -94,6 +96,7 @@ class _Prefill:
     params: SamplingParams
     prompt: list[int]
     prompt_logprobs: bool
+    constraint: Constraint | None
     done: int = 0  # prompt tokens already in the cache
     logprobs: list[float | None] = field(default_factory=lambda: [None])  # per prompt token scored so far
     # with params.top_n: each prompt token's most likely tokens where it stands (none for the first)
@@ -149,6 +152,7 @@ class Engine:
         self.keep_hidden = keep_hidden
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, tuple(eos_token_ids))
         self.heads = heads
         self.device = model.embed.weight.device
         tree = tree if heads is not None else ROOT_ONLY
@@ -242,9 +246,14 @@ class Engine:
             raise EngineError(f"request {request_id!r} is already running")
         if not self._free:
             raise EngineError("no free cache slot")
+        try:
+            constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
+        except GrammarError as e:
+            raise EngineError(f"grammar: {e}") from e
         slot = self._free.pop()
         self.device_step.start(slot, prompt_ids, params.logit_bias)
-        self._prefilling[request_id] = _Prefill(request_id, slot, params, list(prompt_ids), prompt_logprobs)
+        self._prefilling[request_id] = _Prefill(request_id, slot, params, list(prompt_ids), prompt_logprobs,
+                                                constraint)
 
     @torch.inference_mode()
     def prefill(self, request_id: Hashable, max_tokens: int) -> Emitted | None:
@@ -277,8 +286,10 @@ class Engine:
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
         seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator,
-                        lookup=NgramIndex(pre.prompt) if self.tree.lookup else None)
-        token, logprob, top = self.device_step.first_token(pre.slot, hidden[-1], params, self._uniforms(seq))
+                        lookup=NgramIndex(pre.prompt) if self.tree.lookup else None,
+                        constraint=pre.constraint)
+        token, logprob, top = self.device_step.first_token(pre.slot, hidden[-1], params, self._uniforms(seq),
+                                                           self._allowed(seq))
         del self._prefilling[pre.request_id]
         self._running[pre.request_id] = seq
         prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
@@ -320,7 +331,8 @@ class Engine:
             return self._step(seqs)
 
     def _step(self, seqs: list[_Sequence]) -> list[Emitted]:
-        speculate = [s.params.speculate and self.heads is not None for s in seqs]
+        # a grammar's row decodes plainly: its tree's nodes would need the grammar's masks along each path
+        speculate = [s.params.speculate and s.constraint is None and self.heads is not None for s in seqs]
         limit = self.max_speculative_batch
         over = limit is not None and len(seqs) > limit
         if over and all(s.params.greedy for s, on in zip(seqs, speculate, strict=True) if on):
@@ -351,7 +363,12 @@ class Engine:
         L = self.tree.lookup
         guess = seq.lookup.propose(L) if L else []  # up to L tokens; the step knows what to do with fewer
         return Row(seq.slot, len(seq.prompt) + len(seq.generated) - 1, seq.pending, speculate, seq.params,
-                   guess, self._uniforms(seq))
+                   guess, self._uniforms(seq), self._allowed(seq))
+
+    @staticmethod
+    def _allowed(seq: _Sequence) -> torch.Tensor | None:
+        """[W] int32: the tokens a grammar's sequence may take next (GrammarError if it is broken)."""
+        return None if seq.constraint is None else seq.constraint.allowed()
 
     def _uniforms(self, seq: _Sequence) -> torch.Tensor:
         """[U] uniforms for one step of a sampled request, from its generator: the same number every
@@ -386,6 +403,8 @@ class Engine:
                 break
         if seq.lookup is not None:
             seq.lookup.extend(tokens[:kept])
+        if seq.constraint is not None:
+            seq.constraint.consume(tokens[:kept])
         if reason:
             self._release(seq.request_id)
         return Emitted(seq.request_id, tokens[:kept], logprobs[:kept], reason, speculated=speculated,

@@ -36,7 +36,7 @@ from medusa import acceptance
 from medusa.draft import Drafter, draft, draft_dynamic, window_size
 from medusa.dynamic import DynamicTree, RowTrees
 from medusa.tree import TreeBuffers, build_tree
-from runtime import sampling
+from runtime import grammar, sampling
 from runtime.config import MAX_LOGIT_BIAS, MAX_TOP_N, SamplingParams
 from runtime.llama import Llama
 from runtime.sampling import MODES, ROW_PARAMS_WIDTH, LogitBias, Needs, RowParams, Text
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 ROOT_ONLY = build_tree([])
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ALL = Needs(sample=True, filter=True, penalise=True, typical=True, typical_acceptance=True, top_n=True,
-            bias=True)
+            bias=True, mask=True)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Row:
     params: SamplingParams
     lookup: list[int]  # prompt-lookup guesses for the lookup branch (up to L of them)
     uniforms: torch.Tensor  # [U] float64 in [0, 1), from the request's generator
+    allowed: torch.Tensor | None = None  # [W] int32: the tokens its grammar allows next (bitmask)
 
 
 @dataclass(frozen=True)
@@ -169,15 +170,18 @@ class DeviceStep:
         return hidden[0]
 
     def first_token(self, slot: int, hidden_last: torch.Tensor, params: SamplingParams,
-                    uniforms: torch.Tensor) -> tuple[int, float, list[tuple[int, float]] | None]:
+                    uniforms: torch.Tensor, allowed: torch.Tensor | None = None
+                    ) -> tuple[int, float, list[tuple[int, float]] | None]:
         """Sample the token after a whole prompt from its last hidden state [C]: (token, logprob, and
-        with params.top_n the most likely tokens there)."""
+        with params.top_n the most likely tokens there). allowed: [W] int32, with params.grammar."""
         rows, needs = RowParams.of([params], self.device), Needs.of([params])
         text = Text(self.seen[slot, None, None, :-1], self.counts[slot, None, None, :-1]) \
             if needs.penalise else None  # [1, 1, V] each
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
         bias = self._bias([slot]) if needs.bias else None
-        target = sampling.process(logits, rows, text, needs, bias)[:, 0]  # [1, V]
+        if needs.mask:
+            allowed = grammar.unpack(allowed.to(self.device), self.model.config.vocab_size)[None]  # [1, V]
+        target = sampling.process(logits, rows, text, needs, bias, allowed)[:, 0]  # [1, V]
         best, lse = sampling.argmax_logsumexp(target)  # [1] each
         token = sampling.next_tokens(target, best, rows, uniforms[:1].to(self.device), needs)  # [1]
         if needs.penalise:
@@ -202,7 +206,7 @@ class DeviceStep:
             needs = ALL if needs != Needs() else needs  # two graphs per shape: greedy, and any other
             rows = rows + [self._pad_row()] * (_batch_bucket(B) - B)
             max_len = self._len_bucket(max_len)
-        packed, hidden = self._call(self._table(rows), speculate, needs, max_len)
+        packed, hidden = self._call(self._table(rows, needs), speculate, needs, max_len)
         host = packed[:B].cpu().tolist()  # the step's one host synchronisation
         P = tree.depth + 1
         results = []
@@ -231,7 +235,7 @@ class DeviceStep:
         try:
             for B, max_len, speculate, needs in itertools.product(batches, sorted(lengths),
                                                                   {False, speculative}, (Needs(), ALL)):
-                self._call(self._table([self._pad_row()] * B), speculate, needs, max_len)
+                self._call(self._table([self._pad_row()] * B, needs), speculate, needs, max_len)
         except Exception:
             if not eager_if_compile_fails:
                 raise
@@ -273,13 +277,18 @@ class DeviceStep:
         return Row(self.pad_slot, 0, 0, False, SamplingParams(), [],
                    torch.full((self.num_uniforms,), 0.5, dtype=torch.float64))
 
-    def _table(self, rows: list[Row]) -> torch.Tensor:
-        """[B, 3 + R + L + U] float64 on the host: slot, pending, speculate, RowParams' columns,
-        lookup guesses (-1 past a row's last), uniforms (every integer here is exact in float64)."""
+    def _table(self, rows: list[Row], needs: Needs) -> torch.Tensor:
+        """[B, 3 + R + L + U (+ W)] float64 on the host: slot, pending, speculate, RowParams' columns,
+        lookup guesses (-1 past a row's last), uniforms, and with needs.mask the bitmask of the tokens
+        each row's grammar allows (-1: all) (every integer here is exact in float64)."""
         L = self.tree.lookup
         head = torch.tensor([[r.slot, r.pending, float(r.speculate), *RowParams.columns(r.params), *r.lookup,
                               *[-1] * (L - len(r.lookup))] for r in rows], dtype=torch.float64)
-        return torch.cat([head, torch.stack([r.uniforms for r in rows])], dim=1)
+        columns = [head, torch.stack([r.uniforms for r in rows])]
+        if needs.mask:
+            every = torch.full((grammar.words(self.model.config.vocab_size),), -1, dtype=torch.int32)
+            columns.append(torch.stack([every if r.allowed is None else r.allowed for r in rows]).double())
+        return torch.cat(columns, dim=1)
 
     def _step(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,8 +299,11 @@ class DeviceStep:
         R, L = ROW_PARAMS_WIDTH, self.tree.lookup
         slots, roots, speculates = table[:, 0].long(), table[:, 1].long(), table[:, 2] > 0  # [B] each
         rows = RowParams.from_columns(table[:, 3:3 + R])
-        lookup, uniforms = table[:, 3 + R:3 + R + L].long(), table[:, 3 + R + L:]  # [B, L] (-1: none), [B, U]
-        B, T, V = slots.shape[0], tree.num_nodes, self.model.config.vocab_size
+        U, V = self.num_uniforms, self.model.config.vocab_size
+        lookup = table[:, 3 + R:3 + R + L].long()  # [B, L] (-1: none)
+        uniforms = table[:, 3 + R + L:3 + R + L + U]  # [B, U]
+        allowed = grammar.unpack(table[:, 3 + R + L + U:].int(), V) if needs.mask else None  # [B, V]
+        B, T = slots.shape[0], tree.num_nodes
 
         mask = None
         candidates = roots[:, None]  # [B, 1]
@@ -310,7 +322,7 @@ class DeviceStep:
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
         text = self._text_at_nodes(slots, candidates, tree) if needs.penalise else None
         bias = self._bias(slots) if needs.bias else None
-        target = sampling.process(self.model.logits(hidden), rows, text, needs, bias)  # [B, T, V]
+        target = sampling.process(self.model.logits(hidden), rows, text, needs, bias, allowed)  # [B, T, V]
         best, lse = sampling.argmax_logsumexp(target)  # [B, T] each: the argmax after each node, logsumexp
 
         accepted_len = torch.ones_like(slots)  # [B]

@@ -154,6 +154,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     # (token, bias) pairs, each bias added to its token's logit after the penalties (OpenAI's logit_bias)
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # llguidance's grammar text (runtime.grammar.compile_grammar): only tokens it allows are generated,
+    # without speculation
+    grammar: str | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False

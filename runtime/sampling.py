@@ -122,6 +122,7 @@ class Needs:
     typical_acceptance: bool = False  # some row accepts drafts by the typical rule (others: lossless)
     top_n: bool = False  # some row reports the most likely tokens beside each of its tokens
     bias: bool = False  # some row has a logit bias
+    mask: bool = False  # some row has a grammar, which allows only some tokens
 
     @staticmethod
     def of(params: list[SamplingParams]) -> Needs:
@@ -130,7 +131,8 @@ class Needs:
                      penalise=any(penalised(p) for p in params),
                      typical=any(p.typical_p < 1 for p in sampled),
                      typical_acceptance=any(acceptance_mode(p) == "typical" for p in sampled),
-                     top_n=any(p.top_n for p in params), bias=any(p.logit_bias for p in params))
+                     top_n=any(p.top_n for p in params), bias=any(p.logit_bias for p in params),
+                     mask=any(p.grammar is not None for p in params))
 
 
 def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -159,10 +161,11 @@ class LogitBias:
 
 
 def process(logits: torch.Tensor, rows: RowParams, text: Text | None, needs: Needs,
-            bias: LogitBias | None = None) -> torch.Tensor:
+            bias: LogitBias | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """The processed logits each row's tokens come from: [B, N, V] -> [B, N, V] float32
     (-inf = excluded; on the CPU a batch of greedy rows keeps NaN, which our argmax reads as -inf).
-    text: what each position's text holds, needed iff needs.penalise; bias, needed iff needs.bias."""
+    text: what each position's text holds, needed iff needs.penalise; bias, needed iff needs.bias;
+    allowed: [B, V] bool, the tokens each row's grammar allows (all for a row without), iff needs.mask."""
     logits = logits.float()
     if needs.sample or not cpu_kernels.eager_cpu(logits):
         # NaN: never drawn. Greedy rows on the CPU skip this pass over the vocabulary: our
@@ -184,6 +187,9 @@ def process(logits: torch.Tensor, rows: RowParams, text: Text | None, needs: Nee
         # an unused pair adds 0.0 to token 0: exact
         logits = logits.scatter_add(-1, bias.tokens[:, None].expand(B, N, K),
                                     bias.values[:, None].expand(B, N, K))
+    if needs.mask:
+        assert allowed is not None
+        logits = logits.masked_fill(~allowed[:, None, :], -math.inf)
     if not needs.sample:
         return logits
     warped = logits / _per_row(rows.temperature, logits)

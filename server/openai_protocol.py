@@ -175,6 +175,25 @@ class TextFormat(_Body):
     type: Literal["text"]
 
 
+class JsonObjectFormat(_Body):
+    type: Literal["json_object"]  # any JSON object
+
+
+class JsonSchema(_Body):
+    name: str
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")  # {}: any JSON value
+    strict: bool | None = None  # the schema is always followed
+
+
+class JsonSchemaFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, gt=0)  # OpenAI's newer name for max_tokens
@@ -184,10 +203,9 @@ class ChatCompletionRequest(_Request):
     tool_choice: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': choosing a tool is")
     functions: Empty | None = _refused("only null or []: functions (function calling) are")
     function_call: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': function_call is")
-    response_format: TextFormat | None = _refused("only null or {'type': 'text'}: a response format is")
+    response_format: ResponseFormat | None = None
 
-    _unsupported_chat = described_when_invalid("tools", "tool_choice", "functions", "function_call",
-                                          "response_format")
+    _unsupported_chat = described_when_invalid("tools", "tool_choice", "functions", "function_call")
 
     @model_validator(mode="after")
     def _top_logprobs_with_logprobs(self):

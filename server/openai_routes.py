@@ -45,6 +45,8 @@ from server.openai_protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
     Model,
     ModelList,
     OpenAIErrorResponse,
@@ -53,7 +55,7 @@ from server.openai_protocol import (
     Usage,
     openai_error,
 )
-from server.protocol import GenerateRequest, Parameters, PrefillToken, Token, event_stream
+from server.protocol import GenerateRequest, Grammar, Parameters, PrefillToken, Token, event_stream
 from server.scheduler import RequestFailed, RequestStream
 from server.service import Generation, Service, generate, speculation_of, submit_all
 from server.validation import InputError, Job
@@ -196,7 +198,18 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
                       top_p=body.top_p if sampled and body.top_p is not None and body.top_p < 1 else None,
                       seed=body.seed if sampled else None, stop=body.stops,
                       frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
-                      decoder_input_details=echoed_logprobs(body), top_n_tokens=body.top_n)
+                      decoder_input_details=echoed_logprobs(body), top_n_tokens=body.top_n,
+                      grammar=grammar_of(body))
+
+
+def grammar_of(body: ChatCompletionRequest | CompletionRequest) -> Grammar | None:
+    """A chat's response format as TGI's grammar: any JSON object, or the JSON schema given."""
+    response_format = body.response_format if isinstance(body, ChatCompletionRequest) else None
+    if isinstance(response_format, JsonObjectFormat):
+        return Grammar(type="json", value={"type": "object"})
+    if isinstance(response_format, JsonSchemaFormat):
+        return Grammar(type="json", value=response_format.json_schema.schema_)
+    return None
 
 
 def echoed_logprobs(body: ChatCompletionRequest | CompletionRequest) -> bool:

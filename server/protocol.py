@@ -8,9 +8,10 @@ fails with error_type 'timeout'), `parameters.presence_penalty` (OpenAI's), a `s
 in `details` (the stream's too) and in `/info`, and a `step` on each streamed token.
 
 `frequency_penalty` follows OpenAI's definition (each logit less the penalty times its token's count
-in the generated text), not TGI's, which divides that count by the length of the whole text. TGI
-parameters this server does not implement accept only their no-op values (`best_of` 1, `watermark`
-false, `grammar` null); the schema states so, and any other value is a 422 saying it is not
+in the generated text), not TGI's, which divides that count by the length of the whole text. `grammar`
+(a JSON schema or a regular expression) is followed by llguidance; such a request decodes without
+speculation. TGI parameters this server does not implement accept only their no-op values (`best_of`
+1, `watermark` false); the schema states so, and any other value is a 422 saying it is not
 supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default limit is 5).
 
 Validation that needs only the body lives here (types, ranges, valid Unicode text, finite numbers: a
@@ -88,6 +89,13 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
+class Grammar(_Body):
+    """TGI's grammar: a JSON schema (`value` an object, or its JSON text) or a regular expression."""
+
+    type: Literal["json", "regex"]
+    value: dict | str
+
+
 class Parameters(_Body):
     do_sample: bool = False
     max_new_tokens: int = Field(default=100, gt=0)
@@ -113,8 +121,8 @@ class Parameters(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
     watermark: Annotated[Literal[False], BeforeValidator(_strict_bool)] = Field(
         default=False, description="only false: watermark is not supported by this server")
-    grammar: None = Field(default=None, description="only null: grammar-constrained generation is not "
-                                                    "supported by this server")
+    # only what the grammar allows is generated, without speculation
+    grammar: Grammar | None = None
     # extensions
     # OpenAI's: each logit less presence_penalty where its token is in the generated text
     presence_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
@@ -122,7 +130,7 @@ class Parameters(_Body):
     acceptance: Literal["lossless", "typical"] | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; at most the server's request_timeout
 
-    _unsupported = described_when_invalid("best_of", "watermark", "grammar")
+    _unsupported = described_when_invalid("best_of", "watermark")
 
 
 class GenerateRequest(_Body):

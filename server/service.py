@@ -16,6 +16,7 @@ from fastapi import Request
 from medusa.draft import drafter_kind
 from medusa.engine import Emitted
 from medusa.heads import MedusaHeads
+from runtime.grammar import GrammarError
 from runtime.loading import LoadedModel
 from runtime.prompt import Prompter, PromptError
 from server.detokenize import IncrementalDecoder
@@ -148,7 +149,13 @@ class Service:
             room = max(self.settings.max_total_tokens - len(prompt_ids), 1)
             request = request.model_copy(update={
                 "parameters": request.parameters.model_copy(update={"max_new_tokens": room})})
-        return validate(request, prompt_ids, self.settings)
+        job = validate(request, prompt_ids, self.settings)
+        if job.params.grammar is not None:  # against the tokenizer (built for grammars at the first one)
+            try:
+                await asyncio.to_thread(self.scheduler.engine.grammars.check, job.params.grammar)
+            except GrammarError as e:
+                raise InputError(f"`grammar`: {e}") from e
+        return job
 
     async def tokenize(self, request: GenerateRequest) -> list[SimpleToken]:
         """The prompt's tokens as generation would feed them to the model (chat template and `truncate`

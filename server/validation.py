@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 
 from runtime.config import ConfigError, SamplingParams
+from runtime.grammar import GrammarError, compile_grammar
 from server.protocol import GenerateRequest
 from server.settings import Settings
 
@@ -93,6 +94,7 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
             acceptance=p.acceptance or "auto",
             speculate=p.speculate,
             top_n=p.top_n_tokens or 0,
+            grammar=None if p.grammar is None else compile_grammar(p.grammar.type, p.grammar.value),
         )
-    except ConfigError as e:
-        raise InputError(str(e)) from e
+    except (ConfigError, GrammarError) as e:
+        raise InputError(f"`grammar`: {e}" if isinstance(e, GrammarError) else str(e)) from e

@@ -44,14 +44,17 @@ CASES = {
     "presence_penalty a string": (params(presence_penalty="0.5"), "presence_penalty"),
     "watermark": (params(watermark=True), "watermark"),
     "watermark 0 for false": (params(watermark=0), "watermark"),
-    "grammar": (params(grammar={"type": "json", "value": {"type": "object"}}), "grammar"),
+    "grammar of an unknown type": (params(grammar={"type": "yaml", "value": "a: b"}), "grammar"),
+    "grammar a broken regex": (params(grammar={"type": "regex", "value": "[0-9"}), "grammar"),
+    "grammar a broken schema": (params(grammar={"type": "json", "value": {"type": "objectx"}}), "grammar"),
+    "grammar a regex not a string": (params(grammar={"type": "regex", "value": 5}), "grammar"),
     "unknown acceptance": (params(acceptance="greedy"), "acceptance"),
     "prompt too long": ({"inputs": "word " * 100}, "inputs"),
     "prompt + max_new_tokens too long": (params(max_new_tokens=120), "max_new_tokens"),
 }
 
 
-UNSUPPORTED = {"best_of above one", "watermark", "watermark 0 for false", "grammar"}
+UNSUPPORTED = {"best_of above one", "watermark", "watermark 0 for false"}
 
 
 def post(client, route, body):

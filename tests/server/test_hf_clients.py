@@ -8,6 +8,8 @@ itself and chat_completion to `URL/v1/chat/completions` (it appends `/v1` when t
 `model=URL, provider="hf-inference"`.
 """
 
+import re
+
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import BadRequestError, ValidationError
@@ -100,6 +102,12 @@ def test_speculation_figures_reach_the_client(tgi, chat):
 
     reply = chat.chat_completion(MESSAGES, max_tokens=8, temperature=0)
     assert reply.medusa["steps"] >= 1
+
+
+def test_the_clients_grammar_is_followed(tgi):
+    pattern = "[0-9]{3}-[a-z]{2}"
+    text = tgi.text_generation(PROMPT, max_new_tokens=12, grammar={"type": "regex", "value": pattern})
+    assert re.fullmatch(pattern, text), text
 
 
 def test_server_refusals_reach_the_client_as_its_errors(tgi, chat):

@@ -1,6 +1,8 @@
 """The OpenAI-compatible routes: the `openai` SDK against a real uvicorn server on a loopback port, and
 error shapes through the test client."""
 
+import json
+
 import openai
 import pytest
 
@@ -127,6 +129,24 @@ def test_a_logit_bias_moves_tokens_as_it_does_in_the_engine(sdk, loaded):
     with pytest.raises(openai.BadRequestError, match="logit_bias.*outside the vocabulary"):
         sdk.completions.create(model="m", prompt=PROMPT, max_tokens=2,
                                logit_bias={str(loaded.model.config.vocab_size): 1})
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
+          "required": ["ok", "size"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_response_format_gives_json_of_its_schema(sdk, temperature):
+    def reply(response_format):
+        return sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=40, seed=1,
+                                           temperature=temperature, response_format=response_format)
+
+    whole = reply({"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}})
+    value = json.loads(whole.choices[0].message.content)
+    assert set(value) == {"ok", "size"} and isinstance(value["ok"], bool) and value["size"] in "SML"
+    assert isinstance(json.loads(reply({"type": "json_object"}).choices[0].message.content), dict)
+    with pytest.raises(openai.BadRequestError, match="objectx"):
+        reply({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "objectx"}}})
 
 
 def test_a_prompt_of_token_ids_is_what_its_text_gets(sdk, loaded):
@@ -264,7 +284,7 @@ TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type
     # what this server cannot do is refused, not ignored: an answer without the tool call or the JSON
     # the client asked for would look like one that honoured it
     ("tools", [TOOL]), ("tool_choice", "required"), ("functions", [TOOL["function"]]),
-    ("function_call", {"name": "weather"}), ("response_format", {"type": "json_object"}),
+    ("function_call", {"name": "weather"}), ("response_format", {"type": "xml"}),
     # a logit bias: token ids as decimal strings, biases in [-100, 100], at most 300 of them
     ("logit_bias", {"50": 101}), ("logit_bias", {"x": 1}), ("logit_bias", {"05": 1}),
     ("logit_bias", {"5": "1"}), ("logit_bias", {str(t): 1 for t in range(301)}), ("logit_bias", [1])])

@@ -49,3 +49,16 @@ def test_tokenize_gives_the_prompt_in_its_chat_template(real_client):
     body = {"inputs": "Caf\u00e9 \u2603", "parameters": {"max_new_tokens": 1, "decoder_input_details": True}}
     prefill = real_client.post("/generate", json=body).json()["details"]["prefill"]
     assert [t["id"] for t in tokens] == [t["id"] for t in prefill]
+
+
+def test_a_json_grammar_gives_json_of_its_schema(real_client):
+    schema = {"type": "object", "additionalProperties": False, "required": ["capital", "in_europe"],
+              "properties": {"capital": {"type": "string", "maxLength": 20},
+                             "in_europe": {"type": "boolean"}}}
+    body = {"inputs": "What is the capital of France, and is it in Europe? Answer in JSON.",
+            "parameters": {"max_new_tokens": 40, "grammar": {"type": "json", "value": schema}}}
+    response = real_client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    value = json.loads(response.json()["generated_text"])
+    assert set(value) == {"capital", "in_europe"} and isinstance(value["in_europe"], bool)
+    assert "Paris" in value["capital"]
