@@ -1,0 +1,69 @@
+"""What a grammar costs: the embedded model (or --model), greedy, one request at a time, prompts asking
+for a country as JSON of a five-field schema; tok/s with the schema as a grammar against the same
+prompts unconstrained, decoded plainly and with speculation (the server's default), the three modes
+taking turns prompt by prompt in this one process, so that the ratios are measured in one run.
+
+    python -m benchmarks.grammar --dtype float32
+
+A grammar's request decodes without speculation and pays for llguidance's mask each token
+(`runtime.grammar`); "grammar / plain" is the mask's cost, "grammar / speculative" what a grammar's
+request gives up against an unconstrained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from runtime.config import SamplingParams
+from runtime.grammar import compile_grammar
+from server.app import load_engine
+from server.settings import Settings
+
+SCHEMA = {"type": "object", "additionalProperties": False,
+          "required": ["name", "capital", "languages", "population_millions", "in_europe"],
+          "properties": {"name": {"type": "string", "maxLength": 40},
+                         "capital": {"type": "string", "maxLength": 40},
+                         "languages": {"type": "array", "maxItems": 4,
+                                       "items": {"type": "string", "maxLength": 30}},
+                         "population_millions": {"type": "integer"}, "in_europe": {"type": "boolean"}}}
+COUNTRIES = ["France", "Japan", "Brazil", "Kenya", "Canada", "India"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="as medusa-serve's --model (default: the embedded one)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    args = parser.parse_args()
+    loaded, engine = load_engine(Settings(model=args.model, dtype=args.dtype))
+    tokenizer = loaded.tokenizer
+    n = args.max_new_tokens
+    modes = {"grammar": SamplingParams(max_new_tokens=n, grammar=compile_grammar("json", SCHEMA)),
+             "plain": SamplingParams(max_new_tokens=n, speculate=False),
+             "speculative": SamplingParams(max_new_tokens=n)}
+    engine.grammars.check(modes["grammar"].grammar)  # builds llguidance's vocabulary, outside the timing
+    totals = {mode: [0, 0.0] for mode in modes}  # tokens, seconds
+    for repeat in range(args.repeats):
+        for country in COUNTRIES:
+            request = (f"Describe {country} as JSON: name, capital, languages, population in millions, "
+                       "whether it is in Europe.")
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": request}],
+                                                   add_generation_prompt=True)
+            for mode, params in modes.items():
+                start = time.perf_counter()
+                tokens = engine.generate([prompt], params)[0]
+                totals[mode][0] += len(tokens)
+                totals[mode][1] += time.perf_counter() - start
+                if repeat == 0 and mode == "grammar":
+                    print(f"{country}: {tokenizer.decode(tokens, skip_special_tokens=True)[:120]}")
+    speed = {mode: tokens / seconds for mode, (tokens, seconds) in totals.items()}
+    for mode, (tokens, _) in totals.items():
+        print(f"{mode}: {tokens} tokens, {speed[mode]:.1f} tok/s")
+    print(f"grammar / plain: {speed['grammar'] / speed['plain']:.3f}; "
+          f"grammar / speculative: {speed['grammar'] / speed['speculative']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
