@@ -15,7 +15,9 @@ decodes their text incrementally -> one SSE event per token, or one JSON body at
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import random
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -117,10 +119,20 @@ def load_engine(settings: Settings, loaded: LoadedModel | None = None) -> tuple[
 
 async def generate_response(service: Service, job: Job, request: Request
                             ) -> tuple[GenerateResponse, dict[str, str]]:
-    (generation,), headers = await generate(service, [job], request)
-    response = GenerateResponse(generated_text=generation.text(job),
-                                details=generation.details(job) if job.details else None)
-    return response, headers
+    """The response to a job; with best_of, that many samples side by side, each a request of its own
+    with its own random seed, and the one of highest mean logprob returned, as TGI does."""
+    reseeded = [dataclasses.replace(job.params, seed=random.randrange(2**63)) for _ in range(job.best_of - 1)]
+    jobs = [job] + [dataclasses.replace(job, params=params) for params in reseeded]
+    service.metrics.requests.inc(len(jobs) - 1)  # each sample counts, as an OpenAI request's choices do
+    generations, headers = await generate(service, jobs, request)
+    best = max(range(len(jobs)), key=lambda i: generations[i].mean_logprob)
+    details = None
+    if job.details:
+        details = generations[best].details(jobs[best])
+        if len(jobs) > 1:
+            details.best_of_sequences = [generations[i].best_of_sequence(jobs[i])
+                                         for i in range(len(jobs)) if i != best]
+    return GenerateResponse(generated_text=generations[best].text(jobs[best]), details=details), headers
 
 
 def sse(event: StreamResponse | ErrorResponse) -> str:
@@ -278,8 +290,10 @@ def dump(response: GenerateResponse) -> dict:
     """TGI leaves `details` out when it was not asked for, and `top_tokens` without top_n_tokens."""
     if response.details is None:
         return response.model_dump(mode="json", exclude={"details"})
-    unasked = response.details.top_tokens is None
-    return response.model_dump(mode="json", exclude={"details": {"top_tokens"}} if unasked else None)
+    unasked = {"top_tokens"} if response.details.top_tokens is None else set()
+    if response.details.best_of_sequences is None:
+        unasked.add("best_of_sequences")
+    return response.model_dump(mode="json", exclude={"details": unasked} if unasked else None)
 
 
 # ---------------------------------------------------------------- errors as {"error", "error_type"}

@@ -10,8 +10,9 @@ in `details` (the stream's too) and in `/info`, and a `step` on each streamed to
 `frequency_penalty` follows OpenAI's definition (each logit less the penalty times its token's count
 in the generated text), not TGI's, which divides that count by the length of the whole text. `grammar`
 (a JSON schema or a regular expression) is followed by llguidance; such a request decodes without
-speculation. TGI parameters this server does not implement accept only their no-op values (`best_of`
-1, `watermark` false); the schema states so, and any other value is a 422 saying it is not
+speculation. `best_of` (up to MAX_BEST_OF) samples that many and returns the one of highest mean
+logprob, the others in `details.best_of_sequences`, as TGI does. `watermark`, which this server does
+not implement, accepts only false; the schema states so, and true is a 422 saying it is not
 supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default limit is 5).
 
 Validation that needs only the body lives here (types, ranges, valid Unicode text, finite numbers: a
@@ -45,7 +46,7 @@ from runtime.config import MAX_ADDED_PENALTY, MAX_TOP_N
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 MAX_STOP_SEQUENCES = 4
-MAX_BEST_OF = 1  # best_of > 1 (several samples, best returned) is not implemented
+MAX_BEST_OF = 8  # samples one request may ask for, the one of highest mean logprob returned
 
 
 def _valid_unicode(text: object) -> object:
@@ -111,9 +112,8 @@ class Parameters(_Body):
     return_full_text: bool = False
     truncate: int | None = Field(default=None, gt=0)
     # not implemented: only the no-op values; the description is the 422 message for any other
-    best_of: int | None = Field(default=None, ge=1, le=MAX_BEST_OF,
-                                description=f"only 1 or null: best_of > {MAX_BEST_OF} is not supported "
-                                            "by this server")
+    # sample this many (requests of their own to the engine), return the one of highest mean logprob
+    best_of: int | None = Field(default=None, ge=1, le=MAX_BEST_OF)
     # the most likely tokens and their logprobs beside each token (details.top_tokens, a stream event's)
     top_n_tokens: int | None = Field(default=None, ge=0, le=MAX_TOP_N)
     # OpenAI's definition, not TGI's (which divides the count by the text's length): each logit less
@@ -130,7 +130,7 @@ class Parameters(_Body):
     acceptance: Literal["lossless", "typical"] | None = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; at most the server's request_timeout
 
-    _unsupported = described_when_invalid("best_of", "watermark")
+    _unsupported = described_when_invalid("watermark")
 
 
 class GenerateRequest(_Body):
@@ -191,6 +191,19 @@ class Details(BaseModel):
     tokens: list[Token]
     speculation: Speculation | None = None
     top_tokens: list[list[Token]] | None = None  # with top_n_tokens: each token's (left out otherwise)
+    best_of_sequences: list[BestOfSequence] | None = None  # with best_of > 1 (left out otherwise)
+
+
+class BestOfSequence(BaseModel):
+    """One of best_of's other samples, as TGI lists them in details.best_of_sequences."""
+
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
 
 
 class GenerateResponse(BaseModel):

@@ -6,6 +6,7 @@ disconnects.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -21,6 +22,7 @@ from runtime.loading import LoadedModel
 from runtime.prompt import Prompter, PromptError
 from server.detokenize import IncrementalDecoder
 from server.protocol import (
+    BestOfSequence,
     Details,
     GenerateRequest,
     Info,
@@ -99,6 +101,18 @@ class Generation:
         return Details(finish_reason=self.finish_reason, generated_tokens=len(self.tokens), seed=job.seed,
                        prefill=prefill, tokens=self.tokens, speculation=self.speculation,
                        top_tokens=self.top_tokens if job.params.top_n else None)
+
+    @property
+    def mean_logprob(self) -> float:
+        """The mean logprob of the generated tokens (-inf for one that is not finite): best_of's measure."""
+        logprobs = [-math.inf if t.logprob is None else t.logprob for t in self.tokens]
+        return sum(logprobs) / len(logprobs) if logprobs else -math.inf
+
+    def best_of_sequence(self, job: Job) -> BestOfSequence:
+        d = self.details(job)
+        return BestOfSequence(generated_text=self.text(job), finish_reason=d.finish_reason,
+                              generated_tokens=d.generated_tokens, seed=d.seed, prefill=d.prefill,
+                              tokens=d.tokens, top_tokens=d.top_tokens)
 
     def stream_details(self, job: Job) -> StreamDetails:
         return StreamDetails(finish_reason=self.finish_reason, generated_tokens=len(self.tokens),

@@ -32,6 +32,7 @@ class Job:
     prefill_details: bool  # decoder_input_details
     return_full_text: bool
     timeout: float  # seconds from arrival to the last token
+    best_of: int = 1  # samples to draw, the best returned (TGI's best_of)
 
     @property
     def seed(self) -> int | None:
@@ -47,6 +48,8 @@ def check_before_tokenizing(request: GenerateRequest, max_token_chars: int, limi
     p = request.parameters
     if stream and p.decoder_input_details:
         raise InputError("`decoder_input_details` == true is not supported when streaming tokens")
+    if stream and (p.best_of or 1) > 1:
+        raise InputError("`best_of` != 1 is not supported when streaming tokens")
     if p.truncate is not None and p.truncate > limits.max_input_tokens:
         raise InputError(f"`truncate` must be at most max_input_tokens ({limits.max_input_tokens}). "
                          f"Given: {p.truncate}")
@@ -71,7 +74,8 @@ def validate(request: GenerateRequest, prompt_ids: list[int], limits: Settings) 
                          f"Given: {n} `inputs` tokens and {p.max_new_tokens} `max_new_tokens`")
     return Job(request.inputs, prompt_ids, sampling_params(request),
                details=p.details or p.decoder_input_details, prefill_details=p.decoder_input_details,
-               return_full_text=p.return_full_text, timeout=p.timeout or limits.request_timeout)
+               return_full_text=p.return_full_text, timeout=p.timeout or limits.request_timeout,
+               best_of=p.best_of or 1)
 
 
 def sampling_params(request: GenerateRequest) -> SamplingParams:
@@ -79,6 +83,10 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
     temperature 1. A sampled request without a seed gets a random one, reported in details.seed."""
     p = request.parameters
     sampling = p.do_sample or any(k is not None for k in (p.temperature, p.top_k, p.top_p, p.typical_p))
+    if (p.best_of or 1) > 1 and not sampling:  # TGI's rules: greedy samples would all be one
+        raise InputError("you must use sampling when `best_of` is > 1")
+    if (p.best_of or 1) > 1 and p.seed is not None:
+        raise InputError("`seed` must not be set when `best_of` > 1")
     try:
         return SamplingParams(
             max_new_tokens=p.max_new_tokens,

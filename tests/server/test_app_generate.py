@@ -165,3 +165,26 @@ def test_top_n_tokens_gives_each_token_its_most_likely_tokens_whole_and_streamed
     assert [e["top_tokens"] for e in events] == details["top_tokens"]
     plain = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True}}
     assert "top_tokens" not in client.post("/generate", json=plain).json()["details"]  # TGI's: unless asked
+
+
+def test_best_of_returns_the_sample_of_highest_mean_logprob_and_lists_the_others(client):
+    body = generate(client, max_new_tokens=8, do_sample=True, best_of=3, details=True).json()
+    details = body["details"]
+    others = details["best_of_sequences"]
+    assert len(others) == 2
+    assert len({details["seed"], *(o["seed"] for o in others)}) == 3  # each sample its own seed
+
+    def mean(tokens):
+        return sum(t["logprob"] for t in tokens) / len(tokens)
+
+    assert all(mean(details["tokens"]) >= mean(o["tokens"]) for o in others)
+    assert all(o["generated_text"] and o["generated_tokens"] == len(o["tokens"]) for o in others)
+    # without best_of, or without details, no best_of_sequences
+    assert "best_of_sequences" not in generate(client, max_new_tokens=4, do_sample=True, details=True).json()[
+        "details"]
+    assert set(generate(client, max_new_tokens=4, do_sample=True, best_of=2).json()) == {"generated_text"}
+    # TGI's refusal when streaming
+    response = client.post("/generate_stream", json={"inputs": PROMPT, "parameters": {"best_of": 2,
+                                                                                     "do_sample": True}})
+    assert response.status_code == 422 and "best_of" in response.json()["error"]
+    assert client.get("/info").json()["max_best_of"] == 8

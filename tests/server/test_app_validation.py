@@ -35,7 +35,9 @@ CASES = {
     "stop a lone surrogate": ('{"inputs": "Hi", "parameters": {"stop": ["\\udc00"]}}', "stop"),
     "negative seed": (params(seed=-1), "seed"),
     "do_sample not a bool": (params(do_sample="yes"), "do_sample"),
-    "best_of above one": (params(best_of=2, do_sample=True), "best_of"),
+    "best_of above its limit": (params(best_of=9, do_sample=True), "best_of"),
+    "best_of greedy": (params(best_of=2), "best_of"),
+    "best_of with a seed": (params(best_of=2, do_sample=True, seed=1), "best_of"),
     "truncate zero": (params(truncate=0), "truncate"),
     "truncate above max_input_tokens": (params(truncate=1000), "truncate"),
     "top_n_tokens above 20": (params(top_n_tokens=21), "top_n_tokens"),
@@ -54,7 +56,7 @@ CASES = {
 }
 
 
-UNSUPPORTED = {"best_of above one", "watermark", "watermark 0 for false"}
+UNSUPPORTED = {"watermark", "watermark 0 for false"}
 
 
 def post(client, route, body):

@@ -74,7 +74,7 @@ def test_penalties_declare_their_range_and_unsupported_parameters_their_only_val
     assert bounds("top_n_tokens") == (0, MAX_TOP_N)
     assert bounds("frequency_penalty") == (-2, 2) and bounds("presence_penalty") == (-2, 2)
     assert properties["watermark"]["const"] is False
-    for name in ("best_of", "watermark"):
+    for name in ("watermark",):
         assert "not supported" in properties[name]["description"]
 
 

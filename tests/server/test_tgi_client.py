@@ -42,6 +42,12 @@ def test_seeded_sampling_through_the_client(tgi_client):
     assert runs[0].details.seed == 11
 
 
+def test_best_of_through_the_client(tgi_client):
+    response = tgi_client.generate(PROMPT, do_sample=True, best_of=3, max_new_tokens=6)
+    others = response.details.best_of_sequences
+    assert len(others) == 2 and all(o.generated_tokens == len(o.tokens) for o in others)
+
+
 def test_server_validation_errors_reach_the_client(tgi_client):
     with pytest.raises(ValidationError, match="max_new_tokens"):
         tgi_client.generate(PROMPT, max_new_tokens=1000)
