@@ -288,8 +288,9 @@ class Engine:
         seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator,
                         lookup=NgramIndex(pre.prompt) if self.tree.lookup else None,
                         constraint=pre.constraint)
+        allowed = None if seq.constraint is None else seq.constraint.allowed()
         token, logprob, top = self.device_step.first_token(pre.slot, hidden[-1], params, self._uniforms(seq),
-                                                           self._allowed(seq))
+                                                           allowed)
         del self._prefilling[pre.request_id]
         self._running[pre.request_id] = seq
         prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
@@ -331,8 +332,7 @@ class Engine:
             return self._step(seqs)
 
     def _step(self, seqs: list[_Sequence]) -> list[Emitted]:
-        # a grammar's row decodes plainly: its tree's nodes would need the grammar's masks along each path
-        speculate = [s.params.speculate and s.constraint is None and self.heads is not None for s in seqs]
+        speculate = [s.params.speculate and self.heads is not None for s in seqs]
         limit = self.max_speculative_batch
         over = limit is not None and len(seqs) > limit
         if over and all(s.params.greedy for s, on in zip(seqs, speculate, strict=True) if on):
@@ -359,16 +359,18 @@ class Engine:
         return out
 
     def _row(self, seq: _Sequence, speculate: bool) -> Row:
-        """What a sequence brings to a step: slot, lengths, parameters, lookup guesses, uniforms."""
+        """What a sequence brings to a step: slot, lengths, parameters, lookup guesses, uniforms; with a
+        grammar, the tokens it forces from here as the lookup guesses (speculating on them alone: the
+        other nodes' masks would depend on their drafts) and the mask of what it allows after them."""
         L = self.tree.lookup
-        guess = seq.lookup.propose(L) if L else []  # up to L tokens; the step knows what to do with fewer
-        return Row(seq.slot, len(seq.prompt) + len(seq.generated) - 1, seq.pending, speculate, seq.params,
-                   guess, self._uniforms(seq), self._allowed(seq))
-
-    @staticmethod
-    def _allowed(seq: _Sequence) -> torch.Tensor | None:
-        """[W] int32: the tokens a grammar's sequence may take next (GrammarError if it is broken)."""
-        return None if seq.constraint is None else seq.constraint.allowed()
+        cached = len(seq.prompt) + len(seq.generated) - 1
+        if seq.constraint is None:
+            guess = seq.lookup.propose(L) if L else []  # up to L tokens; the step knows what to do with fewer
+            return Row(seq.slot, cached, seq.pending, speculate, seq.params, guess, self._uniforms(seq))
+        room = seq.params.max_new_tokens - len(seq.generated) - 1  # the step's next token comes after them
+        forced, allowed = seq.constraint.forced(min(L, room) if speculate else 0)
+        return Row(seq.slot, cached, seq.pending, bool(forced), seq.params, forced, self._uniforms(seq),
+                   allowed, len(forced))
 
     def _uniforms(self, seq: _Sequence) -> torch.Tensor:
         """[U] uniforms for one step of a sampled request, from its generator: the same number every

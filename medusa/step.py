@@ -60,7 +60,10 @@ class Row:
     params: SamplingParams
     lookup: list[int]  # prompt-lookup guesses for the lookup branch (up to L of them)
     uniforms: torch.Tensor  # [U] float64 in [0, 1), from the request's generator
-    allowed: torch.Tensor | None = None  # [W] int32: the tokens its grammar allows next (bitmask)
+    # with a grammar: the bitmask of the tokens it allows after the tokens it forces ([W] int32), and how
+    # many it forces (the lookup guesses: the row keeps no node below them)
+    allowed: torch.Tensor | None = None
+    forced: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ class DeviceStep:
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
         bias = self._bias([slot]) if needs.bias else None
         if needs.mask:
-            allowed = grammar.unpack(allowed.to(self.device), self.model.config.vocab_size)[None]  # [1, V]
+            allowed = grammar.unpack(allowed.to(self.device), self.model.config.vocab_size)[None, None]
         target = sampling.process(logits, rows, text, needs, bias, allowed)[:, 0]  # [1, V]
         best, lse = sampling.argmax_logsumexp(target)  # [1] each
         token = sampling.next_tokens(target, best, rows, uniforms[:1].to(self.device), needs)  # [1]
@@ -278,15 +281,18 @@ class DeviceStep:
                    torch.full((self.num_uniforms,), 0.5, dtype=torch.float64))
 
     def _table(self, rows: list[Row], needs: Needs) -> torch.Tensor:
-        """[B, 3 + R + L + U (+ W)] float64 on the host: slot, pending, speculate, RowParams' columns,
-        lookup guesses (-1 past a row's last), uniforms, and with needs.mask the bitmask of the tokens
-        each row's grammar allows (-1: all) (every integer here is exact in float64)."""
+        """[B, 3 + R + L + U (+ 1 + W)] float64 on the host: slot, pending, speculate, RowParams' columns,
+        lookup guesses (-1 past a row's last), uniforms, and with needs.mask the tokens each row's grammar
+        forces (-1: no grammar) and the bitmask of those it allows after them (-1: all) (every integer
+        here is exact in float64)."""
         L = self.tree.lookup
         head = torch.tensor([[r.slot, r.pending, float(r.speculate), *RowParams.columns(r.params), *r.lookup,
                               *[-1] * (L - len(r.lookup))] for r in rows], dtype=torch.float64)
         columns = [head, torch.stack([r.uniforms for r in rows])]
         if needs.mask:
             every = torch.full((grammar.words(self.model.config.vocab_size),), -1, dtype=torch.int32)
+            columns.append(torch.tensor([[-1.0 if r.allowed is None else r.forced] for r in rows],
+                                        dtype=torch.float64))
             columns.append(torch.stack([every if r.allowed is None else r.allowed for r in rows]).double())
         return torch.cat(columns, dim=1)
 
@@ -302,7 +308,8 @@ class DeviceStep:
         U, V = self.num_uniforms, self.model.config.vocab_size
         lookup = table[:, 3 + R:3 + R + L].long()  # [B, L] (-1: none)
         uniforms = table[:, 3 + R + L:3 + R + L + U]  # [B, U]
-        allowed = grammar.unpack(table[:, 3 + R + L + U:].int(), V) if needs.mask else None  # [B, V]
+        if needs.mask:  # [B] (-1: no grammar), [B, V]
+            forced, after = table[:, 3 + R + L + U].long(), grammar.unpack(table[:, 4 + R + L + U:].int(), V)
         B, T = slots.shape[0], tree.num_nodes
 
         mask = None
@@ -322,6 +329,7 @@ class DeviceStep:
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
         text = self._text_at_nodes(slots, candidates, tree) if needs.penalise else None
         bias = self._bias(slots) if needs.bias else None
+        allowed = self._allowed_at_nodes(lookup, forced, after, tree, B) if needs.mask else None
         target = sampling.process(self.model.logits(hidden), rows, text, needs, bias, allowed)  # [B, T, V]
         best, lse = sampling.argmax_logsumexp(target)  # [B, T] each: the argmax after each node, logsumexp
 
@@ -346,6 +354,15 @@ class DeviceStep:
             next_token = torch.where(speculates, decision[2], next_token)
 
         P = path.shape[1]
+        if needs.mask and T > 1:
+            # a grammar's row keeps no node below the tokens it forces: the node accepted after them is
+            # its next token there, drawn or chosen as the next token would be (lossless: the token after
+            # a node, accepted child or residual draw, follows the node's target)
+            over = (forced >= 0) & (accepted_len > forced + 1)  # [B]
+            after_forced = path.gather(1, (forced + 1).clamp(0, P - 1)[:, None])  # [B, 1]: a node
+            next_token = torch.where(over, candidates.gather(1, after_forced)[:, 0], next_token)
+            accepted_len = torch.where(over, forced + 1, accepted_len)
+            path = torch.where(torch.arange(P, device=slots.device) < accepted_len[:, None], path, 0)
         on_path = torch.arange(P, device=slots.device) < accepted_len[:, None]  # [B, P]
         tokens = torch.cat([candidates.gather(1, path[:, 1:]), path[:, :1]], dim=1)  # [B, P]
         tokens = tokens.scatter(1, (accepted_len - 1)[:, None], next_token[:, None])  # then the next token
@@ -380,6 +397,21 @@ class DeviceStep:
         packed = torch.cat([accepted_len[:, None].double(), tokens.double(), logprobs.double(),
                             *([top] if top is not None else [])], dim=1)
         return packed, torch.where(on_path[..., None], path_hidden, 0)
+
+    def _allowed_at_nodes(self, lookup: torch.Tensor, forced: torch.Tensor, after: torch.Tensor,
+                          tree: TreeBuffers | RowTrees, B: int) -> torch.Tensor:
+        """[B, T, V] bool: what each node's grammar allows after it. A node above depth forced[b] allows
+        the next forced token alone (row b's lookup guesses are those tokens, a chain from the root),
+        any other `after` (a row without a grammar: everything). Only nodes whose path is the forced
+        chain can be accepted (each one's parent allows its chain token alone), and for those these
+        masks are the grammar's own."""
+        V = after.shape[-1]
+        depths = tree.depths.expand(B, -1)  # [B, T]
+        if lookup.shape[1] == 0:
+            return after[:, None, :].expand(B, depths.shape[1], V)
+        chain = lookup.gather(1, depths.clamp(max=lookup.shape[1] - 1))  # [B, T]: the token forced next
+        one_hot = torch.arange(V, device=after.device) == chain[..., None]  # [B, T, V]
+        return torch.where((depths < forced[:, None])[..., None], one_hot, after[:, None, :])
 
     def _bias(self, slots: torch.Tensor | list[int]) -> LogitBias:
         return LogitBias(self.bias_tokens[slots], self.bias_values[slots])  # [B, K] each

@@ -75,7 +75,8 @@ class Grammars:
             raise GrammarError(message.strip())
 
     def constraint(self, grammar: str) -> Constraint:
-        return Constraint(llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0), self.vocab_size)
+        return Constraint(llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0), self.vocab_size,
+                          frozenset(self.ll_tokenizer.eos_tokens))
 
 
 def _llguidance_view(backend) -> str:
@@ -97,9 +98,10 @@ def _llguidance_view(backend) -> str:
 class Constraint:
     """One request's grammar, following the tokens it emits."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, eos: frozenset[int]) -> None:
         self.matcher = matcher
         self.vocab_size = vocab_size
+        self.eos = eos  # the tokenizer's EOS tokens, as llguidance knows them
         self._check()
 
     def allowed(self) -> torch.Tensor:
@@ -108,6 +110,25 @@ class Constraint:
         mask = torch.zeros(1, words(self.vocab_size), dtype=torch.int32)
         llguidance.torch.fill_next_token_bitmask(self.matcher, mask)
         return mask[0]
+
+    def forced(self, limit: int) -> tuple[list[int], torch.Tensor]:
+        """Up to `limit` tokens the grammar forces from here -- each the one token its mask allows, EOS
+        excepted: plain decoding emits them whatever the logits -- and the bitmask of what it allows
+        after them ([W] int32); the state is left as it was."""
+        tokens: list[int] = []
+        mask = self.allowed()
+        while len(tokens) < limit:
+            allowed = unpack(mask, self.vocab_size)
+            if int(allowed.sum()) != 1:
+                break
+            token = int(allowed.nonzero()[0, 0])
+            if token in self.eos or not self.matcher.consume_token(token):
+                break
+            tokens.append(token)
+            mask = self.allowed()
+        if tokens:
+            self.matcher.rollback(len(tokens))
+        return tokens, mask
 
     def consume(self, tokens: list[int]) -> None:
         for token in tokens:

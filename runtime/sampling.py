@@ -165,7 +165,8 @@ def process(logits: torch.Tensor, rows: RowParams, text: Text | None, needs: Nee
     """The processed logits each row's tokens come from: [B, N, V] -> [B, N, V] float32
     (-inf = excluded; on the CPU a batch of greedy rows keeps NaN, which our argmax reads as -inf).
     text: what each position's text holds, needed iff needs.penalise; bias, needed iff needs.bias;
-    allowed: [B, V] bool, the tokens each row's grammar allows (all for a row without), iff needs.mask."""
+    allowed: [B, N, V] bool, the tokens each position's grammar allows (all for a row without a grammar),
+    iff needs.mask."""
     logits = logits.float()
     if needs.sample or not cpu_kernels.eager_cpu(logits):
         # NaN: never drawn. Greedy rows on the CPU skip this pass over the vocabulary: our
@@ -189,7 +190,7 @@ def process(logits: torch.Tensor, rows: RowParams, text: Text | None, needs: Nee
                                     bias.values[:, None].expand(B, N, K))
     if needs.mask:
         assert allowed is not None
-        logits = logits.masked_fill(~allowed[:, None, :], -math.inf)
+        logits = logits.masked_fill(~allowed, -math.inf)
     if not needs.sample:
         return logits
     warped = logits / _per_row(rows.temperature, logits)

@@ -10,13 +10,14 @@ import llguidance
 import llguidance.hf
 import pytest
 import torch
+from scipy.stats import chisquare
 from tokenizers import decoders
 
 from medusa.engine import Engine, EngineError
-from medusa.tree import get_tree
+from medusa.tree import build_tree, get_tree
 from runtime.config import SamplingParams
 from runtime.grammar import GrammarError, compile_grammar, unpack
-from tests.medusa.test_engine_speculative import heads_for
+from tests.medusa.test_engine_speculative import TREES, OracleHeads, heads_for
 from tests.server.support import tiny_loaded
 
 PATTERN = r"[0-9]{3}-[a-z]{2,5}"
@@ -85,8 +86,40 @@ def test_sampled_json_follows_its_schema(loaded):
     assert len({json.dumps(v) for v in values}) > 1  # sampled, not one answer
 
 
+@pytest.mark.parametrize("tree_name", ["mc_sim_7b_63+lookup", "dynamic:24,topk=3,lookup=4"])
+def test_a_grammar_speculates_on_the_tokens_it_forces_with_plain_decodings_output(loaded, tree_name):
+    """The schema forces its keys and punctuation: a step verifies them as its lookup chain, the row's
+    other nodes never kept, and greedy output is plain decoding's under the same grammar."""
+    params = SamplingParams(max_new_tokens=60, grammar=compile_grammar("json", SCHEMA))
+    plain = engine(loaded).generate(PROMPTS, params)
+    speculative = engine(loaded, heads=heads_for(loaded.model), tree=TREES[tree_name])
+    out, accepted = {i: speculative.add(i, p, params).token_ids for i, p in enumerate(PROMPTS)}, 0
+    while speculative.running:
+        for e in speculative.step():
+            assert e.error is None, e.error
+            out[e.request_id] += e.token_ids
+            accepted += e.accepted
+    assert [out[i] for i in range(len(PROMPTS))] == plain
+    assert accepted >= 5 * len(PROMPTS)  # '", "size": "' and the like, several tokens a step
+
+
+def test_no_node_below_the_forced_tokens_is_kept(loaded):
+    """Heads that guess the whole continuation right: below the forced tokens their nodes would be
+    accepted under the mask of the last forced one, not their own; the node after the forced tokens is
+    the next token instead, and the output is still plain decoding's."""
+    # after the digit, the digits' mask (the last forced token's) would let a digit follow the digit
+    params = SamplingParams(max_new_tokens=40, grammar=compile_grammar("regex", "[0-9]xq[0-9]zq[0-9]"))
+    (plain,) = engine(loaded).generate([PROMPTS[1]], params)
+    oracle = OracleHeads(loaded.model, PROMPTS[1], plain)
+    tree = build_tree(get_tree("chain").choices, lookup=4)
+    emitted = list(engine(loaded, heads=oracle, tree=tree).run([(0, PROMPTS[1], params)]))
+    assert all(e.error is None for e in emitted), [e.error for e in emitted if e.error]
+    assert [t for e in emitted for t in e.token_ids] == plain
+    assert any(e.accepted > 0 for e in emitted)
+
+
 def test_a_grammars_row_leaves_speculating_rows_as_they_were(loaded):
-    """A constrained row decodes plainly inside a speculative batch; the others speculate, and every
+    """A constrained row speculates only on what its grammar forces, inside a speculative batch; every
     row's tokens are what it gets alone."""
     kw = {"heads": heads_for(loaded.model), "tree": get_tree("dynamic:8,topk=2,lookup=2")}
     params = [SamplingParams(max_new_tokens=16), SamplingParams(max_new_tokens=16, grammar=compile_grammar(
@@ -131,3 +164,47 @@ def test_bitmasks_unpack_bit_t_of_word_t_over_32():
     allowed = unpack(mask, 70)
     assert allowed.shape == (1, 70)
     assert allowed[0].nonzero().flatten().tolist() == list(range(32)) + [64, 66]
+
+
+def test_lossless_sampling_under_a_grammar_keeps_the_masked_distribution(loaded):
+    """A digit, two forced letters, a digit: the second digit is drawn in the step that verifies the
+    letters (or is the accepted node below them, the lookup branch's spare holding the first digit),
+    and the pair must follow the model's distribution under the grammar's masks (chi-square)."""
+    model, tokenizer, V = loaded.model, loaded.tokenizer, loaded.model.config.vocab_size
+    grammar, prompt, temperature = compile_grammar("regex", "[0-9]xq[0-9]"), PROMPTS[1], 0.7
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    x, q = tokenizer.convert_tokens_to_ids("x"), tokenizer.convert_tokens_to_ids("q")
+    matcher = engine(loaded).grammars.constraint(grammar)
+    assert unpack(matcher.allowed(), V).nonzero().flatten().tolist() == sorted(digits)
+    matcher.consume([digits[0]])
+    assert matcher.forced(4)[0] == [x, q]  # then the digits again
+
+    seqs = torch.tensor([prompt + [a, x, q, b] for a in digits for b in digits])  # [100, S]
+    with torch.no_grad():
+        cache = model.new_cache(len(seqs), seqs.shape[1])
+        logits = model.logits(model(seqs, torch.arange(seqs.shape[1]).expand_as(seqs), cache,
+                                    torch.arange(len(seqs))))  # [100, S, V]
+    n = len(prompt)
+    logp = (logits[:, :, digits] / temperature).log_softmax(-1)  # the grammar allows digits alone there
+    first, second = torch.arange(100) // 10, torch.arange(100) % 10
+    expected = (logp[torch.arange(100), n - 1, first] + logp[torch.arange(100), n + 2, second]).exp()
+
+    spec = Engine(model, tokenizer, loaded.eos_token_ids, max_batch_size=64, max_total_tokens=64,
+                  heads=heads_for(model), tree=TREES["mc_sim_7b_63+lookup"])
+    counts, seed = torch.zeros(100), 0
+    for _ in range(40):
+        out = {}
+        for slot in range(64):
+            params = SamplingParams(max_new_tokens=4, temperature=temperature, seed=seed, grammar=grammar)
+            out[slot], seed = list(spec.add(slot, prompt, params).token_ids), seed + 1
+        while spec.running:
+            for e in spec.step():
+                assert e.error is None, e.error
+                out[e.request_id] += e.token_ids
+        for tokens in out.values():
+            assert tokens[1:3] == [x, q]
+            counts[digits.index(tokens[0]) * 10 + digits.index(tokens[3])] += 1
+    keep = expected * counts.sum() >= 5
+    observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
+    exp = torch.cat([expected[keep], expected[~keep].sum()[None]]) * counts.sum()
+    assert chisquare(observed.numpy(), exp.numpy()).pvalue > 1e-3
