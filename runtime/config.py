@@ -155,7 +155,7 @@ class SamplingParams:
     # (token, bias) pairs, each bias added to its token's logit after the penalties (OpenAI's logit_bias)
     logit_bias: tuple[tuple[int, float], ...] = ()
     # llguidance's grammar text (runtime.grammar.compile_grammar): only tokens it allows are generated,
-    # without speculation
+    # speculating on the tokens it forces alone
     grammar: str | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()

@@ -9,8 +9,8 @@ in `details` (the stream's too) and in `/info`, and a `step` on each streamed to
 
 `frequency_penalty` follows OpenAI's definition (each logit less the penalty times its token's count
 in the generated text), not TGI's, which divides that count by the length of the whole text. `grammar`
-(a JSON schema or a regular expression) is followed by llguidance; such a request decodes without
-speculation. `best_of` (up to MAX_BEST_OF) samples that many and returns the one of highest mean
+(a JSON schema or a regular expression) is followed by llguidance; such a request speculates only on
+the tokens its grammar forces. `best_of` (up to MAX_BEST_OF) samples that many and returns the one of highest mean
 logprob, the others in `details.best_of_sequences`, as TGI does. `watermark`, which this server does
 not implement, accepts only false; the schema states so, and true is a 422 saying it is not
 supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default limit is 5).
@@ -121,7 +121,7 @@ class Parameters(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
     watermark: Annotated[Literal[False], BeforeValidator(_strict_bool)] = Field(
         default=False, description="only false: watermark is not supported by this server")
-    # only what the grammar allows is generated, without speculation
+    # only what the grammar allows is generated (speculating on the tokens it forces alone)
     grammar: Grammar | None = None
     # extensions
     # OpenAI's: each logit less presence_penalty where its token is in the generated text
