@@ -8,12 +8,13 @@ fails with error_type 'timeout'), `parameters.presence_penalty` (OpenAI's), a `s
 in `details` (the stream's too) and in `/info`, and a `step` on each streamed token.
 
 `frequency_penalty` follows OpenAI's definition (each logit less the penalty times its token's count
-in the generated text), not TGI's, which divides that count by the length of the whole text. `grammar`
-(a JSON schema or a regular expression) is followed by llguidance; such a request speculates only on
-the tokens its grammar forces. `best_of` (up to MAX_BEST_OF) samples that many and returns the one of highest mean
-logprob, the others in `details.best_of_sequences`, as TGI does. `watermark`, which this server does
-not implement, accepts only false; the schema states so, and true is a 422 saying it is not
-supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default limit is 5).
+in the generated text), not TGI's, which divides that count by the length of the whole text.
+`grammar` (a JSON schema or a regular expression) is followed by llguidance; such a request
+speculates only on the tokens its grammar forces. `best_of` (up to MAX_BEST_OF) samples that many
+and returns the one of highest mean logprob, the others in `details.best_of_sequences`, as TGI does.
+`watermark`, which this server does not implement, accepts only false; the schema states so, and
+true is a 422 saying it is not supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default
+limit is 5).
 
 Validation that needs only the body lives here (types, ranges, valid Unicode text, finite numbers: a
 422 naming the field); validation that needs the tokenizer or the server's limits lives in
