@@ -17,6 +17,7 @@ from medusa.engine import Engine, EngineError
 from medusa.tree import build_tree, get_tree
 from runtime.config import SamplingParams
 from runtime.grammar import GrammarError, compile_grammar, unpack
+from tests.conftest import GraphRecorder
 from tests.medusa.test_engine_speculative import TREES, OracleHeads, heads_for
 from tests.server.support import tiny_loaded
 
@@ -208,3 +209,24 @@ def test_lossless_sampling_under_a_grammar_keeps_the_masked_distribution(loaded)
     observed = torch.cat([counts[keep], counts[~keep].sum()[None]])
     exp = torch.cat([expected[keep], expected[~keep].sum()[None]]) * counts.sum()
     assert chisquare(observed.numpy(), exp.numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("tree_name", ["mc_sim_7b_63+lookup", "dynamic:24,topk=3,lookup=4"])
+def test_a_grammars_step_compiles_as_one_graph_with_the_eager_outputs(loaded, tree_name):
+    """Forced chains, per-node masks and the cap hold no host read: the step is still one graph."""
+    params = [SamplingParams(max_new_tokens=30, grammar=compile_grammar("json", SCHEMA)),
+              SamplingParams(max_new_tokens=30, temperature=0.8, seed=2,
+                             grammar=compile_grammar("json", SCHEMA)),
+              SamplingParams(max_new_tokens=30), SamplingParams(max_new_tokens=30, temperature=0.8, seed=3)]
+
+    def run(compile: bool) -> list[list[int]]:
+        e = engine(loaded, heads=heads_for(loaded.model), tree=TREES[tree_name], compile=compile)
+        if compile:
+            torch._dynamo.reset()
+            e.device_step._fn = torch.compile(e.device_step._step, fullgraph=True, backend=recorder)
+        return e.generate(PROMPTS, params)
+
+    recorder = GraphRecorder()
+    eager = run(False)
+    assert run(True) == eager
+    assert recorder.graphs, "the step did not go through torch.compile"
