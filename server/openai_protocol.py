@@ -3,18 +3,20 @@
 
 Fields follow OpenAI's API, so that the `openai` SDK works unchanged; unknown fields are ignored.
 Parameters this server does not implement accept only their no-op values (no `tools` or
-`functions`, a `response_format` of text, a completion's `best_of` 1 and no `suffix`); any other
-value is a 400 saying it is not supported, so that a client never takes an answer that ignored what
-it asked for. `presence_penalty` and `frequency_penalty` (-2 to 2) count the generated tokens, as
-OpenAI's (the prompt's do not count); `logit_bias` maps up to MAX_LOGIT_BIAS token ids to biases
-added to their logits. A chat's `top_logprobs` (up to
-20, with `logprobs`) and a completion's `logprobs` (up to 5) give each generated token's most likely
-tokens (an echoed prompt's tokens too, under the model's raw distribution; the first has none). Semantics are
+`functions`, no `suffix`); any other value is a 400 saying it is not supported, so that a client
+never takes an answer that ignored what it asked for. `presence_penalty` and `frequency_penalty` (-2
+to 2) count the generated tokens, as OpenAI's (the prompt's do not count); `logit_bias` maps up to
+MAX_LOGIT_BIAS token ids to biases added to their logits; a chat's `response_format` (json_object,
+json_schema) becomes a grammar. A chat's `top_logprobs` (up to 20, with `logprobs`) and a
+completion's `logprobs` (up to 5) give each generated token's most likely tokens (an echoed
+prompt's tokens too, under the model's raw distribution; the first has none). Semantics are
 OpenAI's: `temperature` defaults to 1 (sampling) and 0 decodes greedily; a stop sequence ends the
 text and is not part of it; `n` choices per prompt, and a completion's `prompt` may be a list of
 prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to the engine (with a
 `seed`, choice j of a prompt samples with seed + j), at most MAX_CHOICES in all; a completion's
-prompt may also be token ids (a list of them, or a list of such lists), taken as they are.
+`best_of` generates that many for each prompt and returns the n of highest mean logprob (all of
+them count in usage); a completion's prompt may also be token ids (a list of them, or a list of
+such lists), taken as they are.
 
 Extension: a `medusa` entry on each response (the last stream chunk's too), the request's speculation
 figures (null when the server has no heads).
@@ -146,10 +148,16 @@ class _Request(_Body):
         """The prompts, each answered by n choices (each request kind says what they are)."""
         raise NotImplementedError
 
+    @property
+    def candidates(self) -> int:
+        """The choices generated for each prompt, of which n are returned."""
+        return self.n or 1
+
     @model_validator(mode="after")
     def _few_enough_choices(self):
-        if len(self.prompts) * (self.n or 1) > MAX_CHOICES:
-            raise ValueError(f"prompts x n must be at most {MAX_CHOICES}, the choices of one request")
+        if len(self.prompts) * self.candidates > MAX_CHOICES:
+            raise ValueError(f"prompts x n (x best_of) must be at most {MAX_CHOICES}, the choices of one "
+                             "request")
         return self
 
     @property
@@ -233,10 +241,15 @@ class CompletionRequest(_Request):
                     f"non-empty texts or of 1 to {MAX_CHOICES} lists of token ids")
     logprobs: int | None = Field(default=None, ge=0, le=5)  # each token's most likely tokens, as OpenAI's
     echo: bool | None = False
-    best_of: int | None = _only(1, "best_of is not supported by this server")
+    # generate this many for each prompt, return the n of highest mean logprob (not streamed)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     suffix: Literal[""] | None = _refused("only null or '': a suffix is")
 
-    _unsupported_completion = described_when_invalid("prompt", "best_of", "suffix")
+    _unsupported_completion = described_when_invalid("prompt", "suffix")
+
+    @property
+    def candidates(self) -> int:
+        return max(self.best_of or 1, self.n or 1)
 
     @property
     def top_n(self) -> int:
@@ -252,6 +265,14 @@ class CompletionRequest(_Request):
     def _echoed_logprobs_whole(self):
         if self.stream and self.echo and self.logprobs is not None:
             raise ValueError("echo with logprobs (the prompt's logprobs) is not supported when streaming")
+        return self
+
+    @model_validator(mode="after")
+    def _best_of_whole(self):
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise ValueError("best_of must be at least n")
+        if self.stream and (self.best_of or 1) > 1:
+            raise ValueError("best_of > 1 is not supported when streaming")
         return self
 
 

@@ -257,8 +257,9 @@ def prompt_text(service: Service, prompt: str | list[int]) -> str:
 
 
 async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequest) -> list[Job]:
-    """The request's choices, in index order: n for each prompt, choice j of a sampled prompt with its
-    seed + j (so that they differ, and each is reproducible)."""
+    """The request's choices, in index order: `candidates` (n, or a completion's best_of) for each
+    prompt, choice j of a sampled prompt with its seed + j (so that they differ, and each is
+    reproducible)."""
     chat = isinstance(body, ChatCompletionRequest)
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     bias = tuple((int(token), bias) for token, bias in (body.logit_bias or {}).items())
@@ -281,9 +282,17 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
         seed = (job.params.seed + j) % 2**64
         return dataclasses.replace(job, params=dataclasses.replace(job.params, seed=seed))
 
-    n = body.n or 1
+    n = body.candidates
     service.metrics.requests.inc(len(jobs) * (n - 1))  # each choice counts, as it succeeds or fails alone
     return [choice(job, j) for job in jobs for j in range(n)]
+
+
+def best(jobs: list[Job], generations: list[Generation], candidates: int, n: int
+         ) -> tuple[list[Job], list[Generation]]:
+    """Of each prompt's candidates, the n of highest mean logprob (OpenAI's best_of), best first."""
+    kept = [i + j for i in range(0, len(jobs), candidates)
+            for j in sorted(range(candidates), key=lambda j: -generations[i + j].mean_logprob)[:n]]
+    return [jobs[i] for i in kept], [generations[i] for i in kept]
 
 
 def usage(jobs: list[Job], generations: list[Generation], n: int) -> Usage:
@@ -318,6 +327,9 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     generations, headers = await generate(service, jobs, request)
+    all_tokens = usage(jobs, generations, body.candidates)  # best_of's candidates count, as OpenAI's do
+    if body.candidates > n:
+        jobs, generations = best(jobs, generations, body.candidates, n)
     choices = []
     for i, (job, generation) in enumerate(zip(jobs, generations, strict=True)):
         text = generation.text(job)
@@ -334,7 +346,7 @@ async def respond(body: ChatCompletionRequest | CompletionRequest, request: Requ
                 ids = not isinstance(body.prompts[i // n], str)
                 tokens = [(t, top) for t, top in scored if ids or t.id not in service.special_ids] + tokens
         choices.append((text, tokens, generation.finish_reason))
-    response = reply.body(choices, usage(jobs, generations, n), speculation_of(generations))
+    response = reply.body(choices, all_tokens, speculation_of(generations))
     return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
 

@@ -149,6 +149,25 @@ def test_a_response_format_gives_json_of_its_schema(sdk, temperature):
         reply({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "objectx"}}})
 
 
+def test_best_of_returns_the_n_candidates_of_highest_mean_logprob(sdk):
+    whole = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=5, n=2,
+                                   best_of=4, logprobs=0)
+    alone = [sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=1.0, seed=5 + j,
+                                    logprobs=0).choices[0] for j in range(4)]  # candidate j: seed + j
+
+    def mean(choice):
+        return sum(choice.logprobs.token_logprobs) / len(choice.logprobs.token_logprobs)
+
+    ranked = sorted(alone, key=mean, reverse=True)
+    assert [c.text for c in whole.choices] == [c.text for c in ranked[:2]]
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert whole.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in alone)  # all 4 count
+    with pytest.raises(openai.BadRequestError, match="best_of must be at least n"):
+        sdk.completions.create(model="m", prompt=PROMPT, max_tokens=2, n=3, best_of=2)
+    with pytest.raises(openai.BadRequestError, match="streaming"):
+        sdk.completions.create(model="m", prompt=PROMPT, max_tokens=2, best_of=2, stream=True)
+
+
 def test_a_prompt_of_token_ids_is_what_its_text_gets(sdk, loaded):
     ids = loaded.tokenizer.encode(PROMPT)
     text = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
@@ -306,7 +325,8 @@ def test_the_no_op_values_of_unsupported_parameters_are_taken(client, route, fie
     assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 2), ("suffix", " the end"), ("logprobs", 6)])
+@pytest.mark.parametrize("field, value", [("best_of", 129), ("best_of", 0), ("suffix", " the end"),
+                                          ("logprobs", 6)])
 def test_unsupported_completion_parameters_are_400(client, field, value):
     error = error_of(client.post("/v1/completions", json={"prompt": PROMPT, field: value}), 400)
     assert error["param"] == field and field in error["message"]
