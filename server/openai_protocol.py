@@ -133,6 +133,7 @@ class _Request(_Body):
         default=None, max_length=MAX_LOGIT_BIAS,
         description=f"a map of at most {MAX_LOGIT_BIAS} token ids (decimal strings) to biases from "
                     f"{-MAX_BIAS:g} to {MAX_BIAS:g}, each added to its token's logit")
+    ignore_eos: bool | None = None  # vLLM's extension: run to max_tokens past an EOS token
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

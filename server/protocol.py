@@ -4,8 +4,9 @@ Field names, defaults, ranges and JSON shapes follow TGI's router, so that TGI's
 (`text-generation`, `huggingface_hub.InferenceClient`) work unchanged. Extensions, all optional:
 `parameters.speculate` (turn Medusa speculation off for one request), `parameters.acceptance` (the
 rule that accepts speculated tokens when sampling), `parameters.timeout` (seconds before the request
-fails with error_type 'timeout'), `parameters.presence_penalty` (OpenAI's), a `speculation` entry
-in `details` (the stream's too) and in `/info`, and a `step` on each streamed token.
+fails with error_type 'timeout'), `parameters.presence_penalty` (OpenAI's), `parameters.ignore_eos`
+(vLLM's), a `speculation` entry in `details` (the stream's too) and in `/info`, and a `step` on
+each streamed token.
 
 `frequency_penalty` follows OpenAI's definition (each logit less the penalty times its token's count
 in the generated text), not TGI's, which divides that count by the length of the whole text.
@@ -125,6 +126,7 @@ class Parameters(_Body):
     # only what the grammar allows is generated (speculating on the tokens it forces alone)
     grammar: Grammar | None = None
     # extensions
+    ignore_eos: bool = False  # run to max_new_tokens past an EOS token (vLLM's; load tests use it)
     # OpenAI's: each logit less presence_penalty where its token is in the generated text
     presence_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
     speculate: bool = True

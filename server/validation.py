@@ -99,6 +99,7 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
             presence_penalty=p.presence_penalty or 0.0,
             seed=(p.seed if p.seed is not None else random.randrange(2**63)) if sampling else None,
             stop=tuple(p.stop),
+            ignore_eos=p.ignore_eos,
             acceptance=p.acceptance or "auto",
             speculate=p.speculate,
             top_n=p.top_n_tokens or 0,

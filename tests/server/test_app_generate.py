@@ -96,8 +96,14 @@ def test_eos_token_ends_generation():
     eos = free[4]  # pretend the fifth greedy token is the end of sequence
     with TestClient(create_app(tiny_settings(), tiny_loaded(eos_token_ids=(eos,)))) as client:
         details = generate(client, max_new_tokens=8, details=True).json()["details"]
+        past = generate(client, max_new_tokens=8, details=True, ignore_eos=True).json()["details"]
+        chat = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                                    "ignore_eos": True}).json()
     assert details["finish_reason"] == "eos_token"
     assert [t["id"] for t in details["tokens"]] == free[:free.index(eos) + 1]
+    # ignore_eos (vLLM's extension, on both protocols) runs on past it
+    assert past["finish_reason"] == "length" and [t["id"] for t in past["tokens"]] == free
+    assert chat["usage"]["completion_tokens"] == 8 and chat["choices"][0]["finish_reason"] == "length"
 
 
 def test_root_route_answers_a_list_like_tgi(client):
