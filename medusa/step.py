@@ -13,11 +13,11 @@ captured as CUDA graphs on a GPU.
 The state a step reads and writes lives here, one tensor per fact, indexed by slot: the cache and
 its lengths, the drafter's input -- `features` and `window_tokens`, the final hidden states and
 tokens of each sequence's last W cached positions (W = 1 for Medusa heads, which read the last
-hidden state; the EAGLE layer's window) -- `seen` (the tokens of each sequence's text, for the
-repetition penalty) and `counts` (how often each token is in its generated text, for the frequency
-and presence penalties), both kept up to date only for sequences with a penalty: a penalised row
-makes each step it is in keep them -- and each sequence's logit bias (`bias_tokens`, `bias_values`),
-set when its slot is taken. The engine owns which
+hidden state; the EAGLE layer's window) -- `in_prompt` and `counts` (the tokens of each sequence's
+prompt, and how often each is in its generated text: the penalties' view of the text, whose tokens
+are those in either), `counts` kept up to date only for sequences with a penalty (a penalised row
+makes each step it is in keep it) -- and each sequence's logit bias (`bias_tokens`, `bias_values`),
+both set when its slot is taken. The engine owns which
 request holds which slot; this class does not know requests.
 
 Legend: B rows, T tree nodes, P = tree depth + 1, C hidden size, V vocabulary, N slots, W window,
@@ -114,9 +114,9 @@ class DeviceStep:
         self.keeps_window = heads is not None
         self.features = torch.zeros(num_slots + 1, W, C, dtype=dtype, device=device)  # [N+1, W, C]
         self.window_tokens = torch.zeros(num_slots + 1, W, dtype=torch.long, device=device)  # [N+1, W]
-        # [N+1, V+1] bool; column V takes the writes of tokens past a row's accepted ones
-        self.seen = torch.zeros(num_slots + 1, V + 1, dtype=torch.bool, device=device)
-        self.counts = torch.zeros(num_slots + 1, V + 1, dtype=torch.float32, device=device)  # [N+1, V+1]
+        self.in_prompt = torch.zeros(num_slots + 1, V, dtype=torch.bool, device=device)  # [N+1, V]
+        # [N+1, V+1]; column V takes the writes of tokens past a row's accepted ones
+        self.counts = torch.zeros(num_slots + 1, V + 1, dtype=torch.float32, device=device)
         # [N+1, K] each: a slot's logit bias as (token, bias) pairs, (0, 0.0) past its last
         self.bias_tokens = torch.zeros(num_slots + 1, MAX_LOGIT_BIAS, dtype=torch.long, device=device)
         self.bias_values = torch.zeros(num_slots + 1, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
@@ -126,7 +126,7 @@ class DeviceStep:
             # the state a step writes keeps its address: CUDA graphs replay on it instead of
             # skipping graphs with mutated inputs
             for t in (*self.cache.k, *self.cache.v, self.cache.lens, self.features, self.window_tokens,
-                      self.seen, self.counts, self.bias_tokens, self.bias_values):
+                      self.in_prompt, self.counts, self.bias_tokens, self.bias_values):
                 torch._dynamo.mark_static_address(t)
             if device.type == "cuda":
                 self._fn = torch.compile(self._step, fullgraph=True, mode="reduce-overhead")  # CUDA graphs
@@ -147,10 +147,10 @@ class DeviceStep:
     # ---------------------------------------------------------------- prefill (eager)
 
     def start(self, slot: int, prompt: list[int], logit_bias: tuple[tuple[int, float], ...] = ()) -> None:
-        """Empty a slot for a new prompt; its tokens count as seen (not as generated)."""
+        """Empty a slot for a new prompt, with its logit bias."""
         self.cache.free(slot)
-        self.seen[slot] = False
-        self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+        self.in_prompt[slot] = False
+        self.in_prompt[slot, torch.tensor(prompt, device=self.device)] = True
         self.counts[slot] = 0
         pairs = torch.tensor(logit_bias, dtype=torch.float64).view(-1, 2)  # [n, 2]; ids exact in float64
         self.bias_tokens[slot], self.bias_values[slot] = 0, 0.0
@@ -178,8 +178,7 @@ class DeviceStep:
         """Sample the token after a whole prompt from its last hidden state [C]: (token, logprob, and
         with params.top_n the most likely tokens there). allowed: [W] int32, with params.grammar."""
         rows, needs = RowParams.of([params], self.device), Needs.of([params])
-        text = Text(self.seen[slot, None, None, :-1], self.counts[slot, None, None, :-1]) \
-            if needs.penalise else None  # [1, 1, V] each
+        text = self._text([slot], torch.zeros(1, 1, 1, device=self.device)) if needs.penalise else None
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
         bias = self._bias([slot]) if needs.bias else None
         if needs.mask:
@@ -188,7 +187,6 @@ class DeviceStep:
         best, lse = sampling.argmax_logsumexp(target)  # [1] each
         token = sampling.next_tokens(target, best, rows, uniforms[:1].to(self.device), needs)  # [1]
         if needs.penalise:
-            self.seen[slot, token] = True
             self.counts[slot, token] += 1
         top = top_of(most_likely(target[:, None], lse[:, None])[0].tolist(), 1, params.top_n)[0] \
             if params.top_n else None
@@ -372,7 +370,7 @@ class DeviceStep:
             if needs.top_n else None  # [B, P * 2K]
 
         # keep the accepted nodes: K/V, their hidden states and tokens in the window; the emitted tokens
-        # count as seen and generated
+        # count as generated
         kept = torch.where(slots == self.pad_slot, 0, accepted_len)  # padding rows keep nothing
         if T > 1:
             self.cache.commit(slots, path, kept)
@@ -390,7 +388,6 @@ class DeviceStep:
             self.window_tokens[slots] = tokens_then.gather(1, shift)
         if needs.penalise:  # only what a penalty reads: every batch with a penalised row keeps it
             emitted = torch.where(on_path, tokens, V)  # [B, P]: a token, or the spare column
-            self.seen[slots[:, None], emitted] = True
             self.counts.index_put_((slots[:, None].expand(B, P), emitted), self.counts.new_ones(B, P),
                                    accumulate=True)  # a token emitted twice in a step counts twice
 
@@ -421,11 +418,17 @@ class DeviceStep:
         """What each tree node's text holds ([B, T, V] each): its sequence's tokens (prompt, generated,
         pending) and the drafts on its path, the node's own included."""
         B, T = candidates.shape
-        V = self.seen.shape[1] - 1
+        V = self.in_prompt.shape[1]
         ancestors = tree.mask.clone()  # [T, T] or [B, T, T]
-        ancestors[..., 0] = False  # the root is the pending token, already in `seen` and `counts`
+        ancestors[..., 0] = False  # the root is the pending token, already in `counts`
         drafts = torch.where(ancestors, candidates[:, None, :], V)  # [B, T, T]: token or the spare column
         on_path = torch.zeros(B, T, V + 1, device=slots.device).scatter_add_(
             2, drafts, torch.ones(B, T, T, device=slots.device))  # [B, T, V + 1]: a draft's count on the path
-        return Text(seen=(self.seen[slots][:, None] | (on_path > 0))[..., :V],
-                    counts=(self.counts[slots][:, None] + on_path)[..., :V])
+        return self._text(slots, on_path)
+
+    def _text(self, slots: torch.Tensor | list[int], drafted: torch.Tensor) -> Text:
+        """The text of each of B rows' N positions, [B, N, V] each: the slot's prompt and generated
+        tokens, with `drafted` ([B, N, V + 1] counts, or broadcastable) more."""
+        V = self.in_prompt.shape[1]
+        counts = (self.counts[slots][:, None] + drafted)[..., :V]
+        return Text(seen=self.in_prompt[slots][:, None] | (counts > 0), counts=counts)

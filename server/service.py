@@ -153,12 +153,7 @@ class Service:
         fill_context: max_new_tokens becomes what max_total_tokens leaves after the prompt.
         """
         self.metrics.requests.inc()
-        check_before_tokenizing(request, self.prompter.max_token_chars, self.settings, stream=stream)
-        try:
-            prompt_ids = await asyncio.to_thread(encode or self.prompter.encode, request.inputs,
-                                                 request.parameters.truncate)
-        except PromptError as e:
-            raise InputError(str(e)) from e
+        prompt_ids = await self._prompt_ids(request, encode or self.prompter.encode, stream=stream)
         if fill_context:
             room = max(self.settings.max_total_tokens - len(prompt_ids), 1)
             request = request.model_copy(update={
@@ -176,17 +171,26 @@ class Service:
         applied), each with the text it adds to the prompt's decoded text and that text's span there
         (a token inside a character adds "", the one that completes it the character). The prompt's
         length is not held to the server's limits: a client may ask how far over them it is."""
-        check_before_tokenizing(request, self.prompter.max_token_chars, self.settings, stream=False)
+        ids = await self._prompt_ids(request, self.prompter.encode, stream=False)
+
+        def spans() -> list[SimpleToken]:
+            decoder, tokens, start = IncrementalDecoder(self.tokenizer), [], 0
+            for t in ids:
+                text = decoder.push(t)
+                tokens.append(SimpleToken(id=t, text=text, start=start, stop=start + len(text)))
+                start += len(text)
+            return tokens
+
+        return await asyncio.to_thread(spans)  # a decode per token: off the event loop, as tokenizing is
+
+    async def _prompt_ids(self, request: GenerateRequest, encode: Callable[[str, int | None], list[int]], *,
+                          stream: bool) -> list[int]:
+        """Refuse what needs no tokens to refuse, then tokenize off the event loop (InputError: 422)."""
+        check_before_tokenizing(request, self.prompter.max_token_chars, self.settings, stream=stream)
         try:
-            ids = await asyncio.to_thread(self.prompter.encode, request.inputs, request.parameters.truncate)
+            return await asyncio.to_thread(encode, request.inputs, request.parameters.truncate)
         except PromptError as e:
             raise InputError(str(e)) from e
-        decoder, tokens, start = IncrementalDecoder(self.tokenizer), [], 0
-        for t in ids:
-            text = decoder.push(t)
-            tokens.append(SimpleToken(id=t, text=text, start=start, stop=start + len(text)))
-            start += len(text)
-        return tokens
 
     def generation(self) -> Generation:
         speculative = self.scheduler.engine.heads is not None

@@ -71,12 +71,12 @@ def test_warming_up_the_prefill_kernels_leaves_every_sequence_as_it_was(model):
     engine = Engine(model, Vocab(), (), max_batch_size=2, max_total_tokens=256)
     tokens = engine.add("a", PROMPTS[1], PARAMS[0]).token_ids
     step = engine.device_step
-    state = (*step.cache.k, *step.cache.v, step.cache.lens, step.features, step.window_tokens, step.seen,
+    state = (*step.cache.k, *step.cache.v, step.cache.lens, step.features, step.window_tokens, step.in_prompt,
              step.counts)
     before = [t.clone() for t in state]
     with torch.inference_mode():
         step.warm_up_prefill()
-    after = (*step.cache.k, *step.cache.v, step.cache.lens, step.features, step.window_tokens, step.seen,
+    after = (*step.cache.k, *step.cache.v, step.cache.lens, step.features, step.window_tokens, step.in_prompt,
              step.counts)
     pad = step.pad_slot
     assert all(torch.equal(a[:pad], b[:pad]) for a, b in zip(after, before, strict=True))

@@ -212,8 +212,8 @@ def test_each_node_counts_its_own_rows_drafts_above_it_in_its_text(model):
     repeats a token on the path, or one the sequence generated, counts again."""
     step = DeviceStep(model, None, ROOT_ONLY, num_slots=2, max_len=16)
     V = model.config.vocab_size
-    step.seen[1, [3, 4, 10]] = True
-    step.counts[1, [4, 10]] = torch.tensor([2.0, 1.0])  # generated; 3 is the prompt's
+    step.in_prompt[1, 3] = True
+    step.counts[1, [4, 10]] = torch.tensor([2.0, 1.0])  # generated
     parents = torch.tensor([[-1, 0, 0, 1, 3, 2], [-1, 0, 1, 2, 0, 4]])
     depths = torch.tensor([[0, 1, 1, 2, 3, 2], [0, 1, 2, 3, 1, 2]])
     ranks = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0]])
@@ -228,4 +228,4 @@ def test_each_node_counts_its_own_rows_drafts_above_it_in_its_text(model):
                 expected[candidates[b, n]] += 1
                 n = int(parents[b, n])
             assert torch.equal(got.counts[b, node], expected), (b, node)
-            assert torch.equal(got.seen[b, node], step.seen[slot, :V] | (expected > 0)), (b, node)
+            assert torch.equal(got.seen[b, node], step.in_prompt[slot] | (expected > 0)), (b, node)
