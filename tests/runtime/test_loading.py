@@ -4,6 +4,7 @@ and the errors a user sees for models that cannot be used."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -260,15 +261,36 @@ def test_gguf_conversion_keeps_weights_and_repairs_tokenizer(tiny_gguf, tmp_path
         chat, add_generation_prompt=True)
 
 
-def test_gguf_conversion_is_cached_by_file_name_size_and_mtime(tiny_gguf, tmp_path):
-    folder = resolve(str(tiny_gguf), cache_dir=tmp_path)
+def test_gguf_conversion_is_cached_by_file_name_and_content(tiny_gguf, tmp_path):
+    cache = tmp_path / "cache"
+    folder = resolve(str(tiny_gguf), cache_dir=cache)
     weights_mtime = (folder / "model.safetensors").stat().st_mtime_ns
-    assert resolve(str(tiny_gguf), cache_dir=tmp_path) == folder
+    assert resolve(str(tiny_gguf), cache_dir=cache) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == weights_mtime
     copy = tmp_path / "elsewhere" / tiny_gguf.name
     copy.parent.mkdir()
-    copy.write_bytes(tiny_gguf.read_bytes())  # a different mtime: another file as far as the cache knows
-    assert resolve(str(copy), cache_dir=tmp_path) != folder
+    copy.write_bytes(tiny_gguf.read_bytes())  # a reinstall: the same bytes under a new path and mtime
+    assert resolve(str(copy), cache_dir=cache) == folder
+    changed = bytearray(tiny_gguf.read_bytes())
+    changed[-1] ^= 1  # the last tensor's last byte
+    copy.write_bytes(changed)
+    assert resolve(str(copy), cache_dir=cache) != folder
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_a_gguf_file_is_hashed_once_until_its_mtime_changes(tiny_gguf, tmp_path, monkeypatch):
+    gguf_file = tmp_path / tiny_gguf.name
+    gguf_file.write_bytes(tiny_gguf.read_bytes())
+    folder = resolve(str(gguf_file), cache_dir=tmp_path / "cache")
+
+    def hash_again(*args):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(loading.hashlib, "file_digest", hash_again)
+    assert resolve(str(gguf_file), cache_dir=tmp_path / "cache") == folder
+    os.utime(gguf_file, ns=(gguf_file.stat().st_atime_ns, gguf_file.stat().st_mtime_ns + 1))
+    with pytest.raises(AssertionError, match="hashed again"):
+        resolve(str(gguf_file), cache_dir=tmp_path / "cache")
 
 
 def test_interrupted_conversion_leaves_no_folder(tiny_gguf, tmp_path, monkeypatch):
