@@ -2,8 +2,8 @@
 allows next, from llguidance, which matches a grammar against a tokenizer's tokens as they come.
 
 A grammar travels as llguidance's grammar text (`compile_grammar`), checked once against the
-tokenizer (`Grammars.check`). The engine holds one `Grammars` (llguidance's view of the vocabulary,
-built at the first use: ~1 s for a 49k vocabulary) and gives each constrained request a
+tokenizer and kept compiled (`Grammars.check`). The engine holds one `Grammars` (llguidance's view of
+the vocabulary, built at the first use: ~1 s for a 49k vocabulary) and gives each constrained request a
 `Constraint`, which follows the tokens the request emits and gives, before each step, the bitmask
 of the tokens allowed next: [W] int32, token t allowed iff bit t % 32 of word t // 32 is set, W =
 ceil(V / 32). A token past the tokenizer's vocabulary (an embedding padded further) is never allowed.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 
 import llguidance
 import torch
@@ -49,11 +50,19 @@ def words(vocab_size: int) -> int:
 
 
 class Grammars:
-    """llguidance's view of one tokenizer's vocabulary; `constraint` gives a request its matcher."""
+    """llguidance's view of one tokenizer's vocabulary; `constraint` gives a request its matcher.
+
+    `check` (the routes call it in a worker thread) compiles a grammar into a matcher at its start and
+    keeps the last PREPARED of them; `constraint` (the engine's thread) copies one: 0.03 ms where
+    compiling a 30-field schema took 7.5 ms, which every running request's step would have waited.
+    A grammar sent again (most clients send one schema with every request) is compiled once."""
+
+    PREPARED = 64
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, list(eos_token_ids)
         self._ll: llguidance.LLTokenizer | None = None
+        self._prepared: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()  # the routes check grammars while the engine's thread steps
 
     @property
@@ -68,14 +77,31 @@ class Grammars:
             return self._ll
 
     def check(self, grammar: str) -> None:
-        """GrammarError saying why, unless llguidance takes the grammar with this tokenizer."""
-        message = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
-        if message:
-            raise GrammarError(message.strip())
+        """GrammarError saying why, unless llguidance takes the grammar with this tokenizer; one it takes
+        is kept compiled for `constraint`."""
+        with self._lock:
+            if grammar in self._prepared:
+                self._prepared.move_to_end(grammar)
+                return
+        matcher = self._matcher(grammar)
+        matcher.compute_bitmask()  # builds the lexer's first states, which the copies share
+        with self._lock:
+            self._prepared[grammar] = matcher
+            while len(self._prepared) > self.PREPARED:
+                self._prepared.popitem(last=False)
 
     def constraint(self, grammar: str) -> Constraint:
-        return Constraint(llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0), self.vocab_size,
+        with self._lock:
+            prepared = self._prepared.get(grammar)
+            matcher = prepared.deep_copy() if prepared is not None else None
+        return Constraint(matcher or self._matcher(grammar), self.vocab_size,
                           frozenset(self.ll_tokenizer.eos_tokens))
+
+    def _matcher(self, grammar: str) -> llguidance.LLMatcher:
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error().strip())
+        return matcher
 
 
 def _llguidance_view(backend) -> str:

@@ -156,6 +156,34 @@ def test_a_broken_grammar_is_refused():
         engine(tiny_loaded()).add("x", [1, 2], SamplingParams(grammar="not a grammar {"))
 
 
+def test_a_checked_grammar_is_compiled_once_and_each_request_gets_its_own_matcher(loaded, monkeypatch):
+    """`check` (the routes' worker thread) compiles; `constraint` (the engine's thread) copies the
+    compiled matcher, each copy at the grammar's start whatever an earlier copy consumed."""
+    grammars = engine(loaded).grammars
+    grammar = compile_grammar("regex", "[0-9]xq[0-9]")
+    grammars.check(grammar)
+
+    def compile_again(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(llguidance, "LLMatcher", compile_again)
+    grammars.check(grammar)
+    first = grammars.constraint(grammar)
+    digit = loaded.tokenizer.convert_tokens_to_ids("1")
+    first.consume([digit])
+    second = grammars.constraint(grammar)
+    assert unpack(second.allowed(), grammars.vocab_size)[digit]
+    assert not unpack(first.allowed(), grammars.vocab_size)[digit]
+
+
+def test_the_compiled_grammars_kept_are_the_last_ones_checked(loaded, monkeypatch):
+    grammars = engine(loaded).grammars
+    monkeypatch.setattr(grammars, "PREPARED", 2)
+    for n in (1, 2, 1, 3):
+        grammars.check(compile_grammar("regex", f"[0-9]{{{n}}}"))
+    assert list(grammars._prepared) == [compile_grammar("regex", f"[0-9]{{{n}}}") for n in (1, 3)]
+
+
 def tiny_engine_grammars():
     return engine(tiny_loaded()).grammars
 
