@@ -2,9 +2,10 @@
 /v1/models, and OpenAI's error shape.
 
 Fields follow OpenAI's API, so that the `openai` SDK works unchanged; unknown fields are ignored.
-Parameters this server does not implement accept only their no-op values (no `tools` or
-`functions`, no `suffix`); any other value is a 400 saying it is not supported, so that a client
-never takes an answer that ignored what it asked for. `presence_penalty` and `frequency_penalty` (-2
+Parameters this server does not implement accept only their no-op values (no `functions`, the
+deprecated form of `tools`, no `suffix`); any other value is a 400 saying it is not supported, so that
+a client never takes an answer that ignored what it asked for. A chat's `tools` and `tool_choice`
+are `server.tools`'. `presence_penalty` and `frequency_penalty` (-2
 to 2) count the generated tokens, as OpenAI's (the prompt's do not count); `logit_bias` maps up to
 MAX_LOGIT_BIAS token ids to biases added to their logits; a chat's `response_format` (json_object,
 json_schema) becomes a grammar. A chat's `top_logprobs` (up to 20, with `logprobs`) and a
@@ -45,6 +46,7 @@ from server.protocol import (
 OPENAI_PREFIX = "/v1/"
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_CHOICES = 128  # choices (prompts x n) of one request; OpenAI's most for n
+MAX_TOOLS = 128  # OpenAI's most tools in one request
 FINISH_REASONS = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}  # TGI's -> OpenAI's
 
 # A TGI error_type -> OpenAI's error type and code on the /v1 routes; the status is the TGI route's, but
@@ -171,13 +173,62 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    """A call an assistant made: in a conversation's earlier turns, and in a reply."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # null only for an assistant's turn of tool calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's
+    tool_call_id: str | None = None  # a tool's result: the call it answers
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(p.text for p in self.content)
+
+    @model_validator(mode="after")
+    def _content_or_calls(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant's message has tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (an assistant's may have tool_calls "
+                             "instead)")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # the arguments' JSON schema; null: no arguments
+    strict: bool | None = None  # the arguments always follow `parameters`
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class TextFormat(_Body):
@@ -208,13 +259,32 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, gt=0)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_N)  # with logprobs
-    tools: Empty | None = _refused("only null or []: tools (function calling) are")
-    tool_choice: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': choosing a tool is")
-    functions: Empty | None = _refused("only null or []: functions (function calling) are")
-    function_call: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': function_call is")
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                                  "{\"name\": <a tool's name>}}")
+    parallel_tool_calls: bool | None = None  # each choice makes at most one call either way
+    functions: Empty | None = _refused("only null or []: functions (the deprecated form of tools) are")
+    function_call: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': function_call "
+                                                            "(the deprecated form of tool_choice) is")
     response_format: ResponseFormat | None = None
 
-    _unsupported_chat = described_when_invalid("tools", "tool_choice", "functions", "function_call")
+    _unsupported_chat = described_when_invalid("tool_choice", "functions", "function_call")
+
+    @model_validator(mode="after")
+    def _tools_as_chosen(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError("tools: each function needs a name of its own")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool is named {self.tool_choice.function.name!r}")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if names and self.tool_choice != "none" and self.response_format is not None and not isinstance(
+                self.response_format, TextFormat):
+            raise ValueError("response_format and tools cannot both shape the reply: give one, or "
+                             "tool_choice 'none'")
+        return self
 
     @model_validator(mode="after")
     def _top_logprobs_with_logprobs(self):
@@ -229,7 +299,8 @@ class ChatCompletionRequest(_Request):
     @property
     def prompts(self) -> list[str]:
         """The one conversation, as its text (`prepare` renders it through the chat template)."""
-        return ["\n".join(m.text() for m in self.messages)]
+        tools = [t.function.model_dump_json() for t in self.tools or []]
+        return ["\n".join([m.text() for m in self.messages] + tools)]
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
@@ -308,14 +379,15 @@ class CompletionLogprobs(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # null where the reply is a tool call
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class _Reply(BaseModel):
@@ -335,16 +407,21 @@ class ChatCompletion(_Reply):
     usage: Usage
 
 
+class ToolCallDelta(ToolCall):
+    index: int = 0  # the call's place among the choice's calls
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None  # a call comes whole, in the choice's last chunk
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(_Reply):

@@ -9,7 +9,9 @@ Several choices (`n`, a list of prompts) are requests of their own to the engine
 (continuous batching takes them together) and answered together; a refusal or failure of one ends all.
 
 Streaming: one `data: {chunk}` event per engine step of a choice (several tokens under speculation),
-the choice's `index` in it, its last one with its finish_reason and `medusa` figures; then a usage
+the choice's `index` in it, its last one with its finish_reason and `medusa` figures (with tools, the
+whole message: a call, or an answer's content, comes in that last one, the others carrying only
+logprobs where asked); then a usage
 chunk when `stream_options.include_usage`, then `data: [DONE]`. A stop sequence is not sent: text that
 could begin one is held back until the next step shows whether it does.
 """
@@ -38,7 +40,6 @@ from server.openai_protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
-    ChatMessage,
     ChatMessageOut,
     ChoiceLogprobs,
     Completion,
@@ -51,6 +52,7 @@ from server.openai_protocol import (
     ModelList,
     OpenAIErrorResponse,
     TokenLogprob,
+    ToolCallDelta,
     TopLogprob,
     Usage,
     openai_error,
@@ -58,6 +60,7 @@ from server.openai_protocol import (
 from server.protocol import GenerateRequest, Grammar, Parameters, PrefillToken, Token, event_stream
 from server.scheduler import RequestFailed, RequestStream
 from server.service import Generation, Service, generate, speculation_of, submit_all
+from server.tools import Tools, conversation
 from server.validation import InputError, Job
 
 ERROR_RESPONSES = {status: {"model": OpenAIErrorResponse, "description": text} for status, text in {
@@ -87,23 +90,32 @@ class Reply:
     stops: list[str]
     logprobs: bool
     top_n: int  # the most likely tokens reported beside each token
+    tools: Tools | None  # a chat's tools: its text is the JSON of a call (or of an answer), held to the end
 
     @classmethod
     def of(cls, service: Service, body: ChatCompletionRequest | CompletionRequest) -> Reply:
         chat = isinstance(body, ChatCompletionRequest)
         return cls(id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
                    model=service.loaded.model_id, chat=chat, stops=body.stops,
-                   logprobs=body.logprobs is not None and body.logprobs is not False, top_n=body.top_n)
+                   logprobs=body.logprobs is not None and body.logprobs is not False, top_n=body.top_n,
+                   tools=Tools.of(body) if chat else None)
+
+    def message(self, text: str, finish_reason: str) -> tuple[ChatMessageOut, str]:
+        """A chat choice's message and OpenAI finish_reason, from its whole text and TGI finish_reason."""
+        replied = self.tools.reply(text) if self.tools is not None else None
+        return replied or (ChatMessageOut(content=text), FINISH_REASONS[finish_reason])
 
     def body(self, choices: list[tuple[str, list[Scored], str]], usage: Usage, medusa
              ) -> ChatCompletion | Completion:
         """The whole response: each choice's (text, scored tokens, finish_reason), in index order."""
         head = {"id": self.id, "created": self.created, "model": self.model, "usage": usage, "medusa": medusa}
         if self.chat:
-            return ChatCompletion(**head, choices=[
-                ChatChoice(index=i, message=ChatMessageOut(content=text), finish_reason=FINISH_REASONS[end],
-                           logprobs=self.chat_logprobs(tokens))
-                for i, (text, tokens, end) in enumerate(choices)])
+            chat_choices = []
+            for i, (text, tokens, end) in enumerate(choices):
+                message, finish = self.message(text, end)
+                chat_choices.append(ChatChoice(index=i, message=message, finish_reason=finish,
+                                               logprobs=self.chat_logprobs(tokens)))
+            return ChatCompletion(**head, choices=chat_choices)
         return Completion(**head, choices=[
             CompletionChoice(index=i, text=text, finish_reason=FINISH_REASONS[end],
                              logprobs=self.completion_logprobs(tokens))
@@ -111,10 +123,16 @@ class Reply:
 
     def chunk(self, index: int, text: str | None, tokens: list[Scored], finish_reason: str | None = None, *,
               role: bool = False, medusa=None, offset: int = 0) -> str:
-        """One SSE event of choice `index` (`offset`: the length of the choice's text sent before)."""
+        """One SSE event of choice `index` (`offset`: the length of the choice's text sent before). With
+        tools, the last event's `text` is the choice's whole text, sent as its message."""
         finish = FINISH_REASONS[finish_reason] if finish_reason else None
         if self.chat:
             delta = ChatDelta(role="assistant" if role else None, content=text)
+            if finish_reason and self.tools is not None:
+                message, finish = self.message(text or "", finish_reason)
+                calls = [ToolCallDelta(index=k, **c.model_dump())
+                         for k, c in enumerate(message.tool_calls or [])]
+                delta = ChatDelta(content=message.content, tool_calls=calls or None)
             choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish,
                                      logprobs=self.chat_logprobs(tokens))
             chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
@@ -203,8 +221,13 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
 
 
 def grammar_of(body: ChatCompletionRequest | CompletionRequest) -> Grammar | None:
-    """A chat's response format as TGI's grammar: any JSON object, or the JSON schema given."""
-    response_format = body.response_format if isinstance(body, ChatCompletionRequest) else None
+    """A chat's tools, or its response format, as TGI's grammar: the JSON of a call (`server.tools`), any
+    JSON object, or the JSON schema given."""
+    if not isinstance(body, ChatCompletionRequest):
+        return None
+    if (tools := Tools.of(body)) is not None:
+        return Grammar(type="json", value=tools.schema())
+    response_format = body.response_format
     if isinstance(response_format, JsonObjectFormat):
         return Grammar(type="json", value={"type": "object"})
     if isinstance(response_format, JsonSchemaFormat):
@@ -216,16 +239,17 @@ def echoed_logprobs(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return isinstance(body, CompletionRequest) and bool(body.echo) and body.logprobs is not None
 
 
-def chat_encoder(service: Service, messages: list[ChatMessage]):
-    """The prompt ids of `messages` in the model's chat template (PromptError when it cannot be built)."""
+def chat_encoder(service: Service, body: ChatCompletionRequest):
+    """The prompt ids of the chat's messages (and tools) in the model's chat template (PromptError when it
+    cannot be built)."""
     tokenizer = service.tokenizer
 
     def encode(_text: str, _truncate: int | None) -> list[int]:
         if not tokenizer.chat_template:
             raise PromptError("the model has no chat template: use /v1/completions")
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        messages = conversation(body.messages, Tools.of(body))
         try:
-            rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as e:
             raise PromptError(f"`messages`: the model's chat template refuses them: {e}") from e
         return tokenizer.encode(rendered, add_special_tokens=False)
@@ -266,7 +290,7 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
     in_vocabulary(service, [t for t, _ in bias], "logit_bias")
     jobs = []
     for prompt in body.prompts:
-        encode = chat_encoder(service, body.messages) if chat else completion_encoder(service, prompt)
+        encode = chat_encoder(service, body) if chat else completion_encoder(service, prompt)
         # a chat's messages' text stands for the prompt in the length check before tokenizing (the
         # rendered template holds all of it); token ids, their text (for echo)
         request = GenerateRequest.model_construct(inputs=prompt_text(service, prompt),
@@ -388,6 +412,7 @@ async def events(service: Service, reply: Reply, jobs: list[Job], streams: list[
     generations = [service.generation() for _ in jobs]
     holds = [StopHold(reply.stops) for _ in jobs]
     sent = [0] * len(jobs)  # the length of each choice's text so far: its next token's text_offset
+    held = [""] * len(jobs)  # with tools: each choice's text, sent whole as its message at its end
     try:
         for index, job in enumerate(jobs):
             if reply.chat:
@@ -401,10 +426,12 @@ async def events(service: Service, reply: Reply, jobs: list[Job], streams: list[
             text = "".join(t.text for t, _ in tokens)
             if emitted.finish_reason is None:
                 text = hold.push(text)
+                if reply.tools is not None:
+                    held[index], text = held[index] + text, None
                 if text or (reply.logprobs and tokens):
                     yield reply.chunk(index, text, tokens, offset=sent[index])
             else:  # a last character cut short ends the text as U+FFFD, as it ends the whole text
-                text = hold.push(text + generation.decoder.flush()) + hold.finish()
+                text = held[index] + hold.push(text + generation.decoder.flush()) + hold.finish()
                 yield reply.chunk(index, text, tokens, emitted.finish_reason, medusa=generation.speculation,
                                   offset=sent[index])
             sent[index] += sum(len(t.text) for t, _ in tokens)

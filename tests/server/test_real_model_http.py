@@ -62,3 +62,28 @@ def test_a_json_grammar_gives_json_of_its_schema(real_client):
     value = json.loads(response.json()["generated_text"])
     assert set(value) == {"capital", "in_europe"} and isinstance(value["in_europe"], bool)
     assert "Paris" in value["capital"]
+
+
+def test_tools_are_called_with_the_arguments_the_question_gives(real_client):
+    city = {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "required": ["city"], "properties": city}}}
+    numbers = {"a": {"type": "number"}, "b": {"type": "number"}}
+    add = {"type": "function", "function": {
+        "name": "add", "description": "Add two numbers",
+        "parameters": {"type": "object", "required": ["a", "b"], "properties": numbers}}}
+
+    def call(question: str):
+        body = {"messages": [{"role": "user", "content": question}], "tools": [weather, add],
+                "temperature": 0, "max_tokens": 60}
+        response = real_client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        function = choice["message"]["tool_calls"][0]["function"]
+        return function["name"], json.loads(function["arguments"])
+
+    name, arguments = call("What is the weather like in Paris today?")
+    assert name == "get_weather" and arguments["city"] == "Paris"
+    assert call("What is 12 plus 30?") == ("add", {"a": 12, "b": 30})

@@ -1,0 +1,140 @@
+"""Function calling on /v1/chat/completions: a request's tools become a system message that lists them
+and a JSON grammar that lets the model answer only with a call to one of them, and the JSON it writes
+comes back as OpenAI's `tool_calls`.
+
+The model writes one JSON object, `{"name": <a tool's name>, "arguments": <its parameters' schema>}`,
+so a call is never a guess parsed out of free text: its name is one of the tools' and its arguments
+follow their schema. Where `tool_choice` is "auto" one more function is listed, `answer`
+(`{"content": <text>}`), whose call is an answer without a call, returned as the message's content.
+(ANSWER_PARAMETERS says why a function.) "required" lets the model call any of the tools, a named choice
+that one alone (listed alone). One call per choice (`parallel_tool_calls` asks for at most that).
+
+Earlier turns of an agent's loop are rendered as the model wrote them: an assistant's calls as their
+JSON, a tool's result as a `tool` message. The chat template is given no `tools` variable (SmolLM2's
+has none); the system message does the same for every template.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from server.openai_protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ChatMessageOut,
+    FunctionCall,
+    FunctionDefinition,
+    NamedToolChoice,
+    ToolCall,
+)
+
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # `parameters` omitted
+
+
+# An answer as a shape of its own beside the calls, {"content": ...}, was never chosen by SmolLM2 over
+# {"name": ...}: greedy, with a weather tool and a sum tool, it called one for all 8 questions tried. As
+# a function with a description it answered 2 of the 5 that needed no tool (a haiku; "Italy" for the
+# capital of Italy) and called the right tool with the right arguments for the 3 that did.
+ANSWER_PARAMETERS = {"type": "object", "properties": {"content": {"type": "string"}}, "required": ["content"]}
+
+
+def _answer(name: str) -> FunctionDefinition:
+    """Under tool_choice "auto", the function that stands for an answer without a call."""
+    return FunctionDefinition(name=name, parameters=ANSWER_PARAMETERS,
+                              description="Answer the user directly, when no other function is needed")
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The functions a chat's reply may call: the request's tools (all, or the one a named choice
+    names) and, under "auto", an answer without a call, written as a call of `answer` (a function
+    named so that no tool has its name), returned as the message's content."""
+
+    functions: list[FunctionDefinition]
+    answer: str | None  # the answer function's name, under "auto"
+    named: bool  # a named choice: OpenAI's finish_reason is then "stop", not "tool_calls"
+
+    @classmethod
+    def of(cls, body: ChatCompletionRequest) -> Tools | None:
+        """None where the reply is plain text: no tools, or tool_choice "none"."""
+        choice = body.tool_choice or ("auto" if body.tools else "none")
+        if not body.tools or choice == "none":
+            return None
+        tools = [t.function for t in body.tools]
+        if isinstance(choice, NamedToolChoice):
+            named = [f for f in tools if f.name == choice.function.name]
+            return cls(functions=named, answer=None, named=True)
+        if choice == "required":
+            return cls(functions=tools, answer=None, named=False)
+        answer = "answer"
+        while answer in {f.name for f in tools}:
+            answer += "_"
+        return cls(functions=[*tools, _answer(answer)], answer=answer, named=False)
+
+    def schema(self) -> dict:
+        """The JSON schema of every reply the model may write."""
+        calls = [{"type": "object",
+                  "properties": {"name": {"const": f.name}, "arguments": _closed(f.parameters)},
+                  "required": ["name", "arguments"], "additionalProperties": False} for f in self.functions]
+        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+    def instructions(self) -> str:
+        listed = [json.dumps(f.model_dump(exclude_none=True, exclude={"strict"})) for f in self.functions]
+        return "\n".join(['To call a function, reply with only a JSON object: {"name": <the function\'s '
+                          'name>, "arguments": <its arguments as a JSON object>}. The functions:', *listed])
+
+    def reply(self, text: str) -> tuple[ChatMessageOut, str] | None:
+        """The message and OpenAI finish_reason of a reply written under the grammar; None where the
+        text is no whole reply (cut by max_tokens or a stop sequence): it is then returned as it is."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            return None
+        arguments = value.get("arguments", {})
+        if value["name"] == self.answer:
+            content = arguments.get("content") if isinstance(arguments, dict) else None
+            return (ChatMessageOut(content=content), "stop") if isinstance(content, str) else None
+        call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", type="function", function=FunctionCall(
+            name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False)))
+        return ChatMessageOut(content=None, tool_calls=[call]), "stop" if self.named else "tool_calls"
+
+
+def _closed(parameters: dict | None) -> dict:
+    """The arguments' schema, taking only the properties it names unless it says otherwise (as OpenAI's
+    strict mode does): left open, SmolLM2 went on past a weather tool's "city" with made-up keys until
+    max_tokens cut the call. Every call the narrower schema allows, the tool's own allows too."""
+    if not parameters:
+        return NO_ARGUMENTS
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
+
+
+def conversation(messages: list[ChatMessage], tools: Tools | None) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: the tools' instructions first in the system
+    message (joined to the conversation's own), earlier calls as the JSON the model writes."""
+    rendered = [{"role": m.role, "content": _text(m)} for m in messages]
+    if tools is not None:
+        if rendered[0]["role"] in ("system", "developer"):
+            rendered[0]["content"] = f"{tools.instructions()}\n\n{rendered[0]['content']}"
+        else:
+            rendered.insert(0, {"role": "system", "content": tools.instructions()})
+    return rendered
+
+
+def _text(message: ChatMessage) -> str:
+    calls = [json.dumps({"name": c.function.name, "arguments": _arguments(c.function.arguments)},
+                        ensure_ascii=False) for c in message.tool_calls or []]
+    return "\n".join(([message.text()] if message.text() else []) + calls)
+
+
+def _arguments(arguments: str) -> object:
+    """A call's arguments as the JSON value they hold (the text itself where it is no JSON)."""
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
