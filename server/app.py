@@ -349,7 +349,8 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InputError)
     async def invalid_input(request: Request, exc: InputError) -> JSONResponse:
         refused(request, "validation")
-        return error_response(422, f"Input validation error: {exc}", "validation", request=request)
+        return error_response(422, f"Input validation error: {exc}", "validation", request=request,
+                              param=exc.param)
 
     @app.exception_handler(QueueFull)
     async def overloaded(request: Request, exc: QueueFull) -> JSONResponse:

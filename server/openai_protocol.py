@@ -203,8 +203,7 @@ class ChatMessage(_Body):
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("only an assistant's message has tool_calls")
         if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError(f"a {self.role} message needs content (an assistant's may have tool_calls "
-                             "instead)")
+            raise ValueError("a message needs content (an assistant's may have tool_calls instead)")
         if self.role == "tool" and self.tool_call_id is None:
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
         return self
@@ -213,8 +212,14 @@ class ChatMessage(_Body):
 class FunctionDefinition(_Body):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
-    parameters: dict | None = None  # the arguments' JSON schema; null: no arguments
+    parameters: dict | None = None  # the arguments' JSON schema, of an object; null: no arguments
     strict: bool | None = None  # the arguments always follow `parameters`
+
+    @model_validator(mode="after")
+    def _arguments_are_an_object(self):
+        if self.parameters and self.parameters.get("type", "object") != "object":
+            raise ValueError("parameters must be the JSON schema of an object (the arguments by name)")
+        return self
 
 
 class Tool(_Body):

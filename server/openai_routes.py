@@ -61,7 +61,7 @@ from server.protocol import GenerateRequest, Grammar, Parameters, PrefillToken, 
 from server.scheduler import RequestFailed, RequestStream
 from server.service import Generation, Service, generate, speculation_of, submit_all
 from server.tools import Tools, conversation
-from server.validation import InputError, Job
+from server.validation import GrammarRefused, InputError, Job
 
 ERROR_RESPONSES = {status: {"model": OpenAIErrorResponse, "description": text} for status, text in {
     400: "A malformed body, a parameter out of range or not supported, or a prompt over the server's limits "
@@ -296,8 +296,12 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
         request = GenerateRequest.model_construct(inputs=prompt_text(service, prompt),
                                                   parameters=parameters(body, max_tokens), stream=False)
         # a chat without max_tokens may use what the context leaves, as OpenAI's does
-        job = await service.prepare(request, stream=bool(body.stream), encode=encode,
-                                    fill_context=chat and max_tokens is None)
+        try:
+            job = await service.prepare(request, stream=bool(body.stream), encode=encode,
+                                        fill_context=chat and max_tokens is None)
+        except GrammarRefused as e:  # the grammar is the tools' or the response format's
+            field = "tools" if Tools.of(body) is not None else "response_format"
+            raise InputError(f"`{field}`: {e.reason}", param=field) from e
         jobs.append(dataclasses.replace(job, params=dataclasses.replace(job.params, logit_bias=bias)))
 
     def choice(job: Job, j: int) -> Job:

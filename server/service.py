@@ -35,7 +35,7 @@ from server.protocol import (
 )
 from server.scheduler import RequestStream, Scheduler
 from server.settings import Settings
-from server.validation import InputError, Job, check_before_tokenizing, validate
+from server.validation import GrammarRefused, InputError, Job, check_before_tokenizing, validate
 
 try:
     VERSION = version("medusa-serve")
@@ -163,7 +163,7 @@ class Service:
             try:
                 await asyncio.to_thread(self.scheduler.engine.grammars.check, job.params.grammar)
             except GrammarError as e:
-                raise InputError(f"`grammar`: {e}") from e
+                raise GrammarRefused(e) from e
         return job
 
     async def tokenize(self, request: GenerateRequest) -> list[SimpleToken]:

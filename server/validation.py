@@ -18,7 +18,20 @@ from server.settings import Settings
 
 
 class InputError(Exception):
-    """A request the server's limits refuse (422); the message names the field."""
+    """A request the server's limits refuse (422); the message names the field (`param`, where one
+    field is to blame: OpenAI's error names it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class GrammarRefused(InputError):
+    """A grammar llguidance refuses; `reason` is its word (the /v1 routes name their own field)."""
+
+    def __init__(self, reason: object) -> None:
+        super().__init__(f"`grammar`: {reason}", param="grammar")
+        self.reason = str(reason)
 
 
 @dataclass(frozen=True)
@@ -105,5 +118,7 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
             top_n=p.top_n_tokens or 0,
             grammar=None if p.grammar is None else compile_grammar(p.grammar.type, p.grammar.value),
         )
-    except (ConfigError, GrammarError) as e:
-        raise InputError(f"`grammar`: {e}" if isinstance(e, GrammarError) else str(e)) from e
+    except GrammarError as e:
+        raise GrammarRefused(e) from e
+    except ConfigError as e:
+        raise InputError(str(e)) from e

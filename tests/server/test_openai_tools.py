@@ -185,8 +185,10 @@ def tiny_engine_grammars(loaded):
     ({"tools": [WEATHER, WEATHER]}, "a name of its own"),
     ({"tools": [{"type": "function", "function": {"name": "two words"}}]}, "pattern"),
     ({"tools": [{"type": "retrieval", "function": {"name": "x"}}]}, "function"),
-    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "objectx"}}}]},
-     "objectx"),
+    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}]},
+     "schema of an object"),
+    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {
+        "type": "object", "properties": {"y": {"type": "objectx"}}}}}]}, "`tools`: "),
     ({"tool_choice": "sometimes"}, "'required'"),
     ({"response_format": {"type": "json_object"}}, "response_format and tools"),
     ({"messages": [{"role": "tool", "content": "21 C"}]}, "tool_call_id"),
