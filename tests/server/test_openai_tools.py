@@ -7,12 +7,13 @@ import jsonschema
 import openai
 import pytest
 from fastapi.testclient import TestClient
+from huggingface_hub import InferenceClient
 
 from runtime.grammar import GrammarError, compile_grammar
 from server.app import create_app
 from server.openai_protocol import ChatCompletionRequest, ChatMessage
 from server.tools import Tools, conversation
-from tests.server.support import serve, tiny_settings
+from tests.server.support import save_tiny_heads, serve, tiny_settings
 from tests.server.test_openai import error_of
 
 WEATHER = {"type": "function", "function": {
@@ -29,9 +30,17 @@ LIMITS = {"max_input_tokens": 960, "max_total_tokens": 1024}  # the tools' list,
 
 
 @pytest.fixture(scope="module")
-def sdk(loaded):
-    with serve(create_app(tiny_settings(**LIMITS), loaded)) as url:
-        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+def url(loaded, tmp_path_factory):
+    """A server speculating with the tiny heads: a call's forced tokens (keys, punctuation, its name
+    once begun) are its drafts."""
+    heads = save_tiny_heads(tmp_path_factory.mktemp("heads"), loaded)
+    with serve(create_app(tiny_settings(**LIMITS, medusa_heads=heads, tree="cpu"), loaded)) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="module")
+def sdk(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +124,15 @@ def test_a_streamed_call_comes_whole_in_the_last_chunk(sdk):
     assert chunks[-1].finish_reason == "tool_calls"
     streamed = [t.logprob for c in chunks if c.logprobs for t in c.logprobs.content]
     assert streamed == [t.logprob for t in whole.logprobs.content]  # the call's tokens, step by step
+
+
+def test_huggingface_hubs_client_reads_the_call(url):
+    reply = InferenceClient(base_url=f"{url}/v1", timeout=30).chat_completion(
+        MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0)
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name in ("weather", "clock")
+    assert isinstance(json.loads(call.function.arguments), dict)
+    assert reply.medusa["steps"] < reply.usage.completion_tokens  # the forced tokens were drafted
 
 
 def test_a_call_cut_by_max_tokens_is_returned_as_its_text(sdk):
