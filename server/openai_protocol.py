@@ -19,8 +19,9 @@ prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to
 them count in usage); a completion's prompt may also be token ids (a list of them, or a list of
 such lists), taken as they are.
 
-Extension: a `medusa` entry on each response (the last stream chunk's too), the request's speculation
-figures (null when the server has no heads).
+Extensions: vLLM's `ignore_eos`, `top_k` and `repetition_penalty` (TGI's, on every token of the
+text, prompt included); a `medusa` entry on each response (the last stream chunk's too), the
+request's speculation figures (null when the server has no heads).
 
 Errors on these routes are `{"error": {"message", "type", "param", "code"}}`; a refused request is a
 400 (`invalid_request_error`), which the SDK raises as `openai.BadRequestError`.
@@ -135,7 +136,10 @@ class _Request(_Body):
         default=None, max_length=MAX_LOGIT_BIAS,
         description=f"a map of at most {MAX_LOGIT_BIAS} token ids (decimal strings) to biases from "
                     f"{-MAX_BIAS:g} to {MAX_BIAS:g}, each added to its token's logit")
-    ignore_eos: bool | None = None  # vLLM's extension: run to max_tokens past an EOS token
+    # vLLM's extensions, which its clients send beside OpenAI's fields (the SDK's extra_body)
+    ignore_eos: bool | None = None  # run to max_tokens past an EOS token
+    top_k: int | None = Field(default=None, ge=-1)  # sample among the k likeliest; 0 or -1: all
+    repetition_penalty: float | None = Field(default=None, gt=0)  # 1: none
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

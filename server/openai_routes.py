@@ -214,6 +214,8 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
     return Parameters(do_sample=sampled, max_new_tokens=max_tokens or DEFAULT_COMPLETION_TOKENS,
                       temperature=temperature if sampled else None,
                       top_p=body.top_p if sampled and body.top_p is not None and body.top_p < 1 else None,
+                      top_k=body.top_k if sampled and body.top_k is not None and body.top_k > 0 else None,
+                      repetition_penalty=body.repetition_penalty,
                       seed=body.seed if sampled else None, stop=body.stops, ignore_eos=bool(body.ignore_eos),
                       frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                       decoder_input_details=echoed_logprobs(body), top_n_tokens=body.top_n,

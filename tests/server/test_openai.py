@@ -115,6 +115,28 @@ def test_penalties_reach_the_engine_and_count_the_generated_tokens(sdk, loaded, 
     assert text != create()[0]
 
 
+@pytest.mark.parametrize("route", ["chat", "completions"])
+def test_vllms_top_k_and_repetition_penalty_are_taken(sdk, loaded, route):
+    """top_k 1 samples the argmax, so a sampled reply is the greedy one; a repetition penalty is the
+    engine's, on the prompt's and the generated tokens."""
+    def create(**body):  # the whole body's extras as the SDK sends vLLM's: extra_body
+        if route == "chat":
+            return sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=16,
+                                               extra_body=body).choices[0].message.content
+        return sdk.completions.create(model="m", prompt=PROMPT, max_tokens=16,
+                                      extra_body=body).choices[0].text
+
+    greedy = create(temperature=0)
+    assert create(temperature=1.0, seed=3, top_k=1) == greedy != create(temperature=1.0, seed=3, top_k=-1)
+    tokenizer = loaded.tokenizer
+    prompt = tokenizer.encode(PROMPT) if route == "completions" else tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True)
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_total_tokens=256)
+    expected = engine.generate([prompt], SamplingParams(max_new_tokens=16, repetition_penalty=1.5))[0]
+    penalised = create(temperature=0, repetition_penalty=1.5)
+    assert penalised == tokenizer.decode(expected, skip_special_tokens=True) != greedy
+
+
 def test_a_logit_bias_moves_tokens_as_it_does_in_the_engine(sdk, loaded):
     free = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=12, temperature=0, logprobs=0)
     ids = loaded.tokenizer.encode(PROMPT)
@@ -299,7 +321,7 @@ TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"type
 
 @pytest.mark.parametrize("field, value", [
     ("n", 129), ("top_logprobs", 21), ("presence_penalty", 2.5), ("frequency_penalty", -3),
-    ("temperature", 2.5), ("max_tokens", 0),
+    ("temperature", 2.5), ("max_tokens", 0), ("top_k", -2), ("top_k", 1.5), ("repetition_penalty", 0),
     # what this server cannot do is refused, not ignored: an answer without the call or the JSON the
     # client asked for would look like one that honoured it
     ("functions", [TOOL["function"]]), ("function_call", {"name": "weather"}),
