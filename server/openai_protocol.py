@@ -19,9 +19,10 @@ prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to
 them count in usage); a completion's prompt may also be token ids (a list of them, or a list of
 such lists), taken as they are.
 
-Extensions: vLLM's `ignore_eos`, `top_k` and `repetition_penalty` (TGI's, on every token of the
-text, prompt included); a `medusa` entry on each response (the last stream chunk's too), the
-request's speculation figures (null when the server has no heads).
+Extensions: vLLM's `ignore_eos`, `top_k`, `repetition_penalty` (TGI's, on every token of the text,
+prompt included) and `guided_json`, `guided_regex`, `guided_choice` (grammars, as `response_format`);
+a `medusa` entry on each response (the last stream chunk's too), the request's speculation figures
+(null when the server has no heads).
 
 Errors on these routes are `{"error": {"message", "type", "param", "code"}}`; a refused request is a
 400 (`invalid_request_error`), which the SDK raises as `openai.BadRequestError`.
@@ -140,11 +141,27 @@ class _Request(_Body):
     ignore_eos: bool | None = None  # run to max_tokens past an EOS token
     top_k: int | None = Field(default=None, ge=-1)  # sample among the k likeliest; 0 or -1: all
     repetition_penalty: float | None = Field(default=None, gt=0)  # 1: none
+    guided_json: dict | str | None = None  # a JSON schema the text follows (an object, or its JSON text)
+    guided_regex: str | None = None  # a regular expression the text matches
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None  # the text is one of these
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
     _described = described_when_invalid("logit_bias")
+
+    @model_validator(mode="after")
+    def _one_grammar(self):
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice")
+                 if getattr(self, name) is not None]
+        if isinstance(self, ChatCompletionRequest):
+            if self.tools and self.tool_choice != "none":
+                given.append("tools")
+            if self.response_format is not None and not isinstance(self.response_format, TextFormat):
+                given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} cannot both shape the reply: give one")
+        return self
 
     @property
     def stops(self) -> list[str]:
@@ -289,10 +306,6 @@ class ChatCompletionRequest(_Request):
             raise ValueError(f"tool_choice: no tool is named {self.tool_choice.function.name!r}")
         if self.tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs tools")
-        if names and self.tool_choice != "none" and self.response_format is not None and not isinstance(
-                self.response_format, TextFormat):
-            raise ValueError("response_format and tools cannot both shape the reply: give one, or "
-                             "tool_choice 'none'")
         return self
 
     @model_validator(mode="after")

@@ -219,22 +219,32 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
                       seed=body.seed if sampled else None, stop=body.stops, ignore_eos=bool(body.ignore_eos),
                       frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                       decoder_input_details=echoed_logprobs(body), top_n_tokens=body.top_n,
-                      grammar=grammar_of(body))
+                      grammar=grammar[1] if (grammar := grammar_of(body)) else None)
 
 
-def grammar_of(body: ChatCompletionRequest | CompletionRequest) -> Grammar | None:
-    """A chat's tools, or its response format, as TGI's grammar: the JSON of a call (`server.tools`), any
-    JSON object, or the JSON schema given."""
-    if not isinstance(body, ChatCompletionRequest):
-        return None
-    if (tools := Tools.of(body)) is not None:
-        return Grammar(type="json", value=tools.schema())
-    response_format = body.response_format
-    if isinstance(response_format, JsonObjectFormat):
-        return Grammar(type="json", value={"type": "object"})
-    if isinstance(response_format, JsonSchemaFormat):
-        return Grammar(type="json", value=response_format.json_schema.schema_)
+def grammar_of(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, Grammar] | None:
+    """The request's grammar as TGI's, and the field it came from: a chat's tools (the JSON of a call,
+    `server.tools`) or response format (any JSON object, or the schema given), or vLLM's guided_json,
+    guided_regex or guided_choice (one of the texts)."""
+    if isinstance(body, ChatCompletionRequest):
+        if (tools := Tools.of(body)) is not None:
+            return "tools", Grammar(type="json", value=tools.schema())
+        if isinstance(body.response_format, JsonObjectFormat):
+            return "response_format", Grammar(type="json", value={"type": "object"})
+        if isinstance(body.response_format, JsonSchemaFormat):
+            return "response_format", Grammar(type="json", value=body.response_format.json_schema.schema_)
+    if body.guided_json is not None:
+        return "guided_json", Grammar(type="json", value=body.guided_json)
+    if body.guided_regex is not None:
+        return "guided_regex", Grammar(type="regex", value=body.guided_regex)
+    if body.guided_choice is not None:
+        return "guided_choice", Grammar(type="regex", value="|".join(map(_literal, body.guided_choice)))
     return None
+
+
+def _literal(text: str) -> str:
+    """A regular expression (llguidance's syntax) matching `text` alone."""
+    return "".join(f"\\{c}" if c in r"\.+*?()|[]{}^$#&-~" else c for c in text)
 
 
 def echoed_logprobs(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -301,8 +311,8 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
         try:
             job = await service.prepare(request, stream=bool(body.stream), encode=encode,
                                         fill_context=chat and max_tokens is None)
-        except GrammarRefused as e:  # the grammar is the tools' or the response format's
-            field = "tools" if Tools.of(body) is not None else "response_format"
+        except GrammarRefused as e:  # named by the field it came from
+            field = grammar_of(body)[0]
             raise InputError(f"`{field}`: {e.reason}", param=field) from e
         jobs.append(dataclasses.replace(job, params=dataclasses.replace(job.params, logit_bias=bias)))
 

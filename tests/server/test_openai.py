@@ -2,14 +2,17 @@
 error shapes through the test client."""
 
 import json
+import re
 
 import openai
 import pytest
 
 from medusa.engine import Engine
 from runtime.config import SamplingParams
+from runtime.grammar import GrammarError, compile_grammar
 from server.app import create_app
-from server.openai_routes import StopHold
+from server.openai_protocol import CompletionRequest
+from server.openai_routes import StopHold, grammar_of
 from server.scheduler import QueueFull
 from server.service import submit_all
 from tests.server.support import metric_values, serve, tiny_settings
@@ -169,6 +172,52 @@ def test_a_response_format_gives_json_of_its_schema(sdk, temperature):
     assert isinstance(json.loads(reply({"type": "json_object"}).choices[0].message.content), dict)
     with pytest.raises(openai.BadRequestError, match="`response_format`: .*objectx"):
         reply({"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "objectx"}}})
+
+
+def test_vllms_guided_decoding_is_followed(sdk):
+    choices = ["yes", "no (x)", "a.b|c", "#1 & -2 ~ $^{3}"]  # regex syntax taken as text
+    for seed in range(4):
+        text = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=20, temperature=1.0, seed=seed,
+                                      extra_body={"guided_choice": choices}).choices[0].text
+        assert text in choices
+    pattern = "[0-9]{3}-[a-z]{2}"
+    text = sdk.chat.completions.create(model="m", messages=MESSAGES, max_tokens=20, temperature=0,
+                                       extra_body={"guided_regex": pattern}).choices[0].message.content
+    assert re.fullmatch(pattern, text)
+    text = sdk.completions.create(model="m", prompt=PROMPT, max_tokens=40, temperature=0,
+                                  extra_body={"guided_json": SCHEMA}).choices[0].text
+    assert set(json.loads(text)) == {"ok", "size"}
+
+
+def test_a_guided_choice_is_its_texts_exactly(loaded):
+    choices = ["no (x)", "a.b|c", "#1 & -2 ~ $^{3}", "back\\slash"]
+    body = CompletionRequest.model_validate({"prompt": PROMPT, "guided_choice": choices})
+    _, grammar = grammar_of(body)
+    grammars = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_total_tokens=64).grammars
+
+    def takes(text: str) -> bool:
+        constraint = grammars.constraint(compile_grammar(grammar.type, grammar.value))
+        try:
+            constraint.consume(loaded.tokenizer.encode(text))
+        except GrammarError:
+            return False
+        return constraint.matcher.is_accepting()
+
+    assert all(takes(c) for c in choices)
+    assert not any(takes(t) for t in ["no x", "a", "c", "abb", "#1 & -2 ~ ^{3}", "back\\\\slash"])
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"guided_regex": "[0-9", "max_tokens": 2}, "`guided_regex`: "),
+    ({"guided_json": {"type": "objectx"}, "max_tokens": 2}, "`guided_json`: "),
+    ({"guided_json": SCHEMA, "guided_regex": "a"}, "guided_json and guided_regex cannot both"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": "yes"}, "guided_choice"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "cannot both"),
+])
+def test_malformed_or_conflicting_guided_decoding_is_400(client, body, message):
+    error = error_of(client.post("/v1/chat/completions", json={"messages": MESSAGES, **body}), 400)
+    assert message in error["message"]
 
 
 def test_best_of_returns_the_n_candidates_of_highest_mean_logprob(sdk):

@@ -208,7 +208,7 @@ def tiny_engine_grammars(loaded):
     ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {
         "type": "object", "properties": {"y": {"type": "objectx"}}}}}]}, "`tools`: "),
     ({"tool_choice": "sometimes"}, "'required'"),
-    ({"response_format": {"type": "json_object"}}, "response_format and tools"),
+    ({"response_format": {"type": "json_object"}}, "tools and response_format cannot both"),
     ({"messages": [{"role": "tool", "content": "21 C"}]}, "tool_call_id"),
     ({"messages": [{"role": "user", "content": None}]}, "needs content"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "only an assistant's"),
