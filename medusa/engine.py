@@ -37,7 +37,7 @@ from medusa.lookup import NgramIndex
 from medusa.step import ROOT_ONLY, DeviceStep, Row
 from medusa.tree import DynamicTree, TreeBuffers, check_tree_fits
 from runtime.config import ConfigError, ModelConfig, SamplingParams
-from runtime.grammar import Constraint, GrammarError, Grammars
+from runtime.grammar import Constraint, GrammarError, Grammars, without
 from runtime.kv_cache import KVCache
 from runtime.llama import Llama
 
@@ -289,6 +289,8 @@ class Engine:
                         lookup=NgramIndex(pre.prompt) if self.tree.lookup else None,
                         constraint=pre.constraint)
         allowed = None if seq.constraint is None else seq.constraint.allowed()
+        if params.min_tokens > 0:
+            allowed = self._without_eos(allowed)
         token, logprob, top = self.device_step.first_token(pre.slot, hidden[-1], params, self._uniforms(seq),
                                                            allowed)
         del self._prefilling[pre.request_id]
@@ -364,13 +366,27 @@ class Engine:
         other nodes' masks would depend on their drafts) and the mask of what it allows after them."""
         L = self.tree.lookup
         cached = len(seq.prompt) + len(seq.generated) - 1
-        if seq.constraint is None:
+        # tokens the step may emit before the one whose index is min_tokens (from which EOS is allowed)
+        banned = seq.params.min_tokens - len(seq.generated)
+        if seq.constraint is None and banned <= 0:
             guess = seq.lookup.propose(L) if L else []  # up to L tokens; the step knows what to do with fewer
             return Row(seq.slot, cached, seq.pending, speculate, seq.params, guess, self._uniforms(seq))
+        if seq.constraint is None:  # EOS banned at every node: speculating nothing, the root alone
+            return Row(seq.slot, cached, seq.pending, False, seq.params, [], self._uniforms(seq),
+                       self._without_eos(None), 0)
         room = seq.params.max_new_tokens - len(seq.generated) - 1  # the step's next token comes after them
+        if banned > 0:  # the token after the forced ones too comes before min_tokens
+            room = min(room, banned - 1)
         forced, allowed = seq.constraint.forced(min(L, room) if speculate else 0)
+        if banned > 0:
+            allowed = self._without_eos(allowed)
         return Row(seq.slot, cached, seq.pending, bool(forced), seq.params, forced, self._uniforms(seq),
                    allowed, len(forced))
+
+    def _without_eos(self, allowed: torch.Tensor | None) -> torch.Tensor:
+        """The [W] bitmask `allowed` (None: every token) less the EOS tokens, before min_tokens."""
+        V = self.model.config.vocab_size
+        return without(allowed, tuple(t for t in self.eos_token_ids if t < V), V)
 
     def _uniforms(self, seq: _Sequence) -> torch.Tensor:
         """[U] uniforms for one step of a sampled request, from its generator: the same number every

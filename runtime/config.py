@@ -160,6 +160,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # EOS tokens are banned (their logits -inf) until this many tokens are generated (vLLM's min_tokens);
+    # no speculation on free tokens until then
+    min_tokens: int = 0
     acceptance: str = "auto"  # 'auto' | 'lossless' | 'typical'
     typical_epsilon: float = 0.09
     typical_delta: float = 0.3
@@ -169,6 +172,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be at least 1")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ConfigError("min_tokens must be in [0, max_new_tokens]")
         if not 0 <= self.temperature < math.inf:
             raise ConfigError("temperature must be a finite number >= 0")
         if self.top_k < 0:

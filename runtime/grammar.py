@@ -167,6 +167,14 @@ class Constraint:
             raise GrammarError(self.matcher.get_error())
 
 
+def without(mask: torch.Tensor | None, tokens: tuple[int, ...], vocab_size: int) -> torch.Tensor:
+    """A [W] int32 bitmask with `tokens` cleared (None: every token, before)."""
+    mask = torch.full((words(vocab_size),), -1, dtype=torch.int32) if mask is None else mask.clone()
+    for t in tokens:
+        mask[t // 32] &= ~(1 << (t % 32)) if t % 32 < 31 else 2**31 - 1  # bit 31: int32's sign
+    return mask
+
+
 def unpack(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[..., W] int32 bitmasks -> [..., V] bool, on the device the masks are on."""
     bits = torch.arange(32, device=mask.device, dtype=torch.int32)

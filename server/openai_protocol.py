@@ -19,10 +19,10 @@ prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to
 them count in usage); a completion's prompt may also be token ids (a list of them, or a list of
 such lists), taken as they are.
 
-Extensions: vLLM's `ignore_eos`, `top_k`, `repetition_penalty` (TGI's, on every token of the text,
-prompt included) and `guided_json`, `guided_regex`, `guided_choice` (grammars, as `response_format`);
-a `medusa` entry on each response (the last stream chunk's too), the request's speculation figures
-(null when the server has no heads).
+Extensions: vLLM's `ignore_eos`, `min_tokens`, `top_k`, `repetition_penalty` (TGI's, on every token
+of the text, prompt included) and `guided_json`, `guided_regex`, `guided_choice` (grammars, as
+`response_format`); a `medusa` entry on each response (the last stream chunk's too), the request's
+speculation figures (null when the server has no heads).
 
 Errors on these routes are `{"error": {"message", "type", "param", "code"}}`; a refused request is a
 400 (`invalid_request_error`), which the SDK raises as `openai.BadRequestError`.
@@ -139,6 +139,7 @@ class _Request(_Body):
                     f"{-MAX_BIAS:g} to {MAX_BIAS:g}, each added to its token's logit")
     # vLLM's extensions, which its clients send beside OpenAI's fields (the SDK's extra_body)
     ignore_eos: bool | None = None  # run to max_tokens past an EOS token
+    min_tokens: int | None = Field(default=None, ge=0)  # EOS banned until this many tokens
     top_k: int | None = Field(default=None, ge=-1)  # sample among the k likeliest; 0 or -1: all
     repetition_penalty: float | None = Field(default=None, gt=0)  # 1: none
     guided_json: dict | str | None = None  # a JSON schema the text follows (an object, or its JSON text)
@@ -182,6 +183,15 @@ class _Request(_Body):
         if len(self.prompts) * self.candidates > MAX_CHOICES:
             raise ValueError(f"prompts x n (x best_of) must be at most {MAX_CHOICES}, the choices of one "
                              "request")
+        return self
+
+    @model_validator(mode="after")
+    def _min_tokens_within_max(self):
+        most = self.max_tokens or getattr(self, "max_completion_tokens", None)
+        if most is None and isinstance(self, CompletionRequest):
+            most = DEFAULT_COMPLETION_TOKENS
+        if self.min_tokens is not None and most is not None and self.min_tokens > most:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({most})")
         return self
 
     @property

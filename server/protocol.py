@@ -127,6 +127,8 @@ class Parameters(_Body):
     grammar: Grammar | None = None
     # extensions
     ignore_eos: bool = False  # run to max_new_tokens past an EOS token (vLLM's; load tests use it)
+    # EOS banned until this many tokens (transformers' name; vLLM's min_tokens); no speculation until then
+    min_new_tokens: int | None = Field(default=None, ge=0)
     # OpenAI's: each logit less presence_penalty where its token is in the generated text
     presence_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
     speculate: bool = True

@@ -100,6 +100,9 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
         raise InputError("you must use sampling when `best_of` is > 1")
     if (p.best_of or 1) > 1 and p.seed is not None:
         raise InputError("`seed` must not be set when `best_of` > 1")
+    if (p.min_new_tokens or 0) > p.max_new_tokens:
+        raise InputError(f"`min_new_tokens` must be at most max_new_tokens ({p.max_new_tokens}). Given: "
+                         f"{p.min_new_tokens}", param="min_new_tokens")
     try:
         return SamplingParams(
             max_new_tokens=p.max_new_tokens,
@@ -113,6 +116,7 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
             seed=(p.seed if p.seed is not None else random.randrange(2**63)) if sampling else None,
             stop=tuple(p.stop),
             ignore_eos=p.ignore_eos,
+            min_tokens=p.min_new_tokens or 0,
             acceptance=p.acceptance or "auto",
             speculate=p.speculate,
             top_n=p.top_n_tokens or 0,

@@ -1,5 +1,7 @@
 """Plain decoding (no heads): equals transformers' generate, batch-invariant, seeded, stops exactly."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -119,6 +121,26 @@ class _OpenAIPenalties(LogitsProcessor):
         counts.scatter_add_(1, input_ids[:, self.prompt_len:], torch.ones_like(scores[:, :1]).expand(
             -1, input_ids.shape[1] - self.prompt_len))
         return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+def test_min_tokens_bans_eos_until_then_as_transformers_min_new_tokens(hf_and_ours):
+    hf, ours = hf_and_ours
+    prompt = PROMPTS[0]
+    free = engine(ours).generate([prompt], SamplingParams(max_new_tokens=16))[0]
+    eos = free[2]  # greedy would end at the third token
+    for min_tokens in (0, 5, 16):
+        got = engine(ours, eos=[eos]).generate([prompt], SamplingParams(max_new_tokens=16,
+                                                                        min_tokens=min_tokens))[0]
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                               min_new_tokens=min_tokens, eos_token_id=eos, pad_token_id=0)[0, len(prompt):]
+        assert got == expected.tolist()
+        assert eos not in got[:min_tokens] and len(got) >= min(min_tokens + 1, 16)
+    sampled = SamplingParams(max_new_tokens=12, min_tokens=8, temperature=1.0, logit_bias=((eos, 5.0),))
+    for seed in range(4):  # EOS favoured: drawn at once without the ban, never before it with it
+        got = engine(ours, eos=[eos]).generate([prompt], dataclasses.replace(sampled, seed=seed))[0]
+        assert eos not in got[:8] and len(got) >= 9
+    assert len(engine(ours, eos=[eos]).generate(
+        [prompt], dataclasses.replace(sampled, seed=0, min_tokens=0))[0]) < 9
 
 
 @pytest.mark.parametrize("frequency, presence", [(0.1, 0.0), (0.0, 1.5), (-0.8, 0.5)])

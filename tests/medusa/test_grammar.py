@@ -119,6 +119,26 @@ def test_no_node_below_the_forced_tokens_is_kept(loaded):
     assert any(e.accepted > 0 for e in emitted)
 
 
+@pytest.mark.parametrize("min_tokens", [2, 3, 4, 5])
+def test_min_tokens_under_a_grammar_speculates_only_before_it(loaded, min_tokens):
+    """After a digit the grammar forces 'xqz', then allows EOS (favoured here) or 'w'. EOS is banned
+    before min_tokens alone: a forced chain verified while it is banned stops at min_tokens, as the
+    mask after it must allow EOS from there (greedy speculation is then plain decoding's)."""
+    eos = loaded.tokenizer.eos_token_id
+    grammar = compile_grammar("regex", "[0-9]xqz(w[0-9]xqz)*")
+    params = SamplingParams(max_new_tokens=30, grammar=grammar, min_tokens=min_tokens,
+                            logit_bias=((eos, 8.0),))
+    (plain,) = engine(loaded).generate([PROMPTS[1]], params)
+    assert plain[-1] == eos and len(plain) >= min_tokens + 1
+    oracle = OracleHeads(loaded.model, PROMPTS[1], plain)
+    out = []
+    for e in engine(loaded, heads=oracle, tree=build_tree(get_tree("chain").choices, lookup=4)).run(
+            [(0, PROMPTS[1], params)]):
+        assert e.error is None, e.error
+        out += e.token_ids
+    assert out == plain
+
+
 def test_a_grammars_row_leaves_speculating_rows_as_they_were(loaded):
     """A constrained row speculates only on what its grammar forces, inside a speculative batch; every
     row's tokens are what it gets alone."""

@@ -106,6 +106,30 @@ def test_eos_token_ends_generation():
     assert chat["usage"]["completion_tokens"] == 8 and chat["choices"][0]["finish_reason"] == "length"
 
 
+def test_min_tokens_holds_off_eos_on_both_protocols():
+    """TGI's parameters take min_new_tokens, OpenAI bodies vLLM's min_tokens: the text goes past the
+    EOS token greedy decoding would end at, to where EOS is allowed again; then the engine's own
+    output under the ban."""
+    loaded = tiny_loaded()
+    free = greedy_ids(loaded, max_new_tokens=12)
+    eos = free[2]  # greedy would end at the third token
+    loaded = tiny_loaded(eos_token_ids=(eos,))
+    expected = tiny_engine(loaded, tiny_settings()).generate(
+        [loaded.tokenizer.encode(PROMPT)], SamplingParams(max_new_tokens=12, min_tokens=6))[0]
+    assert len(expected) > 6 and eos not in expected[:6]
+    with TestClient(create_app(tiny_settings(), loaded)) as client:
+        details = generate(client, max_new_tokens=12, details=True, min_new_tokens=6).json()["details"]
+        assert [t["id"] for t in details["tokens"]] == expected
+        body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "min_tokens": 6}
+        completion = client.post("/v1/completions", json=body).json()
+        assert completion["usage"]["completion_tokens"] == len(expected)
+        for parameters in ({"max_new_tokens": 4, "min_new_tokens": 5}, {"min_new_tokens": -1}):
+            response = client.post("/generate", json={"inputs": PROMPT, "parameters": parameters})
+            assert response.status_code == 422 and "min_new_tokens" in response.json()["error"]
+        refused = client.post("/v1/completions", json={"prompt": PROMPT, "min_tokens": 17})  # max_tokens 16
+        assert refused.status_code == 400 and "min_tokens" in refused.json()["error"]["message"]
+
+
 def test_root_route_answers_a_list_like_tgi(client):
     response = generate(client, route="/", max_new_tokens=3, details=True)
     body = response.json()
