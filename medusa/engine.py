@@ -240,8 +240,10 @@ class Engine:
             raise EngineError(f"prompt ({n} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                               f"max_total_tokens ({self.max_total_tokens})")
         V = self.model.config.vocab_size
-        if outside := [t for t, _ in params.logit_bias if t >= V]:
-            raise EngineError(f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {V - 1})")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if outside := [t for t in ids if t >= V]:
+                raise EngineError(f"{name}: token id {outside[0]} is outside the vocabulary (0 to {V - 1})")
         if request_id in self._running or request_id in self._prefilling:
             raise EngineError(f"request {request_id!r} is already running")
         if not self._free:
@@ -290,7 +292,7 @@ class Engine:
                         constraint=pre.constraint)
         allowed = None if seq.constraint is None else seq.constraint.allowed()
         if params.min_tokens > 0:
-            allowed = self._without_eos(allowed)
+            allowed = self._without_eos(allowed, params)
         token, logprob, top = self.device_step.first_token(pre.slot, hidden[-1], params, self._uniforms(seq),
                                                            allowed)
         del self._prefilling[pre.request_id]
@@ -373,20 +375,21 @@ class Engine:
             return Row(seq.slot, cached, seq.pending, speculate, seq.params, guess, self._uniforms(seq))
         if seq.constraint is None:  # EOS banned at every node: speculating nothing, the root alone
             return Row(seq.slot, cached, seq.pending, False, seq.params, [], self._uniforms(seq),
-                       self._without_eos(None), 0)
+                       self._without_eos(None, seq.params), 0)
         room = seq.params.max_new_tokens - len(seq.generated) - 1  # the step's next token comes after them
         if banned > 0:  # the token after the forced ones too comes before min_tokens
             room = min(room, banned - 1)
         forced, allowed = seq.constraint.forced(min(L, room) if speculate else 0)
         if banned > 0:
-            allowed = self._without_eos(allowed)
+            allowed = self._without_eos(allowed, seq.params)
         return Row(seq.slot, cached, seq.pending, bool(forced), seq.params, forced, self._uniforms(seq),
                    allowed, len(forced))
 
-    def _without_eos(self, allowed: torch.Tensor | None) -> torch.Tensor:
-        """The [W] bitmask `allowed` (None: every token) less the EOS tokens, before min_tokens."""
+    def _without_eos(self, allowed: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
+        """The [W] bitmask `allowed` (None: every token) less the tokens that would end the text (EOS,
+        the request's stop_token_ids), before min_tokens."""
         V = self.model.config.vocab_size
-        return without(allowed, tuple(t for t in self.eos_token_ids if t < V), V)
+        return without(allowed, tuple(t for t in self.eos_token_ids | set(params.stop_token_ids) if t < V), V)
 
     def _uniforms(self, seq: _Sequence) -> torch.Tensor:
         """[U] uniforms for one step of a sampled request, from its generator: the same number every
@@ -432,7 +435,7 @@ class Engine:
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         params = seq.params
-        if token in self.eos_token_ids and not params.ignore_eos:
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
             return "eos_token"
         if params.stop:  # only the tail can hold a stop string that ends at this token
             # a stop string of L characters spans at most L tokens, and up to 3 more hold the rest of a

@@ -131,6 +131,7 @@ MAX_TOP_N = 20  # alternatives a token may report (OpenAI's most for top_logprob
 MAX_ADDED_PENALTY = 2.0  # frequency and presence penalties lie in [-2, 2], as OpenAI's
 MAX_LOGIT_BIAS = 300  # tokens one request may bias (OpenAI's limit)
 MAX_BIAS = 100.0  # a bias lies in [-100, 100], as OpenAI's
+MAX_STOP_TOKENS = 64  # stop_token_ids of one request
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    # EOS tokens are banned (their logits -inf) until this many tokens are generated (vLLM's min_tokens);
-    # no speculation on free tokens until then
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the text as EOS does, kept in it (vLLM's)
+    # EOS tokens and stop_token_ids are banned (their logits -inf) until this many tokens are generated
+    # (vLLM's min_tokens); no speculation on free tokens until then
     min_tokens: int = 0
     acceptance: str = "auto"  # 'auto' | 'lossless' | 'typical'
     typical_epsilon: float = 0.09
@@ -198,6 +200,8 @@ class SamplingParams:
         if not all(t >= 0 and -MAX_BIAS <= b <= MAX_BIAS for t, b in self.logit_bias):
             raise ConfigError(f"logit_bias must map token ids >= 0 to biases in [-{MAX_BIAS:g}, "
                               f"{MAX_BIAS:g}]")
+        if len(self.stop_token_ids) > MAX_STOP_TOKENS or not all(t >= 0 for t in self.stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be at most {MAX_STOP_TOKENS} token ids >= 0")
         if not 0 <= self.top_n <= MAX_TOP_N:
             raise ConfigError(f"top_n must be in [0, {MAX_TOP_N}]")
         if not all(self.stop):

@@ -19,10 +19,10 @@ prompts (choice i * n + j: prompt i's j-th), each choice a request of its own to
 them count in usage); a completion's prompt may also be token ids (a list of them, or a list of
 such lists), taken as they are.
 
-Extensions: vLLM's `ignore_eos`, `min_tokens`, `top_k`, `repetition_penalty` (TGI's, on every token
-of the text, prompt included) and `guided_json`, `guided_regex`, `guided_choice` (grammars, as
-`response_format`); a `medusa` entry on each response (the last stream chunk's too), the request's
-speculation figures (null when the server has no heads).
+Extensions: vLLM's `ignore_eos`, `min_tokens`, `stop_token_ids`, `top_k`, `repetition_penalty`
+(TGI's, on every token of the text, prompt included) and `guided_json`, `guided_regex`,
+`guided_choice` (grammars, as `response_format`); a `medusa` entry on each response (the last stream
+chunk's too), the request's speculation figures (null when the server has no heads).
 
 Errors on these routes are `{"error": {"message", "type", "param", "code"}}`; a refused request is a
 400 (`invalid_request_error`), which the SDK raises as `openai.BadRequestError`.
@@ -35,7 +35,7 @@ from typing import Annotated, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from runtime.config import MAX_ADDED_PENALTY, MAX_BIAS, MAX_LOGIT_BIAS, MAX_TOP_N
+from runtime.config import MAX_ADDED_PENALTY, MAX_BIAS, MAX_LOGIT_BIAS, MAX_STOP_TOKENS, MAX_TOP_N
 from server.protocol import (
     MAX_STOP_SEQUENCES,
     ErrorResponse,
@@ -112,6 +112,7 @@ class StreamOptions(_Body):
 
 
 Stop = Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)]
+TokenIdList = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKENS)]
 
 
 Empty = Annotated[list, Field(max_length=0)]  # a list a request may send only empty
@@ -140,6 +141,7 @@ class _Request(_Body):
     # vLLM's extensions, which its clients send beside OpenAI's fields (the SDK's extra_body)
     ignore_eos: bool | None = None  # run to max_tokens past an EOS token
     min_tokens: int | None = Field(default=None, ge=0)  # EOS banned until this many tokens
+    stop_token_ids: TokenIdList | None = None  # tokens that end the text as EOS does, kept in it
     top_k: int | None = Field(default=None, ge=-1)  # sample among the k likeliest; 0 or -1: all
     repetition_penalty: float | None = Field(default=None, gt=0)  # 1: none
     guided_json: dict | str | None = None  # a JSON schema the text follows (an object, or its JSON text)

@@ -217,7 +217,7 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
                       top_k=body.top_k if sampled and body.top_k is not None and body.top_k > 0 else None,
                       repetition_penalty=body.repetition_penalty,
                       seed=body.seed if sampled else None, stop=body.stops, ignore_eos=bool(body.ignore_eos),
-                      min_new_tokens=body.min_tokens,
+                      min_new_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids or [],
                       frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                       decoder_input_details=echoed_logprobs(body), top_n_tokens=body.top_n,
                       grammar=grammar[1] if (grammar := grammar_of(body)) else None)

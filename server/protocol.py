@@ -43,7 +43,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from runtime.config import MAX_ADDED_PENALTY, MAX_TOP_N
+from runtime.config import MAX_ADDED_PENALTY, MAX_STOP_TOKENS, MAX_TOP_N
 
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -127,6 +127,9 @@ class Parameters(_Body):
     grammar: Grammar | None = None
     # extensions
     ignore_eos: bool = False  # run to max_new_tokens past an EOS token (vLLM's; load tests use it)
+    # tokens that end the text as EOS does (vLLM's), kept in it (finish_reason eos_token)
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list,
+                                                              max_length=MAX_STOP_TOKENS)
     # EOS banned until this many tokens (transformers' name; vLLM's min_tokens); no speculation until then
     min_new_tokens: int | None = Field(default=None, ge=0)
     # OpenAI's: each logit less presence_penalty where its token is in the generated text

@@ -159,6 +159,10 @@ class Service:
             request = request.model_copy(update={
                 "parameters": request.parameters.model_copy(update={"max_new_tokens": room})})
         job = validate(request, prompt_ids, self.settings)
+        vocab = self.scheduler.engine.model.config.vocab_size
+        if outside := [t for t in job.params.stop_token_ids if t >= vocab]:
+            raise InputError(f"`stop_token_ids`: token id {outside[0]} is outside the vocabulary (0 to "
+                             f"{vocab - 1})", param="stop_token_ids")
         if job.params.grammar is not None:  # against the tokenizer (built for grammars at the first one)
             try:
                 await asyncio.to_thread(self.scheduler.engine.grammars.check, job.params.grammar)

@@ -117,6 +117,7 @@ def sampling_params(request: GenerateRequest) -> SamplingParams:
             stop=tuple(p.stop),
             ignore_eos=p.ignore_eos,
             min_tokens=p.min_new_tokens or 0,
+            stop_token_ids=tuple(p.stop_token_ids),
             acceptance=p.acceptance or "auto",
             speculate=p.speculate,
             top_n=p.top_n_tokens or 0,

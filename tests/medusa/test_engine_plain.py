@@ -123,6 +123,20 @@ class _OpenAIPenalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0)
 
 
+def test_stop_token_ids_end_the_text_as_eos_does_and_are_kept(hf_and_ours):
+    _, ours = hf_and_ours
+    free = engine(ours).generate([PROMPTS[0]], SamplingParams(max_new_tokens=12))[0]
+    stop = free[5]
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=(stop, 96))
+    assert engine(ours).generate([PROMPTS[0]], params)[0] == free[:free.index(stop) + 1]
+    ignoring = dataclasses.replace(params, ignore_eos=True)  # ignore_eos is EOS's alone, as vLLM's
+    assert engine(ours).generate([PROMPTS[0]], ignoring)[0] == free[:free.index(stop) + 1]
+    banned = engine(ours).generate([PROMPTS[0]], dataclasses.replace(params, min_tokens=8))[0]
+    assert stop not in banned[:8] and banned[:free.index(stop)] == free[:free.index(stop)]
+    with pytest.raises(EngineError, match="stop_token_ids: token id 97 is outside"):
+        engine(ours).add("x", PROMPTS[0], SamplingParams(stop_token_ids=(97,)))
+
+
 def test_min_tokens_bans_eos_until_then_as_transformers_min_new_tokens(hf_and_ours):
     hf, ours = hf_and_ours
     prompt = PROMPTS[0]

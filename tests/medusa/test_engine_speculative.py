@@ -90,6 +90,19 @@ def test_greedy_speculation_with_a_penalty_equals_plain(model, tree_name, penalt
     assert accepted >= (20 if penalty == "min_tokens" else 30)
 
 
+@pytest.mark.parametrize("tree_name", ["mc_sim_7b_63+lookup", "dynamic:24,topk=3,lookup=4"])
+def test_greedy_speculation_stops_at_a_stop_token_as_plain(model, tree_name):
+    """A stop token among a step's accepted drafts ends the text there, the drafts after it dropped."""
+    free = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(
+        PROMPTS, SamplingParams(max_new_tokens=30))
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=(free[0][10], free[1][12]))
+    plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(PROMPTS, params)
+    assert len(plain[0]) == 11 and plain != free
+    speculative = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64,
+                         heads=DRAFTERS["eagle"](model), tree=TREES[tree_name])
+    assert speculative.generate(PROMPTS, params) == plain
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_greedy_never_emits_a_token_whose_logit_is_nan(penalty):
     """A token whose every logit is NaN (its lm_head row poisoned) is never emitted, by plain or

@@ -130,6 +130,22 @@ def test_min_tokens_holds_off_eos_on_both_protocols():
         assert refused.status_code == 400 and "min_tokens" in refused.json()["error"]["message"]
 
 
+def test_stop_token_ids_end_the_text_on_both_protocols(client, loaded):
+    free = greedy_ids(loaded, max_new_tokens=12)
+    stop = free[4]
+    details = generate(client, max_new_tokens=12, details=True, stop_token_ids=[stop]).json()["details"]
+    assert details["finish_reason"] == "eos_token" and [t["id"] for t in details["tokens"]] == free[:5]
+    body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stop_token_ids": [stop]}
+    completion = client.post("/v1/completions", json=body).json()
+    assert completion["usage"]["completion_tokens"] == 5
+    assert completion["choices"][0]["finish_reason"] == "stop"
+    vocab = loaded.model.config.vocab_size
+    response = client.post("/generate", json={"inputs": PROMPT, "parameters": {"stop_token_ids": [vocab]}})
+    assert response.status_code == 422 and "outside the vocabulary" in response.json()["error"]
+    response = client.post("/v1/completions", json={"prompt": PROMPT, "stop_token_ids": [vocab]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop_token_ids"
+
+
 def test_root_route_answers_a_list_like_tgi(client):
     response = generate(client, route="/", max_new_tokens=3, details=True)
     body = response.json()
