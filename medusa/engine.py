@@ -387,9 +387,12 @@ class Engine:
 
     def _without_eos(self, allowed: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
         """The [W] bitmask `allowed` (None: every token) less the tokens that would end the text (EOS,
-        the request's stop_token_ids), before min_tokens."""
+        the request's stop_token_ids), before min_tokens; unless a grammar allows nothing else there (it
+        is done): then it ends the text, as banning EOS had let tokens it refuses through."""
         V = self.model.config.vocab_size
-        return without(allowed, tuple(t for t in self.eos_token_ids | set(params.stop_token_ids) if t < V), V)
+        ending = tuple(t for t in self.eos_token_ids | set(params.stop_token_ids) if t < V)
+        banned = without(allowed, ending, V)
+        return banned if allowed is None or bool(banned.any()) else allowed
 
     def _uniforms(self, seq: _Sequence) -> torch.Tensor:
         """[U] uniforms for one step of a sampled request, from its generator: the same number every

@@ -139,6 +139,15 @@ def test_min_tokens_under_a_grammar_speculates_only_before_it(loaded, min_tokens
     assert out == plain
 
 
+def test_a_grammar_done_before_min_tokens_ends_the_text(loaded):
+    """Where the grammar allows EOS alone, min_tokens does not ban it: nothing the grammar allows
+    would be left (the step had then emitted tokens it refuses)."""
+    params = SamplingParams(max_new_tokens=20, min_tokens=10, grammar=compile_grammar("regex", "[0-9]{2}"))
+    for tokens in engine(loaded).generate(PROMPTS, params):
+        assert re.fullmatch("[0-9]{2}", loaded.tokenizer.decode(tokens[:-1]))  # special tokens too
+        assert tokens[-1] == loaded.tokenizer.eos_token_id
+
+
 def test_a_grammars_row_leaves_speculating_rows_as_they_were(loaded):
     """A constrained row speculates only on what its grammar forces, inside a speculative batch; every
     row's tokens are what it gets alone."""
