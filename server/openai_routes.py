@@ -9,9 +9,8 @@ Several choices (`n`, a list of prompts) are requests of their own to the engine
 (continuous batching takes them together) and answered together; a refusal or failure of one ends all.
 
 Streaming: one `data: {chunk}` event per engine step of a choice (several tokens under speculation),
-the choice's `index` in it, its last one with its finish_reason and `medusa` figures (with tools, the
-whole message: a call, or an answer's content, comes in that last one, the others carrying only
-logprobs where asked); then a usage
+the choice's `index` in it, its last one with its finish_reason and `medusa` figures (with tools, a
+call comes whole in that last one, an answer's content as it is written); then a usage
 chunk when `stream_options.include_usage`, then `data: [DONE]`. A stop sequence is not sent: text that
 could begin one is held back until the next step shows whether it does.
 """
@@ -102,8 +101,9 @@ class Reply:
 
     def message(self, text: str, finish_reason: str) -> tuple[ChatMessageOut, str]:
         """A chat choice's message and OpenAI finish_reason, from its whole text and TGI finish_reason."""
-        replied = self.tools.reply(text) if self.tools is not None else None
-        return replied or (ChatMessageOut(content=text), FINISH_REASONS[finish_reason])
+        message, finish = (self.tools.reply(text) if self.tools is not None else None) or (
+            ChatMessageOut(content=text), None)
+        return message, finish or FINISH_REASONS[finish_reason]
 
     def body(self, choices: list[tuple[str, list[Scored], str]], usage: Usage, medusa
              ) -> ChatCompletion | Completion:
@@ -123,8 +123,9 @@ class Reply:
 
     def chunk(self, index: int, text: str | None, tokens: list[Scored], finish_reason: str | None = None, *,
               role: bool = False, medusa=None, offset: int = 0) -> str:
-        """One SSE event of choice `index` (`offset`: the length of the choice's text sent before). With
-        tools, the last event's `text` is the choice's whole text, sent as its message."""
+        """One SSE event of choice `index` (`offset`: the length of the choice's text sent before: with
+        tools, of the answer's content). With tools, the last event's `text` is the choice's whole
+        text: its call, or the rest of its answer."""
         finish = FINISH_REASONS[finish_reason] if finish_reason else None
         if self.chat:
             delta = ChatDelta(role="assistant" if role else None, content=text)
@@ -132,7 +133,8 @@ class Reply:
                 message, finish = self.message(text or "", finish_reason)
                 calls = [ToolCallDelta(index=k, **c.model_dump())
                          for k, c in enumerate(message.tool_calls or [])]
-                delta = ChatDelta(content=message.content, tool_calls=calls or None)
+                rest = None if message.content is None else message.content[offset:]
+                delta = ChatDelta(content=rest, tool_calls=calls or None)
             choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish,
                                      logprobs=self.chat_logprobs(tokens))
             chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice],
@@ -429,7 +431,7 @@ async def events(service: Service, reply: Reply, jobs: list[Job], streams: list[
     generations = [service.generation() for _ in jobs]
     holds = [StopHold(reply.stops) for _ in jobs]
     sent = [0] * len(jobs)  # the length of each choice's text so far: its next token's text_offset
-    held = [""] * len(jobs)  # with tools: each choice's text, sent whole as its message at its end
+    held = [""] * len(jobs)  # with tools: each choice's text (a call is sent whole at its end)
     try:
         for index, job in enumerate(jobs):
             if reply.chat:
@@ -443,15 +445,18 @@ async def events(service: Service, reply: Reply, jobs: list[Job], streams: list[
             text = "".join(t.text for t, _ in tokens)
             if emitted.finish_reason is None:
                 text = hold.push(text)
-                if reply.tools is not None:
-                    held[index], text = held[index] + text, None
+                if reply.tools is not None:  # an answer's content as it comes; a call waits for its end
+                    held[index] += text
+                    answer = reply.tools.answer_so_far(held[index]) or ""
+                    text, sent[index] = answer[sent[index]:] or None, max(sent[index], len(answer))
                 if text or (reply.logprobs and tokens):
                     yield reply.chunk(index, text, tokens, offset=sent[index])
             else:  # a last character cut short ends the text as U+FFFD, as it ends the whole text
                 text = held[index] + hold.push(text + generation.decoder.flush()) + hold.finish()
                 yield reply.chunk(index, text, tokens, emitted.finish_reason, medusa=generation.speculation,
                                   offset=sent[index])
-            sent[index] += sum(len(t.text) for t, _ in tokens)
+            if reply.tools is None:
+                sent[index] += sum(len(t.text) for t, _ in tokens)
         if include_usage:
             yield reply.usage_chunk(usage(jobs, generations, n))
         yield "data: [DONE]\n\n"

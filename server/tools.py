@@ -85,13 +85,15 @@ class Tools:
         return "\n".join(['To call a function, reply with only a JSON object: {"name": <the function\'s '
                           'name>, "arguments": <its arguments as a JSON object>}. The functions:', *listed])
 
-    def reply(self, text: str) -> tuple[ChatMessageOut, str] | None:
-        """The message and OpenAI finish_reason of a reply written under the grammar; None where the
-        text is no whole reply (cut by max_tokens or a stop sequence): it is then returned as it is."""
+    def reply(self, text: str) -> tuple[ChatMessageOut, str | None] | None:
+        """The message of a reply written under the grammar, and its OpenAI finish_reason (None: the
+        text was cut, by max_tokens or a stop sequence, and the cut says why). An answer cut short is
+        its content so far; None for any other text that is no whole reply: it is returned as it is."""
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
-            return None
+            content = self.answer_so_far(text)
+            return None if content is None else (ChatMessageOut(content=content), None)
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             return None
         arguments = value.get("arguments", {})
@@ -101,6 +103,31 @@ class Tools:
         call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", type="function", function=FunctionCall(
             name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False)))
         return ChatMessageOut(content=None, tool_calls=[call]), "stop" if self.named else "tool_calls"
+
+    def answer_so_far(self, text: str) -> str | None:
+        """Under "auto", an answer's content as far as the text has written it (its JSON escapes decoded
+        where they are whole), so that a stream sends it as it comes; None until the text is known to
+        be an answer, and for a call. The grammar lays the JSON out as json.dumps does."""
+        if self.answer is None or not text.startswith(json.dumps({"name": self.answer})[:-1] + ","):
+            return None
+        opening = json.dumps({"name": self.answer, "arguments": {"content": ""}})[:-3]  # less '"}}'
+        return _string_so_far(text[len(opening):]) if text.startswith(opening) else ""
+
+
+def _string_so_far(body: str) -> str:
+    """The JSON string whose text after its opening quote begins with `body`, decoded up to its closing
+    quote or the last escape that is whole (a surrogate pair's first half waits for its second)."""
+    i = 0
+    while i < len(body) and body[i] != '"':
+        i += 2 if body[i] == "\\" else 1
+    body = body[:i]
+    for cut in range(len(body), max(len(body) - 12, -1), -1):  # an escape is at most 12 characters
+        try:
+            decoded = json.loads(f'"{body[:cut]}"')
+        except json.JSONDecodeError:
+            continue
+        return decoded[:-1] if decoded and "\ud800" <= decoded[-1] <= "\udbff" else decoded
+    return ""
 
 
 def _closed(parameters: dict | None) -> dict:

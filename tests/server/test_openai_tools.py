@@ -79,21 +79,49 @@ def test_required_calls_one_of_the_tools(sdk):
 def test_auto_lets_the_model_answer_or_call(sdk, loaded):
     """Under "auto" the model's choice of a function's name decides: `answer` gives the message's
     content, a tool's name a call. A bias toward tokens beginning with one letter or the other decides
-    it here (and a greater one toward a closing quote ends the answer's text where the grammar lets it)."""
-    def reply(letter: str):
+    it here (and one toward a closing quote, at `quote`, ends the answer's text where the grammar
+    lets it). A streamed answer comes as it is written; one cut by max_tokens is its text so far."""
+    def reply(letter: str, quote: float = 50, **kwargs):
         bias = {str(t): 30 for t in range(loaded.model.config.vocab_size)
                 if loaded.tokenizer.decode([t]).startswith(letter)}
-        bias[str(loaded.tokenizer.convert_tokens_to_ids('"'))] = 50
-        return sdk.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS, max_tokens=60,
-                                           temperature=0, logit_bias=bias).choices[0]  # auto, the default
+        bias[str(loaded.tokenizer.convert_tokens_to_ids('"'))] = quote
+        kwargs = {"max_tokens": 60, **kwargs}
+        return sdk.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS, temperature=0,
+                                           logit_bias=bias, **kwargs)  # auto, the default
 
-    answer = reply("a")
+    answer = reply("a").choices[0]
     assert answer.message.tool_calls is None and answer.finish_reason == "stop"
     assert isinstance(answer.message.content, str) and not answer.message.content.startswith("{")
-    call = reply("w")
+    call = reply("w").choices[0]
     assert call.finish_reason == "tool_calls" and call.message.content is None
     assert call.message.tool_calls[0].function.name == "weather"
     arguments_follow_their_tools_schema(call.message.tool_calls[0])
+
+    long = reply("a", quote=0, max_tokens=120).choices[0]  # an answer the quote's bias does not end
+    chunks = [c.choices[0] for c in reply("a", quote=0, max_tokens=120, stream=True)]
+    content = [c.delta.content for c in chunks if c.delta.content]
+    assert "".join(content) == long.message.content and len(content) >= 5
+    assert chunks[-1].finish_reason == long.finish_reason
+    cut = reply("a", quote=0, max_tokens=60).choices[0]
+    assert cut.finish_reason == "length" and long.message.content.startswith(cut.message.content)
+    assert cut.message.content and not cut.message.content.startswith("{")
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_an_answer_so_far_is_a_prefix_of_the_whole(ensure_ascii):
+    text = 'Say "hi"\\\n\tthen caf\u00e9, \U0001f600 and \u2603 / done'
+    whole = json.dumps({"name": "answer", "arguments": {"content": text}}, ensure_ascii=ensure_ascii)
+    tools = Tools.of(ChatCompletionRequest.model_validate({"messages": MESSAGES, "tools": TOOLS}))
+    seen = []
+    for end in range(len(whole) + 1):
+        so_far = tools.answer_so_far(whole[:end])
+        if so_far is not None:
+            so_far.encode("utf-8")  # no lone surrogate, which cannot be encoded
+            assert text.startswith(so_far)
+            seen.append(so_far)
+    assert seen[-1] == text and len(set(seen)) > len(text) // 2
+    assert tools.answer_so_far('{"name": "weather", "arguments": {"city": "') is None
+    assert tools.answer_so_far('{"name": "answer", "argu') == ""  # an answer, none of it written yet
 
 
 def test_the_answer_function_takes_a_name_no_tool_has(loaded):
