@@ -54,6 +54,7 @@ from server.protocol import (
 )
 from server.request_id import HEADER as REQUEST_ID_HEADER
 from server.request_id import RequestIds
+from server.responses import responses_router
 from server.scheduler import QueueFull, RequestFailed, RequestStream, Scheduler, SchedulerUnavailable
 from server.service import VERSION, ClientGone, Service, generate
 from server.settings import Settings
@@ -212,6 +213,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
     app.add_middleware(RequestIds)  # outermost of all: every answer carries its x-request-id, refusals too
     add_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(responses_router)
     add_playground(app)
 
     @app.exception_handler(ClientGone)

@@ -31,6 +31,7 @@ from server.protocol import (
     StreamResponse,
     Token,
 )
+from server.responses import StreamEvent
 from tests.server.support import serve, tiny_settings
 
 OPENAPI = create_app(tiny_settings()).openapi()  # the model loads at startup: this builds no model
@@ -113,7 +114,8 @@ SCHEMA = schemathesis.openapi.from_dict(OPENAPI,
                                         config=schemathesis.Config.from_dict({"max-stream-events": 200}))
 STREAM_EVENT = TypeAdapter(StreamResponse | ErrorResponse)
 OPENAI_STREAM_EVENT = {"/v1/chat/completions": TypeAdapter(ChatCompletionChunk | OpenAIErrorResponse),
-                       "/v1/completions": TypeAdapter(Completion | OpenAIErrorResponse)}
+                       "/v1/completions": TypeAdapter(Completion | OpenAIErrorResponse),
+                       "/v1/responses": TypeAdapter(StreamEvent)}
 
 
 def asks_for_timeout(case) -> bool:

@@ -1,0 +1,100 @@
+"""OpenAI's Responses API (POST /v1/responses): the `openai` SDK's `client.responses` against a real
+server on a loopback port; each request is the chat completion it stands for."""
+
+import json
+from types import SimpleNamespace
+
+import openai
+import pytest
+
+from server.app import create_app
+from tests.server.support import save_tiny_heads, serve, tiny_settings
+from tests.server.test_openai_tools import LIMITS, TOOLS, arguments_follow_their_tools_schema
+
+QUESTION = "What is the capital?"
+
+
+@pytest.fixture(scope="module")
+def sdk(loaded, tmp_path_factory):
+    heads = save_tiny_heads(tmp_path_factory.mktemp("heads"), loaded)
+    with serve(create_app(tiny_settings(**LIMITS, medusa_heads=heads, tree="cpu"), loaded)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def chat(sdk, **kwargs):
+    return sdk.chat.completions.create(model="m", temperature=0, **kwargs)
+
+
+@pytest.mark.parametrize("max_output_tokens", [6, 200])
+def test_a_response_is_the_chat_completion_it_stands_for(sdk, max_output_tokens):
+    response = sdk.responses.create(model="m", input=QUESTION, instructions="Be brief.", temperature=0,
+                                    max_output_tokens=max_output_tokens)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    expected = chat(sdk, messages=messages, max_tokens=max_output_tokens)
+    assert response.object == "response" and response.id.startswith("resp_")
+    assert response.output_text == expected.choices[0].message.content
+    assert response.usage.input_tokens == expected.usage.prompt_tokens
+    assert response.usage.output_tokens == expected.usage.completion_tokens
+    cut = expected.choices[0].finish_reason == "length"
+    assert response.status == ("incomplete" if cut else "completed")
+    assert (response.incomplete_details is not None) == cut
+    assert response.model_extra["medusa"]["steps"] >= 1  # the extension, as on the chat route
+
+
+def test_a_streamed_response_sends_its_text_in_deltas_and_ends_with_the_whole(sdk):
+    whole = sdk.responses.create(model="m", input=QUESTION, temperature=0, max_output_tokens=24)
+    events = list(sdk.responses.create(model="m", input=QUESTION, temperature=0, max_output_tokens=24,
+                                       stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                          "response.output_item.done", "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1 and "".join(deltas) == whole.output_text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == 24
+
+
+def test_function_tools_are_called_and_an_agents_loop_replayed(sdk):
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    response = sdk.responses.create(model="m", input=[{"role": "user", "content": "Weather in Paris?"}],
+                                    tools=tools, tool_choice="required", temperature=0, max_output_tokens=60)
+    (call,) = response.output
+    assert call.type == "function_call" and call.call_id.startswith("call_")
+    arguments_follow_their_tools_schema(SimpleNamespace(function=call))  # name and arguments at the top
+    arguments = '{"city": "Paris"}'
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": arguments},
+               {"type": "function_call_output", "call_id": "c1", "output": "Sunny"}]
+    again = sdk.responses.create(model="m", input=history, tools=tools, temperature=0, max_output_tokens=4)
+    expected = chat(sdk, tools=TOOLS, max_tokens=4, messages=[
+        history[0], {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "Sunny"}])
+    assert again.usage.input_tokens == expected.usage.prompt_tokens
+
+
+def test_a_text_format_gives_json_of_its_schema(sdk):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    text = {"format": {"type": "json_schema", "name": "answer", "schema": schema}}
+    response = sdk.responses.create(model="m", input=QUESTION, temperature=0, max_output_tokens=40, text=text)
+    assert set(json.loads(response.output_text)) == {"ok"}
+
+
+@pytest.mark.parametrize("change, param, message", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "send the conversation in `input`"),
+    ({"background": True}, "background", "background"),
+    ({"reasoning": {"effort": "low"}}, "reasoning", "reasoning"),
+    ({"input": []}, "input", "non-empty"),
+    ({"tools": [{"type": "function", "name": "w"}], "tool_choice": {"type": "function", "name": "nope"}},
+     None, "no tool is named 'nope'"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objectx"}}}}, "text.format",
+     "objectx"),
+    ({"max_output_tokens": 0}, "max_output_tokens", "greater than 0"),
+])
+def test_what_cannot_be_answered_is_400(sdk, change, param, message):
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.responses.create(model="m", **({"input": QUESTION} | change))
+    assert refused.value.body["param"] == param and message in refused.value.body["message"]
