@@ -29,6 +29,7 @@ from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 from server.openai_protocol import (
     ChatCompletionRequest,
     ChatMessageOut,
+    Empty,
     Usage,
     _Body,
     _refused,
@@ -77,7 +78,7 @@ InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem
 
 class FunctionTool(_Body):
     type: Literal["function"]
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict | None = None
     strict: bool | None = None
@@ -131,8 +132,12 @@ class ResponseRequest(_Body):
     background: Annotated[Literal[False], BeforeValidator(_strict_bool)] | None = _refused(
         "only false or null: background responses are")
     reasoning: None = _refused("only null: reasoning settings are")
+    include: Empty | None = _refused("only null or []: more output (logprobs, sources) is")
+    truncation: Literal["disabled"] | None = _refused("only 'disabled' or null: 'auto' truncation (the "
+                                                      "conversation's start dropped to fit) is")
 
-    _described = described_when_invalid("previous_response_id", "background", "reasoning", "input")
+    _described = described_when_invalid("previous_response_id", "background", "reasoning", "input", "include",
+                                        "truncation")
 
     def as_chat(self) -> ChatCompletionRequest:
         """The chat completion this request stands for (InputError where it is malformed as one)."""

@@ -93,6 +93,10 @@ def test_a_text_format_gives_json_of_its_schema(sdk):
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objectx"}}}}, "text.format",
      "objectx"),
     ({"max_output_tokens": 0}, "max_output_tokens", "greater than 0"),
+    ({"include": ["message.output_text.logprobs"]}, "include", "not supported"),
+    ({"truncation": "auto"}, "truncation", "not supported"),
+    ({"tools": [{"type": "function", "name": "two words"}]}, "tools.0.name", "pattern"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input", "input items"),
 ])
 def test_what_cannot_be_answered_is_400(sdk, change, param, message):
     with pytest.raises(openai.BadRequestError) as refused:
