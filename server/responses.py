@@ -11,7 +11,7 @@ does nothing, and `previous_response_id` is a 400 (send the conversation in `inp
 Streaming: OpenAI's events (`response.created`, `response.in_progress`, the message's
 `output_item.added` / `content_part.added`, one `response.output_text.delta` per engine step, their
 `.done` events, `response.completed` or `response.incomplete`), each with its `sequence_number`. With
-tools the reply's item comes whole at the end.
+tools a call comes whole at the end and an answer as it is written, as on /v1/chat/completions.
 """
 
 from __future__ import annotations
@@ -358,37 +358,51 @@ async def events(service: Service, body: ResponseRequest, reply: Reply, job: Job
     generation = service.generation()
     started = response_of(body, reply, "in_progress", [])
     item = OutputMessage(id=f"msg_{uuid.uuid4().hex}", status="in_progress", content=[])
-    text = ""
+    where = {"item_id": item.id, "output_index": 0, "content_index": 0}
+    raw, sent = "", None  # the text written; how much of the message's text is sent (None: not begun)
+
+    def begin() -> list[str]:  # the message item and its text part, opened
+        return [event("response.output_item.added", output_index=0, item=item),
+                event("response.content_part.added", **where, part=OutputText(text=""))]
     try:
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
-        if reply.tools is None:
-            yield event("response.output_item.added", output_index=0, item=item)
-            yield event("response.content_part.added", item_id=item.id, output_index=0, content_index=0,
-                        part=OutputText(text=""))
         async for _, emitted in merged([stream]):
-            delta = "".join(t.text for t, _ in visible(generation, generation.add(emitted)))
+            raw += "".join(t.text for t, _ in visible(generation, generation.add(emitted)))
             if emitted.finish_reason is not None:
-                delta += generation.decoder.flush()
-            text += delta
-            if reply.tools is None and delta:
-                yield event("response.output_text.delta", item_id=item.id, output_index=0, content_index=0,
-                            delta=delta, logprobs=[])
-        message, finish = reply.message(text, generation.finish_reason)
+                raw += generation.decoder.flush()
+            # the message's text so far: all of it without tools; with them, an answer's once known
+            answer = raw if reply.tools is None else reply.tools.answer_so_far(raw)
+            if answer is None:
+                continue
+            if sent is None:
+                for opening in begin():
+                    yield opening
+                sent = 0
+            if len(answer) > sent:
+                yield event("response.output_text.delta", **where, delta=answer[sent:])
+                sent = len(answer)
+        message, finish = reply.message(raw, generation.finish_reason)
         status = status_of(finish)
-        if reply.tools is None:
-            done = OutputText(text=text)
-            item = OutputMessage(id=item.id, status=status, content=[done])
-            where = {"item_id": item.id, "output_index": 0, "content_index": 0}
-            yield event("response.output_text.done", **where, text=text, logprobs=[])
-            yield event("response.content_part.done", **where, part=done)
-            yield event("response.output_item.done", output_index=0, item=item)
-            output = [item]
-        else:
+        if message.tool_calls:
             output = output_items(message, finish)
             for index, out in enumerate(output):
                 yield event("response.output_item.added", output_index=index, item=out)
                 yield event("response.output_item.done", output_index=index, item=out)
+        else:  # a message: the rest of its text (a call cut short comes as its text, as on /v1/chat)
+            text = message.content or ""
+            if sent is None:
+                for opening in begin():
+                    yield opening
+                sent = 0
+            if len(text) > sent:
+                yield event("response.output_text.delta", **where, delta=text[sent:])
+            done = OutputText(text=text)
+            item = OutputMessage(id=item.id, status=status, content=[done])
+            yield event("response.output_text.done", **where, text=text)
+            yield event("response.content_part.done", **where, part=done)
+            yield event("response.output_item.done", output_index=0, item=item)
+            output = [item]
         final = response_of(body, reply, status, output, usage_of(job, generation), generation.speculation)
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     except RequestFailed as e:

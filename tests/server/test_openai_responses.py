@@ -75,6 +75,25 @@ def test_function_tools_are_called_and_an_agents_loop_replayed(sdk):
     assert again.usage.input_tokens == expected.usage.prompt_tokens
 
 
+def test_under_tools_an_answer_streams_and_a_call_comes_whole(sdk):
+    """With one tool, `oboe`, the tiny model's greedy reply under "auto" is an answer (with 14 other
+    names tried it called the tool): its text streams as it is written. Required, it calls the tool."""
+    tools = [{"type": "function", "name": "oboe"}]
+
+    def create(**kwargs):
+        return sdk.responses.create(model="m", input="Weather in Paris?", tools=tools, temperature=0,
+                                    max_output_tokens=60, **kwargs)
+
+    whole = create()
+    events = list(create(stream=True))
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) >= 5 and "".join(deltas) == whole.output_text == events[-1].response.output_text
+    assert whole.output[0].type == "message" and not whole.output_text.startswith("{")
+    required = create(stream=True, tool_choice="required")
+    added = [e.item for e in required if e.type == "response.output_item.added"]
+    assert [(item.type, item.name, item.arguments) for item in added] == [("function_call", "oboe", "{}")]
+
+
 def test_a_text_format_gives_json_of_its_schema(sdk):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}
