@@ -370,12 +370,13 @@ class Engine:
         cached = len(seq.prompt) + len(seq.generated) - 1
         # tokens the step may emit before the one whose index is min_tokens (from which EOS is allowed)
         banned = seq.params.min_tokens - len(seq.generated)
-        if seq.constraint is None and banned <= 0:
+        if seq.constraint is None:
             guess = seq.lookup.propose(L) if L else []  # up to L tokens; the step knows what to do with fewer
-            return Row(seq.slot, cached, seq.pending, speculate, seq.params, guess, self._uniforms(seq))
-        if seq.constraint is None:  # EOS banned at every node: speculating nothing, the root alone
-            return Row(seq.slot, cached, seq.pending, False, seq.params, [], self._uniforms(seq),
-                       self._without_eos(None, seq.params), 0)
+            if banned <= 0:
+                return Row(seq.slot, cached, seq.pending, speculate, seq.params, guess, self._uniforms(seq))
+            # EOS banned at every node; no draft kept whose next token would come after min_tokens
+            return Row(seq.slot, cached, seq.pending, speculate, seq.params, guess, self._uniforms(seq),
+                       self._without_eos(None, seq.params), forced=0, keep=banned - 1)
         room = seq.params.max_new_tokens - len(seq.generated) - 1  # the step's next token comes after them
         if banned > 0:  # the token after the forced ones too comes before min_tokens
             room = min(room, banned - 1)
@@ -383,7 +384,7 @@ class Engine:
         if banned > 0:
             allowed = self._without_eos(allowed, seq.params)
         return Row(seq.slot, cached, seq.pending, bool(forced), seq.params, forced, self._uniforms(seq),
-                   allowed, len(forced))
+                   allowed, forced=len(forced), keep=len(forced))
 
     def _without_eos(self, allowed: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
         """The [W] bitmask `allowed` (None: every token) less the tokens that would end the text (EOS,

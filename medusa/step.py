@@ -60,10 +60,13 @@ class Row:
     params: SamplingParams
     lookup: list[int]  # prompt-lookup guesses for the lookup branch (up to L of them)
     uniforms: torch.Tensor  # [U] float64 in [0, 1), from the request's generator
-    # with a grammar: the bitmask of the tokens it allows after the tokens it forces ([W] int32), and how
-    # many it forces (the lookup guesses: the row keeps no node below them)
+    # with a grammar (or EOS banned, min_tokens): the bitmask of the tokens allowed after the tokens the
+    # grammar forces ([W] int32), how many it forces (the lookup guesses, each node above them allowing
+    # its chain token alone), and how many drafts the row may keep (-1: any): a grammar's row keeps none
+    # below its forced tokens, a row banning EOS none whose next token would come after min_tokens
     allowed: torch.Tensor | None = None
     forced: int = 0
+    keep: int = -1
 
 
 @dataclass(frozen=True)
@@ -279,17 +282,17 @@ class DeviceStep:
                    torch.full((self.num_uniforms,), 0.5, dtype=torch.float64))
 
     def _table(self, rows: list[Row], needs: Needs) -> torch.Tensor:
-        """[B, 3 + R + L + U (+ 1 + W)] float64 on the host: slot, pending, speculate, RowParams' columns,
+        """[B, 3 + R + L + U (+ 2 + W)] float64 on the host: slot, pending, speculate, RowParams' columns,
         lookup guesses (-1 past a row's last), uniforms, and with needs.mask the tokens each row's grammar
-        forces (-1: no grammar) and the bitmask of those it allows after them (-1: all) (every integer
-        here is exact in float64)."""
+        forces, the drafts it may keep (-1: any) and the bitmask of the tokens allowed after the forced
+        ones (-1: all) (every integer here is exact in float64)."""
         L = self.tree.lookup
         head = torch.tensor([[r.slot, r.pending, float(r.speculate), *RowParams.columns(r.params), *r.lookup,
                               *[-1] * (L - len(r.lookup))] for r in rows], dtype=torch.float64)
         columns = [head, torch.stack([r.uniforms for r in rows])]
         if needs.mask:
             every = torch.full((grammar.words(self.model.config.vocab_size),), -1, dtype=torch.int32)
-            columns.append(torch.tensor([[-1.0 if r.allowed is None else r.forced] for r in rows],
+            columns.append(torch.tensor([[0, -1] if r.allowed is None else [r.forced, r.keep] for r in rows],
                                         dtype=torch.float64))
             columns.append(torch.stack([every if r.allowed is None else r.allowed for r in rows]).double())
         return torch.cat(columns, dim=1)
@@ -306,8 +309,9 @@ class DeviceStep:
         U, V = self.num_uniforms, self.model.config.vocab_size
         lookup = table[:, 3 + R:3 + R + L].long()  # [B, L] (-1: none)
         uniforms = table[:, 3 + R + L:3 + R + L + U]  # [B, U]
-        if needs.mask:  # [B] (-1: no grammar), [B, V]
-            forced, after = table[:, 3 + R + L + U].long(), grammar.unpack(table[:, 4 + R + L + U:].int(), V)
+        if needs.mask:  # [B], [B] (-1: any), [B, V]
+            forced, keep = table[:, 3 + R + L + U].long(), table[:, 4 + R + L + U].long()
+            after = grammar.unpack(table[:, 5 + R + L + U:].int(), V)
         B, T = slots.shape[0], tree.num_nodes
 
         mask = None
@@ -353,13 +357,13 @@ class DeviceStep:
 
         P = path.shape[1]
         if needs.mask and T > 1:
-            # a grammar's row keeps no node below the tokens it forces: the node accepted after them is
-            # its next token there, drawn or chosen as the next token would be (lossless: the token after
-            # a node, accepted child or residual draw, follows the node's target)
-            over = (forced >= 0) & (accepted_len > forced + 1)  # [B]
-            after_forced = path.gather(1, (forced + 1).clamp(0, P - 1)[:, None])  # [B, 1]: a node
-            next_token = torch.where(over, candidates.gather(1, after_forced)[:, 0], next_token)
-            accepted_len = torch.where(over, forced + 1, accepted_len)
+            # a row keeps at most `keep` drafts (a grammar's, none below the tokens it forces): the node
+            # accepted after them is its next token there, drawn or chosen as the next token would be
+            # (lossless: the token after a node, accepted child or residual draw, follows the node's target)
+            over = (keep >= 0) & (accepted_len > keep + 1)  # [B]
+            after_kept = path.gather(1, (keep + 1).clamp(0, P - 1)[:, None])  # [B, 1]: a node
+            next_token = torch.where(over, candidates.gather(1, after_kept)[:, 0], next_token)
+            accepted_len = torch.where(over, keep + 1, accepted_len)
             path = torch.where(torch.arange(P, device=slots.device) < accepted_len[:, None], path, 0)
         on_path = torch.arange(P, device=slots.device) < accepted_len[:, None]  # [B, P]
         tokens = torch.cat([candidates.gather(1, path[:, 1:]), path[:, :1]], dim=1)  # [B, P]
@@ -399,9 +403,10 @@ class DeviceStep:
                           tree: TreeBuffers | RowTrees, B: int) -> torch.Tensor:
         """[B, T, V] bool: what each node's grammar allows after it. A node above depth forced[b] allows
         the next forced token alone (row b's lookup guesses are those tokens, a chain from the root),
-        any other `after` (a row without a grammar: everything). Only nodes whose path is the forced
-        chain can be accepted (each one's parent allows its chain token alone), and for those these
-        masks are the grammar's own."""
+        any other `after` (a row without a grammar: everything; one banning EOS: all else). In a
+        grammar's row only nodes whose path is the forced chain can be accepted (each one's parent allows
+        its chain token alone), and for those these masks are the grammar's own; a row banning EOS keeps
+        no node whose next token comes after min_tokens (`keep`)."""
         V = after.shape[-1]
         depths = tree.depths.expand(B, -1)  # [B, T]
         if lookup.shape[1] == 0:

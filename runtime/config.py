@@ -163,7 +163,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the text as EOS does, kept in it (vLLM's)
     # EOS tokens and stop_token_ids are banned (their logits -inf) until this many tokens are generated
-    # (vLLM's min_tokens); no speculation on free tokens until then
+    # (vLLM's min_tokens); a step keeps no draft whose next token would come after it
     min_tokens: int = 0
     acceptance: str = "auto"  # 'auto' | 'lossless' | 'typical'
     typical_epsilon: float = 0.09
