@@ -130,7 +130,7 @@ class Parameters(_Body):
     # tokens that end the text as EOS does (vLLM's), kept in it (finish_reason eos_token)
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list,
                                                               max_length=MAX_STOP_TOKENS)
-    # EOS banned until this many tokens (transformers' name; vLLM's min_tokens); no speculation until then
+    # EOS banned until this many tokens are out (transformers' name; vLLM's min_tokens)
     min_new_tokens: int | None = Field(default=None, ge=0)
     # OpenAI's: each logit less presence_penalty where its token is in the generated text
     presence_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
