@@ -98,7 +98,7 @@ def protocol_error(path: str, status: int, message: str, error_type: str, *, par
 
 # ---------------------------------------------------------------- requests
 
-class _Body(BaseModel):
+class Body(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
@@ -107,7 +107,7 @@ def _only(value: object, what: str):
     return Field(default=None, ge=value, le=value, description=f"only {value} or null: {what}")
 
 
-class StreamOptions(_Body):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
@@ -118,12 +118,12 @@ TokenIdList = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_
 Empty = Annotated[list, Field(max_length=0)]  # a list a request may send only empty
 
 
-def _refused(what: str):
+def refused(what: str):
     """A field with only no-op values, whose description (`what`) is the 400's message otherwise."""
     return Field(default=None, description=f"{what} not supported by this server")
 
 
-class _Request(_Body):
+class _Request(Body):
     model: str | None = None  # any name: this server serves one model, named in the response
     max_tokens: int | None = Field(default=None, gt=0)
     temperature: float | None = Field(default=None, ge=0, le=2)  # null: 1; 0: greedy
@@ -201,17 +201,17 @@ class _Request(_Body):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class TextPart(_Body):
+class TextPart(Body):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Body):
+class FunctionCall(Body):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(_Body):
+class ToolCall(Body):
     """A call an assistant made: in a conversation's earlier turns, and in a reply."""
 
     id: str
@@ -219,7 +219,7 @@ class ToolCall(_Body):
     function: FunctionCall
 
 
-class ChatMessage(_Body):
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # null only for an assistant's turn of tool calls
     name: str | None = None
@@ -242,7 +242,7 @@ class ChatMessage(_Body):
         return self
 
 
-class FunctionDefinition(_Body):
+class FunctionDefinition(Body):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict | None = None  # the arguments' JSON schema, of an object; null: no arguments
@@ -255,36 +255,36 @@ class FunctionDefinition(_Body):
         return self
 
 
-class Tool(_Body):
+class Tool(Body):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Body):
+class FunctionName(Body):
     name: str
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(Body):
     type: Literal["function"]
     function: FunctionName
 
 
-class TextFormat(_Body):
+class TextFormat(Body):
     type: Literal["text"]
 
 
-class JsonObjectFormat(_Body):
+class JsonObjectFormat(Body):
     type: Literal["json_object"]  # any JSON object
 
 
-class JsonSchema(_Body):
+class JsonSchema(Body):
     name: str
     description: str | None = None
     schema_: dict = Field(default_factory=dict, alias="schema")  # {}: any JSON value
     strict: bool | None = None  # the schema is always followed
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(Body):
     type: Literal["json_schema"]
     json_schema: JsonSchema
 
@@ -302,8 +302,8 @@ class ChatCompletionRequest(_Request):
         default=None, description="'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
                                   "{\"name\": <a tool's name>}}")
     parallel_tool_calls: bool | None = None  # each choice makes at most one call either way
-    functions: Empty | None = _refused("only null or []: functions (the deprecated form of tools) are")
-    function_call: Literal["none", "auto"] | None = _refused("only null, 'none' or 'auto': function_call "
+    functions: Empty | None = refused("only null or []: functions (the deprecated form of tools) are")
+    function_call: Literal["none", "auto"] | None = refused("only null, 'none' or 'auto': function_call "
                                                             "(the deprecated form of tool_choice) is")
     response_format: ResponseFormat | None = None
 
@@ -349,7 +349,7 @@ class CompletionRequest(_Request):
     echo: bool | None = False
     # generate this many for each prompt, return the n of highest mean logprob (not streamed)
     best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
-    suffix: Literal[""] | None = _refused("only null or '': a suffix is")
+    suffix: Literal[""] | None = refused("only null or '': a suffix is")
 
     _unsupported_completion = described_when_invalid("prompt", "suffix")
 

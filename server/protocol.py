@@ -65,7 +65,7 @@ def _valid_unicode(text: object) -> object:
 Text = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicode)]  # non-empty, encodable
 
 
-def _strict_bool(value: object) -> object:
+def strict_bool(value: object) -> object:
     # `Literal[False]` alone takes 0 and 0.0 for false (they compare equal); strict like a bool, it does not
     if not isinstance(value, bool):
         raise ValueError("must be a boolean")
@@ -121,7 +121,7 @@ class Parameters(_Body):
     # OpenAI's definition, not TGI's (which divides the count by the text's length): each logit less
     # frequency_penalty times its token's count in the generated text
     frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
-    watermark: Annotated[Literal[False], BeforeValidator(_strict_bool)] = Field(
+    watermark: Annotated[Literal[False], BeforeValidator(strict_bool)] = Field(
         default=False, description="only false: watermark is not supported by this server")
     # only what the grammar allows is generated (speculating on the tokens it forces alone)
     grammar: Grammar | None = None

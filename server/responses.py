@@ -27,15 +27,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 
 from server.openai_protocol import (
+    Body,
     ChatCompletionRequest,
     ChatMessageOut,
     Empty,
     Usage,
-    _Body,
-    _refused,
+    refused,
 )
 from server.openai_routes import ERROR_RESPONSES, EVENT_STREAM, Reply, merged, prepare, visible
-from server.protocol import Speculation, Text, _strict_bool, described_when_invalid
+from server.protocol import Speculation, Text, described_when_invalid, strict_bool
 from server.scheduler import RequestFailed, RequestStream
 from server.service import Generation, Service, generate, submit_all
 from server.validation import InputError, Job
@@ -46,12 +46,12 @@ RENAMED = {"response_format": "text.format", "max_tokens": "max_output_tokens"} 
 
 # ---------------------------------------------------------------- requests
 
-class InputText(_Body):
+class InputText(Body):
     type: Literal["input_text", "output_text"]  # an assistant's earlier turn holds output_text
     text: str
 
 
-class MessageItem(_Body):
+class MessageItem(Body):
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[InputText]
@@ -60,14 +60,14 @@ class MessageItem(_Body):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class FunctionCallItem(_Body):
+class FunctionCallItem(Body):
     type: Literal["function_call"]
     call_id: str
     name: str
     arguments: str  # JSON text
 
 
-class FunctionCallOutputItem(_Body):
+class FunctionCallOutputItem(Body):
     type: Literal["function_call_output"]
     call_id: str
     output: str
@@ -76,7 +76,7 @@ class FunctionCallOutputItem(_Body):
 InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem
 
 
-class FunctionTool(_Body):
+class FunctionTool(Body):
     type: Literal["function"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
@@ -84,20 +84,20 @@ class FunctionTool(_Body):
     strict: bool | None = None
 
 
-class FunctionChoice(_Body):
+class FunctionChoice(Body):
     type: Literal["function"]
     name: str
 
 
-class TextFormatText(_Body):
+class TextFormatText(Body):
     type: Literal["text"]
 
 
-class TextFormatJsonObject(_Body):
+class TextFormatJsonObject(Body):
     type: Literal["json_object"]
 
 
-class TextFormatJsonSchema(_Body):
+class TextFormatJsonSchema(Body):
     type: Literal["json_schema"]
     name: str
     schema_: dict = Field(alias="schema")
@@ -105,12 +105,12 @@ class TextFormatJsonSchema(_Body):
     strict: bool | None = None
 
 
-class TextConfig(_Body):
+class TextConfig(Body):
     format: Annotated[TextFormatText | TextFormatJsonObject | TextFormatJsonSchema,
                       Field(discriminator="type")] | None = None
 
 
-class ResponseRequest(_Body):
+class ResponseRequest(Body):
     model: str | None = None
     input: Text | Annotated[list[InputItem], Field(min_length=1)] = Field(
         description="must be a non-empty text or a non-empty list of input items (messages, function_call, "
@@ -127,13 +127,13 @@ class ResponseRequest(_Body):
     store: bool | None = None  # nothing is stored, whatever it says
     metadata: dict[str, str] | None = None
     user: str | None = None
-    previous_response_id: None = _refused("only null: a stored response to continue from (send the "
+    previous_response_id: None = refused("only null: a stored response to continue from (send the "
                                           "conversation in `input`) is")
-    background: Annotated[Literal[False], BeforeValidator(_strict_bool)] | None = _refused(
+    background: Annotated[Literal[False], BeforeValidator(strict_bool)] | None = refused(
         "only false or null: background responses are")
-    reasoning: None = _refused("only null: reasoning settings are")
-    include: Empty | None = _refused("only null or []: more output (logprobs, sources) is")
-    truncation: Literal["disabled"] | None = _refused("only 'disabled' or null: 'auto' truncation (the "
+    reasoning: None = refused("only null: reasoning settings are")
+    include: Empty | None = refused("only null or []: more output (logprobs, sources) is")
+    truncation: Literal["disabled"] | None = refused("only 'disabled' or null: 'auto' truncation (the "
                                                       "conversation's start dropped to fit) is")
 
     _described = described_when_invalid("previous_response_id", "background", "reasoning", "input", "include",
