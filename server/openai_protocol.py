@@ -289,7 +289,15 @@ class JsonSchemaFormat(Body):
     json_schema: JsonSchema
 
 
-ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+class GrammarFormat(Body):
+    """TGI's own response format on its chat route (huggingface_hub's documented use): TGI's grammar."""
+
+    type: Literal["json", "regex"]
+    value: dict | str  # a JSON schema (or its JSON text), or a regular expression
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat | GrammarFormat,
+                           Field(discriminator="type")]
 
 
 class ChatCompletionRequest(_Request):

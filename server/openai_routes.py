@@ -45,6 +45,7 @@ from server.openai_protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    GrammarFormat,
     JsonObjectFormat,
     JsonSchemaFormat,
     Model,
@@ -227,15 +228,18 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
 
 def grammar_of(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, Grammar] | None:
     """The request's grammar as TGI's, and the field it came from: a chat's tools (the JSON of a call,
-    `server.tools`) or response format (any JSON object, or the schema given), or vLLM's guided_json,
-    guided_regex or guided_choice (one of the texts)."""
+    `server.tools`) or response format (any JSON object, the schema given, or TGI's grammar), or
+    vLLM's guided_json, guided_regex or guided_choice (one of the texts)."""
     if isinstance(body, ChatCompletionRequest):
         if (tools := Tools.of(body)) is not None:
             return "tools", Grammar(type="json", value=tools.schema())
-        if isinstance(body.response_format, JsonObjectFormat):
+        response_format = body.response_format
+        if isinstance(response_format, JsonObjectFormat):
             return "response_format", Grammar(type="json", value={"type": "object"})
-        if isinstance(body.response_format, JsonSchemaFormat):
-            return "response_format", Grammar(type="json", value=body.response_format.json_schema.schema_)
+        if isinstance(response_format, JsonSchemaFormat):
+            return "response_format", Grammar(type="json", value=response_format.json_schema.schema_)
+        if isinstance(response_format, GrammarFormat):  # TGI's own
+            return "response_format", Grammar(type=response_format.type, value=response_format.value)
     if body.guided_json is not None:
         return "guided_json", Grammar(type="json", value=body.guided_json)
     if body.guided_regex is not None:

@@ -8,6 +8,7 @@ itself and chat_completion to `URL/v1/chat/completions` (it appends `/v1` when t
 `model=URL, provider="hf-inference"`.
 """
 
+import json
 import re
 
 import pytest
@@ -108,6 +109,19 @@ def test_the_clients_grammar_is_followed(tgi):
     pattern = "[0-9]{3}-[a-z]{2}"
     text = tgi.text_generation(PROMPT, max_new_tokens=12, grammar={"type": "regex", "value": pattern})
     assert re.fullmatch(pattern, text), text
+
+
+def test_chat_takes_tgis_response_format(chat):
+    """The client's documented way to ask TGI's chat route for JSON: `{"type": "json", "value": schema}`
+    (and "regex"), TGI's grammar."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    reply = chat.chat_completion(MESSAGES, max_tokens=20, temperature=0,
+                                 response_format={"type": "json", "value": schema})
+    assert set(json.loads(reply.choices[0].message.content)) == {"ok"}
+    reply = chat.chat_completion(MESSAGES, max_tokens=20, temperature=0,
+                                 response_format={"type": "regex", "value": "[0-9]{3}-[a-z]{2}"})
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", reply.choices[0].message.content)
 
 
 def test_server_refusals_reach_the_client_as_its_errors(tgi, chat):
