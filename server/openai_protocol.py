@@ -310,6 +310,7 @@ class ChatCompletionRequest(_Request):
         default=None, description="'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
                                   "{\"name\": <a tool's name>}}")
     parallel_tool_calls: bool | None = None  # each choice makes at most one call either way
+    tool_prompt: str | None = None  # TGI's: what the list of tools follows (server.tools.CALL_PROMPT)
     functions: Empty | None = refused("only null or []: functions (the deprecated form of tools) are")
     function_call: Literal["none", "auto"] | None = refused("only null, 'none' or 'auto': function_call "
                                                             "(the deprecated form of tool_choice) is")

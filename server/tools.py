@@ -30,6 +30,8 @@ from server.openai_protocol import (
     ToolCall,
 )
 
+CALL_PROMPT = ('To call a function, reply with only a JSON object: {"name": <the function\'s name>, '
+               '"arguments": <its arguments as a JSON object>}. The functions:')
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # `parameters` omitted
 
 
@@ -55,6 +57,7 @@ class Tools:
     functions: list[FunctionDefinition]
     answer: str | None  # the answer function's name, under "auto"
     named: bool  # a named choice: OpenAI's finish_reason is then "stop", not "tool_calls"
+    prompt: str = CALL_PROMPT  # what the list of functions follows in the system message
 
     @classmethod
     def of(cls, body: ChatCompletionRequest) -> Tools | None:
@@ -62,16 +65,16 @@ class Tools:
         choice = body.tool_choice or ("auto" if body.tools else "none")
         if not body.tools or choice == "none":
             return None
-        tools = [t.function for t in body.tools]
+        tools, prompt = [t.function for t in body.tools], body.tool_prompt or CALL_PROMPT
         if isinstance(choice, NamedToolChoice):
             named = [f for f in tools if f.name == choice.function.name]
-            return cls(functions=named, answer=None, named=True)
+            return cls(functions=named, answer=None, named=True, prompt=prompt)
         if choice == "required":
-            return cls(functions=tools, answer=None, named=False)
+            return cls(functions=tools, answer=None, named=False, prompt=prompt)
         answer = "answer"
         while answer in {f.name for f in tools}:
             answer += "_"
-        return cls(functions=[*tools, _answer(answer)], answer=answer, named=False)
+        return cls(functions=[*tools, _answer(answer)], answer=answer, named=False, prompt=prompt)
 
     def schema(self) -> dict:
         """The JSON schema of every reply the model may write."""
@@ -82,8 +85,7 @@ class Tools:
 
     def instructions(self) -> str:
         listed = [json.dumps(f.model_dump(exclude_none=True, exclude={"strict"})) for f in self.functions]
-        return "\n".join(['To call a function, reply with only a JSON object: {"name": <the function\'s '
-                          'name>, "arguments": <its arguments as a JSON object>}. The functions:', *listed])
+        return "\n".join([self.prompt, *listed])
 
     def reply(self, text: str) -> tuple[ChatMessageOut, str | None] | None:
         """The message of a reply written under the grammar, and its OpenAI finish_reason (None: the

@@ -12,7 +12,7 @@ from huggingface_hub import InferenceClient
 from runtime.grammar import GrammarError, compile_grammar
 from server.app import create_app
 from server.openai_protocol import ChatCompletionRequest, ChatMessage
-from server.tools import Tools, conversation
+from server.tools import CALL_PROMPT, Tools, conversation
 from tests.server.support import save_tiny_heads, serve, tiny_settings
 from tests.server.test_openai import error_of
 
@@ -192,6 +192,9 @@ def test_an_agents_loop_replays_the_call_and_its_result(client, loaded):
     assert response.json()["usage"]["prompt_tokens"] == prompt_tokens
     listed = tools.instructions()
     assert '"name": "clock"' in listed and "weather in a city" in listed and '"name": "answer"' in listed
+    own = Tools.of(ChatCompletionRequest.model_validate({"messages": messages, "tools": TOOLS,
+                                                         "tool_prompt": "Call one of these:"}))
+    assert own.instructions() == listed.replace(CALL_PROMPT, "Call one of these:")  # TGI's tool_prompt
 
 
 def test_the_grammar_takes_exactly_the_replies_a_choice_allows(loaded):
