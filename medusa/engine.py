@@ -287,8 +287,8 @@ class Engine:
         params = pre.params
         generator = torch.Generator()
         generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
-        seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator,
-                        lookup=NgramIndex(pre.prompt) if self.tree.lookup else None,
+        lookup = NgramIndex(pre.prompt, prediction=params.prediction) if self.tree.lookup else None
+        seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator, lookup=lookup,
                         constraint=pre.constraint)
         allowed = None if seq.constraint is None else seq.constraint.allowed()
         if params.min_tokens > 0:

@@ -8,6 +8,9 @@ copies for free: find the most recent earlier occurrence of the sequence's last 
 Medusa heads see only the last hidden state, so they cannot copy a rare name from far back; a
 lookup branch in the candidate tree (`build_tree(..., lookup=L)`) can. Its drafts are a
 deterministic function of the tokens, so every acceptance rule keeps its guarantees.
+
+A request may also bring a predicted output (OpenAI's Predicted Outputs: a file to rewrite with a few
+changes); its n-grams are looked up first, from where the text last followed it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,20 @@ class NgramIndex:
     a continuation.
     """
 
-    def __init__(self, tokens: list[int], max_n: int = MAX_N) -> None:
+    def __init__(self, tokens: list[int], max_n: int = MAX_N, prediction: list[int] = ()) -> None:
         assert max_n >= 1
         self.max_n = max_n
         self.tokens = list(tokens)
         self._last_end: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token
         self._indexed = 0  # n-grams ending before this index are in `_last_end`
+        # a predicted output (OpenAI's `prediction`): each n-gram's ends in it, and where the text
+        # last matched it (the next match is looked for from there on, as the text follows it)
+        self.prediction = list(prediction)
+        self._prediction_ends: dict[tuple[int, ...], list[int]] = {}
+        for end in range(len(self.prediction) - 1):
+            for n in range(1, min(max_n, end + 1) + 1):
+                self._prediction_ends.setdefault(tuple(self.prediction[end - n + 1:end + 1]), []).append(end)
+        self._followed = 0
 
     def extend(self, tokens: list[int]) -> None:
         self.tokens += tokens
@@ -43,8 +54,13 @@ class NgramIndex:
             for n in range(1, min(self.max_n, end + 1) + 1):
                 self._last_end[tuple(tokens[end - n + 1:end + 1])] = end
         self._indexed = max(self._indexed, last)
-        for n in range(min(self.max_n, last), 0, -1):
-            end = self._last_end.get(tuple(tokens[last - n + 1:last + 1]))
+        for n in range(min(self.max_n, last + 1), 0, -1):
+            suffix = tuple(tokens[last - n + 1:last + 1])
+            if ends := self._prediction_ends.get(suffix):  # the prediction first, where the text follows it
+                end = next((e for e in ends if e >= self._followed), ends[-1])
+                self._followed = end + 1
+                return self.prediction[end + 1:end + 1 + length]
+            end = self._last_end.get(suffix) if n <= last else None
             if end is not None:
                 return tokens[end + 1:end + 1 + length]
         return []

@@ -162,6 +162,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the text as EOS does, kept in it (vLLM's)
+    # a predicted output's tokens (OpenAI's Predicted Outputs), which the lookup branch drafts from
+    prediction: tuple[int, ...] = ()
     # EOS tokens and stop_token_ids are banned (their logits -inf) until this many tokens are generated
     # (vLLM's min_tokens); a step keeps no draft whose next token would come after it
     min_tokens: int = 0

@@ -289,6 +289,16 @@ class JsonSchemaFormat(Body):
     json_schema: JsonSchema
 
 
+class Prediction(Body):
+    """OpenAI's Predicted Outputs: text the reply is expected to repeat for the most part."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class GrammarFormat(Body):
     """TGI's own response format on its chat route (huggingface_hub's documented use): TGI's grammar."""
 
@@ -311,6 +321,7 @@ class ChatCompletionRequest(_Request):
                                   "{\"name\": <a tool's name>}}")
     parallel_tool_calls: bool | None = None  # each choice makes at most one call either way
     tool_prompt: str | None = None  # TGI's: what the list of tools follows (server.tools.CALL_PROMPT)
+    prediction: Prediction | None = None  # drafted from by the lookup branch
     functions: Empty | None = refused("only null or []: functions (the deprecated form of tools) are")
     function_call: Literal["none", "auto"] | None = refused("only null, 'none' or 'auto': function_call "
                                                             "(the deprecated form of tool_choice) is")

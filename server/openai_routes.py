@@ -223,7 +223,8 @@ def parameters(body: ChatCompletionRequest | CompletionRequest, max_tokens: int 
                       min_new_tokens=body.min_tokens, stop_token_ids=body.stop_token_ids or [],
                       frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                       decoder_input_details=echoed_logprobs(body), top_n_tokens=body.top_n,
-                      grammar=grammar[1] if (grammar := grammar_of(body)) else None)
+                      grammar=grammar[1] if (grammar := grammar_of(body)) else None,
+                      prediction=body.prediction.text() if getattr(body, "prediction", None) else None)
 
 
 def grammar_of(body: ChatCompletionRequest | CompletionRequest) -> tuple[str, Grammar] | None:

@@ -131,6 +131,8 @@ class Parameters(_Body):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list,
                                                               max_length=MAX_STOP_TOKENS)
     # EOS banned until this many tokens are out (transformers' name; vLLM's min_tokens)
+    # the text expected, or most of it (OpenAI's Predicted Outputs): the lookup branch drafts from it
+    prediction: str | None = None
     min_new_tokens: int | None = Field(default=None, ge=0)
     # OpenAI's: each logit less presence_penalty where its token is in the generated text
     presence_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)

@@ -6,6 +6,7 @@ disconnects.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -159,6 +160,11 @@ class Service:
             request = request.model_copy(update={
                 "parameters": request.parameters.model_copy(update={"max_new_tokens": room})})
         job = validate(request, prompt_ids, self.settings)
+        if request.parameters.prediction:  # tokenized off the event loop, as the prompt is
+            prediction = await asyncio.to_thread(self.tokenizer.encode, request.parameters.prediction,
+                                                 add_special_tokens=False)
+            job = dataclasses.replace(job, params=dataclasses.replace(
+                job.params, prediction=tuple(prediction[:self.settings.max_total_tokens])))
         vocab = self.scheduler.engine.model.config.vocab_size
         if outside := [t for t in job.params.stop_token_ids if t >= vocab]:
             raise InputError(f"`stop_token_ids`: token id {outside[0]} is outside the vocabulary (0 to "

@@ -1,6 +1,7 @@
 """Medusa speculation through the engine: greedy output equals plain greedy output token for
 token, and lossless sampling keeps the base model's distribution."""
 
+import dataclasses
 import itertools
 import math
 
@@ -87,6 +88,34 @@ def test_greedy_speculation_with_a_penalty_equals_plain(model, tree_name, penalt
             accepted += len(e.token_ids) - 1
     assert [out[i] for i in range(len(PROMPTS))] == plain
     assert accepted >= 30  # of 160 tokens (130 with min_tokens): deep nodes were accepted
+
+
+@pytest.mark.parametrize("tree_name", ["mc_sim_7b_63+lookup", "dynamic:24,topk=3,lookup=4"])
+def test_a_prediction_is_drafted_and_leaves_the_output_as_it_was(model, tree_name):
+    """OpenAI's Predicted Outputs: a prediction that is the output (but for a few changed tokens) is
+    mostly accepted through the lookup branch; any prediction leaves greedy output plain decoding's."""
+    params = SamplingParams(max_new_tokens=40)
+    plain = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64).generate(PROMPTS, params)
+
+    def run(predictions):
+        engine = Engine(model, Vocab(), (), max_batch_size=4, max_total_tokens=64, heads=heads_for(model),
+                        tree=TREES[tree_name])
+        out = {i: engine.add(i, p, dataclasses.replace(params, prediction=tuple(q))).token_ids
+               for i, (p, q) in enumerate(zip(PROMPTS, predictions, strict=True))}
+        steps = 0
+        while engine.running:
+            steps += 1
+            for e in engine.step():
+                out[e.request_id] += e.token_ids
+        return [out[i] for i in range(len(PROMPTS))], steps
+
+    edited = [o[:15] + [(o[15] + 1) % 97] + o[16:] for o in plain]  # one token changed in each
+    got, steps = run(edited)
+    assert got == plain and steps <= 12  # 39 tokens after the first, in at most 12 steps
+    got, _ = run([[(t * 7 + 3) % 97 for t in o] for o in plain])  # a wrong prediction
+    assert got == plain
+    _, without = run([[] for _ in plain])
+    assert without > 2 * steps
 
 
 @pytest.mark.parametrize("tree_name", ["mc_sim_7b_63+lookup", "dynamic:24,topk=3,lookup=4"])

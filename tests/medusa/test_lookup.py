@@ -44,3 +44,18 @@ def test_incremental_index_equals_a_search_from_scratch() -> None:
             more = [rng.randrange(6) for _ in range(rng.randrange(1, 4))]
             tokens += more
             index.extend(more)
+
+
+def test_a_prediction_is_drafted_from_where_the_text_follows_it() -> None:
+    prediction = [10, 11, 12, 13, 10, 11, 14, 15]  # "10 11" twice: followed by 12, then by 14
+    index = NgramIndex([1, 2, 3], max_n=2, prediction=prediction)
+    assert index.propose(3) == []  # nothing of the prompt's end is in it
+    index.extend([10, 11])
+    assert index.propose(3) == [12, 13, 10]  # the first "10 11", from the start
+    index.extend([12, 13, 10, 11])
+    assert index.propose(3) == [14, 15]  # the second: the text has followed the prediction past the first
+    index.extend([14, 15, 2, 3])
+    assert index.propose(2) == [10, 11]  # past the prediction's end: the text's own earlier "2 3"
+    index.extend([1])
+    assert index.propose(2) == [2, 3]  # and its earlier "1"
+    assert NgramIndex([5, 10], max_n=2, prediction=prediction).propose(2) == [11, 12]  # a 1-gram, ahead
