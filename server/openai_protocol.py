@@ -43,6 +43,7 @@ from server.protocol import (
     Speculation,
     Text,
     described_when_invalid,
+    valid_unicode_throughout,
 )
 
 OPENAI_PREFIX = "/v1/"
@@ -100,6 +101,8 @@ def protocol_error(path: str, status: int, message: str, error_type: str, *, par
 
 class Body(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    _valid_unicode = model_validator(mode="after")(valid_unicode_throughout)
 
 
 def _only(value: object, what: str):

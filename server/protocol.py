@@ -40,6 +40,7 @@ from pydantic import (
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -63,6 +64,30 @@ def _valid_unicode(text: object) -> object:
 
 
 Text = Annotated[str, Field(min_length=1), BeforeValidator(_valid_unicode)]  # non-empty, encodable
+
+
+def valid_unicode_throughout(body: BaseModel) -> BaseModel:
+    """Every text in the body's fields (in lists and objects too: messages, schemas, tool descriptions)
+    encodable: a lone surrogate anywhere had reached the tokenizer, the chat template or the JSON
+    encoder, and failed there as a 500. (Nested bodies check their own fields.)"""
+    def check(value: object, where: str) -> None:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"{where}: must be valid Unicode text: {e.reason} at character {e.start}") \
+                    from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                check(key, where)
+                check(item, f"{where}.{key}")
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                check(item, f"{where}.{i}")
+
+    for name in type(body).model_fields:
+        check(getattr(body, name), name)
+    return body
 
 
 def strict_bool(value: object) -> object:
@@ -90,6 +115,8 @@ class _Body(BaseModel):
     # Strict like TGI's serde: "5" is not an integer and 1.5 is not a bool. Unknown fields are ignored.
     # Python's json reads NaN and Infinity, which are not JSON: refuse them as TGI does.
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+    _valid_unicode = model_validator(mode="after")(valid_unicode_throughout)
 
 
 class Grammar(_Body):

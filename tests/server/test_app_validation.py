@@ -51,6 +51,10 @@ CASES = {
     "grammar a broken schema": (params(grammar={"type": "json", "value": {"type": "objectx"}}), "grammar"),
     "grammar a regex not a string": (params(grammar={"type": "regex", "value": 5}), "grammar"),
     "unknown acceptance": (params(acceptance="greedy"), "acceptance"),
+    "prediction a lone surrogate": ('{"inputs": "Hi", "parameters": {"prediction": "\\ud800"}}',
+                                    "prediction"),
+    "min_new_tokens above max_new_tokens": (params(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
+    "stop_token_ids past the vocabulary": (params(stop_token_ids=[300]), "stop_token_ids"),
     "prompt too long": ({"inputs": "word " * 100}, "inputs"),
     "prompt + max_new_tokens too long": (params(max_new_tokens=120), "max_new_tokens"),
 }

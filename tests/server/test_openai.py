@@ -403,6 +403,24 @@ def test_unsupported_completion_parameters_are_400(client, field, value):
     assert error["param"] == field and field in error["message"]
 
 
+@pytest.mark.parametrize("route, body, field", [
+    ("chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "content"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_prompt": "\udc00",
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_prompt"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "description": "\ud800"}}]}, "description"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "prediction": {"type": "content", "content": "\ud800"}}, "content"),
+    ("responses", {"input": "hi", "instructions": "\ud800"}, "instructions"),
+])
+def test_a_lone_surrogate_anywhere_is_400(client, route, body, field):
+    """JSON's "\ud800" is no UTF-8 text; in a message, a tool, a prediction or instructions it had
+    reached the chat template or the tokenizer and failed there as a 500."""
+    headers = {"content-type": "application/json"}
+    error = error_of(client.post(f"/v1/{route}", content=json.dumps(body), headers=headers), 400)
+    assert "must be valid Unicode text" in error["message"] and field in error["message"]
+
+
 def test_malformed_json_and_missing_fields_are_400(client):
     error = error_of(client.post("/v1/completions", content=b"{not json",
                                  headers={"content-type": "application/json"}), 400)
