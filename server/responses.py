@@ -361,9 +361,19 @@ async def events(service: Service, body: ResponseRequest, reply: Reply, job: Job
     where = {"item_id": item.id, "output_index": 0, "content_index": 0}
     raw, sent = "", None  # the text written; how much of the message's text is sent (None: not begun)
 
-    def begin() -> list[str]:  # the message item and its text part, opened
-        return [event("response.output_item.added", output_index=0, item=item),
-                event("response.content_part.added", **where, part=OutputText(text=""))]
+    def send(text: str) -> list[str]:
+        """The events that send the message's text up to `text`'s end: the message item and its text
+        part opened first, where they are not yet."""
+        nonlocal sent
+        out = []
+        if sent is None:
+            out += [event("response.output_item.added", output_index=0, item=item),
+                    event("response.content_part.added", **where, part=OutputText(text=""))]
+            sent = 0
+        if len(text) > sent:
+            out.append(event("response.output_text.delta", **where, delta=text[sent:]))
+            sent = len(text)
+        return out
     try:
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
@@ -373,15 +383,8 @@ async def events(service: Service, body: ResponseRequest, reply: Reply, job: Job
                 raw += generation.decoder.flush()
             # the message's text so far: all of it without tools; with them, an answer's once known
             answer = raw if reply.tools is None else reply.tools.answer_so_far(raw)
-            if answer is None:
-                continue
-            if sent is None:
-                for opening in begin():
-                    yield opening
-                sent = 0
-            if len(answer) > sent:
-                yield event("response.output_text.delta", **where, delta=answer[sent:])
-                sent = len(answer)
+            for sending in [] if answer is None else send(answer):
+                yield sending
         message, finish = reply.message(raw, generation.finish_reason)
         status = status_of(finish)
         if message.tool_calls:
@@ -391,12 +394,8 @@ async def events(service: Service, body: ResponseRequest, reply: Reply, job: Job
                 yield event("response.output_item.done", output_index=index, item=out)
         else:  # a message: the rest of its text (a call cut short comes as its text, as on /v1/chat)
             text = message.content or ""
-            if sent is None:
-                for opening in begin():
-                    yield opening
-                sent = 0
-            if len(text) > sent:
-                yield event("response.output_text.delta", **where, delta=text[sent:])
+            for sending in send(text):
+                yield sending
             done = OutputText(text=text)
             item = OutputMessage(id=item.id, status=status, content=[done])
             yield event("response.output_text.done", **where, text=text)
