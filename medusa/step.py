@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -179,8 +179,9 @@ class DeviceStep:
                     uniforms: torch.Tensor, allowed: torch.Tensor | None = None
                     ) -> tuple[int, float, list[tuple[int, float]] | None]:
         """Sample the token after a whole prompt from its last hidden state [C]: (token, logprob, and
-        with params.top_n the most likely tokens there). allowed: [W] int32, with params.grammar."""
-        rows, needs = RowParams.of([params], self.device), Needs.of([params])
+        with params.top_n the most likely tokens there). allowed: [W] int32, with a grammar or EOS banned."""
+        rows = RowParams.of([params], self.device)
+        needs = replace(Needs.of([params]), mask=allowed is not None)
         text = self._text([slot], torch.zeros(1, 1, 1, device=self.device)) if needs.penalise else None
         logits = self.model.logits(hidden_last[None, None])  # [1, 1, V]
         bias = self._bias([slot]) if needs.bias else None
@@ -203,7 +204,7 @@ class DeviceStep:
         row's accepted nodes ([B, P, C], 0 past accepted_len)."""
         speculate = any(r.speculate for r in rows)
         tree = self.tree if speculate else self.root_only
-        needs = Needs.of([r.params for r in rows])
+        needs = replace(Needs.of([r.params for r in rows]), mask=any(r.allowed is not None for r in rows))
         B = len(rows)
         max_len = max(r.cached for r in rows) + tree.num_nodes  # keys of the longest row
         if self.compile:

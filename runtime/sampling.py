@@ -122,7 +122,9 @@ class Needs:
     typical_acceptance: bool = False  # some row accepts drafts by the typical rule (others: lossless)
     top_n: bool = False  # some row reports the most likely tokens beside each of its tokens
     bias: bool = False  # some row has a logit bias
-    mask: bool = False  # some row has a grammar, which allows only some tokens, or bans EOS (min_tokens)
+    # some row brings a bitmask of the tokens it allows: a grammar's, or EOS banned (min_tokens); the
+    # step sets it from its rows (`of` knows only the grammars), as a ban ends before its request does
+    mask: bool = False
 
     @staticmethod
     def of(params: list[SamplingParams]) -> Needs:
@@ -132,7 +134,7 @@ class Needs:
                      typical=any(p.typical_p < 1 for p in sampled),
                      typical_acceptance=any(acceptance_mode(p) == "typical" for p in sampled),
                      top_n=any(p.top_n for p in params), bias=any(p.logit_bias for p in params),
-                     mask=any(p.grammar is not None or p.min_tokens for p in params))
+                     mask=any(p.grammar is not None for p in params))
 
 
 def _per_row(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -285,18 +285,11 @@ def completion_encoder(service: Service, prompt: str | list[int]):
     return encode
 
 
-def in_vocabulary(service: Service, ids: list[int], field: str) -> None:
-    """InputError, naming `field`, for a token id outside the model's vocabulary."""
-    vocab = service.scheduler.engine.model.config.vocab_size
-    if outside := [t for t in ids if t >= vocab]:
-        raise InputError(f"`{field}`: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
-
-
 def prompt_text(service: Service, prompt: str | list[int]) -> str:
     """The prompt as text: token ids decoded (InputError for one outside the vocabulary)."""
     if isinstance(prompt, str):
         return prompt
-    in_vocabulary(service, prompt, "prompt")
+    service.in_vocabulary(prompt, "prompt")
     return service.tokenizer.decode(prompt)
 
 
@@ -307,7 +300,7 @@ async def prepare(service: Service, body: ChatCompletionRequest | CompletionRequ
     chat = isinstance(body, ChatCompletionRequest)
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     bias = tuple((int(token), bias) for token, bias in (body.logit_bias or {}).items())
-    in_vocabulary(service, [t for t, _ in bias], "logit_bias")
+    service.in_vocabulary([t for t, _ in bias], "logit_bias")
     jobs = []
     for prompt in body.prompts:
         encode = chat_encoder(service, body) if chat else completion_encoder(service, prompt)

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
@@ -160,21 +160,25 @@ class Service:
             request = request.model_copy(update={
                 "parameters": request.parameters.model_copy(update={"max_new_tokens": room})})
         job = validate(request, prompt_ids, self.settings)
+        self.in_vocabulary(job.params.stop_token_ids, "stop_token_ids")
         if request.parameters.prediction:  # tokenized off the event loop, as the prompt is
             prediction = await asyncio.to_thread(self.tokenizer.encode, request.parameters.prediction,
                                                  add_special_tokens=False)
             job = dataclasses.replace(job, params=dataclasses.replace(
                 job.params, prediction=tuple(prediction[:self.settings.max_total_tokens])))
-        vocab = self.scheduler.engine.model.config.vocab_size
-        if outside := [t for t in job.params.stop_token_ids if t >= vocab]:
-            raise InputError(f"`stop_token_ids`: token id {outside[0]} is outside the vocabulary (0 to "
-                             f"{vocab - 1})", param="stop_token_ids")
         if job.params.grammar is not None:  # against the tokenizer (built for grammars at the first one)
             try:
                 await asyncio.to_thread(self.scheduler.engine.grammars.check, job.params.grammar)
             except GrammarError as e:
                 raise GrammarRefused(e) from e
         return job
+
+    def in_vocabulary(self, ids: Iterable[int], field: str) -> None:
+        """InputError, naming `field`, for a token id outside the model's vocabulary."""
+        vocab = self.scheduler.engine.model.config.vocab_size
+        if outside := [t for t in ids if t >= vocab]:
+            raise InputError(f"`{field}`: token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})",
+                             param=field)
 
     async def tokenize(self, request: GenerateRequest) -> list[SimpleToken]:
         """The prompt's tokens as generation would feed them to the model (chat template and `truncate`

@@ -16,6 +16,7 @@ has none); the system message does the same for every template.
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass
@@ -110,10 +111,17 @@ class Tools:
         """Under "auto", an answer's content as far as the text has written it (its JSON escapes decoded
         where they are whole), so that a stream sends it as it comes; None until the text is known to
         be an answer, and for a call. The grammar lays the JSON out as json.dumps does."""
-        if self.answer is None or not text.startswith(json.dumps({"name": self.answer})[:-1] + ","):
+        if self.answer is None or not text.startswith(self._answer_openings[0]):
             return None
-        opening = json.dumps({"name": self.answer, "arguments": {"content": ""}})[:-3]  # less '"}}'
+        opening = self._answer_openings[1]
         return _string_so_far(text[len(opening):]) if text.startswith(opening) else ""
+
+    @functools.cached_property
+    def _answer_openings(self) -> tuple[str, str]:
+        """How an answer's JSON begins: once it is known to be one, and up to its content's first
+        character (a stream asks at every step)."""
+        return (json.dumps({"name": self.answer})[:-1] + ",",
+                json.dumps({"name": self.answer, "arguments": {"content": ""}})[:-3])  # less '"}}'
 
 
 def _string_so_far(body: str) -> str:
