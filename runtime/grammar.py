@@ -54,7 +54,8 @@ class Grammars:
 
     `check` (the routes call it in a worker thread) compiles a grammar into a matcher at its start and
     keeps the last PREPARED of them; `constraint` (the engine's thread) copies one: 0.03 ms where
-    compiling a 30-field schema took 7.5 ms, which every running request's step would have waited.
+    compiling a 30-field schema took 7.5 ms (SmolLM2's vocabulary, AMD EPYC Zen 4), which every running
+    request's step would have waited.
     A grammar sent again (most clients send one schema with every request) is compiled once."""
 
     PREPARED = 64
