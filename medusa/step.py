@@ -162,18 +162,29 @@ class DeviceStep:
 
     def prefill(self, slot: int, tokens: list[int], begin: int) -> torch.Tensor:
         """Put prompt tokens begin .. begin + n of a slot in the cache, and the last W of them with their
-        hidden states in its window; their hidden states, [n, C]."""
-        end = begin + len(tokens)
+        hidden states in its window; their hidden states, [n, C].
+
+        Where the model has row-invariant kernels (`Llama.invariant_rows`), the tokens go through them in
+        pieces, so that a prompt's K/V do not depend on how it was chunked: the prefix cache reuses K/V
+        that a prompt chunked elsewhere wrote, and the scheduler's chunks follow the load. (A 600-token
+        prompt, SmolLM2 bf16, AMD EPYC Zen 4: 0.575 s in pieces of 24 against 0.538 s in one oneDNN
+        forward, whose rows' bits depend on the chunk's size.)"""
+        piece = self.model.invariant_rows or len(tokens)
         slots = torch.tensor([slot], device=self.device)  # [1]
-        positions = torch.arange(begin, end, device=self.device)[None]  # [1, n]
-        hidden = self.model(torch.tensor([tokens], device=self.device), positions, self.cache, slots,
-                            max_len=end)  # [1, n, C]
-        self.cache.advance(slots, end - begin)
+        hidden = []
+        for start in range(begin, begin + len(tokens), piece):
+            chunk = tokens[start - begin:start - begin + piece]
+            end = start + len(chunk)
+            positions = torch.arange(start, end, device=self.device)[None]  # [1, n]
+            hidden.append(self.model(torch.tensor([chunk], device=self.device), positions, self.cache, slots,
+                                     max_len=end)[0])  # [n, C]
+            self.cache.advance(slots, end - start)
+        hidden = torch.cat(hidden)  # [n, C]
         if self.keeps_window:
             W = self.features.shape[1]
-            self.features[slot] = torch.cat([self.features[slot], hidden[0]])[-W:]
+            self.features[slot] = torch.cat([self.features[slot], hidden])[-W:]
             self.window_tokens[slot] = torch.cat([self.window_tokens[slot], slots.new_tensor(tokens)])[-W:]
-        return hidden[0]
+        return hidden
 
     def first_token(self, slot: int, hidden_last: torch.Tensor, params: SamplingParams,
                     uniforms: torch.Tensor, allowed: torch.Tensor | None = None

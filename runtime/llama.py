@@ -373,6 +373,14 @@ class Llama(nn.Module):
         self.layer_kernels = ([list(o) for o in zip(*operands, strict=True)], rows) if ready else None
         return self
 
+    @property
+    def invariant_rows(self) -> int | None:
+        """The most new tokens one forward of one sequence takes through our CPU kernels
+        (`layer_kernels`), which give each row the same bits whatever rows come with it; None without
+        them. A prompt fed in pieces of at most this many tokens thus has the K/V and hidden states,
+        bit for bit, that any other chunking of it gives, and that decoding it token by token gives."""
+        return None if self.layer_kernels is None else min(self.layer_kernels[1], CPU_ATTENTION_MAX_NEW)
+
     def prepare_for_training(self) -> Llama:
         """Autograd from now on (training, or evaluating what training computes): the linear layers
         multiply through their weights themselves; drops the copies `prepare_for_serving` made."""
