@@ -9,6 +9,13 @@ the last accepted node. Plain decoding is the one-node tree, so both share this 
 A prompt goes into the cache with `add` (whole), or with `start` and then `prefill` one chunk at a
 time, so that a server can run steps for the other sequences between the chunks of a long prompt.
 
+Prefix caching: a slot keeps its K/V after its request ends, and a new prompt that begins with
+tokens some slot holds (a conversation's next turn, a shared system prompt) starts from them -- in
+that slot, or copied from it -- and prefills the rest only. Only K/V with the bits a prefill of the
+same tokens writes are reused: the prompt's, and a reply's where every step that wrote it went
+through row-invariant kernels (`DeviceStep.invariant`); so the output is a fresh prefill's, bit for
+bit where prefills are chunk-invariant (`DeviceStep.prefill`).
+
 The engine works on the host: requests, their slots, their generators and prompt-lookup indexes,
 stop conditions. Everything a step computes runs on the device in `medusa.step.DeviceStep`, which
 owns the KV cache and the per-slot device state, as one function with one upload and one download
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from medusa.draft import window_size
 from medusa.heads import MedusaHeads
 from medusa.lookup import NgramIndex
 from medusa.step import ROOT_ONLY, DeviceStep, Row
@@ -59,6 +67,7 @@ class Emitted:
     logprobs: list[float]
     finish_reason: str | None  # None while running; 'length' | 'eos_token' | 'stop_sequence'
     error: str | None = None  # the request failed (its slot is already free); no tokens
+    cached_tokens: int = 0  # the first token's: prompt tokens whose K/V came from the prefix cache
     speculated: bool = False  # this step verified a tree of drafts for the request
     accepted: int = 0  # drafted tokens this step accepted and emitted (<= len(token_ids))
     prefill_logprobs: list[float | None] | None = None
@@ -81,10 +90,20 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)  # includes the pending token (last)
     lookup: NgramIndex | None = None  # prompt + generated, for a tree with a lookup branch
     constraint: Constraint | None = None  # with params.grammar: what it allows next
+    exact: int = 0  # leading cached tokens whose K/V are what a prefill of them writes (the prefix cache's)
 
     @property
     def pending(self) -> int:
         return self.generated[-1]
+
+    @property
+    def cached(self) -> int:
+        return len(self.prompt) + len(self.generated) - 1  # all but the pending token
+
+    @property
+    def reusable(self) -> list[int]:
+        """The leading tokens whose K/V the prefix cache may reuse."""
+        return (self.prompt + self.generated)[:self.exact]
 
 
 @dataclass
@@ -97,10 +116,21 @@ class _Prefill:
     prompt: list[int]
     prompt_logprobs: bool
     constraint: Constraint | None
-    done: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # prompt tokens whose K/V came from the prefix cache
+    done: int = 0  # prompt tokens already in the cache (cached ones included)
     logprobs: list[float | None] = field(default_factory=lambda: [None])  # per prompt token scored so far
     # with params.top_n: each prompt token's most likely tokens where it stands (none for the first)
     top: list[list[tuple[int, float]] | None] = field(default_factory=lambda: [None])
+
+    @property
+    def reusable(self) -> list[int]:
+        return self.prompt[:self.done]
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens a and b share, up to limit."""
+    n = max(0, min(len(a), len(b), limit))
+    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _check_max_total_tokens(config: ModelConfig, max_total_tokens: int) -> None:
@@ -129,7 +159,7 @@ class Engine:
                  max_total_tokens: int = 2048, heads: MedusaHeads | None = None,
                  tree: TreeBuffers | DynamicTree | None = None, keep_hidden: bool = False,
                  max_speculative_batch: int | None = None, compile: bool = False,
-                 eager_if_compile_fails: bool = False) -> None:
+                 eager_if_compile_fails: bool = False, prefix_caching: bool = True) -> None:
         """max_speculative_batch: a step with more running sequences than this, all of those that
         speculate greedy, decodes plainly (None: no limit). A tree multiplies the rows of a step; once
         the batch alone fills the machine (a CPU), extra rows cost more than the drafts they accept.
@@ -140,6 +170,9 @@ class Engine:
         `warm_up` builds its graphs before serving. eager_if_compile_fails: should that fail, warm-up
         logs why and the engine steps eagerly (`compile` turns False; --compile auto), instead of
         raising (--compile on).
+
+        prefix_caching: a prompt starts from the K/V of the longest prefix of it that a slot holds
+        (module docstring).
 
         Raises ConfigError for what could not be exact: heads without a tree, or max_total_tokens past
         the model's positions or sliding window."""
@@ -167,6 +200,9 @@ class Engine:
                                       compile)
         self.eager_if_compile_fails = eager_if_compile_fails
         self._free = list(range(max_batch_size - 1, -1, -1))
+        self.prefix_caching = prefix_caching
+        # free slot -> the prompt tokens whose K/V it still holds, the longest unused first
+        self._kept: dict[int, list[int]] = {}
         self._running: dict[Hashable, _Sequence] = {}
         self._prefilling: dict[Hashable, _Prefill] = {}
 
@@ -252,10 +288,38 @@ class Engine:
             constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
         except GrammarError as e:
             raise EngineError(f"grammar: {e}") from e
-        slot = self._free.pop()
-        self.device_step.start(slot, prompt_ids, params.logit_bias)
+        # a prompt's logprobs need its every position's hidden state; a drafter reads the last W
+        slot, source, cached = self._take_slot(prompt_ids, 0 if prompt_logprobs else n - self._window)
+        self.device_step.start(slot, prompt_ids, params.logit_bias, source, cached)
         self._prefilling[request_id] = _Prefill(request_id, slot, params, list(prompt_ids), prompt_logprobs,
-                                                constraint)
+                                                constraint, cached=cached, done=cached)
+
+    @property
+    def _window(self) -> int:
+        """Prompt tokens a prefill must compute itself: the drafter's window (at least the last one)."""
+        return window_size(self.heads)
+
+    def _take_slot(self, prompt: list[int], limit: int) -> tuple[int, int, int]:
+        """A free slot for a prompt, the slot whose K/V it starts from and how many of its tokens (at
+        most limit): the longest prefix of the prompt that any slot's prefills wrote, a free slot's
+        kept prompt or a busy one's. The slot taken is the free one holding that prefix (nothing to
+        copy), else one holding none, else the one unused longest."""
+        held = {pre.slot: pre.reusable for pre in self._prefilling.values()}
+        held |= {seq.slot: seq.reusable for seq in self._running.values()} | self._kept
+        best, source = 0, -1
+        if self.prefix_caching:
+            for slot, tokens in held.items():
+                n = _common_prefix(tokens, prompt, limit)
+                if n > best or (n == best > 0 and slot in self._kept):  # a tie: no copy
+                    best, source = n, slot
+        if source in self._kept:
+            slot = source
+        else:
+            empty = [s for s in self._free if s not in self._kept]
+            slot = empty[-1] if empty else next(iter(self._kept))
+        self._free.remove(slot)
+        self._kept.pop(slot, None)
+        return slot, source, best
 
     @torch.inference_mode()
     def prefill(self, request_id: Hashable, max_tokens: int) -> Emitted | None:
@@ -270,7 +334,10 @@ class Engine:
             return self._prefill(self._prefilling[request_id], max_tokens)
 
     def _prefill(self, pre: _Prefill, max_tokens: int) -> Emitted | None:
-        begin, end = pre.done, min(pre.done + max_tokens, len(pre.prompt))
+        begin = pre.done
+        if begin == pre.cached > 0:  # the drafter's window comes from this chunk, not the cached tokens
+            max_tokens = max(max_tokens, self._window)
+        end = min(begin + max_tokens, len(pre.prompt))
         hidden = self.device_step.prefill(pre.slot, pre.prompt[begin:end], begin)  # [n, C]
         pre.done = end
         if pre.prompt_logprobs:  # the hidden state of prompt token i scores prompt token i + 1
@@ -289,7 +356,7 @@ class Engine:
         generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
         lookup = NgramIndex(pre.prompt, prediction=params.prediction) if self.tree.lookup else None
         seq = _Sequence(pre.request_id, pre.slot, params, pre.prompt, generator, lookup=lookup,
-                        constraint=pre.constraint)
+                        constraint=pre.constraint, exact=len(pre.prompt))
         allowed = None if seq.constraint is None else seq.constraint.allowed()
         if params.min_tokens > 0:
             allowed = self._without_eos(allowed, params)
@@ -300,7 +367,7 @@ class Engine:
         prefill_logprobs = pre.logprobs if pre.prompt_logprobs else None
         prefill_top = pre.top if pre.prompt_logprobs and params.top_n else None
         return self._emit(seq, [token], [logprob], prefill_logprobs=prefill_logprobs,
-                          prefill_top=prefill_top,
+                          prefill_top=prefill_top, cached_tokens=pre.cached,
                           hidden=hidden[-1:] if self.keep_hidden else None,
                           top=None if top is None else [top])
 
@@ -308,11 +375,14 @@ class Engine:
         """Drop a running or prefilling request and free its slot (no-op for an unknown id)."""
         self._release(request_id)
 
-    def _release(self, request_id: Hashable) -> None:
-        """The one place a slot is freed: a request finished, was cancelled or failed."""
+    def _release(self, request_id: Hashable, keep: bool = True) -> None:
+        """The one place a slot is freed: a request finished, was cancelled or failed. With keep, the
+        slot keeps its prompt's K/V for the prefix cache (a request that failed keeps none)."""
         held = self._running.pop(request_id, None) or self._prefilling.pop(request_id, None)
         if held is not None:
             self._free.append(held.slot)
+            if keep and self.prefix_caching and held.reusable:
+                self._kept[held.slot] = held.reusable
 
     @contextlib.contextmanager
     def _released_on_error(self, request_ids: Iterable[Hashable]) -> Iterator[None]:
@@ -321,7 +391,7 @@ class Engine:
             yield
         except BaseException:
             for request_id in request_ids:
-                self._release(request_id)
+                self._release(request_id, keep=False)
             raise
 
     # ---------------------------------------------------------------- one step
@@ -352,7 +422,10 @@ class Engine:
         if not rows:
             return out
         results, hidden = self.device_step.run(rows, self.keep_hidden)
+        invariant = self.device_step.invariant(rows)
         for b, (seq, row, result) in enumerate(zip(stepping, rows, results, strict=True)):
+            if invariant and seq.exact == seq.cached:  # the K/V this step keeps extend the exact ones
+                seq.exact += result.accepted_len
             try:
                 out.append(self._emit(seq, result.tokens, result.logprobs, speculated=row.speculate,
                                       drafted=result.accepted_len - 1,
@@ -403,7 +476,7 @@ class Engine:
         return torch.rand(self.device_step.num_uniforms, generator=seq.generator, dtype=torch.float64)
 
     def _fail(self, seq: _Sequence, error: str) -> Emitted:
-        self._release(seq.request_id)
+        self._release(seq.request_id, keep=False)
         return Emitted(seq.request_id, [], [], None, error=error)
 
     # ---------------------------------------------------------------- finishing
@@ -411,8 +484,8 @@ class Engine:
     def _emit(self, seq: _Sequence, tokens: list[int], logprobs: list[float], *, speculated: bool = False,
               drafted: int = 0, prefill_logprobs: list[float | None] | None = None,
               prefill_top: list[list[tuple[int, float]] | None] | None = None,
-              hidden: torch.Tensor | None = None, top: list[list[tuple[int, float]]] | None = None
-              ) -> Emitted:
+              hidden: torch.Tensor | None = None, top: list[list[tuple[int, float]]] | None = None,
+              cached_tokens: int = 0) -> Emitted:
         """Append tokens one by one; stop exactly at EOS, a stop sequence or max_new_tokens.
 
         tokens: `drafted` accepted drafts, then the token sampled after them; a stop inside the drafts
@@ -435,7 +508,8 @@ class Engine:
         return Emitted(seq.request_id, tokens[:kept], logprobs[:kept], reason, speculated=speculated,
                        accepted=min(drafted, kept), prefill_logprobs=prefill_logprobs,
                        prefill_top_tokens=prefill_top,
-                       hidden=hidden, top_tokens=None if top is None else top[:kept])
+                       hidden=hidden, top_tokens=None if top is None else top[:kept],
+                       cached_tokens=cached_tokens)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         params = seq.params

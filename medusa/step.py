@@ -149,9 +149,13 @@ class DeviceStep:
 
     # ---------------------------------------------------------------- prefill (eager)
 
-    def start(self, slot: int, prompt: list[int], logit_bias: tuple[tuple[int, float], ...] = ()) -> None:
-        """Empty a slot for a new prompt, with its logit bias."""
+    def start(self, slot: int, prompt: list[int], logit_bias: tuple[tuple[int, float], ...] = (),
+              source: int = -1, cached: int = 0) -> None:
+        """Empty a slot for a new prompt, with its logit bias; with `cached`, the slot starts from the
+        K/V of that many leading tokens of slot `source` (the prompt's, which the caller matched)."""
         self.cache.free(slot)
+        if cached:
+            self.cache.reuse(slot, source, cached)
         self.in_prompt[slot] = False
         self.in_prompt[slot, torch.tensor(prompt, device=self.device)] = True
         self.counts[slot] = 0
@@ -231,6 +235,13 @@ class DeviceStep:
             top = top_of(values[1 + 2 * P:], n, row.params.top_n) if row.params.top_n else None
             results.append(StepResult(n, [int(t) for t in values[1:1 + n]], values[1 + P:1 + P + n], top))
         return results, hidden[:B].clone() if keep_hidden else None  # (a CUDA graph's output is reused)
+
+    def invariant(self, rows: list[Row]) -> bool:
+        """Whether `run` on these rows went through kernels that give each row the bits it has alone
+        (`Llama.invariant_rows`): the K/V it kept are then those a prefill of the same tokens writes."""
+        T = self.tree.num_nodes if any(r.speculate for r in rows) else 1
+        limit = self.model.invariant_rows
+        return not self.compile and limit is not None and len(rows) * T <= limit
 
     def warm_up(self, max_batch: int, speculative: bool, eager_if_compile_fails: bool = False) -> None:
         """Run every graph `run` can use -- batch buckets up to max_batch's, any attention length,

@@ -89,3 +89,11 @@ class KVCache:
 
     def free(self, slot: int) -> None:
         self.lens[slot] = 0
+
+    def reuse(self, slot: int, source: int, n: int) -> None:
+        """Start a slot from the first n positions of slot `source` (itself: nothing moves)."""
+        if source != slot:
+            for k, v in zip(self.k, self.v, strict=True):
+                k[slot, :, :n] = k[source, :, :n]
+                v[slot, :, :n] = v[source, :, :n]
+        self.lens[slot] = n
