@@ -96,7 +96,7 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
                   max_batch_size=settings.max_batch_size, max_total_tokens=settings.max_total_tokens,
                   max_speculative_batch=settings.speculative_batch_limit,
                   compile=use_compile(settings.compile, settings.device),
-                  eager_if_compile_fails=settings.compile == "auto")
+                  eager_if_compile_fails=settings.compile == "auto", prefix_caching=settings.prefix_caching)
 
 
 def load_engine(settings: Settings, loaded: LoadedModel | None = None) -> tuple[LoadedModel, Engine]:

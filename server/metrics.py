@@ -39,6 +39,9 @@ class Metrics:
         for reason in FAILURE_REASONS:
             self.failures.labels(reason)
         self.prompt_tokens = Counter("medusa_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens_cached = Counter(
+            "medusa_prompt_tokens_cached", "Prompt tokens whose K/V the prefix cache held (of "
+            "medusa_prompt_tokens, not prefilled again)", registry=r)
         self.generation_tokens = Counter("medusa_generation_tokens", "Tokens generated", registry=r)
 
         self.queue_time = Histogram("medusa_request_queue_time_seconds", "Time from arrival to a KV slot",
@@ -101,8 +104,9 @@ class Metrics:
         self.queue_time.observe(queue_seconds)
         self.prompt_tokens.inc(prompt_tokens)
 
-    def first_token(self, seconds_since_arrival: float) -> None:
+    def first_token(self, seconds_since_arrival: float, cached_tokens: int = 0) -> None:
         self.time_to_first_token.observe(seconds_since_arrival)
+        self.prompt_tokens_cached.inc(cached_tokens)
         self.generation_tokens.inc()
 
     def next_tokens(self, seconds_since_previous: float, count: int) -> None:

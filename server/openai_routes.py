@@ -51,6 +51,7 @@ from server.openai_protocol import (
     Model,
     ModelList,
     OpenAIErrorResponse,
+    PromptTokensDetails,
     TokenLogprob,
     ToolCallDelta,
     TopLogprob,
@@ -337,10 +338,13 @@ def best(jobs: list[Job], generations: list[Generation], candidates: int, n: int
 
 
 def usage(jobs: list[Job], generations: list[Generation], n: int) -> Usage:
-    """OpenAI's usage: each prompt counted once however many choices it has; every choice's tokens."""
+    """OpenAI's usage: each prompt counted once however many choices it has (its first choice's cached
+    tokens); every choice's tokens."""
     prompt = sum(len(job.prompt_ids) for job in jobs[::n])
     completion = sum(len(g.tokens) for g in generations)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(g.cached_tokens for g in generations[::n])
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 # a token with its most likely alternatives where they were asked for (None: not asked, or a prompt token)

@@ -301,6 +301,8 @@ class Info(BaseModel):
     docker_label: str | None = None
     # the decoding step runs through torch.compile (--compile; false where auto's build failed)
     compiled: bool
+    # a prompt reuses the K/V of the longest prefix of it that a slot holds (--prefix-caching)
+    prefix_caching: bool = True
     speculation: SpeculationInfo
 
 

@@ -31,6 +31,7 @@ from server.openai_protocol import (
     ChatCompletionRequest,
     ChatMessageOut,
     Empty,
+    PromptTokensDetails,
     Usage,
     refused,
 )
@@ -302,7 +303,8 @@ def status_of(finish: str) -> Literal["completed", "incomplete"]:
 
 def usage_of(job: Job, generation: Generation) -> Usage:
     return Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=len(generation.tokens),
-                 total_tokens=len(job.prompt_ids) + len(generation.tokens))
+                 total_tokens=len(job.prompt_ids) + len(generation.tokens),
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=generation.cached_tokens))
 
 
 def response_of(body: ResponseRequest, reply: Reply, status: str, output: list, usage: Usage | None = None,
@@ -315,9 +317,10 @@ def response_of(body: ResponseRequest, reply: Reply, status: str, output: list, 
         tool_choice=tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(),
         tools=[t.model_dump(exclude_none=True) for t in body.tools or []], temperature=body.temperature,
         top_p=body.top_p, max_output_tokens=body.max_output_tokens, metadata=body.metadata,
-        usage=None if usage is None else ResponseUsage(input_tokens=usage.prompt_tokens,
-                                                       output_tokens=usage.completion_tokens,
-                                                       total_tokens=usage.total_tokens),
+        usage=None if usage is None else ResponseUsage(
+            input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens,
+            input_tokens_details={"cached_tokens": usage.prompt_tokens_details.cached_tokens}),
         medusa=medusa)
 
 

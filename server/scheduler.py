@@ -381,7 +381,7 @@ class Scheduler:
             return
         now = time.perf_counter()
         if request.last_token_at is None:
-            self.metrics.first_token(now - request.stream.queued_at)
+            self.metrics.first_token(now - request.stream.queued_at, item.cached_tokens)
         else:
             self.metrics.next_tokens(now - request.last_token_at, len(item.token_ids))
         request.last_token_at = now

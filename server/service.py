@@ -60,6 +60,7 @@ class Generation:
         self.speculative = speculative
         self.spec_steps = 0
         self.accepted_tokens = 0
+        self.cached_tokens = 0  # prompt tokens whose K/V the prefix cache held
 
     def add(self, emitted: Emitted) -> list[Token]:
         """Record one Emitted; return its tokens, each with the text it adds."""
@@ -74,6 +75,7 @@ class Generation:
         if emitted.prefill_logprobs is not None:
             self.prefill_logprobs = emitted.prefill_logprobs
         self.spec_steps += emitted.speculated
+        self.cached_tokens += emitted.cached_tokens
         self.accepted_tokens += emitted.accepted
         self.finish_reason = emitted.finish_reason
         return new
@@ -224,6 +226,7 @@ class Service:
             max_concurrent_requests=s.max_batch_size + s.max_queue, max_input_tokens=s.max_input_tokens,
             max_input_length=s.max_input_tokens, max_total_tokens=s.max_total_tokens,
             max_batch_size=s.max_batch_size, max_queue=s.max_queue, version=VERSION, compiled=engine.compile,
+            prefix_caching=engine.prefix_caching,
             speculation=SpeculationInfo(enabled=heads is not None,
                                         drafter=drafter_kind(heads) if heads is not None else None,
                                         num_heads=num_heads,

@@ -91,6 +91,10 @@ class Settings(BaseModel):
         default=None, ge=0, description="when more requests than this run and all of them are greedy, decode "
         "plainly (same output, less work); default on the CPU: the measured crossover, 2 with the heads and "
         "1 with the draft layer (python -m benchmarks.crossover measures a machine's); no limit on CUDA")
+    prefix_caching: bool = Field(
+        default=True, description="a prompt that begins with tokens a KV slot holds from an earlier prompt "
+        "(a conversation's next turn, a shared system prompt) reuses their K/V instead of prefilling them "
+        "again; usage reports them as prompt_tokens_details.cached_tokens")
 
     @model_validator(mode="after")
     def _keys_given(self) -> Settings:
