@@ -2,7 +2,8 @@
 output, with the cache and without, the two engines taking turns in one process.
 
     python -m benchmarks.conversation --prompts ../shared/data/spec_bench_dev.jsonl [--limit 10] \
-        [--max-new-tokens 128] [--dtype auto] [--drafter heads|eagle|none] [--json]
+        [--max-new-tokens 128] [--dtype auto] [--drafter heads|eagle|none] [--medusa-heads DIR] \
+        [--eagle DIR] [--json]
 
 Each question with several turns (Spec-Bench's mt_bench ones) is a conversation: turn k's prompt is
 the chat template over the turns before it with the model's answers to them, then turn k. Both
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--model", help="model spec (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--drafter", choices=("heads", "eagle", "none"), default="heads")
+    ap.add_argument("--medusa-heads", help="heads folder for --drafter heads (default: the shipped heads for "
+                                           "the embedded model, random heads for another)")
+    ap.add_argument("--eagle", help="draft layer folder for --drafter eagle (default: the shipped one)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--json", action="store_true")
@@ -50,10 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = loaded.model
     drafter = tree = None
     if args.drafter == "heads":
-        drafter, _ = get_heads(loaded, None, args.model)
+        drafter, _ = get_heads(loaded, args.medusa_heads, args.model)
     elif args.drafter == "eagle":
-        drafter = load_drafter(SHIPPED_EAGLE, model.config, model.lm_head, device=model.embed.weight.device,
-                               dtype=model.embed.weight.dtype)
+        drafter = load_drafter(args.eagle or SHIPPED_EAGLE, model.config, model.lm_head,
+                               device=model.embed.weight.device, dtype=model.embed.weight.dtype)
     if drafter is not None:
         tree = get_tree(default_tree(args.device, loaded.dtype_name, args.drafter))
     where = cpu_name() if args.device == "cpu" else args.device

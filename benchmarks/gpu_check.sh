@@ -18,11 +18,14 @@
 #   speculative-float32    plain decoding and both drafters in float32, compile off: whether greedy
 #                     speculation gives plain decoding's tokens on the GPU (exact_match; bf16 is not
 #                     expected to: one row's products and many rows' round differently there)
+#   conversation      benchmarks.conversation, the heads: whether a conversation's later turns give
+#                     the same tokens through the prefix cache as without it on the GPU (same_output),
+#                     and their time to first token both ways
 #   step              benchmarks.engine, verify and syncs: one verification of T = 1/16/64 tree nodes
 #                     (forward, engine step) and host synchronisations per engine step
 #   sweep             Triton launch configurations (CUDA only)
 # GPU_CHECK_PARTS names the parts to run ("none": the carry alone); by default all but
-# decode-llama3-8b, speculative-dynamic, speculative-float32 and sweep. Each part has its own time
+# decode-llama3-8b, speculative-dynamic, speculative-float32, conversation and sweep. Each part has its own time
 # limit, sized for a cold H200 (the first Triton and Inductor builds included), so one hang cannot eat
 # the session, and a part that fails (a FAIL in the check, a failed case, an error, a timeout) does not
 # stop the next; the last row sums up (seconds taken, failed parts), and the script then exits 1.
@@ -79,6 +82,7 @@ run() {  # run LIMIT_S PART COMMAND...: one part under its time limit
 }
 
 speculative() {  # speculative LABEL LIMIT_S ARGS...: the real model, labelled JSON on stdout, its table on stderr
+    # (through benchmarks.speculative, or the module MODULE names, which takes the same options)
     local label=$1 limit=$(($2 * SCALE)) prompts=${SPEC_BENCH_PROMPTS:-../shared/data/spec_bench_dev.jsonl}
     shift 2
     wanted "$label" || return 0
@@ -110,7 +114,7 @@ EOF
                --eagle medusa/weights/smollm2-135m-instruct-eagle)
     fi
     [ $TINY = 1 ] && size=(--limit 2 --max-new-tokens 8)
-    timeout -k 10 "$limit" "$PY" -m benchmarks.speculative --json --prompts "$prompts" --device "$DEVICE" \
+    timeout -k 10 "$limit" "$PY" -m "${MODULE:-benchmarks.speculative}" --json --prompts "$prompts" --device "$DEVICE" \
         --dtype "$DTYPE" ${model[@]+"${model[@]}"} "${size[@]}" "$@" |
         while IFS= read -r line; do
             if [[ $line == "{"* ]]; then echo "{\"part\": \"$label\", ${line#\{}"; else echo "$line" >&2; fi
@@ -145,6 +149,7 @@ else
 fi
 speculative speculative-dynamic 100 --compile off --modes medusa,eagle --tree dynamic:48,lookup=16
 speculative speculative-float32 80 --compile off --modes plain,medusa,eagle --dtype float32 --limit 3
+MODULE=benchmarks.conversation speculative conversation 80 --drafter heads
 run 120 step "$PY" -m benchmarks.engine --json --parts verify,syncs --shapes llama2-7b "${ARGS[@]}"
 if [ "$DEVICE" != cpu ]; then  # the sweep times Triton launches: CUDA only
     run 150 sweep "$PY" -m benchmarks.attention --json --sweep "${ARGS[@]}"

@@ -32,7 +32,7 @@ def positive(row: dict, *keys: str) -> bool:
 @pytest.mark.slow
 def test_the_dry_run_gives_every_reading():
     every_part = ("env check bench decode-llama2-7b decode-llama3-8b speculative speculative-compiled "
-                  "speculative-dynamic speculative-float32 step")
+                  "speculative-dynamic speculative-float32 conversation step")
     status, rows = gpu_check({"GPU_CHECK_PARTS": every_part})
     assert [row for row in rows if "error" in row] == []
     assert status == 0
@@ -68,6 +68,8 @@ def test_the_dry_run_gives_every_reading():
         [float32] = [row for row in rows if row.get("part") == "speculative-float32"]
         assert float32["dtype"] == "float32" and float32["prompts"] == 3  # the part's own --limit
         assert "exact_match" in float32 and "eagle_exact_match" in float32
+        [conversation] = [row for row in rows if row.get("part") == "conversation"]
+        assert conversation["same_output"] == 1.0 and positive(conversation, "cached_share")
 
 
 def test_the_real_model_part_is_skipped_without_its_prompts():
