@@ -288,8 +288,8 @@ class Engine:
             constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
         except GrammarError as e:
             raise EngineError(f"grammar: {e}") from e
-        # a prompt's logprobs need its every position's hidden state; a drafter reads the last W
-        slot, source, cached = self._take_slot(prompt_ids, 0 if prompt_logprobs else n - self._window)
+        source, cached = self._longest_prefix(prompt_ids, prompt_logprobs)
+        slot = self._take_slot(source)
         self.device_step.start(slot, prompt_ids, params.logit_bias, source, cached)
         self._prefilling[request_id] = _Prefill(request_id, slot, params, list(prompt_ids), prompt_logprobs,
                                                 constraint, cached=cached, done=cached)
@@ -299,19 +299,24 @@ class Engine:
         """Prompt tokens a prefill must compute itself: the drafter's window (at least the last one)."""
         return window_size(self.heads)
 
-    def _take_slot(self, prompt: list[int], limit: int) -> tuple[int, int, int]:
-        """A free slot for a prompt, the slot whose K/V it starts from and how many of its tokens (at
-        most limit): the longest prefix of the prompt that any slot's prefills wrote, a free slot's
-        kept prompt or a busy one's. The slot taken is the free one holding that prefix (nothing to
-        copy), else one holding none, else the one unused longest."""
+    def _longest_prefix(self, prompt: list[int], prompt_logprobs: bool) -> tuple[int, int]:
+        """The slot holding the longest prefix of the prompt whose K/V may be reused -- a free slot's
+        kept tokens or a busy one's (`reusable`) -- and its length; (-1, 0) for none. A free slot wins
+        a tie: nothing to copy. The prompt's last W tokens are left to compute (the drafter's window, at
+        least the token the first one is sampled after), and all of it where its logprobs are asked."""
         held = {pre.slot: pre.reusable for pre in self._prefilling.values()}
         held |= {seq.slot: seq.reusable for seq in self._running.values()} | self._kept
+        limit = 0 if prompt_logprobs or not self.prefix_caching else len(prompt) - self._window
         best, source = 0, -1
-        if self.prefix_caching:
-            for slot, tokens in held.items():
-                n = _common_prefix(tokens, prompt, limit)
-                if n > best or (n == best > 0 and slot in self._kept):  # a tie: no copy
-                    best, source = n, slot
+        for slot, tokens in held.items():
+            n = _common_prefix(tokens, prompt, limit)
+            if n > best or (n == best > 0 and slot in self._kept):
+                best, source = n, slot
+        return source, best
+
+    def _take_slot(self, source: int) -> int:
+        """A free slot: `source` where it is a free one (it holds the prefix), else one holding nothing,
+        else the one unused longest."""
         if source in self._kept:
             slot = source
         else:
@@ -319,7 +324,7 @@ class Engine:
             slot = empty[-1] if empty else next(iter(self._kept))
         self._free.remove(slot)
         self._kept.pop(slot, None)
-        return slot, source, best
+        return slot
 
     @torch.inference_mode()
     def prefill(self, request_id: Hashable, max_tokens: int) -> Emitted | None:
@@ -334,6 +339,11 @@ class Engine:
             return self._prefill(self._prefilling[request_id], max_tokens)
 
     def _prefill(self, pre: _Prefill, max_tokens: int) -> Emitted | None:
+        if pre.done == pre.cached:  # before the first chunk: requests admitted together share a prefix
+            source, n = self._longest_prefix(pre.prompt, pre.prompt_logprobs)  # that one prefilled since
+            if n > pre.done:
+                self.cache.reuse(pre.slot, source, n)
+                pre.cached = pre.done = n
         begin = pre.done
         if begin == pre.cached > 0:  # the drafter's window comes from this chunk, not the cached tokens
             max_tokens = max(max_tokens, self._window)

@@ -194,3 +194,23 @@ def test_a_reply_written_by_a_step_of_more_rows_than_the_kernels_take_is_prefill
     first, tokens = finish(e, "a again", turn2, GREEDY)
     assert first.cached_tokens == len(prompts["a"])
     assert tokens == finish(engine(served_bf16, "heads", prefix_caching=False), "x", turn2, GREEDY)[1]
+
+
+def test_requests_started_together_share_the_prefix_the_first_one_prefills(model):
+    """A burst with one system prompt, admitted before any of it is prefilled (as the scheduler
+    admits a round): each later request copies the prefix at its first chunk."""
+    prompts = {"a": SYSTEM + [30, 31], "b": SYSTEM + [50, 51, 52], "c": SYSTEM + [60]}
+    off = engine(model, prefix_caching=False)
+    alone = {rid: finish(off, rid, p, GREEDY)[1] for rid, p in prompts.items()}
+    e = engine(model, slots=3)
+    for rid, prompt in prompts.items():
+        e.start(rid, prompt, GREEDY)
+    out, cached = {}, {}
+    for rid in prompts:
+        first = e.prefill(rid, 100)
+        out[rid], cached[rid] = list(first.token_ids), first.cached_tokens
+    assert cached == {"a": 0, "b": len(SYSTEM), "c": len(SYSTEM)}
+    while e.running:
+        for emitted in e.step():
+            out[emitted.request_id] += emitted.token_ids
+    assert out == alone
