@@ -201,7 +201,7 @@ class Engine:
         self.eager_if_compile_fails = eager_if_compile_fails
         self._free = list(range(max_batch_size - 1, -1, -1))
         self.prefix_caching = prefix_caching
-        # free slot -> the prompt tokens whose K/V it still holds, the longest unused first
+        # free slot -> the leading tokens whose K/V it still holds for reuse, the longest unused first
         self._kept: dict[int, list[int]] = {}
         self._running: dict[Hashable, _Sequence] = {}
         self._prefilling: dict[Hashable, _Prefill] = {}
@@ -387,7 +387,7 @@ class Engine:
 
     def _release(self, request_id: Hashable, keep: bool = True) -> None:
         """The one place a slot is freed: a request finished, was cancelled or failed. With keep, the
-        slot keeps its prompt's K/V for the prefix cache (a request that failed keeps none)."""
+        slot keeps the K/V the prefix cache may reuse (`reusable`; a request that failed keeps none)."""
         held = self._running.pop(request_id, None) or self._prefilling.pop(request_id, None)
         if held is not None:
             self._free.append(held.slot)
@@ -450,7 +450,7 @@ class Engine:
         grammar, the tokens it forces from here as the lookup guesses (speculating on them alone: the
         other nodes' masks would depend on their drafts) and the mask of what it allows after them."""
         L = self.tree.lookup
-        cached = len(seq.prompt) + len(seq.generated) - 1
+        cached = seq.cached
         # tokens the step may emit before the one whose index is min_tokens (from which EOS is allowed)
         banned = seq.params.min_tokens - len(seq.generated)
         if seq.constraint is None:
