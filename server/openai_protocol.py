@@ -322,7 +322,7 @@ class ChatCompletionRequest(_Request):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         default=None, description="'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
                                   "{\"name\": <a tool's name>}}")
-    parallel_tool_calls: bool | None = None  # each choice makes at most one call either way
+    parallel_tool_calls: bool | None = None  # None: true, as OpenAI's (server/tools.py)
     tool_prompt: str | None = None  # TGI's: what the list of tools follows (server.tools.CALL_PROMPT)
     prediction: Prediction | None = None  # drafted from by the lookup branch
     functions: Empty | None = refused("only null or []: functions (the deprecated form of tools) are")

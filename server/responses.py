@@ -123,7 +123,7 @@ class ResponseRequest(Body):
     stream: bool | None = False
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
-    parallel_tool_calls: bool | None = None  # at most one call either way
+    parallel_tool_calls: bool | None = None  # None: true, as OpenAI's
     text: TextConfig | None = None
     store: bool | None = None  # nothing is stored, whatever it says
     metadata: dict[str, str] | None = None
@@ -313,7 +313,8 @@ def response_of(body: ResponseRequest, reply: Reply, status: str, output: list, 
     return ResponseBody(
         id=reply.id, created_at=reply.created, model=reply.model, status=status,
         incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
-        instructions=body.instructions, output=output, parallel_tool_calls=bool(body.parallel_tool_calls),
+        instructions=body.instructions, output=output,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
         tool_choice=tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(),
         tools=[t.model_dump(exclude_none=True) for t in body.tools or []], temperature=body.temperature,
         top_p=body.top_p, max_output_tokens=body.max_output_tokens, metadata=body.metadata,

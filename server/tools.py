@@ -7,7 +7,9 @@ so a call is never a guess parsed out of free text: its name is one of the tools
 follow their schema. Where `tool_choice` is "auto" one more function is listed, `answer`
 (`{"content": <text>}`), whose call is an answer without a call, returned as the message's content.
 (ANSWER_PARAMETERS says why a function.) "required" lets the model call any of the tools, a named choice
-that one alone (listed alone). One call per choice (`parallel_tool_calls` asks for at most that).
+that one alone (listed alone). Unless `parallel_tool_calls` is false (OpenAI's default is true) or the
+choice is named, the model may also make several calls at once, as a JSON array of two or more calls
+(of the tools, not `answer`).
 
 Earlier turns of an agent's loop are rendered as the model wrote them: an assistant's calls as their
 JSON, a tool's result as a `tool` message. The chat template is given no `tools` variable (SmolLM2's
@@ -33,6 +35,9 @@ from server.openai_protocol import (
 
 CALL_PROMPT = ('To call a function, reply with only a JSON object: {"name": <the function\'s name>, '
                '"arguments": <its arguments as a JSON object>}. The functions:')
+# with parallel calls, before the list of functions
+PARALLEL_PROMPT = CALL_PROMPT.replace(" The functions:", " To call several at once, reply with a JSON array "
+                                                         "of such objects. The functions:")
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}  # `parameters` omitted
 
 
@@ -59,6 +64,7 @@ class Tools:
     answer: str | None  # the answer function's name, under "auto"
     named: bool  # a named choice: OpenAI's finish_reason is then "stop", not "tool_calls"
     prompt: str = CALL_PROMPT  # what the list of functions follows in the system message
+    parallel: bool = False  # several calls at once may be written, as a JSON array of two or more
 
     @classmethod
     def of(cls, body: ChatCompletionRequest) -> Tools | None:
@@ -66,23 +72,32 @@ class Tools:
         choice = body.tool_choice or ("auto" if body.tools else "none")
         if not body.tools or choice == "none":
             return None
-        tools, prompt = [t.function for t in body.tools], body.tool_prompt or CALL_PROMPT
+        tools = [t.function for t in body.tools]
         if isinstance(choice, NamedToolChoice):
             named = [f for f in tools if f.name == choice.function.name]
-            return cls(functions=named, answer=None, named=True, prompt=prompt)
+            return cls(functions=named, answer=None, named=True, prompt=body.tool_prompt or CALL_PROMPT)
+        parallel = body.parallel_tool_calls is not False
+        prompt = body.tool_prompt or (PARALLEL_PROMPT if parallel else CALL_PROMPT)
         if choice == "required":
-            return cls(functions=tools, answer=None, named=False, prompt=prompt)
+            return cls(functions=tools, answer=None, named=False, prompt=prompt, parallel=parallel)
         answer = "answer"
         while answer in {f.name for f in tools}:
             answer += "_"
-        return cls(functions=[*tools, _answer(answer)], answer=answer, named=False, prompt=prompt)
+        return cls(functions=[*tools, _answer(answer)], answer=answer, named=False, prompt=prompt,
+                   parallel=parallel)
 
     def schema(self) -> dict:
         """The JSON schema of every reply the model may write."""
-        calls = [{"type": "object",
-                  "properties": {"name": {"const": f.name}, "arguments": _closed(f.parameters)},
-                  "required": ["name", "arguments"], "additionalProperties": False} for f in self.functions]
-        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+        calls = {f.name: {"type": "object",
+                          "properties": {"name": {"const": f.name}, "arguments": _closed(f.parameters)},
+                          "required": ["name", "arguments"], "additionalProperties": False}
+                 for f in self.functions}
+        one = _any_of(list(calls.values()))
+        if not self.parallel:
+            return one
+        several = {"type": "array", "items": _any_of([c for name, c in calls.items() if name != self.answer]),
+                   "minItems": 2}
+        return {"anyOf": [one, several]}
 
     def instructions(self) -> str:
         listed = [json.dumps(f.model_dump(exclude_none=True, exclude={"strict"})) for f in self.functions]
@@ -97,15 +112,16 @@ class Tools:
         except json.JSONDecodeError:
             content = self.answer_so_far(text)
             return None if content is None else (ChatMessageOut(content=content), None)
-        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        calls = value if isinstance(value, list) and self.parallel else [value]
+        if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
             return None
-        arguments = value.get("arguments", {})
-        if value["name"] == self.answer:
+        if calls[0]["name"] == self.answer and len(calls) == 1:
+            arguments = calls[0].get("arguments")
             content = arguments.get("content") if isinstance(arguments, dict) else None
             return (ChatMessageOut(content=content), "stop") if isinstance(content, str) else None
-        call = ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", type="function", function=FunctionCall(
-            name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False)))
-        return ChatMessageOut(content=None, tool_calls=[call]), "stop" if self.named else "tool_calls"
+        made = [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", type="function", function=FunctionCall(
+            name=c["name"], arguments=json.dumps(c.get("arguments", {}), ensure_ascii=False))) for c in calls]
+        return ChatMessageOut(content=None, tool_calls=made), "stop" if self.named else "tool_calls"
 
     def answer_so_far(self, text: str) -> str | None:
         """Under "auto", an answer's content as far as the text has written it (its JSON escapes decoded
@@ -122,6 +138,10 @@ class Tools:
         character (a stream asks at every step)."""
         return (json.dumps({"name": self.answer})[:-1] + ",",
                 json.dumps({"name": self.answer, "arguments": {"content": ""}})[:-3])  # less '"}}'
+
+
+def _any_of(schemas: list[dict]) -> dict:
+    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
 
 
 def _string_so_far(body: str) -> str:
@@ -164,9 +184,11 @@ def conversation(messages: list[ChatMessage], tools: Tools | None) -> list[dict[
 
 
 def _text(message: ChatMessage) -> str:
-    calls = [json.dumps({"name": c.function.name, "arguments": _arguments(c.function.arguments)},
-                        ensure_ascii=False) for c in message.tool_calls or []]
-    return "\n".join(([message.text()] if message.text() else []) + calls)
+    """A message's text; an assistant's calls as the model writes them (several: a JSON array)."""
+    calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)}
+             for c in message.tool_calls or []]
+    written = [json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)] if calls else []
+    return "\n".join(([message.text()] if message.text() else []) + written)
 
 
 def _arguments(arguments: str) -> object:

@@ -59,7 +59,8 @@ def test_a_streamed_response_sends_its_text_in_deltas_and_ends_with_the_whole(sd
 def test_function_tools_are_called_and_an_agents_loop_replayed(sdk):
     tools = [{"type": "function", **t["function"]} for t in TOOLS]
     response = sdk.responses.create(model="m", input=[{"role": "user", "content": "Weather in Paris?"}],
-                                    tools=tools, tool_choice="required", temperature=0, max_output_tokens=60)
+                                    tools=tools, tool_choice="required", temperature=0, max_output_tokens=60,
+                                    parallel_tool_calls=False)
     (call,) = response.output
     assert call.type == "function_call" and call.call_id.startswith("call_")
     arguments_follow_their_tools_schema(SimpleNamespace(function=call))  # name and arguments at the top
