@@ -244,13 +244,17 @@ class Engine:
         return {i: len(pre.prompt) - pre.done for i, pre in self._prefilling.items()}
 
     def check(self) -> None:
-        """Raise InvariantError unless every slot is free or held by exactly one live request."""
+        """Raise InvariantError unless every slot is free or held by exactly one live request, and only
+        free slots keep K/V for the prefix cache (a held slot's are its request's)."""
         held = [pre.slot for pre in self._prefilling.values()] + [seq.slot for seq in self._running.values()]
         both = self._prefilling.keys() & self._running.keys()
         if sorted(held + self._free) != list(range(self.num_slots)) or both:
             raise InvariantError(f"cache slots and requests disagree: free {sorted(self._free)}, prefilling "
                                  f"{[pre.slot for pre in self._prefilling.values()]}, running "
                                  f"{[seq.slot for seq in self._running.values()]}, in both {sorted(both)}")
+        if not self._kept.keys() <= set(self._free):
+            raise InvariantError(f"slots {sorted(self._kept.keys() - set(self._free))} are held but kept for "
+                                 f"the prefix cache")
 
     # ---------------------------------------------------------------- admission
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from medusa.eagle import EagleConfig, random_drafter
-from medusa.engine import Engine
+from medusa.engine import Engine, InvariantError
 from medusa.heads import MedusaConfig, random_heads
 from medusa.tree import get_tree
 from runtime import cpu_kernels
@@ -214,3 +214,14 @@ def test_requests_started_together_share_the_prefix_the_first_one_prefills(model
         for emitted in e.step():
             out[emitted.request_id] += emitted.token_ids
     assert out == alone
+
+
+def test_check_finds_a_held_slot_kept_for_the_cache(model):
+    """A slot both held and kept would have its K/V reused while its request rewrites them."""
+    e = engine(model, slots=2)
+    finish(e, "a", SYSTEM, GREEDY)
+    e.check()
+    e.start("b", [90, 91], GREEDY)  # takes the slot that kept nothing
+    e._kept[e._prefilling["b"].slot] = [90]
+    with pytest.raises(InvariantError, match="held but kept"):
+        e.check()
