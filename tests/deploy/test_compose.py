@@ -110,7 +110,8 @@ def test_the_dashboard_asks_only_for_metrics_the_server_exposes():
 def test_the_dashboard_shows_throughput_latency_queue_batch_and_acceptance_per_position():
     expressions = " ".join(target["expr"] for panel in dashboard()["panels"] for target in panel["targets"])
     for needed in ("rate(medusa_generation_tokens_total", "histogram_quantile(0.99",
-                   "medusa_num_requests_waiting", "medusa_batch_size", "by (position)"):
+                   "medusa_num_requests_waiting", "medusa_batch_size", "by (position)",
+                   "medusa_prompt_tokens_cached_total"):
         assert needed in expressions
     assert len({panel["id"] for panel in dashboard()["panels"]}) == len(dashboard()["panels"])
 
