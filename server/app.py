@@ -54,7 +54,7 @@ from server.protocol import (
 )
 from server.request_id import HEADER as REQUEST_ID_HEADER
 from server.request_id import RequestIds
-from server.responses import responses_router
+from server.responses import ResponseStore, responses_router
 from server.scheduler import QueueFull, RequestFailed, RequestStream, Scheduler, SchedulerUnavailable
 from server.service import VERSION, ClientGone, Service, generate
 from server.settings import Settings
@@ -195,6 +195,7 @@ def create_app(settings: Settings, loaded: LoadedModel | None = None, *, engine:
         # uvicorn listens; in a worker thread, as it may take minutes
         await asyncio.to_thread(scheduler.start)
         app.state.service = Service(settings, model, scheduler)
+        app.state.responses = ResponseStore()
         try:
             yield
         finally:

@@ -4,9 +4,14 @@ agent frameworks built on it send).
 A request becomes the chat completion it stands for (`instructions` the system message, `input` the
 messages, an earlier `function_call` an assistant's call and its `function_call_output` the tool's
 message, function `tools` a chat's tools, `text.format` a response format), which takes the chat
-route's path (`openai_routes.prepare`: limits, grammar, the scheduler). Its reply becomes one output
-item: a `message` of `output_text`, or a `function_call`. Nothing is stored: `store` is taken and
-does nothing, and `previous_response_id` is a 400 (send the conversation in `input`).
+route's path (`openai_routes.prepare`: limits, grammar, the scheduler). Its reply becomes output
+items: a `message` of `output_text`, or `function_call`s.
+
+Unless `store` is false, a response's conversation (its input items, those of the response it
+continued, and its output) is kept in memory (`ResponseStore`: the last STORED of this process, so
+a replica knows its own), and a request naming it as `previous_response_id` continues it: its input
+follows that conversation, which the prefix cache then holds. As OpenAI's, the earlier
+`instructions` and tools are not carried over. An id the store does not hold is a 404.
 
 Streaming: OpenAI's events (`response.created`, `response.in_progress`, the message's
 `output_item.added` / `content_part.added`, one `response.output_text.delta` per engine step, their
@@ -19,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import typing
 import uuid
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
@@ -31,8 +37,10 @@ from server.openai_protocol import (
     ChatCompletionRequest,
     ChatMessageOut,
     Empty,
+    OpenAIErrorResponse,
     PromptTokensDetails,
     Usage,
+    openai_error,
     refused,
 )
 from server.openai_routes import ERROR_RESPONSES, EVENT_STREAM, Reply, merged, prepare, visible
@@ -43,6 +51,7 @@ from server.validation import InputError, Job
 
 responses_router = APIRouter(prefix="/v1", tags=["OpenAI"])
 RENAMED = {"response_format": "text.format", "max_tokens": "max_output_tokens"}  # chat's field -> ours
+STORED = 1024  # responses whose conversations a process keeps
 
 
 # ---------------------------------------------------------------- requests
@@ -125,11 +134,10 @@ class ResponseRequest(Body):
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
     parallel_tool_calls: bool | None = None  # None: true, as OpenAI's
     text: TextConfig | None = None
-    store: bool | None = None  # nothing is stored, whatever it says
+    store: bool | None = None  # None: true, as OpenAI's
     metadata: dict[str, str] | None = None
     user: str | None = None
-    previous_response_id: None = refused("only null: a stored response to continue from (send the "
-                                          "conversation in `input`) is")
+    previous_response_id: str | None = None
     background: Annotated[Literal[False], BeforeValidator(strict_bool)] | None = refused(
         "only false or null: background responses are")
     reasoning: None = refused("only null: reasoning settings are")
@@ -137,14 +145,18 @@ class ResponseRequest(Body):
     truncation: Literal["disabled"] | None = refused("only 'disabled' or null: 'auto' truncation (the "
                                                       "conversation's start dropped to fit) is")
 
-    _described = described_when_invalid("previous_response_id", "background", "reasoning", "input", "include",
-                                        "truncation")
+    _described = described_when_invalid("background", "reasoning", "input", "include", "truncation")
 
-    def as_chat(self) -> ChatCompletionRequest:
-        """The chat completion this request stands for (InputError where it is malformed as one)."""
+    @property
+    def items(self) -> list[InputItem]:
+        """The input as items (a text is a user's message)."""
+        return [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+
+    def as_chat(self, earlier: list[InputItem] = ()) -> ChatCompletionRequest:
+        """The chat completion this request stands for, after the `earlier` items of the conversation it
+        continues (InputError where it is malformed as one)."""
         messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
-        for item in items:
+        for item in [*earlier, *self.items]:
             if isinstance(item, MessageItem):
                 messages.append({"role": item.role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
@@ -227,6 +239,8 @@ class ResponseBody(BaseModel):
     top_p: float | None = None
     max_output_tokens: int | None = None
     metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    store: bool = True
     usage: ResponseUsage | None = None
     medusa: Speculation | None = None  # extension: the request's speculation figures, as on /v1/chat
 
@@ -296,6 +310,39 @@ def output_items(message: ChatMessageOut, finish: str) -> list[OutputMessage | F
                           content=[OutputText(text=message.content or "")])]
 
 
+class ResponseStore:
+    """The conversations of the last `size` stored responses, by id, each as the input items that
+    continue it (`ResponseRequest.as_chat`'s `earlier`)."""
+
+    def __init__(self, size: int = STORED) -> None:
+        self.size = size
+        self._conversations: OrderedDict[str, list[InputItem]] = OrderedDict()
+
+    def get(self, response_id: str) -> list[InputItem] | None:
+        conversation = self._conversations.get(response_id)
+        if conversation is not None:
+            self._conversations.move_to_end(response_id)
+        return conversation
+
+    def put(self, response_id: str, conversation: list[InputItem]) -> None:
+        self._conversations[response_id] = conversation
+        while len(self._conversations) > self.size:
+            self._conversations.popitem(last=False)
+
+    def keep(self, body: ResponseRequest, earlier: list[InputItem], response: ResponseBody) -> None:
+        """Keep a finished response's conversation, unless its request said store: false."""
+        if body.store is False:
+            return
+        said: list[InputItem] = []
+        for out in response.output:
+            if isinstance(out, OutputMessage):
+                said.append(MessageItem(role="assistant", content="".join(part.text for part in out.content)))
+            else:
+                said.append(FunctionCallItem(type="function_call", call_id=out.call_id, name=out.name,
+                                             arguments=out.arguments))
+        self.put(response.id, [*earlier, *body.items, *said])
+
+
 def status_of(finish: str) -> Literal["completed", "incomplete"]:
     """A response's status from its OpenAI finish_reason: cut by max_output_tokens, incomplete."""
     return "incomplete" if finish == "length" else "completed"
@@ -318,6 +365,7 @@ def response_of(body: ResponseRequest, reply: Reply, status: str, output: list, 
         tool_choice=tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(),
         tools=[t.model_dump(exclude_none=True) for t in body.tools or []], temperature=body.temperature,
         top_p=body.top_p, max_output_tokens=body.max_output_tokens, metadata=body.metadata,
+        previous_response_id=body.previous_response_id, store=body.store is not False,
         usage=None if usage is None else ResponseUsage(
             input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
             total_tokens=usage.total_tokens,
@@ -325,12 +373,24 @@ def response_of(body: ResponseRequest, reply: Reply, status: str, output: list, 
         medusa=medusa)
 
 
+NOT_STORED = {"model": OpenAIErrorResponse,
+              "description": "No stored response has the previous_response_id ('invalid_request_error')"}
+
+
 @responses_router.post("/responses", response_model=ResponseBody,
-                       responses={200: EVENT_STREAM, **ERROR_RESPONSES})
+                       responses={200: EVENT_STREAM, **ERROR_RESPONSES, 404: NOT_STORED})
 async def responses(body: ResponseRequest, request: Request) -> Response:
     """OpenAI's Responses API: one reply to `input`, through the chat route's path."""
     service: Service = request.app.state.service
-    chat = body.as_chat()
+    store: ResponseStore = request.app.state.responses
+    earlier: list[InputItem] = []
+    if body.previous_response_id is not None:
+        earlier = store.get(body.previous_response_id)
+        if earlier is None:
+            return openai_error(404, f"Previous response with id '{body.previous_response_id}' not found: it "
+                                "was stored with store false, by another replica, or too long ago",
+                                "validation", param="previous_response_id")
+    chat = body.as_chat(earlier)
     reply = dataclasses.replace(Reply.of(service, chat), id=f"resp_{uuid.uuid4().hex}")
     try:
         jobs = await prepare(service, chat)
@@ -340,19 +400,20 @@ async def responses(body: ResponseRequest, request: Request) -> Response:
         raise InputError(str(e).replace(f"`{e.param}`", f"`{RENAMED[e.param]}`"), RENAMED[e.param]) from e
     if body.stream:
         streams = submit_all(service, jobs)  # before the response starts, so that 429 is a real status
-        return StreamingResponse(events(service, body, reply, jobs[0], streams[0]),
+        return StreamingResponse(events(service, body, reply, jobs[0], streams[0], store.keep, earlier),
                                  media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     (generation,), headers = await generate(service, jobs, request)
     message, finish = reply.message(generation.text(jobs[0]), generation.finish_reason)
     response = response_of(body, reply, status_of(finish), output_items(message, finish),
                            usage_of(jobs[0], generation), generation.speculation)
+    store.keep(body, earlier, response)
     return JSONResponse(response.model_dump(mode="json"), headers=headers)
 
 
-async def events(service: Service, body: ResponseRequest, reply: Reply, job: Job, stream: RequestStream
-                 ) -> AsyncIterator[str]:
-    """The stream of one response, its events numbered in order."""
+async def events(service: Service, body: ResponseRequest, reply: Reply, job: Job, stream: RequestStream,
+                 keep: Callable, earlier: list[InputItem]) -> AsyncIterator[str]:
+    """The stream of one response, its events numbered in order; `keep` stores it once complete."""
     sequence = iter(range(1 << 62))
 
     def event(kind: str, **fields) -> str:
@@ -407,6 +468,7 @@ async def events(service: Service, body: ResponseRequest, reply: Reply, job: Job
             yield event("response.output_item.done", output_index=0, item=item)
             output = [item]
         final = response_of(body, reply, status, output, usage_of(job, generation), generation.speculation)
+        keep(body, earlier, final)
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
     except RequestFailed as e:
         yield event("error", code=e.error_type, message=str(e), param=None)

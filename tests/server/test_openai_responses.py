@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from server.app import create_app
+from server.responses import MessageItem, ResponseStore
 from tests.server.support import save_tiny_heads, serve, tiny_settings
 from tests.server.test_openai_tools import LIMITS, TOOLS, arguments_follow_their_tools_schema
 
@@ -117,7 +118,6 @@ def test_a_text_format_gives_json_of_its_schema(sdk):
 
 
 @pytest.mark.parametrize("change, param, message", [
-    ({"previous_response_id": "resp_1"}, "previous_response_id", "send the conversation in `input`"),
     ({"background": True}, "background", "background"),
     ({"reasoning": {"effort": "low"}}, "reasoning", "reasoning"),
     ({"input": []}, "input", "non-empty"),
@@ -135,3 +135,60 @@ def test_what_cannot_be_answered_is_400(sdk, change, param, message):
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.responses.create(model="m", **({"input": QUESTION} | change))
     assert refused.value.body["param"] == param and message in refused.value.body["message"]
+
+
+def test_a_stored_response_is_continued_as_the_conversation_sent_whole(sdk):
+    """previous_response_id: the new input follows the stored conversation (the earlier instructions
+    are not carried over, as OpenAI's), with the reply and input tokens of that conversation sent
+    whole, and the prefix cache holds the stored part; streamed responses are stored too."""
+    first = sdk.responses.create(model="m", input=QUESTION, instructions="Be brief.", temperature=0,
+                                 max_output_tokens=8)
+    assert first.store is True and first.previous_response_id is None
+    follow = {"input": "And why?", "temperature": 0, "max_output_tokens": 8}
+    second = sdk.responses.create(model="m", previous_response_id=first.id, **follow)
+    whole = sdk.responses.create(model="m", temperature=0, max_output_tokens=8, input=[
+        {"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And why?"}])
+    assert second.previous_response_id == first.id and second.output_text == whole.output_text
+    assert second.usage.input_tokens == whole.usage.input_tokens
+    assert second.usage.input_tokens_details.cached_tokens > 0
+
+    events = list(sdk.responses.create(model="m", previous_response_id=second.id, stream=True, **follow))
+    streamed = events[-1].response
+    third = sdk.responses.create(model="m", previous_response_id=streamed.id, **follow)
+    assert third.usage.input_tokens > streamed.usage.input_tokens > second.usage.input_tokens
+
+
+def test_a_call_and_its_output_continue_a_stored_response(sdk):
+    tools = [{"type": "function", **t["function"]} for t in TOOLS]
+    kwargs = {"model": "m", "tools": tools, "temperature": 0, "max_output_tokens": 60}
+    called = sdk.responses.create(input="Weather in Paris?", tool_choice="required",
+                                  parallel_tool_calls=False, **kwargs)
+    (call,) = called.output
+    answered = sdk.responses.create(previous_response_id=called.id, input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}], **kwargs)
+    whole = sdk.responses.create(input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"}], **kwargs)
+    assert answered.usage.input_tokens == whole.usage.input_tokens
+    assert [o.type for o in answered.output] == [o.type for o in whole.output]
+
+
+def test_an_unknown_or_unstored_previous_response_is_404(sdk):
+    unstored = sdk.responses.create(model="m", input=QUESTION, max_output_tokens=2, store=False)
+    assert unstored.store is False
+    for response_id in ("resp_nowhere", unstored.id):
+        with pytest.raises(openai.NotFoundError) as missing:
+            sdk.responses.create(model="m", input="And?", previous_response_id=response_id)
+        assert missing.value.body["param"] == "previous_response_id"
+        assert response_id in missing.value.body["message"]
+
+
+def test_the_store_keeps_the_last_responses_used():
+    store = ResponseStore(size=2)
+    for i in range(3):
+        store.put(f"resp_{i}", [MessageItem(role="user", content=str(i))])
+    assert store.get("resp_0") is None and store.get("resp_1") is not None
+    store.put("resp_3", [])
+    assert store.get("resp_2") is None and store.get("resp_1") is not None  # read last: kept
