@@ -11,7 +11,8 @@ Unless `store` is false, a response's conversation (its input items, those of th
 continued, and its output) is kept in memory (`ResponseStore`: the last STORED of this process, so
 a replica knows its own), and a request naming it as `previous_response_id` continues it: its input
 follows that conversation, which the prefix cache then holds. As OpenAI's, the earlier
-`instructions` and tools are not carried over. An id the store does not hold is a 404.
+`instructions` and tools are not carried over. GET and DELETE /v1/responses/{id} read and forget a
+stored response. An id the store does not hold is a 404.
 
 Streaming: OpenAI's events (`response.created`, `response.in_progress`, the message's
 `output_item.added` / `content_part.added`, one `response.output_text.delta` per engine step, their
@@ -310,24 +311,32 @@ def output_items(message: ChatMessageOut, finish: str) -> list[OutputMessage | F
                           content=[OutputText(text=message.content or "")])]
 
 
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    response: ResponseBody  # as it was returned (GET /v1/responses/{id})
+    conversation: list[InputItem]  # the input items that continue it (`ResponseRequest.as_chat`'s `earlier`)
+
+
 class ResponseStore:
-    """The conversations of the last `size` stored responses, by id, each as the input items that
-    continue it (`ResponseRequest.as_chat`'s `earlier`)."""
+    """The last `size` stored responses, by id, the least recently used dropped first."""
 
     def __init__(self, size: int = STORED) -> None:
         self.size = size
-        self._conversations: OrderedDict[str, list[InputItem]] = OrderedDict()
+        self._stored: OrderedDict[str, Stored] = OrderedDict()
 
-    def get(self, response_id: str) -> list[InputItem] | None:
-        conversation = self._conversations.get(response_id)
-        if conversation is not None:
-            self._conversations.move_to_end(response_id)
-        return conversation
+    def get(self, response_id: str) -> Stored | None:
+        stored = self._stored.get(response_id)
+        if stored is not None:
+            self._stored.move_to_end(response_id)
+        return stored
 
-    def put(self, response_id: str, conversation: list[InputItem]) -> None:
-        self._conversations[response_id] = conversation
-        while len(self._conversations) > self.size:
-            self._conversations.popitem(last=False)
+    def put(self, stored: Stored) -> None:
+        self._stored[stored.response.id] = stored
+        while len(self._stored) > self.size:
+            self._stored.popitem(last=False)
+
+    def delete(self, response_id: str) -> bool:
+        return self._stored.pop(response_id, None) is not None
 
     def keep(self, body: ResponseRequest, earlier: list[InputItem], response: ResponseBody) -> None:
         """Keep a finished response's conversation, unless its request said store: false."""
@@ -340,7 +349,7 @@ class ResponseStore:
             else:
                 said.append(FunctionCallItem(type="function_call", call_id=out.call_id, name=out.name,
                                              arguments=out.arguments))
-        self.put(response.id, [*earlier, *body.items, *said])
+        self.put(Stored(response, [*earlier, *body.items, *said]))
 
 
 def status_of(finish: str) -> Literal["completed", "incomplete"]:
@@ -374,7 +383,18 @@ def response_of(body: ResponseRequest, reply: Reply, status: str, output: list, 
 
 
 NOT_STORED = {"model": OpenAIErrorResponse,
-              "description": "No stored response has the previous_response_id ('invalid_request_error')"}
+              "description": "No stored response has that id ('invalid_request_error')"}
+
+
+def not_stored(response_id: str, param: str | None = None) -> Response:
+    return openai_error(404, f"Response with id '{response_id}' not found: it was stored with store false, "
+                        "by another replica, or too long ago", "validation", param=param)
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: Literal[True] = True
 
 
 @responses_router.post("/responses", response_model=ResponseBody,
@@ -385,11 +405,10 @@ async def responses(body: ResponseRequest, request: Request) -> Response:
     store: ResponseStore = request.app.state.responses
     earlier: list[InputItem] = []
     if body.previous_response_id is not None:
-        earlier = store.get(body.previous_response_id)
-        if earlier is None:
-            return openai_error(404, f"Previous response with id '{body.previous_response_id}' not found: it "
-                                "was stored with store false, by another replica, or too long ago",
-                                "validation", param="previous_response_id")
+        previous = store.get(body.previous_response_id)
+        if previous is None:
+            return not_stored(body.previous_response_id, "previous_response_id")
+        earlier = previous.conversation
     chat = body.as_chat(earlier)
     reply = dataclasses.replace(Reply.of(service, chat), id=f"resp_{uuid.uuid4().hex}")
     try:
@@ -409,6 +428,24 @@ async def responses(body: ResponseRequest, request: Request) -> Response:
                            usage_of(jobs[0], generation), generation.speculation)
     store.keep(body, earlier, response)
     return JSONResponse(response.model_dump(mode="json"), headers=headers)
+
+
+@responses_router.get("/responses/{response_id}", response_model=ResponseBody, responses={404: NOT_STORED})
+async def retrieve(response_id: str, request: Request) -> Response:
+    """A stored response, as it was returned."""
+    stored = request.app.state.responses.get(response_id)
+    if stored is None:
+        return not_stored(response_id)
+    return JSONResponse(stored.response.model_dump(mode="json"))
+
+
+@responses_router.delete("/responses/{response_id}", response_model=DeletedResponse,
+                         responses={404: NOT_STORED})
+async def delete(response_id: str, request: Request) -> Response:
+    """Forget a stored response (what continued from it stays)."""
+    if not request.app.state.responses.delete(response_id):
+        return not_stored(response_id)
+    return JSONResponse(DeletedResponse(id=response_id).model_dump())
 
 
 async def events(service: Service, body: ResponseRequest, reply: Reply, job: Job, stream: RequestStream,

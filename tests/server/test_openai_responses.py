@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from server.app import create_app
-from server.responses import MessageItem, ResponseStore
+from server.responses import MessageItem, ResponseBody, ResponseStore, Stored
 from tests.server.support import save_tiny_heads, serve, tiny_settings
 from tests.server.test_openai_tools import LIMITS, TOOLS, arguments_follow_their_tools_schema
 
@@ -186,9 +186,25 @@ def test_an_unknown_or_unstored_previous_response_is_404(sdk):
 
 
 def test_the_store_keeps_the_last_responses_used():
+    def stored(i: int) -> Stored:
+        response = ResponseBody(id=f"resp_{i}", created_at=0, model="m", status="completed")
+        return Stored(response, [MessageItem(role="user", content=str(i))])
+
     store = ResponseStore(size=2)
     for i in range(3):
-        store.put(f"resp_{i}", [MessageItem(role="user", content=str(i))])
+        store.put(stored(i))
     assert store.get("resp_0") is None and store.get("resp_1") is not None
-    store.put("resp_3", [])
+    store.put(stored(3))
     assert store.get("resp_2") is None and store.get("resp_1") is not None  # read last: kept
+
+
+def test_a_stored_response_is_retrieved_and_deleted(sdk):
+    created = sdk.responses.create(model="m", input=QUESTION, temperature=0, max_output_tokens=4)
+    retrieved = sdk.responses.retrieve(created.id)
+    assert retrieved.model_dump() == created.model_dump()
+    sdk.responses.delete(created.id)
+    for call in (sdk.responses.retrieve, sdk.responses.delete):
+        with pytest.raises(openai.NotFoundError):
+            call(created.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.create(model="m", input="And?", previous_response_id=created.id)
