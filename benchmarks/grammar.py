@@ -1,14 +1,17 @@
 """What a grammar costs: the embedded model (or --model), greedy, one request at a time, prompts asking
-for a country as JSON of a five-field schema; tok/s with the schema as a grammar against the same
-prompts unconstrained, decoded plainly and with speculation (the server's default), the three modes
-taking turns prompt by prompt in this one process, so that the ratios are measured in one run.
+for a country as JSON of a five-field schema (or, with --task extraction, for five fields of a short
+text as JSON); tok/s with the schema as a grammar against the same prompts unconstrained, decoded
+plainly and with speculation (the server's default), the modes taking turns prompt by prompt in this
+one process, so that the ratios are measured in one run.
 
     python -m benchmarks.grammar --dtype float32
+    python -m benchmarks.grammar --dtype auto --task extraction
 
-A grammar's request speculates only on the tokens its grammar forces (a JSON schema's keys and
-punctuation) and pays for llguidance's masks (`runtime.grammar`); "grammar-plain" is the same
-request without speculation, "grammar / speculative" what a grammar's request gives up against an
-unconstrained one.
+A grammar's request speculates on the tokens its grammar forces (a JSON schema's keys and
+punctuation) and on the prompt-lookup guesses it allows between them (what the answer copies from
+the prompt: a name, a date) and pays for llguidance's masks (`runtime.grammar`); "grammar-plain" is
+the same request without speculation, "grammar / speculative" what a grammar's request gives up
+against an unconstrained one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,30 @@ SCHEMA = {"type": "object", "additionalProperties": False,
                                        "items": {"type": "string", "maxLength": 30}},
                          "population_millions": {"type": "integer"}, "in_europe": {"type": "boolean"}}}
 COUNTRIES = ["France", "Japan", "Brazil", "Kenya", "Canada", "India"]
+FIELDS = ["person", "company", "city", "date", "amount"]
+EXTRACTION_SCHEMA = {"type": "object", "additionalProperties": False, "required": FIELDS,
+                     "properties": {field: {"type": "string", "maxLength": 60} for field in FIELDS}}
+TEXTS = [
+    "On 12 March 2024, Maria Gonzalez of Bluewave Logistics signed a contract in Rotterdam worth 48,500 "
+    "euros.",
+    "Invoice from Northwind Traders to Peter Olsen, Copenhagen, dated 3 June 2023: total due 1,250 dollars.",
+    "Dr. Aiko Tanaka joined Sakura Robotics in Osaka on 1 April 2022 with a starting salary of 9 million "
+    "yen.",
+    "The city council of Lyon awarded Jean Martin's firm, Martin Batiment, a 2.3 million euro contract on "
+    "15 September 2021.",
+    "Samuel Okafor, founder of the Lagos company GreenGrid Energy, raised 7 million dollars on 20 January "
+    "2025.",
+    "Priya Raman signed for Helix Analytics in Bangalore on 8 November 2023; the deal is worth 600,000 "
+    "rupees."]
+
+
+def tasks(task: str) -> tuple[dict, list[tuple[str, str]]]:
+    """The schema and the (label, request) pairs of a task."""
+    if task == "extraction":
+        return EXTRACTION_SCHEMA, [(text[:30], f"Extract the person, company, city, date and amount "
+                                   f"from this text as JSON.\n\nText: {text}") for text in TEXTS]
+    return SCHEMA, [(country, f"Describe {country} as JSON: name, capital, languages, population in "
+                              "millions, whether it is in Europe.") for country in COUNTRIES]
 
 
 def main() -> None:
@@ -37,11 +64,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=2, help="passes over the prompts")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--task", choices=["countries", "extraction"], default="countries")
     args = parser.parse_args()
     loaded, engine = load_engine(Settings(model=args.model, dtype=args.dtype))
     tokenizer = loaded.tokenizer
     n = args.max_new_tokens
-    grammar = compile_grammar("json", SCHEMA)
+    schema, requests = tasks(args.task)
+    grammar = compile_grammar("json", schema)
     modes = {"grammar": SamplingParams(max_new_tokens=n, grammar=grammar),
              "grammar-plain": SamplingParams(max_new_tokens=n, grammar=grammar, speculate=False),
              "plain": SamplingParams(max_new_tokens=n, speculate=False),
@@ -49,9 +78,7 @@ def main() -> None:
     engine.grammars.check(modes["grammar"].grammar)  # builds llguidance's vocabulary, outside the timing
     totals = {mode: [0, 0.0] for mode in modes}  # tokens, seconds
     for repeat in range(args.repeats):
-        for country in COUNTRIES:
-            request = (f"Describe {country} as JSON: name, capital, languages, population in millions, "
-                       "whether it is in Europe.")
+        for label, request in requests:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": request}],
                                                    add_generation_prompt=True)
             for mode, params in modes.items():
@@ -60,7 +87,7 @@ def main() -> None:
                 totals[mode][0] += len(tokens)
                 totals[mode][1] += time.perf_counter() - start
                 if repeat == 0 and mode == "grammar":
-                    print(f"{country}: {tokenizer.decode(tokens, skip_special_tokens=True)[:120]}")
+                    print(f"{label}: {tokenizer.decode(tokens, skip_special_tokens=True)[:120]}")
     speed = {mode: tokens / seconds for mode, (tokens, seconds) in totals.items()}
     for mode, (tokens, _) in totals.items():
         print(f"{mode}: {tokens} tokens, {speed[mode]:.1f} tok/s")
