@@ -451,8 +451,9 @@ class Engine:
 
     def _row(self, seq: _Sequence, speculate: bool) -> Row:
         """What a sequence brings to a step: slot, lengths, parameters, lookup guesses, uniforms; with a
-        grammar, the tokens it forces from here as the lookup guesses (speculating on them alone: the
-        other nodes' masks would depend on their drafts) and the mask of what it allows after them."""
+        grammar, a chain of tokens it allows as the lookup guesses -- those it forces, and between them
+        prompt-lookup guesses it allows -- with its masks along the chain (speculating on the chain alone:
+        other nodes' masks would depend on their drafts)."""
         L = self.tree.lookup
         cached = seq.cached
         # tokens the step may emit before the one whose index is min_tokens (from which EOS is allowed)
@@ -463,15 +464,19 @@ class Engine:
                 return Row(seq.slot, cached, seq.pending, speculate, seq.params, guess, self._uniforms(seq))
             # EOS banned at every node; no draft kept whose next token would come after min_tokens
             return Row(seq.slot, cached, seq.pending, speculate, seq.params, guess, self._uniforms(seq),
-                       self._without_eos(None, seq.params), forced=0, keep=banned - 1)
+                       self._without_eos(None, seq.params)[None], keep=banned - 1)
         room = seq.params.max_new_tokens - len(seq.generated) - 1  # the step's next token comes after them
-        if banned > 0:  # the token after the forced ones too comes before min_tokens
+        if banned > 0:  # the token after the chain too comes before min_tokens
             room = min(room, banned - 1)
-        forced, allowed = seq.constraint.forced(min(L, room) if speculate else 0)
+
+        def guess(chain: list[int]) -> int | None:  # what followed the text and the chain so far
+            return next(iter(seq.lookup.propose(1, after=chain)), None) if seq.lookup is not None else None
+
+        chain, allowed = seq.constraint.chain(min(L, room) if speculate else 0, guess)
         if banned > 0:
-            allowed = self._without_eos(allowed, seq.params)
-        return Row(seq.slot, cached, seq.pending, bool(forced), seq.params, forced, self._uniforms(seq),
-                   allowed, forced=len(forced), keep=len(forced))
+            allowed = torch.stack([self._without_eos(mask, seq.params) for mask in allowed])
+        return Row(seq.slot, cached, seq.pending, bool(chain), seq.params, chain, self._uniforms(seq),
+                   allowed, chained=True, keep=len(chain))
 
     def _without_eos(self, allowed: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
         """The [W] bitmask `allowed` (None: every token) less the tokens that would end the text (EOS,

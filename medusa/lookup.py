@@ -46,19 +46,22 @@ class NgramIndex:
     def extend(self, tokens: list[int]) -> None:
         self.tokens += tokens
 
-    def propose(self, length: int) -> list[int]:
+    def propose(self, length: int, after: list[int] = ()) -> list[int]:
         """Up to `length` tokens that followed the latest earlier occurrence of the longest
-        matching suffix (n = max_n down to 1); [] when nothing matches."""
+        matching suffix (n = max_n down to 1); [] when nothing matches. after: tokens taken to follow
+        the text (a grammar's chain so far, not yet emitted), with which the suffix ends."""
         tokens, last = self.tokens, len(self.tokens) - 1
         for end in range(self._indexed, last):  # index the n-grams that now have a continuation
             for n in range(1, min(self.max_n, end + 1) + 1):
                 self._last_end[tuple(tokens[end - n + 1:end + 1])] = end
         self._indexed = max(self._indexed, last)
-        for n in range(min(self.max_n, last + 1), 0, -1):
-            suffix = tuple(tokens[last - n + 1:last + 1])
+        text = tokens[max(0, last + 1 - self.max_n):] + list(after)  # the end of the text, then `after`
+        for n in range(min(self.max_n, len(text)), 0, -1):
+            suffix = tuple(text[len(text) - n:])
             if ends := self._prediction_ends.get(suffix):  # the prediction first, where the text follows it
                 end = next((e for e in ends if e >= self._followed), ends[-1])
-                self._followed = end + 1
+                if not after:  # (a guess after guesses does not move where the text follows it)
+                    self._followed = end + 1
                 return self.prediction[end + 1:end + 1 + length]
             end = self._last_end.get(suffix) if n <= last else None
             if end is not None:

@@ -60,12 +60,13 @@ class Row:
     params: SamplingParams
     lookup: list[int]  # prompt-lookup guesses for the lookup branch (up to L of them)
     uniforms: torch.Tensor  # [U] float64 in [0, 1), from the request's generator
-    # with a grammar (or EOS banned, min_tokens): the bitmask of the tokens allowed after the tokens the
-    # grammar forces ([W] int32), how many it forces (the lookup guesses, each node above them allowing
-    # its chain token alone), and how many drafts the row may keep (-1: any): a grammar's row keeps none
-    # below its forced tokens, a row banning EOS none whose next token would come after min_tokens
+    # with a grammar (or EOS banned, min_tokens): the bitmasks of the tokens allowed at each depth of the
+    # lookup chain ([n + 1, W] int32: before each of the n lookup guesses, then after them; a deeper node
+    # takes the last), whether the masks hold along that chain alone (a grammar's: its drafts count only
+    # as far as they are the chain's tokens), and how many drafts the row may keep (-1: any): a grammar's
+    # row none past its chain, a row banning EOS none whose next token would come after min_tokens
     allowed: torch.Tensor | None = None
-    forced: int = 0
+    chained: bool = False
     keep: int = -1
 
 
@@ -91,6 +92,11 @@ def top_of(packed: list[float], n: int, top_n: int) -> list[list[tuple[int, floa
     """The first n positions' top_n (token id, logprob) pairs, from `most_likely`'s row on the host."""
     K = MAX_TOP_N
     return [[(int(packed[2 * K * p + k]), packed[2 * K * p + K + k]) for k in range(top_n)] for p in range(n)]
+
+
+def at_depths(masks: torch.Tensor, n: int) -> torch.Tensor:
+    """[k, W] bitmasks at a lookup chain's depths -> [n, W]: cut, or the last repeated."""
+    return torch.cat([masks[:n], masks[-1:].expand(max(0, n - len(masks)), -1)])
 
 
 def _batch_bucket(n: int) -> int:
@@ -305,19 +311,19 @@ class DeviceStep:
                    torch.full((self.num_uniforms,), 0.5, dtype=torch.float64))
 
     def _table(self, rows: list[Row], needs: Needs) -> torch.Tensor:
-        """[B, 3 + R + L + U (+ 2 + W)] float64 on the host: slot, pending, speculate, RowParams' columns,
-        lookup guesses (-1 past a row's last), uniforms, and with needs.mask the tokens each row's grammar
-        forces, the drafts it may keep (-1: any) and the bitmask of the tokens allowed after the forced
-        ones (-1: all) (every integer here is exact in float64)."""
+        """[B, 3 + R + L + U (+ 2 + (L + 1) W)] float64 on the host: slot, pending, speculate, RowParams'
+        columns, lookup guesses (-1 past a row's last), uniforms, and with needs.mask whether each row's
+        masks hold along its lookup chain alone, the drafts it may keep (-1: any) and the bitmasks of the
+        tokens allowed at depths 0..L of the chain (-1: all) (every integer here is exact in float64)."""
         L = self.tree.lookup
         head = torch.tensor([[r.slot, r.pending, float(r.speculate), *RowParams.columns(r.params), *r.lookup,
                               *[-1] * (L - len(r.lookup))] for r in rows], dtype=torch.float64)
         columns = [head, torch.stack([r.uniforms for r in rows])]
         if needs.mask:
-            every = torch.full((grammar.words(self.model.config.vocab_size),), -1, dtype=torch.int32)
-            columns.append(torch.tensor([[0, -1] if r.allowed is None else [r.forced, r.keep] for r in rows],
-                                        dtype=torch.float64))
-            columns.append(torch.stack([every if r.allowed is None else r.allowed for r in rows]).double())
+            every = torch.full((1, grammar.words(self.model.config.vocab_size)), -1, dtype=torch.int32)
+            columns.append(torch.tensor([[float(r.chained), r.keep] for r in rows], dtype=torch.float64))
+            columns.append(torch.stack([at_depths(every if r.allowed is None else r.allowed, L + 1)
+                                        for r in rows]).flatten(1).double())
         return torch.cat(columns, dim=1)
 
     def _step(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
@@ -332,9 +338,9 @@ class DeviceStep:
         U, V = self.num_uniforms, self.model.config.vocab_size
         lookup = table[:, 3 + R:3 + R + L].long()  # [B, L] (-1: none)
         uniforms = table[:, 3 + R + L:3 + R + L + U]  # [B, U]
-        if needs.mask:  # [B], [B] (-1: any), [B, V]
-            forced, keep = table[:, 3 + R + L + U].long(), table[:, 4 + R + L + U].long()
-            after = grammar.unpack(table[:, 5 + R + L + U:].int(), V)
+        if needs.mask:  # [B], [B] (-1: any), [B, L + 1, V]
+            chained, keep = table[:, 3 + R + L + U] > 0, table[:, 4 + R + L + U].long()
+            masks = grammar.unpack(table[:, 5 + R + L + U:].int().view(table.shape[0], L + 1, -1), V)
         B, T = slots.shape[0], tree.num_nodes
 
         mask = None
@@ -354,7 +360,7 @@ class DeviceStep:
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
         text = self._text_at_nodes(slots, candidates, tree) if needs.penalise else None
         bias = self._bias(slots) if needs.bias else None
-        allowed = self._allowed_at_nodes(lookup, forced, after, tree, B) if needs.mask else None
+        allowed = self._allowed_at_nodes(masks, tree, B) if needs.mask else None
         target = sampling.process(self.model.logits(hidden), rows, text, needs, bias, allowed)  # [B, T, V]
         best, lse = sampling.argmax_logsumexp(target)  # [B, T] each: the argmax after each node, logsumexp
 
@@ -380,9 +386,14 @@ class DeviceStep:
 
         P = path.shape[1]
         if needs.mask and T > 1:
-            # a row keeps at most `keep` drafts (a grammar's, none below the tokens it forces): the node
-            # accepted after them is its next token there, drawn or chosen as the next token would be
-            # (lossless: the token after a node, accepted child or residual draw, follows the node's target)
+            # a row keeps at most `keep` drafts, and a grammar's only those that are its chain's tokens (its
+            # masks are the grammar's along the chain alone): the node accepted after them is its next
+            # token there, drawn or chosen as the next token would be (lossless: the token after a node,
+            # accepted child or residual draw, follows the node's target)
+            m = min(P - 1, L)
+            drafted = candidates.gather(1, path[:, 1:1 + m])  # [B, m]: the accepted drafts' tokens, and more
+            on_chain = (drafted == lookup[:, :m]).long().cumprod(1).sum(1)  # [B]: how many follow the chain
+            keep = torch.where(chained, torch.minimum(keep, on_chain), keep)
             over = (keep >= 0) & (accepted_len > keep + 1)  # [B]
             after_kept = path.gather(1, (keep + 1).clamp(0, P - 1)[:, None])  # [B, 1]: a node
             next_token = torch.where(over, candidates.gather(1, after_kept)[:, 0], next_token)
@@ -422,21 +433,14 @@ class DeviceStep:
                             *([top] if top is not None else [])], dim=1)
         return packed, torch.where(on_path[..., None], path_hidden, 0)
 
-    def _allowed_at_nodes(self, lookup: torch.Tensor, forced: torch.Tensor, after: torch.Tensor,
-                          tree: TreeBuffers | RowTrees, B: int) -> torch.Tensor:
-        """[B, T, V] bool: what each node's grammar allows after it. A node above depth forced[b] allows
-        the next forced token alone (row b's lookup guesses are those tokens, a chain from the root),
-        any other `after` (a row without a grammar: everything; one banning EOS: all else). In a
-        grammar's row only nodes whose path is the forced chain can be accepted (each one's parent allows
-        its chain token alone), and for those these masks are the grammar's own; a row banning EOS keeps
-        no node whose next token comes after min_tokens (`keep`)."""
-        V = after.shape[-1]
-        depths = tree.depths.expand(B, -1)  # [B, T]
-        if lookup.shape[1] == 0:
-            return after[:, None, :].expand(B, depths.shape[1], V)
-        chain = lookup.gather(1, depths.clamp(max=lookup.shape[1] - 1))  # [B, T]: the token forced next
-        one_hot = torch.arange(V, device=after.device) == chain[..., None]  # [B, T, V]
-        return torch.where((depths < forced[:, None])[..., None], one_hot, after[:, None, :])
+    def _allowed_at_nodes(self, masks: torch.Tensor, tree: TreeBuffers | RowTrees, B: int) -> torch.Tensor:
+        """[B, T, V] bool: what each node's grammar allows after it, from masks [B, L + 1, V], a row's at
+        depths 0..L of its lookup chain: a node's at its depth (a row without a grammar: everything at
+        every depth; one banning EOS: all else). In a grammar's row they are the grammar's own for the
+        nodes whose tokens are the chain's, the only drafts it keeps (`_step`)."""
+        V = masks.shape[2]
+        depths = tree.depths.expand(B, -1).clamp(max=masks.shape[1] - 1)  # [B, T]
+        return masks.gather(1, depths[..., None].expand(*depths.shape, V))
 
     def _bias(self, slots: torch.Tensor | list[int]) -> LogitBias:
         return LogitBias(self.bias_tokens[slots], self.bias_values[slots])  # [B, K] each

@@ -156,7 +156,7 @@ class SamplingParams:
     # (token, bias) pairs, each bias added to its token's logit after the penalties (OpenAI's logit_bias)
     logit_bias: tuple[tuple[int, float], ...] = ()
     # llguidance's grammar text (runtime.grammar.compile_grammar): only tokens it allows are generated,
-    # speculating on the tokens it forces alone
+    # speculating on the tokens it forces and the prompt-lookup guesses it allows (`Engine._row`)
     grammar: str | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 import llguidance
 import torch
@@ -137,24 +138,26 @@ class Constraint:
         # 2.1 s more at every start)
         return torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
 
-    def forced(self, limit: int) -> tuple[list[int], torch.Tensor]:
-        """Up to `limit` tokens the grammar forces from here -- each the one token its mask allows, EOS
-        excepted: plain decoding emits them whatever the logits -- and the bitmask of what it allows
-        after them ([W] int32); the state is left as it was."""
+    def chain(self, limit: int, guess: Callable[[list[int]], int | None] = lambda tokens: None
+              ) -> tuple[list[int], torch.Tensor]:
+        """Up to `limit` tokens that may come next, each one the grammar allows after those before it:
+        where its mask allows one token alone (EOS excepted), that token, which plain decoding emits
+        whatever the logits; elsewhere `guess(the tokens so far)`, a guess to verify (None: the chain
+        ends). Returns them and the bitmasks of what the grammar allows before each and after the last
+        ([n + 1, W] int32); the state is left as it was."""
         tokens: list[int] = []
-        mask = self.allowed()
+        masks = [self.allowed()]
         while len(tokens) < limit:
-            allowed = unpack(mask, self.vocab_size)
-            if int(allowed.sum()) != 1:
-                break
-            token = int(allowed.nonzero()[0, 0])
-            if token in self.eos or not self.matcher.consume_token(token):
+            allowed = unpack(masks[-1], self.vocab_size)
+            token = int(allowed.nonzero()[0, 0]) if int(allowed.sum()) == 1 else guess(tokens)
+            if (token is None or not 0 <= token < self.vocab_size or not allowed[token] or token in self.eos
+                    or not self.matcher.consume_token(token)):
                 break
             tokens.append(token)
-            mask = self.allowed()
+            masks.append(self.allowed())
         if tokens:
             self.matcher.rollback(len(tokens))
-        return tokens, mask
+        return tokens, torch.stack(masks)
 
     def consume(self, tokens: list[int]) -> None:
         for token in tokens:

@@ -11,11 +11,11 @@ each streamed token.
 `frequency_penalty` follows OpenAI's definition (each logit less the penalty times its token's count
 in the generated text), not TGI's, which divides that count by the length of the whole text.
 `grammar` (a JSON schema or a regular expression) is followed by llguidance; such a request
-speculates only on the tokens its grammar forces. `best_of` (up to MAX_BEST_OF) samples that many
-and returns the one of highest mean logprob, the others in `details.best_of_sequences`, as TGI does.
-`watermark`, which this server does not implement, accepts only false; the schema states so, and
-true is a 422 saying it is not supported. `top_n_tokens` goes up to MAX_TOP_N (TGI's own default
-limit is 5).
+speculates on the tokens its grammar forces and on the prompt-lookup guesses it allows. `best_of`
+(up to MAX_BEST_OF) samples that many and returns the one of highest mean logprob, the others in
+`details.best_of_sequences`, as TGI does. `watermark`, which this server does not implement, accepts
+only false; the schema states so, and true is a 422 saying it is not supported. `top_n_tokens` goes
+up to MAX_TOP_N (TGI's own default limit is 5).
 
 Validation that needs only the body lives here (types, ranges, valid Unicode text, finite numbers: a
 422 naming the field); validation that needs the tokenizer or the server's limits lives in
@@ -150,7 +150,7 @@ class Parameters(_Body):
     frequency_penalty: float | None = Field(default=None, ge=-MAX_ADDED_PENALTY, le=MAX_ADDED_PENALTY)
     watermark: Annotated[Literal[False], BeforeValidator(strict_bool)] = Field(
         default=False, description="only false: watermark is not supported by this server")
-    # only what the grammar allows is generated (speculating on the tokens it forces alone)
+    # only what the grammar allows is generated (speculating on the tokens it forces and on lookup guesses)
     grammar: Grammar | None = None
     # extensions
     ignore_eos: bool = False  # run to max_new_tokens past an EOS token (vLLM's; load tests use it)

@@ -119,6 +119,58 @@ def test_no_node_below_the_forced_tokens_is_kept(loaded):
     assert any(e.accepted > 0 for e in emitted)
 
 
+def run_engine(e, prompts, params):
+    """Each prompt's tokens and the drafts its steps accepted, through add/step."""
+    out, accepted = {i: e.add(i, p, params).token_ids for i, p in enumerate(prompts)}, 0
+    while e.running:
+        for emitted in e.step():
+            assert emitted.error is None, emitted.error
+            out[emitted.request_id] += emitted.token_ids
+            accepted += emitted.accepted
+    return [out[i] for i in range(len(prompts))], accepted
+
+
+@pytest.mark.parametrize("kind, value", [("regex", PATTERN), ("json", SCHEMA)])
+def test_a_grammar_speculates_on_the_free_tokens_prompt_lookup_guesses(loaded, kind, value):
+    """Between the tokens a grammar forces, the lookup chain goes on with the prompt-lookup guesses it
+    allows (here a predicted output, OpenAI's `prediction`, that is plain decoding's answer): greedy
+    output is still plain decoding's, and the free tokens are accepted too, several a step."""
+    params = SamplingParams(max_new_tokens=60, grammar=compile_grammar(kind, value))
+    plain = engine(loaded).generate(PROMPTS, params)
+    tree = TREES["dynamic:24,topk=3,lookup=4"]
+    for prompt, answer in zip(PROMPTS, plain, strict=True):
+        drafting = engine(loaded, heads=heads_for(loaded.model), tree=tree)
+        (out,), forced = run_engine(drafting, [prompt], params)
+        assert out == answer
+        predicted = dataclasses.replace(params, prediction=tuple(answer))
+        (out,), accepted = run_engine(engine(loaded, heads=heads_for(loaded.model), tree=tree), [prompt],
+                                      predicted)
+        assert out == answer
+        # all but the first token guessed, up to 4 a step: the forced ones and the free ones
+        assert accepted > forced and accepted >= (len(answer) - 1) * 3 // 4, (accepted, forced, len(answer))
+    # a wrong prediction changes nothing
+    wrong = [dataclasses.replace(params, prediction=tuple(t + 1 for t in answer)) for answer in plain]
+    assert engine(loaded, heads=heads_for(loaded.model), tree=tree).generate(PROMPTS, wrong) == plain
+
+
+def test_a_draft_off_the_chain_is_kept_only_as_the_next_token(loaded):
+    """Heads that guess the continuation right beside a lookup chain that guessed a digit wrong: the
+    masks below the wrong digit are not those below the right one (x after 1, q after 2), so a step keeps
+    the right digit as its next token and none of the heads' nodes below it; output is plain decoding's."""
+    params = SamplingParams(max_new_tokens=20, grammar=compile_grammar("regex", "[0-9](1x|2q)[0-9]"))
+    (plain,) = engine(loaded).generate([PROMPTS[1]], params)
+    tokenizer = loaded.tokenizer
+    one, two = tokenizer.convert_tokens_to_ids("1"), tokenizer.convert_tokens_to_ids("2")
+    x, q = tokenizer.convert_tokens_to_ids("x"), tokenizer.convert_tokens_to_ids("q")
+    assert plain[1:3] in ([one, x], [two, q])
+    wrong = [plain[0], *([two, q] if plain[1] == one else [one, x]), *plain[3:]]
+    oracle = OracleHeads(loaded.model, PROMPTS[1], plain)
+    tree = build_tree(get_tree("chain").choices, lookup=4)
+    out, accepted = run_engine(engine(loaded, heads=oracle, tree=tree), [PROMPTS[1]],
+                               dataclasses.replace(params, prediction=tuple(wrong)))
+    assert out == [plain]
+
+
 @pytest.mark.parametrize("min_tokens", [2, 3, 4, 5])
 def test_min_tokens_under_a_grammar_speculates_only_before_it(loaded, min_tokens):
     """After a digit the grammar forces 'xqz', then allows EOS (favoured here) or 'w'. EOS is banned
@@ -224,10 +276,12 @@ def test_bitmasks_unpack_bit_t_of_word_t_over_32():
     assert allowed[0].nonzero().flatten().tolist() == list(range(32)) + [64, 66]
 
 
-def test_lossless_sampling_under_a_grammar_keeps_the_masked_distribution(loaded):
+@pytest.mark.parametrize("guess", [None, 7])
+def test_lossless_sampling_under_a_grammar_keeps_the_masked_distribution(loaded, guess):
     """A digit, two forced letters, a digit: the second digit is drawn in the step that verifies the
-    letters (or is the accepted node below them, the lookup branch's spare holding the first digit),
-    and the pair must follow the model's distribution under the grammar's masks (chi-square)."""
+    letters (or is the accepted node below them, the lookup branch's spare holding the first digit; or,
+    with a predicted output, its guess, a free token on the chain, accepted or not), and the pair must
+    follow the model's distribution under the grammar's masks (chi-square)."""
     model, tokenizer, V = loaded.model, loaded.tokenizer, loaded.model.config.vocab_size
     grammar, prompt, temperature = compile_grammar("regex", "[0-9]xq[0-9]"), PROMPTS[1], 0.7
     digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
@@ -235,7 +289,7 @@ def test_lossless_sampling_under_a_grammar_keeps_the_masked_distribution(loaded)
     matcher = engine(loaded).grammars.constraint(grammar)
     assert unpack(matcher.allowed(), V).nonzero().flatten().tolist() == sorted(digits)
     matcher.consume([digits[0]])
-    assert matcher.forced(4)[0] == [x, q]  # then the digits again
+    assert matcher.chain(4)[0] == [x, q]  # then the digits again
 
     seqs = torch.tensor([prompt + [a, x, q, b] for a in digits for b in digits])  # [100, S]
     with torch.no_grad():
@@ -253,7 +307,8 @@ def test_lossless_sampling_under_a_grammar_keeps_the_masked_distribution(loaded)
     for _ in range(40):
         out = {}
         for slot in range(64):
-            params = SamplingParams(max_new_tokens=4, temperature=temperature, seed=seed, grammar=grammar)
+            params = SamplingParams(max_new_tokens=5, temperature=temperature, seed=seed, grammar=grammar,
+                                    prediction=() if guess is None else (digits[3], x, q, digits[guess]))
             out[slot], seed = list(spec.add(slot, prompt, params).token_ids), seed + 1
         while spec.running:
             for e in spec.step():

@@ -59,3 +59,28 @@ def test_a_prediction_is_drafted_from_where_the_text_follows_it() -> None:
     index.extend([1])
     assert index.propose(2) == [2, 3]  # and its earlier "1"
     assert NgramIndex([5, 10], max_n=2, prediction=prediction).propose(2) == [11, 12]  # a 1-gram, ahead
+
+
+def test_a_guess_after_guesses_continues_the_text_they_would_extend() -> None:
+    """propose(after=...): the suffix matched ends with the tokens taken to follow the text (a grammar's
+    lookup chain so far), the guess is still the text's own; the index is left as it was."""
+    rng = random.Random(1)
+    for trial in range(30):
+        tokens = [rng.randrange(5) for _ in range(rng.randrange(2, 12))]
+        index = NgramIndex(tokens, max_n=3)
+        for _ in range(10):
+            after = [rng.randrange(5) for _ in range(rng.randrange(0, 4))]
+            text, last = tokens + after, len(tokens) - 1
+            expected = next((tokens[end + 1:end + 4] for n in range(min(3, len(text), last), 0, -1)
+                             for end in range(last - 1, n - 2, -1)
+                             if tokens[end - n + 1:end + 1] == text[-n:]), [])
+            assert index.propose(3, after=after) == expected, (trial, tokens, after)
+            assert index.propose(3) == reference_proposal(tokens, 3, 3)
+            more = [rng.randrange(5)]
+            tokens += more
+            index.extend(more)
+    prediction = [10, 11, 12, 13, 10, 11, 14, 15]
+    index = NgramIndex([1, 10], max_n=2, prediction=prediction)
+    assert index.propose(2, after=[11]) == [12, 13]
+    assert index.propose(2, after=[11, 12, 13, 10, 11]) == [12, 13]  # the first "10 11" still: not moved on
+    assert index.propose(2) == [11, 12]  # and the text itself still follows it from the start
