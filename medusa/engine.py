@@ -42,7 +42,7 @@ import torch
 from medusa.draft import window_size
 from medusa.heads import MedusaHeads
 from medusa.lookup import NgramIndex
-from medusa.step import ROOT_ONLY, DeviceStep, Row
+from medusa.step import CHAIN_MASKS, ROOT_ONLY, DeviceStep, Row
 from medusa.tree import DynamicTree, TreeBuffers, check_tree_fits
 from runtime.config import ConfigError, ModelConfig, SamplingParams
 from runtime.grammar import Constraint, GrammarError, Grammars, without
@@ -472,7 +472,7 @@ class Engine:
         def guess(chain: list[int]) -> int | None:  # what followed the text and the chain so far
             return next(iter(seq.lookup.propose(1, after=chain)), None) if seq.lookup is not None else None
 
-        chain, allowed = seq.constraint.chain(min(L, room) if speculate else 0, guess)
+        chain, allowed = seq.constraint.chain(min(L, room) if speculate else 0, guess, CHAIN_MASKS - 1)
         if banned > 0:
             allowed = torch.stack([self._without_eos(mask, seq.params) for mask in allowed])
         return Row(seq.slot, cached, seq.pending, bool(chain), seq.params, chain, self._uniforms(seq),

@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 
 ROOT_ONLY = build_tree([])
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A row's explicit bitmasks in a step's table with needs.mask: the mask after its lookup chain and at up
+# to CHAIN_MASKS - 1 guesses on it (`Engine._row`); a depth whose token the grammar forces takes the
+# one-hot of that token, built on the device. Every row of a compiled sampled step carries them, so
+# they are few: a mask at each depth of the GPU tree's chain (17) took 64 rows 3.7 ms to build on the
+# host, against 0.14 ms for one (AMD EPYC, Zen 4).
+CHAIN_MASKS = 4
 ALL = Needs(sample=True, filter=True, penalise=True, typical=True, typical_acceptance=True, top_n=True,
             bias=True, mask=True)
 
@@ -94,9 +100,21 @@ def top_of(packed: list[float], n: int, top_n: int) -> list[list[tuple[int, floa
     return [[(int(packed[2 * K * p + k]), packed[2 * K * p + K + k]) for k in range(top_n)] for p in range(n)]
 
 
-def at_depths(masks: torch.Tensor, n: int) -> torch.Tensor:
-    """[k, W] bitmasks at a lookup chain's depths -> [n, W]: cut, or the last repeated."""
-    return torch.cat([masks[:n], masks[-1:].expand(max(0, n - len(masks)), -1)])
+def chain_masks(masks: torch.Tensor, chain: list[int], L: int, vocab_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A row's bitmasks at the depths of its lookup chain (masks [n + 1, W], `Row.allowed`) as a step's
+    table holds them: [L + 1] the mask at each depth 0..L, -1 where it is the one-hot of the chain's token
+    there (`grammar.only`), else an index into [CHAIN_MASKS, W] (a deeper node takes depth n's)."""
+    codes, explicit = [], []
+    for depth, mask in enumerate(masks):
+        if depth < len(chain) and torch.equal(mask, grammar.only(chain[depth], vocab_size)):
+            codes.append(-1)
+        else:
+            codes.append(len(explicit))
+            explicit.append(mask)
+    assert len(explicit) <= CHAIN_MASKS, "a chain with more guesses than a step's table holds masks for"
+    codes += codes[-1:] * (L + 1 - len(codes))
+    return torch.tensor(codes[:L + 1]), torch.stack(explicit + explicit[-1:] * (CHAIN_MASKS - len(explicit)))
 
 
 def _batch_bucket(n: int) -> int:
@@ -311,19 +329,23 @@ class DeviceStep:
                    torch.full((self.num_uniforms,), 0.5, dtype=torch.float64))
 
     def _table(self, rows: list[Row], needs: Needs) -> torch.Tensor:
-        """[B, 3 + R + L + U (+ 2 + (L + 1) W)] float64 on the host: slot, pending, speculate, RowParams'
-        columns, lookup guesses (-1 past a row's last), uniforms, and with needs.mask whether each row's
-        masks hold along its lookup chain alone, the drafts it may keep (-1: any) and the bitmasks of the
-        tokens allowed at depths 0..L of the chain (-1: all) (every integer here is exact in float64)."""
+        """[B, 3 + R + L + U (+ 3 + L + CHAIN_MASKS W)] float64 on the host: slot, pending, speculate,
+        RowParams' columns, lookup guesses (-1 past a row's last), uniforms, and with needs.mask whether
+        each row's masks hold along its lookup chain alone, the drafts it may keep (-1: any), which mask
+        holds at each depth 0..L of the chain (-1: the one-hot of its chain token) and the masks (-1: all)
+        (`chain_masks`; every integer here is exact in float64)."""
         L = self.tree.lookup
         head = torch.tensor([[r.slot, r.pending, float(r.speculate), *RowParams.columns(r.params), *r.lookup,
                               *[-1] * (L - len(r.lookup))] for r in rows], dtype=torch.float64)
         columns = [head, torch.stack([r.uniforms for r in rows])]
         if needs.mask:
-            every = torch.full((1, grammar.words(self.model.config.vocab_size)), -1, dtype=torch.int32)
+            V = self.model.config.vocab_size
+            every = torch.full((1, grammar.words(V)), -1, dtype=torch.int32)
+            codes, masks = zip(*(chain_masks(every if r.allowed is None else r.allowed, r.lookup, L, V)
+                                 for r in rows), strict=True)
             columns.append(torch.tensor([[float(r.chained), r.keep] for r in rows], dtype=torch.float64))
-            columns.append(torch.stack([at_depths(every if r.allowed is None else r.allowed, L + 1)
-                                        for r in rows]).flatten(1).double())
+            columns.append(torch.stack(codes).double())
+            columns.append(torch.stack(masks).flatten(1).double())
         return torch.cat(columns, dim=1)
 
     def _step(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
@@ -338,9 +360,10 @@ class DeviceStep:
         U, V = self.num_uniforms, self.model.config.vocab_size
         lookup = table[:, 3 + R:3 + R + L].long()  # [B, L] (-1: none)
         uniforms = table[:, 3 + R + L:3 + R + L + U]  # [B, U]
-        if needs.mask:  # [B], [B] (-1: any), [B, L + 1, V]
+        if needs.mask:  # [B], [B] (-1: any), [B, L + 1] (-1: one-hot), [B, CHAIN_MASKS, V]
             chained, keep = table[:, 3 + R + L + U] > 0, table[:, 4 + R + L + U].long()
-            masks = grammar.unpack(table[:, 5 + R + L + U:].int().view(table.shape[0], L + 1, -1), V)
+            codes = table[:, 5 + R + L + U:6 + R + 2 * L + U].long()
+            masks = grammar.unpack(table[:, 6 + R + 2 * L + U:].int().view(len(table), CHAIN_MASKS, -1), V)
         B, T = slots.shape[0], tree.num_nodes
 
         mask = None
@@ -360,7 +383,7 @@ class DeviceStep:
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]
         text = self._text_at_nodes(slots, candidates, tree) if needs.penalise else None
         bias = self._bias(slots) if needs.bias else None
-        allowed = self._allowed_at_nodes(masks, tree, B) if needs.mask else None
+        allowed = self._allowed_at_nodes(lookup, codes, masks, tree, B) if needs.mask else None
         target = sampling.process(self.model.logits(hidden), rows, text, needs, bias, allowed)  # [B, T, V]
         best, lse = sampling.argmax_logsumexp(target)  # [B, T] each: the argmax after each node, logsumexp
 
@@ -433,14 +456,20 @@ class DeviceStep:
                             *([top] if top is not None else [])], dim=1)
         return packed, torch.where(on_path[..., None], path_hidden, 0)
 
-    def _allowed_at_nodes(self, masks: torch.Tensor, tree: TreeBuffers | RowTrees, B: int) -> torch.Tensor:
-        """[B, T, V] bool: what each node's grammar allows after it, from masks [B, L + 1, V], a row's at
-        depths 0..L of its lookup chain: a node's at its depth (a row without a grammar: everything at
-        every depth; one banning EOS: all else). In a grammar's row they are the grammar's own for the
-        nodes whose tokens are the chain's, the only drafts it keeps (`_step`)."""
-        V = masks.shape[2]
-        depths = tree.depths.expand(B, -1).clamp(max=masks.shape[1] - 1)  # [B, T]
-        return masks.gather(1, depths[..., None].expand(*depths.shape, V))
+    def _allowed_at_nodes(self, lookup: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor,
+                          tree: TreeBuffers | RowTrees, B: int) -> torch.Tensor:
+        """[B, T, V] bool: what each node's grammar allows after it: the mask at its depth of its row's
+        lookup chain (`chain_masks`: codes [B, L + 1], -1 where it is the one-hot of the chain token at
+        that depth, else an index into masks [B, CHAIN_MASKS, V]). A row without a grammar allows
+        everything at every depth; one banning EOS, all else. In a grammar's row these are the grammar's
+        own masks for the nodes whose tokens are the chain's, the only drafts it keeps (`_step`)."""
+        V, L = masks.shape[2], lookup.shape[1]
+        chain = torch.cat([lookup, lookup.new_full((B, 1), -1)], dim=1)  # [B, L + 1]: the token after depth d
+        one_hot = torch.arange(V, device=masks.device) == chain[..., None]  # [B, L + 1, V]
+        at_depth = torch.where(codes[..., None] < 0, one_hot,
+                               masks.gather(1, codes.clamp(min=0)[..., None].expand(B, L + 1, V)))
+        depths = tree.depths.expand(B, -1).clamp(max=L)  # [B, T]
+        return at_depth.gather(1, depths[..., None].expand(*depths.shape, V))
 
     def _bias(self, slots: torch.Tensor | list[int]) -> LogitBias:
         return LogitBias(self.bias_tokens[slots], self.bias_values[slots])  # [B, K] each

@@ -138,21 +138,27 @@ class Constraint:
         # 2.1 s more at every start)
         return torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
 
-    def chain(self, limit: int, guess: Callable[[list[int]], int | None] = lambda tokens: None
-              ) -> tuple[list[int], torch.Tensor]:
+    def chain(self, limit: int, guess: Callable[[list[int]], int | None] = lambda tokens: None,
+              guesses: int = 0) -> tuple[list[int], torch.Tensor]:
         """Up to `limit` tokens that may come next, each one the grammar allows after those before it:
         where its mask allows one token alone (EOS excepted), that token, which plain decoding emits
-        whatever the logits; elsewhere `guess(the tokens so far)`, a guess to verify (None: the chain
-        ends). Returns them and the bitmasks of what the grammar allows before each and after the last
-        ([n + 1, W] int32); the state is left as it was."""
+        whatever the logits; elsewhere, up to `guesses` times, `guess(the tokens so far)`, a guess to
+        verify (None: the chain ends). Returns them and the bitmasks of what the grammar allows before
+        each and after the last ([n + 1, W] int32; before a forced token, `only` that token); the state
+        is left as it was."""
         tokens: list[int] = []
         masks = [self.allowed()]
         while len(tokens) < limit:
             allowed = unpack(masks[-1], self.vocab_size)
-            token = int(allowed.nonzero()[0, 0]) if int(allowed.sum()) == 1 else guess(tokens)
+            forced = int(allowed.sum()) == 1
+            token = int(allowed.nonzero()[0, 0]) if forced else guess(tokens) if guesses > 0 else None
             if (token is None or not 0 <= token < self.vocab_size or not allowed[token] or token in self.eos
                     or not self.matcher.consume_token(token)):
                 break
+            if forced:
+                masks[-1] = only(token, self.vocab_size)
+            else:
+                guesses -= 1
             tokens.append(token)
             masks.append(self.allowed())
         if tokens:
@@ -169,6 +175,13 @@ class Constraint:
     def _check(self) -> None:
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
+
+
+def only(token: int, vocab_size: int) -> torch.Tensor:
+    """The [W] int32 bitmask of one token."""
+    mask = torch.zeros(words(vocab_size), dtype=torch.int32)
+    mask[token // 32] = 1 << (token % 32) if token % 32 < 31 else -2**31  # bit 31: int32's sign
+    return mask
 
 
 def without(mask: torch.Tensor | None, tokens: tuple[int, ...], vocab_size: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from scipy.stats import chisquare
 from tokenizers import decoders
 
 from medusa.engine import Engine, EngineError
+from medusa.step import CHAIN_MASKS, chain_masks
 from medusa.tree import build_tree, get_tree
 from runtime.config import SamplingParams
 from runtime.grammar import GrammarError, compile_grammar, unpack
@@ -342,3 +343,22 @@ def test_a_grammars_step_compiles_as_one_graph_with_the_eager_outputs(loaded, tr
     eager = run(False)
     assert run(True) == eager
     assert recorder.graphs, "the step did not go through torch.compile"
+
+
+def test_a_chain_takes_forced_tokens_and_up_to_its_count_of_guesses_and_the_table_holds_few_masks(loaded):
+    """After a digit: x and q are forced, a digit is a guess, z and q forced again, then the second
+    guess is over the count: the chain stops. In a step's table the forced depths are one-hot (-1),
+    built on the device, and only the guess's mask and the one after the chain are sent."""
+    tokenizer, V = loaded.tokenizer, loaded.model.config.vocab_size
+    x, q, z, seven = (tokenizer.convert_tokens_to_ids(t) for t in "xqz7")
+    matcher = engine(loaded).grammars.constraint(compile_grammar("regex", "[0-9]xq[0-9]zq[0-9]"))
+    matcher.consume([tokenizer.convert_tokens_to_ids("1")])
+    tokens, masks = matcher.chain(8, lambda chain: seven, guesses=1)
+    assert tokens == [x, q, seven, z, q]
+    digits = unpack(masks[2], V).nonzero().flatten().tolist()
+    assert len(digits) == 10 and seven in digits and torch.equal(masks[5], masks[2])
+    assert [unpack(m, V).nonzero().flatten().tolist() for m in masks[[0, 1, 3, 4]]] == [[x], [q], [z], [q]]
+    assert matcher.chain(8)[0] == [x, q]  # no guess: the chain ends at the digit; the state is as it was
+    codes, explicit = chain_masks(masks, tokens, 8, V)
+    assert codes.tolist() == [-1, -1, 0, -1, -1, 1, 1, 1, 1]
+    assert explicit.shape[0] == CHAIN_MASKS and all(torch.equal(m, masks[2]) for m in explicit)
