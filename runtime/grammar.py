@@ -136,7 +136,9 @@ class Constraint:
         self._check()
         # (llguidance.torch fills a tensor in place, but importing it imports torch.compile's machinery:
         # 2.1 s more at every start)
-        return torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
+        # (llguidance's has a word more where V is a multiple of 32: SmolLM2's 49152 tokens, 1537 words)
+        mask = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)
+        return mask[:words(self.vocab_size)]
 
     def chain(self, limit: int, guess: Callable[[list[int]], int | None] = lambda tokens: None,
               guesses: int = 0) -> tuple[list[int], torch.Tensor]:

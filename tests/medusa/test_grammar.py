@@ -215,6 +215,19 @@ def test_a_grammars_row_leaves_speculating_rows_as_they_were(loaded):
     assert re.fullmatch(PATTERN, text_of(loaded, together[1]))
 
 
+@pytest.mark.parametrize("vocab_size", [300, 320])
+def test_a_grammars_row_steps_beside_free_rows_whatever_the_vocabulary(vocab_size):
+    """A vocabulary of whole 32-bit words (SmolLM2's 49152 tokens; 320 here): llguidance's bitmask has
+    a word more than the step's, and a grammar's row in a batch with a free one failed the whole step."""
+    loaded = tiny_loaded(vocab_size=vocab_size)
+    params = [SamplingParams(max_new_tokens=16), SamplingParams(max_new_tokens=16, grammar=compile_grammar(
+        "regex", PATTERN))]
+    for kw in ({}, {"heads": heads_for(loaded.model), "tree": get_tree("dynamic:8,topk=2,lookup=2")}):
+        together = engine(loaded, **kw).generate(PROMPTS[:2], params)
+        alone = [engine(loaded, **kw).generate([p], q)[0] for p, q in zip(PROMPTS[:2], params, strict=True)]
+        assert together == alone
+        assert re.fullmatch(PATTERN, text_of(loaded, together[1]))
+
 def test_a_byte_level_vocabulary_decoded_through_a_sequence_is_read_as_bytes(loaded):
     """The decoder transformers builds for SmolLM2's GGUF tokenizer: a Sequence around ByteLevel. Read as
     text, 'Ġ' is two bytes and no token a space, and a JSON schema's ': ' had allowed only ':'."""

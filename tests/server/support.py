@@ -28,12 +28,13 @@ TINY_LIMITS = dict(max_batch_size=4, max_input_tokens=64, max_total_tokens=128, 
                    chat_template="off", medusa_heads="none")
 
 
-def tiny_loaded(eos_token_ids: tuple[int, ...] | None = None) -> LoadedModel:
-    """A random two-layer Llama over the tiny tokenizer; the same weights on every call."""
+def tiny_loaded(eos_token_ids: tuple[int, ...] | None = None, vocab_size: int = 300) -> LoadedModel:
+    """A random two-layer Llama over the tiny tokenizer (its embedding padded past the tokenizer's 300
+    tokens where vocab_size says so); the same weights on every call."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+    config = ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
     model = Llama(config).eval()
     with torch.no_grad():  # weights large enough that greedy text varies from token to token
         for weight in model.parameters():
