@@ -132,6 +132,7 @@ class DeviceStep:
         self.device = device
         self.tree = tree.to(device)  # moved once, not per step
         self.root_only = ROOT_ONLY.to(device)
+        self._chain_trees: dict[int, TreeBuffers] = {}  # `_chain_tree`
         self.cache = model.new_cache(num_slots + 1, max_len)
         self.pad_slot = num_slots
         C, V = model.config.hidden_size, model.config.vocab_size
@@ -242,7 +243,8 @@ class DeviceStep:
         """One step for these rows: their results, and with keep_hidden the hidden states of each
         row's accepted nodes ([B, P, C], 0 past accepted_len)."""
         speculate = any(r.speculate for r in rows)
-        tree = self.tree if speculate else self.root_only
+        chain = self._chain(rows)
+        tree = self._chain_tree(chain) if chain else self.tree if speculate else self.root_only
         needs = replace(Needs.of([r.params for r in rows]), mask=any(r.allowed is not None for r in rows))
         B = len(rows)
         max_len = max(r.cached for r in rows) + tree.num_nodes  # keys of the longest row
@@ -250,7 +252,7 @@ class DeviceStep:
             needs = ALL if needs != Needs() else needs  # two graphs per shape: greedy, and any other
             rows = rows + [self._pad_row()] * (_batch_bucket(B) - B)
             max_len = self._len_bucket(max_len)
-        packed, hidden = self._call(self._table(rows, needs), speculate, needs, max_len)
+        packed, hidden = self._call(self._table(rows, needs), speculate, needs, max_len, chain)
         host = packed[:B].cpu().tolist()  # the step's one host synchronisation
         P = tree.depth + 1
         results = []
@@ -263,7 +265,8 @@ class DeviceStep:
     def invariant(self, rows: list[Row]) -> bool:
         """Whether `run` on these rows went through kernels that give each row the bits it has alone
         (`Llama.invariant_rows`): the K/V it kept are then those a prefill of the same tokens writes."""
-        T = self.tree.num_nodes if any(r.speculate for r in rows) else 1
+        chain = self._chain(rows)
+        T = chain + 1 if chain else self.tree.num_nodes if any(r.speculate for r in rows) else 1
         limit = self.model.invariant_rows
         return not self.compile and limit is not None and len(rows) * T <= limit
 
@@ -306,7 +309,22 @@ class DeviceStep:
                     self.prefill(pad, [0] * n, begin)
         self.cache.free(pad)
 
-    def _call(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
+    def _chain(self, rows: list[Row]) -> int:
+        """Where every row that speculates is a grammar's (eager steps), the longest of their lookup chains,
+        the only drafts they keep: the step verifies those chains alone (`_chain_tree`), not the whole
+        tree, whose other nodes they cannot keep; else 0."""
+        speculating = [r for r in rows if r.speculate]
+        if self.compile or not speculating or not all(r.chained for r in speculating):
+            return 0
+        return max(len(r.lookup) for r in speculating)
+
+    def _chain_tree(self, n: int) -> TreeBuffers:
+        """A root and a lookup branch of n nodes (built once for each n, up to L)."""
+        if n not in self._chain_trees:
+            self._chain_trees[n] = build_tree([], "chain-only", lookup=n).to(self.device)
+        return self._chain_trees[n]
+
+    def _call(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int, chain: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Upload a host table (one non-blocking copy) and run the step on it."""
         if self.device.type == "cuda":
@@ -315,7 +333,7 @@ class DeviceStep:
         if self.compile:  # Dynamo's settings are per thread: set in the thread that steps
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             torch._dynamo.maybe_mark_dynamic(table, 0)  # one graph for every batch bucket, if it can
-        return self._fn(table, speculate, needs, max_len)
+        return self._fn(table, speculate, needs, max_len, chain)
 
     def _len_bucket(self, max_len: int) -> int:
         """The attention length a compiled step runs with. On a GPU the whole cache: the kernel
@@ -348,12 +366,12 @@ class DeviceStep:
             columns.append(torch.stack(masks).flatten(1).double())
         return torch.cat(columns, dim=1)
 
-    def _step(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int
+    def _step(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int, chain: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The device work of one step, without a host read. table: [B, F] (`_table`).
-        Returns packed [B, 1 + 2P] float64 (accepted_len, P tokens, P logprobs) and the hidden
-        states of the accepted nodes [B, P, C]."""
-        tree = self.tree if speculate else self.root_only
+        """The device work of one step, without a host read. table: [B, F] (`_table`); chain: verify a
+        lookup chain of that many nodes alone (`_chain`). Returns packed [B, 1 + 2P] float64
+        (accepted_len, P tokens, P logprobs) and the hidden states of the accepted nodes [B, P, C]."""
+        tree = self._chain_tree(chain) if chain else self.tree if speculate else self.root_only
         R, L = ROW_PARAMS_WIDTH, self.tree.lookup
         slots, roots, speculates = table[:, 0].long(), table[:, 1].long(), table[:, 2] > 0  # [B] each
         rows = RowParams.from_columns(table[:, 3:3 + R])
@@ -375,9 +393,9 @@ class DeviceStep:
                 candidates, tree = draft_dynamic(*drafter_input, lookup, tree)  # [B, T], RowTrees
             else:  # a fixed lookup branch; a missing guess holds the root (a valid, wasted draft)
                 candidates = draft(*drafter_input, tree)  # [B, T]
-                if L:
-                    guesses = torch.where(lookup >= 0, lookup, roots[:, None])
-                    candidates = torch.cat([candidates[:, :T - L], guesses], dim=1)
+                if tree.lookup:
+                    guesses = torch.where(lookup >= 0, lookup, roots[:, None])[:, :tree.lookup]
+                    candidates = torch.cat([candidates[:, :T - tree.lookup], guesses], dim=1)
             mask = tree.mask  # [T, T], or [B, T, T] for a dynamic tree
         positions = self.cache.lens[slots][:, None] + tree.depths  # [B, T]
         hidden = self.model(candidates, positions, self.cache, slots, mask, max_len)  # [B, T, C]

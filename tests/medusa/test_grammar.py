@@ -375,3 +375,31 @@ def test_a_chain_takes_forced_tokens_and_up_to_its_count_of_guesses_and_the_tabl
     codes, explicit = chain_masks(masks, tokens, 8, V)
     assert codes.tolist() == [-1, -1, 0, -1, -1, 1, 1, 1, 1]
     assert explicit.shape[0] == CHAIN_MASKS and all(torch.equal(m, masks[2]) for m in explicit)
+
+
+def test_a_step_of_grammar_rows_alone_verifies_their_chains_alone(loaded, monkeypatch):
+    """Where every speculating row is a grammar's, the step's forward takes the root and the longest
+    chain, not the whole tree (whose other nodes such rows cannot keep); beside a free speculating row,
+    the whole tree. The tokens are those of the whole tree's steps."""
+    tree = TREES["dynamic:24,topk=3,lookup=4"]
+    params = SamplingParams(max_new_tokens=40, grammar=compile_grammar("json", SCHEMA))
+    forward, widths, stepping = loaded.model.forward, [], []  # the tokens of each step's forward
+
+    def counted(tokens, *args, **kwargs):
+        if stepping:  # (not a prefill's)
+            widths.append(tokens.shape[1])
+        return forward(tokens, *args, **kwargs)
+
+    def generate(params) -> list[list[int]]:
+        e = engine(loaded, heads=heads_for(loaded.model), tree=tree)
+        run = e.device_step.run
+        e.device_step.run = lambda *a, **kw: (stepping.append(1), run(*a, **kw), stepping.clear())[1]
+        return e.generate(PROMPTS[:2], params)
+
+    monkeypatch.setattr(loaded.model, "forward", counted)
+    out = generate(params)
+    assert out == engine(loaded).generate(PROMPTS[:2], params)
+    assert 1 < max(widths) <= 1 + tree.lookup, widths
+    widths.clear()
+    assert generate([params, SamplingParams(max_new_tokens=40)])[0] == out[0]
+    assert tree.num_nodes in widths
