@@ -21,15 +21,19 @@
 #   conversation      benchmarks.conversation, the heads: whether a conversation's later turns give
 #                     the same tokens through the prefix cache as without it on the GPU (same_output),
 #                     and their time to first token both ways
+#   grammar           benchmarks.grammar --task extraction, the heads: JSON of a schema with speculation
+#                     (forced tokens and lookup guesses on the chain) against the same grammar decoded
+#                     plainly, whether both give the same tokens (same_output), and their tok/s
 #   step              benchmarks.engine, verify and syncs: one verification of T = 1/16/64 tree nodes
 #                     (forward, engine step) and host synchronisations per engine step
 #   sweep             Triton launch configurations (CUDA only)
 # GPU_CHECK_PARTS names the parts to run ("none": the carry alone); by default all but
-# decode-llama3-8b, speculative-dynamic, speculative-float32, conversation and sweep. Each part has its own time
-# limit, sized for a cold H200 (the first Triton and Inductor builds included), so one hang cannot eat
-# the session, and a part that fails (a FAIL in the check, a failed case, an error, a timeout) does not
-# stop the next; the last row sums up (seconds taken, failed parts), and the script then exits 1.
-# Arguments go to every benchmarks.attention and benchmarks.engine part: --device, --dtype, --tiny.
+# decode-llama3-8b, speculative-dynamic, speculative-float32, conversation, grammar and sweep. Each part
+# has its own time limit, sized for a cold H200 (the first Triton and Inductor builds included), so one
+# hang cannot eat the session, and a part that fails (a FAIL in the check, a failed case, an error, a
+# timeout) does not stop the next; the last row sums up (seconds taken, failed parts), and the script then
+# exits 1. Arguments go to every benchmarks.attention and benchmarks.engine part: --device, --dtype,
+# --tiny.
 #
 #   bash benchmarks/gpu_carry.sh prepare         # here, first: .carry/ and the three device runs to make
 #   benchmarks/gpu_check.sh --device cpu --tiny  # the dry run here (PYTHON=.venv/bin/python)
@@ -150,6 +154,7 @@ fi
 speculative speculative-dynamic 100 --compile off --modes medusa,eagle --tree dynamic:48,lookup=16
 speculative speculative-float32 80 --compile off --modes plain,medusa,eagle --dtype float32 --limit 3
 MODULE=benchmarks.conversation speculative conversation 80 --drafter heads
+MODULE=benchmarks.grammar speculative grammar 80 --drafter heads --task extraction --repeats 1
 run 120 step "$PY" -m benchmarks.engine --json --parts verify,syncs --shapes llama2-7b "${ARGS[@]}"
 if [ "$DEVICE" != cpu ]; then  # the sweep times Triton launches: CUDA only
     run 150 sweep "$PY" -m benchmarks.attention --json --sweep "${ARGS[@]}"

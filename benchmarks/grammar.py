@@ -6,6 +6,7 @@ one process, so that the ratios are measured in one run.
 
     python -m benchmarks.grammar --dtype float32
     python -m benchmarks.grammar --dtype auto --task extraction
+    python -m benchmarks.grammar --device cuda --dtype bfloat16 --json   # as benchmarks/gpu_check.sh does
 
 A grammar's request speculates on the tokens its grammar forces (a JSON schema's keys and
 punctuation) and on the prompt-lookup guesses it allows between them (what the answer copies from
@@ -17,6 +18,7 @@ against an unconstrained one.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 from runtime.config import SamplingParams
@@ -58,18 +60,29 @@ def tasks(task: str) -> tuple[dict, list[tuple[str, str]]]:
                               "millions, whether it is in Europe.") for country in COUNTRIES]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="as medusa-serve's --model (default: the embedded one)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--drafter", choices=["heads", "eagle"], default="heads")
+    parser.add_argument("--medusa-heads", default=None, help="heads folder (default: the server's choice)")
+    parser.add_argument("--eagle", default=None, help="draft layer folder, with --drafter eagle")
     parser.add_argument("--repeats", type=int, default=2, help="passes over the prompts")
+    parser.add_argument("--limit", type=int, default=None, help="the task's first prompts only")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--task", choices=["countries", "extraction"], default="countries")
-    args = parser.parse_args()
-    loaded, engine = load_engine(Settings(model=args.model, dtype=args.dtype))
+    parser.add_argument("--json", action="store_true", help="the summary as a JSON line at the end")
+    parser.add_argument("--prompts", help="not read: a task brings its prompts (gpu_check.sh passes it to "
+                                          "every real-model part)")
+    args = parser.parse_args(argv)
+    drafter = args.eagle if args.drafter == "eagle" else args.medusa_heads
+    loaded, engine = load_engine(Settings(model=args.model, device=args.device, dtype=args.dtype,
+                                          drafter=args.drafter, medusa_heads=drafter or "auto"))
     tokenizer = loaded.tokenizer
     n = args.max_new_tokens
     schema, requests = tasks(args.task)
+    requests = requests[:args.limit]
     grammar = compile_grammar("json", schema)
     modes = {"grammar": SamplingParams(max_new_tokens=n, grammar=grammar),
              "grammar-plain": SamplingParams(max_new_tokens=n, grammar=grammar, speculate=False),
@@ -77,6 +90,7 @@ def main() -> None:
              "speculative": SamplingParams(max_new_tokens=n)}
     engine.grammars.check(modes["grammar"].grammar)  # builds llguidance's vocabulary, outside the timing
     totals = {mode: [0, 0.0] for mode in modes}  # tokens, seconds
+    outputs: dict[str, list[list[int]]] = {mode: [] for mode in modes}
     for repeat in range(args.repeats):
         for label, request in requests:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": request}],
@@ -86,6 +100,7 @@ def main() -> None:
                 tokens = engine.generate([prompt], params)[0]
                 totals[mode][0] += len(tokens)
                 totals[mode][1] += time.perf_counter() - start
+                outputs[mode].append(tokens)
                 if repeat == 0 and mode == "grammar":
                     print(f"{label}: {tokenizer.decode(tokens, skip_special_tokens=True)[:120]}")
     speed = {mode: tokens / seconds for mode, (tokens, seconds) in totals.items()}
@@ -94,6 +109,14 @@ def main() -> None:
     print(f"grammar / plain: {speed['grammar'] / speed['plain']:.3f}; "
           f"grammar / speculative: {speed['grammar'] / speed['speculative']:.3f}; "
           f"grammar / grammar-plain: {speed['grammar'] / speed['grammar-plain']:.3f}")
+    summary = {"task": args.task, "prompts": len(requests), "device": args.device, "dtype": loaded.dtype_name,
+               **{f"{mode.replace('-', '_')}_tok_s": round(v, 1) for mode, v in speed.items()},
+               "grammar_vs_grammar_plain": round(speed["grammar"] / speed["grammar-plain"], 3),
+               "grammar_vs_speculative": round(speed["grammar"] / speed["speculative"], 3),
+               "same_output": outputs["grammar"] == outputs["grammar-plain"]}
+    if args.json:
+        print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def positive(row: dict, *keys: str) -> bool:
 @pytest.mark.slow
 def test_the_dry_run_gives_every_reading():
     every_part = ("env check bench decode-llama2-7b decode-llama3-8b speculative speculative-compiled "
-                  "speculative-dynamic speculative-float32 conversation step")
+                  "speculative-dynamic speculative-float32 conversation grammar step")
     status, rows = gpu_check({"GPU_CHECK_PARTS": every_part})
     assert [row for row in rows if "error" in row] == []
     assert status == 0
@@ -70,6 +70,9 @@ def test_the_dry_run_gives_every_reading():
         assert "exact_match" in float32 and "eagle_exact_match" in float32
         [conversation] = [row for row in rows if row.get("part") == "conversation"]
         assert conversation["same_output"] == 1.0 and positive(conversation, "cached_share")
+        [grammar] = [row for row in rows if row.get("part") == "grammar"]
+        assert grammar["same_output"] is True and grammar["prompts"] == 2  # --tiny's --limit
+        assert positive(grammar, "grammar_tok_s", "grammar_plain_tok_s")
 
 
 def test_the_real_model_part_is_skipped_without_its_prompts():
