@@ -21,7 +21,7 @@
 #   conversation      benchmarks.conversation, the heads: whether a conversation's later turns give
 #                     the same tokens through the prefix cache as without it on the GPU (same_output),
 #                     and their time to first token both ways
-#   grammar           benchmarks.grammar --task extraction, the heads: JSON of a schema with speculation
+#   grammar           benchmarks.grammar --task extraction, the heads, compile off: JSON of a schema with speculation
 #                     (forced tokens and lookup guesses on the chain) against the same grammar decoded
 #                     plainly, whether both give the same tokens (same_output), and their tok/s
 #   step              benchmarks.engine, verify and syncs: one verification of T = 1/16/64 tree nodes
@@ -154,7 +154,7 @@ fi
 speculative speculative-dynamic 100 --compile off --modes medusa,eagle --tree dynamic:48,lookup=16
 speculative speculative-float32 80 --compile off --modes plain,medusa,eagle --dtype float32 --limit 3
 MODULE=benchmarks.conversation speculative conversation 80 --drafter heads
-MODULE=benchmarks.grammar speculative grammar 80 --drafter heads --task extraction --repeats 1
+MODULE=benchmarks.grammar speculative grammar 80 --compile off --drafter heads --task extraction --repeats 1
 run 120 step "$PY" -m benchmarks.engine --json --parts verify,syncs --shapes llama2-7b "${ARGS[@]}"
 if [ "$DEVICE" != cpu ]; then  # the sweep times Triton launches: CUDA only
     run 150 sweep "$PY" -m benchmarks.attention --json --sweep "${ARGS[@]}"

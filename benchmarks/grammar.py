@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="as medusa-serve's --model (default: the embedded one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="as medusa-serve's")
     parser.add_argument("--drafter", choices=["heads", "eagle"], default="heads")
     parser.add_argument("--medusa-heads", default=None, help="heads folder (default: the server's choice)")
     parser.add_argument("--eagle", default=None, help="draft layer folder, with --drafter eagle")
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     drafter = args.eagle if args.drafter == "eagle" else args.medusa_heads
     loaded, engine = load_engine(Settings(model=args.model, device=args.device, dtype=args.dtype,
-                                          drafter=args.drafter, medusa_heads=drafter or "auto"))
+                                          compile=args.compile, drafter=args.drafter,
+                                          medusa_heads=drafter or "auto"))
     tokenizer = loaded.tokenizer
     n = args.max_new_tokens
     schema, requests = tasks(args.task)
