@@ -21,9 +21,9 @@
 #   conversation      benchmarks.conversation, the heads: whether a conversation's later turns give
 #                     the same tokens through the prefix cache as without it on the GPU (same_output),
 #                     and their time to first token both ways
-#   grammar           benchmarks.grammar --task extraction, the heads, compile off: JSON of a schema with speculation
-#                     (forced tokens and lookup guesses on the chain) against the same grammar decoded
-#                     plainly, whether both give the same tokens (same_output), and their tok/s
+#   grammar           benchmarks.grammar --task extraction, the heads, compile off: JSON of a schema
+#                     with speculation (forced tokens and lookup guesses on the chain) against the same
+#                     grammar decoded plainly, whether both give the same tokens (same_output), and tok/s
 #   step              benchmarks.engine, verify and syncs: one verification of T = 1/16/64 tree nodes
 #                     (forward, engine step) and host synchronisations per engine step
 #   sweep             Triton launch configurations (CUDA only)
