@@ -17,7 +17,7 @@ from medusa.engine import Engine, EngineError
 from medusa.step import CHAIN_MASKS, chain_masks
 from medusa.tree import build_tree, get_tree
 from runtime.config import SamplingParams
-from runtime.grammar import GrammarError, compile_grammar, unpack
+from runtime.grammar import GrammarError, compile_grammar, only, unpack
 from tests.conftest import GraphRecorder
 from tests.medusa.test_engine_speculative import TREES, OracleHeads, heads_for
 from tests.server.support import tiny_loaded
@@ -283,6 +283,11 @@ def test_bitmasks_unpack_bit_t_of_word_t_over_32():
     allowed = unpack(mask, 70)
     assert allowed.shape == (1, 70)
     assert allowed[0].nonzero().flatten().tolist() == list(range(32)) + [64, 66]
+
+
+def test_only_is_the_bitmask_of_one_token_its_word_s_sign_bit_too():
+    for token in (0, 31, 32, 63, 299):  # bit 31 is int32's sign
+        assert unpack(only(token, 300), 300).nonzero().flatten().tolist() == [token]
 
 
 @pytest.mark.parametrize("guess", [None, 7])
