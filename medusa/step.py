@@ -359,13 +359,14 @@ class DeviceStep:
         columns = [head, torch.stack([r.uniforms for r in rows])]
         if needs.mask:
             columns.append(torch.tensor([[float(r.chained), r.keep] for r in rows], dtype=torch.float64))
-            columns.append(torch.stack([self._masks_of(r) if r.allowed is not None else self._free_masks
-                                        for r in rows]))
+            columns.append(torch.stack([self._masks_of(r.allowed, r.lookup) if r.allowed is not None
+                                        else self._free_masks for r in rows]))
         return torch.cat(columns, dim=1)
 
-    def _masks_of(self, row: Row) -> torch.Tensor:
-        """A row's `chain_masks`, codes then masks, as [L + 1 + CHAIN_MASKS W] float64."""
-        codes, masks = chain_masks(row.allowed, row.lookup, self.tree.lookup, self.model.config.vocab_size)
+    def _masks_of(self, allowed: torch.Tensor, chain: list[int]) -> torch.Tensor:
+        """A row's `chain_masks` (`Row.allowed`, `Row.lookup`), codes then masks, as
+        [L + 1 + CHAIN_MASKS W] float64."""
+        codes, masks = chain_masks(allowed, chain, self.tree.lookup, self.model.config.vocab_size)
         return torch.cat([codes, masks.flatten()]).double()
 
     @functools.cached_property
@@ -374,7 +375,7 @@ class DeviceStep:
         a compiled sampled step carries masks: the table of 64 such rows (GPU tree, 49152 tokens) took
         2.0 ms to build with each row's built anew, 0.51 ms with this (AMD EPYC, Zen 4)."""
         every = torch.full((1, grammar.words(self.model.config.vocab_size)), -1, dtype=torch.int32)
-        return self._masks_of(Row(self.pad_slot, 0, 0, False, SamplingParams(), [], torch.zeros(0), every))
+        return self._masks_of(every, [])
 
     def _step(self, table: torch.Tensor, speculate: bool, needs: Needs, max_len: int, chain: int = 0
               ) -> tuple[torch.Tensor, torch.Tensor]:
