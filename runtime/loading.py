@@ -125,7 +125,7 @@ def torch_dtype(dtype: str | torch.dtype | None, device: str = "cpu") -> torch.d
     None, the device's default: float32 on the CPU, the only dtype where greedy speculation is token for
     token the plain output; bfloat16 on CUDA, where a step is bound by the bytes of weights read.
     "auto": bfloat16 on CUDA and on a CPU with native bf16 products (faster there: the README's
-    measured section, per CPU), float32 elsewhere. Anything else raises ModelLoadError naming the
+    "Measured", per CPU), float32 elsewhere. Anything else raises ModelLoadError naming the
     supported ones."""
     on_cpu = torch.device(device).type == "cpu"
     if dtype is None:
