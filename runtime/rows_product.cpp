@@ -362,6 +362,9 @@ at::Tensor rows_product(const at::Tensor& x, const at::Tensor& weight, const std
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
+  if (M == 0) {  // no rows (a one-token prompt's logprobs: none to score), or K = 0: a sum of nothing
+    return bias.has_value() ? out.copy_(bias->expand_as(out)) : out.zero_();  // (tiles of 0 rows divide by 0)
+  }
   if (weight.scalar_type() == at::kFloat) {
     rows_product_of(xc.const_data_ptr<float>(), M, weight.const_data_ptr<float>(), N, K,
                     bias.has_value() ? bias->const_data_ptr<float>() : nullptr, out.mutable_data_ptr<float>());

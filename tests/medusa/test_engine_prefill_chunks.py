@@ -51,6 +51,21 @@ def test_chunked_prefill_equals_whole_prefill(model, chunk):
     assert chunked_first.logprobs == pytest.approx(first.logprobs, abs=1e-5)
 
 
+def test_a_served_model_scores_a_one_token_prompt_and_a_last_chunk_of_one_token():
+    """A prompt's last token scores no prompt token (nothing follows it in the prompt), so a one-token
+    prompt's logprobs, or a last chunk of one token, multiply zero rows by lm_head: on the CPU through
+    our kernel, which once divided by zero there and killed the server (SIGFPE: `/v1/completions` of
+    one token with echo and logprobs)."""
+    served = ours_from_hf(tiny_hf_model("llama")).prepare_for_serving(packed_from_rows=1, own_kernel_rows=16)
+    assert served.lm_head.own_weight is not None and served.config.vocab_size >= 16  # whole blocks
+    params = SamplingParams(max_new_tokens=3)
+    first = engine(served).add("a", PROMPT[:1], params, prompt_logprobs=True)
+    assert first.prefill_logprobs == [None] and len(first.token_ids) == 1
+    whole = engine(served).add("a", PROMPT, params, prompt_logprobs=True)
+    chunked_first, _ = run_chunked(engine(served), "a", PROMPT, params, 1, prompt_logprobs=True)
+    assert chunked_first.prefill_logprobs[1:] == pytest.approx(whole.prefill_logprobs[1:], abs=1e-5)
+
+
 def test_chunked_prefill_under_speculation_with_seeded_sampling(model):
     heads = random_heads(MedusaConfig(hidden_size=model.config.hidden_size,
                                       vocab_size=model.config.vocab_size), seed=0)

@@ -50,6 +50,8 @@ def blocked(weight: torch.Tensor) -> torch.Tensor:
     (17, 80, 31, True),  # 16 rows of x at once, then 1; an odd K
     (3, 9, 5, True),  # shorter than one vector
     (0, 8, 16, False),
+    (0, 40, 16, True),  # no rows against whole blocks (a one-token prompt's logprobs)
+    (4, 40, 0, True),  # a sum of nothing: the bias
 ])
 def test_rows_product_equals_linear_in_float64(dtype, rows, out_features, in_features, bias):
     assert cpu_kernels.built()  # a C++ compiler is there: torch.compile's CPU kernels need one too
