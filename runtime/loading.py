@@ -192,7 +192,8 @@ def check_device(device: str) -> None:
             raise ModelLoadError(f"device {device!r}: no CUDA GPU is visible to torch here (torch "
                                  f"{torch.__version__}, built with {build}); serve with --device cpu")
         if kind.index is not None and kind.index >= count:
-            raise ModelLoadError(f"device {device!r}: torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+            raise ModelLoadError(f"device {device!r}: torch sees {count} CUDA GPU(s), "
+                                 f"cuda:0 to cuda:{count - 1}")
     elif kind.type != "cpu":
         raise ModelLoadError(only)
 
