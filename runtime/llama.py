@@ -48,8 +48,9 @@ class Linear(nn.Linear):
     decoding, 8 dev prompts, engines taking turns: bf16 33.0 -> 40.9 tok/s, fp32 25.5 -> 27.0). Up to
     how many rows ours stays the faster depends on the CPU, so `measure_own_kernel_rows` times it at
     load: in bf16 on that Xeon ours won on 4 rows (13.9 against oneDNN's 17.1 ms) and lost on 8 (22.9
-    against 18.4). On an AMD EPYC (Zen 5, AVX-512 BF16, 2 cores) the same scratch script had ours
-    ahead at every size to 12 rows (1 / 8 / 12: 6.3 / 9.1 / 11.2 ms against 7.9 / 10.1 / 12.1), and
+    against 18.4); since it multiplies with AMX tiles there, it is ahead to 32 rows (`rows_product.cpp`).
+    On an AMD EPYC (Zen 5, AVX-512 BF16, 2 cores) the same scratch script had ours ahead at every size
+    to 12 rows (1 / 8 / 12: 6.3 / 9.1 / 11.2 ms against 7.9 / 10.1 / 12.1), and
     the load's timing, through the modules, up to 4 (8 rows: 10.9 against 10.4 ms): the margins
     there are within the machine's noise, and on 8 dev prompts speed did not move with the choice
     (Medusa 111.6 / 113.9 tok/s with ours to 16 rows, 117.5 / 114.6 to 1). What moves is bf16

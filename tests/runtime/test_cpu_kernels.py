@@ -74,11 +74,11 @@ def test_a_row_gets_the_same_bits_alone_or_among_others(dtype):
     """One sum per output in a fixed order, whatever the rows and the threads' split: what lets a
     token decoded alone match the same token verified among a tree's."""
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 8, 576, generator=gen).to(dtype)  # [B, T, K]: leading dims kept; 16 rows: tiles
-    weight = block_weight(torch.randn(1000, 576, generator=gen).to(dtype))  # of 6, 5 and 5 without AVX-512
-    together = rows_product(x, weight, None)  # [2, 8, 1000]
-    assert together.shape == (2, 8, 1000)
-    for i in range(2):
+    x = torch.randn(3, 8, 576, generator=gen).to(dtype)  # [B, T, K]: leading dims kept; 24 rows: tiles of
+    weight = block_weight(torch.randn(1000, 576, generator=gen).to(dtype))  # 12 (6 without AVX-512; 16
+    together = rows_product(x, weight, None)  # [3, 8, 1000]                 and 8 padded with AMX)
+    assert together.shape == (3, 8, 1000)
+    for i in range(3):
         for j in range(8):
             assert torch.equal(rows_product(x[i, j:j + 1], weight, None), together[i, j:j + 1])
 
