@@ -346,6 +346,9 @@ def default_tree(device: str, dtype: str = "float32", drafter: str = "heads", bf
     prompts. The draft layer's 'eagle-dynamic-cpu' (12 nodes, 4 levels; AMX Xeon, bf16): 63.4 tok/s
     in its calibration against 59.9 for the best static tree. In float32 on Zen 3 its own, 8 nodes
     grown 3 levels deep: 1.427x plain against 1.319x for 'eagle-dynamic-cpu' (20 prompts, taking turns).
+    Calibrated again on the AMX Xeon once our products used its tiles (1c96c75; 10 prompts, bf16, 6 / 8 /
+    12 / 16 nodes): heads 144.9 / 150.8 / 148.1 / 140.7 tok/s, the layer (4 levels) 128.1 / 137.5 /
+    137.5 / 133.3; the shipped trees stay.
 
     Emulated bf16: products on AVX2 go in tiles of at most 6 rows, and a row more costs much: on AMD
     EPYC (Zen 3) the 30 layers and lm_head took 1.43x one row's time on 6 rows, 1.90x on 7, 2.17x on
