@@ -398,50 +398,6 @@ struct RowPairs {
 
 #endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Scores with AMX tiles (Intel Xeon): 16 keys at a time against a task's query rows, sums[key][row] =
-// k . q over D, one tile product per 32 of D: the keys as they lie in the cache are a tile's rows, and
-// the rows' queries are copied once into the pairs the second operand wants. A score depends on its
-// key and its row alone, whatever shares the tile, and every key goes through a tile (the last few
-// from a copy padded with zero keys), so a tree node gets the scores its token gets decoded alone.
-// SmolLM2's 9 / 3 heads of 64, 30 layers' caches, bf16, Intel Xeon with AMX, 2 threads, ms for the 30
-// layers, without and with (one script, run before and after): a tree of 8 over 300 keys 1.446 ->
-// 1.327, over 1000 keys 4.170 -> 3.517; of 12 2.193 -> 1.990 and 6.257 -> 5.304; one token 0.391 ->
-// 0.408 and 0.983 -> 0.982. The rest of a tree's attention is its weights (exp) and their values.
-template <int kD>
-void amx_scores(const c10::BFloat16* const* q, int rows, const c10::BFloat16* K, int64_t n, float scale, float* p,
-                int64_t n16) {
-  using bf16 = c10::BFloat16;
-  constexpr int kChunks = kD / 32;
-  alignas(64) int32_t pairs[kChunks][16][16] = {};  // [32 of D][pair][row]: zero past `rows`
-  for (int c = 0; c < kChunks; ++c)
-    for (int j = 0; j < 16; ++j)
-      for (int r = 0; r < rows; ++r) std::memcpy(&pairs[c][j][r], q[r] + 32 * c + 2 * j, sizeof(int32_t));
-  alignas(64) float sums[16][16];
-  alignas(64) bf16 last[16 * kD];
-  amx_configure();
-  for (int64_t s = 0; s < n; s += 16) {
-    const int64_t keys = std::min<int64_t>(16, n - s);
-    const bf16* k = K + s * kD;
-    if (keys < 16) {  // not past the last key: the cache after it may be another slot's, or its end
-      std::memset(static_cast<void*>(last), 0, sizeof last);
-      std::memcpy(static_cast<void*>(last), k, keys * kD * sizeof(bf16));
-      k = last;
-    }
-    _tile_zero(0);
-    for (int c = 0; c < kChunks; ++c) {
-      _tile_loadd(1, k + 32 * c, kD * int64_t(sizeof(bf16)));
-      _tile_loadd(2, pairs[c], 16 * int64_t(sizeof(int32_t)));
-      _tile_dpbf16ps(0, 1, 2);
-    }
-    _tile_stored(0, sums, 16 * int64_t(sizeof(float)));
-    for (int r = 0; r < rows; ++r)
-      for (int64_t j = 0; j < keys; ++j) p[r * n16 + s + j] = sums[j][r] * scale;
-  }
-  _tile_release();
-}
-#endif
-
 // Rows [r0, r1) of the G * T query rows of sequence b's KV head h (row r: query head h * G + r / T,
 // new token r % T). scores: scratch. kD: the head dim where the caller knows it when compiling (the
 // loops over it unrolled, a tile's outputs in registers), else 0. With it, fused multiply-adds and a
@@ -471,69 +427,56 @@ void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0
   // two rows at a time share each key's loads, 8 keys of each through one sum16x16 (lane by lane the
   // same sums): a tree of 8 over 400 keys 72.5 -> 62.5 us, head dim 128 88.3 -> 73.4 (bf16, AMD EPYC
   // (Zen 5), taking turns in one process)
-  bool scored = false;
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16> && kD % 32 == 0 && kD != 0) {
-    if (R <= 16 && amx_permitted()) {
-      const T* rows[16];
-      for (int64_t i = 0; i < R; ++i) rows[i] = query(r0 + i);
-      amx_scores<kD>(rows, int(R), K, n, a.scale, scores.data(), n16);
-      scored = true;
-    }
-  }
-#endif
-  if (!scored) {
 #if !defined(__AVX512F__)
-    for (int64_t i = 0; i < R; i += kScoreRows) {  // key by key, kScoreRows rows sharing each key's loads
-      float q[kScoreRows][kMaxD];  // the queries widened once (exactly), not at every key
-      const int rows = int(std::min<int64_t>(kScoreRows, R - i));
-      for (int j = 0; j < rows; ++j)
-        for (int64_t d = 0; d < D; ++d) q[j][d] = float(query(r0 + i + j)[d]);
-      float* p = scores.data() + i * n16;
-      switch (rows) {
-        case 4: score_rows<4, kD>(q, K, D, n, a.scale, p, n16); break;
-        case 3: score_rows<3, kD>(q, K, D, n, a.scale, p, n16); break;
-        case 2: score_rows<2, kD>(q, K, D, n, a.scale, p, n16); break;
-        default: score_rows<1, kD>(q, K, D, n, a.scale, p, n16); break;
-      }
+  for (int64_t i = 0; i < R; i += kScoreRows) {  // key by key, kScoreRows rows sharing each key's loads
+    float q[kScoreRows][kMaxD];  // the queries widened once (exactly), not at every key
+    const int rows = int(std::min<int64_t>(kScoreRows, R - i));
+    for (int j = 0; j < rows; ++j)
+      for (int64_t d = 0; d < D; ++d) q[j][d] = float(query(r0 + i + j)[d]);
+    float* p = scores.data() + i * n16;
+    switch (rows) {
+      case 4: score_rows<4, kD>(q, K, D, n, a.scale, p, n16); break;
+      case 3: score_rows<3, kD>(q, K, D, n, a.scale, p, n16); break;
+      case 2: score_rows<2, kD>(q, K, D, n, a.scale, p, n16); break;
+      default: score_rows<1, kD>(q, K, D, n, a.scale, p, n16); break;
     }
-#else
-    int64_t i = 0;
-    for (; i + 2 <= R; i += 2) {
-      const T* q0 = query(r0 + i);
-      const T* q1 = query(r0 + i + 1);
-      float* p0 = scores.data() + i * n16;
-      float* p1 = p0 + n16;
-      int64_t s = 0;
-      for (; s + 8 <= n; s += 8) {
-        f32x16 lanes[16];
-        for (int j = 0; j < 8; ++j) {
-          lanes[j] = dot_lanes(q0, K + (s + j) * D, D);
-          lanes[8 + j] = dot_lanes(q1, K + (s + j) * D, D);
-        }
-        const f32x16 sums = sum16x16(lanes) * a.scale;
-        std::memcpy(p0 + s, &sums, sizeof sums / 2);
-        std::memcpy(p1 + s, reinterpret_cast<const float*>(&sums) + 8, sizeof sums / 2);
-      }
-      for (; s < n; ++s) {
-        p0[s] = sum16(dot_lanes(q0, K + s * D, D)) * a.scale;
-        p1[s] = sum16(dot_lanes(q1, K + s * D, D)) * a.scale;
-      }
-    }
-    for (; i < R; ++i) {
-      const T* qr = query(r0 + i);
-      float* p = scores.data() + i * n16;
-      int64_t s = 0;
-      for (; s + 16 <= n; s += 16) {
-        f32x16 lanes[16];
-        for (int j = 0; j < 16; ++j) lanes[j] = dot_lanes(qr, K + (s + j) * D, D);
-        const f32x16 sums = sum16x16(lanes) * a.scale;
-        std::memcpy(p + s, &sums, sizeof sums);
-      }
-      for (; s < n; ++s) p[s] = sum16(dot_lanes(qr, K + s * D, D)) * a.scale;
-    }
-#endif
   }
+#else
+  int64_t i = 0;
+  for (; i + 2 <= R; i += 2) {
+    const T* q0 = query(r0 + i);
+    const T* q1 = query(r0 + i + 1);
+    float* p0 = scores.data() + i * n16;
+    float* p1 = p0 + n16;
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) {
+      f32x16 lanes[16];
+      for (int j = 0; j < 8; ++j) {
+        lanes[j] = dot_lanes(q0, K + (s + j) * D, D);
+        lanes[8 + j] = dot_lanes(q1, K + (s + j) * D, D);
+      }
+      const f32x16 sums = sum16x16(lanes) * a.scale;
+      std::memcpy(p0 + s, &sums, sizeof sums / 2);
+      std::memcpy(p1 + s, reinterpret_cast<const float*>(&sums) + 8, sizeof sums / 2);
+    }
+    for (; s < n; ++s) {
+      p0[s] = sum16(dot_lanes(q0, K + s * D, D)) * a.scale;
+      p1[s] = sum16(dot_lanes(q1, K + s * D, D)) * a.scale;
+    }
+  }
+  for (; i < R; ++i) {
+    const T* qr = query(r0 + i);
+    float* p = scores.data() + i * n16;
+    int64_t s = 0;
+    for (; s + 16 <= n; s += 16) {
+      f32x16 lanes[16];
+      for (int j = 0; j < 16; ++j) lanes[j] = dot_lanes(qr, K + (s + j) * D, D);
+      const f32x16 sums = sum16x16(lanes) * a.scale;
+      std::memcpy(p + s, &sums, sizeof sums);
+    }
+    for (; s < n; ++s) p[s] = sum16(dot_lanes(qr, K + s * D, D)) * a.scale;
+  }
+#endif
 
   // weights e^(score - max): the prefix's 16 at a time (lanes past it are hidden: 0), the new
   // tokens' one by one; the softmax's sum in 16 lanes by list index

@@ -16,13 +16,6 @@ namespace medusa_cpu {
 template <typename T>
 void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out);
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// AMX tiles (`rows_product.cpp`): whether Linux lets this process use them (asked once), and this
-// thread's tiles 0-2 set to 16 rows of 64 bytes, the one shape our kernels use (release: `_tile_release`)
-bool amx_permitted();
-void amx_configure();
-#endif
-
 template <typename T>
 struct AttentionOperands {
   const T* q;  // [B, H, T, D], rows of D contiguous, strides below

@@ -231,10 +231,25 @@ void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int
 // (40 dev prompts, bf16), plain 54.8 -> 81.5 tok/s, heads 101.3 -> 149.7, the draft layer 98.2 ->
 // 134.4 with exact_match 0.275 -> 1.0 (memory read at 33.5 and 32.1 GB/s).
 //
-// Linux hands a process the tiles' 8 KB of state only on request (`amx_permitted`, below); where it
-// refuses, the AVX-512 loops above do the work.
+// Linux hands a process the tiles' 8 KB of state only on request; where it refuses, the AVX-512 loops
+// above do the work.
+bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return permitted;
+}
+
 constexpr int kAmxRows = 16;  // rows of x a tile holds
 constexpr int64_t kAmxK = 32;  // k one tile multiplies (16 pairs)
+
+// tile 0: sums [16 rows of x][16 weight rows] float32; 1: x [16][32 k] bf16; 2: a block's 16 k pairs
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {64, 64, 64};
+  uint8_t rows[16] = {kAmxRows, kAmxRows, 16};
+};
 
 // out[m, r] = x[m] . w[r] + bias[r] for the M rows of x (padded to whole tiles of zeros, ldx = K) and
 // the block's 16 rows r. The k past the last whole tile (K % 32) are added after the tiles' sums, as
@@ -351,7 +366,8 @@ void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* 
     if (amx_permitted()) {
       const std::vector<c10::BFloat16> xp = amx_rows(x, M, K);
       at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-        amx_configure();
+        const TileConfig config;
+        _tile_loadconfig(&config);
         for (int64_t i = begin; i < end; ++i) {
           const T* next = i + 1 < end ? w + (i + 1) * block : nullptr;
           const NextBlock pf{reinterpret_cast<const char*>(next), kCols * 2 * int64_t(sizeof(T)), nullptr, 0};
@@ -380,29 +396,6 @@ void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* 
 }  // namespace
 
 namespace medusa_cpu {
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-bool amx_permitted() {
-  static const bool permitted = [] {
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return permitted;
-}
-
-// tile 0: sums [16][16] float32; 1 and 2: [16][32] bf16, the operands (a product's 16 rows of x and a
-// block's 16 k pairs; attention's 16 keys and its query rows' 16 pairs)
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {64, 64, 64};
-  uint8_t rows[16] = {16, 16, 16};
-};
-
-void amx_configure() {
-  static const TileConfig config;
-  _tile_loadconfig(&config);
-}
-#endif
 
 template <typename T>
 void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
