@@ -257,7 +257,7 @@ struct alignas(64) TileConfig {
 void amx_block(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int64_t K, const c10::BFloat16* bias,
                NextBlock next, c10::BFloat16* out, int64_t ldo) {
   using bf16 = c10::BFloat16;
-  const int64_t chunks = K / kAmxK, KP = paired<bf16>(K);
+  const int64_t chunks = K / kAmxK;
   alignas(64) float sums[kAmxRows][kCols];
   for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
     const bf16* xg = x + m0 * K;
@@ -270,15 +270,10 @@ void amx_block(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int64_
     }
     _tile_stored(0, sums, kCols * int64_t(sizeof(float)));
     const int64_t rows = std::min<int64_t>(kAmxRows, M - m0);
+    const int64_t done = chunks * kAmxK;  // k the tiles took; the rest as the loops above add it
     for (int64_t m = 0; m < rows; ++m) {
       f32x16 acc = load16(sums[m]);
-      for (int64_t k = chunks * kAmxK; k < KP; k += 2) {
-        int32_t pair;
-        std::memcpy(&pair, xg + m * K + k, sizeof pair);
-        acc = (f32x16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(pair),
-                                       (__m512bh)_mm512_loadu_si512(w + k * kCols));
-      }
-      if (KP < K) acc = fma16(splat16(float(xg[m * K + KP])), load16(w + KP * kCols), acc);
+      accumulate<1>(xg + m * K + done, K, w + done * kCols, K - done, NextBlock{nullptr, 0, nullptr, 0}, &acc);
       store16(out + (m0 + m) * ldo, bias == nullptr ? acc : acc + load16(bias));
     }
   }
@@ -289,6 +284,35 @@ std::vector<c10::BFloat16> amx_rows(const c10::BFloat16* x, int64_t M, int64_t K
   std::vector<c10::BFloat16> padded((M + kAmxRows - 1) / kAmxRows * kAmxRows * K, c10::BFloat16(0.0f));
   std::memcpy(padded.data(), x, M * K * sizeof(c10::BFloat16));
   return padded;
+}
+#endif
+
+// The whole blocks of a product through AMX tiles (`amx_block`), where they are bf16 and the CPU lets
+// this process use them: true if done, else false and nothing done
+template <typename X, typename T>
+bool amx_products(const X*, int64_t, const T*, int64_t, int64_t, int64_t, const T*, T*, int64_t) {
+  return false;
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+template <>
+bool amx_products(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int64_t blocks, int64_t K, int64_t grain,
+                  const c10::BFloat16* bias, c10::BFloat16* out, int64_t N) {
+  using bf16 = c10::BFloat16;
+  if (!amx_permitted()) return false;
+  const std::vector<bf16> xp = amx_rows(x, M, K);
+  const int64_t block = kCols * K;
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    const TileConfig config;
+    _tile_loadconfig(&config);
+    for (int64_t i = begin; i < end; ++i) {
+      const bf16* next = i + 1 < end ? w + (i + 1) * block : nullptr;
+      const NextBlock pf{reinterpret_cast<const char*>(next), kCols * 2 * int64_t(sizeof(bf16)), nullptr, 0};
+      amx_block(xp.data(), M, w + i * block, K, bias == nullptr ? nullptr : bias + i * kCols, pf, out + i * kCols, N);
+    }
+    _tile_release();
+  });
+  return true;
 }
 #endif
 
@@ -361,34 +385,15 @@ void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* 
   const bool prefetch = M >= 4 || sizeof(T) == 2;
   const bool streamed = false;  // not measured without AVX-512
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<X, c10::BFloat16>) {
-    if (amx_permitted()) {
-      const std::vector<c10::BFloat16> xp = amx_rows(x, M, K);
-      at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-        const TileConfig config;
-        _tile_loadconfig(&config);
-        for (int64_t i = begin; i < end; ++i) {
-          const T* next = i + 1 < end ? w + (i + 1) * block : nullptr;
-          const NextBlock pf{reinterpret_cast<const char*>(next), kCols * 2 * int64_t(sizeof(T)), nullptr, 0};
-          amx_block(xp.data(), M, w + i * block, K, bias == nullptr ? nullptr : bias + i * kCols, pf,
-                    out + i * kCols, N);
-        }
-        _tile_release();
-      });
-      for (int64_t n = blocks * kCols; n < N; ++n)
-        product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N);
-      return;
-    }
+  if (!amx_products(x, M, w, blocks, K, grain, bias, out, N)) {
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i * kCols;
+        const T* next = prefetch && i + 1 < end ? w + (i + 1) * block : nullptr;
+        product_block(x, M, w + i * block, K, bias == nullptr ? nullptr : bias + n, next, streamed, out + n, N);
+      }
+    });
   }
-#endif
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i * kCols;
-      const T* next = prefetch && i + 1 < end ? w + (i + 1) * block : nullptr;
-      product_block(x, M, w + i * block, K, bias == nullptr ? nullptr : bias + n, next, streamed, out + n, N);
-    }
-  });
   for (int64_t n = blocks * kCols; n < N; ++n)
     product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N);
 }
