@@ -398,6 +398,329 @@ struct RowPairs {
 
 #endif
 
+// The softmax's weights of R rows' scores (row i's at scores + i * n16: the prefix's len keys, then the
+// Tn new tokens', of which its token token(i) sees those sees(t, j) says): most[i], the largest score
+// the row sees; e^(score - most) in place over the prefix (lanes past it hidden: 0), 16 at a time; and
+// lane_sums[i], the prefix's weights summed in 16 lanes by list index. The new tokens' weights are
+// taken one by one where they are weighed, each into lane (its list index) % 16.
+template <typename Token, typename Sees>
+void prefix_weights(float* scores, int64_t R, int64_t n16, int64_t len, int64_t Tn, Token token, Sees sees,
+                    float* most, f32x16* lane_sums) {
+  const int64_t len16 = len / 16 * 16;
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t t = token(i);
+    float* p = scores + i * n16;
+    f32xN lanes = splatN(-std::numeric_limits<float>::infinity());
+    for (int64_t s = 0; s + kLanes <= len; s += kLanes) {
+      const f32xN v = loadN(p + s);
+      lanes = v > lanes ? v : lanes;
+    }
+    float m = lanes[0];
+    for (int j = 1; j < kLanes; ++j) m = std::max(m, lanes[j]);
+    for (int64_t s = len / kLanes * kLanes; s < len; ++s) m = std::max(m, p[s]);
+    for (int64_t j = 0; j < Tn; ++j)
+      if (sees(t, j)) m = std::max(m, p[len + j]);
+    most[i] = m;
+    Sum16 sums;  // in registers on either kind of CPU: cpu_vectors.h
+    for (int64_t s = 0; s < len16; s += 16) {
+      for (int j = 0; j < 16 / kLanes; ++j) {
+        const f32xN e = exp_lanes(loadN(p + s + j * kLanes) - m);
+        store_lanes(p + s + j * kLanes, e);
+        sums.part[j] += e;
+      }
+    }
+    if (len16 < len) {
+      float e[16];
+      for (int j = 0; j < 16 / kLanes; ++j) store_lanes(e + j * kLanes, exp_lanes(loadN(p + len16 + j * kLanes) - m));
+      std::fill(e + (len - len16), e + 16, 0.0f);
+      std::memcpy(p + len16, e, (len - len16) * sizeof(float));  // the new tokens' scores are kept
+      sums.add(e, [](f32xN v) { return v; });
+    }
+    std::memcpy(&lane_sums[i], sums.part, sizeof lane_sums[i]);
+  }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Attention with AMX tiles (Intel Xeon from Sapphire Rapids on), bfloat16, head dim 64 or 128. A tile
+// instruction multiplies 16 rows by 16 columns over 16 pairs; in the AVX-512 loops below, a tree's
+// scores and weighted values were ~80% of the call (perf, a tree of 8 over 300 keys). Each query row's
+// result still depends only on the keys it sees, in list order, so a tree node keeps its token's bits:
+//   - scores: 16 keys as they lie in the cache (a tile's rows) against the task's queries, copied once
+//     into the pairs the other operand wants, then transposed to a row's; a score is its key's and
+//     its row's alone, whatever shares the tile (the last keys from a copy padded with zero keys: past
+//     them is another slot, or the cache's end);
+//   - the softmax as the AVX-512 loops take it (`prefix_weights`);
+//   - the values: a row's list of keys in chunks of 32 list positions from the first, its weights
+//     (bf16, rounded as `weigh_pairs` rounds them) one tile's row, the chunk's values paired as
+//     `interleave` pairs them the other tile; a row's sums run through its chunks in order. The chunks
+//     inside the prefix are every row's; the rest (the prefix's last < 32 keys, then the new tokens the
+//     row sees, padded with zero values) are its token's own, gathered per token, the task's other
+//     rows weighing them by 0. So a node's chunks hold what the same token's hold decoded alone after
+//     its ancestors.
+// A task is a few new tokens' rows of one KV head (every query head of the group), at most 16.
+//
+// SmolLM2's 9 / 3 heads of 64, 30 layers' caches, Intel Xeon with AMX, 2 threads, ms for the 30 layers,
+// the AVX-512 loops then these (one script, run on each build in turn): a tree of 8 nodes over 300 keys
+// 1.457 -> 0.893, over 1000 keys 4.177 -> 1.922; one token 0.415 -> 0.445 and 0.973 -> 0.929 (its 3
+// rows a KV head are a task either way, and a tile's fixed work is not shared among tasks). Weighing the
+// values by (w, 0) and (0, w) pairs against their rows as the cache holds them (no pairing, twice the
+// tile products) was as fast over 300 keys and slower over 1000 (a tree of 8: 2.40 ms).
+constexpr int kAmxTileRows = 16;
+constexpr int kOwnMost = 32 + 64;  // a token's own positions: the prefix's last < 32, then its new tokens (at most 64)
+
+// r transposed in place (16 x 16 float32): four rounds, each swapping the off-diagonal s x s blocks of
+// every 2s x 2s block
+template <int s>
+inline void swap_blocks(__m512 (&r)[16]) {
+  alignas(64) static const int32_t low[16] = {
+      0 & s ? 16 + 0 - s : 0, 1 & s ? 16 + 1 - s : 1, 2 & s ? 16 + 2 - s : 2, 3 & s ? 16 + 3 - s : 3,
+      4 & s ? 16 + 4 - s : 4, 5 & s ? 16 + 5 - s : 5, 6 & s ? 16 + 6 - s : 6, 7 & s ? 16 + 7 - s : 7,
+      8 & s ? 16 + 8 - s : 8, 9 & s ? 16 + 9 - s : 9, 10 & s ? 16 + 10 - s : 10, 11 & s ? 16 + 11 - s : 11,
+      12 & s ? 16 + 12 - s : 12, 13 & s ? 16 + 13 - s : 13, 14 & s ? 16 + 14 - s : 14, 15 & s ? 16 + 15 - s : 15};
+  alignas(64) static const int32_t high[16] = {
+      0 & s ? 16 + 0 : 0 + s, 1 & s ? 16 + 1 : 1 + s, 2 & s ? 16 + 2 : 2 + s, 3 & s ? 16 + 3 : 3 + s,
+      4 & s ? 16 + 4 : 4 + s, 5 & s ? 16 + 5 : 5 + s, 6 & s ? 16 + 6 : 6 + s, 7 & s ? 16 + 7 : 7 + s,
+      8 & s ? 16 + 8 : 8 + s, 9 & s ? 16 + 9 : 9 + s, 10 & s ? 16 + 10 : 10 + s, 11 & s ? 16 + 11 : 11 + s,
+      12 & s ? 16 + 12 : 12 + s, 13 & s ? 16 + 13 : 13 + s, 14 & s ? 16 + 14 : 14 + s, 15 & s ? 16 + 15 : 15 + s};
+  const __m512i lo = _mm512_load_si512(low), hi = _mm512_load_si512(high);
+  for (int i = 0; i < 16; ++i) {
+    if (i & s) continue;
+    const __m512 a = r[i], b = r[i + s];
+    r[i] = _mm512_permutex2var_ps(a, lo, b);
+    r[i + s] = _mm512_permutex2var_ps(a, hi, b);
+  }
+}
+
+// scores[i * n16 + s0 + j] = sums[j][i] * scale for the R rows i and 16 keys j: a few rows (a token's)
+// gathered from their columns, more (a tree's) by transposing all 16
+inline void store_transposed(const float (*sums)[16], int64_t R, float scale, float* scores, int64_t n16, int64_t s0) {
+  if (R <= 4) {
+    const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+    for (int64_t i = 0; i < R; ++i)
+      _mm512_storeu_ps(scores + i * n16 + s0,
+                       _mm512_mul_ps(_mm512_i32gather_ps(column, &sums[0][i], 4), _mm512_set1_ps(scale)));
+    return;
+  }
+  __m512 r[16];
+  for (int j = 0; j < 16; ++j) r[j] = _mm512_load_ps(sums[j]);
+  swap_blocks<8>(r);
+  swap_blocks<4>(r);
+  swap_blocks<2>(r);
+  swap_blocks<1>(r);
+  for (int64_t i = 0; i < R; ++i) _mm512_storeu_ps(scores + i * n16 + s0, _mm512_mul_ps(r[i], _mm512_set1_ps(scale)));
+}
+
+// The tiles of the scores (a tile's number must be a literal, hence the macros): head dim 64, the
+// queries' pairs in tiles 6 and 7, loaded once a task, 4 chunks of 16 keys at a time, their sums in
+// tiles 0-3, their keys through 4 and 5; head dim 128, the queries in 4-7, 2 chunks, sums 0-1, keys 2-3
+template <int kD>
+constexpr int kScoreSums = kD == 64 ? 4 : 2;
+
+#define MEDUSA_SCORE64(sum, keys, k)          \
+  _tile_zero(sum);                            \
+  _tile_loadd(keys, k, 128);                  \
+  _tile_dpbf16ps(sum, keys, 6);               \
+  _tile_loadd(keys, (k) + 32, 128);           \
+  _tile_dpbf16ps(sum, keys, 7)
+#define MEDUSA_SCORE128(sum, keys, k)         \
+  _tile_zero(sum);                            \
+  _tile_loadd(keys, k, 256);                  \
+  _tile_dpbf16ps(sum, keys, 4);               \
+  _tile_loadd(keys, (k) + 32, 256);           \
+  _tile_dpbf16ps(sum, keys, 5);               \
+  _tile_loadd(keys, (k) + 64, 256);           \
+  _tile_dpbf16ps(sum, keys, 6);               \
+  _tile_loadd(keys, (k) + 96, 256);           \
+  _tile_dpbf16ps(sum, keys, 7)
+
+// the scores of 16 kScoreSums<kD> whole keys from k (the caller pads the last) into sums [key][row]
+template <int kD>
+inline void score_round(const c10::BFloat16* k, float (*sums)[16]) {
+  if constexpr (kD == 64) {
+    MEDUSA_SCORE64(0, 4, k);
+    MEDUSA_SCORE64(1, 5, k + 16 * kD);
+    MEDUSA_SCORE64(2, 4, k + 32 * kD);
+    MEDUSA_SCORE64(3, 5, k + 48 * kD);
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[16], 64);
+    _tile_stored(2, sums[32], 64);
+    _tile_stored(3, sums[48], 64);
+  } else {
+    MEDUSA_SCORE128(0, 2, k);
+    MEDUSA_SCORE128(1, 3, k + 16 * kD);
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(1, sums[16], 64);
+  }
+}
+#undef MEDUSA_SCORE64
+#undef MEDUSA_SCORE128
+
+template <int kD>
+inline void load_queries(const int32_t (*pairs)[16][16]) {
+  if constexpr (kD == 64) {
+    _tile_loadd(6, pairs[0], 64);
+    _tile_loadd(7, pairs[1], 64);
+  } else {
+    _tile_loadd(4, pairs[0], 64);
+    _tile_loadd(5, pairs[1], 64);
+    _tile_loadd(6, pairs[2], 64);
+    _tile_loadd(7, pairs[3], 64);
+  }
+}
+
+// A chunk's 32 values (rows: 32 of D values, ld apart, from `rows`) paired for the tiles of columns
+// [64 pass, 64 pass + 64): tiles[j][k] = `interleave`'s vector 4 pass + j of rows 2k and 2k + 1
+template <int kD>
+inline void paired_values(const c10::BFloat16* rows, int pass, c10::BFloat16 (*tiles)[16][32]) {
+  for (int k = 0; k < 16; ++k) {
+    for (int c = 0; c < 2; ++c) {
+      const int64_t col = 64 * pass + 32 * c;
+      const __m512i x = _mm512_loadu_si512(rows + 2 * k * kD + col), y = _mm512_loadu_si512(rows + (2 * k + 1) * kD + col);
+      _mm512_store_si512(tiles[2 * c][k], _mm512_unpacklo_epi16(x, y));
+      _mm512_store_si512(tiles[2 * c + 1][k], _mm512_unpackhi_epi16(x, y));
+    }
+  }
+}
+
+// The values' tiles, 64 columns a pass: sums 0-3 (`interleave`'s vectors 4 pass .. 4 pass + 3), a
+// chunk's weights 4, its paired values through 5
+inline void weigh_chunk(const c10::BFloat16* w, int64_t ldw, const c10::BFloat16 (*tiles)[16][32]) {
+  _tile_loadd(4, w, ldw * 2);
+  _tile_loadd(5, tiles[0], 64);
+  _tile_dpbf16ps(0, 4, 5);
+  _tile_loadd(5, tiles[1], 64);
+  _tile_dpbf16ps(1, 4, 5);
+  _tile_loadd(5, tiles[2], 64);
+  _tile_dpbf16ps(2, 4, 5);
+  _tile_loadd(5, tiles[3], 64);
+  _tile_dpbf16ps(3, 4, 5);
+}
+
+// n float32 weights rounded to bf16 (as vcvtneps2bf16 rounds: `weigh_pairs`' rounding), 16 at a time
+inline void bf16_weights(const float* w, int64_t n, c10::BFloat16* out) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w + j)));
+}
+
+struct AmxScratch {
+  std::vector<float> scores;  // [16][n16]
+  std::vector<c10::BFloat16> weights;  // [16][n16]: the prefix's in bf16
+  std::vector<c10::BFloat16> own;  // [tokens][chunks][16][32]: each token's own chunks' weights
+  std::vector<c10::BFloat16> values;  // [tokens][chunks * 32][D]: their values
+};
+
+// Rows of the new tokens [t0, t1) of sequence b's KV head h: row i is token t0 + i / G, query head
+// h * G + i % G
+template <int kD>
+void amx_attend_tokens(const AttentionOperands<c10::BFloat16>& a, int64_t b, int64_t h, int64_t t0, int64_t t1,
+                       AmxScratch& s) {
+  using bf16 = c10::BFloat16;
+  const int64_t G = a.H / a.Hkv, Tn = a.T_new, R = (t1 - t0) * G;
+  const int64_t len = a.lens[b], n = len + Tn, n16 = (n + 63) / 64 * 64;
+  const int64_t slot = a.slots[b];
+  const bf16* K = a.k + (slot * a.Hkv + h) * a.S_max * kD;  // [S_max, D]
+  const bf16* V = a.v + (slot * a.Hkv + h) * a.S_max * kD;
+  const bool* mask = a.mask == nullptr ? nullptr : a.mask + b * a.mask_stride_b;  // [T, T]
+  auto sees = [&](int64_t t, int64_t j) { return mask == nullptr ? j <= t : mask[t * Tn + j]; };
+  auto token = [&](int64_t i) { return t0 + i / G; };
+
+  // the queries as pairs: pairs[c][k][i] = row i's bf16 pair k of its head dims 32c .. 32c + 31
+  alignas(64) int32_t pairs[kD / 32][16][16] = {};
+  for (int64_t i = 0; i < R; ++i) {
+    const bf16* q = a.q + b * a.q_stride_b + (h * G + i % G) * a.q_stride_h + token(i) * a.q_stride_t;
+    for (int c = 0; c < kD / 32; ++c)
+      for (int k = 0; k < 16; ++k) std::memcpy(&pairs[c][k][i], q + 32 * c + 2 * k, sizeof(int32_t));
+  }
+  s.scores.resize(kAmxTileRows * n16);
+  float* scores = s.scores.data();
+  constexpr int kRound = 16 * kScoreSums<kD>;  // keys a round of tiles scores
+  alignas(64) bf16 last[kRound * kD];
+  alignas(64) float sums[kRound][16];  // [key][row]
+  load_queries<kD>(pairs);
+  for (int64_t s0 = 0; s0 < n; s0 += kRound) {
+    const bf16* k = K + s0 * kD;
+    if (n - s0 < kRound) {
+      std::memset(static_cast<void*>(last), 0, sizeof last);
+      std::memcpy(static_cast<void*>(last), k, (n - s0) * kD * sizeof(bf16));
+      k = last;
+    }
+    score_round<kD>(k, sums);
+    for (int64_t j = 0; j < kRound && s0 + j < n; j += 16) store_transposed(sums + j, R, a.scale, scores, n16, s0 + j);
+  }
+
+  f32x16 lane_sums[kAmxTileRows];
+  float most[kAmxTileRows];
+  prefix_weights(scores, R, n16, len, Tn, token, sees, most, lane_sums);
+
+  // the prefix's whole chunks' weights in bf16 (rows past R: whatever, their sums are not read)
+  const int64_t whole = len / 32, base = 32 * whole;
+  s.weights.resize(kAmxTileRows * n16);
+  for (int64_t i = 0; i < R; ++i) bf16_weights(scores + i * n16, base, s.weights.data() + i * n16);
+
+  // each token's own chunks: the prefix past its whole chunks, then the new tokens it sees
+  const int64_t tokens = t1 - t0, own_chunks = (len - base + Tn + 31) / 32;  // at most kOwnMost / 32
+  s.own.assign(tokens * own_chunks * 16 * 32, bf16(0.0f));
+  s.values.assign(tokens * own_chunks * 32 * kD, bf16(0.0f));
+  int64_t chunks_of[kAmxTileRows];
+  alignas(64) float w[kAmxTileRows][kOwnMost];  // a token's rows' weights at its own positions
+  for (int64_t t = t0; t < t1; ++t) {
+    bf16* own = s.own.data() + (t - t0) * own_chunks * 16 * 32;  // [own_chunks][16 rows][32]
+    bf16* values = s.values.data() + (t - t0) * own_chunks * 32 * kD;  // [own_chunks * 32][D]
+    const int64_t first = (t - t0) * G;  // its rows: first .. first + G - 1
+    for (int64_t g = 0; g < G; ++g) {
+      std::fill(w[g], w[g] + own_chunks * 32, 0.0f);
+      std::memcpy(w[g], scores + (first + g) * n16 + base, (len - base) * sizeof(float));
+    }
+    std::memcpy(static_cast<void*>(values), V + base * kD, (len - base) * kD * sizeof(bf16));
+    int64_t at = len - base;  // the token's own positions so far
+    for (int64_t j = 0; j < Tn; ++j) {
+      if (!sees(t, j)) continue;
+      std::memcpy(static_cast<void*>(values + at * kD), V + (len + j) * kD, kD * sizeof(bf16));
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t i = first + g;
+        w[g][at] = exp1(scores[i * n16 + len + j] - most[i]);
+        lane_sums[i][(base + at) % 16] += w[g][at];
+      }
+      ++at;
+    }
+    chunks_of[t - t0] = (at + 31) / 32;
+    for (int64_t c = 0; c < chunks_of[t - t0]; ++c)
+      for (int64_t g = 0; g < G; ++g) bf16_weights(w[g] + 32 * c, 32, own + (c * 16 + first + g) * 32);
+  }
+
+  // the weighted values, 64 columns a pass
+  alignas(64) bf16 tiles[4][16][32];
+  alignas(64) float out[kAmxTileRows][kD];  // in `interleave`'s column order
+  for (int pass = 0; pass < kD / 64; ++pass) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < whole; ++c) {
+      paired_values<kD>(V + 32 * c * kD, pass, tiles);
+      weigh_chunk(s.weights.data() + 32 * c, n16, tiles);
+    }
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t c = 0; c < chunks_of[t]; ++c) {
+        paired_values<kD>(s.values.data() + (t * own_chunks + c) * 32 * kD, pass, tiles);
+        weigh_chunk(s.own.data() + (t * own_chunks + c) * 16 * 32, 32, tiles);
+      }
+    const int64_t col = 64 * pass;
+    _tile_stored(0, &out[0][col], kD * 4);
+    _tile_stored(1, &out[0][col + 16], kD * 4);
+    _tile_stored(2, &out[0][col + 32], kD * 4);
+    _tile_stored(3, &out[0][col + 48], kD * 4);
+  }
+  for (int64_t i = 0; i < R; ++i) {
+    f32x16 o[kD / 16];
+    std::memcpy(o, out[i], sizeof o);
+    unpaired<kD>(o);
+    bf16* dst = a.out + ((b * Tn + token(i)) * a.H + h * G + i % G) * kD;
+    scaled_store(dst, o, 1.0f / sum16(lane_sums[i]), kD);
+  }
+}
+#endif
+
 // Rows [r0, r1) of the G * T query rows of sequence b's KV head h (row r: query head h * G + r / T,
 // new token r % T). scores: scratch. kD: the head dim where the caller knows it when compiling (the
 // loops over it unrolled, a tile's outputs in registers), else 0. With it, fused multiply-adds and a
@@ -478,42 +801,10 @@ void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0
   }
 #endif
 
-  // weights e^(score - max): the prefix's 16 at a time (lanes past it are hidden: 0), the new
-  // tokens' one by one; the softmax's sum in 16 lanes by list index
-  std::vector<f32x16> lane_sums(R, f32x16{});
+  std::vector<f32x16> lane_sums(R);
   std::vector<float> most(R);
-  const int64_t len16 = len / 16 * 16;
-  for (int64_t i = 0; i < R; ++i) {
-    const int64_t t = (r0 + i) % Tn;
-    float* p = scores.data() + i * n16;
-    f32xN lanes = splatN(-std::numeric_limits<float>::infinity());
-    for (int64_t s = 0; s + kLanes <= len; s += kLanes) {
-      const f32xN v = loadN(p + s);
-      lanes = v > lanes ? v : lanes;
-    }
-    float m = lanes[0];
-    for (int j = 1; j < kLanes; ++j) m = std::max(m, lanes[j]);
-    for (int64_t s = len / kLanes * kLanes; s < len; ++s) m = std::max(m, p[s]);
-    for (int64_t j = 0; j < Tn; ++j)
-      if (sees(t, j)) m = std::max(m, p[len + j]);
-    most[i] = m;
-    Sum16 sums;  // in registers on either kind of CPU: cpu_vectors.h
-    for (int64_t s = 0; s < len16; s += 16) {
-      for (int j = 0; j < 16 / kLanes; ++j) {
-        const f32xN e = exp_lanes(loadN(p + s + j * kLanes) - m);
-        store_lanes(p + s + j * kLanes, e);
-        sums.part[j] += e;
-      }
-    }
-    if (len16 < len) {
-      float e[16];
-      for (int j = 0; j < 16 / kLanes; ++j) store_lanes(e + j * kLanes, exp_lanes(loadN(p + len16 + j * kLanes) - m));
-      std::fill(e + (len - len16), e + 16, 0.0f);
-      std::memcpy(p + len16, e, (len - len16) * sizeof(float));  // the new tokens' scores are kept
-      sums.add(e, [](f32xN v) { return v; });
-    }
-    std::memcpy(&lane_sums[i], sums.part, sizeof lane_sums[i]);
-  }
+  prefix_weights(scores.data(), R, n16, len, Tn, [&](int64_t i) { return (r0 + i) % Tn; }, sees, most.data(),
+                 lane_sums.data());
 #if defined(__AVX512BF16__)
   if constexpr (kPaired) {  // the prefix's weights in bfloat16 (past it, lanes that nothing reads)
     paired.resize(R * n16);
@@ -599,6 +890,30 @@ void attend_all(const AttentionOperands<T>& a, int64_t B) {
   // over 30 keys 29.6 -> 18.5 (bf16, AMD EPYC (Zen 5), taking turns in one process).
   const int64_t tasks = B * a.Hkv * tiles;
   const int64_t grain = pairs < 1000 ? tasks : 1;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const int64_t G = a.H / a.Hkv;
+    if ((a.D == 64 || a.D == 128) && G <= kAmxTileRows && a.T_new <= kOwnMost - 16 && amx_permitted()) {
+      const int64_t most = kAmxTileRows / G;  // new tokens whose rows a tile holds
+      const int64_t groups = (a.T_new + most - 1) / most, per = (a.T_new + groups - 1) / groups;
+      const int64_t amx_tasks = B * a.Hkv * groups;
+      at::parallel_for(0, amx_tasks, pairs < 1000 ? amx_tasks : 1, [&](int64_t begin, int64_t end) {
+        const TileConfig config;
+        _tile_loadconfig(&config);
+        AmxScratch scratch;
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t group = i % groups, bh = i / groups;
+          const int64_t t0 = group * per, t1 = std::min(a.T_new, t0 + per);
+          if (t0 >= t1) continue;
+          if (a.D == 64) amx_attend_tokens<64>(a, bh / a.Hkv, bh % a.Hkv, t0, t1, scratch);
+          else amx_attend_tokens<128>(a, bh / a.Hkv, bh % a.Hkv, t0, t1, scratch);
+        }
+        _tile_release();
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, B * a.Hkv * tiles, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<c10::BFloat16> paired;

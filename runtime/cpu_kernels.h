@@ -11,6 +11,19 @@
 
 namespace medusa_cpu {
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Whether Linux lets this process use AMX tiles (asked once, `rows_product.cpp`); where it refuses, the
+// kernels multiply with AVX-512 instead
+bool amx_permitted();
+
+// Every tile as our kernels use them: 16 rows of 64 bytes (16 float32 sums, 32 bf16, or 16 bf16 pairs)
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+#endif
+
 // out [M, N] = x [M, K] W^T + bias, W [N, K] in the kernel's order (`medusa::block_weight`), bias [N]
 // or null; all contiguous
 template <typename T>

@@ -231,26 +231,11 @@ void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int
 // (40 dev prompts, bf16), plain 54.8 -> 81.5 tok/s, heads 101.3 -> 149.7, the draft layer 98.2 ->
 // 134.4 with exact_match 0.275 -> 1.0 (memory read at 33.5 and 32.1 GB/s).
 //
-// Linux hands a process the tiles' 8 KB of state only on request; where it refuses, the AVX-512 loops
-// above do the work.
-bool amx_permitted() {
-  static const bool permitted = [] {
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return permitted;
-}
-
 constexpr int kAmxRows = 16;  // rows of x a tile holds
 constexpr int64_t kAmxK = 32;  // k one tile multiplies (16 pairs)
 
 // tile 0: sums [16 rows of x][16 weight rows] float32; 1: x [16][32 k] bf16; 2: a block's 16 k pairs
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {64, 64, 64};
-  uint8_t rows[16] = {kAmxRows, kAmxRows, 16};
-};
-
+// (`TileConfig`: every tile 16 rows of 64 bytes)
 // out[m, r] = x[m] . w[r] + bias[r] for the M rows of x (padded to whole tiles of zeros, ldx = K) and
 // the block's 16 rows r. The k past the last whole tile (K % 32) are added after the tiles' sums, as
 // `accumulate` adds them.
@@ -399,6 +384,22 @@ void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* 
 }
 
 }  // namespace
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+namespace medusa_cpu {
+
+// Linux hands a process the tiles' 8 KB of state only on request; where it refuses, the AVX-512 loops
+// do the work.
+bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return permitted;
+}
+
+}  // namespace medusa_cpu
+#endif
 
 namespace medusa_cpu {
 
