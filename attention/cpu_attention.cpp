@@ -322,6 +322,12 @@ inline c10::BFloat16 bf16_weight(float w) {  // rounded as the prefix's weights 
   return out;
 }
 
+// n float32 weights rounded as the prefix's are (`bf16_weight`), 16 at a time (past n, to the next 16)
+inline void bf16_weights(const float* w, int64_t n, c10::BFloat16* out) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w + j)));
+}
+
 // out[r] += the pairs of the prefix's keys 0 .. len_even for kRows rows (row r's bfloat16 weights at
 // w + r * n16), in the columns' paired order
 template <int kD, int kRows>
@@ -466,7 +472,8 @@ void prefix_weights(float* scores, int64_t R, int64_t n16, int64_t len, int64_t 
 // values by (w, 0) and (0, w) pairs against their rows as the cache holds them (no pairing, twice the
 // tile products) was as fast over 300 keys and slower over 1000 (a tree of 8: 2.40 ms).
 constexpr int kAmxTileRows = 16;
-constexpr int kOwnMost = 32 + 64;  // a token's own positions: the prefix's last < 32, then its new tokens (at most 64)
+constexpr int kAmxMostNew = 64;  // new tokens a call may have for the tiles (`CPU_ATTENTION_MAX_NEW`)
+constexpr int kOwnMost = 32 + kAmxMostNew;  // a token's own positions: the prefix's last < 32, then its new tokens
 
 // r transposed in place (16 x 16 float32): four rounds, each swapping the off-diagonal s x s blocks of
 // every 2s x 2s block
@@ -568,17 +575,14 @@ inline void load_queries(const int32_t (*pairs)[16][16]) {
   }
 }
 
-// A chunk's 32 values (rows: 32 of D values, ld apart, from `rows`) paired for the tiles of columns
-// [64 pass, 64 pass + 64): tiles[j][k] = `interleave`'s vector 4 pass + j of rows 2k and 2k + 1
+// A chunk's 32 values (rows: 32 of D values from `rows`) paired for the tiles of columns [64 pass,
+// 64 pass + 64): tiles[j][k] = `interleave`'s vector 4 pass + j of rows 2k and 2k + 1
 template <int kD>
 inline void paired_values(const c10::BFloat16* rows, int pass, c10::BFloat16 (*tiles)[16][32]) {
   for (int k = 0; k < 16; ++k) {
-    for (int c = 0; c < 2; ++c) {
-      const int64_t col = 64 * pass + 32 * c;
-      const __m512i x = _mm512_loadu_si512(rows + 2 * k * kD + col), y = _mm512_loadu_si512(rows + (2 * k + 1) * kD + col);
-      _mm512_store_si512(tiles[2 * c][k], _mm512_unpacklo_epi16(x, y));
-      _mm512_store_si512(tiles[2 * c + 1][k], _mm512_unpackhi_epi16(x, y));
-    }
+    __m512bh v[4];
+    interleave<64>(rows + 2 * k * kD + 64 * pass, rows + (2 * k + 1) * kD + 64 * pass, v);
+    for (int j = 0; j < 4; ++j) _mm512_store_si512(tiles[j][k], (__m512i)v[j]);
   }
 }
 
@@ -594,12 +598,6 @@ inline void weigh_chunk(const c10::BFloat16* w, int64_t ldw, const c10::BFloat16
   _tile_dpbf16ps(2, 4, 5);
   _tile_loadd(5, tiles[3], 64);
   _tile_dpbf16ps(3, 4, 5);
-}
-
-// n float32 weights rounded to bf16 (as vcvtneps2bf16 rounds: `weigh_pairs`' rounding), 16 at a time
-inline void bf16_weights(const float* w, int64_t n, c10::BFloat16* out) {
-  for (int64_t j = 0; j < n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(w + j)));
 }
 
 struct AmxScratch {
@@ -808,10 +806,7 @@ void attend_rows(const AttentionOperands<T>& a, int64_t b, int64_t h, int64_t r0
 #if defined(__AVX512BF16__)
   if constexpr (kPaired) {  // the prefix's weights in bfloat16 (past it, lanes that nothing reads)
     paired.resize(R * n16);
-    for (int64_t i = 0; i < R; ++i)
-      for (int64_t s = 0; s < len; s += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(paired.data() + i * n16 + s),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(scores.data() + i * n16 + s)));
+    for (int64_t i = 0; i < R; ++i) bf16_weights(scores.data() + i * n16, len, paired.data() + i * n16);
   }
 #endif
 
@@ -893,7 +888,7 @@ void attend_all(const AttentionOperands<T>& a, int64_t B) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const int64_t G = a.H / a.Hkv;
-    if ((a.D == 64 || a.D == 128) && G <= kAmxTileRows && a.T_new <= kOwnMost - 16 && amx_permitted()) {
+    if ((a.D == 64 || a.D == 128) && G <= kAmxTileRows && a.T_new <= kAmxMostNew && amx_permitted()) {
       const int64_t most = kAmxTileRows / G;  // new tokens whose rows a tile holds
       const int64_t groups = (a.T_new + most - 1) / most, per = (a.T_new + groups - 1) / groups;
       const int64_t amx_tasks = B * a.Hkv * groups;
