@@ -112,5 +112,5 @@ SHAPES = {
     "tree-per-row": ([3, 0, 64, 70], 24, 6, 2, 64, random_tree_masks(4, 24, seed=7)),  # dynamic trees
     "prefill": ([0], 150, 2, 1, 64, None),  # 300 rows: three query tiles, causal early exit
     "prefill-chunk": ([37], 100, 4, 2, 64, None),
-    "chain72": ([31, 95], 72, 9, 3, 64, None),  # past the 64 new tokens the AMX path takes, a prefix's 31 keys
+    "chain72": ([31, 95], 72, 9, 3, 64, None),  # past the AMX path's 64 new tokens, after 31 keys
 }
