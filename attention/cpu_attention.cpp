@@ -657,8 +657,11 @@ void amx_attend_tokens(const AttentionOperands<c10::BFloat16>& a, int64_t b, int
 
   // each token's own chunks: the prefix past its whole chunks, then the new tokens it sees
   const int64_t tokens = t1 - t0, own_chunks = (len - base + Tn + 31) / 32;  // at most kOwnMost / 32
-  s.own.assign(tokens * own_chunks * 16 * 32, bf16(0.0f));
-  s.values.assign(tokens * own_chunks * 32 * kD, bf16(0.0f));
+  // zeroed only where read (below), not whole: a chain of 16 zeroed ~50 KB a task. SmolLM2 bf16 forward
+  // over 300 keys, Intel Xeon (AMX), taking turns in two runs: a new row cost 0.227 / 0.222 -> 0.193 /
+  // 0.196 ms (8 rows 10.72 / 10.88 -> 10.61 / 10.59 ms, 1 row the same)
+  s.own.resize(tokens * own_chunks * 16 * 32);
+  s.values.resize(tokens * own_chunks * 32 * kD);
   int64_t chunks_of[kAmxTileRows];
   alignas(64) float w[kAmxTileRows][kOwnMost];  // a token's rows' weights at its own positions
   for (int64_t t = t0; t < t1; ++t) {
@@ -682,6 +685,10 @@ void amx_attend_tokens(const AttentionOperands<c10::BFloat16>& a, int64_t b, int
       ++at;
     }
     chunks_of[t - t0] = (at + 31) / 32;
+    // the chunks' values past the token's last position and the other rows' weights are 0: a value
+    // left unset may be a NaN, which even a weight of 0 would carry into the sums
+    std::memset(static_cast<void*>(values + at * kD), 0, (chunks_of[t - t0] * 32 - at) * kD * sizeof(bf16));
+    std::memset(static_cast<void*>(own), 0, chunks_of[t - t0] * 16 * 32 * sizeof(bf16));
     for (int64_t c = 0; c < chunks_of[t - t0]; ++c)
       for (int64_t g = 0; g < G; ++g) bf16_weights(w[g] + 32 * c, 32, own + (c * 16 + first + g) * 32);
   }
