@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -35,6 +36,16 @@ using namespace medusa_cpu;
 template <typename T>
 inline float round_to(float x) {  // x rounded to T, as a PyTorch operation's T result is
   return float(T(x));
+}
+
+// A prompt's rows split between the threads, a few tokens' rows on this one: the one-call layer runs
+// the loops below on a step's few rows between its products, but a prefill through the modules calls
+// the operations on a whole chunk of the prompt (96 rows: ~1.5 ms of a layer's steps on one thread)
+constexpr int64_t kRowsPerThread = 16;
+
+template <typename F>
+void over_rows(int64_t M, const F& rows) {
+  at::parallel_for(0, M, kRowsPerThread, [&](int64_t begin, int64_t end) { rows(begin, end); });
 }
 
 // y = weight * T(x / rms(x)) per row of C: x, y [M, C]
@@ -59,12 +70,18 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options());
   const int64_t M = C == 0 ? 0 : x.numel() / C;
+  auto run = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    over_rows(M, [&](int64_t m0, int64_t m1) {
+      rms_norm_rows(xc.const_data_ptr<T>() + m0 * C, weight.const_data_ptr<T>(), y.mutable_data_ptr<T>() + m0 * C,
+                    m1 - m0, C, float(eps));
+    });
+  };
   if (x.scalar_type() == at::kFloat) {
-    rms_norm_rows(xc.const_data_ptr<float>(), weight.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M, C, float(eps));
+    run(static_cast<float*>(nullptr));
   } else {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rms_norm: float32 or bfloat16 only");
-    using bf16 = c10::BFloat16;
-    rms_norm_rows(xc.const_data_ptr<bf16>(), weight.const_data_ptr<bf16>(), y.mutable_data_ptr<bf16>(), M, C, float(eps));
+    run(static_cast<c10::BFloat16*>(nullptr));
   }
   return y;
 }
@@ -101,14 +118,19 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
               "rope: x, cos and sin differ in dtype");
   at::Tensor out = at::empty({B, Tn, heads, D}, x.options());
+  const int64_t row = x.size(2) * D;
+  auto run = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    over_rows(B * Tn, [&](int64_t m0, int64_t m1) {
+      rope_rows(x.const_data_ptr<T>() + m0 * row, row, cos.const_data_ptr<T>() + m0 * D, sin.const_data_ptr<T>() + m0 * D,
+                out.mutable_data_ptr<T>() + m0 * heads * D, m1 - m0, heads, D);
+    });
+  };
   if (x.scalar_type() == at::kFloat) {
-    rope_rows(x.const_data_ptr<float>(), x.size(2) * D, cos.const_data_ptr<float>(), sin.const_data_ptr<float>(),
-              out.mutable_data_ptr<float>(), B * Tn, heads, D);
+    run(static_cast<float*>(nullptr));
   } else {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "rope: float32 or bfloat16 only");
-    using bf16 = c10::BFloat16;
-    rope_rows(x.const_data_ptr<bf16>(), x.size(2) * D, cos.const_data_ptr<bf16>(), sin.const_data_ptr<bf16>(),
-              out.mutable_data_ptr<bf16>(), B * Tn, heads, D);
+    run(static_cast<c10::BFloat16*>(nullptr));
   }
   return out;
 }
@@ -143,11 +165,17 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   shape.back() = I;
   at::Tensor y = at::empty(shape, x.options());
   const int64_t M = I == 0 ? 0 : x.numel() / (2 * I);
+  auto run = [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    over_rows(M, [&](int64_t m0, int64_t m1) {
+      silu_mul_rows(x.const_data_ptr<T>() + m0 * 2 * I, y.mutable_data_ptr<T>() + m0 * I, m1 - m0, I);
+    });
+  };
   if (x.scalar_type() == at::kFloat) {
-    silu_mul_rows(x.const_data_ptr<float>(), y.mutable_data_ptr<float>(), M, I);
+    run(static_cast<float*>(nullptr));
   } else {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16, "silu_mul: float32 or bfloat16 only");
-    silu_mul_rows(x.const_data_ptr<c10::BFloat16>(), y.mutable_data_ptr<c10::BFloat16>(), M, I);
+    run(static_cast<c10::BFloat16*>(nullptr));
   }
   return y;
 }

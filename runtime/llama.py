@@ -285,6 +285,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
 
+def small_steps_ours(x: torch.Tensor, batch: attention.AttentionBatch) -> bool:
+    """Whether a layer's steps between its products (RMSNorm, RoPE, SwiGLU's product) go through our
+    kernels: with our attention, and on a prompt's chunk attended through PyTorch's (`attention.plan`)
+    wherever serving runs eagerly on the CPU. There PyTorch's lines were a quarter of a prefill: 96 tokens,
+    SmolLM2 bf16, Intel Xeon (AMX), 2 threads, the float32 RMSNorm's multiplications alone 4.4 of 39 ms."""
+    return batch.backend == "cpu" or (cpu_kernels.eager_cpu(x) and x.dtype in (torch.float32, torch.bfloat16)
+                                      and not x.requires_grad)
+
+
 class Block(nn.Module):
     """Pre-norm decoder layer: grouped-query attention then a SwiGLU MLP, both residual."""
 
@@ -313,10 +322,10 @@ class Block(nn.Module):
         """x [B, T, C] -> [B, T, C]; the new tokens' K/V written to the cache at `scratch`."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        # serving a few tokens on the CPU (the plan chose our attention): the small steps between the
-        # products through our kernels too (`layer_ops.cpp`), one call each; these lines are also the
-        # reference of the whole layer in one call (`Llama.forward`)
-        ours = batch.backend == "cpu"
+        # serving on the CPU: the small steps between the products through our kernels (`layer_ops.cpp`),
+        # one call each; with our attention (a few tokens) these lines are also the reference of the whole
+        # layer in one call (`Llama.forward`)
+        ours = small_steps_ours(x, batch)
         qkv = self.qkv(self.attn_norm(x, ours)).view(B, T, H + 2 * Hkv, D)
         if ours:
             qk = cpu_kernels.rope(qkv, cos, sin, H + Hkv)  # [B, T, H + Hkv, D]
@@ -440,8 +449,8 @@ class Llama(nn.Module):
                                groups=self.config.num_heads // self.config.num_kv_heads)
         cos, sin = self.rope_table(cache.max_len)[:, positions, None]  # [B, T, 1, D] each
         x = self.embed(tokens)  # [B, T, C]
-        ours = batch.backend == "cpu"
-        if ours and one_call_layers and self.layer_kernels is not None and B * T <= self.layer_kernels[1]:
+        one_call = self.layer_kernels is not None and B * T <= self.layer_kernels[1]
+        if batch.backend == "cpu" and one_call_layers and one_call:
             # straight to the kernel, not through the modules (their calls and attribute lookups took
             # ~30 us a layer): SmolLM2 bf16, a token over 400 keys, AMD EPYC (Zen 5), taking turns in
             # one process, a forward 6.98 ms through the modules, 6.13 ms straight. Every layer in
@@ -454,7 +463,7 @@ class Llama(nn.Module):
             scratch = cache.scratch(slots, T)
             for i, layer in enumerate(self.layers):
                 x = layer(x, cos, sin, i, cache, scratch, batch)
-        return self.norm(x, ours)
+        return self.norm(x, small_steps_ours(x, batch))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., C] -> [..., V] in float32."""
