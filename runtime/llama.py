@@ -285,15 +285,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
 
-def small_steps_ours(x: torch.Tensor, batch: attention.AttentionBatch) -> bool:
-    """Whether a layer's steps between its products (RMSNorm, RoPE, SwiGLU's product) go through our
-    kernels: with our attention, and on a prompt's chunk attended through PyTorch's (`attention.plan`)
-    wherever serving runs eagerly on the CPU. There PyTorch's lines were a quarter of a prefill: 96 tokens,
-    SmolLM2 bf16, Intel Xeon (AMX), 2 threads, the float32 RMSNorm's multiplications alone 4.4 of 39 ms."""
-    return batch.backend == "cpu" or (cpu_kernels.eager_cpu(x) and x.dtype in (torch.float32, torch.bfloat16)
-                                      and not x.requires_grad)
-
-
 class Block(nn.Module):
     """Pre-norm decoder layer: grouped-query attention then a SwiGLU MLP, both residual."""
 
@@ -318,14 +309,14 @@ class Block(nn.Module):
                 self.down.bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
-                cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch) -> torch.Tensor:
-        """x [B, T, C] -> [B, T, C]; the new tokens' K/V written to the cache at `scratch`."""
+                cache: KVCache, scratch: Scratch, batch: attention.AttentionBatch, ours: bool = False
+                ) -> torch.Tensor:
+        """x [B, T, C] -> [B, T, C]; the new tokens' K/V written to the cache at `scratch`. ours: the
+        small steps between the products through our kernels (`layer_ops.cpp`), one call each (serving
+        on the CPU, `Llama.forward`); with our attention these lines are also the reference of the whole
+        layer in one call."""
         B, T, _ = x.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        # serving on the CPU: the small steps between the products through our kernels (`layer_ops.cpp`),
-        # one call each; with our attention (a few tokens) these lines are also the reference of the whole
-        # layer in one call (`Llama.forward`)
-        ours = small_steps_ours(x, batch)
         qkv = self.qkv(self.attn_norm(x, ours)).view(B, T, H + 2 * Hkv, D)
         if ours:
             qk = cpu_kernels.rope(qkv, cos, sin, H + Hkv)  # [B, T, H + Hkv, D]
@@ -449,6 +440,11 @@ class Llama(nn.Module):
                                groups=self.config.num_heads // self.config.num_kv_heads)
         cos, sin = self.rope_table(cache.max_len)[:, positions, None]  # [B, T, 1, D] each
         x = self.embed(tokens)  # [B, T, C]
+        # serving on the CPU, the steps between the products go through our kernels, with our attention
+        # (a few tokens) and on a prompt's chunk that attends through PyTorch's, where PyTorch's lines were
+        # a quarter of a prefill: 96 tokens, SmolLM2 bf16, Intel Xeon (AMX), their float32 RMSNorm's
+        # multiplications alone 4.4 of 39 ms
+        ours = batch.backend == "cpu" or (self.cpu_attention and not torch.compiler.is_compiling())
         one_call = self.layer_kernels is not None and B * T <= self.layer_kernels[1]
         if batch.backend == "cpu" and one_call_layers and one_call:
             # straight to the kernel, not through the modules (their calls and attribute lookups took
@@ -462,8 +458,8 @@ class Llama(nn.Module):
         else:
             scratch = cache.scratch(slots, T)
             for i, layer in enumerate(self.layers):
-                x = layer(x, cos, sin, i, cache, scratch, batch)
-        return self.norm(x, small_steps_ours(x, batch))
+                x = layer(x, cos, sin, i, cache, scratch, batch, ours)
+        return self.norm(x, ours)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., C] -> [..., V] in float32."""
