@@ -25,9 +25,16 @@ struct alignas(64) TileConfig {
 #endif
 
 // out [M, N] = x [M, K] W^T + bias, W [N, K] in the kernel's order (`medusa::block_weight`), bias [N]
-// or null; all contiguous
+// or null; all contiguous. With residual [M, N]: out = T(residual + T(x W^T + bias)), a residual
+// connection's addition in the product's pass
 template <typename T>
-void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out);
+void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out,
+                     const T* residual = nullptr);
+
+// act [M, I] = T(silu(gate)) * up, [gate, up] = x [M, K] W^T + bias, W [2I, K] (gate's rows, then up's) in
+// the kernel's order: the product, then `silu_mul`, in one pass, with their bits
+template <typename T>
+void swiglu_product_of(const T* x, int64_t M, const T* w, int64_t I, int64_t K, const T* bias, T* act);
 
 template <typename T>
 struct AttentionOperands {

@@ -86,10 +86,12 @@ inline F round_lanes(F v, const float*) {
 }
 
 template <typename F>
-inline F round_lanes(F v, const c10::BFloat16*) {
-  c10::BFloat16 h[sizeof(F) / sizeof(float)];
-  store_lanes(h, v);
-  return load_lanes<F>(h);
+inline F round_lanes(F v, const c10::BFloat16*) {  // store_lanes' rounding, kept in registers
+  using U32 = typename Lanes<F>::u32;
+  U32 bits = (U32)v;
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
+  bits = (U32)(v != v) ? U32{} + 0x7FC00000u : bits;
+  return (F)bits;
 }
 
 inline f32x16 load16(const float* p) { return load_lanes<f32x16>(p); }
@@ -192,6 +194,13 @@ constexpr int kLanes = sizeof(f32xN) / sizeof(float);
 template <typename T>
 inline f32xN loadN(const T* p) {
   return load_lanes<f32xN>(p);
+}
+
+// SwiGLU's T(silu(gate)) * up, lane by lane, silu(g) = g / (1 + e^-g) (`layer_ops.cpp`'s `silu_mul` and
+// the fused product of `rows_product.cpp`: the same bits)
+template <typename T>
+inline f32xN silu_mul_lanes(f32xN gate, f32xN up, const T* type) {
+  return round_lanes(gate / (exp_lanes(-gate) + 1.0f), type) * up;
 }
 
 inline f32xN splatN(float x);

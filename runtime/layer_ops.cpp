@@ -135,13 +135,8 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return out;
 }
 
-// y = T(silu(gate)) * up per row: gate_up [M, 2I] (gate, then up), y [M, I]; silu(g) = g / (1 + e^-g),
-// a register's lanes at a time, the row's last values in a vector padded with zeros
-template <typename T>
-inline f32xN silu_mul_lanes(f32xN gate, f32xN up, const T* type) {
-  return round_lanes(gate / (exp_lanes(-gate) + 1.0f), type) * up;
-}
-
+// y = T(silu(gate)) * up per row: gate_up [M, 2I] (gate, then up), y [M, I] (`silu_mul_lanes`), a
+// register's lanes at a time, the row's last values in a vector padded with zeros
 template <typename T>
 void silu_mul_rows(const T* gate_up, T* y, int64_t M, int64_t I) {
   const int64_t In = I / kLanes * kLanes;
@@ -180,14 +175,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
-// y = T(a + b), elementwise over n values: a residual connection, as PyTorch adds two T tensors
-template <typename T>
-void add_into(const T* a, const T* b, T* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store_lanes(y + i, loadN(a + i) + loadN(b + i));
-  for (; i < n; ++i) y[i] = T(float(a[i]) + float(b[i]));
-}
-
 template <typename T>
 const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
@@ -211,8 +198,8 @@ void decoder_layer_of(const at::Tensor& x, const at::Tensor& attn_norm, const at
   const T* xs = x.const_data_ptr<T>();
   const auto opts = x.options();
   at::Tensor h = at::empty({M, C}, opts), qkv = at::empty({M, QKV}, opts), qk = at::empty({M, H + Hkv, D}, opts);
-  at::Tensor attn = at::empty({M, H * D}, opts), proj = at::empty({M, C}, opts), x1 = at::empty({M, C}, opts);
-  at::Tensor gate_up = at::empty({M, 2 * I}, opts), act = at::empty({M, I}, opts);
+  at::Tensor attn = at::empty({M, H * D}, opts), x1 = at::empty({M, C}, opts);
+  at::Tensor act = at::empty({M, I}, opts);
   T* hp = h.mutable_data_ptr<T>();
 
   rms_norm_rows(xs, attn_norm.const_data_ptr<T>(), hp, M, C, eps);
@@ -241,16 +228,14 @@ void decoder_layer_of(const at::Tensor& x, const at::Tensor& attn_norm, const at
                          mask.defined() && mask.dim() == 3 ? Tn * Tn : 0, attn.mutable_data_ptr<T>(),
                          H, Hkv, Tn, D, S_max, 1.0f / std::sqrt(float(D))};
   attend_all(a, B);
-  T* pp = proj.mutable_data_ptr<T>();
+  // the residual additions in the products' passes, each thread adding the columns it multiplied
   T* x1p = x1.mutable_data_ptr<T>();
-  rows_product_of(attn.const_data_ptr<T>(), M, o_w.const_data_ptr<T>(), C, H * D, data_or_null<T>(o_b), pp);
-  add_into(xs, static_cast<const T*>(pp), x1p, M * C);
+  rows_product_of(attn.const_data_ptr<T>(), M, o_w.const_data_ptr<T>(), C, H * D, data_or_null<T>(o_b), x1p, xs);
   rms_norm_rows(static_cast<const T*>(x1p), mlp_norm.const_data_ptr<T>(), hp, M, C, eps);
-  rows_product_of(static_cast<const T*>(hp), M, gate_up_w.const_data_ptr<T>(), 2 * I, C,
-                  data_or_null<T>(gate_up_b), gate_up.mutable_data_ptr<T>());
-  silu_mul_rows(gate_up.const_data_ptr<T>(), act.mutable_data_ptr<T>(), M, I);
-  rows_product_of(act.const_data_ptr<T>(), M, down_w.const_data_ptr<T>(), C, I, data_or_null<T>(down_b), pp);
-  add_into(static_cast<const T*>(x1p), static_cast<const T*>(pp), out.mutable_data_ptr<T>(), M * C);
+  swiglu_product_of(static_cast<const T*>(hp), M, gate_up_w.const_data_ptr<T>(), I, C, data_or_null<T>(gate_up_b),
+                    act.mutable_data_ptr<T>());
+  rows_product_of(act.const_data_ptr<T>(), M, down_w.const_data_ptr<T>(), C, I, data_or_null<T>(down_b),
+                  out.mutable_data_ptr<T>(), static_cast<const T*>(x1p));
 }
 
 at::Tensor decoder_layer(const at::Tensor& x, const at::Tensor& attn_norm, const at::Tensor& qkv_w,
@@ -378,7 +363,7 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
   at::Tensor pairs = at::empty({M, 2 * C}, opts), x = at::empty({M, C}, opts), h = at::empty({M, C}, opts);
   at::Tensor qkv = at::empty({M, QKV}, opts), qk = at::empty({M, H + Hkv, D}, opts), attn = at::empty({MQ, H * D}, opts);
   at::Tensor cos = at::empty({M, D}, opts), sin = at::empty({M, D}, opts);
-  at::Tensor proj = at::empty({MQ, C}, opts), gate_up = at::empty({MQ, 2 * I}, opts), act = at::empty({MQ, I}, opts);
+  at::Tensor x1 = at::empty({MQ, C}, opts), act = at::empty({MQ, I}, opts);
   T* pp = pairs.mutable_data_ptr<T>();
   const T* f = features.const_data_ptr<T>();
   const T* e = embeds.const_data_ptr<T>();
@@ -436,15 +421,13 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
   T* ap = attn.mutable_data_ptr<T>();
   masked_attention(static_cast<const T*>(qkp), (H + Hkv) * D, static_cast<const T*>(kp), static_cast<const T*>(vp),
                    sees, ap, B, Q, K, H, Hkv, D);
-  T* prp = proj.mutable_data_ptr<T>();
-  rows_product_of(static_cast<const T*>(ap), MQ, o_w.const_data_ptr<T>(), C, H * D, static_cast<const T*>(nullptr), prp);
-  add_into(static_cast<const T*>(xp), static_cast<const T*>(prp), xp, MQ * C);
-  rms_norm_rows(static_cast<const T*>(xp), mlp_norm.const_data_ptr<T>(), hp, MQ, C, eps);
-  rows_product_of(static_cast<const T*>(hp), MQ, gate_up_w.const_data_ptr<T>(), 2 * I, C, static_cast<const T*>(nullptr),
-                  gate_up.mutable_data_ptr<T>());
-  silu_mul_rows(gate_up.const_data_ptr<T>(), act.mutable_data_ptr<T>(), MQ, I);
-  rows_product_of(act.const_data_ptr<T>(), MQ, down_w.const_data_ptr<T>(), C, I, static_cast<const T*>(nullptr), prp);
-  add_into(static_cast<const T*>(xp), static_cast<const T*>(prp), out.mutable_data_ptr<T>(), MQ * C);
+  T* x1p = x1.mutable_data_ptr<T>();
+  const T* none = nullptr;
+  rows_product_of(static_cast<const T*>(ap), MQ, o_w.const_data_ptr<T>(), C, H * D, none, x1p, static_cast<const T*>(xp));
+  rms_norm_rows(static_cast<const T*>(x1p), mlp_norm.const_data_ptr<T>(), hp, MQ, C, eps);
+  swiglu_product_of(static_cast<const T*>(hp), MQ, gate_up_w.const_data_ptr<T>(), I, C, none, act.mutable_data_ptr<T>());
+  rows_product_of(act.const_data_ptr<T>(), MQ, down_w.const_data_ptr<T>(), C, I, none, out.mutable_data_ptr<T>(),
+                  static_cast<const T*>(x1p));
 }
 
 // features, embeds [B, S, C] (the layer's dtype); positions [B, S] int64; mask [B, S, K] bool; past_k / past_v

@@ -109,6 +109,13 @@ inline void prefetch_l2(const T* p) {
 // fast, so the fixed costs weighed most) and 0.99, 0.97 where it took 10-11 ms; float32 0.97 and 0.94;
 // prefetcht0 at the same distance 1.01. A tree's steps, with the L2 fetch of the next block too, were
 // 1.09-1.10 with it, so they keep that alone.
+// A product's 16 outputs as stored: with a residual (the same layout as the output, at `at`), T(res + T(y)),
+// as the layer adds the product it rounded to T (a residual connection fused into its product)
+template <typename T>
+inline f32x16 with_residual(f32x16 y, const T* res, int64_t at, const T* type) {
+  return res == nullptr ? y : round16(y, type) + load16(res + at);
+}
+
 constexpr int64_t kStreamAhead = 4;  // lines; 2 / 3 / 6 / 8 within the runs' noise of it, 16 slower (1.08)
 
 struct NextBlock {
@@ -240,7 +247,7 @@ constexpr int64_t kAmxK = 32;  // k one tile multiplies (16 pairs)
 // the block's 16 rows r. The k past the last whole tile (K % 32) are added after the tiles' sums, as
 // `accumulate` adds them.
 void amx_block(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int64_t K, const c10::BFloat16* bias,
-               NextBlock next, c10::BFloat16* out, int64_t ldo) {
+               NextBlock next, c10::BFloat16* out, int64_t ldo, const c10::BFloat16* res) {
   using bf16 = c10::BFloat16;
   const int64_t chunks = K / kAmxK;
   alignas(64) float sums[kAmxRows][kCols];
@@ -259,7 +266,7 @@ void amx_block(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int64_
     for (int64_t m = 0; m < rows; ++m) {
       f32x16 acc = load16(sums[m]);
       accumulate<1>(xg + m * K + done, K, w + done * kCols, K - done, NextBlock{nullptr, 0, nullptr, 0}, &acc);
-      store16(out + (m0 + m) * ldo, bias == nullptr ? acc : acc + load16(bias));
+      store16(out + (m0 + m) * ldo, with_residual(bias == nullptr ? acc : acc + load16(bias), res, (m0 + m) * ldo, out));
     }
   }
 }
@@ -275,14 +282,14 @@ std::vector<c10::BFloat16> amx_rows(const c10::BFloat16* x, int64_t M, int64_t K
 // The whole blocks of a product through AMX tiles (`amx_block`), where they are bf16 and the CPU lets
 // this process use them: true if done, else false and nothing done
 template <typename X, typename T>
-bool amx_products(const X*, int64_t, const T*, int64_t, int64_t, int64_t, const T*, T*, int64_t) {
+bool amx_products(const X*, int64_t, const T*, int64_t, int64_t, int64_t, const T*, T*, int64_t, const T*) {
   return false;
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 template <>
 bool amx_products(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int64_t blocks, int64_t K, int64_t grain,
-                  const c10::BFloat16* bias, c10::BFloat16* out, int64_t N) {
+                  const c10::BFloat16* bias, c10::BFloat16* out, int64_t N, const c10::BFloat16* res) {
   using bf16 = c10::BFloat16;
   if (!amx_permitted()) return false;
   const std::vector<bf16> xp = amx_rows(x, M, K);
@@ -293,7 +300,8 @@ bool amx_products(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int
     for (int64_t i = begin; i < end; ++i) {
       const bf16* next = i + 1 < end ? w + (i + 1) * block : nullptr;
       const NextBlock pf{reinterpret_cast<const char*>(next), kCols * 2 * int64_t(sizeof(bf16)), nullptr, 0};
-      amx_block(xp.data(), M, w + i * block, K, bias == nullptr ? nullptr : bias + i * kCols, pf, out + i * kCols, N);
+      amx_block(xp.data(), M, w + i * block, K, bias == nullptr ? nullptr : bias + i * kCols, pf, out + i * kCols, N,
+                res == nullptr ? nullptr : res + i * kCols);
     }
     _tile_release();
   });
@@ -303,16 +311,17 @@ bool amx_products(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int
 
 // out[m, r] = x[m] . w[r] + bias[r] for m < MB and the block's 16 rows r
 template <int MB, typename X, typename T>
-void product_tile(const X* x, int64_t K, const T* w, const T* bias, NextBlock next, T* out, int64_t ldo) {
+void product_tile(const X* x, int64_t K, const T* w, const T* bias, NextBlock next, T* out, int64_t ldo, const T* res) {
   f32x16 acc[MB] = {};
   accumulate<MB>(x, K, w, K, next, acc);
-  for (int m = 0; m < MB; ++m) store16(out + m * ldo, bias == nullptr ? acc[m] : acc[m] + load16(bias));
+  for (int m = 0; m < MB; ++m)
+    store16(out + m * ldo, with_residual(bias == nullptr ? acc[m] : acc[m] + load16(bias), res, m * ldo, out));
 }
 
 // A block against the M rows of x, in tiles of rows: the 16 sums of each in registers
 template <typename X, typename T>
 void product_block(const X* x, int64_t M, const T* w, int64_t K, const T* bias, const T* next, bool streamed, T* out,
-                   int64_t ldo) {
+                   int64_t ldo, const T* res) {
   const int64_t most = std::is_same_v<T, float> && M <= kTileRows ? kTileRows : kSplitRows;  // rows a tile
   const int tiles = int((M + most - 1) / most);
   const int64_t step = kCols * kPair<T> * int64_t(sizeof(T)), steps = (K + kPair<T> - 1) / kPair<T>;
@@ -323,39 +332,41 @@ void product_block(const X* x, int64_t M, const T* w, int64_t K, const T* bias, 
                        streamed ? reinterpret_cast<const char*>(w) : nullptr, step};
     const X* xm = x + m * K;
     T* o = out + m * ldo;
+    const T* r = res == nullptr ? nullptr : res + m * ldo;
     switch (rows) {
-      case 16: product_tile<16>(xm, K, w, bias, pf, o, ldo); break;
-      case 15: product_tile<15>(xm, K, w, bias, pf, o, ldo); break;
-      case 14: product_tile<14>(xm, K, w, bias, pf, o, ldo); break;
-      case 13: product_tile<13>(xm, K, w, bias, pf, o, ldo); break;
-      case 12: product_tile<12>(xm, K, w, bias, pf, o, ldo); break;
-      case 11: product_tile<11>(xm, K, w, bias, pf, o, ldo); break;
-      case 10: product_tile<10>(xm, K, w, bias, pf, o, ldo); break;
-      case 9: product_tile<9>(xm, K, w, bias, pf, o, ldo); break;
-      case 8: product_tile<8>(xm, K, w, bias, pf, o, ldo); break;
-      case 7: product_tile<7>(xm, K, w, bias, pf, o, ldo); break;
-      case 6: product_tile<6>(xm, K, w, bias, pf, o, ldo); break;
-      case 5: product_tile<5>(xm, K, w, bias, pf, o, ldo); break;
-      case 4: product_tile<4>(xm, K, w, bias, pf, o, ldo); break;
-      case 3: product_tile<3>(xm, K, w, bias, pf, o, ldo); break;
-      case 2: product_tile<2>(xm, K, w, bias, pf, o, ldo); break;
-      default: product_tile<1>(xm, K, w, bias, pf, o, ldo); break;
+      case 16: product_tile<16>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 15: product_tile<15>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 14: product_tile<14>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 13: product_tile<13>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 12: product_tile<12>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 11: product_tile<11>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 10: product_tile<10>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 9: product_tile<9>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 8: product_tile<8>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 7: product_tile<7>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 6: product_tile<6>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 5: product_tile<5>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 4: product_tile<4>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 3: product_tile<3>(xm, K, w, bias, pf, o, ldo, r); break;
+      case 2: product_tile<2>(xm, K, w, bias, pf, o, ldo, r); break;
+      default: product_tile<1>(xm, K, w, bias, pf, o, ldo, r); break;
     }
   }
 }
 
 // A weight row after the last whole block, as it is: one sum over k in order
 template <typename X, typename T>
-void product_row(const X* x, int64_t M, const T* w, int64_t K, const T* bias, T* out, int64_t ldo) {
+void product_row(const X* x, int64_t M, const T* w, int64_t K, const T* bias, T* out, int64_t ldo, const T* res) {
   for (int64_t m = 0; m < M; ++m) {
     float s = 0.0f;
     for (int64_t k = 0; k < K; ++k) s += float(x[m * K + k]) * float(w[k]);
-    out[m * ldo] = T(bias == nullptr ? s : s + float(*bias));
+    const T y(bias == nullptr ? s : s + float(*bias));
+    out[m * ldo] = res == nullptr ? y : T(float(res[m * ldo]) + float(y));
   }
 }
 
 template <typename X, typename T>
-void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
+void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out, const T* res) {
   const int64_t blocks = N / kCols, block = kCols * K;  // whole blocks, elements of one
   // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
   // tiny one is done before a second thread would have started.
@@ -370,17 +381,75 @@ void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* 
   const bool prefetch = M >= 4 || sizeof(T) == 2;
   const bool streamed = false;  // not measured without AVX-512
 #endif
-  if (!amx_products(x, M, w, blocks, K, grain, bias, out, N)) {
+  if (!amx_products(x, M, w, blocks, K, grain, bias, out, N, res)) {
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i * kCols;
         const T* next = prefetch && i + 1 < end ? w + (i + 1) * block : nullptr;
-        product_block(x, M, w + i * block, K, bias == nullptr ? nullptr : bias + n, next, streamed, out + n, N);
+        product_block(x, M, w + i * block, K, bias == nullptr ? nullptr : bias + n, next, streamed, out + n, N,
+                      res == nullptr ? nullptr : res + n);
       }
     });
   }
   for (int64_t n = blocks * kCols; n < N; ++n)
-    product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N);
+    product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N, res == nullptr ? nullptr : res + n);
+}
+
+// act [M, I] = T(silu(gate)) * up (`silu_mul_lanes`), gate and up the columns j and I + j of the product
+// x W^T + bias, W [2I, K] (gate, then up): each task takes a gate block and its up block, and the two
+// blocks' outputs go from L1 into act, not through a [M, 2I] product that one thread then reads. There
+// each thread's half of the product sat in its own core's caches, and the other core fetched it:
+// `silu_mul` of 16 rows took ~31 us a layer there against ~1 us on data in its own L1.
+template <typename X, typename T>
+void swiglu_products(const X* x, int64_t M, const T* w, int64_t I, int64_t K, const T* bias, T* act) {
+  const int64_t pairs = I / kCols, block = kCols * K;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 2 * block * int64_t(sizeof(T))));
+#if defined(__AVX512F__)
+  const bool prefetch = M >= 4, streamed = !prefetch;
+#else
+  const bool prefetch = M >= 4 || sizeof(T) == 2, streamed = false;
+#endif
+  bool amx = false;
+  std::vector<c10::BFloat16> padded;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<X, c10::BFloat16>) {
+    amx = amx_permitted();
+    if (amx) padded = amx_rows(x, M, K);
+  }
+#endif
+  at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    const TileConfig config;
+    if (amx) _tile_loadconfig(&config);
+#endif
+    std::vector<T> both(M * 2 * kCols);  // [M][the gate block's 16 outputs, the up block's 16]
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t half = 0; half < 2; ++half) {
+        const int64_t j = i + half * pairs;  // the block
+        const T* b = bias == nullptr ? nullptr : bias + j * kCols;
+        T* out = both.data() + half * kCols;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<X, c10::BFloat16>) {
+          if (amx) {
+            const T* next = i + 1 < end ? w + (j + 1) * block : nullptr;
+            const NextBlock pf{reinterpret_cast<const char*>(next), kCols * 2 * int64_t(sizeof(T)), nullptr, 0};
+            amx_block(padded.data(), M, w + j * block, K, b, pf, out, 2 * kCols, static_cast<const T*>(nullptr));
+            continue;
+          }
+        }
+#endif
+        const T* next = prefetch && i + 1 < end ? w + (j + 1) * block : nullptr;
+        product_block(x, M, w + j * block, K, b, next, streamed, out, 2 * kCols, static_cast<const T*>(nullptr));
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t c = 0; c < kCols; c += kLanes)
+          store_lanes(act + m * I + i * kCols + c,
+                      silu_mul_lanes(loadN(both.data() + m * 2 * kCols + c), loadN(both.data() + m * 2 * kCols + kCols + c), act));
+    }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx) _tile_release();
+#endif
+  });
 }
 
 }  // namespace
@@ -404,23 +473,50 @@ bool amx_permitted() {
 namespace medusa_cpu {
 
 template <typename T>
-void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out) {
+void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out, const T* residual) {
 #if !defined(__AVX512F__)
   if constexpr (!std::is_same_v<T, float>) {
     // bf16 x widened to float32 once, not at every use: a row's broadcast of one k was 4 instructions
     // (a load, a shift, a move to a vector register, the broadcast) beside the block's 2 multiply-adds
     std::vector<float> wide(M * K);
     for (int64_t i = 0; i < M * K; ++i) wide[i] = float(x[i]);
-    products(wide.data(), M, w, N, K, bias, out);
+    products(wide.data(), M, w, N, K, bias, out, residual);
     return;
   }
 #endif
-  products(x, M, w, N, K, bias, out);
+  products(x, M, w, N, K, bias, out, residual);
 }
 
-template void rows_product_of(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*);
+template <typename T>
+void swiglu_product_of(const T* x, int64_t M, const T* w, int64_t I, int64_t K, const T* bias, T* act) {
+  if (I % kCols != 0) {  // the up rows do not start a block: the product, then each row's SwiGLU
+    std::vector<T> gate_up(M * 2 * I);
+    rows_product_of(x, M, w, 2 * I, K, bias, gate_up.data());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t i = 0; i < I; ++i) {
+        f32xN gate = {}, up = {};
+        gate[0] = float(gate_up[m * 2 * I + i]), up[0] = float(gate_up[m * 2 * I + I + i]);
+        act[m * I + i] = T(silu_mul_lanes(gate, up, act)[0]);
+      }
+    return;
+  }
+#if !defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, float>) {  // widened once, as rows_product_of does
+    std::vector<float> wide(M * K);
+    for (int64_t i = 0; i < M * K; ++i) wide[i] = float(x[i]);
+    swiglu_products(wide.data(), M, w, I, K, bias, act);
+    return;
+  }
+#endif
+  swiglu_products(x, M, w, I, K, bias, act);
+}
+
+template void rows_product_of(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, const float*);
+template void swiglu_product_of(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*);
+template void swiglu_product_of(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t,
+                                const c10::BFloat16*, c10::BFloat16*);
 template void rows_product_of(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t,
-                              const c10::BFloat16*, c10::BFloat16*);
+                              const c10::BFloat16*, c10::BFloat16*, const c10::BFloat16*);
 
 }  // namespace medusa_cpu
 
