@@ -72,11 +72,24 @@ def draft_dynamic(drafter: Drafter, model: Llama, features: torch.Tensor, tokens
     """Each row's own tree, grown from the drafter's confidence, its lookup guesses ([B, L], -1 where
     none) first (`medusa.dynamic`): ([B, T] node tokens, the rows' trees). Others as `draft`'s."""
     if isinstance(drafter, EagleDrafter):
-        root_logits, expand = dynamic_logits(drafter, model, features, tokens, lens, roots, tree)
-        grown = grow(tree, root_logits, expand, drafter.token_ids)
+        grown = eagle_grow(drafter, model, features, tokens, lens, roots, tree)
     else:
         grown = heads_grow(drafter, model, features[:, -1], roots, tree)
     return select(tree, roots, lookup, *grown)
+
+
+def eagle_grow(drafter: EagleDrafter, model: Llama, features: torch.Tensor, tokens: torch.Tensor,
+               lens: torch.Tensor, roots: torch.Tensor, tree: DynamicTree
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`grow` over the draft layer (`dynamic_logits`): on the CPU in one call of our kernel
+    (`runtime/tree_ops.cpp`: `eagle_draft`, where its measurement is)."""
+    operands = drafter.kernel_operands(model.lm_head) if cpu_kernels.eager_cpu(features) else None
+    if operands is not None and features.dtype == model.embed.weight.dtype == drafter.fc.weight.dtype:
+        return cpu_kernels.eagle_draft(features.contiguous(), tokens.contiguous(), lens.contiguous(),
+                                       roots.contiguous(), model.embed.weight, *operands, tree.topk,
+                                       tree.draft_depth)
+    root_logits, expand = dynamic_logits(drafter, model, features, tokens, lens, roots, tree)
+    return grow(tree, root_logits, expand, drafter.token_ids)
 
 
 def heads_grow(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, roots: torch.Tensor,

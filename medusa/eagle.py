@@ -210,6 +210,24 @@ class EagleDrafter(nn.Module):
         """Indices into the scored vocabulary -> token ids."""
         return indices if self.draft_vocab is None else self.draft_vocab[indices]
 
+    def kernel_operands(self, lm_head: nn.Linear) -> tuple | None:
+        """What `runtime.cpu_kernels.eagle_draft` takes after the embedding, serving on the CPU: the layer's
+        operands as `draft_layer` takes them, then the scored lm_head rows in our kernel's order; None where
+        our kernels do not take them all (not serving on the CPU, or a projection of another dtype)."""
+        if self._one_call is None:
+            return None
+        self._projection = scored_projection(self._projection, lm_head.weight, self.draft_vocab,
+                                             *self._matmul)
+        projection = self._projection[1]
+        if projection.own_weight is None or projection.weight.dtype != self.fc.weight.dtype:
+            return None
+        fc, qkv, o, gate_up, down = self._one_call
+        c = self.config
+        norm = self.attn_norm.weight if c.attn_norm else None
+        return (fc, self.fc.bias, norm, qkv, o, self.mlp_norm.weight, gate_up, down, self.inv_freq.float(),
+                c.rms_norm_eps, c.num_attention_heads, c.num_kv_heads, projection.own_weight,
+                self.draft_vocab)
+
 
 def window_pairs(features: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, roots: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <tuple>
 
 namespace medusa_cpu {
 
@@ -35,6 +36,15 @@ void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, co
 // the kernel's order: the product, then `silu_mul`, in one pass, with their bits
 template <typename T>
 void swiglu_product_of(const T* x, int64_t M, const T* w, int64_t I, int64_t K, const T* bias, T* act);
+
+// The draft layer in one call (`layer_ops.cpp`'s `draft_layer`, where its operands are described)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer_call(
+    const at::Tensor& features, const at::Tensor& embeds, const at::Tensor& positions, const at::Tensor& mask,
+    const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
+    const std::optional<at::Tensor>& key_at, const at::Tensor& fc_w, const std::optional<at::Tensor>& fc_b,
+    const std::optional<at::Tensor>& attn_norm, const at::Tensor& qkv_w, const at::Tensor& o_w,
+    const at::Tensor& mlp_norm, const at::Tensor& gate_up_w, const at::Tensor& down_w, const at::Tensor& inv_freq,
+    double eps, int64_t num_heads, int64_t num_kv_heads, int64_t queries);
 
 template <typename T>
 struct AttentionOperands {

@@ -73,6 +73,11 @@ _library.define("draft_layer(Tensor features, Tensor embeds, Tensor positions, T
 _library.define("heads_draft(Tensor hidden, Tensor roots, Tensor embed, Tensor[] fuse_w, Tensor[] fuse_b, "
                 "Tensor[] block_w, Tensor[] block_b, Tensor proj_w, Tensor? draft_vocab, int topk, "
                 "int depth) -> (Tensor, Tensor, Tensor, Tensor)")
+_library.define("eagle_draft(Tensor features, Tensor tokens, Tensor lens, Tensor roots, Tensor embed, "
+                "Tensor fc_w, Tensor? fc_b, Tensor? attn_norm, Tensor qkv_w, Tensor o_w, Tensor mlp_norm, "
+                "Tensor gate_up_w, Tensor down_w, Tensor inv_freq, float eps, int num_heads, "
+                "int num_kv_heads, Tensor proj_w, Tensor? draft_vocab, int topk, int depth) "
+                "-> (Tensor, Tensor, Tensor, Tensor)")
 _library.define("top_logp(Tensor logits, int k) -> (Tensor, Tensor)")
 _library.define("select_tree(Tensor tokens, Tensor parents, Tensor scores, Tensor ranks, Tensor roots, "
                 "Tensor lookup, int num_nodes, int topk, int depth) "
@@ -147,6 +152,16 @@ def _(hidden: torch.Tensor, roots: torch.Tensor, embed: torch.Tensor, *rest) -> 
             roots.new_empty(B, M))
 
 
+@torch.library.register_fake("medusa::eagle_draft")
+def _(features: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, roots: torch.Tensor, *rest
+      ) -> tuple[torch.Tensor, ...]:
+    topk, depth = rest[-2], rest[-1]
+    M = topk + (depth - 1) * topk * topk
+    B = features.shape[0]
+    return (roots.new_empty(B, M), roots.new_empty(B, M), features.new_empty(B, M, dtype=torch.float32),
+            roots.new_empty(B, M))
+
+
 @torch.library.register_fake("medusa::top_logp")
 def _(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (*logits.shape[:-1], k)
@@ -197,6 +212,11 @@ top_logp = torch.ops.medusa.top_logp
 # head's fuse weight and bias, its blocks' (head-major), the scored lm_head rows (all `block_weight`
 # copies), draft_vocab [V'] or None, topk, depth -> tokens, parents, scores (float32), ranks [B, M]
 heads_draft = torch.ops.medusa.heads_draft
+# `medusa.dynamic.grow` over the draft layer (`medusa.eagle.dynamic_logits`) in one call: features [B, W, C]
+# and tokens [B, W] (the window), lens, roots [B], embed [V, C], the layer's operands as `draft_layer` takes
+# them, the scored lm_head rows (`block_weight` copy), draft_vocab [V'] or None, topk, depth -> tokens,
+# parents, scores (float32), ranks [B, M]
+eagle_draft = torch.ops.medusa.eagle_draft
 # `medusa.dynamic.select` and `rows_of` in one call: tokens, parents, ranks [B, M] int64, scores [B, M]
 # float32, roots [B], lookup [B, L], T, k, depth -> candidates, depths, parents [B, T], mask [B, T, T],
 # retrieve [B, T, P], child_table [B, T, k + (L > 0)]

@@ -4,7 +4,7 @@ best-first growth gives, and its buffers say what a static tree's would."""
 import pytest
 import torch
 
-from medusa.draft import draft_dynamic, heads_grow
+from medusa.draft import draft_dynamic, eagle_grow, heads_grow
 from medusa.dynamic import RowTrees, grow, reference_grow, rows_of, select, top_logp
 from medusa.eagle import EagleConfig, random_drafter, reference_logp
 from medusa.heads import MedusaConfig, random_heads
@@ -162,6 +162,42 @@ def test_heads_grow_in_one_call_as_their_pytorch_lines(monkeypatch, dtype):
         assert a.shape == b.shape == (5, tree.num_candidates), name
         if name == "scores":
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4 if dtype == torch.float32 else 2e-2)
+        else:
+            assert torch.equal(a, b), name
+    assert len(set(ours[0][:, 0].tolist())) > 1  # rows drafted apart
+
+
+@pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("spec", ["dynamic:20,topk=3,depth=4,lookup=2", "dynamic:4,topk=4,depth=1"])
+def test_eagle_grow_in_one_call_as_its_pytorch_lines(monkeypatch, dtype, spec):
+    """On the CPU the draft layer grows a dynamic tree's candidates in one call of our kernel; its PyTorch
+    lines (`grow` over `dynamic_logits`) are the reference: the same tokens, parents and ranks, and scores
+    within rounding, for rows with their own windows (one only partly filled) and roots."""
+    model = ours_from_hf(tiny_hf_model("llama")).to(dtype)
+    c = model.config
+    drafter = random_drafter(EagleConfig.for_base(c, window=8, draft_vocab_size=40), seed=3).to(dtype)
+    drafter.prepare_for_serving()
+    if drafter.kernel_operands(model.lm_head) is None:  # a bf16 projection of an fp32 layer: not ours to take
+        assert dtype == torch.float32
+        projection = drafter._projection[1]
+        projection.weight = torch.nn.Parameter(projection.weight.float(), requires_grad=False)
+        projection.pack(1, 1)
+    assert drafter.kernel_operands(model.lm_head) is not None
+    tree = get_tree(spec)
+    gen = torch.Generator().manual_seed(4)
+    features = torch.randn(4, 8, c.hidden_size, generator=gen).to(dtype)
+    tokens = torch.randint(c.vocab_size, (4, 8), generator=gen)
+    lens, roots = torch.tensor([20, 3, 12, 8]), torch.randint(c.vocab_size, (4,), generator=gen)
+    with torch.no_grad():
+        ours = eagle_grow(drafter, model, features, tokens, lens, roots, tree)
+        with monkeypatch.context() as m:
+            m.setattr(drafter, "kernel_operands", lambda lm_head: None)
+            reference = eagle_grow(drafter, model, features, tokens, lens, roots, tree)
+    for name, a, b in zip(("tokens", "parents", "scores", "ranks"), ours, reference, strict=True):
+        assert a.shape == b.shape == (4, tree.num_candidates), name
+        if name == "scores":
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
         else:
             assert torch.equal(a, b), name
     assert len(set(ours[0][:, 0].tolist())) > 1  # rows drafted apart
