@@ -37,14 +37,22 @@ void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, co
 template <typename T>
 void swiglu_product_of(const T* x, int64_t M, const T* w, int64_t I, int64_t K, const T* bias, T* act);
 
-// The draft layer in one call (`layer_ops.cpp`'s `draft_layer`, where its operands are described)
-std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer_call(
-    const at::Tensor& features, const at::Tensor& embeds, const at::Tensor& positions, const at::Tensor& mask,
-    const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
-    const std::optional<at::Tensor>& key_at, const at::Tensor& fc_w, const std::optional<at::Tensor>& fc_b,
-    const std::optional<at::Tensor>& attn_norm, const at::Tensor& qkv_w, const at::Tensor& o_w,
-    const at::Tensor& mlp_norm, const at::Tensor& gate_up_w, const at::Tensor& down_w, const at::Tensor& inv_freq,
-    double eps, int64_t num_heads, int64_t num_kv_heads, int64_t queries);
+// The draft layer's weights and shapes as `layer_ops.cpp`'s `draft_layer` takes them (its comment says
+// what each is), for a call of it from another file (`draft_layer_with`)
+struct DraftLayerOperands {
+  at::Tensor fc_w;
+  std::optional<at::Tensor> fc_b, attn_norm;
+  at::Tensor qkv_w, o_w, mlp_norm, gate_up_w, down_w, inv_freq;
+  double eps;
+  int64_t num_heads, num_kv_heads;
+};
+
+// `draft_layer` on these pairs (features, embeds, positions, mask; past keys and values and where this
+// call's go, or none) -> (out, keys, values)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer_with(
+    const DraftLayerOperands& layer, const at::Tensor& features, const at::Tensor& embeds, const at::Tensor& positions,
+    const at::Tensor& mask, const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
+    const std::optional<at::Tensor>& key_at, int64_t queries);
 
 template <typename T>
 struct AttentionOperands {

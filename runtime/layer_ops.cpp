@@ -640,15 +640,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> accept_greedy(const at::Tensor& c
 
 namespace medusa_cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer_call(
-    const at::Tensor& features, const at::Tensor& embeds, const at::Tensor& positions, const at::Tensor& mask,
-    const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
-    const std::optional<at::Tensor>& key_at, const at::Tensor& fc_w, const std::optional<at::Tensor>& fc_b,
-    const std::optional<at::Tensor>& attn_norm, const at::Tensor& qkv_w, const at::Tensor& o_w,
-    const at::Tensor& mlp_norm, const at::Tensor& gate_up_w, const at::Tensor& down_w, const at::Tensor& inv_freq,
-    double eps, int64_t num_heads, int64_t num_kv_heads, int64_t queries) {
-  return draft_layer(features, embeds, positions, mask, past_k, past_v, key_at, fc_w, fc_b, attn_norm, qkv_w, o_w,
-                     mlp_norm, gate_up_w, down_w, inv_freq, eps, num_heads, num_kv_heads, queries);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer_with(
+    const DraftLayerOperands& l, const at::Tensor& features, const at::Tensor& embeds, const at::Tensor& positions,
+    const at::Tensor& mask, const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
+    const std::optional<at::Tensor>& key_at, int64_t queries) {
+  return draft_layer(features, embeds, positions, mask, past_k, past_v, key_at, l.fc_w, l.fc_b, l.attn_norm, l.qkv_w,
+                     l.o_w, l.mlp_norm, l.gate_up_w, l.down_w, l.inv_freq, l.eps, l.num_heads, l.num_kv_heads, queries);
 }
 
 }  // namespace medusa_cpu

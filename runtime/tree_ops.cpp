@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <functional>
 #include <optional>
 #include <numeric>
 #include <tuple>
@@ -243,11 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> heads_draft(
 // the root), ranks [B, M] int64 and scores [B, M] float32, M = k + (depth - 1) k^2, in level order
 template <typename T>
 void eagle_draft_of(const at::Tensor& features, const int64_t* window_tokens, const int64_t* lens,
-                    const int64_t* roots, const T* embed, int64_t V, const std::function<std::tuple<at::Tensor,
-                    at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                    int64_t)>& layer, const T* proj, int64_t Vd, const int64_t* vocab, int64_t k, int64_t depth,
-                    int64_t* tok, int64_t* par, float* sc, int64_t* rk) {
+                    const int64_t* roots, const T* embed, int64_t V, const DraftLayerOperands& layer, const T* proj,
+                    int64_t Vd, const int64_t* vocab, int64_t k, int64_t depth, int64_t* tok, int64_t* par, float* sc,
+                    int64_t* rk) {
   const int64_t B = features.size(0), W = features.size(1), C = features.size(2);
   const int64_t M = k + (depth - 1) * k * k, E = (depth - 1) * k;
   const auto opts = features.options(), longs = opts.dtype(at::kLong), bools = opts.dtype(at::kBool);
@@ -276,7 +273,8 @@ void eagle_draft_of(const at::Tensor& features, const int64_t* window_tokens, co
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < W; ++i)
       for (int64_t j = 0; j < W; ++j) sp[(b * W + i) * W + j] = j <= i && (filled[b * W + j] || i == j);
-  auto [root_guess, window_k, window_v] = layer(f, after, positions, seen, std::nullopt, std::nullopt, std::nullopt, 1);
+  auto [root_guess, window_k, window_v] =
+      draft_layer_with(layer, f, after, positions, seen, std::nullopt, std::nullopt, std::nullopt, 1);
   const int64_t Hkv = window_k.size(1), D = window_k.size(3);
   at::Tensor keys = at::zeros({B, Hkv, W + E, D}, opts), values = at::zeros({B, Hkv, W + E, D}, opts);
   keys.narrow(2, 0, W).copy_(window_k);
@@ -332,7 +330,7 @@ void eagle_draft_of(const at::Tensor& features, const int64_t* window_tokens, co
         pos.mutable_data_ptr<int64_t>()[b * k + i] = lens[b] - 1 + d;
       }
     }
-    auto [out, k2, v2] = layer(parent_f, node_emb, pos, mask, keys, values, at_keys, k);
+    auto [out, k2, v2] = draft_layer_with(layer, parent_f, node_emb, pos, mask, keys, values, at_keys, k);
     keys = k2, values = v2;
     const T* o = out.const_data_ptr<T>();
     for (int64_t b = 0; b < B; ++b)
@@ -375,12 +373,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eagle_draft(
                 "eagle_draft: draft_vocab must be [V'] int64");
     vocab = draft_vocab->const_data_ptr<int64_t>();
   }
-  auto layer = [&](const at::Tensor& f, const at::Tensor& e, const at::Tensor& pos, const at::Tensor& mask,
-                   const std::optional<at::Tensor>& past_k, const std::optional<at::Tensor>& past_v,
-                   const std::optional<at::Tensor>& at, int64_t queries) {
-    return draft_layer_call(f, e, pos, mask, past_k, past_v, at, fc_w, fc_b, attn_norm, qkv_w, o_w, mlp_norm, gate_up_w,
-                            down_w, inv_freq, eps, num_heads, num_kv_heads, queries);
-  };
+  const DraftLayerOperands layer{fc_w, fc_b, attn_norm, qkv_w, o_w, mlp_norm, gate_up_w, down_w, inv_freq, eps,
+                                 num_heads, num_kv_heads};
   const int64_t M = k + (depth - 1) * k * k;
   const auto options = roots.options();
   at::Tensor out_tokens = at::empty({B, M}, options), parents = at::empty({B, M}, options), ranks = at::empty({B, M}, options);
