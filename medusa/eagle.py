@@ -199,12 +199,16 @@ class EagleDrafter(nn.Module):
     def project(self, states: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""
         if self._serving:
-            self._projection = scored_projection(self._projection, lm_head.weight, self.draft_vocab,
-                                                 *self._matmul)
-            projection = self._projection[1]
+            projection = self._scored_projection(lm_head)
             return projection(states.to(projection.weight.dtype)).float()
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
         return F.linear(states, weight.to(states.dtype)).float()
+
+    def _scored_projection(self, lm_head: nn.Linear) -> Linear:
+        """Serving: the rows of `lm_head` the layer scores (`scored_projection`), copied once per lm_head."""
+        weight = lm_head.weight
+        self._projection = scored_projection(self._projection, weight, self.draft_vocab, *self._matmul)
+        return self._projection[1]
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices into the scored vocabulary -> token ids."""
@@ -216,9 +220,7 @@ class EagleDrafter(nn.Module):
         our kernels do not take them all (not serving on the CPU, or a projection of another dtype)."""
         if self._one_call is None:
             return None
-        self._projection = scored_projection(self._projection, lm_head.weight, self.draft_vocab,
-                                             *self._matmul)
-        projection = self._projection[1]
+        projection = self._scored_projection(lm_head)
         if projection.own_weight is None or projection.weight.dtype != self.fc.weight.dtype:
             return None
         fc, qkv, o, gate_up, down = self._one_call

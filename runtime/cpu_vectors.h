@@ -196,11 +196,23 @@ inline f32xN loadN(const T* p) {
   return load_lanes<f32xN>(p);
 }
 
-// SwiGLU's T(silu(gate)) * up, lane by lane, silu(g) = g / (1 + e^-g) (`layer_ops.cpp`'s `silu_mul` and
-// the fused product of `rows_product.cpp`: the same bits)
+// SwiGLU's y = T(silu(gate)) * up, silu(g) = g / (1 + e^-g), for M rows of I: row m's gate at
+// gate_up + m * ld and its up I further on, its y at y + m * ldy; a register's lanes at a time, the
+// row's last values in a vector padded with zeros. `layer_ops.cpp`'s `silu_mul` runs it on whole rows,
+// `rows_product.cpp`'s fused product on each pair of blocks: the same bits.
 template <typename T>
-inline f32xN silu_mul_lanes(f32xN gate, f32xN up, const T* type) {
-  return round_lanes(gate / (exp_lanes(-gate) + 1.0f), type) * up;
+void silu_mul_rows(const T* gate_up, int64_t ld, T* y, int64_t ldy, int64_t M, int64_t I) {
+  auto lanes = [y](f32xN gate, f32xN up) { return round_lanes(gate / (exp_lanes(-gate) + 1.0f), y) * up; };
+  const int64_t In = I / kLanes * kLanes;
+  for (int64_t m = 0; m < M; ++m, gate_up += ld, y += ldy) {
+    for (int64_t i = 0; i < In; i += kLanes) store_lanes(y + i, lanes(loadN(gate_up + i), loadN(gate_up + I + i)));
+    if (In < I) {
+      f32xN gate = {}, up = {};
+      for (int64_t j = 0; In + j < I; ++j) gate[j] = float(gate_up[In + j]), up[j] = float(gate_up[I + In + j]);
+      const f32xN out = lanes(gate, up);
+      for (int64_t j = 0; In + j < I; ++j) y[In + j] = T(out[j]);
+    }
+  }
 }
 
 inline f32xN splatN(float x);

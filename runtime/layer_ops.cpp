@@ -135,23 +135,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return out;
 }
 
-// y = T(silu(gate)) * up per row: gate_up [M, 2I] (gate, then up), y [M, I] (`silu_mul_lanes`), a
-// register's lanes at a time, the row's last values in a vector padded with zeros
-template <typename T>
-void silu_mul_rows(const T* gate_up, T* y, int64_t M, int64_t I) {
-  const int64_t In = I / kLanes * kLanes;
-  for (int64_t m = 0; m < M; ++m, gate_up += 2 * I, y += I) {
-    for (int64_t i = 0; i < In; i += kLanes)
-      store_lanes(y + i, silu_mul_lanes(loadN(gate_up + i), loadN(gate_up + I + i), y));
-    if (In < I) {
-      f32xN gate = {}, up = {};
-      for (int64_t j = 0; In + j < I; ++j) gate[j] = float(gate_up[In + j]), up[j] = float(gate_up[I + In + j]);
-      const f32xN out = silu_mul_lanes(gate, up, y);
-      for (int64_t j = 0; In + j < I; ++j) y[In + j] = T(out[j]);
-    }
-  }
-}
-
+// y = T(silu(gate)) * up per row: gate_up [..., 2I] (gate, then up) -> y [..., I] (`silu_mul_rows`)
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   const int64_t I = gate_up.size(-1) / 2;
   TORCH_CHECK(gate_up.size(-1) % 2 == 0, "silu_mul: gate_up's last dim must be even (gate, then up)");
@@ -163,7 +147,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   auto run = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     over_rows(M, [&](int64_t m0, int64_t m1) {
-      silu_mul_rows(x.const_data_ptr<T>() + m0 * 2 * I, y.mutable_data_ptr<T>() + m0 * I, m1 - m0, I);
+      silu_mul_rows(x.const_data_ptr<T>() + m0 * 2 * I, 2 * I, y.mutable_data_ptr<T>() + m0 * I, I, m1 - m0, I);
     });
   };
   if (x.scalar_type() == at::kFloat) {

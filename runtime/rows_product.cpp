@@ -109,13 +109,6 @@ inline void prefetch_l2(const T* p) {
 // fast, so the fixed costs weighed most) and 0.99, 0.97 where it took 10-11 ms; float32 0.97 and 0.94;
 // prefetcht0 at the same distance 1.01. A tree's steps, with the L2 fetch of the next block too, were
 // 1.09-1.10 with it, so they keep that alone.
-// A product's 16 outputs as stored: with a residual (the same layout as the output, at `at`), T(res + T(y)),
-// as the layer adds the product it rounded to T (a residual connection fused into its product)
-template <typename T>
-inline f32x16 with_residual(f32x16 y, const T* res, int64_t at, const T* type) {
-  return res == nullptr ? y : round16(y, type) + load16(res + at);
-}
-
 constexpr int64_t kStreamAhead = 4;  // lines; 2 / 3 / 6 / 8 within the runs' noise of it, 16 slower (1.08)
 
 struct NextBlock {
@@ -128,6 +121,13 @@ struct NextBlock {
     if (own != nullptr) _mm_prefetch(own + k * own_bytes + kStreamAhead * 64, _MM_HINT_NTA);
   }
 };
+
+// A product's 16 outputs as stored: with a residual (the same layout as the output, at `at`), T(res + T(y)),
+// as the layer adds the product it rounded to T (a residual connection fused into its product)
+template <typename T>
+inline f32x16 with_residual(f32x16 y, const T* res, int64_t at, const T* type) {
+  return res == nullptr ? y : round16(y, type) + load16(res + at);
+}
 
 // acc[m] += x[m] . (the block's rows), lane r being row r, for MB rows of x (ldx apart); prefetches
 // its share of the next block (`NextBlock`). Each lane is one sum over k in order: the same for any MB.
@@ -365,22 +365,32 @@ void product_row(const X* x, int64_t M, const T* w, int64_t K, const T* bias, T*
   }
 }
 
+// How a thread's tasks read their weights: whether each fetches the next task's into L2 (`prefetch_l2`),
+// else streams its own (`NextBlock`: non-temporal, a few lines ahead); and the fewest tasks a thread
+// takes. Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
+// tiny one is done before a second thread would have started. Fewer rows read faster on the
+// hardware's prefetch alone, except bf16 without AVX-512: all SmolLM2 bf16 products on one row, Zen 3,
+// 2 threads, taking turns, 11.81 -> 10.46 ms with it (float32 22.74 -> 25.11). Streaming was not
+// measured without AVX-512.
+struct Reading {
+  bool prefetch, streamed;
+  int64_t grain;
+};
+
+template <typename T>
+Reading reading(int64_t M, int64_t task_elements) {
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, task_elements * int64_t(sizeof(T))));
+#if defined(__AVX512F__)
+  return {M >= 4, M < 4, grain};
+#else
+  return {M >= 4 || sizeof(T) == 2, false, grain};
+#endif
+}
+
 template <typename X, typename T>
 void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out, const T* res) {
   const int64_t blocks = N / kCols, block = kCols * K;  // whole blocks, elements of one
-  // Threads share a product only where each gets 64 KiB of weights or more (all of SmolLM2's): a
-  // tiny one is done before a second thread would have started.
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, block * int64_t(sizeof(T))));
-  // fewer rows read faster on the hardware's prefetch alone (prefetch_l2), except bf16 without AVX-512:
-  // all SmolLM2 bf16 products on one row, Zen 3, 2 threads, taking turns, 11.81 -> 10.46 ms with it
-  // (float32 22.74 -> 25.11)
-#if defined(__AVX512F__)
-  const bool prefetch = M >= 4;
-  const bool streamed = !prefetch;  // (NextBlock: non-temporal, a few lines ahead)
-#else
-  const bool prefetch = M >= 4 || sizeof(T) == 2;
-  const bool streamed = false;  // not measured without AVX-512
-#endif
+  const auto [prefetch, streamed, grain] = reading<T>(M, block);
   if (!amx_products(x, M, w, blocks, K, grain, bias, out, N, res)) {
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -395,7 +405,7 @@ void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* 
     product_row(x, M, w + n * K, K, bias == nullptr ? nullptr : bias + n, out + n, N, res == nullptr ? nullptr : res + n);
 }
 
-// act [M, I] = T(silu(gate)) * up (`silu_mul_lanes`), gate and up the columns j and I + j of the product
+// act [M, I] = T(silu(gate)) * up (`silu_mul_rows`), gate and up the columns j and I + j of the product
 // x W^T + bias, W [2I, K] (gate, then up): each task takes a gate block and its up block, and the two
 // blocks' outputs go from L1 into act, not through a [M, 2I] product that one thread then reads. There
 // each thread's half of the product sat in its own core's caches, and the other core fetched it:
@@ -403,12 +413,7 @@ void products(const X* x, int64_t M, const T* w, int64_t N, int64_t K, const T* 
 template <typename X, typename T>
 void swiglu_products(const X* x, int64_t M, const T* w, int64_t I, int64_t K, const T* bias, T* act) {
   const int64_t pairs = I / kCols, block = kCols * K;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, 2 * block * int64_t(sizeof(T))));
-#if defined(__AVX512F__)
-  const bool prefetch = M >= 4, streamed = !prefetch;
-#else
-  const bool prefetch = M >= 4 || sizeof(T) == 2, streamed = false;
-#endif
+  const auto [prefetch, streamed, grain] = reading<T>(M, 2 * block);
   bool amx = false;
   std::vector<c10::BFloat16> padded;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -441,10 +446,7 @@ void swiglu_products(const X* x, int64_t M, const T* w, int64_t I, int64_t K, co
         const T* next = prefetch && i + 1 < end ? w + (j + 1) * block : nullptr;
         product_block(x, M, w + j * block, K, b, next, streamed, out, 2 * kCols, static_cast<const T*>(nullptr));
       }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t c = 0; c < kCols; c += kLanes)
-          store_lanes(act + m * I + i * kCols + c,
-                      silu_mul_lanes(loadN(both.data() + m * 2 * kCols + c), loadN(both.data() + m * 2 * kCols + kCols + c), act));
+      silu_mul_rows(static_cast<const T*>(both.data()), 2 * kCols, act + i * kCols, I, M, int64_t(kCols));
     }
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (amx) _tile_release();
@@ -472,19 +474,25 @@ bool amx_permitted() {
 
 namespace medusa_cpu {
 
-template <typename T>
-void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out, const T* residual) {
+// f(the rows of x as the products read them): without AVX-512, bf16 x widened to float32 once, not at
+// every use (a row's broadcast of one k was 4 instructions -- a load, a shift, a move to a vector
+// register, the broadcast -- beside the block's 2 multiply-adds); else x itself
+template <typename T, typename F>
+void on_rows(const T* x, int64_t M, int64_t K, const F& f) {
 #if !defined(__AVX512F__)
   if constexpr (!std::is_same_v<T, float>) {
-    // bf16 x widened to float32 once, not at every use: a row's broadcast of one k was 4 instructions
-    // (a load, a shift, a move to a vector register, the broadcast) beside the block's 2 multiply-adds
     std::vector<float> wide(M * K);
     for (int64_t i = 0; i < M * K; ++i) wide[i] = float(x[i]);
-    products(wide.data(), M, w, N, K, bias, out, residual);
+    f(static_cast<const float*>(wide.data()));
     return;
   }
 #endif
-  products(x, M, w, N, K, bias, out, residual);
+  f(x);
+}
+
+template <typename T>
+void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, const T* bias, T* out, const T* residual) {
+  on_rows(x, M, K, [&](const auto* rows) { products(rows, M, w, N, K, bias, out, residual); });
 }
 
 template <typename T>
@@ -492,23 +500,10 @@ void swiglu_product_of(const T* x, int64_t M, const T* w, int64_t I, int64_t K, 
   if (I % kCols != 0) {  // the up rows do not start a block: the product, then each row's SwiGLU
     std::vector<T> gate_up(M * 2 * I);
     rows_product_of(x, M, w, 2 * I, K, bias, gate_up.data());
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t i = 0; i < I; ++i) {
-        f32xN gate = {}, up = {};
-        gate[0] = float(gate_up[m * 2 * I + i]), up[0] = float(gate_up[m * 2 * I + I + i]);
-        act[m * I + i] = T(silu_mul_lanes(gate, up, act)[0]);
-      }
+    silu_mul_rows(static_cast<const T*>(gate_up.data()), 2 * I, act, I, M, I);
     return;
   }
-#if !defined(__AVX512F__)
-  if constexpr (!std::is_same_v<T, float>) {  // widened once, as rows_product_of does
-    std::vector<float> wide(M * K);
-    for (int64_t i = 0; i < M * K; ++i) wide[i] = float(x[i]);
-    swiglu_products(wide.data(), M, w, I, K, bias, act);
-    return;
-  }
-#endif
-  swiglu_products(x, M, w, I, K, bias, act);
+  on_rows(x, M, K, [&](const auto* rows) { swiglu_products(rows, M, w, I, K, bias, act); });
 }
 
 template void rows_product_of(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, const float*);

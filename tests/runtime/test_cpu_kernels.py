@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from runtime import cpu_kernels
 from runtime.cpu_kernels import block_weight, rows_product
@@ -21,7 +22,7 @@ from runtime.llama import (
     measure_own_kernel_rows,
     pack_linears,
 )
-from tests.conftest import ours_from_hf, tiny_hf_model
+from tests.conftest import TINY, ours_from_hf, tiny_hf_model
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's scale
 
@@ -290,14 +291,24 @@ def test_serving_on_the_cpu_a_chain_verified_together_gets_the_bits_of_its_token
         hook.remove()
 
 
+def tiny_with_mlp(family: str):
+    """A tiny model of `family`; "mlp120": SmolLM's shape with an MLP 120 wide, not whole blocks of 16
+    (the SwiGLU product then multiplies, then takes each row's SwiGLU)."""
+    if family != "mlp120":
+        return tiny_hf_model(family)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**TINY | {"intermediate_size": 120}, tie_word_embeddings=True)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", ["smollm", "qwen2"])  # qwen2: a QKV bias
+@pytest.mark.parametrize("family", ["smollm", "qwen2", "mlp120"])  # qwen2: a QKV bias
 def test_a_layer_in_one_call_gives_the_bits_of_its_steps_one_by_one(family, dtype):
     """Every layer in one call to our kernels (`decoder_layers`) against the same kernels step by step
     (`Block.forward`): equal hidden states and caches, for one token and for trees of two scattered
     sequences."""
     assert cpu_kernels.built()
-    model = ours_from_hf(tiny_hf_model(family)).to(dtype).prepare_for_serving(1, 16)
+    model = ours_from_hf(tiny_with_mlp(family)).to(dtype).prepare_for_serving(1, 16)
     assert model.layer_kernels is not None and model.layer_kernels[1] == 16  # else one call never runs
     gen = torch.Generator().manual_seed(1)
     parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]])  # two trees of 4 nodes: [B, T]
