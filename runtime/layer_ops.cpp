@@ -40,7 +40,8 @@ inline float round_to(float x) {  // x rounded to T, as a PyTorch operation's T 
 
 // A prompt's rows split between the threads, a few tokens' rows on this one: the one-call layer runs
 // the loops below on a step's few rows between its products, but a prefill through the modules calls
-// the operations on a whole chunk of the prompt (96 rows: ~1.5 ms of a layer's steps on one thread)
+// the operations on a whole chunk of the prompt (with `Llama.forward` taking them there: 40 dev prompts'
+// prefills, SmolLM2 bf16, Intel Xeon (AMX), 46.27 -> 42.35 ms mean)
 constexpr int64_t kRowsPerThread = 16;
 
 template <typename F>
