@@ -26,15 +26,16 @@ from training.prompts import training_prompts, varied_prompts
 
 def distill(out: Path, num_prompts: int, max_new_tokens: int, batch_size: int, model_spec: str | None,
             seed: int, shard_size: int = 200, prompt_set: str = "templates",
-            passage_folders: list[Path] = ()) -> None:
+            passage_folders: list[Path] = (), dtype: str | None = None) -> None:
     """Answer `num_prompts` instructions; write shards of (hidden fp16 [n, C], tokens [n]) per answer.
 
     `prompt_set` "templates" is training_prompts, "varied" is varied_prompts, whose passage tasks
-    run over earlier answers read from `passage_folders`.
+    run over earlier answers read from `passage_folders`. `dtype` is the base model's (see
+    `runtime.loading.torch_dtype`; None, float32 on the CPU).
     """
     out.mkdir(parents=True, exist_ok=True)
     done = {i for shard in out.glob("shard_*.pt") for i in torch.load(shard, weights_only=True)["prompt_ids"]}
-    loaded = load_model(model_spec)
+    loaded = load_model(model_spec, dtype=dtype)
     tok = loaded.tokenizer
     if prompt_set == "templates":
         prompts = training_prompts(num_prompts, seed)
@@ -122,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="distillation folders whose answers become the varied set's passages")
     ap.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default=None, help="the base model's dtype: float32 (the default on the "
+                    "CPU), bfloat16 or auto (bfloat16 where the CPU multiplies it natively)")
     args = ap.parse_args(argv)
     with torch.inference_mode():
         distill(args.out, args.prompts, args.max_new_tokens, args.batch_size, args.model, args.seed,
-                prompt_set=args.prompt_set, passage_folders=args.passages)
+                prompt_set=args.prompt_set, passage_folders=args.passages, dtype=args.dtype)
