@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from medusa.engine import Engine
 from runtime.config import SamplingParams
-from runtime.loading import load_model
+from runtime.loading import DTYPES, load_model
 from runtime.prompt import Prompter
 from training.prompts import training_prompts, varied_prompts
 
@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="distillation folders whose answers become the varied set's passages")
     ap.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default=None, help="the base model's dtype: float32 (the default on the "
-                    "CPU), bfloat16 or auto (bfloat16 where the CPU multiplies it natively)")
+    ap.add_argument("--dtype", choices=[*DTYPES, "auto"],
+                    help="the base model's dtype (default: float32 on the CPU); auto: bfloat16 where the "
+                    "CPU multiplies it natively")
     args = ap.parse_args(argv)
     with torch.inference_mode():
         distill(args.out, args.prompts, args.max_new_tokens, args.batch_size, args.model, args.seed,

@@ -16,7 +16,7 @@ def test_distill_keeps_every_answer_token_with_its_hidden_state_in_the_dtype_ask
         for hidden, tokens in kept:
             assert hidden.dtype == torch.float16 and hidden.shape == (len(tokens), 576)
             assert 0 < len(tokens) <= 6 and torch.isfinite(hidden).all()
-    # prompt 0's answer is greedy: the same first token in either dtype, but a bf16 model's hidden state
+    # prompt 0's answer is greedy: the same first token in either dtype, from hidden states that differ
     (fp32, tokens32), (bf16, tokens16) = runs[None][0], runs["bfloat16"][0]
     assert tokens32[0] == tokens16[0]
     assert (fp32[0].float() - bf16[0].float()).abs().max() > 1e-2
