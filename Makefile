@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 export HOST PORT
 
-.PHONY: install serve test model lint clean train-heads train-eagle
+.PHONY: install serve test model lint clean train-heads train-eagle train-eagle-bf16
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ train-eagle: model
 	$(BIN)/python -m training eagle --data runs/distill runs/distill_s1_1600 runs/distill_s2_1600 \
 		runs/distill_v2_2000 runs/distill_v3_2000 --depths 5 --epochs 3 \
 		--out medusa/weights/smollm2-135m-instruct-eagle
+
+train-eagle-bf16: model
+	$(BIN)/python -m training distill --prompts 5000 --max-new-tokens 192 --batch-size 128 --dtype bfloat16 \
+		--out runs/bf_t0
+	$(BIN)/python -m training distill --prompt-set varied --passages runs/bf_t0 --prompts 6000 \
+		--max-new-tokens 192 --batch-size 128 --dtype bfloat16 --seed 2 --out runs/bf_v2
+	$(BIN)/python -m training eagle --data runs/bf_t0 runs/bf_v2 --depths 5 --epochs 3 \
+		--out medusa/weights/smollm2-135m-instruct-eagle-bf16
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.spec_bench import read_conversations
 from benchmarks.speculative import get_heads
-from medusa.checkpoints import SHIPPED_EAGLE, load_drafter
+from medusa.checkpoints import load_drafter, shipped_drafter
 from medusa.engine import Engine
 from medusa.tree import default_tree, get_tree
 from runtime.config import SamplingParams
@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.drafter == "heads":
         drafter, _ = get_heads(loaded, args.medusa_heads, args.model)
     elif args.drafter == "eagle":
-        drafter = load_drafter(args.eagle or SHIPPED_EAGLE, model.config, model.lm_head,
-                               device=model.embed.weight.device, dtype=model.embed.weight.dtype)
+        folder = args.eagle or shipped_drafter("eagle", loaded.dtype_name)
+        drafter = load_drafter(folder, model.config, model.lm_head, device=model.embed.weight.device,
+                               dtype=model.embed.weight.dtype)
     if drafter is not None:
         tree = get_tree(default_tree(args.device, loaded.dtype_name, args.drafter))
     where = cpu_name() if args.device == "cpu" else args.device

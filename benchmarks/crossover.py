@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.spec_bench import read_questions
 from benchmarks.speculative import get_heads
-from medusa.checkpoints import SHIPPED_EAGLE, load_drafter
+from medusa.checkpoints import load_drafter, shipped_drafter
 from medusa.engine import Engine
 from medusa.tree import default_tree, get_tree
 from runtime.config import SamplingParams
@@ -72,8 +72,8 @@ def crossover(args: argparse.Namespace) -> dict:
     if args.drafter == "heads":
         drafter, _ = get_heads(loaded, None, args.model)
     else:
-        drafter = load_drafter(SHIPPED_EAGLE, model.config, model.lm_head, device=model.embed.weight.device,
-                               dtype=model.embed.weight.dtype)
+        drafter = load_drafter(shipped_drafter("eagle", loaded.dtype_name), model.config, model.lm_head,
+                               device=model.embed.weight.device, dtype=model.embed.weight.dtype)
     tree_name = args.tree or default_tree(args.device, loaded.dtype_name, args.drafter)
     tree = get_tree(tree_name)
     params = SamplingParams(max_new_tokens=args.max_new_tokens)

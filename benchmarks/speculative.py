@@ -55,7 +55,7 @@ from torch import nn
 
 from benchmarks import engine as engine_benchmark
 from benchmarks.spec_bench import Question, read_questions
-from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS, load_drafter, load_heads
+from medusa.checkpoints import SHIPPED_HEADS, load_drafter, load_heads, shipped_drafter
 from medusa.engine import Engine, use_compile
 from medusa.heads import MedusaConfig, MedusaHeads, random_heads
 from medusa.tree import default_tree, get_tree
@@ -340,7 +340,7 @@ def benchmark(args: argparse.Namespace) -> dict:
                 if drafter == "medusa":
                     heads, note = get_heads(loaded, args.medusa_heads, args.model)
                 else:
-                    note = args.eagle or str(SHIPPED_EAGLE)
+                    note = args.eagle or str(shipped_drafter("eagle", loaded.dtype_name))
                     heads = load_drafter(note, model.config, model.lm_head, device=model.embed.weight.device,
                                          dtype=model.embed.weight.dtype)
                 notes[drafter] = f"{note}; tree: {tree_name}"

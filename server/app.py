@@ -83,13 +83,14 @@ def build_engine(settings: Settings, loaded: LoadedModel) -> Engine:
     """The engine for `loaded`, with Medusa heads and their tree when settings name heads, compiled as
     --compile says."""
     heads = tree = None
-    if settings.heads_path is not None:
+    path = settings.heads_path_for(loaded.dtype_name)
+    if path is not None:
         model = loaded.model
-        heads = load_drafter(Path(settings.heads_path), model.config, model.lm_head,
-                             device=settings.device, dtype=model.embed.weight.dtype)
+        heads = load_drafter(Path(path), model.config, model.lm_head, device=settings.device,
+                             dtype=model.embed.weight.dtype)
         if drafter_kind(heads) != settings.drafter:
             kind = drafter_kind(heads)
-            raise HeadsLoadError(f"{settings.heads_path!r} holds a drafter of kind {kind!r} but --drafter is "
+            raise HeadsLoadError(f"{path!r} holds a drafter of kind {kind!r} but --drafter is "
                                  f"{settings.drafter!r}: give --drafter {kind}")
         tree = get_tree(settings.tree_for(loaded.dtype_name))
     return Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, heads=heads, tree=tree,

@@ -61,7 +61,8 @@ class Settings(BaseModel):
         default="auto", description="the drafter: a folder or a hub id org/name or org/name@revision of "
         "Medusa heads (this server's format or the official Medusa one) or of a draft layer (this "
         "server's eagle_config.json, or an official EAGLE-1/2 checkpoint); 'none': no speculation; "
-        "'auto': the project's shipped drafter that --drafter names when serving the embedded model")
+        "'auto': the project's shipped drafter that --drafter names when serving the embedded model (the "
+        "draft layer trained in the dtype served)")
     drafter: Literal["heads", "eagle"] = Field(
         default="heads", description="which kind of drafter --medusa-heads auto loads: the Medusa heads, or "
         "the EAGLE-style draft layer; a folder given to --medusa-heads must hold this kind")
@@ -131,15 +132,15 @@ class Settings(BaseModel):
 
         return is_embedded(self.model)
 
-    @property
-    def heads_path(self) -> str | None:
-        """The heads folder or hub id to load, or None for plain decoding."""
+    def heads_path_for(self, dtype: str) -> str | None:
+        """The drafter's folder or hub id to load, or None for plain decoding: with 'auto', the shipped
+        one for the embedded model in the weights' dtype (known once loaded)."""
         if self.medusa_heads == "none":
             return None
         if self.medusa_heads == "auto":
-            from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS
+            from medusa.checkpoints import shipped_drafter
 
-            shipped = SHIPPED_EAGLE if self.drafter == "eagle" else SHIPPED_HEADS
+            shipped = shipped_drafter(self.drafter, dtype)
             return str(shipped) if self.embedded and shipped.is_dir() else None
         return self.medusa_heads
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS, load_drafter, load_heads
+from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_HEADS, load_drafter, load_heads, shipped_drafter
 from medusa.engine import Engine
 from medusa.tree import default_tree, get_tree
 from runtime import cpu_kernels
@@ -69,15 +69,15 @@ def test_shipped_draft_layer_keeps_greedy_output_and_is_accepted(real_model):
 @pytest.mark.skipif(not cpu_kernels.built(), reason="bf16 exactness rests on our CPU kernels")
 @pytest.mark.parametrize("kind", ["heads", "eagle"])
 def test_the_default_bf16_cpu_speculation_keeps_greedy_output(kind):
-    """What `--dtype bfloat16` serves on the CPU by default: each shipped drafter with its dynamic tree
-    (grown by our drafting kernels), requests batched: plain greedy's tokens, in bfloat16 too, and
-    more than one token per step. Exact while our kernel takes every row of a step (README), so a
-    batch holds as many requests as the load measured it on rows for (24 rows here once: 3 of 4)."""
+    """What `--dtype bfloat16` serves on the CPU by default: each shipped drafter for bf16 (the draft
+    layer trained on bf16 hidden states) with its dynamic tree (grown by our drafting kernels),
+    requests batched: plain greedy's tokens, in bfloat16 too, and more than one token per step.
+    Exact while our kernel takes every row of a step (README), so a batch holds as many requests as
+    the load measured it on rows for (24 rows here once: 3 of 4)."""
     loaded = load_model(device="cpu", dtype="bfloat16")
     model = loaded.model
     load = load_heads if kind == "heads" else load_drafter
-    drafter = load(SHIPPED_HEADS if kind == "heads" else SHIPPED_EAGLE, model.config, model.lm_head,
-                   dtype=torch.bfloat16)
+    drafter = load(shipped_drafter(kind, "bfloat16"), model.config, model.lm_head, dtype=torch.bfloat16)
     tree = default_tree("cpu", "bfloat16", kind)
     assert get_tree(tree).__class__.__name__ == "DynamicTree"
     plain, spec = plain_and_speculative(loaded, drafter, tree)

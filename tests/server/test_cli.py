@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from medusa.checkpoints import SHIPPED_EAGLE, SHIPPED_EAGLE_BF16, SHIPPED_HEADS
 from runtime import cpu_kernels
 from server.app import build_engine
 from server.cli import flag, main, parser, settings_from, settings_table
@@ -105,9 +106,20 @@ def test_speculation_backs_off_in_big_cpu_batches_unless_told():
 def test_the_embedded_model_gets_the_shipped_heads_and_the_chat_template(model, embedded):
     settings = settings_from(model, {})
     assert settings.embedded is embedded
-    assert (settings.heads_path is not None, settings.use_chat_template) == (embedded, embedded)
+    has_heads = settings.heads_path_for("float32") is not None
+    assert (has_heads, settings.use_chat_template) == (embedded, embedded)
     assert settings_from([*model, "--chat-template", "on", "--medusa-heads", "none"], {}).use_chat_template
-    assert settings_from([*model, "--medusa-heads", "none"], {}).heads_path is None
+    assert settings_from([*model, "--medusa-heads", "none"], {}).heads_path_for("float32") is None
+
+
+def test_the_draft_layer_shipped_is_the_one_trained_in_the_dtype_served():
+    heads, eagle = settings_from([], {}), settings_from(["--drafter", "eagle"], {})
+    assert heads.heads_path_for("bfloat16") == heads.heads_path_for("float32") == str(SHIPPED_HEADS)
+    assert eagle.heads_path_for("float32") == str(SHIPPED_EAGLE)
+    assert eagle.heads_path_for("bfloat16") == str(SHIPPED_EAGLE_BF16)
+    assert SHIPPED_EAGLE_BF16.is_dir()
+    assert settings_from(["--drafter", "eagle", "--medusa-heads", "/my/layer"], {}).heads_path_for(
+        "bfloat16") == "/my/layer"
 
 
 def test_the_default_tree_is_the_one_shipped_for_the_device(monkeypatch):
