@@ -49,6 +49,7 @@ def blocked(weight: torch.Tensor) -> torch.Tensor:
     (12, 7, 1536, False),  # fewer rows than a block
     (11, 24, 100, True),  # 11 rows of x against a block at once
     (17, 80, 31, True),  # 16 rows of x at once, then 1; an odd K
+    (37, 100, 576, True),  # AMX: panels of 4 blocks and of 2, three tiles of rows, 4 rows after the blocks
     (3, 9, 5, True),  # shorter than one vector
     (0, 8, 16, False),
     (0, 40, 16, True),  # no rows against whole blocks (a one-token prompt's logprobs)
@@ -305,11 +306,11 @@ def tiny_with_mlp(family: str):
 @pytest.mark.parametrize("family", ["smollm", "qwen2", "mlp120"])  # qwen2: a QKV bias
 def test_a_layer_in_one_call_gives_the_bits_of_its_steps_one_by_one(family, dtype):
     """Every layer in one call to our kernels (`decoder_layers`) against the same kernels step by step
-    (`Block.forward`): equal hidden states and caches, for one token and for trees of two scattered
-    sequences."""
+    (`Block.forward`): equal hidden states and caches, for one token, for trees of two scattered
+    sequences, and for a prompt's chunk of 24 tokens (AMX: more than a tile of rows)."""
     assert cpu_kernels.built()
-    model = ours_from_hf(tiny_with_mlp(family)).to(dtype).prepare_for_serving(1, 16)
-    assert model.layer_kernels is not None and model.layer_kernels[1] == 16  # else one call never runs
+    model = ours_from_hf(tiny_with_mlp(family)).to(dtype).prepare_for_serving(1, 32)
+    assert model.layer_kernels is not None and model.layer_kernels[1] == 32  # else one call never runs
     gen = torch.Generator().manual_seed(1)
     parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]])  # two trees of 4 nodes: [B, T]
     masks = torch.eye(4, dtype=torch.bool).repeat(2, 1, 1)  # [B, T, T] ancestor masks
@@ -329,7 +330,11 @@ def test_a_layer_in_one_call_gives_the_bits_of_its_steps_one_by_one(family, dtyp
             depths = (masks.sum(-1) - 1) + cache.lens[slots][:, None]  # [B, T]
             trees = model(torch.randint(0, 90, (2, 4), generator=gen), depths, cache, slots, masks,
                           one_call_layers=one_call)
-        results.append([token, trees, *cache.k, *cache.v])
+            two = slots[1:]
+            positions = cache.lens[two][:, None] + torch.arange(24)  # [1, 24]
+            chunk = model(torch.randint(0, 90, (1, 24), generator=gen), positions, cache, two,
+                          one_call_layers=one_call)
+        results.append([token, trees, chunk, *cache.k, *cache.v])
         gen.manual_seed(1)
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
