@@ -402,6 +402,8 @@ class DeviceStep:
                              self.cache.lens[slots], roots)
             if isinstance(tree, DynamicTree):  # each row grows its own tree, its lookup guesses first
                 candidates, tree = draft_dynamic(*drafter_input, lookup, tree)  # [B, T], RowTrees
+                T = candidates.shape[1]  # fewer than the tree's nodes where its min_p leaves out some
+                uniforms = uniforms[:, :T]
             else:  # a fixed lookup branch; a missing guess holds the root (a valid, wasted draft)
                 candidates = draft(*drafter_input, tree)  # [B, T]
                 if tree.lookup:

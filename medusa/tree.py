@@ -110,14 +110,18 @@ MAX_DRAFT_DEPTH = 6  # EAGLE-2's depth for 60-token trees: as deep as the drafte
 
 @dataclass(frozen=True)
 class DynamicTree:
-    """How a dynamic tree grows: `dynamic:N[,topk=k][,depth=D][,lookup=L]` on the command line
-    (depth sets draft_depth). draft_depth 0 means as deep as the drafter drafts, up to
-    MAX_DRAFT_DEPTH (`for_drafter`)."""
+    """How a dynamic tree grows: `dynamic:N[,topk=k][,depth=D][,lookup=L][,min_p=p]` on the command
+    line (depth sets draft_depth). draft_depth 0 means as deep as the drafter drafts, up to
+    MAX_DRAFT_DEPTH (`for_drafter`). With min_p, a step verifies only the drafted nodes whose score
+    (the drafter's probability of the path) is at least min_p, up to the budget (`medusa.dynamic.
+    verified_nodes`): where the step runs eagerly on the CPU, which reads that count on the host; a
+    compiled or GPU step verifies the whole budget."""
 
-    budget: int  # N: the root and the drafted nodes verified per sequence
+    budget: int  # N: the root and the drafted nodes verified per sequence (at most, with min_p)
     topk: int = DEFAULT_TOPK  # k: children proposed per expanded node, and nodes expanded per level
     draft_depth: int = 0  # D: the depth the drafter grows the tree to
     lookup: int = 0  # L: nodes more, for a prompt-lookup chain; drafts fill those a row's guesses leave
+    min_p: float = 0.0  # drafted nodes below this path probability are not verified (CPU, eager)
     name: str = "dynamic"
 
     def __post_init__(self) -> None:
@@ -125,6 +129,8 @@ class DynamicTree:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise TreeError(f"tree {self.name!r}: {field} must be an integer >= 0, got {value!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, int | float) or not 0 <= self.min_p < 1:
+            raise TreeError(f"tree {self.name!r}: min_p must be a number in [0, 1), got {self.min_p!r}")
         if self.budget < 2 or self.topk < 1:
             raise TreeError(f"tree {self.name!r}: the budget must be >= 2 nodes (the root and one draft) "
                             "and topk >= 1")
@@ -169,17 +175,18 @@ class DynamicTree:
 
 
 def parse_dynamic(spec: str) -> DynamicTree | None:
-    """`dynamic:N[,topk=k][,depth=D][,lookup=L]` -> DynamicTree; None for any other tree name."""
+    """`dynamic:N[,topk=k][,depth=D][,lookup=L][,min_p=p]` -> DynamicTree; None for any other tree name."""
     if not spec.startswith("dynamic:"):
         return None
-    match = re.fullmatch(r"dynamic:(\d+)((?:,(?:topk|depth|lookup)=\d+)*)", spec)
+    match = re.fullmatch(r"dynamic:(\d+)((?:,(?:(?:topk|depth|lookup)=\d+|min_p=0?\.\d+))*)", spec)
     if match is None:
         raise TreeError(f"tree {spec!r}: write a dynamic tree as dynamic:N with N the nodes verified per "
-                        "sequence, then optionally ,topk=K ,depth=D ,lookup=L (e.g. dynamic:32,topk=6)")
+                        "sequence, then optionally ,topk=K ,depth=D ,lookup=L ,min_p=P "
+                        "(e.g. dynamic:32,topk=6,min_p=0.05)")
     options = dict(item.split("=") for item in match.group(2).split(",")[1:])
     fields = {"depth": "draft_depth"}
     return DynamicTree(int(match.group(1)), name=spec,
-                       **{fields.get(k, k): int(v) for k, v in options.items()})
+                       **{fields.get(k, k): float(v) if k == "min_p" else int(v) for k, v in options.items()})
 
 
 def build_tree(choices: Sequence[Sequence[int]], name: str = "custom", lookup: int = 0) -> TreeBuffers:
@@ -322,7 +329,7 @@ SHIPPED_TREES = Path(__file__).resolve().parent / "trees"
 # multiplies it (`cpu_kernels.cpu_bf16_products`): AMX tiles, AVX-512 BF16 pairs, or emulated (widened
 # to float32 in registers). `default_tree` has why.
 DEFAULT_TREES = {
-    "heads": {"cuda": "gpu", "float32": "dynamic-cpu", "bf16 amx": "dynamic-cpu-bf16",
+    "heads": {"cuda": "gpu", "float32": "dynamic-cpu", "bf16 amx": "dynamic-cpu-bf16-amx",
               "bf16 avx512": "dynamic-cpu-bf16", "bf16 emulated": "dynamic-cpu-bf16-emulated"},
     "eagle": {"cuda": "eagle-gpu", "float32": "eagle-dynamic-cpu-float32", "bf16 amx": "eagle-dynamic-cpu",
               "bf16 avx512": "eagle-dynamic-cpu-bf16-avx512",
@@ -348,7 +355,10 @@ def default_tree(device: str, dtype: str = "float32", drafter: str = "heads", bf
     grown 3 levels deep: 1.427x plain against 1.319x for 'eagle-dynamic-cpu' (20 prompts, taking turns).
     Calibrated again on the AMX Xeon once our products used its tiles (1c96c75; 10 prompts, bf16, 6 / 8 /
     12 / 16 nodes): heads 144.9 / 150.8 / 148.1 / 140.7 tok/s, the layer (4 levels) 128.1 / 137.5 /
-    137.5 / 133.3; the shipped trees stay.
+    137.5 / 133.3; the shipped trees stay. The heads' AMX tree then took `min_p` (f0a3821+): up to 12
+    nodes, only those the heads give >= 0.08, so a confident step verifies more and an unsure one fewer
+    (issue 18's command, heads only, taking turns twice: 1.797x / 1.807x plain -> 1.833x / 1.835x; the
+    draft layer's 12 nodes gained nothing from it, 1.957x -> 1.955x on 20 prompts).
 
     Emulated bf16: products on AVX2 go in tiles of at most 6 rows, and a row more costs much: on AMD
     EPYC (Zen 3) the 30 layers and lm_head took 1.43x one row's time on 6 rows, 1.90x on 7, 2.17x on
@@ -400,11 +410,12 @@ def get_tree(name_or_path: str) -> TreeBuffers | DynamicTree:
 
 def _tree_from_json(spec, name: str) -> TreeBuffers | DynamicTree:
     if isinstance(spec, dict) and "dynamic" in spec:  # written by `training calibrate --dynamic`
-        if not set(spec) <= {"dynamic", "topk", "depth", "lookup"}:
+        if not set(spec) <= {"dynamic", "topk", "depth", "lookup", "min_p"}:
             raise TreeError(f"tree file {name!r}: a dynamic tree takes the keys dynamic, topk, depth, "
-                            f"lookup; got {sorted(spec)}")
+                            f"lookup, min_p; got {sorted(spec)}")
         return DynamicTree(spec["dynamic"], topk=spec.get("topk", DEFAULT_TOPK),
-                           draft_depth=spec.get("depth", 0), lookup=spec.get("lookup", 0), name=name)
+                           draft_depth=spec.get("depth", 0), lookup=spec.get("lookup", 0),
+                           min_p=spec.get("min_p", 0.0), name=name)
     choices = spec.get("choices") if isinstance(spec, dict) else None
     if isinstance(choices, list) and set(spec) <= {"choices", "lookup"}:
         return build_tree(choices, name=name, lookup=spec.get("lookup", 0))

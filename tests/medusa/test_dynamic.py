@@ -1,11 +1,13 @@
 """Dynamic trees: each row's tree, grown on the device with fixed shapes, is the one the plain
 best-first growth gives, and its buffers say what a static tree's would."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from medusa.draft import draft_dynamic, eagle_grow, heads_grow
-from medusa.dynamic import RowTrees, grow, reference_grow, rows_of, select, top_logp
+from medusa.dynamic import RowTrees, grow, reference_grow, rows_of, select, top_logp, verified_nodes
 from medusa.eagle import EagleConfig, random_drafter, reference_logp
 from medusa.heads import MedusaConfig, random_heads
 from medusa.step import ROOT_ONLY, DeviceStep
@@ -228,6 +230,7 @@ def test_row_buffers_of_a_static_tree_equal_its_own():
     ("dynamic:64,topk=2,depth=3", "raise topk or depth"),
     ("dynamic:250,lookup=16", "verifies 266 nodes per sequence, more than the 256"),
     ("dynamic:100000,topk=400,depth=6", "verifies 100000 nodes per sequence"),
+    ("dynamic:16,min_p=1.5", "write a dynamic tree as dynamic:N"),
 ])
 def test_bad_dynamic_trees_are_refused_with_a_reason(spec, message):
     with pytest.raises(TreeError, match=message):
@@ -240,6 +243,24 @@ def test_dynamic_tree_spec_reads_its_options():
     assert tree.num_nodes == 27 and tree.depth == 5
     assert get_tree("dynamic:16").for_drafter(4).draft_depth == 4  # as deep as the heads go
     assert get_tree("dynamic:16").for_drafter(8).draft_depth == 6  # capped
+    assert get_tree("dynamic:12,topk=4,lookup=4,min_p=0.08").min_p == 0.08
+    with pytest.raises(TreeError, match="min_p must be a number in"):
+        DynamicTree(8, min_p=1.0)
+
+
+def test_min_p_verifies_the_sure_nodes_of_the_surest_row():
+    """T = 1 + the most lookup guesses and drafts of probability >= min_p in any row, within [2, N + L];
+    without min_p (or where the step is compiled), every node."""
+    tree = DynamicTree(8, topk=4, draft_depth=2, lookup=4, min_p=0.1)
+    p = torch.tensor([[0.5, 0.2, 0.09, 0.01, 0.3], [0.05, 0.01, 0.02, 0.03, 0.04]])
+    scores = p.log()  # [B, M]: row 0 has three drafts of at least 0.1, row 1 none
+    no_guess = torch.full((2, 4), -1)
+    assert verified_nodes(tree, scores, no_guess) == 4
+    assert verified_nodes(tree, scores, torch.tensor([[-1] * 4, [5, 6, -1, -1]])) == 4  # 1 + max(3, 2)
+    assert verified_nodes(tree, scores, torch.tensor([[5, 6, 7, 8], [-1] * 4])) == 8  # 1 + 3 + 4 guesses
+    assert verified_nodes(tree, scores.clamp(max=-5), no_guess) == 2  # nothing sure: one draft all the same
+    assert verified_nodes(tree, torch.zeros(2, 20), torch.tensor([[5, 6, 7, 8]] * 2)) == 12  # at most N + L
+    assert verified_nodes(dataclasses.replace(tree, min_p=0.0), scores, no_guess) == 12
 
 
 def test_each_node_counts_its_own_rows_drafts_above_it_in_its_text(model):

@@ -45,7 +45,8 @@ DRAFTERS = {"medusa": heads_for,
 
 TREES = {"chain": get_tree("chain"), "cpu": get_tree("cpu"), "mc_sim_7b_63": get_tree("mc_sim_7b_63"),
          "mc_sim_7b_63+lookup": build_tree(get_tree("mc_sim_7b_63").choices, lookup=8),
-         **{spec: get_tree(spec) for spec in ("dynamic:16", "dynamic:24,topk=3,lookup=4")}}
+         **{spec: get_tree(spec) for spec in ("dynamic:16", "dynamic:24,topk=3,lookup=4",
+                                              "dynamic:24,topk=3,lookup=4,min_p=0.05")}}
 
 
 @pytest.mark.parametrize("kind", DRAFTERS)

@@ -126,7 +126,8 @@ def test_builtins() -> None:
 
 def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> None:
     static = ["cpu", "cpu-bf16", "eagle-cpu", "eagle-gpu", "gpu"]
-    dynamic = ["dynamic-cpu", "dynamic-cpu-bf16", "dynamic-cpu-bf16-emulated", "eagle-dynamic-cpu",
+    dynamic = ["dynamic-cpu", "dynamic-cpu-bf16", "dynamic-cpu-bf16-amx", "dynamic-cpu-bf16-emulated",
+               "eagle-dynamic-cpu",
                "eagle-dynamic-cpu-bf16-avx512", "eagle-dynamic-cpu-bf16-emulated",
                "eagle-dynamic-cpu-float32"]
     assert tree_names() == [*BUILTIN_TREES, *sorted(static + dynamic)]  # not the *.calibration.json records
@@ -136,12 +137,13 @@ def test_names_are_the_builtins_then_the_shipped_trees_each_from_its_file() -> N
         assert (tree.name, tree.lookup) == (name, spec.get("lookup", 0))
         if name in dynamic:
             assert isinstance(tree, DynamicTree)
-            assert (tree.budget, tree.topk) == (spec["dynamic"], spec["topk"])
+            expected = (spec["dynamic"], spec["topk"], spec.get("min_p", 0))
+            assert (tree.budget, tree.topk, tree.min_p) == expected
         else:
             assert set(tree.choices) == {tuple(c) for c in spec["choices"]}
     assert default_tree("cuda:0", "bfloat16") == "gpu" and default_tree("cpu") == "dynamic-cpu"
-    for products in ("amx", "avx512"):
-        assert default_tree("cpu", "bfloat16", bf16_products=products) == "dynamic-cpu-bf16"
+    assert default_tree("cpu", "bfloat16", bf16_products="amx") == "dynamic-cpu-bf16-amx"
+    assert default_tree("cpu", "bfloat16", bf16_products="avx512") == "dynamic-cpu-bf16"
     assert default_tree("cpu", "bfloat16", bf16_products="emulated") == "dynamic-cpu-bf16-emulated"
     here = cpu_bf16_products()
     assert default_tree("cpu", "bfloat16") == default_tree("cpu", "bfloat16", bf16_products=here)
@@ -156,7 +158,7 @@ def test_tree_from_json_file_and_unknown_name(tmp_path) -> None:
     path.write_text(json.dumps([[0], [1], [0, 0]]))
     assert get_tree(str(path)).choices == ((0,), (1,), (0, 0))
     with pytest.raises(TreeError, match="mc_sim_7b_63, chain, cpu, cpu-bf16, dynamic-cpu, dynamic-cpu-bf16, "
-                                        "dynamic-cpu-bf16-emulated, "
+                                        "dynamic-cpu-bf16-amx, dynamic-cpu-bf16-emulated, "
                                         "eagle-cpu, eagle-dynamic-cpu, eagle-dynamic-cpu-bf16-avx512, "
                                         "eagle-dynamic-cpu-bf16-emulated, "
                                         "eagle-dynamic-cpu-float32, eagle-gpu, gpu"):

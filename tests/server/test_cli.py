@@ -124,7 +124,8 @@ def test_the_draft_layer_shipped_is_the_one_trained_in_the_dtype_served():
 
 def test_the_default_tree_is_the_one_shipped_for_the_device(monkeypatch):
     assert settings_from([], {}).tree_for("float32") == "dynamic-cpu"
-    for products, tree in (("amx", "dynamic-cpu-bf16"), ("emulated", "dynamic-cpu-bf16-emulated")):
+    for products, tree in (("amx", "dynamic-cpu-bf16-amx"), ("avx512", "dynamic-cpu-bf16"),
+                           ("emulated", "dynamic-cpu-bf16-emulated")):
         monkeypatch.setattr(cpu_kernels, "cpu_bf16_products", lambda products=products: products)
         assert settings_from([], {}).tree_for("bfloat16") == tree
     assert settings_from(["--device", "cuda:1"], {}).tree_for("bfloat16") == "gpu"
