@@ -101,39 +101,41 @@ def step_cost(loaded, heads, trees: dict[int, TreeBuffers], context: int, repeat
     return costs
 
 
-def measure_generation(loaded, drafter, trees: dict[int, TreeBuffers | DynamicTree], questions: list[str],
-                       max_new_tokens: int) -> tuple[int, dict]:
-    """Greedy generation of `questions`, one at a time, through the whole engine with each tree:
-    prints tokens per second and per step for each size; (the fastest size, a record of the runs)."""
+def measure_generation(loaded, drafter, trees: list[tuple[dict, TreeBuffers | DynamicTree]],
+                       questions: list[str], max_new_tokens: int) -> tuple[dict, dict]:
+    """Greedy generation of `questions`, one at a time, through the whole engine with each tree (each
+    with the fields that name it in the record, e.g. {"nodes": 8}): prints tokens per second and per
+    step for each; (the fastest one's row, a record of the runs)."""
     from benchmarks.speculative import engine_run, run_each
 
     prompter = Prompter(loaded.tokenizer, chat_template=True)
     prompts = [prompter.encode(q) for q in questions]
     runs = {}
-    for T, tree in trees.items():
+    for i, (_, tree) in enumerate(trees):
         engine = Engine(loaded.model, loaded.tokenizer, loaded.eos_token_ids, max_batch_size=1,
                         max_total_tokens=max(map(len, prompts)) + max_new_tokens, heads=drafter, tree=tree)
         engine_run(engine, 8)(prompts[0])  # warms caches up, untimed
-        runs[T] = engine_run(engine, max_new_tokens)
+        runs[i] = engine_run(engine, max_new_tokens)
     rows = []
-    for T, result in run_each(runs, prompts).items():  # the sizes take turns prompt by prompt
+    for i, result in run_each(runs, prompts).items():  # the trees take turns prompt by prompt
         tokens = sum(map(len, result.outputs))
-        rows.append({"nodes": T, "tokens_per_step": round(tokens / max(1, sum(result.steps)), 3),
-                     "tokens_per_s": round(tokens / sum(result.seconds), 1)})
+        rows.append(trees[i][0] | {"tokens_per_step": round(tokens / max(1, sum(result.steps)), 3),
+                                   "tokens_per_s": round(tokens / sum(result.seconds), 1)})
     best = max(rows, key=lambda r: r["tokens_per_s"])
     for r in rows:
-        print(f"{r['nodes']:4d} nodes  {r['tokens_per_step']:.2f} tokens/step  "
+        min_p = f"  min_p {r['min_p']}" if r.get("min_p") else ""
+        print(f"{r['nodes']:4d} nodes{min_p}  {r['tokens_per_step']:.2f} tokens/step  "
               f"{r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
     measured = f"greedy generation of {len(questions)} prompts, {max_new_tokens} new tokens"
-    return best["nodes"], {"dtype": loaded.dtype_name, "cpu": cpu_name(), "measured": measured,
-                           "measurements": rows}
+    return best, {"dtype": loaded.dtype_name, "cpu": cpu_name(), "measured": measured, "measurements": rows}
 
 
 def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int | None, lookup: int,
-                      topk: int, depth: int, dtype: str, questions: list[str] | None, max_new_tokens: int
-                      ) -> dict:
+                      topk: int, depth: int, dtype: str, questions: list[str] | None, max_new_tokens: int,
+                      min_ps: tuple[float, ...] = (0.0,)) -> dict:
     """The dynamic tree's budget (nodes, root and lookup branch included): `budget`, or the one
-    whose greedy generation of `questions` is fastest."""
+    whose greedy generation of `questions` is fastest, each size tried with each of `min_ps`
+    (`DynamicTree.min_p`: 0 verifies every node)."""
     result = {"topk": topk, "depth": depth, "lookup": lookup, "device": device}
     if budget is not None:
         print(f"dynamic tree of {budget} nodes ({lookup} lookup): budget given, cost not measured")
@@ -145,10 +147,13 @@ def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int
     # layers and lm_head on 6 rows took 1.43x one row's time, on 7 1.90x (tiles of at most 6 rows)
     grid = {*range(3, 9), 12, 16, 24, 32, 48, 64}
     sizes = sorted((grid & set(range(lookup + 2, max_nodes + 1))) | {max_nodes})
-    trees = {T: DynamicTree(T - lookup, topk=topk, draft_depth=depth, lookup=lookup,
-                            name=f"dynamic:{T - lookup}") for T in sizes}
+    trees = [({"nodes": T} | ({"min_p": p} if p else {}),
+              DynamicTree(T - lookup, topk=topk, draft_depth=depth, lookup=lookup, min_p=p,
+                          name=f"dynamic:{T - lookup}" + (f",min_p={p}" if p else "")))
+             for T in sizes for p in min_ps]
     best, record = measure_generation(loaded, drafter, trees, questions, max_new_tokens)
-    return result | {"dynamic": best - lookup} | record
+    chosen = {"dynamic": best["nodes"] - lookup} | ({"min_p": best["min_p"]} if best.get("min_p") else {})
+    return result | chosen | record
 
 
 def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repeats: int,
@@ -174,8 +179,9 @@ def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repea
                    | {max_nodes})
     trees = {T: build_tree([list(c) for c in choices[:T - 1 - lookup]], lookup=lookup) for T in sizes}
     if questions is not None:  # measured through the engine, not estimated
-        best, record = measure_generation(loaded, heads, trees, questions, max_new_tokens)
-        choices = [list(c) for c in trees[best].choices]
+        best, record = measure_generation(loaded, heads, [({"nodes": T}, tree) for T, tree in trees.items()],
+                                          questions, max_new_tokens)
+        choices = [list(c) for c in trees[best["nodes"]].choices]
         return {"choices": choices, "lookup": lookup, "device": device} | record
     costs = step_cost(loaded, heads, trees, context, repeats)
     rows = []
@@ -216,17 +222,24 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --dynamic: children per expanded node")
     ap.add_argument("--depth", type=int, default=0, help="with --dynamic: levels drafted (0: as deep as the "
                     "drafter goes, up to 6); each level is one more call of the drafter")
+    ap.add_argument("--min-p", type=float, nargs="+", default=[0.0], help="with --dynamic and --prompts: "
+                    "each size is measured with each of these min_p (drafted nodes below that probability "
+                    "not verified, on eager CPU steps; 0: every node)")
     ap.add_argument("--out", type=Path, help="write the chosen tree's choices here (JSON)")
     args = ap.parse_args(argv)
     if not 0 <= args.lookup < (args.budget or args.max_nodes):
         ap.error("--lookup must be >= 0 and leave room for the root")
     if args.dynamic and args.prompts is None and args.budget is None:
         ap.error("--dynamic needs --prompts (to measure) or --budget: a dynamic tree has no estimate")
+    measured_dynamic = args.dynamic and args.prompts is not None
+    if not all(0 <= p < 1 for p in args.min_p) or (args.min_p != [0.0] and not measured_dynamic):
+        ap.error("--min-p takes numbers in [0, 1), with --dynamic and --prompts")
     questions = None if args.prompts is None else [q.text for q in read_questions(args.prompts, args.limit)]
     if args.dynamic:
         result = calibrate_dynamic(args.heads, args.device, args.max_nodes, args.budget, args.lookup,
-                                   args.topk, args.depth, args.dtype, questions, args.max_new_tokens)
-        tree = {key: result[key] for key in ("dynamic", "topk", "depth", "lookup")}
+                                   args.topk, args.depth, args.dtype, questions, args.max_new_tokens,
+                                   tuple(args.min_p))
+        tree = {key: result[key] for key in ("dynamic", "topk", "depth", "lookup", "min_p") if key in result}
         nodes = result["dynamic"] + args.lookup
     else:
         result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget,

@@ -72,10 +72,21 @@ def test_measured_dynamic_calibration_picks_the_budget_that_generated_fastest(tm
     prompts.write_text(json.dumps({"category": "writing", "turns": ["Name three colours."]}) + "\n")
     out = tmp_path / "measured.json"
     main(["--heads", str(SHIPPED_EAGLE), "--dynamic", "--max-nodes", "6", "--lookup", "2", "--prompts",
-          str(prompts), "--max-new-tokens", "8", "--out", str(out)])
+          str(prompts), "--max-new-tokens", "8", "--min-p", "0", "0.05", "--out", str(out)])
     rows = json.loads(out.with_suffix(".calibration.json").read_text())["measurements"]
-    assert [r["nodes"] for r in rows] == [4, 5, 6]  # every size up to 8
+    assert [(r["nodes"], r.get("min_p", 0)) for r in rows] == [(4, 0), (4, 0.05), (5, 0), (5, 0.05), (6, 0),
+                                                               (6, 0.05)]  # every size up to 8, each min_p
     best = max(rows, key=lambda r: r["tokens_per_s"])
     tree = get_tree(str(out))
     assert isinstance(tree, DynamicTree) and tree.num_nodes == best["nodes"] and tree.lookup == 2
+    assert tree.min_p == best.get("min_p", 0)
     assert "<- best" in capsys.readouterr().out
+
+
+def test_min_p_is_refused_where_nothing_is_measured_or_out_of_range(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--heads", str(SHIPPED_HEADS), "--dynamic", "--budget", "8", "--min-p", "0.05"])
+    with pytest.raises(SystemExit):  # checked before the prompts are read
+        main(["--heads", str(SHIPPED_HEADS), "--dynamic", "--prompts", str(tmp_path / "none.jsonl"),
+              "--min-p", "1.5"])
+    assert capsys.readouterr().err.count("--min-p takes numbers in [0, 1)") == 2
