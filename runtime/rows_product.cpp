@@ -241,46 +241,21 @@ void accumulate(const c10::BFloat16* x, int64_t ldx, const c10::BFloat16* w, int
 constexpr int kAmxRows = 16;  // rows of x a tile holds
 constexpr int64_t kAmxK = 32;  // k one tile multiplies (16 pairs)
 
-// tile 0: sums [16 rows of x][16 weight rows] float32; 1: x [16][32 k] bf16; 2: a block's 16 k pairs
-// (`TileConfig`: every tile 16 rows of 64 bytes)
-// out[m, r] = x[m] . w[r] + bias[r] for the M rows of x (padded to whole tiles of zeros, ldx = K) and
-// the block's 16 rows r. The k past the last whole tile (K % 32) are added after the tiles' sums, as
-// `accumulate` adds them.
-void amx_block(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int64_t K, const c10::BFloat16* bias,
-               NextBlock next, c10::BFloat16* out, int64_t ldo, const c10::BFloat16* res) {
-  using bf16 = c10::BFloat16;
-  const int64_t chunks = K / kAmxK;
-  alignas(64) float sums[kAmxRows][kCols];
-  for (int64_t m0 = 0; m0 < M; m0 += kAmxRows) {
-    const bf16* xg = x + m0 * K;
-    _tile_zero(0);
-    for (int64_t c = 0; c < chunks; ++c) {
-      for (int64_t j = 0; j < kAmxK / 2; ++j) next.at(c * kAmxK / 2 + j);
-      _tile_loadd(1, xg + c * kAmxK, K * int64_t(sizeof(bf16)));
-      _tile_loadd(2, w + c * kAmxK * kCols, kCols * 2 * int64_t(sizeof(bf16)));
-      _tile_dpbf16ps(0, 1, 2);
-    }
-    _tile_stored(0, sums, kCols * int64_t(sizeof(float)));
-    const int64_t rows = std::min<int64_t>(kAmxRows, M - m0);
-    const int64_t done = chunks * kAmxK;  // k the tiles took; the rest as the loops above add it
-    for (int64_t m = 0; m < rows; ++m) {
-      f32x16 acc = load16(sums[m]);
-      accumulate<1>(xg + m * K + done, K, w + done * kCols, K - done, NextBlock{nullptr, 0, nullptr, 0}, &acc);
-      store16(out + (m0 + m) * ldo, with_residual(bias == nullptr ? acc : acc + load16(bias), res, (m0 + m) * ldo, out));
-    }
-  }
-}
-
-// More than a tile of rows (a prompt's chunk): `amx_block` would load each tile of x again for every
-// block, and x's tiles come from L2 (32 rows of 576 are 36 KB), so each tile of rows past the first
-// cost about as much as reading the weights: all SmolLM2 products, bf16, 2 threads, Intel Xeon (AMX),
-// 16 rows 10.15 ms, 32 rows 14.62, 64 rows 20.26. A panel of up to 4 blocks instead keeps one sum tile
-// per block (tiles 0-3): each tile of x (tile 4) is loaded once per chunk of k and multiplies the 4
-// blocks' weights (tiles 5 and 6 in turn). The same tile instructions in the same order of k for each
-// sum: the same bits as `amx_block`. The same products after (another run, 1 row 10.72 ms): 16 rows
-// 10.83, 32 rows 11.47, 64 rows 15.90, 96 rows 19.63; the load now takes ours to 64 rows (oneDNN 25.40
-// there), so a prompt goes in pieces of 64, not 32: 40 dev prompts' prefills (and first token), the
-// two builds taking turns twice, 52.2 / 50.3 -> 38.5 / 38.0 ms mean (median 35.1 / 33.6 -> 23.6 / 23.3).
+// A panel: up to 4 blocks of weights against the M rows of x (padded to whole tiles of zero rows, ldx = K),
+// one sum tile per block (tiles 0-3), each tile of x (tile 4) loaded once per chunk of 32 k and
+// multiplied by each block's weights (tiles 5 and 6 in turn; `TileConfig`: every tile 16 rows of 64
+// bytes). The k past the last whole tile (K % 32) are added after the tiles' sums, as `accumulate` adds
+// them. Each sum is the same tile instructions in the same order of k whatever the panel and M: a row
+// gets the same bits alone or among others.
+//
+// A step's few rows take one block at a time; a prompt's chunk (more than a tile of rows) panels of 4.
+// One block at a time loaded each tile of x again for every block, and x's tiles come from L2 (32 rows
+// of 576 are 36 KB), so each tile of rows past the first cost about as much as reading the weights: all
+// SmolLM2 products, bf16, 2 threads, Intel Xeon (AMX), 16 rows 10.15 ms, 32 rows 14.62, 64 rows 20.26.
+// In panels (another run, 1 row 10.72 ms): 16 rows 10.83, 32 rows 11.47, 64 rows 15.90, 96 rows 19.63;
+// the load now takes ours to 64 rows (oneDNN 25.40 there), so a prompt goes in pieces of 64, not 32: 40
+// dev prompts' prefills (and first token), the two builds taking turns twice, 52.2 / 50.3 -> 38.5 / 38.0
+// ms mean (median 35.1 / 33.6 -> 23.6 / 23.3).
 // (GCC's tile intrinsics take a tile's number as written, hence the lines per block.)
 template <int NB>
 inline void panel_products(const c10::BFloat16* const* w, int64_t at) {
@@ -354,7 +329,7 @@ inline void amx_panel_of(int nb, const c10::BFloat16* x, int64_t M, const c10::B
 }
 constexpr int kPanel = 4;  // blocks a panel takes at most (its sums in tiles 0-3)
 
-// x [M, K] as `amx_block` reads it: whole tiles of rows, the last padded with zero rows
+// x [M, K] as `amx_panel` reads it: whole tiles of rows, the last padded with zero rows
 std::vector<c10::BFloat16> amx_rows(const c10::BFloat16* x, int64_t M, int64_t K) {
   std::vector<c10::BFloat16> padded((M + kAmxRows - 1) / kAmxRows * kAmxRows * K, c10::BFloat16(0.0f));
   std::memcpy(padded.data(), x, M * K * sizeof(c10::BFloat16));
@@ -362,7 +337,7 @@ std::vector<c10::BFloat16> amx_rows(const c10::BFloat16* x, int64_t M, int64_t K
 }
 #endif
 
-// The whole blocks of a product through AMX tiles (`amx_block`), where they are bf16 and the CPU lets
+// The whole blocks of a product through AMX tiles (`amx_panel`), where they are bf16 and the CPU lets
 // this process use them: true if done, else false and nothing done
 template <typename X, typename T>
 bool amx_products(const X*, int64_t, const T*, int64_t, int64_t, int64_t, const T*, T*, int64_t, const T*) {
@@ -380,27 +355,18 @@ bool amx_products(const c10::BFloat16* x, int64_t M, const c10::BFloat16* w, int
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
     const TileConfig config;
     _tile_loadconfig(&config);
-    if (M > kAmxRows) {  // panels of blocks
-      for (int64_t i = begin; i < end; i += kPanel) {
-        const int nb = int(std::min<int64_t>(kPanel, end - i));
-        const bf16 *ws[kPanel], *bs[kPanel], *nx[kPanel], *rs[kPanel];
-        bf16* os[kPanel];
-        for (int b = 0; b < nb; ++b) {
-          const int64_t j = i + b;
-          ws[b] = w + j * block, bs[b] = bias == nullptr ? nullptr : bias + j * kCols;
-          nx[b] = j + kPanel < end ? w + (j + kPanel) * block : nullptr;
-          os[b] = out + j * kCols, rs[b] = res == nullptr ? nullptr : res + j * kCols;
-        }
-        amx_panel_of(nb, xp.data(), M, ws, K, bs, nx, os, N, rs);
+    const int64_t panel = M > kAmxRows ? kPanel : 1;  // blocks a panel takes
+    for (int64_t i = begin; i < end; i += panel) {
+      const int nb = int(std::min<int64_t>(panel, end - i));
+      const bf16 *ws[kPanel], *bs[kPanel], *nx[kPanel], *rs[kPanel];
+      bf16* os[kPanel];
+      for (int b = 0; b < nb; ++b) {
+        const int64_t j = i + b;
+        ws[b] = w + j * block, bs[b] = bias == nullptr ? nullptr : bias + j * kCols;
+        nx[b] = j + panel < end ? w + (j + panel) * block : nullptr;
+        os[b] = out + j * kCols, rs[b] = res == nullptr ? nullptr : res + j * kCols;
       }
-      _tile_release();
-      return;
-    }
-    for (int64_t i = begin; i < end; ++i) {
-      const bf16* next = i + 1 < end ? w + (i + 1) * block : nullptr;
-      const NextBlock pf{reinterpret_cast<const char*>(next), kCols * 2 * int64_t(sizeof(bf16)), nullptr, 0};
-      amx_block(xp.data(), M, w + i * block, K, bias == nullptr ? nullptr : bias + i * kCols, pf, out + i * kCols, N,
-                res == nullptr ? nullptr : res + i * kCols);
+      amx_panel_of(nb, xp.data(), M, ws, K, bs, nx, os, N, rs);
     }
     _tile_release();
   });
@@ -524,23 +490,22 @@ void swiglu_products(const X* x, int64_t M, const T* w, int64_t I, int64_t K, co
   }
 #endif
   at::parallel_for(0, pairs, grain, [&](int64_t begin, int64_t end) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    const TileConfig config;
-    if (amx) _tile_loadconfig(&config);
-#endif
     std::vector<T> both(M * 2 * kCols);  // [M][the gate block's 16 outputs, the up block's 16]
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<X, c10::BFloat16>) {
-      if (amx && M > kAmxRows) {  // two pairs a panel (`amx_panel`): gate i, gate i + 1, up i, up i + 1
-        std::vector<T> second(M * 2 * kCols);
-        for (int64_t i = begin; i < end; i += 2) {
-          const int n = i + 1 < end ? 2 : 1;
+      if (amx) {  // gate and up blocks in a panel (`amx_panel`): a pair's, or two pairs' past a tile of rows
+        const int64_t per = M > kAmxRows ? 2 : 1;  // pairs a panel takes: gate i.., then up i..
+        std::vector<T> second(per > 1 ? M * 2 * kCols : 0);
+        const TileConfig config;
+        _tile_loadconfig(&config);
+        for (int64_t i = begin; i < end; i += per) {
+          const int n = int(std::min<int64_t>(per, end - i));
           const T *ws[kPanel], *bs[kPanel], *nx[kPanel], *rs[kPanel] = {};
           T* os[kPanel];
           for (int b = 0; b < 2 * n; ++b) {
             const int64_t j = i + b % n + b / n * pairs;  // the block
             ws[b] = w + j * block, bs[b] = bias == nullptr ? nullptr : bias + j * kCols;
-            nx[b] = i + 2 + b % n < end ? w + (j + 2) * block : nullptr;
+            nx[b] = i + per + b % n < end ? w + (j + per) * block : nullptr;
             os[b] = (b % n == 0 ? both : second).data() + b / n * kCols;
           }
           amx_panel_of(2 * n, padded.data(), M, ws, K, bs, nx, os, 2 * kCols, rs);
@@ -558,24 +523,11 @@ void swiglu_products(const X* x, int64_t M, const T* w, int64_t I, int64_t K, co
         const int64_t j = i + half * pairs;  // the block
         const T* b = bias == nullptr ? nullptr : bias + j * kCols;
         T* out = both.data() + half * kCols;
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-        if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<X, c10::BFloat16>) {
-          if (amx) {
-            const T* next = i + 1 < end ? w + (j + 1) * block : nullptr;
-            const NextBlock pf{reinterpret_cast<const char*>(next), kCols * 2 * int64_t(sizeof(T)), nullptr, 0};
-            amx_block(padded.data(), M, w + j * block, K, b, pf, out, 2 * kCols, static_cast<const T*>(nullptr));
-            continue;
-          }
-        }
-#endif
         const T* next = prefetch && i + 1 < end ? w + (j + 1) * block : nullptr;
         product_block(x, M, w + j * block, K, b, next, streamed, out, 2 * kCols, static_cast<const T*>(nullptr));
       }
       silu_mul_rows(static_cast<const T*>(both.data()), 2 * kCols, act + i * kCols, I, M, int64_t(kCols));
     }
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx) _tile_release();
-#endif
   });
 }
 
