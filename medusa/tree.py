@@ -358,7 +358,12 @@ def default_tree(device: str, dtype: str = "float32", drafter: str = "heads", bf
     137.5 / 133.3; the shipped trees stay. The heads' AMX tree then took `min_p` (f0a3821+): up to 12
     nodes, only those the heads give >= 0.08, so a confident step verifies more and an unsure one fewer
     (issue 18's command, heads only, taking turns twice: 1.797x / 1.807x plain -> 1.833x / 1.835x; the
-    draft layer's 12 nodes gained nothing from it, 1.957x -> 1.955x on 20 prompts).
+    draft layer's 12 nodes gained nothing from it, 1.957x -> 1.955x on 20 prompts). Both then took a
+    prompt-lookup branch of 8, not 4, once calibration measured the branch too (`--lookup 4 8`; 20 dev
+    prompts, bf16, the trees taking turns): heads 12 nodes (4 lookup, min_p 0.08) 140.3 tok/s -> 16 (8
+    lookup, min_p 0.05) 145.6, 2.27 -> 2.45 tokens a step; the layer 12 nodes (4 lookup) 152.0 -> 16 (8
+    lookup, min_p 0.05) 160.2, 2.67 -> 2.81 (`NAME.calibration.json`). A copied passage runs on past 4
+    tokens, and min_p leaves the unsure drafts unverified.
 
     Emulated bf16: products on AVX2 go in tiles of at most 6 rows, and a row more costs much: on AMD
     EPYC (Zen 3) the 30 layers and lm_head took 1.43x one row's time on 6 rows, 1.90x on 7, 2.17x on

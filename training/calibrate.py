@@ -29,7 +29,8 @@ drafter's own), which `get_tree` reads.
 
 `--lookup L` adds a prompt-lookup branch of L nodes (`medusa.lookup`) and counts them in the
 budget and in the measured cost. What it gains depends on how much the text copies, so it is not
-in the estimate: choose L by measuring with `python -m benchmarks.speculative --tree FILE`.
+in the estimate. A measured dynamic calibration takes several (`--lookup 4 8`) and measures each
+size with each; otherwise choose L by measuring with `python -m benchmarks.speculative --tree FILE`.
 """
 
 from __future__ import annotations
@@ -123,37 +124,39 @@ def measure_generation(loaded, drafter, trees: list[tuple[dict, TreeBuffers | Dy
                                    "tokens_per_s": round(tokens / sum(result.seconds), 1)})
     best = max(rows, key=lambda r: r["tokens_per_s"])
     for r in rows:
+        lookup = f" ({r['lookup']} lookup)" if "lookup" in r else ""
         min_p = f"  min_p {r['min_p']}" if r.get("min_p") else ""
-        print(f"{r['nodes']:4d} nodes{min_p}  {r['tokens_per_step']:.2f} tokens/step  "
+        print(f"{r['nodes']:4d} nodes{lookup}{min_p}  {r['tokens_per_step']:.2f} tokens/step  "
               f"{r['tokens_per_s']:7.1f} tok/s{'  <- best' if r is best else ''}")
     measured = f"greedy generation of {len(questions)} prompts, {max_new_tokens} new tokens"
     return best, {"dtype": loaded.dtype_name, "cpu": cpu_name(), "measured": measured, "measurements": rows}
 
 
-def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int | None, lookup: int,
-                      topk: int, depth: int, dtype: str, questions: list[str] | None, max_new_tokens: int,
+def calibrate_dynamic(heads_path: Path, device: str, max_nodes: int, budget: int | None,
+                      lookups: tuple[int, ...], topk: int, depth: int, dtype: str,
+                      questions: list[str] | None, max_new_tokens: int,
                       min_ps: tuple[float, ...] = (0.0,)) -> dict:
-    """The dynamic tree's budget (nodes, root and lookup branch included): `budget`, or the one
-    whose greedy generation of `questions` is fastest, each size tried with each of `min_ps`
-    (`DynamicTree.min_p`: 0 verifies every node)."""
-    result = {"topk": topk, "depth": depth, "lookup": lookup, "device": device}
+    """The dynamic tree's budget (nodes, root and lookup branch included) and lookup branch: `budget`
+    with the first of `lookups`, or the pair whose greedy generation of `questions` is fastest, each
+    size tried with each of `lookups` and each of `min_ps` (`DynamicTree.min_p`: 0 verifies every node)."""
+    result = {"topk": topk, "depth": depth, "device": device}
     if budget is not None:
-        print(f"dynamic tree of {budget} nodes ({lookup} lookup): budget given, cost not measured")
-        return result | {"dynamic": budget - lookup}
+        print(f"dynamic tree of {budget} nodes ({lookups[0]} lookup): budget given, cost not measured")
+        return result | {"dynamic": budget - lookups[0], "lookup": lookups[0]}
     loaded = load_model(None, device=device, dtype=dtype)
     drafter = load_drafter(heads_path, loaded.model.config, loaded.model.lm_head, device=device,
                            dtype=loaded.model.embed.weight.dtype)
     # every size up to 8, where one row more can cost much: bf16 products emulated on AVX2 (Zen 3), the 30
     # layers and lm_head on 6 rows took 1.43x one row's time, on 7 1.90x (tiles of at most 6 rows)
     grid = {*range(3, 9), 12, 16, 24, 32, 48, 64}
-    sizes = sorted((grid & set(range(lookup + 2, max_nodes + 1))) | {max_nodes})
-    trees = [({"nodes": T} | ({"min_p": p} if p else {}),
-              DynamicTree(T - lookup, topk=topk, draft_depth=depth, lookup=lookup, min_p=p,
-                          name=f"dynamic:{T - lookup}" + (f",min_p={p}" if p else "")))
-             for T in sizes for p in min_ps]
+    trees = [({"nodes": T, "lookup": L} | ({"min_p": p} if p else {}),
+              DynamicTree(T - L, topk=topk, draft_depth=depth, lookup=L, min_p=p,
+                          name=f"dynamic:{T - L},lookup={L}" + (f",min_p={p}" if p else "")))
+             for L in lookups for T in sorted((grid & set(range(L + 2, max_nodes + 1))) | {max_nodes})
+             for p in min_ps]
     best, record = measure_generation(loaded, drafter, trees, questions, max_new_tokens)
-    chosen = {"dynamic": best["nodes"] - lookup} | ({"min_p": best["min_p"]} if best.get("min_p") else {})
-    return result | chosen | record
+    chosen = {"dynamic": best["nodes"] - best["lookup"], "lookup": best["lookup"]}
+    return result | chosen | ({"min_p": best["min_p"]} if best.get("min_p") else {}) | record
 
 
 def calibrate(heads_path: Path, device: str, max_nodes: int, context: int, repeats: int,
@@ -211,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--budget", type=int, help="use this many nodes without measuring (e.g. 64 on a GPU, "
                     "where verifying 64 tokens costs about what one does)")
-    ap.add_argument("--lookup", type=int, default=0, help="nodes of a prompt-lookup branch (in the budget)")
+    ap.add_argument("--lookup", type=int, nargs="+", default=[0], help="nodes of a prompt-lookup branch (in "
+                    "the budget); with --dynamic and --prompts several, each size measured with each")
     ap.add_argument("--prompts", type=Path, help="Spec-Bench jsonl: pick the size by measured generation "
                     "speed on these prompts instead of the estimate")
     ap.add_argument("--limit", type=int, default=10, help="prompts measured with --prompts")
@@ -227,25 +231,28 @@ def main(argv: list[str] | None = None) -> None:
                     "not verified, on eager CPU steps; 0: every node)")
     ap.add_argument("--out", type=Path, help="write the chosen tree's choices here (JSON)")
     args = ap.parse_args(argv)
-    if not 0 <= args.lookup < (args.budget or args.max_nodes):
+    if not all(0 <= lookup < (args.budget or args.max_nodes) for lookup in args.lookup):
         ap.error("--lookup must be >= 0 and leave room for the root")
     if args.dynamic and args.prompts is None and args.budget is None:
         ap.error("--dynamic needs --prompts (to measure) or --budget: a dynamic tree has no estimate")
     measured_dynamic = args.dynamic and args.prompts is not None
+    if len(args.lookup) > 1 and not measured_dynamic:
+        ap.error("--lookup takes several sizes only with --dynamic and --prompts, which measure each")
     if not all(0 <= p < 1 for p in args.min_p) or (args.min_p != [0.0] and not measured_dynamic):
         ap.error("--min-p takes numbers in [0, 1), with --dynamic and --prompts")
     questions = None if args.prompts is None else [q.text for q in read_questions(args.prompts, args.limit)]
     if args.dynamic:
-        result = calibrate_dynamic(args.heads, args.device, args.max_nodes, args.budget, args.lookup,
+        result = calibrate_dynamic(args.heads, args.device, args.max_nodes, args.budget, tuple(args.lookup),
                                    args.topk, args.depth, args.dtype, questions, args.max_new_tokens,
                                    tuple(args.min_p))
         tree = {key: result[key] for key in ("dynamic", "topk", "depth", "lookup", "min_p") if key in result}
-        nodes = result["dynamic"] + args.lookup
+        nodes = result["dynamic"] + result["lookup"]
     else:
+        lookup = args.lookup[0]
         result = calibrate(args.heads, args.device, args.max_nodes, args.context, args.repeats, args.budget,
-                           args.lookup, args.dtype, questions, args.max_new_tokens)
-        tree = {"choices": result["choices"], "lookup": args.lookup} if args.lookup else result["choices"]
-        nodes = len(result["choices"]) + 1 + args.lookup
+                           lookup, args.dtype, questions, args.max_new_tokens)
+        tree = {"choices": result["choices"], "lookup": lookup} if lookup else result["choices"]
+        nodes = len(result["choices"]) + 1 + lookup
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(tree) + "\n")

@@ -71,15 +71,17 @@ def test_measured_dynamic_calibration_picks_the_budget_that_generated_fastest(tm
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"category": "writing", "turns": ["Name three colours."]}) + "\n")
     out = tmp_path / "measured.json"
-    main(["--heads", str(SHIPPED_EAGLE), "--dynamic", "--max-nodes", "6", "--lookup", "2", "--prompts",
+    main(["--heads", str(SHIPPED_EAGLE), "--dynamic", "--max-nodes", "6", "--lookup", "2", "3", "--prompts",
           str(prompts), "--max-new-tokens", "8", "--min-p", "0", "0.05", "--out", str(out)])
     rows = json.loads(out.with_suffix(".calibration.json").read_text())["measurements"]
-    assert [(r["nodes"], r.get("min_p", 0)) for r in rows] == [(4, 0), (4, 0.05), (5, 0), (5, 0.05), (6, 0),
-                                                               (6, 0.05)]  # every size up to 8, each min_p
+    # every size up to 8 that leaves a drafted node, with each lookup branch and each min_p
+    assert [(r["lookup"], r["nodes"], r.get("min_p", 0)) for r in rows] == [
+        (2, 4, 0), (2, 4, 0.05), (2, 5, 0), (2, 5, 0.05), (2, 6, 0), (2, 6, 0.05),
+        (3, 5, 0), (3, 5, 0.05), (3, 6, 0), (3, 6, 0.05)]
     best = max(rows, key=lambda r: r["tokens_per_s"])
     tree = get_tree(str(out))
-    assert isinstance(tree, DynamicTree) and tree.num_nodes == best["nodes"] and tree.lookup == 2
-    assert tree.min_p == best.get("min_p", 0)
+    assert isinstance(tree, DynamicTree) and tree.num_nodes == best["nodes"] and tree.lookup == best["lookup"]
+    assert tree.budget == best["nodes"] - best["lookup"] and tree.min_p == best.get("min_p", 0)
     assert "<- best" in capsys.readouterr().out
 
 
@@ -90,3 +92,16 @@ def test_min_p_is_refused_where_nothing_is_measured_or_out_of_range(tmp_path, ca
         main(["--heads", str(SHIPPED_HEADS), "--dynamic", "--prompts", str(tmp_path / "none.jsonl"),
               "--min-p", "1.5"])
     assert capsys.readouterr().err.count("--min-p takes numbers in [0, 1)") == 2
+
+
+def test_several_lookups_are_refused_where_nothing_is_measured(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--heads", str(SHIPPED_HEADS), "--dynamic", "--budget", "16", "--lookup", "4", "8"])
+    with pytest.raises(SystemExit):
+        main(["--heads", str(SHIPPED_HEADS), "--max-nodes", "16", "--lookup", "4", "8"])
+    with pytest.raises(SystemExit):  # each one must leave room for the root
+        main(["--heads", str(SHIPPED_HEADS), "--dynamic", "--max-nodes", "8", "--lookup", "4", "8",
+              "--prompts", str(tmp_path / "none.jsonl")])
+    err = capsys.readouterr().err
+    assert err.count("--lookup takes several sizes only with --dynamic and --prompts") == 2
+    assert "--lookup must be >= 0 and leave room for the root" in err
