@@ -228,14 +228,14 @@ class DeviceStep:
         bias = self._bias([slot]) if needs.bias else None
         if needs.mask:
             allowed = grammar.unpack(allowed.to(self.device), self.model.config.vocab_size)[None, None]
-        target = sampling.process(logits, rows, text, needs, bias, allowed)[:, 0]  # [1, V]
-        best, lse = sampling.argmax_logsumexp(target)  # [1] each
-        token = sampling.next_tokens(target, best, rows, uniforms[:1].to(self.device), needs)  # [1]
+        target = sampling.process(logits, rows, text, needs, bias, allowed)  # [1, 1, V]
+        best = sampling.argmax(target[:, 0])  # [1]
+        lse = sampling.logsumexp_at(target, best.new_zeros(1, 1))  # [1, 1]
+        token = sampling.next_tokens(target[:, 0], best, rows, uniforms[:1].to(self.device), needs)  # [1]
         if needs.penalise:
             self.counts[slot, token] += 1
-        top = top_of(most_likely(target[:, None], lse[:, None])[0].tolist(), 1, params.top_n)[0] \
-            if params.top_n else None
-        return int(token), float(target[0, token] - lse[0]), top
+        top = top_of(most_likely(target, lse)[0].tolist(), 1, params.top_n)[0] if params.top_n else None
+        return int(token), float(target[0, 0, token] - lse[0, 0]), top
 
     # ---------------------------------------------------------------- one step
 
@@ -416,7 +416,7 @@ class DeviceStep:
         bias = self._bias(slots) if needs.bias else None
         allowed = self._allowed_at_nodes(lookup, codes, masks, tree, B) if needs.mask else None
         target = sampling.process(self.model.logits(hidden), rows, text, needs, bias, allowed)  # [B, T, V]
-        best, lse = sampling.argmax_logsumexp(target)  # [B, T] each: the argmax after each node, logsumexp
+        best = sampling.argmax(target)  # [B, T]: the argmax after each node
 
         accepted_len = torch.ones_like(slots)  # [B]
         path = torch.zeros(B, tree.depth + 1, dtype=torch.long, device=slots.device)  # [B, P]
@@ -457,8 +457,9 @@ class DeviceStep:
         tokens = torch.cat([candidates.gather(1, path[:, 1:]), path[:, :1]], dim=1)  # [B, P]
         tokens = tokens.scatter(1, (accepted_len - 1)[:, None], next_token[:, None])  # then the next token
         logit = target.reshape(B, T * V).gather(1, path * V + tokens)  # [B, P]: each token's, at its node
-        logprobs = logit - lse.gather(1, path)  # [B, P]
-        top = most_likely(target.gather(1, path[..., None].expand(B, P, V)), lse.gather(1, path)) \
+        lse = sampling.logsumexp_at(target, path)  # [B, P]: the logsumexp at each kept node
+        logprobs = logit - lse  # [B, P]
+        top = most_likely(target.gather(1, path[..., None].expand(B, P, V)), lse) \
             if needs.top_n else None  # [B, P * 2K]
 
         # keep the accepted nodes: K/V, their hidden states and tokens in the window; the emitted tokens

@@ -58,7 +58,8 @@ _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
 _library.define("silu_mul(Tensor gate_up) -> Tensor")
 _library.define("move_positions(Tensor(a!)[] caches, Tensor slots, Tensor src, Tensor dst) -> ()")
-_library.define("argmax_logsumexp(Tensor x) -> (Tensor, Tensor)")
+_library.define("argmax_rows(Tensor x) -> Tensor")
+_library.define("logsumexp_at(Tensor x, Tensor path) -> Tensor")
 _library.define("top_k_top_p_(Tensor(a!) logits, Tensor top_k, Tensor top_p) -> ()")
 _library.define("probabilities(Tensor logits) -> Tensor")
 _library.define("draw(Tensor weights, Tensor uniforms) -> Tensor")
@@ -104,9 +105,14 @@ def _(gate_up: torch.Tensor) -> torch.Tensor:
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
-@torch.library.register_fake("medusa::argmax_logsumexp")
-def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.new_empty(x.shape[:-1], dtype=torch.long), x.new_empty(x.shape[:-1])
+@torch.library.register_fake("medusa::argmax_rows")
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1], dtype=torch.long)
+
+
+@torch.library.register_fake("medusa::logsumexp_at")
+def _(x: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(path.shape)
 
 
 @torch.library.register_fake("medusa::probabilities")
@@ -187,8 +193,10 @@ move_positions = torch.ops.medusa.move_positions
 # `block_weight` copies), eps, cos / sin [B, T, 1, D], the layers' caches, slots / cache_lens [B],
 # new_mask [T, T] or [B, T, T] or None, num_heads -> [B, T, C]: every `Block.forward` in one call
 decoder_layers = torch.ops.medusa.decoder_layers
-# x [..., V] float32 -> (argmax [...] int64, the first of equal maxima, NaN never; logsumexp [...])
-argmax_logsumexp = torch.ops.medusa.argmax_logsumexp
+# x [..., V] float32 -> argmax [...] int64, the first of equal maxima, NaN never
+argmax_rows = torch.ops.medusa.argmax_rows
+# x [B, T, V] float32, path [B, P] int64 -> x.logsumexp(-1).gather(1, path), NaN left out of the sums
+logsumexp_at = torch.ops.medusa.logsumexp_at
 # logits [M, V] float32 contiguous, top_k [M] int64 (0: off), top_p [M] float32 (1: off): in place, the
 # logits top-k then top-p drop to -inf (`runtime.sampling._top_k_top_p`; sampling_ops.cpp)
 top_k_top_p_ = torch.ops.medusa.top_k_top_p_

@@ -2,7 +2,7 @@
 // embedding of the queries and keys, SwiGLU's silu(gate) * up, the residual additions; the whole layer
 // (`decoder_layer`: these, our product and our attention), every layer of the model in one call
 // (`decoder_layers`), and the EAGLE-style draft layer in one call (`draft_layer`); and, after the forward
-// of a step, each node's argmax and logsumexp, greedy acceptance, and the cache's move of the accepted
+// of a step, each node's argmax and the kept nodes' logsumexp, greedy acceptance, and the cache's move of the accepted
 // entries. In PyTorch each small step is 3-8 operations, and a token through SmolLM2's 30 layers spent ~2
 // ms of an ~11 ms forward in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values.
 // `runtime.llama` calls them (`RMSNorm`, `Block`) while serving on the CPU, and its PyTorch lines there
@@ -522,12 +522,18 @@ void move_positions(at::TensorList caches, const at::Tensor& slots, const at::Te
   }
 }
 
-// Each row's argmax (the first of equal maxima; NaN counts as -inf, so it is never chosen) and
-// logsumexp, in two passes over the row: what a greedy step reads of the logits (the tokens after
-// every tree node, and their log-probabilities). In PyTorch these were a copy per path node and three
-// reductions, each slow over a vocabulary: 8 rows of SmolLM2's 49152, AMD EPYC Zen 5, argmax 124 us,
-// logsumexp of 3 of them 75 us.
-void argmax_logsumexp_row(const float* x, int64_t V, int64_t* best, float* lse) {
+// Each row's argmax (the first of equal maxima; NaN counts as -inf, so it is never chosen), and the
+// logsumexp of the rows a step keeps: what a greedy step reads of the logits (the tokens after every
+// tree node; the log-probabilities of those it accepts). In PyTorch these were a copy per path node and
+// three reductions, each slow over a vocabulary: 8 rows of SmolLM2's 49152, AMD EPYC Zen 5, argmax 124
+// us, logsumexp of 3 of them 75 us. The logsumexp's exponentials cost ~4x the argmax's pass, so only
+// the kept rows take them (`logsumexp_at`), not all of a tree's: SmolLM2's vocabulary, 3 of 16 nodes kept,
+// Intel Xeon (AMX), 2 threads, builds taking turns twice, argmax and logsumexp of every row 156.6 / 156.0
+// us -> the argmax of every row and the logsumexp of the kept 77.4 / 82.1 us (one row: 20.4 / 20.8 ->
+// 25.3 / 24.7, a second call).
+
+// x's largest value and the first index that holds it (index 0 where every value is -inf or NaN)
+void argmax_row(const float* x, int64_t V, int64_t* best, float* most) {
   using I = Lanes<f32xN>::i32;
   const float inf = std::numeric_limits<float>::infinity();
   const int64_t V16 = V / 16 * 16;
@@ -546,33 +552,68 @@ void argmax_logsumexp_row(const float* x, int64_t V, int64_t* best, float* lse) 
     if (top[i] > m || (top[i] == m && at[i] < arg)) m = top[i], arg = at[i];
   for (int64_t v = V16; v < V; ++v)
     if (x[v] > m) m = x[v], arg = v;
-  *best = arg;
-  if (m == -inf || m == inf) {  // nothing finite to weigh, or an infinite logit: PyTorch's answers
-    *lse = m;
-    return;
-  }
+  *best = arg, *most = m;
+}
+
+// log(sum(e^x)) over x's numbers (NaN left out), m its largest value (`argmax_row`)
+float logsumexp_row(const float* x, int64_t V, float m) {
+  if (m == -std::numeric_limits<float>::infinity() || m == std::numeric_limits<float>::infinity())
+    return m;  // nothing finite to weigh, or an infinite logit: PyTorch's answers
+  const int64_t V16 = V / 16 * 16;
   Sum16 sums;
   for (int64_t v = 0; v < V16; v += 16) sums.add(x + v, [m](f32xN xv) { return exp_from(xv, m); });
   float total = sums.total();
   for (int64_t v = V16; v < V; ++v)
     if (x[v] == x[v]) total += std::exp(x[v] - m);
-  *lse = m + std::log(total);
+  return m + std::log(total);
 }
 
-std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& x) {
+// x [..., V] float32 -> each row's argmax [...] int64
+at::Tensor argmax_rows(const at::Tensor& x) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) > 0,
-              "argmax_logsumexp: x must be float32 [..., V], V > 0");
+              "argmax_rows: x must be float32 [..., V], V > 0");
   const at::Tensor xc = x.contiguous();
   const int64_t V = x.size(-1), M = x.numel() / V;
-  const auto rows = x.sizes().slice(0, x.dim() - 1);
-  at::Tensor best = at::empty(rows, x.options().dtype(at::kLong)), lse = at::empty(rows, x.options());
+  at::Tensor best = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
   const float* data = xc.const_data_ptr<float>();
   int64_t* b = best.mutable_data_ptr<int64_t>();
-  float* l = lse.mutable_data_ptr<float>();
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) argmax_logsumexp_row(data + m * V, V, b + m, l + m);
+    float most;
+    for (int64_t m = begin; m < end; ++m) argmax_row(data + m * V, V, b + m, &most);
   });
-  return {best, lse};
+  return best;
+}
+
+// x [B, T, V] float32, path [B, P] int64 (rows of x) -> [B, P]: x.logsumexp(-1).gather(1, path), each row
+// that path names computed once (a step's path repeats its root past the accepted nodes)
+at::Tensor logsumexp_at(const at::Tensor& x, const at::Tensor& path) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.size(2) > 0 && path.scalar_type() == at::kLong &&
+              path.dim() == 2 && path.size(0) == x.size(0), "logsumexp_at: x must be float32 [B, T, V], path [B, P] "
+              "int64");
+  const at::Tensor xc = x.contiguous(), pc = path.contiguous();
+  const int64_t B = x.size(0), T = x.size(1), V = x.size(2), P = path.size(1);
+  const int64_t* at_row = pc.const_data_ptr<int64_t>();
+  std::vector<int64_t> rows;  // b * T + t, each once
+  for (int64_t i = 0; i < B * P; ++i) {
+    TORCH_CHECK(at_row[i] >= 0 && at_row[i] < T, "logsumexp_at: a path node is outside the rows");
+    const int64_t row = i / P * T + at_row[i];
+    if (std::find(rows.begin(), rows.end(), row) == rows.end()) rows.push_back(row);
+  }
+  std::vector<float> lse(rows.size());
+  const float* data = xc.const_data_ptr<float>();
+  at::parallel_for(0, int64_t(rows.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      int64_t best;
+      float most;
+      argmax_row(data + rows[r] * V, V, &best, &most);
+      lse[r] = logsumexp_row(data + rows[r] * V, V, most);
+    }
+  });
+  at::Tensor out = at::empty({B, P}, x.options());
+  float* o = out.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < B * P; ++i)
+    o[i] = lse[std::find(rows.begin(), rows.end(), i / P * T + at_row[i]) - rows.begin()];
+  return out;
 }
 
 // Greedy acceptance of B trees in one call: `medusa.acceptance.accept_greedy`'s PyTorch lines are the
@@ -637,9 +678,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer_with(
 
 TORCH_LIBRARY_IMPL(medusa, CPU, m) {
   m.impl("accept_greedy", &accept_greedy);
-  m.impl("argmax_logsumexp", &argmax_logsumexp);
+  m.impl("argmax_rows", &argmax_rows);
   m.impl("decoder_layers", &decoder_layers);
   m.impl("draft_layer", &draft_layer);
+  m.impl("logsumexp_at", &logsumexp_at);
   m.impl("move_positions", &move_positions);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);

@@ -273,14 +273,22 @@ def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return (cdf < threshold[:, None]).sum(-1).clamp(max=weights.shape[-1] - 1)
 
 
-def argmax_logsumexp(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's argmax (the first of equal maxima) and logsumexp, [..., V] float32 processed
-    logits (no NaN) -> [...] long, [...] float32: on the CPU one call of our kernel
-    (`runtime.cpu_kernels.argmax_logsumexp`: 8 rows of a 49k vocabulary in ~90 us, ~320 in
-    PyTorch)."""
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first of equal maxima), [..., V] float32 processed logits (no NaN) ->
+    [...] long: on the CPU one call of our kernel (`runtime.cpu_kernels.argmax_rows`)."""
     if cpu_kernels.eager_cpu(logits):
-        return cpu_kernels.argmax_logsumexp(logits)
-    return logits.argmax(-1), logits.logsumexp(-1)
+        return cpu_kernels.argmax_rows(logits)
+    return logits.argmax(-1)
+
+
+def logsumexp_at(logits: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+    """The logsumexp of the rows a step keeps: logits [B, T, V] float32 processed logits, path [B, P]
+    long (nodes) -> [B, P] float32. On the CPU one call of our kernel (`runtime.cpu_kernels.logsumexp_at`),
+    which takes the exponentials of those rows alone, not of every node's (`layer_ops.cpp` has the
+    measurement)."""
+    if cpu_kernels.eager_cpu(logits):
+        return cpu_kernels.logsumexp_at(logits, path)
+    return logits.logsumexp(-1).gather(1, path)
 
 
 def next_tokens(target: torch.Tensor, best: torch.Tensor, rows: RowParams, uniforms: torch.Tensor,

@@ -250,9 +250,9 @@ def test_the_layer_steps_equal_their_pytorch_lines_and_keep_a_rows_bits(dtype):
     assert not torch.equal(cpu_kernels.silu_mul(gate_up), (gate * up))  # negative control: silu is applied
 
 
-def test_argmax_logsumexp_is_pytorchs_and_never_picks_nan():
+def test_argmax_and_logsumexp_are_pytorchs_and_never_pick_nan():
     """Each row's argmax, the first of equal maxima wherever they lie (one vector lane, two lanes, the
-    tail past the last whole vector), and its logsumexp; NaN counts as -inf."""
+    tail past the last whole vector), and the logsumexp of the rows a path names; NaN counts as -inf."""
     assert cpu_kernels.built()
     inf, nan = float("inf"), float("nan")
     x = 4 * torch.randn(3, 6, 1007, generator=torch.Generator().manual_seed(0))  # 1007 = 62 * 16 + 15
@@ -262,13 +262,18 @@ def test_argmax_logsumexp_is_pytorchs_and_never_picks_nan():
     x[1, 1] = nan
     x[1, 2, ::2] = nan  # NaN is never the argmax nor in the sum
     x[1, 3, 7] = inf
-    best, lse = cpu_kernels.argmax_logsumexp(x)
+    best = cpu_kernels.argmax_rows(x)
     clean = x.nan_to_num(nan=-inf, posinf=inf, neginf=-inf)
     assert torch.equal(best, clean.argmax(-1))
     assert best[0, :5].tolist() == [16, 17, 995, 3, 10]
-    torch.testing.assert_close(lse, clean.logsumexp(-1), rtol=1e-6, atol=1e-5)
-    assert lse[1, :2].tolist() == [-inf, -inf] and lse[1, 3] == inf
     assert not torch.equal(best, x.argmax(-1))  # negative control: PyTorch's argmax picks a NaN
+    path = torch.tensor([[0, 4, 5, 0], [0, 1, 2, 3], [5, 0, 5, 2]])  # a path repeats its root past its end
+    lse = cpu_kernels.logsumexp_at(x, path)
+    torch.testing.assert_close(lse, clean.logsumexp(-1).gather(1, path), rtol=1e-6, atol=1e-5)
+    assert lse[1].tolist()[:2] == [-inf, -inf] and lse[1, 3] == inf
+    assert not torch.equal(lse[2], clean.logsumexp(-1)[2, :4])  # negative control: the rows named
+    with pytest.raises(RuntimeError, match="outside the rows"):
+        cpu_kernels.logsumexp_at(x, torch.tensor([[6]] * 3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
