@@ -1,14 +1,14 @@
 // The small steps of a decoder layer between its products, for a few rows on the CPU: RMSNorm, the rotary
 // embedding of the queries and keys, SwiGLU's silu(gate) * up, the residual additions; the whole layer
 // (`decoder_layer`: these, our product and our attention), every layer of the model in one call
-// (`decoder_layers`), and the EAGLE-style draft layer in one call (`draft_layer`); and, after the forward
-// of a step, each node's argmax and the kept nodes' logsumexp, greedy acceptance, and the cache's move of the accepted
-// entries. In PyTorch each small step is 3-8 operations, and a token through SmolLM2's 30 layers spent ~2
-// ms of an ~11 ms forward in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values.
-// `runtime.llama` calls them (`RMSNorm`, `Block`) while serving on the CPU, and its PyTorch lines there
-// are the reference. Each row is computed on its own in a fixed order, and the roundings to the tensors'
-// dtype are the reference's: a row gets the same bits alone or among others, and the layer in one call
-// the bits of its steps.
+// (`decoder_layers`), and the EAGLE-style draft layer in one call (`draft_layer`); and, after the forward of
+// a step, each node's argmax and the kept nodes' logsumexp, greedy acceptance, and the cache's move of the
+// accepted entries. In PyTorch each small step is 3-8 operations, and a token through SmolLM2's 30 layers
+// spent ~2 ms of an ~11 ms forward in them (bf16, AMD EPYC Zen 5); their arithmetic is a few thousand values.
+// `runtime.llama` calls them (`RMSNorm`, `Block`) while serving on the CPU, and its PyTorch lines there are
+// the reference. Each row is computed on its own in a fixed order, and the roundings to the tensors' dtype
+// are the reference's: a row gets the same bits alone or among others, and the layer in one call the bits of
+// its steps.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -593,11 +593,13 @@ at::Tensor logsumexp_at(const at::Tensor& x, const at::Tensor& path) {
   const at::Tensor xc = x.contiguous(), pc = path.contiguous();
   const int64_t B = x.size(0), T = x.size(1), V = x.size(2), P = path.size(1);
   const int64_t* at_row = pc.const_data_ptr<int64_t>();
-  std::vector<int64_t> rows;  // b * T + t, each once
+  std::vector<int64_t> rows, which(B * P);  // the rows b * T + t, each once; path entry i's among them
   for (int64_t i = 0; i < B * P; ++i) {
     TORCH_CHECK(at_row[i] >= 0 && at_row[i] < T, "logsumexp_at: a path node is outside the rows");
     const int64_t row = i / P * T + at_row[i];
-    if (std::find(rows.begin(), rows.end(), row) == rows.end()) rows.push_back(row);
+    const auto seen = std::find(rows.begin(), rows.end(), row);
+    which[i] = seen - rows.begin();
+    if (seen == rows.end()) rows.push_back(row);
   }
   std::vector<float> lse(rows.size());
   const float* data = xc.const_data_ptr<float>();
@@ -611,8 +613,7 @@ at::Tensor logsumexp_at(const at::Tensor& x, const at::Tensor& path) {
   });
   at::Tensor out = at::empty({B, P}, x.options());
   float* o = out.mutable_data_ptr<float>();
-  for (int64_t i = 0; i < B * P; ++i)
-    o[i] = lse[std::find(rows.begin(), rows.end(), i / P * T + at_row[i]) - rows.begin()];
+  for (int64_t i = 0; i < B * P; ++i) o[i] = lse[which[i]];
   return out;
 }
 

@@ -100,15 +100,15 @@ inline void prefetch_l2(const T* p) {
 // SmolLM2 products, Zen 3, 2 threads, taking turns, against the first tile fetching all of it: float32
 // 12 rows 40.18 -> 31.00 ms, 16 rows 52.20 -> 41.26; bf16 8 rows 19.95 -> 18.00, 12 rows no change.
 //
-// Where nothing is fetched into L2 ahead (fewer than 4 rows, with AVX-512 on AMD: `reading`), a block's
-// own lines are fetched kStreamAhead lines ahead of its reads with the non-temporal hint (prefetchnta: into L1, and
-// not kept in L2 or L3 once evicted), so that the weights a token streams (269 MB in bf16) do not push
+// Where nothing is fetched into L2 ahead (fewer than 4 rows, with AVX-512 on AMD: `reading`), a block's own
+// lines are fetched kStreamAhead lines ahead of its reads with the non-temporal hint (prefetchnta: into L1,
+// and not kept in L2 or L3 once evicted), so that the weights a token streams (269 MB in bf16) do not push
 // out what the step reads again: the KV cache, the activations, the code of its other operations. Plain
-// decoding, SmolLM2, AMD EPYC (Zen 4), steps with and without it taking turns in one process (blocks of
-// 15), time with / without, five runs: bf16 0.95, 0.94, 0.92 where a step took ~8.3 ms (memory read
-// fast, so the fixed costs weighed most) and 0.99, 0.97 where it took 10-11 ms; float32 0.97 and 0.94;
-// prefetcht0 at the same distance 1.01. A tree's steps, with the L2 fetch of the next block too, were
-// 1.09-1.10 with it, so they keep that alone.
+// decoding, SmolLM2, AMD EPYC (Zen 4), steps with and without it taking turns in one process (blocks of 15),
+// time with / without, five runs: bf16 0.95, 0.94, 0.92 where a step took ~8.3 ms (memory read fast, so the
+// fixed costs weighed most) and 0.99, 0.97 where it took 10-11 ms; float32 0.97 and 0.94; prefetcht0 at the
+// same distance 1.01. A tree's steps, with the L2 fetch of the next block too, were 1.09-1.10 with it, so
+// they keep that alone.
 constexpr int64_t kStreamAhead = 4;  // lines; 2 / 3 / 6 / 8 within the runs' noise of it, 16 slower (1.08)
 
 struct NextBlock {
