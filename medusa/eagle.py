@@ -119,25 +119,47 @@ class EagleDrafter(nn.Module):
         self._projection: tuple[torch.Tensor, Linear] | None = None  # (lm_head weight, its scored rows)
         self._matmul = (NEVER, 0)  # (packed_from_rows, own_kernel_rows) while serving
         self._one_call: tuple[torch.Tensor, ...] | None = None  # serving on the CPU: `_in_one_call`'s weights
+        self._int8 = False  # serving with weights rounded to int8 (`prepare_for_serving`)
+        self._int8_projection: tuple[Linear, torch.Tensor] | None = None  # (projection, its int8 copy)
 
-    def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1) -> EagleDrafter:
+    def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1,
+                            int8: bool | None = None) -> EagleDrafter:
         """Multiply products of at least `packed_from_rows` rows through oneDNN copies of the weights,
         taken now, and of at most `own_kernel_rows` through our kernel (`runtime.llama.pack_linears`; the
         loaders pass the base model's measured answers), and score through a cached (bf16 where the CPU
-        has it) copy of the scored lm_head rows."""
+        has it) copy of the scored lm_head rows.
+
+        Serving on the CPU, in one call of our kernels: with `int8` (None: where the CPU multiplies int8
+        in AMX tiles) the weights are read rounded to int8, and so is each row they multiply
+        (`runtime/int8_product.cpp`, where the measurement is); the PyTorch lines round the same way."""
         self._serving, self._projection, self._matmul = True, None, (packed_from_rows, own_kernel_rows)
         pack_linears(self, packed_from_rows, own_kernel_rows)
-        linears = (self.fc, self.qkv, self.o, self.gate_up, self.down)
+        linears = {self.fc: self.config.hidden_size, self.qkv: 0, self.o: 0, self.gate_up: 0, self.down: 0}
         w = self.fc.weight
-        self._one_call = None
+        self._one_call, self._int8, self._int8_projection = None, False, None
         if (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
                 and self.config.head_dim % 16 == 0 and cpu_kernels.built()):
-            self._one_call = tuple(cpu_kernels.block_weight(m.weight.detach()) if m.own_weight is None
-                                   else m.own_weight for m in linears)
+            self._int8 = cpu_kernels.cpu_int8_products() if int8 is None else int8
+            self._one_call = tuple(self._kernel_weight(m, group) for m, group in linears.items())
         return self
 
+    def _kernel_weight(self, linear: Linear, group: int = 0) -> torch.Tensor:
+        """linear's weight as our kernels read it: rounded to int8 (`_int8`, where its shape lets it),
+        else in our product's order."""
+        if self._int8 and cpu_kernels.int8_fits(linear.weight, group):
+            return cpu_kernels.quantize_weight(linear.weight.detach())
+        if linear.own_weight is not None:
+            return linear.own_weight
+        return cpu_kernels.block_weight(linear.weight.detach())
+
+    def _product(self, linear: Linear, x: torch.Tensor, group: int = 0) -> torch.Tensor:
+        """linear(x), as our kernels multiply it: rounded to int8 where `_kernel_weight` rounds it."""
+        if self._int8 and cpu_kernels.int8_fits(linear.weight, group):
+            return cpu_kernels.int8_linear(x, linear.weight, linear.bias, group)
+        return linear(x)
+
     def prepare_for_training(self) -> EagleDrafter:
-        self._serving, self._projection, self._one_call = False, None, None
+        self._serving, self._projection, self._one_call, self._int8 = False, None, None, False
         pack_linears(self, NEVER, 0)
         return self
 
@@ -153,18 +175,18 @@ class EagleDrafter(nn.Module):
         pair (Q = S), or of the `last` Q pairs only: a pair's keys and values need only `fc` and `qkv`,
         ~30% of the layer's weights, so a window's call that reads one guess skips ~70% of its products.
         """
-        B, S, _ = features.shape
+        B, S, C = features.shape
         H, Hkv, D = self.config.num_attention_heads, self.config.num_kv_heads, self.config.head_dim
         Q = S if last is None else last
         dtype = self.fc.weight.dtype  # the layer's own, which may differ from the base model's
         if self._one_call is not None and cpu_kernels.eager_cpu(features) and (past is None) == (at is None):
             return self._in_one_call(features.to(dtype), embeds.to(dtype), positions, mask, past, at, Q)
 
-        x = self.fc(torch.cat([features.to(dtype), embeds.to(dtype)], dim=-1))  # [B, S, C]
+        x = self._product(self.fc, torch.cat([features.to(dtype), embeds.to(dtype)], -1), C)  # [B, S, C]
         freqs = positions[..., None].float() * self.inv_freq  # [B, S, D/2]
         cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)[:, :, None].to(x.dtype)  # [B, S, 1, D]
         sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)[:, :, None].to(x.dtype)
-        qkv = self.qkv(self.attn_norm(x)).view(B, S, H + 2 * Hkv, D)
+        qkv = self._product(self.qkv, self.attn_norm(x)).view(B, S, H + 2 * Hkv, D)
         qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)
         q = qk[:, :, :H].transpose(1, 2)  # [B, H, S, D]
         k, v = qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)  # [B, Hkv, S, D]
@@ -176,9 +198,9 @@ class EagleDrafter(nn.Module):
         k_all, v_all = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # [B, H, K, D]
         q, mask, x = q[:, :, S - Q:], mask[:, S - Q:], x[:, S - Q:]  # the pairs whose guesses are read
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None])  # [B, H, Q, D]
-        x = x + self.o(out.transpose(1, 2).reshape(B, Q, H * D))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up), k, v
+        x = x + self._product(self.o, out.transpose(1, 2).reshape(B, Q, H * D))
+        gate, up = self._product(self.gate_up, self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self._product(self.down, F.silu(gate) * up), k, v
 
     def _in_one_call(self, features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
                      mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
@@ -200,7 +222,7 @@ class EagleDrafter(nn.Module):
         """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""
         if self._serving:
             projection = self._scored_projection(lm_head)
-            return projection(states.to(projection.weight.dtype)).float()
+            return self._product(projection, states.to(projection.weight.dtype)).float()
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
         return F.linear(states, weight.to(states.dtype)).float()
 
@@ -223,11 +245,13 @@ class EagleDrafter(nn.Module):
         projection = self._scored_projection(lm_head)
         if projection.own_weight is None or projection.weight.dtype != self.fc.weight.dtype:
             return None
+        if self._int8_projection is None or self._int8_projection[0] is not projection:
+            self._int8_projection = projection, self._kernel_weight(projection)
         fc, qkv, o, gate_up, down = self._one_call
         c = self.config
         norm = self.attn_norm.weight if c.attn_norm else None
         return (fc, self.fc.bias, norm, qkv, o, self.mlp_norm.weight, gate_up, down, self.inv_freq.float(),
-                c.rms_norm_eps, c.num_attention_heads, c.num_kv_heads, projection.own_weight,
+                c.rms_norm_eps, c.num_attention_heads, c.num_kv_heads, self._int8_projection[1],
                 self.draft_vocab)
 
 

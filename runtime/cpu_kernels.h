@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 
 #include <cstdint>
 #include <optional>
@@ -36,6 +37,45 @@ void rows_product_of(const T* x, int64_t M, const T* w, int64_t N, int64_t K, co
 // the kernel's order: the product, then `silu_mul`, in one pass, with their bits
 template <typename T>
 void swiglu_product_of(const T* x, int64_t M, const T* w, int64_t I, int64_t K, const T* bias, T* act);
+
+// The same with W rounded to int8 (`int8_product.cpp`, where the format is): w int8 [N, K + 4], each row of
+// x rounded to int8 per `group` of k
+inline bool int8_fits(int64_t N, int64_t K, int64_t group) {
+  return N % 16 == 0 && group > 0 && group % 64 == 0 && K % group == 0;
+}
+
+template <typename T>
+void int8_product_of(const T* x, int64_t M, const int8_t* w, int64_t N, int64_t K, int64_t group, const T* bias,
+                     T* out, const T* residual = nullptr);
+
+template <typename T>
+void int8_swiglu_product_of(const T* x, int64_t M, const int8_t* w, int64_t I, int64_t K, T* act);
+
+// A product through whichever kernel takes W as it is: int8 (`int8_product_of`, x's rows rounded per
+// `group` of k, 0: K) or T's own order (`rows_product_of`)
+template <typename T>
+void product_of(const T* x, int64_t M, const at::Tensor& w, int64_t N, int64_t K, const T* bias, T* out,
+                const T* residual = nullptr, int64_t group = 0) {
+  if (w.scalar_type() == at::kChar)
+    int8_product_of(x, M, w.const_data_ptr<int8_t>(), N, K, group == 0 ? K : group, bias, out, residual);
+  else
+    rows_product_of(x, M, w.const_data_ptr<T>(), N, K, bias, out, residual);
+}
+
+template <typename T>
+void swiglu_of(const T* x, int64_t M, const at::Tensor& w, int64_t I, int64_t K, T* act) {
+  if (w.scalar_type() == at::kChar)
+    int8_swiglu_product_of(x, M, w.const_data_ptr<int8_t>(), I, K, act);
+  else
+    swiglu_product_of(x, M, w.const_data_ptr<T>(), I, K, static_cast<const T*>(nullptr), act);
+}
+
+// Whether w is a weight [N, K] as one of the products above takes it, of x's dtype T or int8
+inline bool weight_fits(const at::Tensor& w, at::ScalarType T, int64_t N, int64_t K, int64_t group = 0) {
+  if (!w.is_contiguous() || w.dim() != 2 || w.size(0) != N) return false;
+  if (w.scalar_type() == at::kChar) return w.size(1) == K + 4 && int8_fits(N, K, group == 0 ? K : group);
+  return w.scalar_type() == T && w.size(1) == K;
+}
 
 // The draft layer's weights and shapes as `layer_ops.cpp`'s `draft_layer` takes them (its comment says
 // what each is), for a call of it from another file (`draft_layer_with`)

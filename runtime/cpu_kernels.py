@@ -5,9 +5,10 @@ tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called t
 `attention.attend`); a decoder layer's small steps between its products, `rms_norm`, `rope` and
 `silu_mul`, and the cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and
 `runtime.kv_cache`); a dynamic tree's `top_logp`, `heads_draft` and `select_tree` (`tree_ops.cpp`,
-called by `medusa.dynamic` and `medusa.draft`); and sampling's `top_k_top_p_`, `probabilities`, `draw`
-and `accept_lossless`
-(`sampling_ops.cpp`, called by `runtime.sampling`).
+called by `medusa.dynamic` and `medusa.draft`); sampling's `top_k_top_p_`, `probabilities`, `draw` and
+`accept_lossless` (`sampling_ops.cpp`, called by `runtime.sampling`); and `int8_product`, the draft
+layer's products with its weights rounded to int8 (`int8_product.cpp`, called by `layer_ops.cpp` and
+`tree_ops.cpp`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
 is the time to read the weights. oneDNN and MKL read them well below the memory's rate on a few
@@ -38,6 +39,7 @@ SOURCE = Path(__file__).with_name("rows_product.cpp")
 LAYER_SOURCE = Path(__file__).with_name("layer_ops.cpp")
 TREE_SOURCE = Path(__file__).with_name("tree_ops.cpp")
 SAMPLING_SOURCE = Path(__file__).with_name("sampling_ops.cpp")
+INT8_SOURCE = Path(__file__).with_name("int8_product.cpp")
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,18 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 block_weight = torch.ops.medusa.block_weight  # weight [N, K] -> [N, K] in the order rows_product reads
 rows_product = torch.ops.medusa.rows_product  # x [..., K], block_weight(weight), bias [N] or None -> [..., N]
+
+_library.define("int8_product(Tensor x, Tensor weight, Tensor? bias, int group) -> Tensor")
+
+
+@torch.library.register_fake("medusa::int8_product")
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# x [..., K] float32 / bf16, quantize_weight(weight), bias [N] or None, group (k per scale of x's rows; 0:
+# K) -> [..., N]: `int8_linear` (int8_product.cpp)
+int8_product = torch.ops.medusa.int8_product
 
 _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin, int heads) -> Tensor")
@@ -252,6 +266,57 @@ def cpu_has_bf16_products() -> bool:
     return cpu_bf16_products() != "emulated"
 
 
+def cpu_int8_products() -> bool:
+    """Whether this CPU multiplies int8 in AMX tiles, where the drafters' weights are read as int8
+    (`int8_product.cpp`); elsewhere `int8_product` runs a portable loop, for tests."""
+    return " amx_int8" in cpuinfo()
+
+
+def int8_fits(weight: torch.Tensor, group: int = 0) -> bool:
+    """Whether `quantize_weight` takes weight [N, K]: N a multiple of 16, K and group multiples of 64."""
+    N, K = weight.shape
+    group = group or K
+    return N % 16 == 0 and group % 64 == 0 and K % group == 0
+
+
+def _row_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] -> (x rounded to int8 by its largest |x| / 127, float32; that scale [..., 1]), float32 as
+    `int8_product.cpp` rounds: the same operations in the same order."""
+    x = x.float()
+    most = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(most > 0, most.new_full((), 127.0) / most, 0.0)  # (`127.0 / most` is 127 x (1 / most))
+    return torch.round(x * inv), most / 127.0
+
+
+def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight [N, K] -> int8 [N, K + 4] as `int8_product` reads it: each row rounded to int8 by its own
+    scale; each block of 16 rows its int8 weights four k of each row side by side ([K / 4][16][4], the
+    order of AMX's int8 tiles), then the 16 rows' scales as float32."""
+    N, K = weight.shape
+    assert int8_fits(weight), "quantize_weight: N must be a multiple of 16 and K of 64"
+    q, scale = _row_scales(weight)
+    blocks = q.to(torch.int8).view(N // 16, 16, K // 4, 4).transpose(1, 2).reshape(N // 16, 16 * K)
+    scales = scale.view(N // 16, 16).contiguous().view(torch.int8)  # [N / 16, 64]
+    return torch.cat([blocks, scales], dim=1).view(N, K + 4)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, group: int = 0
+                ) -> torch.Tensor:
+    """`int8_product`'s reference: F.linear(x, weight, bias) with weight's rows and each `group` of x's k
+    rounded to int8 by their own scales (float32 [N, K] weight, as `quantize_weight` takes it); the integer
+    sums exact, then float32 as the kernel: sum over groups of (sum * x's scale), times weight's, + bias."""
+    K = weight.shape[1]
+    G = K // (group or K)
+    xq, xs = _row_scales(x.unflatten(-1, (G, K // G)))  # [..., G, K / G], [..., G, 1]
+    wq, ws = _row_scales(weight)
+    sums = torch.einsum("...gk,ngk->...gn", xq.double(), wq.view(-1, G, K // G).double()).float()  # exact
+    acc = torch.zeros_like(sums[..., 0, :])
+    for g in range(G):
+        acc = acc + sums[..., g, :] * xs[..., g, :]
+    y = acc * ws[:, 0]
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
 def eager_cpu(t: torch.Tensor) -> bool:
     """Whether a step's work on t goes through our kernels: t is on the CPU, no graph is being
     compiled (a compiled step keeps the PyTorch lines, which the compiler fuses), and they are built."""
@@ -269,7 +334,7 @@ def built() -> bool:
     start = time.perf_counter()
     try:
         sources = [str(path) for path in (SOURCE, attention.cpu.SOURCE, LAYER_SOURCE, TREE_SOURCE,
-                                          SAMPLING_SOURCE)]
+                                          SAMPLING_SOURCE, INT8_SOURCE)]
         cpp_extension.load(f"medusa_cpu_kernels_{machine}", sources, is_python_module=False,
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                            extra_include_paths=[str(SOURCE.parent)])

@@ -343,7 +343,8 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
                     const at::Tensor& inv_freq, float eps, int64_t H, at::Tensor& out) {
   const int64_t B = features.size(0), S = features.size(1), C = features.size(2), M = B * S, Q = out.size(1);
   const int64_t MQ = B * Q;  // the rows whose guesses are read: past the keys, only they go on
-  const int64_t Hkv = k.size(1), K = k.size(2), D = k.size(3), I = down_w.size(1), QKV = (H + 2 * Hkv) * D;
+  const int64_t Hkv = k.size(1), K = k.size(2), D = k.size(3), I = gate_up_w.size(0) / 2;
+  const int64_t QKV = (H + 2 * Hkv) * D;
   const auto opts = features.options();
   at::Tensor pairs = at::empty({M, 2 * C}, opts), x = at::empty({M, C}, opts), h = at::empty({M, C}, opts);
   at::Tensor qkv = at::empty({M, QKV}, opts), qk = at::empty({M, H + Hkv, D}, opts), attn = at::empty({MQ, H * D}, opts);
@@ -358,11 +359,11 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
   }
   T* xp = x.mutable_data_ptr<T>();
   T* hp = h.mutable_data_ptr<T>();
-  rows_product_of(static_cast<const T*>(pp), M, fc_w.const_data_ptr<T>(), C, 2 * C, data_or_null<T>(fc_b), xp);
+  // fc's input is [feature; embedding]: int8 rows take a scale for each (`int8_product.cpp`)
+  product_of(static_cast<const T*>(pp), M, fc_w, C, 2 * C, data_or_null<T>(fc_b), xp, static_cast<const T*>(nullptr), C);
   if (attn_norm.has_value()) rms_norm_rows(static_cast<const T*>(xp), attn_norm->const_data_ptr<T>(), hp, M, C, eps);
   else std::memcpy(hp, xp, M * C * sizeof(T));
-  rows_product_of(static_cast<const T*>(hp), M, qkv_w.const_data_ptr<T>(), QKV, C, static_cast<const T*>(nullptr),
-                  qkv.mutable_data_ptr<T>());
+  product_of(static_cast<const T*>(hp), M, qkv_w, QKV, C, static_cast<const T*>(nullptr), qkv.mutable_data_ptr<T>());
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   const float* freq = inv_freq.const_data_ptr<float>();
   T* cp = cos.mutable_data_ptr<T>();
@@ -408,11 +409,10 @@ void draft_layer_of(const at::Tensor& features, const at::Tensor& embeds, const 
                    sees, ap, B, Q, K, H, Hkv, D);
   T* x1p = x1.mutable_data_ptr<T>();
   const T* none = nullptr;
-  rows_product_of(static_cast<const T*>(ap), MQ, o_w.const_data_ptr<T>(), C, H * D, none, x1p, static_cast<const T*>(xp));
+  product_of(static_cast<const T*>(ap), MQ, o_w, C, H * D, none, x1p, static_cast<const T*>(xp));
   rms_norm_rows(static_cast<const T*>(x1p), mlp_norm.const_data_ptr<T>(), hp, MQ, C, eps);
-  swiglu_product_of(static_cast<const T*>(hp), MQ, gate_up_w.const_data_ptr<T>(), I, C, none, act.mutable_data_ptr<T>());
-  rows_product_of(act.const_data_ptr<T>(), MQ, down_w.const_data_ptr<T>(), C, I, none, out.mutable_data_ptr<T>(),
-                  static_cast<const T*>(x1p));
+  swiglu_of(static_cast<const T*>(hp), MQ, gate_up_w, I, C, act.mutable_data_ptr<T>());
+  product_of(act.const_data_ptr<T>(), MQ, down_w, C, I, none, out.mutable_data_ptr<T>(), static_cast<const T*>(x1p));
 }
 
 // features, embeds [B, S, C] (the layer's dtype); positions [B, S] int64; mask [B, S, K] bool; past_k / past_v
@@ -433,7 +433,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer(
   const int64_t H = num_heads, Hkv = num_kv_heads;
   TORCH_CHECK(H > 0 && Hkv > 0 && H % Hkv == 0 && C % H == 0 && (C / H) % 16 == 0,
               "draft_layer: heads must divide C into head dims that are multiples of 16, and KV heads the heads");
-  const int64_t D = C / H, I = down_w.size(1);
+  const int64_t D = C / H, I = gate_up_w.size(0) / 2;
   TORCH_CHECK(past_k.has_value() == past_v.has_value() && past_k.has_value() == key_at.has_value(),
               "draft_layer: past_k, past_v and at come together");
   const int64_t K = past_k.has_value() ? past_k->size(2) : S;
@@ -451,17 +451,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_layer(
     at_ptr = key_at->const_data_ptr<int64_t>();
     for (int64_t s = 0; s < S; ++s) TORCH_CHECK(at_ptr[s] >= 0 && at_ptr[s] < K, "draft_layer: at is outside the keys");
   }
-  for (const at::Tensor* w : {&fc_w, &qkv_w, &o_w, &mlp_norm, &gate_up_w, &down_w})
-    TORCH_CHECK(w->is_contiguous() && w->scalar_type() == features.scalar_type(),
-                "draft_layer: every weight must be contiguous and of features' dtype");
+  const auto dtype = features.scalar_type();
+  TORCH_CHECK(mlp_norm.is_contiguous() && mlp_norm.scalar_type() == dtype && mlp_norm.numel() == C,
+              "draft_layer: mlp_norm must be [C], contiguous, of features' dtype");
   for (const std::optional<at::Tensor>* w : {&fc_b, &attn_norm})
-    TORCH_CHECK(!w->has_value() || ((*w)->is_contiguous() && (*w)->scalar_type() == features.scalar_type() &&
+    TORCH_CHECK(!w->has_value() || ((*w)->is_contiguous() && (*w)->scalar_type() == dtype &&
                                     (*w)->numel() == C), "draft_layer: fc's bias and attn_norm must be [C]");
-  TORCH_CHECK(fc_w.size(0) == C && fc_w.size(1) == 2 * C && qkv_w.size(0) == (H + 2 * Hkv) * D &&
-              qkv_w.size(1) == C && o_w.size(0) == C && o_w.size(1) == C && gate_up_w.size(0) == 2 * I &&
-              gate_up_w.size(1) == C && down_w.size(0) == C && mlp_norm.numel() == C &&
+  // each weight in our product's order, of features' dtype, or rounded to int8 (`quantize_weight`)
+  TORCH_CHECK(weight_fits(fc_w, dtype, C, 2 * C, C) && weight_fits(qkv_w, dtype, (H + 2 * Hkv) * D, C) &&
+              weight_fits(o_w, dtype, C, C) && weight_fits(gate_up_w, dtype, 2 * I, C) &&
+              weight_fits(down_w, dtype, C, I) &&
               inv_freq.scalar_type() == at::kFloat && inv_freq.is_contiguous() && inv_freq.numel() == D / 2,
-              "draft_layer: shapes do not fit");
+              "draft_layer: a weight does not fit: [N, K] in our order, of features' dtype, or int8 from "
+              "quantize_weight");
   TORCH_CHECK(queries >= 1 && queries <= S, "draft_layer: queries must be in [1, S]");
   at::Tensor out = at::empty({B, queries, C}, features.options());
   // every key is written: past's, then this call's over them (without past, this call's are all of them)

@@ -242,8 +242,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> heads_draft(
 // the root), ranks [B, M] int64 and scores [B, M] float32, M = k + (depth - 1) k^2, in level order
 template <typename T>
 void eagle_draft_of(const at::Tensor& features, const int64_t* window_tokens, const int64_t* lens,
-                    const int64_t* roots, const T* embed, int64_t V, const DraftLayerOperands& layer, const T* proj,
-                    int64_t Vd, const int64_t* vocab, int64_t k, int64_t depth, int64_t* tok, int64_t* par, float* sc,
+                    const int64_t* roots, const T* embed, int64_t V, const DraftLayerOperands& layer,
+                    const at::Tensor& proj, int64_t Vd, const int64_t* vocab, int64_t k, int64_t depth, int64_t* tok, int64_t* par, float* sc,
                     int64_t* rk) {
   const int64_t B = features.size(0), W = features.size(1), C = features.size(2);
   const int64_t M = k + (depth - 1) * k * k, E = (depth - 1) * k;
@@ -287,7 +287,7 @@ void eagle_draft_of(const at::Tensor& features, const int64_t* window_tokens, co
   std::vector<float> logits32(Vd), values_k(k);
   std::vector<int64_t> indices(k);
   auto score = [&](const T* states, int64_t n, auto&& take) {  // n guesses -> each one's k best children
-    rows_product_of(states, n, proj, Vd, C, static_cast<const T*>(nullptr), logits.data());
+    product_of(states, n, proj, Vd, C, static_cast<const T*>(nullptr), logits.data());
     for (int64_t r = 0; r < n; ++r) {
       for (int64_t v = 0; v < Vd; ++v) logits32[v] = float(logits[r * Vd + v]);
       top_logp_row(logits32.data(), Vd, k, values_k.data(), indices.data());
@@ -364,9 +364,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eagle_draft(
   TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous() && tokens.numel() == B * W,
               "eagle_draft: tokens [B, W] int64");
   const int64_t Vd = proj_w.size(0);
-  TORCH_CHECK(proj_w.dim() == 2 && proj_w.size(1) == C && proj_w.is_contiguous() &&
-              proj_w.scalar_type() == features.scalar_type() && k >= 1 && k <= Vd && depth >= 1,
-              "eagle_draft: proj_w [V', C] of features' dtype, 1 <= topk <= V', depth >= 1");
+  TORCH_CHECK(weight_fits(proj_w, features.scalar_type(), Vd, C) && k >= 1 && k <= Vd && depth >= 1,
+              "eagle_draft: proj_w [V', C] of features' dtype (or int8 from quantize_weight), 1 <= topk <= V', "
+              "depth >= 1");
   const int64_t* vocab = nullptr;
   if (draft_vocab.has_value()) {
     TORCH_CHECK(draft_vocab->scalar_type() == at::kLong && draft_vocab->is_contiguous() && draft_vocab->numel() == Vd,
@@ -383,7 +383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eagle_draft(
     using T = std::remove_pointer_t<decltype(type)>;
     eagle_draft_of<T>(features, tokens.const_data_ptr<int64_t>(), lens.const_data_ptr<int64_t>(),
                       roots.const_data_ptr<int64_t>(), embed.const_data_ptr<T>(), embed.size(0), layer,
-                      proj_w.const_data_ptr<T>(), Vd, vocab, k, depth, out_tokens.mutable_data_ptr<int64_t>(),
+                      proj_w, Vd, vocab, k, depth, out_tokens.mutable_data_ptr<int64_t>(),
                       parents.mutable_data_ptr<int64_t>(), scores.mutable_data_ptr<float>(), ranks.mutable_data_ptr<int64_t>());
   };
   if (features.scalar_type() == at::kFloat) {

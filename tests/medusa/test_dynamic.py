@@ -172,20 +172,23 @@ def test_heads_grow_in_one_call_as_their_pytorch_lines(monkeypatch, dtype):
 @pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("spec", ["dynamic:20,topk=3,depth=4,lookup=2", "dynamic:4,topk=4,depth=1"])
-def test_eagle_grow_in_one_call_as_its_pytorch_lines(monkeypatch, dtype, spec):
+@pytest.mark.parametrize("int8", [False, True], ids=["own-dtype", "int8"])
+def test_eagle_grow_in_one_call_as_its_pytorch_lines(monkeypatch, dtype, spec, int8):
     """On the CPU the draft layer grows a dynamic tree's candidates in one call of our kernel; its PyTorch
     lines (`grow` over `dynamic_logits`) are the reference: the same tokens, parents and ranks, and scores
-    within rounding, for rows with their own windows (one only partly filled) and roots."""
+    within rounding, for rows with their own windows (one only partly filled) and roots; with int8 weights
+    (48 scored rows: the projection's too) both rounding them and the rows they multiply."""
     model = ours_from_hf(tiny_hf_model("llama")).to(dtype)
     c = model.config
-    drafter = random_drafter(EagleConfig.for_base(c, window=8, draft_vocab_size=40), seed=3).to(dtype)
-    drafter.prepare_for_serving()
+    drafter = random_drafter(EagleConfig.for_base(c, window=8, draft_vocab_size=48), seed=3).to(dtype)
+    drafter.prepare_for_serving(int8=int8)
     if drafter.kernel_operands(model.lm_head) is None:  # a bf16 projection of an fp32 layer: not ours to take
         assert dtype == torch.float32
         projection = drafter._projection[1]
         projection.weight = torch.nn.Parameter(projection.weight.float(), requires_grad=False)
         projection.pack(1, 1)
     assert drafter.kernel_operands(model.lm_head) is not None
+    assert (drafter.kernel_operands(model.lm_head)[-2].dtype == torch.int8) == int8
     tree = get_tree(spec)
     gen = torch.Generator().manual_seed(4)
     features = torch.randn(4, 8, c.hidden_size, generator=gen).to(dtype)

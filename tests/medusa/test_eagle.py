@@ -57,13 +57,16 @@ def test_fixed_shape_drafting_equals_one_sequence_per_node(model, tree, draft_vo
 
 @pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_layer_in_one_call_computes_its_pytorch_lines(model, dtype):
+@pytest.mark.parametrize("int8", [False, True], ids=["own-dtype", "int8"])
+def test_the_layer_in_one_call_computes_its_pytorch_lines(model, dtype, int8):
     """Serving on the CPU the draft layer is one call of our kernel; its PyTorch lines are the
     reference, within rounding (its attention sums in another order): a window's call, then a call
     that writes its keys among earlier ones under a mask that hides some of them; a query that sees
-    no key gets no attention (both give the residual alone)."""
-    drafter = drafter_for(model).to(dtype).prepare_for_serving()
+    no key gets no attention (both give the residual alone). With int8 weights both round the same
+    way (the tiny model's down product, K = 112, stays in the layer's dtype: the two kinds mix)."""
+    drafter = drafter_for(model).to(dtype).prepare_for_serving(int8=int8)
     assert drafter._one_call is not None
+    assert [w.dtype == torch.int8 for w in drafter._one_call] == [int8] * 4 + [False]
     gen = torch.Generator().manual_seed(4)
     B, W, S, C = 2, 6, 3, model.config.hidden_size
     features, embeds = torch.randn(B, W + S, C, generator=gen), torch.randn(B, W + S, C, generator=gen)
