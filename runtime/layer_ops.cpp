@@ -288,40 +288,56 @@ at::Tensor decoder_layers(const at::Tensor& x, at::TensorList attn_norm, at::Ten
 // sees the window and its ancestors only). Drafts only propose, so this needs no fixed order of sums.
 // q [B, S, H, D] (row stride q_row), k / v [B, Hkv, K, D], mask [B, S, K] -> out [B, S, H, D]; a query
 // that sees no key gets zeros.
+//
+// Each key-value head's keys are widened once, transposed ([D][K]: a register of scores is a lane per key,
+// no sum across lanes), and its values once, for all the S x H / Hkv queries that read them. Each query
+// before read and widened every key and value itself, and summed each score across 16 lanes. A tree level's
+// call (4 queries, 9 heads, 44 keys; SmolLM2's draft layer, bf16 with int8 weights), Intel Xeon (AMX), warm,
+// the builds taking turns: 226.3 / 231.3 -> 212.2 / 219.8 us.
 template <typename T>
 void masked_attention(const T* q, int64_t q_row, const T* k, const T* v, const bool* mask, T* out, int64_t B,
                       int64_t S, int64_t K, int64_t H, int64_t Hkv, int64_t D) {
   const float scale = 1.0f / std::sqrt(float(D));
-  // a second thread from ~4000 query-key pairs: a window of 32 pairs (~4600 of them with SmolLM2's 9 heads)
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, K));
-  at::parallel_for(0, B * S * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(K);
+  const int64_t KN = (K + kLanes - 1) / kLanes * kLanes, groups = H / Hkv;  // keys padded to whole registers
+  const float inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> keys(D * KN, 0.0f), values(K * D), p(KN);  // keys [D][KN], values [K][D], scores
     std::vector<f32x16> acc(D / 16);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / (S * H), s = row / H % S, h = row % H, g = h / (H / Hkv);
-      const T* qh = q + (b * S + s) * q_row + h * D;
-      const T* kh = k + (b * Hkv + g) * K * D;
-      const T* vh = v + (b * Hkv + g) * K * D;
-      const bool* sees = mask + (b * S + s) * K;
-      float most = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < K; ++j) {
-        if (!sees[j]) continue;
-        f32x16 dot = {};
-        for (int64_t d = 0; d < D; d += 16) dot += load16(qh + d) * load16(kh + j * D + d);
-        p[j] = sum16(dot) * scale;
-        most = std::max(most, p[j]);
-      }
-      std::fill(acc.begin(), acc.end(), f32x16{});
-      float total = 0.0f;
-      for (int64_t j = 0; j < K; ++j) {
-        if (!sees[j]) continue;
-        const float w = std::exp(p[j] - most);
-        total += w;
-        for (int64_t d = 0; d < D; d += 16) acc[d / 16] = fma16(splat16(w), load16(vh + j * D + d), acc[d / 16]);
-      }
-      T* o = out + ((b * S + s) * H + h) * D;
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      for (int64_t d = 0; d < D; d += 16) store16(o + d, acc[d / 16] * inv);
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / Hkv, g = bg % Hkv;
+      const T* kh = k + bg * K * D;
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t d = 0; d < D; ++d) keys[d * KN + j] = float(kh[j * D + d]);
+      for (int64_t i = 0; i < K * D; i += 16) store16(values.data() + i, load16(v + bg * K * D + i));
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
+          const T* qh = q + (b * S + s) * q_row + h * D;
+          const bool* sees = mask + (b * S + s) * K;
+          for (int64_t j = 0; j < KN; j += kLanes) {
+            f32xN dot = {};
+            for (int64_t d = 0; d < D; ++d) dot += splatN(float(qh[d])) * loadN(keys.data() + d * KN + j);
+            dot *= scale;
+            for (int i = 0; i < kLanes; ++i) p[j + i] = j + i < K && sees[j + i] ? dot[i] : -inf;
+          }
+          const float most = max_of(p.data(), KN);
+          float total = 0.0f;
+          std::fill(acc.begin(), acc.end(), f32x16{});
+          if (most > -inf) {
+            for (int64_t j = 0; j < KN; j += kLanes) {
+              const f32xN w = exp_from(loadN(p.data() + j), most);
+              std::memcpy(p.data() + j, &w, sizeof w);
+            }
+            for (int64_t j = 0; j < K; ++j) {
+              if (p[j] == 0.0f) continue;
+              total += p[j];
+              for (int64_t d = 0; d < D; d += 16)
+                acc[d / 16] = fma16(splat16(p[j]), load16(values.data() + j * D + d), acc[d / 16]);
+            }
+          }
+          T* o = out + ((b * S + s) * H + h) * D;
+          const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+          for (int64_t d = 0; d < D; d += 16) store16(o + d, acc[d / 16] * inv);
+        }
     }
   });
 }
