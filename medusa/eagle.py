@@ -120,7 +120,7 @@ class EagleDrafter(nn.Module):
         self._matmul = (NEVER, 0)  # (packed_from_rows, own_kernel_rows) while serving
         self._one_call: tuple[torch.Tensor, ...] | None = None  # serving on the CPU: `_in_one_call`'s weights
         self._int8 = False  # serving with weights rounded to int8 (`prepare_for_serving`)
-        self._int8_projection: tuple[Linear, torch.Tensor] | None = None  # (projection, its int8 copy)
+        self._int8_rows: tuple[Linear, torch.Tensor] | None = None  # (projection, its int8 copy)
 
     def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1,
                             int8: bool | None = None) -> EagleDrafter:
@@ -136,7 +136,7 @@ class EagleDrafter(nn.Module):
         pack_linears(self, packed_from_rows, own_kernel_rows)
         linears = {self.fc: self.config.hidden_size, self.qkv: 0, self.o: 0, self.gate_up: 0, self.down: 0}
         w = self.fc.weight
-        self._one_call, self._int8, self._int8_projection = None, False, None
+        self._one_call, self._int8, self._int8_rows = None, False, None
         if (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
                 and self.config.head_dim % 16 == 0 and cpu_kernels.built()):
             self._int8 = cpu_kernels.cpu_int8_products() if int8 is None else int8
@@ -222,7 +222,11 @@ class EagleDrafter(nn.Module):
         """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""
         if self._serving:
             projection = self._scored_projection(lm_head)
-            return self._product(projection, states.to(projection.weight.dtype)).float()
+            if self._int8 and cpu_kernels.int8_fits(projection.weight):  # the states as they are: int8 rows
+                if cpu_kernels.eager_cpu(states):
+                    return cpu_kernels.int8_product(states, self._kernel_projection(lm_head), None, 0).float()
+                return cpu_kernels.int8_linear(states, projection.weight).float()
+            return projection(states.to(projection.weight.dtype)).float()
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
         return F.linear(states, weight.to(states.dtype)).float()
 
@@ -240,19 +244,26 @@ class EagleDrafter(nn.Module):
         """What `runtime.cpu_kernels.eagle_draft` takes after the embedding, serving on the CPU: the layer's
         operands as `draft_layer` takes them, then the scored lm_head rows in our kernel's order; None where
         our kernels do not take them all (not serving on the CPU, or a projection of another dtype)."""
-        if self._one_call is None:
+        projection = None if self._one_call is None else self._kernel_projection(lm_head)
+        if projection is None:
             return None
-        projection = self._scored_projection(lm_head)
-        if projection.own_weight is None or projection.weight.dtype != self.fc.weight.dtype:
-            return None
-        if self._int8_projection is None or self._int8_projection[0] is not projection:
-            self._int8_projection = projection, self._kernel_weight(projection)
         fc, qkv, o, gate_up, down = self._one_call
         c = self.config
         norm = self.attn_norm.weight if c.attn_norm else None
         return (fc, self.fc.bias, norm, qkv, o, self.mlp_norm.weight, gate_up, down, self.inv_freq.float(),
-                c.rms_norm_eps, c.num_attention_heads, c.num_kv_heads, self._int8_projection[1],
-                self.draft_vocab)
+                c.rms_norm_eps, c.num_attention_heads, c.num_kv_heads, projection, self.draft_vocab)
+
+    def _kernel_projection(self, lm_head: nn.Linear) -> torch.Tensor | None:
+        """The scored lm_head rows as our kernels read them: rounded to int8 (`_int8`, where they fit; the
+        copy taken once per projection), or in our product's order where that copy is of the layer's dtype;
+        else None."""
+        projection = self._scored_projection(lm_head)
+        if not (self._int8 and cpu_kernels.int8_fits(projection.weight)):
+            ours = projection.own_weight is not None and projection.weight.dtype == self.fc.weight.dtype
+            return projection.own_weight if ours else None
+        if self._int8_rows is None or self._int8_rows[0] is not projection:
+            self._int8_rows = projection, cpu_kernels.quantize_weight(projection.weight.detach())
+        return self._int8_rows[1]
 
 
 def window_pairs(features: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, roots: torch.Tensor
