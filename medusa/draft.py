@@ -97,7 +97,7 @@ def heads_grow(heads: MedusaHeads, model: Llama, hidden_last: torch.Tensor, root
     """`grow` over the heads (`heads_logits`): on the CPU, path-input heads in one call of our kernel
     (`runtime/tree_ops.cpp`: `heads_draft`, where its measurement is)."""
     operands = heads.kernel_operands(model.lm_head) if cpu_kernels.eager_cpu(hidden_last) else None
-    if operands is not None and hidden_last.dtype == model.embed.weight.dtype == operands[-1].dtype:
+    if operands is not None and hidden_last.dtype == model.embed.weight.dtype == heads.fuse[0].weight.dtype:
         fuse_w, fuse_b, block_w, block_b, projection = operands
         return cpu_kernels.heads_draft(hidden_last.contiguous(), roots.contiguous(), model.embed.weight,
                                        fuse_w, fuse_b, block_w, block_b, projection, heads.draft_vocab,

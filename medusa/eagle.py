@@ -120,7 +120,6 @@ class EagleDrafter(nn.Module):
         self._matmul = (NEVER, 0)  # (packed_from_rows, own_kernel_rows) while serving
         self._one_call: tuple[torch.Tensor, ...] | None = None  # serving on the CPU: `_in_one_call`'s weights
         self._int8 = False  # serving with weights rounded to int8 (`prepare_for_serving`)
-        self._int8_rows: tuple[Linear, torch.Tensor] | None = None  # (projection, its int8 copy)
 
     def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1,
                             int8: bool | None = None) -> EagleDrafter:
@@ -131,32 +130,20 @@ class EagleDrafter(nn.Module):
 
         Serving on the CPU, in one call of our kernels: with `int8` (None: where the CPU multiplies int8
         in AMX tiles) the weights are read rounded to int8, and so is each row they multiply
-        (`runtime/int8_product.cpp`, where the measurement is); the PyTorch lines round the same way."""
+        (`runtime/int8_product.cpp`, where the measurement is; `Linear.round_to_int8`)."""
         self._serving, self._projection, self._matmul = True, None, (packed_from_rows, own_kernel_rows)
         pack_linears(self, packed_from_rows, own_kernel_rows)
         linears = {self.fc: self.config.hidden_size, self.qkv: 0, self.o: 0, self.gate_up: 0, self.down: 0}
         w = self.fc.weight
-        self._one_call, self._int8, self._int8_rows = None, False, None
+        self._one_call, self._int8 = None, False
         if (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
                 and self.config.head_dim % 16 == 0 and cpu_kernels.built()):
             self._int8 = cpu_kernels.cpu_int8_products() if int8 is None else int8
-            self._one_call = tuple(self._kernel_weight(m, group) for m, group in linears.items())
+            for m, group in linears.items():
+                if self._int8:
+                    m.round_to_int8(group)  # fc's [feature; embedding]: a scale for each
+            self._one_call = tuple(m.kernel_weight() for m in linears)
         return self
-
-    def _kernel_weight(self, linear: Linear, group: int = 0) -> torch.Tensor:
-        """linear's weight as our kernels read it: rounded to int8 (`_int8`, where its shape lets it),
-        else in our product's order."""
-        if self._int8 and cpu_kernels.int8_fits(linear.weight, group):
-            return cpu_kernels.quantize_weight(linear.weight.detach())
-        if linear.own_weight is not None:
-            return linear.own_weight
-        return cpu_kernels.block_weight(linear.weight.detach())
-
-    def _product(self, linear: Linear, x: torch.Tensor, group: int = 0) -> torch.Tensor:
-        """linear(x), as our kernels multiply it: rounded to int8 where `_kernel_weight` rounds it."""
-        if self._int8 and cpu_kernels.int8_fits(linear.weight, group):
-            return cpu_kernels.int8_linear(x, linear.weight, linear.bias, group)
-        return linear(x)
 
     def prepare_for_training(self) -> EagleDrafter:
         self._serving, self._projection, self._one_call, self._int8 = False, None, None, False
@@ -175,18 +162,18 @@ class EagleDrafter(nn.Module):
         pair (Q = S), or of the `last` Q pairs only: a pair's keys and values need only `fc` and `qkv`,
         ~30% of the layer's weights, so a window's call that reads one guess skips ~70% of its products.
         """
-        B, S, C = features.shape
+        B, S, _ = features.shape
         H, Hkv, D = self.config.num_attention_heads, self.config.num_kv_heads, self.config.head_dim
         Q = S if last is None else last
         dtype = self.fc.weight.dtype  # the layer's own, which may differ from the base model's
         if self._one_call is not None and cpu_kernels.eager_cpu(features) and (past is None) == (at is None):
             return self._in_one_call(features.to(dtype), embeds.to(dtype), positions, mask, past, at, Q)
 
-        x = self._product(self.fc, torch.cat([features.to(dtype), embeds.to(dtype)], -1), C)  # [B, S, C]
+        x = self.fc(torch.cat([features.to(dtype), embeds.to(dtype)], dim=-1))  # [B, S, C]
         freqs = positions[..., None].float() * self.inv_freq  # [B, S, D/2]
         cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1)[:, :, None].to(x.dtype)  # [B, S, 1, D]
         sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)[:, :, None].to(x.dtype)
-        qkv = self._product(self.qkv, self.attn_norm(x)).view(B, S, H + 2 * Hkv, D)
+        qkv = self.qkv(self.attn_norm(x)).view(B, S, H + 2 * Hkv, D)
         qk = apply_rope(qkv[:, :, :H + Hkv], cos, sin)
         q = qk[:, :, :H].transpose(1, 2)  # [B, H, S, D]
         k, v = qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)  # [B, Hkv, S, D]
@@ -198,9 +185,9 @@ class EagleDrafter(nn.Module):
         k_all, v_all = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)  # [B, H, K, D]
         q, mask, x = q[:, :, S - Q:], mask[:, S - Q:], x[:, S - Q:]  # the pairs whose guesses are read
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None])  # [B, H, Q, D]
-        x = x + self._product(self.o, out.transpose(1, 2).reshape(B, Q, H * D))
-        gate, up = self._product(self.gate_up, self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self._product(self.down, F.silu(gate) * up), k, v
+        x = x + self.o(out.transpose(1, 2).reshape(B, Q, H * D))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up), k, v
 
     def _in_one_call(self, features: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
                      mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None,
@@ -222,18 +209,16 @@ class EagleDrafter(nn.Module):
         """Guessed features [..., C] -> logits over the scored vocabulary [..., V'] float32."""
         if self._serving:
             projection = self._scored_projection(lm_head)
-            if self._int8 and cpu_kernels.int8_fits(projection.weight):  # the states as they are: int8 rows
-                if cpu_kernels.eager_cpu(states):
-                    return cpu_kernels.int8_product(states, self._kernel_projection(lm_head), None, 0).float()
-                return cpu_kernels.int8_linear(states, projection.weight).float()
-            return projection(states.to(projection.weight.dtype)).float()
+            int8 = projection.int8_weight is not None  # takes the states as they are
+            return projection(states if int8 else states.to(projection.weight.dtype)).float()
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
         return F.linear(states, weight.to(states.dtype)).float()
 
     def _scored_projection(self, lm_head: nn.Linear) -> Linear:
         """Serving: the rows of `lm_head` the layer scores (`scored_projection`), copied once per lm_head."""
         weight = lm_head.weight
-        self._projection = scored_projection(self._projection, weight, self.draft_vocab, *self._matmul)
+        self._projection = scored_projection(self._projection, weight, self.draft_vocab, *self._matmul,
+                                             self._int8)
         return self._projection[1]
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
@@ -244,26 +229,18 @@ class EagleDrafter(nn.Module):
         """What `runtime.cpu_kernels.eagle_draft` takes after the embedding, serving on the CPU: the layer's
         operands as `draft_layer` takes them, then the scored lm_head rows in our kernel's order; None where
         our kernels do not take them all (not serving on the CPU, or a projection of another dtype)."""
-        projection = None if self._one_call is None else self._kernel_projection(lm_head)
-        if projection is None:
+        if self._one_call is None:
             return None
+        projection = self._scored_projection(lm_head)
+        if projection.int8_weight is None and (projection.own_weight is None
+                                               or projection.weight.dtype != self.fc.weight.dtype):
+            return None
+        rows = projection.kernel_weight()
         fc, qkv, o, gate_up, down = self._one_call
         c = self.config
         norm = self.attn_norm.weight if c.attn_norm else None
         return (fc, self.fc.bias, norm, qkv, o, self.mlp_norm.weight, gate_up, down, self.inv_freq.float(),
-                c.rms_norm_eps, c.num_attention_heads, c.num_kv_heads, projection, self.draft_vocab)
-
-    def _kernel_projection(self, lm_head: nn.Linear) -> torch.Tensor | None:
-        """The scored lm_head rows as our kernels read them: rounded to int8 (`_int8`, where they fit; the
-        copy taken once per projection), or in our product's order where that copy is of the layer's dtype;
-        else None."""
-        projection = self._scored_projection(lm_head)
-        if not (self._int8 and cpu_kernels.int8_fits(projection.weight)):
-            ours = projection.own_weight is not None and projection.weight.dtype == self.fc.weight.dtype
-            return projection.own_weight if ours else None
-        if self._int8_rows is None or self._int8_rows[0] is not projection:
-            self._int8_rows = projection, cpu_kernels.quantize_weight(projection.weight.detach())
-        return self._int8_rows[1]
+                c.rms_norm_eps, c.num_attention_heads, c.num_kv_heads, rows, self.draft_vocab)
 
 
 def window_pairs(features: torch.Tensor, tokens: torch.Tensor, lens: torch.Tensor, roots: torch.Tensor

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime import cpu_kernels
 from runtime.config import ConfigError
 from runtime.llama import NEVER, Linear, pack_linears
 
@@ -119,22 +120,31 @@ class MedusaHeads(nn.Module):
         self._serving = False  # set by prepare_for_serving / prepare_for_training only
         self._projection: tuple[torch.Tensor, Linear] | None = None  # (lm_head weight, its scored rows)
         self._matmul = (NEVER, 0)  # (packed_from_rows, own_kernel_rows) while serving
+        self._int8 = False  # serving with weights rounded to int8 (`prepare_for_serving`)
 
-    def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1) -> MedusaHeads:
+    def prepare_for_serving(self, packed_from_rows: int = 1, own_kernel_rows: int = 1,
+                            int8: bool | None = None) -> MedusaHeads:
         """Inference from now on, with or without autograd enabled: products of at least
         `packed_from_rows` rows multiply through oneDNN copies of the weights, taken now, and of at
         most `own_kernel_rows` through our kernel (`runtime.llama.pack_linears`; the loaders pass the
         base model's measured answers), and a shared projection scores through `_draft_projection`'s
         copy of the lm_head rows. Drafts only propose, so the output of a speculative step does not
-        change, only its cost."""
+        change, only its cost. With `int8` (None: where the CPU multiplies int8 in AMX tiles) every product
+        reads its weights rounded to int8, and rounds each row it multiplies (`Linear.round_to_int8`)."""
         self._serving, self._projection, self._matmul = True, None, (packed_from_rows, own_kernel_rows)
         pack_linears(self, packed_from_rows, own_kernel_rows)
+        self._int8 = cpu_kernels.cpu_int8_products() if int8 is None else int8
+        if self._int8:
+            fuse = list(self.fuse or [])  # [h; path embeddings]: a scale for each
+            for m in self.modules():
+                if isinstance(m, Linear):
+                    m.round_to_int8(self.config.hidden_size if any(m is f for f in fuse) else 0)
         return self
 
     def prepare_for_training(self) -> MedusaHeads:
         """Autograd from now on: the heads multiply by their weights, and a shared projection by the
         lm_head rows themselves."""
-        self._serving, self._projection = False, None
+        self._serving, self._projection, self._int8 = False, None, False
         pack_linears(self, NEVER, 0)
         return self
 
@@ -174,7 +184,8 @@ class MedusaHeads(nn.Module):
             return torch.stack([proj(states[:, i]) for i, proj in enumerate(projections)], dim=1).float()
         if self._serving:
             projection = self._draft_projection(lm_head.weight)
-            return projection(states.to(projection.weight.dtype)).float()  # [B, K, V']
+            int8 = projection.int8_weight is not None  # takes the states as they are
+            return projection(states if int8 else states.to(projection.weight.dtype)).float()  # [B, K, V']
         # gradients flow to the states through a fresh slice of the lm_head rows
         weight = lm_head.weight if self.draft_vocab is None else lm_head.weight[self.draft_vocab]
         return F.linear(states, weight.to(states.dtype)).float()  # [B, K, V']
@@ -188,11 +199,12 @@ class MedusaHeads(nn.Module):
             return None
         projection = self._draft_projection(lm_head.weight)
         blocks = [block.linear for head in self.blocks for block in head]
-        linears = [*self.fuse, *blocks, projection]
-        if any(m.own_weight is None for m in linears) or len({m.weight.dtype for m in linears}) > 1:
-            return None
-        return ([m.own_weight for m in self.fuse], [m.bias for m in self.fuse],
-                [m.own_weight for m in blocks], [m.bias for m in blocks], projection.own_weight)
+        dtype = self.fuse[0].weight.dtype
+        for m in (*self.fuse, *blocks, projection):  # int8 copies take any dtype; ours, the heads'
+            if m.int8_weight is None and (m.own_weight is None or m.weight.dtype != dtype):
+                return None
+        return ([m.kernel_weight() for m in self.fuse], [m.bias for m in self.fuse],
+                [m.kernel_weight() for m in blocks], [m.bias for m in blocks], projection.kernel_weight())
 
     def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices into the scored vocabulary (what `forward`'s logits index) -> token ids."""
@@ -200,7 +212,8 @@ class MedusaHeads(nn.Module):
 
     def _draft_projection(self, lm_weight: torch.Tensor) -> Linear:
         """The rows of `lm_head` the heads score (`scored_projection`), copied once per lm_head."""
-        self._projection = scored_projection(self._projection, lm_weight, self.draft_vocab, *self._matmul)
+        self._projection = scored_projection(self._projection, lm_weight, self.draft_vocab, *self._matmul,
+                                             self._int8)
         return self._projection[1]
 
 
@@ -218,14 +231,15 @@ def scored_rows(lm_weight: torch.Tensor, draft_vocab: torch.Tensor | None) -> to
 
 
 def scored_projection(cached: tuple[torch.Tensor, Linear] | None, lm_weight: torch.Tensor,
-                      draft_vocab: torch.Tensor | None, packed_from_rows: int, own_kernel_rows: int
-                      ) -> tuple[torch.Tensor, Linear]:
+                      draft_vocab: torch.Tensor | None, packed_from_rows: int, own_kernel_rows: int,
+                      int8: bool = False) -> tuple[torch.Tensor, Linear]:
     """A serving drafter's (lm_head weight, projection over the rows it scores): `cached` if it was made
     from this very lm_head weight, else a new one -- `scored_rows` as a bias-free `Linear`, multiplying
     through our kernel up to `own_kernel_rows` rows and oneDNN's packed copy from `packed_from_rows`;
     for a bf16 copy of fp32 weights, ours for one row and oneDNN's from one: oneDNN's bf16 products
     beat MKL's at every size measured on the AMX Xeon (`runtime.llama.Linear`), and the copy is bf16
-    only where the CPU has them (with the drafters' own products: `medusa.checkpoints._matmul_choice`)."""
+    only where the CPU has them (with the drafters' own products: `medusa.checkpoints._matmul_choice`);
+    with `int8`, rounded to int8 (`Linear.round_to_int8`)."""
     if cached is not None and cached[0] is lm_weight:
         return cached
     weight = scored_rows(lm_weight, draft_vocab)
@@ -234,6 +248,8 @@ def scored_projection(cached: tuple[torch.Tensor, Linear] | None, lm_weight: tor
     if weight.dtype != lm_weight.dtype:
         packed_from_rows, own_kernel_rows = 1, 1
     projection.pack(packed_from_rows, own_kernel_rows)
+    if int8:
+        projection.round_to_int8()
     return lm_weight, projection
 
 

@@ -78,6 +78,8 @@ class Linear(nn.Linear):
     packed_from_rows: int = 1  # products of at least this many rows use the packed copy
     own_weight: torch.Tensor | None = None  # the weights in our kernel's order (`cpu_kernels.block_weight`)
     own_kernel_rows: int = 0  # products of at most this many rows use `cpu_kernels.rows_product`
+    int8_weight: torch.Tensor | None = None  # a drafter's: every product through int8 (`round_to_int8`)
+    int8_group: int = 0  # the k of x per scale (0: all of a row)
 
     @property
     def packable(self) -> bool:
@@ -95,7 +97,7 @@ class Linear(nn.Linear):
         times: as loaded (autograd, the tied embedding), oneDNN's and ours."""
         # not packable: no copy, not even one taken before the weights changed dtype (a stale float32
         # copy of weights since cast to bfloat16 failed in oneDNN on a CPU without bf16 products)
-        self.packed_weight = self.packed_bias = None
+        self.packed_weight = self.packed_bias = self.int8_weight = None
         if self.packable and from_rows != NEVER:
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
             self.packed_bias = None if self.bias is None else self.bias.detach()
@@ -108,10 +110,30 @@ class Linear(nn.Linear):
 
     def unpack(self) -> None:
         """Drop the copies: multiply through the weights themselves (MKL), with autograd."""
-        self.packed_weight = self.packed_bias = self.own_weight = None
+        self.packed_weight = self.packed_bias = self.own_weight = self.int8_weight = None
         self.own_kernel_rows = 0
 
+    def round_to_int8(self, group: int = 0) -> bool:
+        """Serving a drafter: multiply every product by the weights rounded to int8 and each row of x
+        rounded per `group` of k (`runtime/int8_product.cpp`, where why), where its shape lets it (whether
+        it does). Drafts only propose: their rounding changes how many tokens a step keeps, never which."""
+        w = self.weight
+        if not (w.device.type == "cpu" and cpu_kernels.built() and cpu_kernels.int8_fits(w, group)):
+            return False
+        self.int8_weight, self.int8_group = cpu_kernels.quantize_weight(w.detach()), group
+        return True
+
+    def kernel_weight(self) -> torch.Tensor:
+        """The weights as our one-call kernels read them: the int8 copy, else in our product's order."""
+        if self.int8_weight is not None:
+            return self.int8_weight
+        if self.own_weight is not None:
+            return self.own_weight
+        return cpu_kernels.block_weight(self.weight.detach())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_weight is not None:  # x in any dtype; a compiled graph calls it as it is
+            return cpu_kernels.int8_product(x, self.int8_weight, self.bias, self.int8_group)
         if self.own_weight is not None and x.numel() <= self.own_kernel_rows * x.shape[-1]:
             return cpu_kernels.rows_product(x, self.own_weight, self.bias)
         if self.packed_weight is None or x.numel() < self.packed_from_rows * x.shape[-1]:

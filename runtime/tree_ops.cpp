@@ -114,7 +114,7 @@ template <typename T>
 void heads_draft_of(const T* hidden, const int64_t* roots, const T* embed, int64_t V, int64_t C,
                     at::TensorList fuse_w, at::TensorList fuse_b, at::TensorList block_w, at::TensorList block_b,
                     int64_t layers,
-                    const T* proj, int64_t Vd, const int64_t* vocab, int64_t B, int64_t k, int64_t depth,
+                    const at::Tensor& proj, int64_t Vd, const int64_t* vocab, int64_t B, int64_t k, int64_t depth,
                     int64_t* tokens, int64_t* parents, float* scores, int64_t* ranks) {
   const int64_t M = k + (depth - 1) * k * k;
   std::vector<T> input(k * (depth + 1) * C), x(k * C), y(k * C), logits(k * Vd);
@@ -148,19 +148,20 @@ void heads_draft_of(const T* hidden, const int64_t* roots, const T* embed, int64
           std::memcpy(in + (j + 1) * C, embed + path[j] * C, C * sizeof(T));
         }
       }
-      rows_product_of(static_cast<const T*>(input.data()), n, fuse_w[d].const_data_ptr<T>(), C, width,
-                      fuse_b[d].const_data_ptr<T>(), y.data());
+      // [h; root; path]: int8 rows take a scale for each (`int8_product.cpp`)
+      product_of(static_cast<const T*>(input.data()), n, fuse_w[d], C, width, fuse_b[d].const_data_ptr<T>(), y.data(),
+                 static_cast<const T*>(nullptr), C);
       for (int64_t r = 0; r < n; ++r)
         for (int64_t c = 0; c < C; ++c) x[r * C + c] = T(float(h[c]) + float(y[r * C + c]));
       for (int64_t l = 0; l < layers; ++l) {
-        rows_product_of(static_cast<const T*>(x.data()), n, block_w[d * layers + l].const_data_ptr<T>(), C, C,
-                        block_b[d * layers + l].const_data_ptr<T>(), y.data());
+        product_of(static_cast<const T*>(x.data()), n, block_w[d * layers + l], C, C,
+                   block_b[d * layers + l].const_data_ptr<T>(), y.data());
         for (int64_t i = 0; i < n * C; ++i) {
           const float v = float(y[i]);
           x[i] = T(float(x[i]) + float(T(v / (1.0f + std::exp(-v)))));
         }
       }
-      rows_product_of(static_cast<const T*>(x.data()), n, proj, Vd, C, static_cast<const T*>(nullptr), logits.data());
+      product_of(static_cast<const T*>(x.data()), n, proj, Vd, C, static_cast<const T*>(nullptr), logits.data());
       for (int64_t r = 0; r < n; ++r) {
         for (int64_t v = 0; v < Vd; ++v) logits32[v] = float(logits[r * Vd + v]);
         top_logp_row(logits32.data(), Vd, k, values.data(), indices.data());
@@ -189,15 +190,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> heads_draft(
   TORCH_CHECK(depth >= 1 && depth <= heads && int64_t(fuse_b.size()) == heads && layers * heads == int64_t(block_w.size()) &&
               block_b.size() == block_w.size(), "heads_draft: a fuse and `layers` blocks per head, depth at most the heads");
   const int64_t Vd = proj_w.size(0);
-  TORCH_CHECK(proj_w.dim() == 2 && proj_w.size(1) == C && k >= 1 && k <= Vd, "heads_draft: proj_w [V', C], 1 <= topk <= V'");
-  auto fits = [&](const at::Tensor& t, int64_t numel) {
-    return t.is_contiguous() && t.scalar_type() == hidden.scalar_type() && t.numel() == numel;
+  TORCH_CHECK(proj_w.dim() == 2 && k >= 1 && k <= Vd, "heads_draft: proj_w [V', C], 1 <= topk <= V'");
+  const auto dtype = hidden.scalar_type();
+  auto fits = [&](const at::Tensor& t, int64_t numel) {  // a bias
+    return t.is_contiguous() && t.scalar_type() == dtype && t.numel() == numel;
   };
-  TORCH_CHECK(fits(proj_w, Vd * C), "heads_draft: proj_w must be contiguous, of hidden's dtype");
+  // each weight in our product's order, of hidden's dtype, or rounded to int8 (`quantize_weight`)
+  TORCH_CHECK(weight_fits(proj_w, dtype, Vd, C), "heads_draft: proj_w must be contiguous, of hidden's dtype or int8");
   for (int64_t d = 0; d < heads; ++d) {
-    TORCH_CHECK(fits(fuse_w[d], C * (d + 2) * C) && fits(fuse_b[d], C), "heads_draft: head ", d, "'s fuse does not fit");
+    TORCH_CHECK(weight_fits(fuse_w[d], dtype, C, (d + 2) * C, C) && fits(fuse_b[d], C),
+                "heads_draft: head ", d, "'s fuse does not fit");
     for (int64_t l = 0; l < layers; ++l)
-      TORCH_CHECK(fits(block_w[d * layers + l], C * C) && fits(block_b[d * layers + l], C),
+      TORCH_CHECK(weight_fits(block_w[d * layers + l], dtype, C, C) && fits(block_b[d * layers + l], C),
                   "heads_draft: head ", d, "'s blocks do not fit");
   }
   const int64_t* vocab = nullptr;
@@ -213,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> heads_draft(
   auto run = [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     heads_draft_of<T>(hidden.const_data_ptr<T>(), roots.const_data_ptr<int64_t>(), embed.const_data_ptr<T>(), V, C,
-                      fuse_w, fuse_b, block_w, block_b, layers, proj_w.const_data_ptr<T>(), Vd, vocab, B, k, depth,
+                      fuse_w, fuse_b, block_w, block_b, layers, proj_w, Vd, vocab, B, k, depth,
                       tokens.mutable_data_ptr<int64_t>(), parents.mutable_data_ptr<int64_t>(),
                       scores.mutable_data_ptr<float>(), ranks.mutable_data_ptr<int64_t>());
   };

@@ -97,7 +97,8 @@ def test_batches_past_the_largest_bucket_run_unpadded():
 def test_inductor_compiles_the_served_step_and_gives_the_eager_tokens(tree):
     """Built by inductor as served on a CPU: one-row products (plain decoding of one sequence, the
     heads) through our kernel, called from a C++ wrapper in a plain step and from Python's in a
-    drafting one (`DeviceStep`: the C++ wrapper of its bigger graph takes minutes to build)."""
+    drafting one (`DeviceStep`: the C++ wrapper of its bigger graph takes minutes to build); the heads'
+    through the int8 one where they round their weights to int8."""
     from torch._inductor.utils import run_and_get_code
 
     served = ours_from_hf(tiny_hf_model("llama")).prepare_for_serving(packed_from_rows=2)
@@ -114,7 +115,8 @@ def test_inductor_compiles_the_served_step_and_gives_the_eager_tokens(tree):
     assert compiled == eager
     code = "".join(code)
     from_cpp = 'aoti_torch_call_dispatcher("medusa::rows_product"' in code
-    from_python = "medusa.rows_product.default(" in code
+    int8 = heads is not None and heads.blocks[0][0].linear.int8_weight is not None
+    from_python = f"medusa.{'int8' if int8 else 'rows'}_product.default(" in code
     assert (from_cpp, from_python) == ((True, False) if tree is None else (False, True))
 
 

@@ -136,21 +136,25 @@ def test_tree_glue_in_one_call_matches_its_pytorch_lines(monkeypatch, spec):
 
 @pytest.mark.skipif(not cpu_kernels.built(), reason="no C++ compiler to build our CPU kernels")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_heads_grow_in_one_call_as_their_pytorch_lines(monkeypatch, dtype):
+@pytest.mark.parametrize("int8", [False, True], ids=["own-dtype", "int8"])
+def test_heads_grow_in_one_call_as_their_pytorch_lines(monkeypatch, dtype, int8):
     """On the CPU path-input heads grow a dynamic tree's candidates in one call of our kernel; their
     PyTorch lines (`grow` over `heads_logits`) are the reference: the same tokens, parents and ranks,
-    and scores within rounding, for rows with their own roots and hidden states, heads of two blocks."""
+    and scores within rounding, for rows with their own roots and hidden states, heads of two blocks;
+    with int8 weights (48 scored rows: the projection's too), both multiplying through them."""
     model = ours_from_hf(tiny_hf_model("llama")).to(dtype)
     c = model.config
     config = MedusaConfig(hidden_size=c.hidden_size, vocab_size=c.vocab_size, num_heads=4, num_layers=2,
-                          path_input=True, draft_vocab_size=40)
-    heads = random_heads(config, seed=1).to(dtype).prepare_for_serving()
+                          path_input=True, draft_vocab_size=48)
+    heads = random_heads(config, seed=1).to(dtype).prepare_for_serving(int8=int8)
     if heads.kernel_operands(model.lm_head) is None:  # a bf16 projection of fp32 heads: not ours to take
         assert dtype == torch.float32
         projection = heads._projection[1]
         projection.weight = torch.nn.Parameter(projection.weight.float(), requires_grad=False)
         projection.pack(1, 1)
-    assert heads.kernel_operands(model.lm_head) is not None
+    operands = heads.kernel_operands(model.lm_head)
+    assert operands is not None
+    assert [w.dtype == torch.int8 for w in (*operands[0], *operands[2], operands[4])] == [int8] * 13
     tree = get_tree("dynamic:20,topk=3,depth=4,lookup=2")
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(5, c.hidden_size, generator=gen).to(dtype)
