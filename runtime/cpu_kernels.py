@@ -6,9 +6,9 @@ tokens per sequence over its cache slot (`attention/cpu_attention.cpp`, called t
 `silu_mul`, and the cache's `move_positions` (`layer_ops.cpp`, called by `runtime.llama` and
 `runtime.kv_cache`); a dynamic tree's `top_logp`, `heads_draft` and `select_tree` (`tree_ops.cpp`,
 called by `medusa.dynamic` and `medusa.draft`); sampling's `top_k_top_p_`, `probabilities`, `draw` and
-`accept_lossless` (`sampling_ops.cpp`, called by `runtime.sampling`); and `int8_product`, the draft
-layer's products with its weights rounded to int8 (`int8_product.cpp`, called by `layer_ops.cpp` and
-`tree_ops.cpp`).
+`accept_lossless` (`sampling_ops.cpp`, called by `runtime.sampling`); and `int8_product`, the drafters'
+products with their weights rounded to int8 (`int8_product.cpp`, called by `runtime.llama.Linear`,
+`layer_ops.cpp` and `tree_ops.cpp`).
 
 A decoding step multiplies one row (a token) or a few (a tree) by every weight matrix, so its time
 is the time to read the weights. oneDNN and MKL read them well below the memory's rate on a few
