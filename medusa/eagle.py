@@ -139,8 +139,8 @@ class EagleDrafter(nn.Module):
         if (w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
                 and self.config.head_dim % 16 == 0 and cpu_kernels.built()):
             self._int8 = cpu_kernels.cpu_int8_products() if int8 is None else int8
-            for m, group in linears.items():
-                if self._int8:
+            if self._int8:
+                for m, group in linears.items():
                     m.round_to_int8(group)  # fc's [feature; embedding]: a scale for each
             self._one_call = tuple(m.kernel_weight() for m in linears)
         return self

@@ -115,8 +115,9 @@ class Linear(nn.Linear):
 
     def round_to_int8(self, group: int = 0) -> bool:
         """Serving a drafter: multiply every product by the weights rounded to int8 and each row of x
-        rounded per `group` of k (`runtime/int8_product.cpp`, where why), where its shape lets it (whether
-        it does). Drafts only propose: their rounding changes how many tokens a step keeps, never which."""
+        rounded per `group` of k, where the shape lets it (returns whether it does; `int8_product.cpp` says
+        why, and what it measured). Drafts only propose: their rounding changes how many tokens a step
+        keeps, never which."""
         w = self.weight
         if not (w.device.type == "cpu" and cpu_kernels.built() and cpu_kernels.int8_fits(w, group)):
             return False
