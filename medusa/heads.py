@@ -135,10 +135,10 @@ class MedusaHeads(nn.Module):
         pack_linears(self, packed_from_rows, own_kernel_rows)
         self._int8 = cpu_kernels.cpu_int8_products() if int8 is None else int8
         if self._int8:
-            fuse = list(self.fuse or [])  # [h; path embeddings]: a scale for each
+            fuse = set(self.fuse or ())  # [h; path embeddings]: a scale for each
             for m in self.modules():
                 if isinstance(m, Linear):
-                    m.round_to_int8(self.config.hidden_size if any(m is f for f in fuse) else 0)
+                    m.round_to_int8(self.config.hidden_size if m in fuse else 0)
         return self
 
     def prepare_for_training(self) -> MedusaHeads:

@@ -33,6 +33,13 @@
 #include "cpu_kernels.h"
 #include "cpu_vectors.h"
 
+// AMX's int8 tiles, and `amx_permitted` (declared with its bf16 ones)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#define MEDUSA_AMX_INT8 1
+#else
+#define MEDUSA_AMX_INT8 0
+#endif
+
 namespace medusa_cpu {
 namespace {
 
@@ -104,7 +111,7 @@ void portable_sums(const int8_t* xq, int64_t K, int tiles, const int8_t* block, 
     }
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if MEDUSA_AMX_INT8
 // The same sums through the tiles: the block's 64 k (1 KB) loaded once into tile 5, each tile of rows into
 // tile 4 in turn, sums in tiles 0-3 (`TileConfig`). `next` (or null): a block fetched into L2 meanwhile.
 // (GCC's tile intrinsics take a tile's number as written, hence a line per tile.)
@@ -137,7 +144,7 @@ void amx_sums(const int8_t* xq, int64_t K, const int8_t* block, const int8_t* ne
 
 // Whether this process multiplies through the tiles (`amx_permitted`), else the portable loop
 bool int8_tiles() {
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if MEDUSA_AMX_INT8
   return amx_permitted();
 #else
   return false;
@@ -146,7 +153,7 @@ bool int8_tiles() {
 
 void block_sums(bool tiles_on, const int8_t* xq, int64_t K, int tiles, const int8_t* block, const int8_t* next,
                 int64_t k0, int64_t k1, TileSums* sums) {
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if MEDUSA_AMX_INT8
   if (tiles_on) {
     switch (tiles) {
       case 4: amx_sums<4>(xq, K, block, next, k0, k1, sums); return;
@@ -205,7 +212,7 @@ void int8_product_of(const T* x, int64_t M, const int8_t* w, int64_t N, int64_t 
   const bool tiles_on = int8_tiles();
   const int64_t blocks = N / kCols, bytes = block_bytes(K);
   at::parallel_for(0, blocks, grain(bytes), [&](int64_t begin, int64_t end) {
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if MEDUSA_AMX_INT8
     const TileConfig config;
     if (tiles_on) _tile_loadconfig(&config);
 #endif
@@ -214,7 +221,7 @@ void int8_product_of(const T* x, int64_t M, const int8_t* w, int64_t N, int64_t 
       block_product(tiles_on, xq, M, K, group, w + i * bytes, i + 1 < end ? w + (i + 1) * bytes : nullptr,
                     bias == nullptr ? nullptr : bias + n, out + n, N, residual == nullptr ? nullptr : residual + n);
     }
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if MEDUSA_AMX_INT8
     if (tiles_on) _tile_release();
 #endif
   });
@@ -226,7 +233,7 @@ void int8_swiglu_product_of(const T* x, int64_t M, const int8_t* w, int64_t I, i
   const bool tiles_on = int8_tiles();
   const int64_t pairs = I / kCols, bytes = block_bytes(K);
   at::parallel_for(0, pairs, grain(2 * bytes), [&](int64_t begin, int64_t end) {
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if MEDUSA_AMX_INT8
     const TileConfig config;
     if (tiles_on) _tile_loadconfig(&config);
 #endif
@@ -240,7 +247,7 @@ void int8_swiglu_product_of(const T* x, int64_t M, const int8_t* w, int64_t I, i
                     2 * kCols, none);
       silu_mul_rows(static_cast<const T*>(both.data()), 2 * kCols, act + i * kCols, I, M, kCols);
     }
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__)
+#if MEDUSA_AMX_INT8
     if (tiles_on) _tile_release();
 #endif
   });

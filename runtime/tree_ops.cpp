@@ -247,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> heads_draft(
 template <typename T>
 void eagle_draft_of(const at::Tensor& features, const int64_t* window_tokens, const int64_t* lens,
                     const int64_t* roots, const T* embed, int64_t V, const DraftLayerOperands& layer,
-                    const at::Tensor& proj, int64_t Vd, const int64_t* vocab, int64_t k, int64_t depth, int64_t* tok, int64_t* par, float* sc,
+                    const at::Tensor& proj, int64_t Vd, const int64_t* vocab, int64_t k, int64_t depth, int64_t* tok,
+                    int64_t* par, float* sc,
                     int64_t* rk) {
   const int64_t B = features.size(0), W = features.size(1), C = features.size(2);
   const int64_t M = k + (depth - 1) * k * k, E = (depth - 1) * k;
